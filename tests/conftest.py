@@ -1,0 +1,43 @@
+"""Shared pytest fixtures.
+
+``shared_data_dir`` locates the real data sets (``mnist.npz``, ``cifar10-jpeg-q75.tar.gz``) that
+tests marked ``@pytest.mark.data`` need. It looks, in order, at ``$KERNELFIT_DATA`` and at
+``<repo root>/../shared/data`` (where CI mounts them) and skips the test with a reason naming
+both places when neither holds ``mnist.npz``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+def _candidate_data_dirs() -> list[tuple[str, Path | None]]:
+    env = os.environ.get("KERNELFIT_DATA")
+    return [
+        ("$KERNELFIT_DATA", Path(env).expanduser() if env else None),
+        ("<repo root>/../shared/data", DEFAULT_SHARED_DATA),
+    ]
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir() -> Path:
+    """Directory holding the real data sets (at least ``mnist.npz``); skips when there is none."""
+    tried = []
+    for label, path in _candidate_data_dirs():
+        if path is None:
+            tried.append(f"{label} (not set)")
+            continue
+        if (path / "mnist.npz").is_file():
+            return path.resolve()
+        tried.append(f"{label} = {path} (no mnist.npz)")
+    pytest.skip(
+        "real data sets not found: looked for mnist.npz in " + "; ".join(tried)
+        + ". Set KERNELFIT_DATA to a directory holding mnist.npz (and cifar10-jpeg-q75.tar.gz) "
+        "or place them in ../shared/data next to the repository."
+    )
