@@ -1,0 +1,390 @@
+"""Result records: provenance, atomic JSON writing, JSON-lines appends, peak memory, phase timing.
+
+This is the one place that defines how a result reaches disk, so every experiment (kernel solves,
+deep-net runs, sweeps) records the same provenance (git SHA, library versions, machine, time,
+command line) and never leaves a half-written or silently overwritten file behind.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+__all__ = [
+    "provenance",
+    "git_info",
+    "library_versions",
+    "machine_info",
+    "to_jsonable",
+    "dumps",
+    "write_json_atomic",
+    "append_jsonl",
+    "read_jsonl",
+    "peak_rss_bytes",
+    "PhaseTimer",
+]
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+# --------------------------------------------------------------------------------------------
+# provenance
+# --------------------------------------------------------------------------------------------
+
+def _run_git(args: list[str], cwd: Path) -> str | None:
+    """Run git; return stripped stdout or None on any failure (no git, not a repo, timeout)."""
+    try:
+        out = subprocess.run(
+            ["git", *args], cwd=str(cwd), capture_output=True, text=True, timeout=10,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip()
+
+
+def git_info(path: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Git SHA, dirty flag and branch of the repository holding ``path`` (default: this package).
+
+    Outside a git checkout (e.g. an installed wheel) every field is None; never raises.
+    """
+    cwd = Path(path) if path is not None else _PACKAGE_DIR
+    if cwd.is_file():
+        cwd = cwd.parent
+    info: dict[str, Any] = {"sha": None, "dirty": None, "branch": None, "root": None}
+    if not cwd.exists():
+        return info
+    root = _run_git(["rev-parse", "--show-toplevel"], cwd)
+    if not root:
+        return info
+    info["root"] = root
+    info["sha"] = _run_git(["rev-parse", "HEAD"], cwd)
+    branch = _run_git(["rev-parse", "--abbrev-ref", "HEAD"], cwd)
+    info["branch"] = branch or None
+    status = _run_git(["status", "--porcelain", "--untracked-files=no"], cwd)
+    info["dirty"] = None if status is None else bool(status)
+    return info
+
+
+def _version_of(module_name: str) -> str | None:
+    mod = sys.modules.get(module_name)
+    if mod is None:
+        try:
+            mod = __import__(module_name)
+        except Exception:  # not installed or broken: record absence, never fail a run
+            return None
+    return getattr(mod, "__version__", None)
+
+
+def library_versions() -> dict[str, str | None]:
+    """Versions of python and the numerical libraries (None where a library is absent)."""
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for key, mod in [("numpy", "numpy"), ("scipy", "scipy"), ("torch", "torch"),
+                     ("sklearn", "sklearn"), ("kernelfit", "kernelfit")]:
+        versions[key] = _version_of(mod)
+    return versions
+
+
+def _cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def _total_ram_bytes() -> int | None:
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().total)
+    except Exception:
+        pass
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _gpu_info() -> dict[str, Any] | None:
+    # Only look at torch if it is already importable; a missing / CPU-only torch means "no GPU".
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        idx = torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(idx)
+        return {
+            "name": torch.cuda.get_device_name(idx),
+            "count": torch.cuda.device_count(),
+            "total_memory_bytes": int(props.total_memory),
+            "cuda": getattr(torch.version, "cuda", None),
+        }
+    except Exception:
+        return None
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, logical cores, usable cores, total RAM, GPU (None without CUDA), host, OS."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        usable = os.cpu_count()
+    return {
+        "cpu_model": _cpu_model(),
+        "logical_cores": os.cpu_count(),
+        "usable_cores": usable,
+        "total_ram_bytes": _total_ram_bytes(),
+        "gpu": _gpu_info(),
+        "hostname": platform.node() or None,
+        "platform": platform.platform(),
+    }
+
+
+def _utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def provenance(argv: list[str] | None = None) -> dict[str, Any]:
+    """Everything needed to say where a result came from. Never raises.
+
+    Keys: ``git`` (sha, dirty, branch, root of the repo this package is imported from, all None
+    outside git), ``versions``, ``machine``, ``timestamp_utc`` (ISO 8601), ``command`` (argv
+    list; ``sys.argv`` unless given), ``cwd``.
+    """
+    return {
+        "git": git_info(),
+        "versions": library_versions(),
+        "machine": machine_info(),
+        "timestamp_utc": _utc_now(),
+        "command": list(sys.argv if argv is None else argv),
+        "cwd": os.getcwd(),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# JSON
+# --------------------------------------------------------------------------------------------
+
+def to_jsonable(obj: Any) -> Any:
+    """Recursively convert numpy / torch scalars and arrays, Paths, sets, dataclasses to JSON types.
+
+    Non-finite floats become None (strict JSON has no NaN / Infinity); tuples become lists.
+    """
+    import dataclasses
+
+    if obj is None or isinstance(obj, (bool, str)):
+        return obj
+    if isinstance(obj, int):
+        return int(obj)
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, (set, frozenset)):
+        return [to_jsonable(v) for v in sorted(obj, key=repr)]
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return to_jsonable(dataclasses.asdict(obj))
+    np = sys.modules.get("numpy")
+    if np is not None:
+        if isinstance(obj, np.bool_):
+            return bool(obj)
+        if isinstance(obj, np.integer):
+            return int(obj)
+        if isinstance(obj, np.floating):
+            return to_jsonable(float(obj))
+        if isinstance(obj, np.complexfloating):
+            return {"real": to_jsonable(float(obj.real)), "imag": to_jsonable(float(obj.imag))}
+        if isinstance(obj, np.ndarray):
+            return to_jsonable(obj.tolist())
+        if isinstance(obj, np.dtype):
+            return str(obj)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        if isinstance(obj, torch.Tensor):
+            return to_jsonable(obj.detach().cpu().tolist())
+        if isinstance(obj, (torch.dtype, torch.device)):
+            return str(obj)
+    if hasattr(obj, "to_dict") and callable(obj.to_dict):
+        return to_jsonable(obj.to_dict())
+    raise TypeError(
+        f"cannot serialize object of type {type(obj).__name__} to JSON; expected dict, list, "
+        f"str, number, bool, None, numpy / torch values, Path or a dataclass. Convert it first "
+        f"(e.g. str(value))."
+    )
+
+
+def dumps(obj: Any, indent: int | None = 2) -> str:
+    """Strict JSON text (no NaN / Infinity) of ``obj`` after :func:`to_jsonable`."""
+    return json.dumps(to_jsonable(obj), indent=indent, sort_keys=False, allow_nan=False)
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Makes the rename itself durable; not supported everywhere (e.g. some network filesystems).
+    try:
+        fd = os.open(str(directory), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any, overwrite: bool = False) -> Path:
+    """Write ``obj`` as JSON to ``path`` atomically; return the resolved path.
+
+    The text goes to a temporary file in the same directory, is flushed and fsynced, and then
+    ``os.replace``-d onto ``path``: a reader sees the old file or the complete new one, never a
+    partial one. An existing ``path`` is refused unless ``overwrite=True``. Serialization
+    happens before anything touches the disk, so a non-serializable ``obj`` leaves no file.
+    """
+    path = Path(path).expanduser()
+    if path.exists() and not overwrite:
+        raise FileExistsError(
+            f"refusing to overwrite existing result file {str(path)!r}; pass --overwrite "
+            f"(overwrite=True) to replace it, or choose a new path."
+        )
+    if path.exists() and path.is_dir():
+        raise IsADirectoryError(f"result path {str(path)!r} is a directory; expected a file path "
+                                f"such as {str(path / 'result.json')!r}.")
+    text = dumps(obj) + "\n"
+    directory = path.parent if str(path.parent) else Path(".")
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(directory))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if not overwrite and path.exists():
+            # Someone created it while we were writing: still never clobber it.
+            raise FileExistsError(
+                f"refusing to overwrite {str(path)!r}, which appeared while writing; pass "
+                f"--overwrite (overwrite=True) or choose a new path."
+            )
+        os.replace(tmp_name, path)
+    except BaseException:
+        try:
+            os.unlink(tmp_name)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(directory)
+    return path.resolve()
+
+
+def append_jsonl(path: str | os.PathLike, record: Any) -> None:
+    """Append ``record`` as one JSON line to ``path`` (created if missing), flushed and fsynced.
+
+    Each line is written with a single ``write`` call in append mode, so concurrent appenders
+    on a local filesystem do not interleave within a line.
+    """
+    path = Path(path).expanduser()
+    line = dumps(record, indent=None)
+    if "\n" in line:  # cannot happen with indent=None, but a broken line would corrupt the file
+        raise ValueError("JSON line contains a newline")
+    if str(path.parent):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(line + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def read_jsonl(path: str | os.PathLike) -> list[Any]:
+    """Read a JSON-lines file; a truncated last line (a crash mid-write) is skipped, others raise."""
+    path = Path(path)
+    lines = path.read_text(encoding="utf-8").split("\n")
+    out = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:  # no trailing newline: last write was interrupted
+                continue
+            raise ValueError(f"{str(path)!r} line {i + 1} is not valid JSON: {line[:80]!r}")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# memory and time
+# --------------------------------------------------------------------------------------------
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process in bytes (ru_maxrss; KiB on Linux, bytes on macOS)."""
+    import resource
+
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if sys.platform == "darwin":
+        return int(maxrss)
+    return int(maxrss) * 1024
+
+
+class PhaseTimer:
+    """Wall-clock seconds per named phase (``time.perf_counter``); repeated phases accumulate.
+
+    >>> t = PhaseTimer()
+    >>> with t.phase("gram"):
+    ...     pass
+    >>> sorted(t.as_dict())
+    ['gram']
+
+    Also usable as ``with PhaseTimer() as t:`` (records a ``"total"`` phase). GPU work must be
+    synchronized by the caller inside the phase for the time to be honest.
+    """
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._stack: list[tuple[str, float]] = []
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + (time.perf_counter() - start)
+
+    __call__ = phase
+
+    def __enter__(self) -> "PhaseTimer":
+        self._stack.append(("total", time.perf_counter()))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        name, start = self._stack.pop()
+        self.seconds[name] = self.seconds.get(name, 0.0) + (time.perf_counter() - start)
+
+    def as_dict(self) -> dict[str, float]:
+        return dict(self.seconds)
+
+    to_dict = as_dict
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{k}={v:.3f}s" for k, v in self.seconds.items())
+        return f"PhaseTimer({inner})"
