@@ -1,0 +1,94 @@
+"""Memory planning: the bytes a solve needs, computed before anything large is allocated."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from ..errors import MemoryPlanError
+from .tiled import SymmetricPanels, choose_block
+
+MODES = ("float64", "float32", "mixed")
+FACTOR_DTYPE = {"float64": np.float64, "float32": np.float32, "mixed": np.float32}
+# Interpreter, numpy/scipy/torch, BLAS buffers: measured ~0.4 GB for `import kernelfit`; rounded up.
+BASELINE_BYTES = 600 * 2**20
+SAFETY = 0.92  # keep ~8% of available memory free for the OS and page cache
+
+
+def available_bytes() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def _gib(b: float) -> str:
+    return f"{b / 2**30:.2f} GiB"
+
+
+@dataclass
+class MemoryPlan:
+    n: int
+    d: int
+    k: int
+    n_test: int
+    mode: str
+    block: int
+    factor_dtype: str
+    gram_bytes: int          # lower-triangle panels of the Gram / factor
+    data_bytes: int          # training + test features in the working precisions
+    vectors_bytes: int       # targets, solution, residual, scores
+    workspace_bytes: int     # the largest row tile of a kernel product
+    baseline_bytes: int
+    total_bytes: int
+    available_bytes: int
+    fits: bool
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update({k.replace("_bytes", "_gib"): round(v / 2**30, 3) for k, v in d.items() if k.endswith("_bytes")})
+        return d
+
+    def summary(self) -> str:
+        return (f"n={self.n} d={self.d} k={self.k} mode={self.mode} ({self.factor_dtype} factor, block {self.block}): "
+                f"Gram {_gib(self.gram_bytes)} + data {_gib(self.data_bytes)} + vectors {_gib(self.vectors_bytes)} + "
+                f"workspace {_gib(self.workspace_bytes)} + baseline {_gib(self.baseline_bytes)} = "
+                f"{_gib(self.total_bytes)} needed; {_gib(self.available_bytes)} available -> "
+                f"{'fits' if self.fits else 'does NOT fit'}")
+
+
+def plan_solve(n: int, d: int, k: int = 10, mode: str = "mixed", n_test: int = 0, block: int | None = None,
+               product_rows: int = 1024, available: int | None = None) -> MemoryPlan:
+    """Bytes needed by `fit_interpolant` + prediction for n points of dimension d and k targets."""
+    from ..errors import InputError
+
+    if mode not in MODES:
+        raise InputError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}.")
+    block = choose_block(n, block)
+    fdt = np.dtype(FACTOR_DTYPE[mode])
+    gram = SymmetricPanels.nbytes_for(n, block, fdt)
+    # features: float64 copies of train + test (float64 residuals and predictions in every mode),
+    # plus a float32 copy of the training points when the Gram is built in float32
+    data = (n + n_test) * d * 8 + (n * d * 4 if fdt.itemsize == 4 else 0)
+    vectors = (n * k * 8) * 6 + n_test * k * 8 * 2
+    workspace = min(product_rows, max(n, n_test, 1)) * n * 8
+    total = gram + data + vectors + workspace + BASELINE_BYTES
+    avail = available_bytes() if available is None else int(available)
+    return MemoryPlan(n=n, d=d, k=k, n_test=n_test, mode=mode, block=block, factor_dtype=fdt.name,
+                      gram_bytes=gram, data_bytes=data, vectors_bytes=vectors, workspace_bytes=workspace,
+                      baseline_bytes=BASELINE_BYTES, total_bytes=total, available_bytes=avail,
+                      fits=total <= SAFETY * avail)
+
+
+def require_fits(plan: MemoryPlan) -> None:
+    """Refuse at once, with the numbers and the options, when a plan does not fit."""
+    if plan.fits:
+        return
+    options = []
+    if plan.mode == "float64":
+        options.append("mode 'mixed' (float32 factor + float64 refinement: half the memory, float64 accuracy)")
+    options.append(f"fewer points (--n-train; memory grows as n^2/2 x {np.dtype(plan.factor_dtype).itemsize} bytes)")
+    options.append("a GPU / out-of-core backend on a machine that has one")
+    options.append("--force-memory to try anyway (may be killed by the OS)")
+    raise MemoryPlanError(f"this solve would not fit in memory: {plan.summary()}. Options: " + "; ".join(options) + ".",
+                          plan=plan)

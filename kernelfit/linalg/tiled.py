@@ -1,0 +1,201 @@
+"""Lower-triangle panel storage and the tiled, in-place Cholesky factorization and solves.
+
+Storage (``SymmetricPanels``): a symmetric n x n matrix is kept as its lower triangle, cut into
+column panels of width ``block``. Panel j is one C-contiguous array of shape (n - s_j, w_j) holding
+rows s_j.. of columns s_j..s_j + w_j. This needs n^2/2 (+ n*block/2) numbers instead of n^2: the
+full-MNIST float32 Gram is 7.2 GB instead of 14.4 GB, and every BLAS call sees one contiguous panel.
+
+Factorization (right-looking): for each panel j, factor its top diagonal block (potrf), solve the
+rest of the panel against it (trsm), then subtract the panel's outer product from every later panel
+(one GEMM per later panel, inner dimension ``block``). That is n^3/3 flops, almost all in GEMMs of
+size (n - s) x block x block, which run at BLAS peak.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.linalg
+
+from ..errors import InputError, NotPositiveDefiniteError
+from .backend import get_backend
+
+DEFAULT_BLOCK = 2048
+
+
+def choose_block(n: int, block: int | None = None) -> int:
+    """Block (panel) width: big enough for GEMM efficiency, small enough that the diagonal
+    blocks (factored by one less-parallel potrf each) and the wasted upper halves stay cheap."""
+    if block is not None:
+        block = int(block)
+        if block < 1:
+            raise InputError(f"block_size must be a positive integer; got {block}.")
+        return min(block, max(n, 1))
+    if n <= 4096:
+        return max(1, min(n, 512))
+    if n <= 16384:
+        return 1024
+    return DEFAULT_BLOCK
+
+
+@dataclass
+class SymmetricPanels:
+    n: int
+    block: int
+    panels: list
+
+    # --- construction --------------------------------------------------------------------
+    @staticmethod
+    def starts_for(n: int, block: int) -> list[int]:
+        return list(range(0, n, block))
+
+    @classmethod
+    def empty(cls, n: int, block: int | None = None, dtype=np.float64) -> "SymmetricPanels":
+        block = choose_block(n, block)
+        panels = [np.empty((n - s, min(block, n - s)), dtype=dtype) for s in cls.starts_for(n, block)]
+        return cls(n=n, block=block, panels=panels)
+
+    @staticmethod
+    def nbytes_for(n: int, block: int, dtype) -> int:
+        itemsize = np.dtype(dtype).itemsize
+        return sum((n - s) * min(block, n - s) for s in range(0, n, block)) * itemsize
+
+    @classmethod
+    def from_dense(cls, A, block: int | None = None, dtype=None) -> "SymmetricPanels":
+        """Copy the lower triangle of a dense symmetric matrix into panel storage."""
+        A = np.asarray(A)
+        if A.ndim != 2 or A.shape[0] != A.shape[1]:
+            raise InputError(f"expected a square 2-D matrix; got shape {A.shape}.")
+        out = cls.empty(A.shape[0], block, dtype or A.dtype)
+        for s, P in zip(out.starts, out.panels):
+            P[...] = A[s:, s : s + P.shape[1]]
+        return out
+
+    # --- views -----------------------------------------------------------------------------
+    @property
+    def starts(self) -> list[int]:
+        return self.starts_for(self.n, self.block)
+
+    @property
+    def dtype(self):
+        return self.panels[0].dtype
+
+    @property
+    def nbytes(self) -> int:
+        return sum(P.nbytes for P in self.panels)
+
+    def diagonal(self) -> np.ndarray:
+        return np.concatenate([np.diagonal(P[: P.shape[1]]) for P in self.panels])
+
+    def add_to_diagonal(self, value: float) -> None:
+        for P in self.panels:
+            w = P.shape[1]
+            P[np.arange(w), np.arange(w)] += value
+
+    def to_dense(self, symmetric: bool = True) -> np.ndarray:
+        """Dense copy: the symmetric matrix (default) or only the stored lower triangle."""
+        A = np.zeros((self.n, self.n), dtype=self.dtype)
+        for s, P in zip(self.starts, self.panels):
+            w = P.shape[1]
+            A[s:, s : s + w] = P
+            A[s : s + w, s : s + w] = np.tril(P[:w])
+        if symmetric:
+            A += np.tril(A, -1).T
+        return A
+
+    def symmetric_matmul(self, X: np.ndarray) -> np.ndarray:
+        """A @ X for the symmetric matrix stored (X: (n, k)); each stored tile is used twice."""
+        X = np.asarray(X)
+        out = np.zeros((self.n, X.shape[1]), dtype=np.result_type(self.dtype, X.dtype))
+        for s, P in zip(self.starts, self.panels):
+            w = P.shape[1]
+            D = np.tril(P[:w])
+            out[s : s + w] += D @ X[s : s + w] + np.tril(P[:w], -1).T @ X[s : s + w]
+            if P.shape[0] > w:
+                below = P[w:]
+                out[s + w :] += below @ X[s : s + w]
+                out[s : s + w] += below.T @ X[s + w :]
+        return out
+
+
+def cholesky_inplace(A: SymmetricPanels, backend: str = "numpy", progress=None, jitter: float = 0.0,
+                     start_panel: int = 0, on_panel_done=None) -> SymmetricPanels:
+    """Overwrite the panels of A with its lower Cholesky factor L (A = L L^T).
+
+    ``jitter`` is only used to word the error; add it to the diagonal before calling. On failure
+    raises NotPositiveDefiniteError with the 1-based order of the first failing leading minor; the
+    panels then hold a partial factor. ``start_panel``/``on_panel_done(j)`` support checkpointing: a
+    right-looking factorization is restartable after any finished panel.
+    """
+    be = get_backend(backend)
+    starts = A.starts
+    panels = A.panels
+    # Work (flops) per panel, so a progress bar moves in proportion to time.
+    n = A.n
+    for j in range(start_panel, len(panels)):
+        s, P = starts[j], panels[j]
+        w = P.shape[1]
+        info = be.potrf(P[:w])
+        if info != 0:
+            raise NotPositiveDefiniteError(minor=s + info, n=n, dtype=str(P.dtype), jitter=jitter)
+        below = P[w:]
+        if below.shape[0]:
+            be.trsm(below, P[:w])
+        # Trailing update: panel i (i > j) starts at row starts[i]; rows of `below` start at s + w.
+        for i in range(j + 1, len(panels)):
+            Pi = panels[i]
+            off = starts[i] - (s + w)
+            be.syrk_update(Pi, below[off:], below[off : off + Pi.shape[1]])
+        if progress is not None:
+            progress.update(_panel_flops(n, s, w))
+        if on_panel_done is not None:
+            on_panel_done(j)
+    return A
+
+
+def _panel_flops(n: int, s: int, w: int) -> float:
+    m = n - s
+    return float(m) ** 3 / 3.0 - float(m - w) ** 3 / 3.0
+
+
+def cholesky_flops(n: int) -> float:
+    return float(n) ** 3 / 3.0
+
+
+def solve_lower(L: SymmetricPanels, B: np.ndarray, out_dtype=None) -> np.ndarray:
+    """Solve L Z = B (forward substitution) with the panel factor. B: (n, k)."""
+    Z = np.array(B, dtype=out_dtype or L.dtype, copy=True, order="C")
+    for s, P in zip(L.starts, L.panels):
+        w = P.shape[1]
+        Z[s : s + w] = scipy.linalg.solve_triangular(P[:w], Z[s : s + w], lower=True, check_finite=False)
+        if P.shape[0] > w:
+            Z[s + w :] -= P[w:] @ Z[s : s + w]
+    return Z
+
+
+def solve_upper_t(L: SymmetricPanels, Z: np.ndarray) -> np.ndarray:
+    """Solve L^T X = Z (back substitution) with the panel factor. Z is overwritten and returned."""
+    X = Z
+    for s, P in reversed(list(zip(L.starts, L.panels))):
+        w = P.shape[1]
+        if P.shape[0] > w:
+            X[s : s + w] -= P[w:].T @ X[s + w :]
+        X[s : s + w] = scipy.linalg.solve_triangular(P[:w], X[s : s + w], lower=True, trans="T",
+                                                     check_finite=False)
+    return X
+
+
+def cho_solve(L: SymmetricPanels, B: np.ndarray) -> np.ndarray:
+    """Solve (L L^T) X = B; computed in the factor's dtype, returned in that dtype."""
+    B = np.asarray(B)
+    squeeze = B.ndim == 1
+    B2 = B[:, None] if squeeze else B
+    X = solve_upper_t(L, solve_lower(L, B2))
+    return X[:, 0] if squeeze else X
+
+
+def logdet(L: SymmetricPanels) -> float:
+    """log det(A) from its factor: 2 sum log diag(L)."""
+    return 2.0 * float(np.sum(np.log(L.diagonal().astype(np.float64))))
+

@@ -1,0 +1,333 @@
+"""Exact kernel interpolation: K alpha = Y, solved with the tiled Cholesky, and the result record.
+
+Modes
+-----
+float64  Gram and factor in float64 (n^2/2 x 8 bytes).
+float32  Gram and factor in float32 (n^2/2 x 4 bytes); the answer has float32 accuracy.
+mixed    float32 Gram and factor, then iterative refinement with float64 residuals computed tile by
+         tile from the data (no float64 Gram is ever stored): float64 accuracy at float32 memory.
+
+In every mode the reported training residual is recomputed in float64 from the data, so the number
+is an independent check of the solve, not the solver's own estimate.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, replace
+
+import numpy as np
+
+from .errors import InputError
+from .gram import KernelOperator, build_gram_panels
+from .kernels import check_bandwidth, check_kernel, median_bandwidth
+from .linalg.memory import FACTOR_DTYPE, MODES, plan_solve, require_fits
+from .linalg.refine import float64_level_threshold, refine
+from .linalg.tiled import SymmetricPanels, cho_solve, cholesky_flops, cholesky_inplace
+
+
+@dataclass(frozen=True)
+class SolveOptions:
+    """What changes the result (kernel, bandwidth, mode, jitter, refinement) and how it runs."""
+
+    kernel: str = "gaussian"            # "gaussian": exp(-|x-z|^2/(2 s^2)); "laplacian": exp(-|x-z|/s)
+    bandwidth: float | str = "median"   # sigma > 0, or "median" (median pairwise distance of a sample)
+    mode: str = "mixed"                 # "float64" | "float32" | "mixed"
+    jitter: float = 0.0                 # ridge added to the diagonal; 0 = exact interpolation
+    block_size: int | None = None       # panel width; None picks one from n
+    max_refine: int = 10                # mixed mode: at most this many refinement steps
+    refine_tol: float | None = None     # mixed mode: stop at this relative residual (None: at float64 level)
+    backend: str = "numpy"
+    progress: bool = False              # progress bars on stderr
+    force_memory: bool = False          # skip the memory refusal
+
+    def validated(self) -> "SolveOptions":
+        check_kernel(self.kernel)
+        if self.mode not in MODES:
+            raise InputError(f"unknown mode {self.mode!r}; expected one of {', '.join(MODES)}.")
+        if self.bandwidth != "median":
+            check_bandwidth(self.bandwidth)
+        jitter = float(self.jitter)
+        if not np.isfinite(jitter) or jitter < 0:
+            raise InputError(f"jitter must be a finite number >= 0; got {self.jitter!r}.")
+        if int(self.max_refine) < 0:
+            raise InputError(f"max_refine must be >= 0; got {self.max_refine!r}.")
+        return self
+
+
+def check_features(X, name="X") -> np.ndarray:
+    X = np.asarray(X)
+    if X.ndim != 2:
+        hint = " Reshape your data using X.reshape(-1, 1) for one feature or X.reshape(len(X), -1) for images." \
+            if X.ndim in (1, 3, 4) else ""
+        raise InputError(f"expected {name} as a 2-D array (n_samples, n_features); got {X.ndim}-D shape {X.shape}.{hint}")
+    if X.shape[0] == 0 or X.shape[1] == 0:
+        raise InputError(f"{name} is empty (shape {X.shape}); need at least one sample and one feature.")
+    if not np.issubdtype(X.dtype, np.number) or np.issubdtype(X.dtype, np.complexfloating):
+        raise InputError(f"{name} must be real numbers; got dtype {X.dtype}.")
+    if not np.isfinite(X).all():
+        bad = int((~np.isfinite(X)).any(axis=1).sum())
+        raise InputError(f"{name} contains NaN or inf in {bad} row(s); clean or impute them first.")
+    return X
+
+
+def check_targets(Y, n) -> np.ndarray:
+    Y = np.asarray(Y, dtype=np.float64)
+    if Y.ndim == 1:
+        Y = Y[:, None]
+    if Y.ndim != 2:
+        raise InputError(f"expected targets Y as (n,) or (n, k); got shape {Y.shape}.")
+    if Y.shape[0] != n:
+        raise InputError(f"X has {n} rows but Y has {Y.shape[0]}; they must match.")
+    if not np.isfinite(Y).all():
+        raise InputError("targets Y contain NaN or inf; clean them first.")
+    return Y
+
+
+def check_labels(y, num_classes, name="y") -> np.ndarray:
+    y = np.asarray(y)
+    if y.ndim != 1:
+        raise InputError(f"expected {name} as 1-D integer labels; got shape {y.shape}.")
+    if not (np.issubdtype(y.dtype, np.integer) or (np.issubdtype(y.dtype, np.floating) and np.all(y == np.round(y)))):
+        raise InputError(f"{name} must hold integer class labels; got dtype {y.dtype}.")
+    y = y.astype(np.int64)
+    if y.size and (y.min() < 0 or y.max() >= num_classes):
+        raise InputError(f"{name} has labels in [{y.min()}, {y.max()}], outside the class range [0, {num_classes - 1}].")
+    return y
+
+
+def one_hot(y, num_classes) -> np.ndarray:
+    Y = np.zeros((len(y), num_classes), dtype=np.float64)
+    Y[np.arange(len(y)), y] = 1.0
+    return Y
+
+
+def _peak_rss() -> int:
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+@dataclass
+class Interpolant:
+    """A fitted interpolant f(x) = sum_i alpha_i k(x, x_i)."""
+
+    X_fit: np.ndarray       # float64 training points
+    alpha: np.ndarray       # (n, k) float64 coefficients
+    Y: np.ndarray           # (n, k) float64 targets
+    kernel: str
+    bandwidth: float
+    mode: str
+    train_scores: np.ndarray  # K alpha, recomputed in float64
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def rkhs_norm_per_output(self) -> np.ndarray:
+        # ||f_c||_H^2 = alpha_c^T K alpha_c, evaluated as alpha_c . (K alpha_c) (float64 product)
+        sq = np.einsum("ij,ij->j", self.alpha, self.train_scores)
+        return np.sqrt(np.maximum(sq, 0.0))
+
+    @property
+    def rkhs_norm(self) -> float:
+        """||f||_H = sqrt(sum_c alpha_c^T K alpha_c) (= sqrt(sum(alpha * Y)) at exact interpolation)."""
+        return float(np.sqrt(max(float(np.sum(self.alpha * self.train_scores)), 0.0)))
+
+    def predict(self, X, rows: int = 1024) -> np.ndarray:
+        X = check_features(X, "X")
+        if X.shape[1] != self.X_fit.shape[1]:
+            raise InputError(f"X has {X.shape[1]} features but the interpolant was fitted on {self.X_fit.shape[1]}.")
+        op = KernelOperator(self.X_fit, self.kernel, self.bandwidth, np.float64, rows)
+        return op.matmul(X, self.alpha)
+
+
+def resolve_bandwidth(X, bandwidth) -> float:
+    return median_bandwidth(X) if bandwidth == "median" else check_bandwidth(bandwidth)
+
+
+def fit_interpolant(X, Y, options: SolveOptions = SolveOptions(), n_test: int = 0) -> Interpolant:
+    """Solve K alpha = Y exactly (up to ``options.jitter``) for the kernel matrix of X."""
+    options = options.validated()
+    X = check_features(X)
+    n, d = X.shape
+    Y = check_targets(Y, n)
+    plan = plan_solve(n, d, Y.shape[1], options.mode, n_test=n_test, block=options.block_size)
+    if not options.force_memory:
+        require_fits(plan)
+    bandwidth = resolve_bandwidth(X, options.bandwidth)
+    timings = {}
+    fdt = FACTOR_DTYPE[options.mode]
+    X64 = np.ascontiguousarray(X, dtype=np.float64)
+
+    t = time.perf_counter()
+    G = build_gram_panels(X64 if fdt == np.float64 else X64.astype(fdt), options.kernel, bandwidth,
+                          plan.block, fdt, options.progress)
+    if options.jitter:
+        G.add_to_diagonal(options.jitter)
+    timings["gram"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    factor_panels(G, options)
+    timings["factor"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    high = KernelOperator(X64, options.kernel, bandwidth, np.float64)
+    alpha, train_scores, refinement = _solve_and_check(G, high, Y, options)
+    timings["solve"] = time.perf_counter() - t
+    del G
+
+    R = Y - train_scores
+    stats = {
+        "n": n, "d": d, "k": Y.shape[1], "kernel": options.kernel, "bandwidth": bandwidth,
+        "bandwidth_rule": "median heuristic" if options.bandwidth == "median" else "given",
+        "mode": options.mode, "factor_dtype": np.dtype(fdt).name, "jitter": float(options.jitter),
+        "block_size": plan.block, "timings_s": timings,
+        "factor_gflops": cholesky_flops(n) / max(timings["factor"], 1e-12) / 1e9,
+        "residual_max_abs": float(np.max(np.abs(R))),
+        "residual_relative": float(np.linalg.norm(R) / (np.linalg.norm(Y) or 1.0)),
+        "refinement": refinement, "memory_plan": plan.to_dict(), "peak_rss_bytes": _peak_rss(),
+    }
+    if options.mode == "mixed" and not refinement["float64_level"]:
+        warnings.warn(f"mixed-precision refinement did not reach float64 level "
+                      f"(backward error {refinement['backward_error']:.2e} > {float64_level_threshold(n):.1e}; "
+                      f"{refinement['stop_reason']}). K is likely ill-conditioned for a float32 factor: use "
+                      f"mode='float64' or a small jitter.", RuntimeWarning, stacklevel=2)
+    return Interpolant(X_fit=X64, alpha=alpha, Y=Y, kernel=options.kernel, bandwidth=bandwidth, mode=options.mode,
+                       train_scores=train_scores, stats=stats)
+
+
+def factor_panels(G: SymmetricPanels, options: SolveOptions) -> SymmetricPanels:
+    bar = None
+    if options.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cholesky_flops(G.n), desc="cholesky", unit="flop", unit_scale=True, leave=False,
+                   mininterval=1.0, file=sys.stderr)
+    try:
+        return cholesky_inplace(G, backend=options.backend, progress=bar, jitter=options.jitter)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _solve_and_check(L: SymmetricPanels, high: KernelOperator, Y, options: SolveOptions):
+    """Solve with the factor; in mixed mode refine with float64 residuals. Always ends with K alpha
+    recomputed in float64, which gives the reported residual and the training predictions."""
+    n = Y.shape[0]
+    norms = {}
+
+    def apply_high(X):
+        # The first pass also computes K @ 1 (row sums): ||K||_inf for the backward error.
+        if "k_inf" not in norms:
+            out = high.symmetric_matmul(np.hstack([X, np.ones((n, 1))]), progress=options.progress)
+            norms["k_inf"] = float(np.max(np.abs(out[:, -1])))
+            return out[:, :-1]
+        return high.symmetric_matmul(X, progress=options.progress)
+
+    def solve_low(R):
+        # Scale the right-hand side: residuals shrink towards 1e-12 and would underflow float32 less
+        # gracefully than a unit-scaled vector.
+        scale = float(np.max(np.abs(R))) or 1.0
+        return cho_solve(L, (R / scale).astype(L.dtype)).astype(np.float64) * scale
+
+    if options.mode == "mixed":
+        max_iter, tol = int(options.max_refine), options.refine_tol
+    else:  # a direct solve: one float64 residual pass to report, no refinement steps
+        max_iter, tol = 0, None
+    X, R, report = refine(solve_low, apply_high, Y, lambda: norms["k_inf"], max_iter=max_iter, tol=tol)
+    return X, Y - R, report.to_dict()
+
+
+def solve_gram(G: SymmetricPanels, Y, jitter: float = 0.0, backend: str = "numpy", apply_high=None,
+               max_refine: int = 10):
+    """Solve G alpha = Y for a Gram already in panel storage (e.g. accumulated from feature blocks).
+
+    G is overwritten by its factor. With ``apply_high`` (V -> G V in float64) the solution is refined
+    to float64 accuracy; without it, alpha has the accuracy of G's dtype. Returns (alpha, info).
+    """
+    Y = check_targets(Y, G.n)
+    if jitter:
+        G.add_to_diagonal(jitter)
+    t = time.perf_counter()
+    cholesky_inplace(G, backend=backend, jitter=jitter)
+    info = {"factor_s": time.perf_counter() - t}
+    if apply_high is None:
+        alpha = cho_solve(G, Y.astype(G.dtype)).astype(np.float64)
+        return alpha, info
+
+    def solve_low(R):
+        scale = float(np.max(np.abs(R))) or 1.0
+        return cho_solve(G, (R / scale).astype(G.dtype)).astype(np.float64) * scale
+
+    alpha, R, report = refine(solve_low, apply_high, Y, K_inf_norm=float(G.n), max_iter=max_refine)
+    info["refinement"] = report.to_dict()
+    return alpha, info
+
+
+def classification_errors(scores, y) -> float:
+    return float(np.mean(np.argmax(scores, axis=1) != y)) if len(y) else float("nan")
+
+
+def run_interpolation(X_train, label_sets: dict, X_test, y_test, num_classes: int,
+                      options: SolveOptions = SolveOptions(), extra: dict | None = None) -> dict:
+    """Fit one interpolant for several label sets at once (one Gram, one factorization) and report.
+
+    label_sets: name -> training labels (n,), e.g. {"true": y, "random-labels": y_random}. Targets are
+    one-hot. Test error is measured against ``y_test`` for every set.
+    Returns a JSON-able record (see README, "Result record").
+    """
+    X_train = check_features(X_train, "X_train")
+    X_test = check_features(X_test, "X_test") if X_test is not None and len(X_test) else None
+    if X_test is not None and X_test.shape[1] != X_train.shape[1]:
+        raise InputError(f"X_test has {X_test.shape[1]} features but X_train has {X_train.shape[1]}.")
+    if not label_sets:
+        raise InputError("label_sets is empty; pass at least {'true': y_train}.")
+    sets = {name: check_labels(y, num_classes, f"labels[{name!r}]") for name, y in label_sets.items()}
+    for name, y in sets.items():
+        if len(y) != X_train.shape[0]:
+            raise InputError(f"X_train has {X_train.shape[0]} rows but labels[{name!r}] has {len(y)}.")
+    if X_test is not None:
+        y_test = check_labels(y_test, num_classes, "y_test")
+        if len(y_test) != X_test.shape[0]:
+            raise InputError(f"X_test has {X_test.shape[0]} rows but y_test has {len(y_test)}.")
+    Y = np.hstack([one_hot(y, num_classes) for y in sets.values()])
+
+    model = fit_interpolant(X_train, Y, options, n_test=0 if X_test is None else len(X_test))
+    t = time.perf_counter()
+    test_scores = model.predict(X_test) if X_test is not None else None
+    model.stats["timings_s"]["predict"] = time.perf_counter() - t
+    model.stats["peak_rss_bytes"] = _peak_rss()
+
+    results = {}
+    per_output = model.rkhs_norm_per_output
+    for i, (name, y) in enumerate(sets.items()):
+        cols = slice(i * num_classes, (i + 1) * num_classes)
+        R = Y[:, cols] - model.train_scores[:, cols]
+        a = model.alpha[:, cols]
+        results[name] = {
+            "train_error": classification_errors(model.train_scores[:, cols], y),
+            "test_error": classification_errors(test_scores[:, cols], y_test) if test_scores is not None else None,
+            "rkhs_norm": float(np.sqrt(np.sum(per_output[cols] ** 2))),
+            "rkhs_norm_per_class": [float(v) for v in per_output[cols]],
+            "alpha_l2": float(np.linalg.norm(a)),
+            "residual_max_abs": float(np.max(np.abs(R))),
+            "residual_relative": float(np.linalg.norm(R) / (np.linalg.norm(Y[:, cols]) or 1.0)),
+        }
+    record = {
+        "kind": "kernelfit.solve",
+        "options": {k: v for k, v in asdict(replace(options)).items() if k not in ("progress",)},
+        "n_train": int(X_train.shape[0]), "n_test": 0 if X_test is None else int(X_test.shape[0]),
+        "num_classes": int(num_classes),
+        "results": results,
+        "stats": model.stats,
+    }
+    if extra:
+        record.update(extra)
+    try:
+        from .results import provenance
+
+        record["provenance"] = provenance()
+    except ImportError:  # results.py is optional for library use
+        pass
+    return record
