@@ -1,0 +1,364 @@
+"""Random-convolution features in the style of Coates & Ng (2011), and a blockwise Gram.
+
+Pipeline for an image (H, W, C):
+  1. all ``p x p`` patches at stride 1 (``(H-p+1) (W-p+1)`` positions, ``p*p*C`` values each);
+  2. per-patch brightness / contrast normalization ``(x - mean) / sqrt(var + contrast_eps)``;
+  3. ZCA whitening ``(x - mu) W`` with ``W = V diag(1 / sqrt(s + zca_eps)) V^T`` estimated from
+     ``n_whitening_patches`` random training patches (seeded);
+  4. F random unit-norm filters: Gaussian, or whitened training patches (``filters="patches"``);
+  5. symmetric rectifier with a bias: ``max(0, z - bias)`` and ``max(0, -z - bias)`` (z = w.x);
+  6. sum pooling of each of the two maps over a ``pool_grid x pool_grid`` grid of image regions.
+So each filter gives ``2 * pool_grid**2`` features: 32,000 filters and a 2x2 grid give 256,000.
+
+The CIFAR-10 feature matrix at that size is ~60 GB (60,000 x 256,000 float32), so it is never built:
+``accumulate_gram`` computes the features of all images for one block of filters at a time and adds
+that block's contribution ``Phi_b Phi_b^T`` to the Gram (train x train, test x train and the test
+diagonal), optionally standardizing each feature with its training mean / std first (each block holds
+all images for its columns, so the statistics are exact). A Gaussian kernel on the features then follows
+from the squared distances ``g_ii + g_jj - 2 g_ij``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Iterator
+
+import numpy as np
+
+from ..errors import InputError, MemoryPlanError
+from .gabor import _available_bytes
+
+__all__ = ["RandConvConfig", "RandConvFeatures", "GramBlocks", "zca_whitening"]
+
+_FILTERS = ("gaussian", "patches")
+
+
+@dataclass(frozen=True)
+class RandConvConfig:
+    """Everything that changes the features (hashed into cache keys / result records).
+
+    n_filters: number of random filters F (features = 2 * pool_grid**2 * F).
+    patch_size: p (filters are p x p x C).
+    filters: "gaussian" (i.i.d. normal, unit-normed) or "patches" (random whitened training patches).
+    bias: rectifier threshold alpha in max(0, +-z - alpha) (Coates & Ng use 0.25 on whitened data).
+    pool_grid: sum-pooling grid per side (2 -> quadrants).
+    contrast_eps: added to the patch variance before dividing (pixels scaled to [0, 1];
+        10 / 255**2 is Coates & Ng's 10 on the 0..255 scale).
+    zca_eps: added to the covariance eigenvalues in ZCA whitening.
+    n_whitening_patches: random training patches used to estimate the whitening (and to draw filters).
+    seed: seeds every random choice (patch sampling, filters); nothing global is touched.
+    """
+
+    n_filters: int = 1024
+    patch_size: int = 6
+    filters: str = "gaussian"
+    bias: float = 0.25
+    pool_grid: int = 2
+    contrast_eps: float = 10.0 / 255.0**2
+    zca_eps: float = 0.1
+    n_whitening_patches: int = 100_000
+    seed: int = 0
+
+    def __post_init__(self):
+        if int(self.n_filters) < 1:
+            raise InputError(f"RandConvConfig.n_filters must be >= 1, got {self.n_filters}.")
+        if int(self.patch_size) < 1:
+            raise InputError(f"RandConvConfig.patch_size must be >= 1, got {self.patch_size}.")
+        if self.filters not in _FILTERS:
+            raise InputError(f"RandConvConfig.filters must be one of {_FILTERS}, got {self.filters!r}.")
+        if int(self.pool_grid) < 1:
+            raise InputError(f"RandConvConfig.pool_grid must be >= 1, got {self.pool_grid}.")
+        if self.zca_eps < 0 or self.contrast_eps < 0:
+            raise InputError("RandConvConfig.zca_eps and contrast_eps must be >= 0.")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["kind"] = "randconv"
+        return d
+
+
+def zca_whitening(patches: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and ZCA matrix ``W`` (symmetric) so that ``(x - mean) @ W`` has covariance
+    ``V diag(s / (s + eps)) V^T`` (the identity when eps = 0 and the covariance is full rank)."""
+    x = np.asarray(patches, dtype=np.float64)
+    mean = x.mean(axis=0)
+    xc = x - mean
+    cov = xc.T @ xc / max(len(x) - 1, 1)
+    s, v = np.linalg.eigh(cov)
+    s = np.maximum(s, 0.0)
+    if eps == 0 and s.min() <= 1e-12 * max(s.max(), 1e-300):
+        raise InputError("patch covariance is singular; ZCA with zca_eps = 0 is undefined. Use zca_eps > 0.")
+    w = (v / np.sqrt(s + eps)) @ v.T
+    return mean, w
+
+
+@dataclass
+class GramBlocks:
+    """Result of ``RandConvFeatures.accumulate_gram`` (all float64).
+
+    train: (n, n) Gram of the training features (or a ``SymmetricPanels`` when asked for panels);
+    train_diag: (n,); cross: (m, n) test x train Gram (None without test images); test_diag: (m,).
+    """
+
+    train: object
+    train_diag: np.ndarray
+    cross: np.ndarray | None
+    test_diag: np.ndarray | None
+    n_features: int
+
+    def squared_distances(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """(train x train, test x train) squared feature distances, clamped at 0 (dense only)."""
+        if not isinstance(self.train, np.ndarray):
+            raise InputError("squared_distances needs a dense train Gram; accumulate with panels=False.")
+        dtr = self.train_diag[:, None] + self.train_diag[None, :] - 2.0 * self.train
+        np.maximum(dtr, 0.0, out=dtr)
+        np.fill_diagonal(dtr, 0.0)
+        dte = None
+        if self.cross is not None:
+            dte = np.maximum(self.test_diag[:, None] + self.train_diag[None, :] - 2.0 * self.cross, 0.0)
+        return dtr, dte
+
+
+class RandConvFeatures:
+    """Coates & Ng random-convolution feature map. ``fit`` on training images, then blocks."""
+
+    def __init__(self, config: RandConvConfig | None = None, **overrides):
+        config = config or RandConvConfig()
+        if overrides:
+            config = RandConvConfig(**{**asdict(config), **overrides})
+        self.config = config
+        self.image_shape_: tuple[int, int, int] | None = None
+        self.mean_ = self.whiten_ = self.filters_ = None
+
+    # ------------------------------------------------------------ checks
+    def _as_images(self, images, fitting: bool = False) -> np.ndarray:
+        x = np.asarray(images)
+        if x.ndim == 3:
+            x = x[..., None]  # grayscale (N, H, W) -> one channel
+        if x.ndim != 4:
+            raise InputError(
+                f"random-conv features expect images of shape (N, H, W, C) (HWC, as load_dataset returns)"
+                f" or (N, H, W); got shape {x.shape}. Flattened CIFAR-10 rows reshape with "
+                f"x.reshape(-1, 32, 32, 3)."
+            )
+        if x.shape[1] <= 4 and x.shape[3] > 4:
+            raise InputError(
+                f"images look channels-first (N, C, H, W) = {x.shape}; expected HWC. Fix: "
+                f"x.transpose(0, 2, 3, 1)."
+            )
+        if x.dtype.kind not in "uif":
+            raise InputError(f"images must be a real numeric array; got dtype {x.dtype}.")
+        n, h, w, c = x.shape
+        if n == 0:
+            raise InputError("images is empty (N = 0).")
+        p = int(self.config.patch_size)
+        if p > h or p > w:
+            raise InputError(
+                f"patch (filter) size {p}x{p} is larger than the {h}x{w} images. Fix: patch_size <= {min(h, w)}."
+            )
+        positions = min(h, w) - p + 1
+        if self.config.pool_grid > positions:
+            raise InputError(
+                f"pool_grid = {self.config.pool_grid} exceeds the {positions} patch positions per side."
+            )
+        if not fitting:
+            if self.image_shape_ is None:
+                raise InputError("RandConvFeatures is not fitted; call fit(train_images) first.")
+            if (h, w, c) != self.image_shape_:
+                raise InputError(
+                    f"images have shape (H, W, C) = {(h, w, c)} but the feature map was fitted on "
+                    f"{self.image_shape_} ({self.image_shape_[2]} channels). Fix: pass images of the "
+                    f"same size and channel count as the training images."
+                )
+        return x
+
+    # ------------------------------------------------------------ fitting
+    def _raw_patches(self, x: np.ndarray) -> np.ndarray:
+        """(B, positions, p*p*C) float32 normalized patches of a block of images."""
+        p = int(self.config.patch_size)
+        xf = x.astype(np.float32)
+        if x.dtype == np.uint8:
+            xf /= 255.0
+        win = np.lib.stride_tricks.sliding_window_view(xf, (p, p), axis=(1, 2))  # (B, oh, ow, C, p, p)
+        b, oh, ow = win.shape[:3]
+        pt = np.array(win.transpose(0, 1, 2, 4, 5, 3), dtype=np.float32, order="C").reshape(b, oh * ow, -1)
+        pt -= pt.mean(axis=2, keepdims=True)
+        pt /= np.sqrt((pt * pt).mean(axis=2, keepdims=True) + np.float32(self.config.contrast_eps))
+        return pt
+
+    def fit(self, images) -> "RandConvFeatures":
+        x = self._as_images(images, fitting=True)
+        cfg = self.config
+        rng = np.random.default_rng(cfg.seed)
+        n, h, w, c = x.shape
+        p = int(cfg.patch_size)
+        oh, ow = h - p + 1, w - p + 1
+        # Sample (image, position) pairs and cut exactly those patches.
+        m = int(cfg.n_whitening_patches)
+        img = rng.integers(0, n, size=m)
+        pos_y = rng.integers(0, oh, size=m)
+        pos_x = rng.integers(0, ow, size=m)
+        cut = np.stack([x[i, a : a + p, b : b + p, :] for i, a, b in zip(img, pos_y, pos_x)])
+        pt = self._raw_patches(cut)[:, 0, :]  # a p x p image has exactly one patch
+        self.mean_, self.whiten_ = zca_whitening(pt, cfg.zca_eps)
+        self.mean_ = self.mean_.astype(np.float32)
+        self.whiten_ = self.whiten_.astype(np.float32)
+        dim = pt.shape[1]
+        if cfg.filters == "gaussian":
+            f = rng.standard_normal((int(cfg.n_filters), dim))
+        else:
+            pick = rng.integers(0, m, size=int(cfg.n_filters))
+            f = (pt[pick] - self.mean_) @ self.whiten_
+        f = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+        self.filters_ = np.ascontiguousarray(f, dtype=np.float32)
+        self.image_shape_ = (h, w, c)
+        return self
+
+    # ------------------------------------------------------------ features
+    @property
+    def n_features(self) -> int:
+        return 2 * int(self.config.pool_grid) ** 2 * int(self.config.n_filters)
+
+    def whitened_patches(self, images) -> np.ndarray:
+        x = self._as_images(images)
+        return (self._raw_patches(x) - self.mean_) @ self.whiten_
+
+    def _pool_bounds(self, size: int) -> list[tuple[int, int]]:
+        edges = np.linspace(0, size, int(self.config.pool_grid) + 1).round().astype(int)
+        return list(zip(edges[:-1], edges[1:]))
+
+    def _features_from_patches(self, wp: np.ndarray, filt: slice) -> np.ndarray:
+        """Features (B, 2 * g * g * Fb) of whitened patches for the filters ``filt``.
+
+        Column order: sign (+, -), then grid cell (row-major), then filter within the block.
+        """
+        h, w, _ = self.image_shape_
+        p = int(self.config.patch_size)
+        oh, ow = h - p + 1, w - p + 1
+        fb = self.filters_[filt]
+        z = wp @ fb.T  # (B, oh*ow, Fb)
+        b = z.shape[0]
+        z = z.reshape(b, oh, ow, -1)
+        a = np.float32(self.config.bias)
+        pos = np.maximum(z - a, 0.0)
+        neg = np.maximum(-z - a, 0.0)
+        by, bx = self._pool_bounds(oh), self._pool_bounds(ow)
+        cells = []
+        for m in (pos, neg):
+            for y0, y1 in by:
+                for x0, x1 in bx:
+                    cells.append(m[:, y0:y1, x0:x1, :].sum(axis=(1, 2)))
+        return np.concatenate(cells, axis=1)
+
+    def iter_filter_blocks(self, images, filter_block: int = 256, image_block: int = 256
+                           ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield ``(feature column indices, Phi_b (N, 2 g^2 Fb) float32)`` for blocks of filters.
+
+        Column indices refer to the layout of ``transform`` so that concatenating the blocks in those
+        columns reproduces the full feature matrix.
+        """
+        x = self._as_images(images)
+        n = len(x)
+        F = int(self.config.n_filters)
+        cells = 2 * int(self.config.pool_grid) ** 2
+        for f0 in range(0, F, filter_block):
+            f1 = min(f0 + filter_block, F)
+            out = np.empty((n, cells * (f1 - f0)), dtype=np.float32)
+            for i0 in range(0, n, image_block):
+                wp = self.whitened_patches(x[i0 : i0 + image_block])
+                out[i0 : i0 + len(wp)] = self._features_from_patches(wp, slice(f0, f1))
+            cols = (np.arange(cells)[:, None] * F + np.arange(f0, f1)[None, :]).ravel()
+            yield cols, out
+
+    def transform(self, images, filter_block: int = 256, image_block: int = 256,
+                  max_bytes: int | None = None) -> np.ndarray:
+        """The full feature matrix (N, n_features) float32 -- only for small problems.
+
+        Refuses with the plan (``MemoryPlanError``) when it would not fit; use ``accumulate_gram``.
+        """
+        x = self._as_images(images)
+        n = len(x)
+        need = n * self.n_features * 4
+        limit = max_bytes if max_bytes is not None else 0.5 * _available_bytes()
+        if need > limit:
+            raise MemoryPlanError(
+                f"random-conv feature matrix would be {n} x {self.n_features} float32 = "
+                f"{need / 2**30:.1f} GiB, more than the {limit / 2**30:.1f} GiB allowed. Plan: never "
+                f"materialize it -- use RandConvFeatures.accumulate_gram (feature blocks of "
+                f"filter_block filters, Gram {n} x {n} float64 = {n * n * 8 / 2**30:.1f} GiB), or reduce "
+                f"n_filters ({self.config.n_filters}) / n ({n}).",
+                plan={"n": n, "n_features": self.n_features, "bytes": need, "limit": limit},
+            )
+        out = np.empty((n, self.n_features), dtype=np.float32)
+        for cols, block in self.iter_filter_blocks(x, filter_block, image_block):
+            out[:, cols] = block
+        return out
+
+    # ------------------------------------------------------------ Gram accumulation
+    def gram_plan(self, n: int, m: int = 0, filter_block: int = 256, panels: bool = False) -> dict:
+        cells = 2 * int(self.config.pool_grid) ** 2
+        gram = (n * (n + 2048) // 2 if panels else n * n) * 8 + m * n * 8
+        block = (n + m) * cells * filter_block * 4
+        return {"gram_bytes": gram, "feature_block_bytes": block, "total_bytes": gram + 2 * block,
+                "n_features": self.n_features, "full_feature_matrix_bytes": (n + m) * self.n_features * 4}
+
+    def accumulate_gram(self, train_images, test_images=None, filter_block: int = 256,
+                        image_block: int = 256, standardize: bool = True, panels: bool = False,
+                        panel_block: int | None = None, max_bytes: int | None = None,
+                        progress=None) -> GramBlocks:
+        """Gram matrices of the (optionally standardized) features, one filter block at a time.
+
+        ``standardize``: each feature is centred and scaled by its mean / std over the *training*
+        images (test images use the training statistics). ``panels=True`` accumulates the train Gram
+        into the lead solver's ``kernelfit.linalg.tiled.SymmetricPanels`` (lower triangle only).
+        """
+        xtr = self._as_images(train_images)
+        xte = self._as_images(test_images) if test_images is not None else None
+        n, m = len(xtr), (0 if xte is None else len(xte))
+        plan = self.gram_plan(n, m, filter_block, panels)
+        limit = max_bytes if max_bytes is not None else 0.8 * _available_bytes()
+        if plan["total_bytes"] > limit:
+            raise MemoryPlanError(
+                f"random-conv Gram accumulation needs {plan['total_bytes'] / 2**30:.1f} GiB (Gram "
+                f"{plan['gram_bytes'] / 2**30:.1f} GiB + two feature blocks of "
+                f"{plan['feature_block_bytes'] / 2**30:.2f} GiB), more than the {limit / 2**30:.1f} GiB "
+                f"allowed. Plan: reduce n, use panels=True (half the Gram), or a smaller filter_block.",
+                plan=plan,
+            )
+        x_all = xtr if xte is None else np.concatenate([xtr, xte])
+        if panels:
+            from ..linalg.tiled import SymmetricPanels
+
+            G = SymmetricPanels.empty(n, panel_block, np.float64)
+            for P in G.panels:
+                P[...] = 0.0
+        else:
+            G = np.zeros((n, n), dtype=np.float64)
+        dtr = np.zeros(n, dtype=np.float64)
+        C = np.zeros((m, n), dtype=np.float64) if m else None
+        dte = np.zeros(m, dtype=np.float64) if m else None
+        done = 0
+        for _, phi in self.iter_filter_blocks(x_all, filter_block, image_block):
+            if standardize:
+                mu = phi[:n].mean(axis=0, dtype=np.float64)
+                sd = phi[:n].std(axis=0, dtype=np.float64)
+                # Constant features (e.g. a rectifier never active) carry nothing: zero them.
+                inv = np.where(sd > 1e-8 * max(sd.max(), 1e-30), 1.0 / np.where(sd > 0, sd, 1.0), 0.0)
+                phi -= mu.astype(np.float32)
+                phi *= inv.astype(np.float32)
+            ptr = phi[:n]
+            if panels:
+                for s, P in zip(G.starts, G.panels):
+                    P += ptr[s:] @ ptr[s : s + P.shape[1]].T
+            else:
+                G += ptr @ ptr.T
+            dtr += np.einsum("ij,ij->i", ptr, ptr, dtype=np.float64)
+            if m:
+                pte = phi[n:]
+                C += pte @ ptr.T
+                dte += np.einsum("ij,ij->i", pte, pte, dtype=np.float64)
+            done += phi.shape[1]
+            if progress is not None:
+                progress(done, self.n_features)
+        return GramBlocks(train=G, train_diag=dtr, cross=C, test_diag=dte, n_features=self.n_features)

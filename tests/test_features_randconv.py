@@ -1,0 +1,117 @@
+"""Random-conv features: blockwise Gram == Gram of the full matrix; ZCA whitens; brute-force features."""
+
+import numpy as np
+import pytest
+
+from kernelfit.errors import InputError, MemoryPlanError
+from kernelfit.features.randconv import RandConvConfig, RandConvFeatures, zca_whitening
+
+
+@pytest.fixture(scope="module")
+def imgs():
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (30, 10, 10, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def fmap(imgs):
+    return RandConvFeatures(n_filters=7, patch_size=4, n_whitening_patches=3000, seed=1).fit(imgs[:24])
+
+
+def test_zca_whitens():
+    rng = np.random.default_rng(0)
+    A = rng.standard_normal((6, 6))
+    x = rng.standard_normal((20000, 6)) @ A + 3.0
+    mean, W = zca_whitening(x, eps=0.0)
+    z = (x - mean) @ W
+    np.testing.assert_allclose(np.cov(z.T), np.eye(6), atol=1e-8)
+    np.testing.assert_allclose(W, W.T, atol=1e-12)  # ZCA (not PCA): the symmetric whitening matrix
+    # eps > 0 shrinks: covariance eigenvalues s / (s + eps) < 1
+    _, W2 = zca_whitening(x, eps=0.5)
+    assert np.linalg.eigvalsh(np.cov(((x - mean) @ W2).T)).max() < 1.0
+
+
+def test_whitened_patches_are_near_white():
+    # Whitening was estimated on a random sample of patches; on all patches of the same images the
+    # covariance spectrum must be nearly flat (the one zero eigenvalue comes from removing each
+    # patch's mean), while the raw normalized patches are far from white.
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(5)
+    smooth = gaussian_filter(rng.random((60, 16, 16, 3)), sigma=(0, 1.5, 1.5, 0.7))  # correlated pixels
+    fmap = RandConvFeatures(n_filters=2, patch_size=4, n_whitening_patches=20000, zca_eps=1e-6,
+                            seed=0).fit(smooth)
+    wp = fmap.whitened_patches(smooth).reshape(-1, 4 * 4 * 3)
+    raw = fmap._raw_patches(smooth).reshape(-1, 4 * 4 * 3)
+    ev = np.linalg.eigvalsh(np.cov(wp.T))[1:]
+    ev_raw = np.linalg.eigvalsh(np.cov(raw.T))[1:]
+    assert 0.6 < ev.min() and ev.max() < 1.4  # sampled estimate, float32 patches
+    assert ev_raw.max() / ev_raw.min() > 1000
+
+
+def test_features_match_brute_force(imgs, fmap):
+    phi = fmap.transform(imgs[:3], filter_block=3, image_block=2)
+    assert phi.shape == (3, 2 * 4 * 7)
+    x = imgs[1].astype(np.float64) / 255
+    oh = 10 - 4 + 1
+    z = np.empty((oh, oh, 7))
+    for a in range(oh):
+        for b in range(oh):
+            p = x[a : a + 4, b : b + 4, :].ravel()
+            p = (p - p.mean()) / np.sqrt(p.var() + fmap.config.contrast_eps)
+            z[a, b] = ((p - fmap.mean_) @ fmap.whiten_) @ fmap.filters_.T
+    pos, neg = np.maximum(z - 0.25, 0), np.maximum(-z - 0.25, 0)
+    edges = [(0, 4), (4, 7)]  # linspace(0, 7, 3).round() = 0, 4, 7 (3.5 rounds to even 4)
+    ref = [m[y0:y1, x0:x1].sum(axis=(0, 1)) for m in (pos, neg) for y0, y1 in edges for x0, x1 in edges]
+    np.testing.assert_allclose(phi[1], np.concatenate(ref), rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize("standardize", [False, True])
+@pytest.mark.parametrize("panels", [False, True])
+def test_block_gram_equals_full_gram(imgs, fmap, standardize, panels):
+    tr, te = imgs[:24], imgs[24:]
+    phi = fmap.transform(imgs).astype(np.float64)
+    if standardize:
+        mu, sd = phi[:24].mean(0), phi[:24].std(0)
+        phi = np.where(sd > 0, (phi - mu) / np.where(sd > 0, sd, 1), 0.0)
+    g = fmap.accumulate_gram(tr, te, filter_block=2, image_block=5, standardize=standardize,
+                             panels=panels, panel_block=10)
+    G = g.train.to_dense() if panels else g.train
+    scale = np.abs(phi[:24] @ phi[:24].T).max()
+    np.testing.assert_allclose(G, phi[:24] @ phi[:24].T, atol=1e-5 * scale)
+    np.testing.assert_allclose(g.cross, phi[24:] @ phi[:24].T, atol=1e-5 * scale)
+    np.testing.assert_allclose(g.test_diag, (phi[24:] ** 2).sum(1), atol=1e-5 * scale)
+    if not panels:
+        from scipy.spatial.distance import cdist
+
+        dtr, dte = g.squared_distances()
+        np.testing.assert_allclose(dtr, cdist(phi[:24], phi[:24], "sqeuclidean"), atol=1e-4 * scale)
+        np.testing.assert_allclose(dte, cdist(phi[24:], phi[:24], "sqeuclidean"), atol=1e-4 * scale)
+
+
+def test_filters_from_patches_and_seed(imgs):
+    a = RandConvFeatures(n_filters=5, patch_size=3, filters="patches", n_whitening_patches=500, seed=3).fit(imgs)
+    b = RandConvFeatures(n_filters=5, patch_size=3, filters="patches", n_whitening_patches=500, seed=3).fit(imgs)
+    c = RandConvFeatures(n_filters=5, patch_size=3, filters="patches", n_whitening_patches=500, seed=4).fit(imgs)
+    np.testing.assert_array_equal(a.filters_, b.filters_)
+    assert not np.allclose(a.filters_, c.filters_)
+    np.testing.assert_allclose(np.linalg.norm(a.filters_, axis=1), 1.0, rtol=1e-5)
+    assert RandConvFeatures(n_filters=32000).n_features == 256000  # the paper's 32,000 filters
+
+
+def test_bad_inputs(imgs, fmap):
+    with pytest.raises(InputError, match="channels"):
+        fmap.transform(imgs[:2, :, :, :1])
+    with pytest.raises(InputError, match="larger than"):
+        RandConvFeatures(patch_size=12).fit(imgs)
+    with pytest.raises(InputError, match="channels-first"):
+        RandConvFeatures().fit(imgs.transpose(0, 3, 1, 2))
+    with pytest.raises(InputError, match="not fitted"):
+        RandConvFeatures().transform(imgs)
+    with pytest.raises(InputError, match="shape"):
+        fmap.transform(imgs.reshape(30, -1))
+    big = RandConvFeatures(n_filters=32000, patch_size=4, n_whitening_patches=200).fit(imgs)
+    with pytest.raises(MemoryPlanError, match="accumulate_gram"):
+        big.transform(np.zeros((50000, 10, 10, 3), np.uint8))  # 50000 x 256000 float32 = 48 GiB
+    with pytest.raises(MemoryPlanError, match="Plan"):
+        fmap.accumulate_gram(imgs, max_bytes=100)
