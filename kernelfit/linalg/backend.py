@@ -51,13 +51,21 @@ class NumpyBackend:
 
 
 BACKENDS = {"numpy": NumpyBackend}
+# GPU-capable backends register lazily: their module (and torch / cupy) is imported on first use only.
+_LAZY_BACKENDS = {"torch": ("kernelfit.linalg.backend_torch", "TorchBackend"),
+                  "cupy": ("kernelfit.linalg.backend_cupy", "CupyBackend")}
 
 
 def get_backend(name: str = "numpy"):
     """Look up a backend by name. GPU backends (torch/cupy) register here when available."""
+    if name in _LAZY_BACKENDS and name not in BACKENDS:
+        import importlib
+
+        module, attr = _LAZY_BACKENDS[name]
+        BACKENDS[name] = getattr(importlib.import_module(module), attr)
     try:
         return BACKENDS[name]
     except KeyError:
         raise InputError(
-            f"unknown linear-algebra backend {name!r}; available here: {', '.join(sorted(BACKENDS))}."
+            f"unknown linear-algebra backend {name!r}; available here: {', '.join(sorted(set(BACKENDS) | set(_LAZY_BACKENDS)))}."
         ) from None

@@ -1,0 +1,180 @@
+"""torch backend (run on CPU tensors) and the cupy shim's math (run against numpy standing in for cupy).
+References: scipy/LAPACK Cholesky and scipy's cdist, never the code's own earlier output."""
+
+import sys
+import types
+
+import numpy as np
+import pytest
+import scipy.linalg
+from scipy.spatial.distance import cdist
+
+torch = pytest.importorskip("torch")
+
+from kernelfit.errors import InputError, NotPositiveDefiniteError  # noqa: E402
+from kernelfit.linalg import backend_torch as bt  # noqa: E402
+from kernelfit.linalg.backend import get_backend  # noqa: E402
+from kernelfit.linalg.tiled import SymmetricPanels, cho_solve, cholesky_inplace  # noqa: E402
+
+
+def spd(n, seed=0, dtype=np.float64):
+    rng = np.random.default_rng(seed)
+    A = rng.standard_normal((n, n + 5))
+    return (A @ A.T / n + np.eye(n)).astype(dtype)
+
+
+def test_registry_is_lazy_and_named():
+    assert get_backend("torch") is bt.TorchBackend
+    with pytest.raises(InputError, match="available here:.*cupy.*numpy.*torch"):
+        get_backend("jax")
+
+
+@pytest.mark.parametrize("n,block", [(1, 1), (7, 3), (50, 16), (97, 32), (64, 64)])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_tiled_cholesky_on_cpu_tensors_matches_lapack(n, block, dtype):
+    A = spd(n, seed=n, dtype=dtype)
+    G = bt.panels_to_torch(SymmetricPanels.from_dense(A, block), "cpu")
+    ptrs = [P.data_ptr() for P in G.panels]
+    cholesky_inplace(G, backend="torch")
+    assert [P.data_ptr() for P in G.panels] == ptrs          # in place: same storage
+    L = bt.panels_to_numpy(G).to_dense(symmetric=False)
+    ref = scipy.linalg.cholesky(A.astype(np.float64), lower=True)
+    tol = 1e-12 if dtype == np.float64 else 2e-5
+    np.testing.assert_allclose(L, ref, atol=tol * 10, rtol=tol)
+
+
+def test_tile_kernels_individually():
+    rng = np.random.default_rng(1)
+    L = np.tril(rng.standard_normal((6, 6))) + 6 * np.eye(6)
+    P = rng.standard_normal((20, 6))
+    Pt = torch.from_numpy(P.copy())
+    bt.TorchBackend.trsm(Pt, torch.from_numpy(L))
+    np.testing.assert_allclose(Pt.numpy(), scipy.linalg.solve_triangular(L, P.T, lower=True).T, rtol=1e-12)
+    C, A, B = rng.standard_normal((20, 6)), rng.standard_normal((20, 4)), rng.standard_normal((6, 4))
+    Ct = torch.from_numpy(C.copy())
+    ptr = Ct.data_ptr()
+    bt.TorchBackend.syrk_update(Ct, torch.from_numpy(A), torch.from_numpy(B))
+    assert Ct.data_ptr() == ptr
+    np.testing.assert_allclose(Ct.numpy(), C - A @ B.T, rtol=1e-12)
+
+
+def test_trsm_chunking_gives_same_answer(monkeypatch):
+    monkeypatch.setattr(bt, "TRSM_CHUNK_ELEMENTS", 12)   # 2 rows per chunk for width 6
+    rng = np.random.default_rng(2)
+    L = np.tril(rng.standard_normal((6, 6))) + 6 * np.eye(6)
+    P = rng.standard_normal((13, 6))
+    Pt = torch.from_numpy(P.copy())
+    bt.TorchBackend.trsm(Pt, torch.from_numpy(L))
+    np.testing.assert_allclose(Pt.numpy(), scipy.linalg.solve_triangular(L, P.T, lower=True).T, rtol=1e-12)
+
+
+def test_not_positive_definite_reports_lapack_minor():
+    A = spd(40, seed=3)
+    A[25, 25] = -5.0
+    G = bt.panels_to_torch(SymmetricPanels.from_dense(A, 8), "cpu")
+    with pytest.raises(NotPositiveDefiniteError) as exc:
+        cholesky_inplace(G, backend="torch")
+    _, info = scipy.linalg.lapack.dpotrf(A, lower=1)
+    assert exc.value.minor == info == 26
+
+
+def test_cho_solve_torch_matches_scipy():
+    A = spd(45, seed=4)
+    B = np.random.default_rng(4).standard_normal((45, 3))
+    G = bt.panels_to_torch(SymmetricPanels.from_dense(A, 10), "cpu")
+    cholesky_inplace(G, backend="torch")
+    X = bt.cho_solve_torch(G, torch.from_numpy(B)).numpy()
+    np.testing.assert_allclose(X, scipy.linalg.solve(A, B, assume_a="pos"), rtol=1e-10)
+    x1 = bt.cho_solve_torch(G, torch.from_numpy(B[:, 0])).numpy()
+    np.testing.assert_allclose(x1, X[:, 0], rtol=1e-12)
+
+
+def test_gram_tile_matches_cdist_and_tf32_restored():
+    rng = np.random.default_rng(5)
+    X, Z = rng.random((30, 12)), rng.random((17, 12))
+    out = torch.empty(30, 17, dtype=torch.float64)
+    Xt, Zt = torch.from_numpy(X), torch.from_numpy(Z)
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision())
+    bt.gram_tile_into(out, Xt, Zt, (Xt * Xt).sum(1), (Zt * Zt).sum(1), "gaussian", 0.7)
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision()) == before
+    np.testing.assert_allclose(out.numpy(), np.exp(-cdist(X, Z, "sqeuclidean") / (2 * 0.49)), rtol=1e-12)
+    bt.gram_tile_into(out, Xt, Zt, (Xt * Xt).sum(1), (Zt * Zt).sum(1), "laplacian", 0.7)
+    np.testing.assert_allclose(out.numpy(), np.exp(-cdist(X, Z) / 0.7), rtol=1e-10, atol=1e-12)
+
+
+def test_tf32_context_sets_and_restores():
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        with bt.tf32_disabled():
+            assert torch.backends.cuda.matmul.allow_tf32 is False
+            assert torch.get_float32_matmul_precision() == "highest"
+        assert torch.backends.cuda.matmul.allow_tf32 is True
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+
+@pytest.mark.skipif(bt.cuda_available(), reason="checks the no-GPU message")
+def test_cuda_request_without_gpu_is_a_clear_error():
+    with pytest.raises(InputError, match="sees no CUDA GPU"):
+        bt.resolve_device("cuda")
+
+
+# --- cupy shim ---------------------------------------------------------------------------------
+
+def test_cupy_missing_is_a_clean_error():
+    from kernelfit.linalg import backend_cupy
+
+    try:
+        import cupy  # noqa: F401
+        pytest.skip("cupy is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(InputError, match="needs CuPy.*pip install cupy-cuda12x"):
+        backend_cupy.require_cupy()
+    assert backend_cupy.cupy_available() is False
+
+
+@pytest.fixture
+def numpy_as_cupy(monkeypatch):
+    """numpy + scipy.linalg registered as `cupy` + `cupyx.scipy.linalg` (cupy mirrors their API)."""
+    fake = types.ModuleType("cupy")
+    fake.__dict__.update({k: getattr(np, k) for k in dir(np) if not k.startswith("__")})
+    fake.asnumpy = np.asarray
+    fake.cublas = None
+    cupyx = types.ModuleType("cupyx")
+    cupyx_scipy = types.ModuleType("cupyx.scipy")
+    cupyx_scipy.linalg = scipy.linalg
+    cupyx.scipy = cupyx_scipy
+    for name, mod in {"cupy": fake, "cupyx": cupyx, "cupyx.scipy": cupyx_scipy,
+                      "cupyx.scipy.linalg": scipy.linalg}.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+
+
+def test_cupy_kernels_math_against_lapack(numpy_as_cupy):
+    from kernelfit.linalg.backend_cupy import CupyBackend
+
+    A = spd(37, seed=6)
+    G = SymmetricPanels.from_dense(A, 10)
+    # drive the tiled algorithm with the cupy kernels (numpy arrays stand in for device arrays)
+    from kernelfit.linalg import backend as be_mod
+
+    monkey = dict(be_mod.BACKENDS)
+    be_mod.BACKENDS["cupy-test"] = CupyBackend
+    try:
+        cholesky_inplace(G, backend="cupy-test")
+    finally:
+        be_mod.BACKENDS.clear()
+        be_mod.BACKENDS.update(monkey)
+    np.testing.assert_allclose(G.to_dense(symmetric=False), scipy.linalg.cholesky(A, lower=True), atol=1e-12)
+    x = cho_solve(G, np.ones(37))
+    np.testing.assert_allclose(A @ x, np.ones(37), atol=1e-10)
+
+
+def test_cupy_potrf_failure_returns_lapack_minor(numpy_as_cupy):
+    from kernelfit.linalg.backend_cupy import CupyBackend
+
+    A = spd(9, seed=7)
+    A[4, 4] = -1.0
+    T = A.copy()
+    assert CupyBackend.potrf(T) == 5
+    np.testing.assert_array_equal(T, A)   # failed tile left as it was
