@@ -1,0 +1,201 @@
+"""scikit-learn estimators for exact kernel interpolation.
+
+``KernelInterpolator`` (classifier) and ``KernelInterpolationRegressor`` solve ``K alpha = Y``
+exactly (no ridge unless ``jitter > 0``) with kernelfit's solver and predict ``k(x, X) alpha``.
+The classifier one-hot encodes the labels (one output column per class, as in Zhang et al.,
+Section 5) and predicts the class of the largest score.
+
+Contract as in ``sklearn.kernel_ridge.KernelRidge``: ``__init__`` only stores parameters; all
+validation happens in ``fit``; fitted attributes end in ``_``; ``predict`` starts with
+``check_is_fitted``. Both estimators work in ``Pipeline`` and ``GridSearchCV``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin, MultiOutputMixin, RegressorMixin
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
+
+from .errors import InputError
+
+__all__ = ["KernelInterpolator", "KernelInterpolationRegressor"]
+
+_KERNELS = ("gaussian", "laplacian")
+_MODES = ("mixed", "float32", "float64")
+
+
+def _solver():
+    # Imported at fit time so that importing the estimator module stays cheap and its error
+    # (if the solver is broken) surfaces where it matters, with the solver's own traceback.
+    from .solve import SolveOptions, fit_interpolant
+
+    return SolveOptions, fit_interpolant
+
+
+class _KernelInterpolationBase(BaseEstimator):
+    """Shared parameters, validation and solve for the classifier and the regressor."""
+
+    def __init__(self, kernel="gaussian", bandwidth="median", mode="mixed", jitter=0.0,
+                 block_size=None, max_refine=10):
+        self.kernel = kernel
+        self.bandwidth = bandwidth
+        self.mode = mode
+        self.jitter = jitter
+        self.block_size = block_size
+        self.max_refine = max_refine
+
+    # -- validation of hyper-parameters (done in fit, never in __init__) ----------------------
+    def _check_params(self) -> None:
+        if self.kernel not in _KERNELS:
+            raise InputError(f"kernel must be one of {_KERNELS}; got {self.kernel!r}. "
+                             f"Pass e.g. kernel='gaussian'.")
+        if self.mode not in _MODES:
+            raise InputError(f"mode must be one of {_MODES}; got {self.mode!r}. 'mixed' factors "
+                             f"in float32 and refines in float64; 'float64' is the most accurate.")
+        bw = self.bandwidth
+        if isinstance(bw, str):
+            if bw != "median":
+                raise InputError(f"bandwidth must be a positive number or the string 'median'; "
+                                 f"got {bw!r}. Pass e.g. bandwidth=5.0 or bandwidth='median'.")
+        elif (isinstance(bw, (bool, np.bool_)) or not isinstance(bw, numbers.Real)
+              or not math.isfinite(float(bw)) or float(bw) <= 0):
+            raise InputError(f"bandwidth must be a finite number > 0 or 'median'; got {bw!r}. "
+                             f"Pass e.g. bandwidth=5.0 (for pixels / 255 on MNIST) or 'median'.")
+        j = self.jitter
+        if (isinstance(j, (bool, np.bool_)) or not isinstance(j, numbers.Real)
+                or not math.isfinite(float(j)) or float(j) < 0):
+            raise InputError(f"jitter must be a finite number >= 0; got {j!r}. Use 0 for exact "
+                             f"interpolation or a tiny ridge such as 1e-8.")
+        b = self.block_size
+        if b is not None and (isinstance(b, (bool, np.bool_)) or not isinstance(b, numbers.Integral)
+                              or b < 1):
+            raise InputError(f"block_size must be None (automatic) or an integer >= 1; got {b!r}.")
+        r = self.max_refine
+        if isinstance(r, (bool, np.bool_)) or not isinstance(r, numbers.Integral) or r < 0:
+            raise InputError(f"max_refine must be an integer >= 0; got {r!r}.")
+
+    def _check_distinct(self, X: np.ndarray) -> None:
+        """Exact interpolation needs distinct points: duplicates make K singular.
+
+        Checked up front (sort of the rows, cheap next to the O(n^3) solve) so the user gets the
+        cause instead of a failed Cholesky factorization.
+        """
+        if float(self.jitter) > 0 or X.shape[0] < 2:
+            return
+        n_unique = np.unique(X, axis=0).shape[0]
+        if n_unique < X.shape[0]:
+            raise InputError(
+                f"X contains {X.shape[0] - n_unique} duplicate row(s) out of {X.shape[0]}; exact "
+                f"interpolation (jitter=0) needs distinct points because duplicate rows make the "
+                f"kernel matrix singular. Fix: remove duplicates (e.g. np.unique(X, axis=0)), or "
+                f"set a tiny ridge such as jitter=1e-8 (which no longer interpolates exactly)."
+            )
+
+    def _fit_targets(self, X: np.ndarray, Y: np.ndarray):
+        """Validate options, solve K alpha = Y and store the fitted attributes."""
+        self._check_params()
+        if self.bandwidth == "median" and X.shape[0] < 2:
+            raise InputError(
+                f"bandwidth='median' needs at least 2 samples; got n_samples = {X.shape[0]}. "
+                f"Pass an explicit bandwidth (e.g. bandwidth=1.0) or more samples."
+            )
+        self._check_distinct(X)
+        SolveOptions, fit_interpolant = _solver()
+        bw = self.bandwidth if isinstance(self.bandwidth, str) else float(self.bandwidth)
+        opts = SolveOptions(kernel=self.kernel, bandwidth=bw, mode=self.mode,
+                            jitter=float(self.jitter), block_size=self.block_size,
+                            max_refine=int(self.max_refine), progress=False)
+        model = fit_interpolant(X, np.ascontiguousarray(Y, dtype=np.float64), opts)
+        self.model_ = model
+        self.X_fit_ = model.X_fit  # the solver's float64 copy (no second copy of X is kept)
+        self.dual_coef_ = np.asarray(model.alpha)
+        self.bandwidth_ = float(model.bandwidth)
+        self.rkhs_norm_ = float(model.rkhs_norm)
+        self.fit_stats_ = dict(getattr(model, "stats", {}) or {})
+        return self
+
+    def _scores(self, X) -> np.ndarray:
+        check_is_fitted(self)
+        X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
+        return np.asarray(self.model_.predict(X), dtype=np.float64)
+
+
+class KernelInterpolator(ClassifierMixin, _KernelInterpolationBase):
+    """Exact kernel interpolation classifier (minimum-RKHS-norm interpolant of one-hot labels).
+
+    Parameters
+    ----------
+    kernel : {"gaussian", "laplacian"}, default="gaussian"
+        gaussian: exp(-|x-z|^2 / (2 sigma^2)); laplacian: exp(-|x-z| / sigma) (Euclidean norm).
+    bandwidth : float > 0 or "median", default="median"
+        sigma. "median" uses the median pairwise distance of (a seeded sample of) the training
+        points; the value used is ``bandwidth_``.
+    mode : {"mixed", "float32", "float64"}, default="mixed"
+        Precision of the solve. "mixed" factors in float32 and refines residuals in float64.
+    jitter : float >= 0, default=0.0
+        Ridge added to the diagonal. 0 means exact interpolation (distinct points required).
+    block_size : int or None, default=None
+        Tile size of the blocked factorization (None: automatic).
+    max_refine : int >= 0, default=10
+        Maximum iterative-refinement steps in "mixed" mode.
+
+    Attributes
+    ----------
+    classes_ : ndarray of shape (n_classes,)
+    dual_coef_ : ndarray of shape (n_samples, n_classes), float64 -- alpha in K alpha = Y.
+    X_fit_ : ndarray of shape (n_samples, n_features)
+    n_features_in_ : int
+    bandwidth_ : float -- the sigma actually used.
+    rkhs_norm_ : float -- sqrt(trace(alpha^T K alpha)), the RKHS norm of the interpolant.
+    fit_stats_ : dict -- solver statistics (timings, residuals, refinement steps, ...).
+    """
+
+    def fit(self, X, y):
+        X, y = validate_data(self, X, y, dtype=[np.float64, np.float32], y_numeric=False,
+                             multi_output=False)
+        y = column_or_1d(y, warn=True)
+        check_classification_targets(y)
+        self.classes_, y_idx = np.unique(y, return_inverse=True)
+        Y = np.zeros((y.shape[0], self.classes_.shape[0]), dtype=np.float64)
+        Y[np.arange(y.shape[0]), y_idx] = 1.0
+        return self._fit_targets(X, Y)
+
+    def decision_function(self, X):
+        """Scores k(x, X) alpha, shape (n, n_classes); for two classes, score[1] - score[0]."""
+        scores = self._scores(X)
+        if self.classes_.shape[0] == 2:
+            return scores[:, 1] - scores[:, 0]
+        return scores
+
+    def predict(self, X):
+        """Class with the largest score."""
+        scores = self._scores(X)
+        return self.classes_[np.argmax(scores, axis=1)]
+
+
+class KernelInterpolationRegressor(MultiOutputMixin, RegressorMixin, _KernelInterpolationBase):
+    """Exact kernel interpolation regressor (minimum-RKHS-norm interpolant of y).
+
+    Same parameters as :class:`KernelInterpolator`. ``y`` may be 1-D or 2-D (multi-output);
+    ``predict`` returns the same shape. Attributes: ``dual_coef_`` (n_samples,) or
+    (n_samples, n_outputs), ``X_fit_``, ``n_features_in_``, ``bandwidth_``, ``rkhs_norm_``,
+    ``fit_stats_``.
+    """
+
+    def fit(self, X, y):
+        X, y = validate_data(self, X, y, dtype=[np.float64, np.float32], y_numeric=True,
+                             multi_output=True)
+        y = np.asarray(y, dtype=np.float64)
+        self._y_1d = y.ndim == 1
+        self._fit_targets(X, y.reshape(y.shape[0], -1))
+        if self._y_1d:
+            self.dual_coef_ = self.dual_coef_[:, 0]
+        return self
+
+    def predict(self, X):
+        scores = self._scores(X)
+        return scores[:, 0] if self._y_1d else scores
