@@ -157,7 +157,7 @@ def median_bandwidth(X, max_points: int = 2000, seed: int = 0) -> float:
         X = X[idx]
     d2 = squared_distances(X, X)
     iu = np.triu_indices(X.shape[0], k=1)
-    median = float(np.sqrt(np.median(d2[iu])))
+    median = float(np.median(np.sqrt(d2[iu])))  # median of distances (sqrt of the d^2 median differs for even counts)
     if median <= 0:
         raise InputError("the median pairwise distance is 0 (all sampled points identical); pass an explicit bandwidth.")
     return median

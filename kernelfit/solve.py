@@ -177,7 +177,7 @@ def fit_interpolant(X, Y, options: SolveOptions = SolveOptions(), n_test: int = 
     timings["solve"] = time.perf_counter() - t
     del G
 
-    R = Y - train_scores
+    R = Y - train_scores - options.jitter * alpha  # residual of the system solved, (K + jitter I) alpha = Y
     stats = {
         "n": n, "d": d, "k": Y.shape[1], "kernel": options.kernel, "bandwidth": bandwidth,
         "bandwidth_rule": "median heuristic" if options.bandwidth == "median" else "given",
@@ -217,13 +217,17 @@ def _solve_and_check(L: SymmetricPanels, high: KernelOperator, Y, options: Solve
     n = Y.shape[0]
     norms = {}
 
+    jitter = float(options.jitter)
+
     def apply_high(X):
+        # The system solved is (K + jitter I) alpha = Y; the jitter must be applied in float64 here
+        # (added to a float32 diagonal of ones, 1e-10 would round away).
         # The first pass also computes K @ 1 (row sums): ||K||_inf for the backward error.
         if "k_inf" not in norms:
             out = high.symmetric_matmul(np.hstack([X, np.ones((n, 1))]), progress=options.progress)
-            norms["k_inf"] = float(np.max(np.abs(out[:, -1])))
-            return out[:, :-1]
-        return high.symmetric_matmul(X, progress=options.progress)
+            norms["k_inf"] = float(np.max(np.abs(out[:, -1]))) + jitter
+            return out[:, :-1] + jitter * X
+        return high.symmetric_matmul(X, progress=options.progress) + jitter * X
 
     def solve_low(R):
         # Scale the right-hand side: residuals shrink towards 1e-12 and would underflow float32 less
@@ -236,7 +240,8 @@ def _solve_and_check(L: SymmetricPanels, high: KernelOperator, Y, options: Solve
     else:  # a direct solve: one float64 residual pass to report, no refinement steps
         max_iter, tol = 0, None
     X, R, report = refine(solve_low, apply_high, Y, lambda: norms["k_inf"], max_iter=max_iter, tol=tol)
-    return X, Y - R, report.to_dict()
+    # training scores f(x_i) = (K alpha)_i, without the ridge term
+    return X, Y - R - jitter * X, report.to_dict()
 
 
 def solve_gram(G: SymmetricPanels, Y, jitter: float = 0.0, backend: str = "numpy", apply_high=None,
@@ -303,8 +308,8 @@ def run_interpolation(X_train, label_sets: dict, X_test, y_test, num_classes: in
     per_output = model.rkhs_norm_per_output
     for i, (name, y) in enumerate(sets.items()):
         cols = slice(i * num_classes, (i + 1) * num_classes)
-        R = Y[:, cols] - model.train_scores[:, cols]
         a = model.alpha[:, cols]
+        R = Y[:, cols] - model.train_scores[:, cols] - options.jitter * a
         results[name] = {
             "train_error": classification_errors(model.train_scores[:, cols], y),
             "test_error": classification_errors(test_scores[:, cols], y_test) if test_scores is not None else None,

@@ -1,0 +1,160 @@
+import numpy as np
+import pytest
+import scipy.linalg
+from scipy.spatial.distance import cdist
+from sklearn.kernel_ridge import KernelRidge
+
+from kernelfit.errors import InputError, MemoryPlanError, NotPositiveDefiniteError
+from kernelfit.linalg.memory import plan_solve, require_fits
+from kernelfit.solve import SolveOptions, fit_interpolant, run_interpolation, solve_gram
+from kernelfit.gram import build_gram_panels
+
+
+def data(n=300, d=20, k=3, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.random((n, d)), rng.standard_normal((n, k))
+
+
+def gaussian(X, Z, s):
+    return np.exp(-cdist(X, Z, "sqeuclidean") / (2 * s * s))
+
+
+@pytest.mark.parametrize("mode,eps", [("float64", 2.2e-16), ("mixed", 2.2e-16), ("float32", 1.2e-7)])
+def test_solution_matches_kernel_ridge_with_tiny_alpha(mode, eps):
+    X, Y = data()
+    sigma = 1.0
+    # forward error of any backward-stable solve is ~ cond(K) * eps: a dtype- and condition-aware tolerance
+    tol = min(100 * np.linalg.cond(gaussian(X, X, sigma)) * eps, 5e-3)
+    ref = KernelRidge(alpha=1e-10, kernel="rbf", gamma=1 / (2 * sigma**2)).fit(X, Y)
+    m = fit_interpolant(X, Y, SolveOptions(bandwidth=sigma, mode=mode, jitter=1e-10, block_size=64))
+    Xt = np.random.default_rng(9).random((40, X.shape[1]))
+    np.testing.assert_allclose(m.alpha, ref.dual_coef_, rtol=0, atol=tol * np.abs(ref.dual_coef_).max())
+    np.testing.assert_allclose(m.predict(Xt), ref.predict(Xt), rtol=0, atol=tol * 10 * np.abs(ref.predict(Xt)).max())
+
+
+def test_mixed_mode_reaches_float64_direct_residual():
+    X, Y = data(n=400, d=10)
+    sigma = 0.6  # cond(K) ~ 1e4: float32 alone gives ~1e-4 relative residual
+    K = gaussian(X, X, sigma)
+    direct = scipy.linalg.cho_solve(scipy.linalg.cho_factor(K, lower=True), Y)
+    direct_rel = np.linalg.norm(K @ direct - Y) / np.linalg.norm(Y)
+    f32 = fit_interpolant(X, Y, SolveOptions(bandwidth=sigma, mode="float32", block_size=64))
+    mixed = fit_interpolant(X, Y, SolveOptions(bandwidth=sigma, mode="mixed", block_size=64))
+    mixed_rel = np.linalg.norm(K @ mixed.alpha - Y) / np.linalg.norm(Y)   # independent residual (dense scipy K)
+    f32_rel = np.linalg.norm(K @ f32.alpha - Y) / np.linalg.norm(Y)
+    assert f32_rel > 1e3 * direct_rel            # float32 alone is far from float64 accuracy ...
+    assert mixed_rel <= 10 * max(direct_rel, 1e-15)  # ... refinement gets there
+    assert mixed.stats["refinement"]["float64_level"]
+    assert mixed.stats["refinement"]["iterations"] >= 1
+    assert mixed.stats["residual_relative"] == pytest.approx(mixed_rel, rel=0.5, abs=1e-15)
+
+
+def test_refinement_says_so_when_it_cannot_reach_float64():
+    # Low-precision factor of A + 1e-5 I used to refine A x = y with cond(A) = 1e9: the iteration
+    # contracts by ~1 - lambda_min / (lambda_min + 1e-5), i.e. it stalls; the report must say so.
+    from kernelfit.linalg.tiled import SymmetricPanels
+    rng = np.random.default_rng(0)
+    Q, _ = np.linalg.qr(rng.standard_normal((120, 120)))
+    A = (Q * np.geomspace(1.0, 1e-9, 120)) @ Q.T
+    A = (A + A.T) / 2
+    Y = rng.standard_normal((120, 2))
+    G = SymmetricPanels.from_dense(A.astype(np.float32), 32)
+    alpha, info = solve_gram(G, Y, jitter=1e-5, apply_high=lambda V: A @ V, max_refine=4)
+    rep = info["refinement"]
+    assert not rep["float64_level"]
+    assert rep["stop_reason"].startswith(("stopped improving", "reached max_refine"))
+    assert rep["relative_residuals"][-1] > 1e-12
+
+
+def test_rkhs_norm_is_sqrt_alpha_dot_y():
+    X, Y = data(n=120)
+    m = fit_interpolant(X, Y, SolveOptions(bandwidth=1.0, mode="float64"))
+    K = gaussian(X, X, 1.0)
+    alpha = np.linalg.solve(K, Y)
+    assert m.rkhs_norm == pytest.approx(np.sqrt(np.sum(alpha * Y)), rel=1e-8)
+    np.testing.assert_allclose(m.rkhs_norm_per_output, np.sqrt(np.einsum("ij,ij->j", alpha, K @ alpha)), rtol=1e-8)
+
+
+def test_duplicate_points_raise_typed_error_and_jitter_fixes_it():
+    X, Y = data(n=80)
+    X = np.vstack([X, X[:5]])
+    Y = np.vstack([Y, Y[:5]])
+    with pytest.raises(NotPositiveDefiniteError) as err:
+        fit_interpolant(X, Y, SolveOptions(bandwidth=1.0, mode="float64", block_size=32))
+    assert 80 < err.value.minor <= 85
+    m = fit_interpolant(X, Y, SolveOptions(bandwidth=1.0, mode="float64", jitter=1e-6, block_size=32))
+    assert m.stats["jitter"] == 1e-6
+
+
+@pytest.mark.parametrize("X,match", [
+    (np.ones(10), "2-D"),
+    (np.ones((0, 3)), "empty"),
+    (np.array([[1.0, np.nan], [0.0, 1.0]]), "NaN"),
+    (np.array([[1.0, np.inf], [0.0, 1.0]]), "NaN or inf"),
+])
+def test_bad_features(X, match):
+    with pytest.raises(InputError, match=match):
+        fit_interpolant(X, np.ones(len(X)), SolveOptions(bandwidth=1.0))
+
+
+def test_bad_targets_and_labels():
+    X, Y = data(n=20)
+    with pytest.raises(InputError, match="rows"):
+        fit_interpolant(X, Y[:10], SolveOptions(bandwidth=1.0))
+    with pytest.raises(InputError, match="NaN"):
+        fit_interpolant(X, np.full(20, np.nan), SolveOptions(bandwidth=1.0))
+    with pytest.raises(InputError, match="outside the class range"):
+        run_interpolation(X, {"true": np.arange(20) % 11}, None, None, 10, SolveOptions(bandwidth=1.0))
+    with pytest.raises(InputError, match="mode"):
+        fit_interpolant(X, Y, SolveOptions(bandwidth=1.0, mode="float16"))
+    with pytest.raises(InputError, match="bandwidth"):
+        fit_interpolant(X, Y, SolveOptions(bandwidth=-2.0))
+
+
+def test_memory_refusal_happens_before_allocation(monkeypatch):
+    import kernelfit.gram as gram
+
+    def boom(*a, **k):
+        raise AssertionError("allocated the Gram despite the plan")
+
+    monkeypatch.setattr("kernelfit.solve.build_gram_panels", boom)
+    monkeypatch.setattr("kernelfit.linalg.memory.available_bytes", lambda: 10 * 2**20)
+    X, Y = data(n=200)
+    with pytest.raises(MemoryPlanError, match="would not fit") as err:
+        fit_interpolant(X, Y, SolveOptions(bandwidth=1.0))
+    assert err.value.plan.total_bytes > err.value.plan.available_bytes
+
+
+def test_memory_plan_numbers():
+    p = plan_solve(60000, 784, 20, "mixed", n_test=10000, available=24 * 2**30)
+    assert 7.1e9 < p.gram_bytes < 7.5e9  # lower triangle in float32: n^2/2 * 4
+    assert p.fits
+    p64 = plan_solve(60000, 784, 20, "float64", n_test=10000, available=16 * 2**30)
+    assert not p64.fits and 14.2e9 < p64.gram_bytes < 15e9
+    with pytest.raises(MemoryPlanError, match="mixed"):
+        require_fits(p64)
+
+
+def test_run_interpolation_true_and_random_labels_share_one_factorization():
+    rng = np.random.default_rng(0)
+    X = rng.random((200, 30)); y = rng.integers(0, 4, 200)
+    Xt = rng.random((50, 30)); yt = rng.integers(0, 4, 50)
+    rec = run_interpolation(X, {"true": y, "random-labels": rng.integers(0, 4, 200)}, Xt, yt, 4,
+                            SolveOptions(bandwidth=1.0, mode="mixed"))
+    for name in ("true", "random-labels"):
+        r = rec["results"][name]
+        assert r["train_error"] == 0.0
+        assert r["residual_relative"] < 1e-10
+        assert len(r["rkhs_norm_per_class"]) == 4
+        assert r["rkhs_norm"] == pytest.approx(np.sqrt(np.sum(np.square(r["rkhs_norm_per_class"]))))
+    assert set(rec["stats"]["timings_s"]) >= {"gram", "factor", "solve", "predict"}
+
+
+def test_solve_gram_with_refinement_matches_scipy():
+    X, Y = data(n=150, d=6)
+    G = build_gram_panels(X, "gaussian", 0.8, block=32, dtype=np.float32)
+    K = gaussian(X, X, 0.8)
+    alpha, info = solve_gram(G, Y, apply_high=lambda V: K @ V)
+    ref = np.linalg.solve(K, Y)
+    np.testing.assert_allclose(alpha, ref, rtol=0, atol=1e-8 * np.abs(ref).max())
+    assert info["refinement"]["float64_level"]

@@ -1,0 +1,74 @@
+import numpy as np
+import pytest
+import scipy.linalg
+
+from kernelfit.errors import NotPositiveDefiniteError
+from kernelfit.linalg.tiled import SymmetricPanels, cho_solve, cholesky_inplace, logdet
+
+
+def spd(n, dtype, seed=0, cond=1e3):
+    rng = np.random.default_rng(seed)
+    Q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    A = (Q * np.geomspace(1.0, 1.0 / cond, n)) @ Q.T
+    return ((A + A.T) / 2).astype(dtype)
+
+
+TOL = {np.float64: 1e-12, np.float32: 2e-5}
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("n,block", [(1, 4), (5, 16), (64, 16), (100, 32), (101, 32), (257, 64), (300, 7)])
+def test_tiled_cholesky_matches_lapack(dtype, n, block):
+    A = spd(n, dtype, seed=n)
+    ref = scipy.linalg.cholesky(A.astype(np.float64), lower=True)
+    P = SymmetricPanels.from_dense(A, block)
+    cholesky_inplace(P)
+    L = P.to_dense(symmetric=False)
+    assert np.allclose(np.triu(L, 1), 0)
+    np.testing.assert_allclose(L, ref, rtol=0, atol=TOL[dtype] * np.abs(ref).max() * 10)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_cho_solve_matches_scipy(dtype):
+    A = spd(150, dtype, seed=3)
+    B = np.random.default_rng(4).standard_normal((150, 4)).astype(dtype)
+    P = SymmetricPanels.from_dense(A, 40)
+    cholesky_inplace(P)
+    X = cho_solve(P, B)
+    ref = scipy.linalg.cho_solve(scipy.linalg.cho_factor(A.astype(np.float64), lower=True), B.astype(np.float64))
+    np.testing.assert_allclose(X, ref, rtol=0, atol=TOL[dtype] * 1e3 * np.abs(ref).max())
+    assert logdet(P) == pytest.approx(np.linalg.slogdet(A.astype(np.float64))[1], rel=1e-4 if dtype == np.float32 else 1e-10)
+
+
+def test_factorization_is_in_place():
+    P = SymmetricPanels.from_dense(spd(130, np.float64), 32)
+    before = [p for p in P.panels]
+    ptrs = [p.ctypes.data for p in P.panels]
+    cholesky_inplace(P)
+    assert [p.ctypes.data for p in P.panels] == ptrs
+    assert all(np.shares_memory(a, b) for a, b in zip(before, P.panels))
+
+
+def test_panel_storage_is_half_the_matrix():
+    n, b = 1000, 100
+    P = SymmetricPanels.empty(n, b, np.float32)
+    assert P.nbytes == SymmetricPanels.nbytes_for(n, b, np.float32)
+    assert P.nbytes < 0.56 * n * n * 4
+    A = spd(n, np.float64)
+    np.testing.assert_array_equal(SymmetricPanels.from_dense(A, b).to_dense(), A)
+
+
+def test_symmetric_matmul():
+    A = spd(77, np.float64)
+    V = np.random.default_rng(0).standard_normal((77, 3))
+    np.testing.assert_allclose(SymmetricPanels.from_dense(A, 20).symmetric_matmul(V), A @ V, atol=1e-12)
+
+
+def test_not_positive_definite_names_the_failing_minor():
+    A = spd(60, np.float64)
+    A[45, 45] = -1.0  # leading minors of order <= 45 stay positive definite
+    P = SymmetricPanels.from_dense(A, 16)
+    with pytest.raises(NotPositiveDefiniteError) as err:
+        cholesky_inplace(P)
+    assert err.value.minor == scipy.linalg.lapack.dpotrf(A, lower=1)[1] == 46
+    assert "jitter" in str(err.value) and "46" in str(err.value)
