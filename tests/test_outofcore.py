@@ -1,0 +1,132 @@
+"""Out-of-core Cholesky on the CPU execution paths (numpy 'device' and torch-CPU device): tiny budgets
+force streaming; results are compared with LAPACK; the device working set is counted and bounded."""
+
+import numpy as np
+import pytest
+import scipy.linalg
+from scipy.spatial.distance import cdist
+
+from kernelfit.errors import MemoryPlanError, NotPositiveDefiniteError
+from kernelfit.linalg.outofcore import (WorkingSet, build_gram_panels_device, cholesky_out_of_core,
+                                        make_device, min_budget_bytes, plan_slabs)
+from kernelfit.linalg.tiled import SymmetricPanels
+
+
+def spd(n, seed=0, dtype=np.float64):
+    rng = np.random.default_rng(seed)
+    A = rng.standard_normal((n, n + 3))
+    return (A @ A.T / n + np.eye(n)).astype(dtype)
+
+
+DEVICES = ["numpy", pytest.param("cpu", id="torch-cpu")]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n,block,budget_panels", [(53, 8, 3.2), (100, 16, 5.5), (61, 61, 2), (97, 10, 40)])
+def test_matches_lapack_and_respects_budget(device, n, block, budget_panels):
+    if device == "cpu":
+        pytest.importorskip("torch")
+    A = spd(n, seed=n)
+    G = SymmetricPanels.from_dense(A, block)
+    dev = make_device(device)
+    ws_bytes = dev.workspace_bytes(G.block, n, 8)
+    budget = max(int(budget_panels * n * G.block * 8) + ws_bytes,
+                 min_budget_bytes(n, G.block, 8, ws_bytes, buffers=1))
+    stats = {}
+    cholesky_out_of_core(G, device=device, budget_bytes=budget, stats_out=stats)
+    np.testing.assert_allclose(G.to_dense(symmetric=False), scipy.linalg.cholesky(A, lower=True),
+                               atol=1e-12, rtol=1e-11)
+    assert stats["peak_device_bytes"] <= budget
+    assert stats["d2h_bytes"] == G.nbytes                 # every panel written back exactly once
+    assert stats["h2d_bytes"] >= G.nbytes
+    if G.nbytes + ws_bytes > budget:                      # it had to stream: several slabs, extra traffic
+        assert stats["slabs"] > 1 and stats["h2d_bytes"] > G.nbytes
+
+
+def test_streams_more_with_smaller_budget_float32():
+    n, block = 130, 13
+    A = spd(n, seed=1, dtype=np.float32)
+    ref = scipy.linalg.cholesky(A.astype(np.float64), lower=True)
+    moved = []
+    for panels in (2, 3.5, 30):
+        G = SymmetricPanels.from_dense(A, block)
+        budget = max(int(panels * n * block * 4), min_budget_bytes(n, block, 4, buffers=1))
+        stats = {}
+        cholesky_out_of_core(G, "numpy", budget, stats_out=stats)
+        np.testing.assert_allclose(G.to_dense(symmetric=False), ref, atol=3e-5)
+        assert stats["peak_device_bytes"] <= budget
+        moved.append(stats["h2d_bytes"])
+    assert moved[0] > moved[1] > moved[2]
+
+
+def test_in_core_budget_is_one_slab_no_streaming():
+    A = spd(40, seed=2)
+    G = SymmetricPanels.from_dense(A, 8)
+    stats = {}
+    cholesky_out_of_core(G, "numpy", budget_bytes=G.nbytes, stats_out=stats)
+    assert stats["slabs"] == 1 and stats["h2d_bytes"] == G.nbytes
+    np.testing.assert_allclose(G.to_dense(symmetric=False), scipy.linalg.cholesky(A, lower=True), atol=1e-12)
+
+
+def test_budget_too_small_says_numbers_and_fix():
+    with pytest.raises(MemoryPlanError, match=r"too small.*n=100, block=10.*smaller block"):
+        plan_slabs(100, 10, 8, budget=1000)
+
+
+def test_working_set_refuses_over_budget():
+    ws = WorkingSet(budget=1000)
+    a = ws.alloc(make_device("numpy"), (10, 10), np.float64)   # 800 bytes
+    with pytest.raises(MemoryPlanError, match="exceed its device budget"):
+        ws.alloc(make_device("numpy"), (5, 10), np.float64)
+    ws.free(a)
+    assert ws.current == 0 and ws.peak == 800
+
+
+def test_not_positive_definite_global_minor():
+    A = spd(60, seed=3)
+    A[47, 47] = -1.0
+    G = SymmetricPanels.from_dense(A, 8)
+    with pytest.raises(NotPositiveDefiniteError) as exc:
+        cholesky_out_of_core(G, "numpy", budget_bytes=min_budget_bytes(60, 8, 8, buffers=2) + 8 * 60 * 8)
+    _, info = scipy.linalg.lapack.dpotrf(A, lower=1)
+    assert exc.value.minor == info == 48 and exc.value.n == 60
+
+
+def test_resume_from_start_panel_equals_uninterrupted():
+    A = spd(70, seed=4)
+    budget = min_budget_bytes(70, 8, 8, buffers=2) + 2 * 70 * 8 * 8
+    full = SymmetricPanels.from_dense(A, 8)
+    cholesky_out_of_core(full, "numpy", budget)
+    G = SymmetricPanels.from_dense(A, 8)
+    done = []
+
+    class Stop(Exception):
+        pass
+
+    def stop(j):
+        done.append(j)
+        if j >= 4:
+            raise Stop
+
+    with pytest.raises(Stop):
+        cholesky_out_of_core(G, "numpy", budget, on_panel_done=stop)
+    # left-looking: panels after the last finished one are still the untouched input
+    for j in range(done[-1] + 1, len(G.panels)):
+        np.testing.assert_array_equal(G.panels[j], SymmetricPanels.from_dense(A, 8).panels[j])
+    cholesky_out_of_core(G, "numpy", budget, start_panel=done[-1] + 1)
+    np.testing.assert_allclose(G.to_dense(False), full.to_dense(False), atol=1e-13)
+
+
+def test_gram_on_device_matches_cdist_and_numpy_builder():
+    pytest.importorskip("torch")
+    from kernelfit.gram import build_gram_panels
+
+    rng = np.random.default_rng(5)
+    X = rng.random((45, 9))
+    G = build_gram_panels_device(X, "gaussian", 0.8, block=7, dtype=np.float64, device="cpu")
+    ref = np.exp(-cdist(X, X, "sqeuclidean") / (2 * 0.64))
+    np.testing.assert_allclose(G.to_dense(), ref, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(G.to_dense(), build_gram_panels(X, "gaussian", 0.8, 7, np.float64).to_dense(),
+                               rtol=1e-12)
+    G32 = build_gram_panels_device(X, "laplacian", 2.0, block=7, dtype=np.float32, device="cpu")
+    np.testing.assert_allclose(G32.to_dense(), np.exp(-cdist(X, X) / 2.0), atol=2e-6)
