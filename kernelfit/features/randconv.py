@@ -199,7 +199,8 @@ class RandConvFeatures:
         img = rng.integers(0, n, size=m)
         pos_y = rng.integers(0, oh, size=m)
         pos_x = rng.integers(0, ow, size=m)
-        cut = np.stack([x[i, a : a + p, b : b + p, :] for i, a, b in zip(img, pos_y, pos_x)])
+        ar = np.arange(p)
+        cut = x[img[:, None, None], (pos_y[:, None] + ar)[:, :, None], (pos_x[:, None] + ar)[:, None, :]]
         pt = self._raw_patches(cut)[:, 0, :]  # a p x p image has exactly one patch
         self.mean_, self.whiten_ = zca_whitening(pt, cfg.zca_eps)
         self.mean_ = self.mean_.astype(np.float32)
@@ -232,24 +233,30 @@ class RandConvFeatures:
         """Features (B, 2 * g * g * Fb) of whitened patches for the filters ``filt``.
 
         Column order: sign (+, -), then grid cell (row-major), then filter within the block.
+        The matmul, rectifiers and pooling run in torch (multi-threaded, in place) on CPU tensors
+        that share memory with the numpy arrays; the arithmetic is the same float32 as numpy's.
         """
+        import torch
+
         h, w, _ = self.image_shape_
         p = int(self.config.patch_size)
         oh, ow = h - p + 1, w - p + 1
-        fb = self.filters_[filt]
-        z = wp @ fb.T  # (B, oh*ow, Fb)
+        wp_t = torch.from_numpy(np.ascontiguousarray(wp, dtype=np.float32))
+        fb = torch.from_numpy(np.ascontiguousarray(self.filters_[filt]))
+        z = torch.matmul(wp_t, fb.T)  # (B, oh*ow, Fb)
         b = z.shape[0]
         z = z.reshape(b, oh, ow, -1)
-        a = np.float32(self.config.bias)
-        pos = np.maximum(z - a, 0.0)
-        neg = np.maximum(-z - a, 0.0)
+        a = float(self.config.bias)
+        neg = torch.clamp_min(-z - a, 0.0)
+        pos = torch.clamp_min_(z.sub_(a), 0.0)  # in place on z: z is not needed afterwards
         by, bx = self._pool_bounds(oh), self._pool_bounds(ow)
         cells = []
         for m in (pos, neg):
             for y0, y1 in by:
+                rows = m[:, y0:y1].sum(dim=1)  # (B, ow, Fb)
                 for x0, x1 in bx:
-                    cells.append(m[:, y0:y1, x0:x1, :].sum(axis=(1, 2)))
-        return np.concatenate(cells, axis=1)
+                    cells.append(rows[:, x0:x1].sum(dim=1))
+        return torch.cat(cells, dim=1).numpy()
 
     def iter_filter_blocks(self, images, filter_block: int = 256, image_block: int = 256
                            ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
