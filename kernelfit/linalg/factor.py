@@ -1,0 +1,351 @@
+"""One entry point for the Cholesky factorization: backend, device, in-core / out-of-core, checkpoints.
+
+``factor(G, ...)`` overwrites host panels ``G`` (``SymmetricPanels`` of numpy arrays) with their
+lower Cholesky factor and returns a ``FactorInfo`` saying what ran where (backend, device, path,
+bytes moved, device memory, timings). The result always ends in ``G`` on the host, so the existing
+solves (``tiled.cho_solve``) and refinement work unchanged.
+
+Choices (falkon-style: decided from measured free memory, with force switches):
+
+* backend "auto": the data decides. numpy panels with ``device=None`` -> numpy (the CPU path);
+  ``device="cuda"`` (or any torch device) -> torch; "cupy" -> cupy (in-core only).
+* out_of_core "auto": in-core when the Gram + workspace fit in the usable device memory (measured
+  free memory x 0.9, or ``device_memory_budget``), else out-of-core with that budget. ``False`` with a
+  Gram that does not fit raises ``MemoryPlanError`` with both numbers; ``True`` always streams.
+
+``solve_mixed`` is the GPU-oriented mixed-precision driver: float32 (optionally TF32) factor with
+diagonal scaling, float64 refinement, and a float64 re-factorization when refinement does not reach
+float64 level - reported in the result, never silent.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from ..errors import InputError, MemoryPlanError, NotPositiveDefiniteError
+from .tiled import SymmetricPanels, cho_solve, cholesky_flops, cholesky_inplace
+
+BACKEND_CHOICES = ("auto", "numpy", "torch", "cupy")
+DEVICE_SAFETY = 0.90     # leave 10% of measured free device memory to the allocator / other tensors
+
+
+def _gib(b) -> str:
+    return f"{b / 2**30:.2f} GiB"
+
+
+@dataclass
+class DevicePlan:
+    """Device-memory plan for one factorization (cf. memory.py for host memory)."""
+
+    n: int
+    block: int
+    dtype: str
+    in_core_bytes: int           # Gram panels + backend workspace on the device
+    free_bytes: int              # measured (or given) free device memory
+    usable_bytes: int            # what the plan allows itself to use
+    fits_in_core: bool
+    min_out_of_core_bytes: int   # smallest budget the streamed algorithm runs in
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def plan_device_memory(n: int, block: int, dtype, free_bytes: int, budget: int | None = None,
+                       workspace: int = 0) -> DevicePlan:
+    from .outofcore import min_budget_bytes
+
+    itemsize = np.dtype(dtype).itemsize
+    gram = SymmetricPanels.nbytes_for(n, block, dtype)
+    usable = int(budget) if budget is not None else int(DEVICE_SAFETY * free_bytes)
+    return DevicePlan(n=n, block=block, dtype=np.dtype(dtype).name, in_core_bytes=gram + workspace,
+                      free_bytes=int(free_bytes), usable_bytes=usable, fits_in_core=gram + workspace <= usable,
+                      min_out_of_core_bytes=min_budget_bytes(n, block, itemsize, workspace, buffers=1))
+
+
+def free_device_bytes(device) -> int:
+    """Measured free memory of the device: cudaMemGetInfo on CUDA, available RAM on the CPU."""
+    if device is not None and str(device).startswith("cuda"):
+        import torch
+
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    if device == "cupy":
+        import cupy
+
+        return int(cupy.cuda.runtime.memGetInfo()[0])
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+@dataclass
+class FactorInfo:
+    backend: str
+    device: str
+    path: str                     # "in-core" | "out-of-core"
+    n: int
+    block: int
+    dtype: str
+    bytes_moved: dict = field(default_factory=dict)     # h2d / d2h bytes
+    device_memory: dict = field(default_factory=dict)   # the DevicePlan + peak of the streamed path
+    timings_s: dict = field(default_factory=dict)
+    tflops: float = float("nan")  # n^3/3 / factor time
+    resumed_from_panel: int = 0
+    checkpoint: dict | None = None
+    tf32: bool = False
+    notes: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _resolve_backend(G, backend, device):
+    if backend not in BACKEND_CHOICES:
+        raise InputError(f"unknown backend {backend!r}; expected one of {', '.join(BACKEND_CHOICES)}.")
+    if backend == "auto":
+        if device is None or device == "numpy":
+            return "numpy", "cpu"
+        backend = "torch"
+    if backend == "numpy":
+        if device not in (None, "cpu", "numpy"):
+            raise InputError(f"backend='numpy' runs on the CPU; got device={device!r}. Use backend='torch' "
+                             f"(or 'cupy') for a GPU, or leave device unset.")
+        return "numpy", "cpu"
+    if backend == "torch":
+        from .backend_torch import resolve_device
+
+        return "torch", str(resolve_device(device))
+    from .backend_cupy import require_cupy
+
+    require_cupy()
+    return "cupy", "cuda" if device is None else str(device)
+
+
+def factor(G: SymmetricPanels, *, backend: str = "auto", device=None, out_of_core="auto",
+           device_memory_budget: int | None = None, checkpoint_dir=None, resume: bool = False,
+           checkpoint_every: int | None = None, checkpoint_strategy: str = "recompute", progress=None,
+           jitter: float = 0.0, tf32: bool = False, on_panel_done=None) -> FactorInfo:
+    """Overwrite host panels G with the lower Cholesky factor of the matrix they hold.
+
+    jitter only words the error message (add it to the diagonal before calling, as for
+    ``cholesky_inplace``). ``tf32=True`` lets float32 factor GEMMs use TF32 tensor cores on CUDA
+    (use with mixed-precision refinement). ``on_panel_done(j)`` runs after any checkpoint save.
+    """
+    if not all(isinstance(P, np.ndarray) for P in G.panels):
+        raise InputError(f"factor() expects host panels (numpy arrays); got {type(G.panels[0]).__name__}. "
+                         f"Build the Gram on the host (kernelfit.gram.build_gram_panels or "
+                         f"outofcore.build_gram_panels_device) and pass device= to compute elsewhere.")
+    if out_of_core not in ("auto", True, False):
+        raise InputError(f"out_of_core must be 'auto', True or False; got {out_of_core!r}.")
+    be_name, dev_name = _resolve_backend(G, backend, device)
+    is_gpu = dev_name.startswith("cuda")
+
+    # --- memory plan --------------------------------------------------------------------------
+    from .outofcore import make_device
+
+    workspace = 0 if be_name != "torch" else make_device(dev_name).workspace_bytes(G.block, G.n, G.dtype.itemsize)
+    measured = free_device_bytes("cupy" if be_name == "cupy" else dev_name)
+    plan = plan_device_memory(G.n, G.block, G.dtype, measured, device_memory_budget, workspace)
+    if out_of_core == "auto":
+        path = "in-core" if plan.fits_in_core else "out-of-core"
+    else:
+        path = "out-of-core" if out_of_core else "in-core"
+    if path == "in-core" and not plan.fits_in_core and out_of_core is False:
+        raise MemoryPlanError(
+            f"out_of_core=False, but the Gram does not fit on {dev_name}: it needs {_gib(plan.in_core_bytes)} "
+            f"({G.n} x {G.n} lower panels in {G.dtype} + workspace) and {_gib(plan.usable_bytes)} is usable "
+            f"({_gib(plan.free_bytes)} free). Use out_of_core='auto' or True (streams through the device), "
+            f"mode 'mixed'/'float32' (half the bytes), or fewer points.", plan=plan)
+    if path == "out-of-core" and be_name == "cupy":
+        raise InputError("the out-of-core path is implemented for backend='torch' (and numpy on the CPU), not "
+                         "cupy; use backend='torch' with device='cuda', or out_of_core=False.")
+    if path == "out-of-core" and plan.usable_bytes < plan.min_out_of_core_bytes:
+        raise MemoryPlanError(
+            f"even the out-of-core path needs at least {_gib(plan.min_out_of_core_bytes)} of device memory for "
+            f"n={G.n}, block={G.block} ({G.dtype}); {_gib(plan.usable_bytes)} is usable. Use a smaller "
+            f"block_size or free device memory.", plan=plan)
+
+    info = FactorInfo(backend=be_name, device=dev_name, path=path, n=G.n, block=G.block, dtype=str(G.dtype),
+                      device_memory=plan.to_dict(), tf32=bool(tf32 and is_gpu and G.dtype == np.float32))
+    if tf32 and not info.tf32:
+        info.notes.append("tf32 requested but ignored: it applies to float32 factors on CUDA only")
+
+    # --- checkpoint ----------------------------------------------------------------------------
+    ckpt = None
+    start = 0
+    if checkpoint_dir is not None:
+        from .checkpoint import Checkpointer
+
+        algorithm = "left-looking" if path == "out-of-core" else "right-looking"
+        every = checkpoint_every or (1 if path == "out-of-core" else max(1, len(G.panels) // 10))
+        ckpt = Checkpointer(checkpoint_dir, every=every, strategy=checkpoint_strategy, algorithm=algorithm,
+                            config={"jitter": float(jitter)})
+        if resume:
+            t = time.perf_counter()
+            start = ckpt.resume(G, backend="numpy")
+            info.timings_s["resume"] = time.perf_counter() - t
+        else:
+            if ckpt.read_manifest() is not None:
+                raise InputError(f"{checkpoint_dir} already holds a checkpoint; pass resume=True to continue it, "
+                                 f"or use an empty directory.")
+            ckpt.begin(G)
+        info.resumed_from_panel = start
+
+    def hook(j):
+        if ckpt is not None:
+            ckpt.hook(j)
+        if on_panel_done is not None:
+            on_panel_done(j)
+
+    # --- run -----------------------------------------------------------------------------------
+    import contextlib
+
+    ctx = contextlib.nullcontext()
+    if info.tf32:
+        from .backend_torch import tf32_enabled
+
+        ctx = tf32_enabled()
+    t0 = time.perf_counter()
+    with ctx:
+        if start >= len(G.panels):
+            info.notes.append("checkpoint was complete; nothing to factor")
+        elif path == "out-of-core":
+            from .outofcore import cholesky_out_of_core
+
+            stats = {}
+            cholesky_out_of_core(G, device="numpy" if be_name == "numpy" else dev_name,
+                                 budget_bytes=plan.usable_bytes, progress=progress, jitter=jitter,
+                                 start_panel=start, on_panel_done=hook, stats_out=stats)
+            info.bytes_moved = {"h2d": stats["h2d_bytes"], "d2h": stats["d2h_bytes"]}
+            info.device_memory.update(peak_bytes=stats["peak_device_bytes"], budget_bytes=stats["budget_bytes"],
+                                      stream_buffers=stats["buffers"], slabs=stats["slabs"], pinned=stats["pinned"])
+            info.timings_s.update({f"ooc_{k}": v for k, v in stats["timings_s"].items()})
+        else:
+            _factor_in_core(G, be_name, dev_name, start, hook, progress, jitter, info)
+    info.timings_s["factor"] = time.perf_counter() - t0
+    done_fraction = 1.0 - (1.0 - G.starts[start] / G.n) ** 3 if start < len(G.panels) else 1.0
+    info.tflops = cholesky_flops(G.n) * (1.0 - done_fraction if start else 1.0) / max(info.timings_s["factor"], 1e-12) / 1e12
+    if ckpt is not None:
+        info.checkpoint = {"dir": str(ckpt.dir), "every": ckpt.every, "strategy": ckpt.strategy,
+                           "algorithm": ckpt.algorithm, "saves": ckpt.saves, "bytes_written": ckpt.bytes_written}
+    return info
+
+
+def _factor_in_core(G, be_name, dev_name, start, hook, progress, jitter, info):
+    if be_name == "numpy":
+        cholesky_inplace(G, backend="numpy", progress=progress, jitter=jitter, start_panel=start, on_panel_done=hook)
+        info.bytes_moved = {"h2d": 0, "d2h": 0}
+        return
+    if be_name == "torch":
+        import torch
+
+        from .backend_torch import require_torch
+
+        require_torch()
+        on_cpu = dev_name == "cpu"
+        t = time.perf_counter()
+        # CPU: share the numpy memory (true in-place); CUDA: one copy up, one copy back.
+        panels = [torch.from_numpy(P) if on_cpu else torch.from_numpy(P).to(dev_name) for P in G.panels]
+        info.timings_s["to_device"] = time.perf_counter() - t
+        D = SymmetricPanels(n=G.n, block=G.block, panels=panels)
+
+        def dev_hook(j):
+            if not on_cpu:   # the checkpoint reads the host copy of the finished panel
+                G.panels[j][...] = D.panels[j].cpu().numpy()
+            hook(j)
+
+        cholesky_inplace(D, backend="torch", progress=progress, jitter=jitter, start_panel=start,
+                         on_panel_done=dev_hook)
+        t = time.perf_counter()
+        if not on_cpu:
+            for P, Pd in zip(G.panels, D.panels):
+                P[...] = Pd.cpu().numpy()
+            torch.cuda.synchronize()
+        info.timings_s["to_host"] = time.perf_counter() - t
+        moved = 0 if on_cpu else G.nbytes
+        info.bytes_moved = {"h2d": moved, "d2h": moved}
+        return
+    import cupy  # cupy: in-core only; UNTESTED ON A GPU
+
+    panels = [cupy.asarray(P) for P in G.panels]
+    D = SymmetricPanels(n=G.n, block=G.block, panels=panels)
+    from .backend_cupy import CupyBackend  # noqa: F401 - registers through get_backend("cupy")
+
+    def cp_hook(j):
+        G.panels[j][...] = cupy.asnumpy(D.panels[j])
+        hook(j)
+
+    cholesky_inplace(D, backend="cupy", progress=progress, jitter=jitter, start_panel=start, on_panel_done=cp_hook)
+    info.bytes_moved = {"h2d": G.nbytes, "d2h": G.nbytes}
+
+
+# --- mixed precision with a float64 fallback ------------------------------------------------------
+
+def solve_mixed(build_gram, apply_high, Y, *, max_refine: int = 10, scale_diagonal: bool = True,
+                factor_kwargs: dict | None = None, fallback: bool = True):
+    """Solve K X = Y: float32 factor (+ optional TF32 via factor_kwargs={'tf32': True}), float64
+    refinement; if refinement does not reach float64 level (or the float32 factor breaks down),
+    re-factor in float64 and say so.
+
+    build_gram(dtype) -> SymmetricPanels of K in that dtype (host panels).
+    apply_high(V) -> K V in float64 (e.g. kernelfit.gram.KernelOperator.symmetric_matmul).
+    Returns (X, info) with info["fallback"] None or the reason the float64 factor was used.
+    """
+    from .refine import refine
+
+    Y = np.asarray(Y, dtype=np.float64)
+    squeeze = Y.ndim == 1
+    Y2 = Y[:, None] if squeeze else Y
+    kw = dict(factor_kwargs or {})
+    out = {"factor_dtype": "float32", "fallback": None, "scale_diagonal": bool(scale_diagonal), "factors": []}
+    norms = {}
+
+    def high(V):
+        if "k_inf" not in norms:   # first pass also gives ||K||_inf from K @ 1
+            r = apply_high(np.hstack([V, np.ones((V.shape[0], 1))]))
+            norms["k_inf"] = float(np.max(np.abs(r[:, -1])))
+            return r[:, :-1]
+        return apply_high(V)
+
+    def run(dtype, max_iter):
+        G = build_gram(dtype)
+        # Unit diagonal (D^-1/2 K D^-1/2) keeps float32 / TF32 pivots near 1; solves undo it.
+        d = np.sqrt(G.diagonal().astype(np.float64)) if scale_diagonal else None
+        if d is not None:
+            if not np.all(d > 0):
+                raise NotPositiveDefiniteError(minor=int(np.argmin(d > 0)) + 1, n=G.n, dtype=str(G.dtype))
+            inv = (1.0 / d).astype(G.dtype)
+            for s, P in zip(G.starts, G.panels):
+                P *= inv[s:, None]
+                P *= inv[None, s : s + P.shape[1]]
+        finfo = factor(G, **kw)
+        out["factors"].append(finfo.to_dict())
+
+        def solve_low(R):
+            scale = float(np.max(np.abs(R))) or 1.0
+            Rs = R / scale if d is None else R / (d[:, None] * scale)
+            Z = cho_solve(G, Rs.astype(G.dtype)).astype(np.float64)
+            return (Z if d is None else Z / d[:, None]) * scale
+
+        return refine(solve_low, high, Y2, lambda: norms["k_inf"], max_iter=max_iter)
+
+    try:
+        X, R, report = run(np.float32, max_refine)
+        reason = None if report.float64_level else (
+            f"float32 refinement stopped at backward error {report.backward_error:.2e} ({report.stop_reason})")
+    except NotPositiveDefiniteError as exc:
+        X, report, reason = None, None, f"float32 factor broke down: {exc}"
+    out["refinement_float32"] = report.to_dict() if report is not None else None
+    if reason is not None and fallback:
+        out["fallback"] = reason + "; re-factored in float64"
+        out["factor_dtype"] = "float64"
+        X, R, report = run(np.float64, 2)
+    elif reason is not None:
+        out["fallback"] = None
+        out["warning"] = reason
+        if X is None:
+            raise NotPositiveDefiniteError(minor=0, n=Y2.shape[0], dtype="float32")
+    out["refinement"] = report.to_dict()
+    return (X[:, 0] if squeeze else X), out
