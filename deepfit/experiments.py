@@ -222,8 +222,8 @@ def _parse_floats(ps: Iterable[float]) -> list[float]:
 
 
 def corruption_sweep_configs(base: TrainConfig, ps: Iterable[float], seeds: Iterable[int] = (0,)) -> list[TrainConfig]:
-    """Fig. 1b/1c: label corruption level p (variant "corrupted") x seeds."""
-    return [base.replace(variant="corrupted", p=p, seed=int(s), data_seed=int(s))
+    """Fig. 1b/1c: label corruption level p (variant "corrupt") x seeds."""
+    return [base.replace(variant="corrupt", p=p, seed=int(s), data_seed=int(s))
             for p in _parse_floats(ps) for s in seeds]
 
 
@@ -247,26 +247,40 @@ def table1_configs(base: TrainConfig, models: Iterable[str] | None = None) -> li
         if wanted is not None and model not in wanted:
             continue
         cfg = base.replace(model=model, augment=aug, weight_decay=TABLE1_WEIGHT_DECAY if wd else 0.0,
-                           variant="random" if labels == "random" else "true", p=0.0, lr=None)
+                           variant="random-labels" if labels == "random" else "true", p=0.0, lr=None)
         out.append(((model, aug, wd, labels), cfg))
     return out
 
 
-def table1_rows(records: Sequence[dict], base: TrainConfig, models: Iterable[str] | None = None) -> list[dict]:
-    """Match records to the Table 1 grid (by run id); one row per grid cell, measured or not."""
-    by_id = {r["run_id"]: r for r in records if isinstance(r, dict) and "run_id" in r}
+def table1_rows(records: Sequence[dict], models: Iterable[str] | None = None,
+                dataset: str = "cifar10") -> list[dict]:
+    """One row per Table 1 cell (measured or not). A record fills the cell whose model, random
+    crop, weight decay on/off and labels (true / random-labels) it has; the latest such record wins."""
     paper = {(m, a, w, l): (tr, te) for m, a, w, l, tr, te in PAPER_TABLE1}
+    found: dict[tuple, dict] = {}
+    for r in records:
+        if not (isinstance(r, dict) and "config" in r):
+            continue
+        c = r["config"]
+        labels = {"true": "true", "random-labels": "random"}.get(c["variant"])
+        key = (c["model"], bool(c["augment"]), float(c["weight_decay"]) > 0, labels)
+        if key in paper and c["dataset"] == dataset:
+            found[key] = r
+    wanted = set(models) if models is not None else None
     rows = []
-    for key, cfg in table1_configs(base, models):
-        rec = by_id.get(config_hash(cfg))
+    for m, a, w, l, tr, te in PAPER_TABLE1:
+        if wanted is not None and m not in wanted:
+            continue
+        rec = found.get((m, a, w, l))
         rows.append({
-            "model": key[0], "random_crop": key[1], "weight_decay": key[2], "labels": key[3],
-            "paper_train_acc": paper[key][0], "paper_test_acc": paper[key][1],
+            "model": m, "random_crop": a, "weight_decay": w, "labels": l,
+            "paper_train_acc": tr, "paper_test_acc": te,
             "train_acc": None if rec is None else 100 * rec["final_train_acc"],
             "test_acc": None if rec is None else 100 * rec["final_test_acc"],
             "best_test_acc": None if rec is None else 100 * rec["best_test_acc"],
             "epochs": None if rec is None else rec["epochs"],
-            "run_id": config_hash(cfg),
+            "n_train": None if rec is None else rec["data"].get("n_train"),
+            "run_id": None if rec is None else rec["run_id"],
         })
     return rows
 
@@ -275,14 +289,17 @@ def format_table1(rows: Sequence[dict], note: str = "") -> str:
     def f(v):
         return "   --  " if v is None else f"{v:7.2f}"
     lines = [
-        "Table 1 (Zhang et al. 2017) -- measured here vs. paper" + (f" [{note}]" if note else ""),
+        "Table 1 (Zhang et al. 2017, CIFAR-10) -- measured here vs. paper" + (f" [{note}]" if note else ""),
+        "accuracies in %; 'test' = at the end of training, 'best' = best test accuracy along the way;",
+        "weight decay here = " + f"{TABLE1_WEIGHT_DECAY:g}" + " (the paper does not state its value); '--' = not run",
         f"{'model':22s} {'crop':>5s} {'wd':>5s} {'labels':>7s} | {'train':>7s} {'test':>7s} {'best':>7s} {'epochs':>6s} | "
-        f"{'paper tr':>8s} {'paper te':>8s}",
+        f"{'paper tr':>8s} {'paper te':>8s} {'n_train':>7s}",
     ]
     for r in rows:
         lines.append(
             f"{r['model']:22s} {'yes' if r['random_crop'] else 'no':>5s} {'yes' if r['weight_decay'] else 'no':>5s} "
             f"{r['labels']:>7s} | {f(r['train_acc'])} {f(r['test_acc'])} {f(r['best_test_acc'])} "
-            f"{'--' if r['epochs'] is None else r['epochs']:>6} | {r['paper_train_acc']:8.2f} {r['paper_test_acc']:8.2f}"
+            f"{'--' if r['epochs'] is None else r['epochs']:>6} | {r['paper_train_acc']:8.2f} {r['paper_test_acc']:8.2f} "
+            f"{'--' if r['n_train'] is None else r['n_train']:>7}"
         )
     return "\n".join(lines)

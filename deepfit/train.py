@@ -43,7 +43,7 @@ class TrainConfig:
     """Everything that changes a result (hashed into the run id).
 
     Data: ``dataset`` ("cifar10", "mnist", "mnist-subset"), ``variant`` (a kernelfit.randomize
-    variant), ``p`` (corruption probability, used by "corrupted"), ``corrupt_test`` (apply the
+    variant), ``p`` (corruption probability, used by "corrupt"), ``corrupt_test`` (apply the
     randomization to the test set too; default False = clean test labels), ``data_seed`` (seed of
     the randomization and of the subset draw), ``n_train`` / ``n_test`` (None = all), ``crop``
     (centre crop to crop x crop; 28 as the paper; a no-op on 28x28 MNIST; None = no crop),

@@ -1,0 +1,126 @@
+"""deepfit CLI end to end on tiny subsets of the shipped MNIST subset (CPU, seconds)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import numpy as np
+import pytest
+
+from deepfit.cli import main
+from kernelfit.data import load_dataset
+
+TINY = ["--dataset", "mnist-subset", "--n-train", "128", "--n-test", "64", "--threads", "1", "--quiet",
+        "--device", "cpu"]
+
+
+def _lines(path):
+    return [json.loads(s) for s in path.read_text().splitlines() if s.strip()]
+
+
+def test_models_lists_paper_counts(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    for count in ("1,209,866", "1,735,178", "1,387,786", "1,649,402"):
+        assert count in out
+
+
+def test_train_writes_record_with_provenance_and_clean_test_labels(tmp_path, capsys):
+    out = tmp_path / "r.jsonl"
+    rc = main(["train", "--model", "mlp2", "--width", "32", "--variant", "random-labels", "--max-epochs", "2",
+               "--out", str(out), *TINY])
+    assert rc == 0
+    (rec,) = _lines(out)
+    assert rec["config"]["variant"] == "random-labels" and rec["config"]["model"] == "mlp2"
+    assert rec["test_labels"] == "clean" and rec["data"]["randomization"]["test_labels_clean"] is True
+    assert len(rec["history"]) == 2 and rec["epochs"] == 2
+    assert rec["data"]["n_train"] == 128 and rec["data"]["n_test"] == 64
+    git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert rec["provenance"]["git"]["sha"] == git
+    assert rec["provenance"]["versions"]["torch"]
+    # The random labels differ from the dataset's own: recount independently from the reader.
+    ds = load_dataset("mnist-subset").subset(128, 64, seed=0)
+    assert rec["data"]["randomization"]["fraction_changed_train"] > 0.5
+    assert np.isclose(rec["data"]["randomization"]["fraction_changed_train"], 0.9, atol=0.1)
+    assert len(ds.y_train) == 128
+    assert "fitted=" in capsys.readouterr().out
+
+
+def test_train_corrupt_test_is_recorded(tmp_path):
+    out = tmp_path / "r.jsonl"
+    assert main(["train", "--model", "mlp2", "--width", "16", "--variant", "corrupt", "--p", "0.5",
+                 "--corrupt-test", "--max-epochs", "1", "--out", str(out), *TINY]) == 0
+    (rec,) = _lines(out)
+    assert rec["test_labels"] == "corrupted" and rec["config"]["corrupt_test"] is True
+    assert rec["data"]["randomization"]["fraction_changed_test"] > 0
+
+
+def test_train_resumes_from_checkpoint(tmp_path):
+    out, ck = tmp_path / "r.jsonl", tmp_path / "ck"
+    args = ["train", "--model", "mlp2", "--width", "16", "--max-epochs", "2", "--out", str(out),
+            "--checkpoint-dir", str(ck), *TINY]
+    assert main(args) == 0 and main(args) == 0
+    a, b = _lines(out)
+    assert a["run_id"] == b["run_id"] and b["resumed_from_epoch"] == 2
+    assert a["history"][-1]["train_acc"] == b["history"][-1]["train_acc"]
+
+
+def test_sweep_runs_in_parallel_skips_finished_and_plots(tmp_path, capsys):
+    out, plots = tmp_path / "s.jsonl", tmp_path / "png"
+    args = ["sweep", "--model", "mlp2", "--width", "16", "--ps", "0,0.5,1", "--variants", "gaussian",
+            "--max-epochs", "2", "--workers", "2", "--out", str(out), "--plot-dir", str(plots), *TINY]
+    assert main(args) == 0
+    recs = _lines(out)
+    assert sorted((r["config"]["variant"], r["config"]["p"]) for r in recs) == [
+        ("corrupt", 0.0), ("corrupt", 0.5), ("corrupt", 1.0), ("gaussian", 0.0)]
+    assert all(r["experiment"] == "sweep" and r["threads"] == 1 for r in recs)
+    for name in ("deepfit_fig1a_loss_curves.png", "deepfit_fig1b_steps_to_fit.png", "deepfit_fig1c_test_error.png"):
+        assert (plots / name).stat().st_size > 1000
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "4 already in" in capsys.readouterr().err
+    assert len(_lines(out)) == 4
+
+
+@pytest.mark.slow
+def test_sweep_on_local_dask_cluster(tmp_path):
+    out = tmp_path / "d.jsonl"
+    assert main(["sweep", "--model", "mlp2", "--width", "16", "--ps", "0,1", "--max-epochs", "1",
+                 "--workers", "2", "--dask", "local", "--out", str(out), *TINY]) == 0
+    assert sorted(r["config"]["p"] for r in _lines(out)) == [0.0, 1.0]
+
+
+def test_table1_grid_prints_paper_numbers(tmp_path, capsys):
+    out = tmp_path / "t.jsonl"
+    assert main(["table1", "--models", "mlp-1x512", "--max-epochs", "1", "--crop", "none", "--out", str(out),
+                 *TINY]) == 0
+    recs = _lines(out)
+    # mlp-1x512 has three Table 1 cells: wd yes/no on true labels, and random labels.
+    assert len(recs) == 3
+    assert {(r["config"]["weight_decay"] > 0, r["config"]["variant"]) for r in recs} == {
+        (True, "true"), (False, "true"), (False, "random-labels")}
+    text = capsys.readouterr().out
+    assert "50.51" in text and "10.61" in text and "99.34" in text
+    assert main(["table", "--results", str(out), "--models", "mlp-1x512", "--dataset", "mnist-subset"]) == 0
+    assert "mlp-1x512" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["train", "--model", "resnet"], "Valid models"),
+    (["train", "--variant", "noise"], "Valid variants"),
+    (["train", "--variant", "corrupt", "--p", "1.5"], "[0, 1]"),
+    (["train", "--model", "inception-small", "--crop", "none", "--n-train", "8", "--max-epochs", "1",
+      "--dataset", "mnist-subset", "--width", "3"], "does not take"),
+])
+def test_bad_input_exit_code_and_message(tmp_path, capsys, argv, needle):
+    rc = main([*argv, "--out", str(tmp_path / "x.jsonl"), "--quiet"])
+    assert rc == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_missing_dataset_says_where_it_looked(tmp_path, capsys):
+    rc = main(["train", "--dataset", "cifar10", "--data-dir", str(tmp_path / "nowhere"),
+               "--out", str(tmp_path / "x.jsonl"), "--quiet"])
+    assert rc == 2
+    assert str(tmp_path / "nowhere") in capsys.readouterr().err
