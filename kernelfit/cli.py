@@ -1,0 +1,507 @@
+"""Command line interface: ``kernelfit solve | plan | data | table``.
+
+``kernelfit solve``   exact kernel interpolation on a dataset (optionally randomized), one JSON record
+``kernelfit plan``    memory plan of a solve, without allocating anything
+``kernelfit data``    where data is looked for (``path``), what is found (``info``), ``download``
+``kernelfit table``   the kernel table of Zhang et al. (Section 5), see ``kernelfit table --help``
+
+Every input is validated before any data is loaded or memory allocated; errors name what was
+expected and how to fix it. Human-readable summaries go to stderr, the JSON record to stdout or
+``--out`` (written atomically, never overwriting an existing file without ``--overwrite``).
+Run as ``kernelfit ...`` (console script) or ``python -m kernelfit.cli ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+from .errors import KernelfitError
+
+__all__ = ["main", "build_parser"]
+
+DATASET_NAMES = ("mnist-subset", "mnist", "cifar10")
+MODES = ("mixed", "float32", "float64")
+KERNELS = ("gaussian", "laplacian")
+# Randomization variants (kernelfit.randomize.VARIANTS); repeated here so that `--help` and
+# argument parsing never import numpy-heavy modules. A test checks they agree.
+VARIANTS = ("true", "corrupt", "random-labels", "shuffled-pixels", "random-pixels", "gaussian")
+LABEL_VARIANTS = ("corrupt", "random-labels")
+
+# Feature dimension, classes and full split sizes, for planning without loading any data.
+DATASET_SHAPES = {
+    "mnist-subset": {"d": 784, "num_classes": 10, "n_train": 5000, "n_test": 1000},
+    "mnist": {"d": 784, "num_classes": 10, "n_train": 60000, "n_test": 10000},
+    "cifar10": {"d": 3072, "num_classes": 10, "n_train": 50000, "n_test": 10000},
+}
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_DOES_NOT_FIT = 0, 1, 2, 3
+
+
+# --------------------------------------------------------------------------------------------
+# argument types: each says what it expected and what it got
+# --------------------------------------------------------------------------------------------
+
+def _bandwidth(text: str):
+    if text.strip().lower() == "median":
+        return "median"
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive number (sigma, e.g. 5.0 for MNIST pixels / 255) or 'median', "
+            f"got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0 or 'median', got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:  # also rejects NaN
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got {text!r}")
+    return value
+
+
+def _subset_seed(text: str):
+    if text.strip().lower() == "first":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected an integer >= 0 (seeded stratified sample) or 'first' (the first n "
+            f"examples), got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0 or 'first', got {value}")
+    return value
+
+
+def _dataset(text: str) -> str:
+    name = text.strip().lower().replace("_", "-")
+    name = {"cifar-10": "cifar10"}.get(name, name)
+    if name not in DATASET_NAMES:
+        raise argparse.ArgumentTypeError(
+            f"unknown dataset {text!r}; expected one of {', '.join(DATASET_NAMES)}")
+    return name
+
+
+# --------------------------------------------------------------------------------------------
+# parser
+# --------------------------------------------------------------------------------------------
+
+def _add_data_args(p: argparse.ArgumentParser, with_download: bool = True) -> None:
+    p.add_argument("--dataset", type=_dataset, default="mnist-subset", metavar="NAME",
+                   help=f"one of {', '.join(DATASET_NAMES)} (default: mnist-subset, shipped "
+                        f"with kernelfit: 5,000 train / 1,000 test MNIST images)")
+    p.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="directory (or file) holding the data; default $KERNELFIT_DATA, else "
+                        "~/.cache/kernelfit")
+    if with_download:
+        p.add_argument("--download", action="store_true",
+                       help="fetch missing files from the canonical source (checksum-verified)")
+
+
+def _add_size_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--n-train", type=_positive_int, default=None, metavar="N",
+                   help="training points (default: the whole training split)")
+    p.add_argument("--n-test", type=_nonneg_int, default=None, metavar="N",
+                   help="test points; 0 skips the test evaluation (default: the whole test split)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="kernelfit",
+        description="Exact kernel interpolation at MNIST / CIFAR-10 scale.",
+        epilog="Run 'kernelfit <command> --help' for the options of a command.",
+    )
+    sub = ap.add_subparsers(dest="command", metavar="{solve,plan,data,table}")
+    sub.required = True
+
+    # -- solve --------------------------------------------------------------------------------
+    s = sub.add_parser("solve", help="solve K alpha = Y exactly and report errors and norms",
+                       description="Solve the exact interpolation problem K alpha = Y (one-hot "
+                                   "labels) and write a JSON result record.")
+    _add_data_args(s)
+    _add_size_args(s)
+    s.add_argument("--subset-seed", type=_subset_seed, default=0, metavar="SEED|first",
+                   help="seed of the class-stratified random subset (default 0); 'first' takes "
+                        "the first n examples")
+    s.add_argument("--kernel", choices=KERNELS, default="gaussian",
+                   help="gaussian exp(-|x-z|^2/(2 s^2)) or laplacian exp(-|x-z|/s) (default gaussian)")
+    s.add_argument("--bandwidth", type=_bandwidth, default="median", metavar="SIGMA|median",
+                   help="kernel bandwidth sigma on pixels / 255, or 'median' (median pairwise "
+                        "distance; default). Zhang et al.'s MNIST setting is 5.")
+    s.add_argument("--mode", choices=MODES, default="mixed",
+                   help="mixed: float32 factor + float64 refinement (default); float32; float64")
+    s.add_argument("--jitter", type=_nonneg_float, default=0.0, metavar="EPS",
+                   help="ridge added to the diagonal (default 0: exact interpolation)")
+    s.add_argument("--block-size", type=_positive_int, default=None, metavar="B",
+                   help="panel width of the tiled factorization (default: automatic)")
+    s.add_argument("--max-refine", type=_nonneg_int, default=10, metavar="K",
+                   help="most refinement steps in mixed mode (default 10)")
+    r = s.add_argument_group("randomization (Zhang et al.; test labels stay clean unless "
+                             "--corrupt-test)")
+    r.add_argument("--variant", choices=VARIANTS, default="true",
+                   help="data variant (default: true)")
+    r.add_argument("--corrupt-p", type=_probability, default=None, metavar="P",
+                   help="label corruption probability; required for --variant corrupt")
+    r.add_argument("--seed", type=_nonneg_int, default=0,
+                   help="seed of the randomization (default 0)")
+    r.add_argument("--corrupt-test", action="store_true",
+                   help="randomize the test labels too (off by default)")
+    r.add_argument("--with-true", action=argparse.BooleanOptionalAction, default=True,
+                   help="for label variants, also fit the true labels in the same solve (one "
+                        "factorization, extra right-hand sides; default: on)")
+    o = s.add_argument_group("output")
+    o.add_argument("--out", type=Path, default=None, metavar="PATH.json",
+                   help="write the JSON record here (atomically) instead of stdout")
+    o.add_argument("--overwrite", action="store_true", help="allow replacing an existing --out file")
+    o.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    o.add_argument("--force-memory", action="store_true",
+                   help="run even when the memory plan says the solve does not fit")
+    s.set_defaults(subparser=s)
+
+    # -- plan ---------------------------------------------------------------------------------
+    p = sub.add_parser("plan", help="memory plan of a solve (dry run, allocates nothing)",
+                       description="Print the memory a solve would need, as JSON on stdout and "
+                                   "one line on stderr. Exit status 0 if it fits, 3 if not.")
+    p.add_argument("--dataset", type=_dataset, default="mnist-subset", metavar="NAME",
+                   help=f"sets d, classes and default sizes: one of {', '.join(DATASET_NAMES)}")
+    _add_size_args(p)
+    p.add_argument("--dim", type=_positive_int, default=None, metavar="D",
+                   help="feature dimension (default: the dataset's, e.g. 784 for MNIST)")
+    p.add_argument("--num-outputs", type=_positive_int, default=None, metavar="K",
+                   help="right-hand sides (default: the number of classes)")
+    p.add_argument("--mode", choices=MODES, default="mixed")
+    p.add_argument("--block-size", type=_positive_int, default=None, metavar="B")
+    p.add_argument("--available-gib", type=_nonneg_float, default=None, metavar="GIB",
+                   help="plan for this much free memory instead of what is free now")
+    p.set_defaults(subparser=p)
+
+    # -- data ---------------------------------------------------------------------------------
+    d = sub.add_parser("data", help="where data is looked for, what is found, downloads")
+    dsub = d.add_subparsers(dest="data_command", metavar="{info,path,download}")
+    dsub.required = True
+    di = dsub.add_parser("info", help="the data directory and the datasets found in it")
+    di.add_argument("--data-dir", default=None, metavar="DIR")
+    di.add_argument("--load", action="store_true",
+                    help="also load each dataset found and report its shapes (slow for an "
+                         "undecoded CIFAR-10 image folder)")
+    dp = dsub.add_parser("path", help="print the resolved data directory")
+    dp.add_argument("--data-dir", default=None, metavar="DIR")
+    dd = dsub.add_parser("download", help="download a dataset with checksum verification")
+    dd.add_argument("dataset", type=_dataset, metavar="NAME", help="mnist or cifar10")
+    dd.add_argument("--data-dir", default=None, metavar="DIR")
+    dd.add_argument("--base-url", default=None, metavar="URL", help="mirror with the same file names")
+    dd.add_argument("--force", action="store_true", help="download again even if verified files exist")
+    for q in (di, dp, dd):
+        q.set_defaults(subparser=q)
+
+    # -- table (delegated; its own parser handles the options) --------------------------------
+    sub.add_parser("table", help="the kernel table of Zhang et al. (see 'kernelfit table --help')",
+                   add_help=False)
+    return ap
+
+
+# --------------------------------------------------------------------------------------------
+# commands
+# --------------------------------------------------------------------------------------------
+
+def _eprint(*args) -> None:
+    print(*args, file=sys.stderr, flush=True)
+
+
+def _check_out_path(parser: argparse.ArgumentParser, out: Path | None, overwrite: bool) -> None:
+    """Refuse a bad --out before any work, so an hour-long solve never ends in a refusal."""
+    if out is None:
+        return
+    if out.exists() and out.is_dir():
+        parser.error(f"--out {out} is a directory; expected a file path such as {out / 'result.json'}")
+    if out.exists() and not overwrite:
+        parser.error(f"--out {out} already exists; pass --overwrite to replace it, or choose a new path")
+    parent = out.parent if str(out.parent) else Path(".")
+    ancestor = parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if ancestor.exists() and not ancestor.is_dir():
+        parser.error(f"--out {out}: {ancestor} is a file, not a directory")
+    if ancestor.exists() and not os.access(ancestor, os.W_OK):
+        parser.error(f"--out {out}: directory {ancestor} is not writable")
+
+
+def _label_sets_for(variant: str, with_true: bool) -> list[str]:
+    if variant in LABEL_VARIANTS and with_true:
+        return ["true", variant]
+    return [variant]
+
+
+def _plan_for(args, n_train: int, n_test: int, k: int):
+    from .linalg.memory import plan_solve
+
+    d = DATASET_SHAPES[args.dataset]["d"]
+    return plan_solve(n_train, d, k, args.mode, n_test=n_test, block=args.block_size)
+
+
+def cmd_solve(args, parser) -> int:
+    # --- everything that can be checked without data, checked first ---
+    if args.variant == "corrupt" and args.corrupt_p is None:
+        parser.error("--variant corrupt needs --corrupt-p P (the probability of replacing a label)")
+    if args.corrupt_p is not None and args.variant != "corrupt":
+        parser.error(f"--corrupt-p applies only to --variant corrupt (got --variant {args.variant})")
+    if args.corrupt_test and args.variant not in LABEL_VARIANTS:
+        parser.error(f"--corrupt-test applies only to label variants {LABEL_VARIANTS} "
+                     f"(got --variant {args.variant})")
+    _check_out_path(parser, args.out, args.overwrite)
+    shape = DATASET_SHAPES[args.dataset]
+    for flag, n, full in (("--n-train", args.n_train, shape["n_train"]),
+                          ("--n-test", args.n_test, shape["n_test"])):
+        if n is not None and n > full:
+            parser.error(f"{flag} {n} exceeds the {full} examples of {args.dataset}; use at most {full}")
+    n_train = args.n_train or shape["n_train"]
+    n_test = shape["n_test"] if args.n_test is None else args.n_test
+    sets = _label_sets_for(args.variant, args.with_true)
+    k = shape["num_classes"] * len(sets)
+    plan = _plan_for(args, n_train, n_test, k)
+    if not plan.fits and not args.force_memory:
+        from .linalg.memory import require_fits
+
+        require_fits(plan)  # raises MemoryPlanError with the numbers and the options
+
+    # --- then the work ---
+    import numpy as np
+
+    from .data import load_dataset, to_features
+    from .randomize import Randomization, apply_randomization
+    from .results import PhaseTimer, peak_rss_bytes, write_json_atomic
+    from .solve import SolveOptions, run_interpolation
+
+    timer = PhaseTimer()
+    with timer.phase("load"):
+        ds = load_dataset(args.dataset, data_dir=args.data_dir, download=args.download)
+        ds = ds.subset(args.n_train, None if args.n_test == 0 else args.n_test, seed=args.subset_seed)
+        rnd = Randomization(variant=args.variant, p=args.corrupt_p or 0.0, seed=args.seed,
+                            corrupt_test=args.corrupt_test)
+        rds, rinfo = apply_randomization(ds, rnd)
+        fdtype = np.float64 if args.mode == "float64" else np.float32
+        X = to_features(rds.x_train, dtype=fdtype)
+        Xt = to_features(rds.x_test, dtype=fdtype) if args.n_test != 0 else None
+        yt = rds.y_test if args.n_test != 0 else None
+    label_sets = {name: (ds.y_train if name == "true" else rds.y_train) for name in sets}
+    options = SolveOptions(kernel=args.kernel, bandwidth=args.bandwidth, mode=args.mode,
+                           jitter=args.jitter, block_size=args.block_size,
+                           max_refine=args.max_refine, progress=not args.no_progress,
+                           force_memory=args.force_memory)
+    extra = {
+        "dataset": {"name": rds.name, "source": ds.source, "n_train": int(len(X)),
+                    "n_test": 0 if Xt is None else int(len(Xt)),
+                    "subset_seed": args.subset_seed, "num_classes": int(ds.num_classes),
+                    "note": "CIFAR-10 (JPEG q75 copy)" if "jpeg" in ds.source.lower() else None},
+        "randomization": rinfo,
+    }
+    with timer.phase("solve"):
+        record = run_interpolation(X, label_sets, Xt, yt, ds.num_classes, options, extra)
+    record["cli_timings_s"] = timer.as_dict()
+    record["cli_peak_rss_bytes"] = peak_rss_bytes()
+
+    _print_summary(record)
+    if args.out is not None:
+        path = write_json_atomic(args.out, record, overwrite=args.overwrite)
+        _eprint(f"wrote {path}")
+    else:
+        from .results import dumps
+
+        sys.stdout.write(dumps(record) + "\n")
+        sys.stdout.flush()
+    return EXIT_OK
+
+
+def _print_summary(record: dict) -> None:
+    ds = record.get("dataset", {})
+    st = record.get("stats", {})
+    _eprint(f"[kernelfit] {ds.get('name')} n_train={record.get('n_train')} n_test={record.get('n_test')} "
+            f"kernel={st.get('kernel')} sigma={st.get('bandwidth', float('nan')):.4g} "
+            f"({st.get('bandwidth_rule')}) mode={st.get('mode')}")
+    for name, res in record.get("results", {}).items():
+        te = res.get("test_error")
+        te_s = "n/a" if te is None else f"{100 * te:.2f}%"
+        _eprint(f"  {name:>16}: train error {100 * res['train_error']:.2f}%  test error {te_s}  "
+                f"RKHS norm {res['rkhs_norm']:.4g}  max |residual| {res['residual_max_abs']:.2e}")
+    t = st.get("timings_s", {})
+    if t:
+        _eprint("  time: " + ", ".join(f"{k} {v:.2f}s" for k, v in t.items())
+                + f"; peak RSS {st.get('peak_rss_bytes', 0) / 2**30:.2f} GiB")
+
+
+def cmd_plan(args, parser) -> int:
+    from .linalg.memory import plan_solve
+
+    shape = DATASET_SHAPES[args.dataset]
+    n = args.n_train or shape["n_train"]
+    n_test = shape["n_test"] if args.n_test is None else args.n_test
+    d = args.dim or shape["d"]
+    k = args.num_outputs or shape["num_classes"]
+    available = None if args.available_gib is None else int(args.available_gib * 2**30)
+    plan = plan_solve(n, d, k, args.mode, n_test=n_test, block=args.block_size, available=available)
+    _eprint(plan.summary())
+    from .results import dumps
+
+    sys.stdout.write(dumps(plan.to_dict()) + "\n")
+    return EXIT_OK if plan.fits else EXIT_DOES_NOT_FIT
+
+
+def _found_files(name: str, root: Path) -> list[str]:
+    """Candidate files for a dataset under the data directory, found without reading them."""
+    from . import data
+
+    try:  # the loader's own search order, so that info and load agree
+        dirs = data._search_dirs(name, root)
+    except AttributeError:
+        dirs = [root]
+    found: list[str] = []
+    for d in dirs:
+        if not d.is_dir():
+            continue
+        if name == "mnist":
+            for base in data.MNIST_IDX_FILES.values():
+                for cand in (base, base + ".gz"):
+                    if (d / cand).is_file():
+                        found.append(str(d / cand))
+            if (d / data.MNIST_NPZ).is_file():
+                found.append(str(d / data.MNIST_NPZ))
+        else:
+            for cand in (d / data.CIFAR10_BATCH_DIR, d / data.CIFAR10_ARCHIVE):
+                if cand.exists():
+                    found.append(str(cand))
+            try:
+                found.extend(str(p) for p in data._image_folder_candidates(d))
+            except (AttributeError, OSError):
+                pass
+    return found
+
+
+def cmd_data(args, parser) -> int:
+    from . import data
+
+    if args.data_command == "path":
+        root, origin = data._resolve_with_origin(args.data_dir) \
+            if hasattr(data, "_resolve_with_origin") else (data.resolve_data_dir(args.data_dir), "")
+        print(root)
+        if origin:
+            _eprint(f"({origin}; exists: {root.exists()})")
+        return EXIT_OK
+    if args.data_command == "download":
+        if args.dataset == "mnist-subset":
+            parser.error("mnist-subset ships with kernelfit; nothing to download (use 'mnist')")
+        path = data.download(args.dataset, args.data_dir, base_url=args.base_url, force=args.force,
+                             progress=True)
+        _eprint(f"{args.dataset}: files verified in {path}")
+        print(path)
+        return EXIT_OK
+    # info
+    root = data.resolve_data_dir(args.data_dir)
+    origin = data._resolve_with_origin(args.data_dir)[1] if hasattr(data, "_resolve_with_origin") else ""
+    info = {"data_dir": str(root), "origin": origin, "exists": root.exists(), "datasets": {}}
+    for name in DATASET_NAMES:
+        entry: dict = {}
+        if name == "mnist-subset":
+            entry["found"] = ["shipped with kernelfit"]
+        else:
+            entry["found"] = [] if root.is_file() else _found_files(name, root)
+        if args.load and (entry["found"] or name == "mnist-subset" or root.is_file()):
+            try:
+                ds = data.load_dataset(name, data_dir=args.data_dir)
+                entry.update({"source": ds.source, "x_train": list(ds.x_train.shape),
+                              "x_test": list(ds.x_test.shape), "classes": list(ds.classes)})
+            except KernelfitError as e:
+                entry["error"] = str(e)
+        info["datasets"][name] = entry
+    from .results import dumps
+
+    print(dumps(info))
+    for name, entry in info["datasets"].items():
+        state = ", ".join(entry["found"]) if entry["found"] else "not found"
+        _eprint(f"{name:>13}: {state}")
+    _eprint(f"data directory: {root} ({origin})")
+    return EXIT_OK
+
+
+def cmd_table(argv: list[str]) -> int:
+    try:
+        from . import table
+    except ImportError as e:
+        _eprint(f"kernelfit: error: 'kernelfit table' needs kernelfit/table.py, which could not be "
+                f"imported ({e}). Reinstall kernelfit or update the checkout.")
+        return EXIT_ERROR
+    rc = table.main(argv)
+    return EXIT_OK if rc is None else int(rc)
+
+
+# --------------------------------------------------------------------------------------------
+# entry point
+# --------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (0 ok, 1 error, 2 usage, 3 plan does not fit)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "table":  # the table has its own parser; hand it everything after
+        return cmd_table(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    sub = args.subparser  # errors name the subcommand's usage line
+    try:
+        if args.command == "solve":
+            return cmd_solve(args, sub)
+        if args.command == "plan":
+            return cmd_plan(args, sub)
+        if args.command == "data":
+            return cmd_data(args, sub)
+    except KernelfitError as e:
+        _eprint(f"kernelfit {args.command}: error ({type(e).__name__}): {e}")
+        return EXIT_ERROR
+    except FileExistsError as e:  # --out appeared while solving
+        _eprint(f"kernelfit {args.command}: error: {e}")
+        return EXIT_ERROR
+    parser.error(f"unknown command {args.command!r}")
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

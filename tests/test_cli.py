@@ -1,0 +1,273 @@
+"""End-to-end tests of the `kernelfit` CLI on the shipped MNIST subset, with independent references."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.kernel_ridge import KernelRidge
+
+from kernelfit import cli
+from kernelfit.cli import main
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _reference(n_train, n_test, sigma, seed=0):
+    """Same subset, solved independently with sklearn's KernelRidge (negligible ridge)."""
+    from kernelfit.data import load_dataset
+
+    ds = load_dataset("mnist-subset").subset(n_train, n_test, seed=seed)
+    X = ds.x_train.reshape(n_train, -1).astype(np.float64) / 255.0
+    Xt = ds.x_test.reshape(n_test, -1).astype(np.float64) / 255.0
+    Y = np.eye(10)[ds.y_train]
+    kr = KernelRidge(alpha=1e-10, kernel="rbf", gamma=1.0 / (2.0 * sigma**2)).fit(X, Y)
+    test_error = float(np.mean(np.argmax(kr.predict(Xt), axis=1) != ds.y_test))
+    rkhs = float(np.sqrt(np.sum(kr.dual_coef_ * Y)))  # alpha^T K alpha = alpha^T Y at interpolation
+    return test_error, rkhs, ds
+
+
+def test_solve_end_to_end_matches_kernel_ridge(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    rc = main(["solve", "--n-train", "500", "--n-test", "200", "--bandwidth", "5",
+               "--no-progress", "--out", str(out)])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "test error" in err and str(out.resolve()) in err
+    rec = json.loads(out.read_text())
+    ref_err, ref_norm, ds = _reference(500, 200, 5.0)
+    res = rec["results"]["true"]
+    assert res["train_error"] == 0.0
+    assert res["test_error"] == pytest.approx(ref_err, abs=1e-12)
+    assert res["rkhs_norm"] == pytest.approx(ref_norm, rel=1e-6)
+    assert res["residual_max_abs"] < 1e-8
+    assert rec["n_train"] == 500 and rec["n_test"] == 200
+    assert rec["dataset"]["name"] == "mnist-subset"
+    assert rec["randomization"]["variant"] == "true"
+    assert rec["provenance"]["command"]  # provenance recorded
+    assert rec["options"]["bandwidth"] == 5.0 and rec["options"]["mode"] == "mixed"
+
+
+def test_solve_random_labels_keeps_test_labels_clean(capsys):
+    rc = main(["solve", "--n-train", "300", "--n-test", "100", "--bandwidth", "5", "--mode",
+               "float64", "--variant", "random-labels", "--seed", "3", "--no-progress"])
+    assert rc == 0
+    rec = json.loads(capsys.readouterr().out)
+    assert set(rec["results"]) == {"true", "random-labels"}
+    rl, tr = rec["results"]["random-labels"], rec["results"]["true"]
+    assert rl["train_error"] == 0.0 and tr["train_error"] == 0.0  # both interpolated
+    assert rl["test_error"] > 0.6  # chance is 0.9; cannot generalize from random labels
+    assert tr["test_error"] < 0.3
+    info = rec["randomization"]
+    assert info["test_labels_clean"] is True
+    assert 0.8 < info["fraction_changed_train"] < 0.97
+    assert rl["rkhs_norm"] > tr["rkhs_norm"]  # random labels need a larger norm (Zhang et al.)
+    ref_err, ref_norm, _ = _reference(300, 100, 5.0)
+    assert tr["test_error"] == pytest.approx(ref_err, abs=1e-12)
+    assert tr["rkhs_norm"] == pytest.approx(ref_norm, rel=1e-6)
+
+
+def test_python_m_subprocess_stdout_is_json(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(
+        [sys.executable, "-m", "kernelfit.cli", "solve", "--n-train", "200", "--n-test", "50",
+         "--bandwidth", "median", "--no-progress"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr
+    rec = json.loads(proc.stdout)
+    assert rec["stats"]["bandwidth_rule"] == "median heuristic"
+    assert rec["results"]["true"]["train_error"] == 0.0
+    assert "[kernelfit] mnist-subset" in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# input validation: argparse errors (exit 2) before any work
+# ---------------------------------------------------------------------------------------------
+
+def _usage_error(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as ei:
+        main(argv)
+    assert ei.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bw", ["0", "-1", "abc", "nan", "inf"])
+def test_bad_bandwidth(bw, capsys):
+    err = _usage_error(["solve", "--bandwidth", bw], capsys)
+    assert "--bandwidth" in err and "'median'" in err
+
+
+def test_unknown_dataset(capsys):
+    err = _usage_error(["solve", "--dataset", "imagenet"], capsys)
+    assert "unknown dataset 'imagenet'" in err and "mnist-subset" in err
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["solve", "--variant", "corrupt"], "--corrupt-p"),
+    (["solve", "--variant", "true", "--corrupt-p", "0.5"], "only to --variant corrupt"),
+    (["solve", "--variant", "corrupt", "--corrupt-p", "1.5"], "probability in [0, 1]"),
+    (["solve", "--variant", "gaussian", "--corrupt-test"], "label variants"),
+    (["solve", "--n-train", "6000"], "exceeds the 5000 examples"),
+    (["solve", "--n-train", "0"], "positive integer"),
+    (["solve", "--jitter=-1e-3"], "number >= 0"),
+    (["solve", "--mode", "float16"], "invalid choice"),
+    (["solve", "--subset-seed", "x"], "'first'"),
+])
+def test_bad_solve_arguments(argv, needle, capsys):
+    assert needle in _usage_error(argv, capsys)
+
+
+def test_existing_out_is_not_overwritten(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "r.json"
+    out.write_text("keep me")
+    called = []
+    monkeypatch.setattr("kernelfit.data.load_dataset", lambda *a, **k: called.append(1))
+    err = _usage_error(["solve", "--n-train", "50", "--n-test", "10", "--out", str(out)], capsys)
+    assert "already exists" in err and "--overwrite" in err
+    assert out.read_text() == "keep me"
+    assert not called  # refused before loading anything
+    monkeypatch.undo()
+    rc = main(["solve", "--n-train", "50", "--n-test", "10", "--bandwidth", "5", "--no-progress",
+               "--out", str(out), "--overwrite"])
+    assert rc == 0
+    assert json.loads(out.read_text())["n_train"] == 50
+
+
+def test_out_under_a_file_is_refused(tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("")
+    assert "is a file" in _usage_error(["solve", "--out", str(f / "r.json")], capsys)
+
+
+def test_memory_refusal_before_loading_and_force(monkeypatch, capsys):
+    import kernelfit.linalg.memory as memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda: 1 << 20)  # pretend 1 MiB is free
+    called = []
+    monkeypatch.setattr("kernelfit.data.load_dataset", lambda *a, **k: called.append(1))
+    rc = main(["solve", "--n-train", "200", "--n-test", "10", "--no-progress"])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "MemoryPlanError" in err and "--force-memory" in err
+    assert not called
+    monkeypatch.undo()
+    monkeypatch.setattr(memory, "available_bytes", lambda: 1 << 20)
+    rc = main(["solve", "--n-train", "200", "--n-test", "10", "--bandwidth", "5", "--no-progress",
+               "--force-memory"])
+    assert rc == 0
+    assert json.loads(capsys.readouterr().out)["options"]["force_memory"] is True
+
+
+# ---------------------------------------------------------------------------------------------
+# plan, data, table
+# ---------------------------------------------------------------------------------------------
+
+def test_plan_fits_and_does_not_fit(capsys):
+    rc = main(["plan", "--dataset", "mnist", "--n-train", "60000", "--available-gib", "4"])
+    assert rc == cli.EXIT_DOES_NOT_FIT
+    captured = capsys.readouterr()
+    plan = json.loads(captured.out)
+    assert plan["fits"] is False and "does NOT fit" in captured.err
+    n = 60000
+    # lower-triangle float32 panels: between n(n+1)/2 and n^2 elements of 4 bytes
+    assert n * (n + 1) // 2 * 4 <= plan["gram_bytes"] <= n * n * 4
+    assert plan["d"] == 784 and plan["k"] == 10 and plan["n_test"] == 10000
+    rc = main(["plan", "--dataset", "cifar10", "--n-train", "1000", "--n-test", "0",
+               "--mode", "float64", "--available-gib", "64"])
+    assert rc == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["fits"] is True and plan["d"] == 3072
+    assert 1000 * 1001 // 2 * 8 <= plan["gram_bytes"] <= 1000 * 1000 * 8
+
+
+def test_data_path(tmp_path, capsys):
+    assert main(["data", "path", "--data-dir", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path)
+
+
+def test_data_info_empty_dir(tmp_path, capsys):
+    assert main(["data", "info", "--data-dir", str(tmp_path)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["data_dir"] == str(tmp_path)
+    assert info["datasets"]["mnist"]["found"] == [] and info["datasets"]["cifar10"]["found"] == []
+
+
+@pytest.mark.data
+def test_data_info_and_solve_on_shared_data(shared_data_dir, capsys):
+    assert main(["data", "info", "--data-dir", str(shared_data_dir)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert str(shared_data_dir / "mnist.npz") in info["datasets"]["mnist"]["found"]
+    assert any("cifar10" in f for f in info["datasets"]["cifar10"]["found"])
+    rc = main(["solve", "--dataset", "mnist", "--data-dir", str(shared_data_dir), "--n-train",
+               "300", "--n-test", "100", "--bandwidth", "5", "--no-progress"])
+    assert rc == 0
+    rec = json.loads(capsys.readouterr().out)
+    assert rec["dataset"]["name"] == "mnist" and rec["dataset"]["source"].endswith("mnist.npz")
+    assert rec["results"]["true"]["train_error"] == 0.0
+
+
+def test_data_download_checksum_mismatch_via_file_mirror(tmp_path, capsys):
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    from kernelfit.data import REMOTE_FILES
+
+    for rf in REMOTE_FILES["mnist"]:
+        (mirror / rf.filename).write_bytes(b"not the real file")
+    target = tmp_path / "data"
+    rc = main(["data", "download", "mnist", "--data-dir", str(target), "--base-url",
+               mirror.as_uri() + "/"])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "checksum mismatch" in err
+    assert not any(p.name.endswith(".gz") for p in target.iterdir())  # nothing partial kept
+
+
+def test_data_download_subset_is_usage_error(capsys):
+    assert "ships with kernelfit" in _usage_error(["data", "download", "mnist-subset"], capsys)
+
+
+def test_table_missing_gives_clear_message(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "kernelfit.table", None)  # makes the import fail
+    assert main(["table"]) == 1
+    assert "kernelfit/table.py" in capsys.readouterr().err
+
+
+def test_table_delegates_help(capsys):
+    pytest.importorskip("kernelfit.table")
+    with pytest.raises(SystemExit) as ei:
+        main(["table", "--help"])
+    assert ei.value.code == 0
+    assert "kernelfit table" in capsys.readouterr().out
+
+
+def test_cli_constants_agree_with_library():
+    from kernelfit import data, randomize, solve
+    from kernelfit.linalg.memory import MODES
+
+    assert set(cli.VARIANTS) == set(randomize.VARIANTS)
+    assert set(cli.DATASET_NAMES) == set(data.DATASETS)
+    assert set(cli.MODES) == set(MODES)
+    ds = data.load_dataset("mnist-subset")
+    shape = cli.DATASET_SHAPES["mnist-subset"]
+    assert (len(ds.x_train), len(ds.x_test), ds.num_classes) == (
+        shape["n_train"], shape["n_test"], shape["num_classes"])
+    assert int(np.prod(ds.image_shape)) == shape["d"]
+    assert solve.SolveOptions().mode in cli.MODES
+
+
+def test_no_type_bool_in_parser():
+    import argparse
+
+    def walk(parser):
+        for action in parser._actions:
+            assert action.type is not bool, action.dest
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    walk(sub)
+
+    walk(cli.build_parser())
