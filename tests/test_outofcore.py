@@ -130,3 +130,99 @@ def test_gram_on_device_matches_cdist_and_numpy_builder():
                                rtol=1e-12)
     G32 = build_gram_panels_device(X, "laplacian", 2.0, block=7, dtype=np.float32, device="cpu")
     np.testing.assert_allclose(G32.to_dense(), np.exp(-cdist(X, X) / 2.0), atol=2e-6)
+
+
+# --- factor(): the one entry point -------------------------------------------------------------
+
+from kernelfit.errors import InputError  # noqa: E402
+from kernelfit.linalg.factor import factor, plan_device_memory, solve_mixed  # noqa: E402
+
+
+@pytest.mark.parametrize("kwargs,path,backend", [
+    ({}, "in-core", "numpy"),
+    ({"device_memory_budget": 10**9}, "in-core", "numpy"),
+    ({"device_memory_budget": 16_000}, "out-of-core", "numpy"),       # Gram (~23 KB) does not fit: streams
+    ({"out_of_core": True, "device_memory_budget": 10**9}, "out-of-core", "numpy"),
+    ({"device": "cpu"}, "in-core", "torch"),
+    ({"backend": "torch", "device": "cpu", "device_memory_budget": 16_000}, "out-of-core", "torch"),
+])
+def test_factor_paths_match_lapack(kwargs, path, backend):
+    if backend == "torch":
+        pytest.importorskip("torch")
+    A = spd(71, seed=7)
+    G = SymmetricPanels.from_dense(A, 9)
+    info = factor(G, **kwargs)
+    assert (info.path, info.backend) == (path, backend)
+    np.testing.assert_allclose(G.to_dense(False), scipy.linalg.cholesky(A, lower=True), atol=1e-12)
+    d = info.to_dict()
+    assert d["n"] == 71 and d["timings_s"]["factor"] > 0 and np.isfinite(d["tflops"])
+    if path == "out-of-core":
+        assert d["device_memory"]["peak_bytes"] <= d["device_memory"]["budget_bytes"]
+        assert d["bytes_moved"]["d2h"] == G.nbytes
+
+
+def test_forced_in_core_too_big_names_both_numbers():
+    G = SymmetricPanels.from_dense(spd(50, seed=8), 10)
+    with pytest.raises(MemoryPlanError, match=r"out_of_core=False.*needs 0\.00 GiB.*usable.*out_of_core='auto'"):
+        factor(G, out_of_core=False, device_memory_budget=1000)
+
+
+def test_forced_choices_impossible_are_clear():
+    G = SymmetricPanels.from_dense(spd(30, seed=9), 10)
+    with pytest.raises(InputError, match="unknown backend 'jax'"):
+        factor(G, backend="jax")
+    with pytest.raises(InputError, match="backend='numpy' runs on the CPU"):
+        factor(G, backend="numpy", device="cuda")
+    with pytest.raises(InputError, match="out_of_core must be"):
+        factor(G, out_of_core="yes")
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        with pytest.raises(InputError, match="needs CuPy"):
+            factor(G, backend="cupy")
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="sees no CUDA GPU"):
+            factor(G, device="cuda")
+    with pytest.raises(MemoryPlanError, match="even the out-of-core path needs"):
+        factor(G, out_of_core=True, device_memory_budget=100)
+
+
+def test_device_plan_numbers():
+    p = plan_device_memory(60000, 2048, np.float32, free_bytes=80 * 2**30)
+    assert p.in_core_bytes == SymmetricPanels.nbytes_for(60000, 2048, np.float32)
+    assert p.fits_in_core                                   # 7.4 GB on an 80 GB GPU
+    p = plan_device_memory(150000, 2048, np.float32, free_bytes=40 * 2**30)
+    assert not p.fits_in_core and p.min_out_of_core_bytes < 40 * 2**30
+
+
+def _gram_problem(n, bandwidth, seed=0):
+    from kernelfit.gram import KernelOperator, build_gram_panels
+
+    rng = np.random.default_rng(seed)
+    X = rng.random((n, 5))
+    Y = rng.standard_normal((n, 2))
+    op = KernelOperator(X, "gaussian", bandwidth, np.float64)
+    return X, Y, (lambda dt: build_gram_panels(X, "gaussian", bandwidth, 16, dt)), op.symmetric_matmul
+
+
+def test_mixed_reaches_float64_without_fallback_when_well_conditioned():
+    X, Y, build, apply_high = _gram_problem(120, 0.15)
+    Xs, info = solve_mixed(build, apply_high, Y)
+    K = np.exp(-scipy.spatial.distance.cdist(X, X, "sqeuclidean") / (2 * 0.15**2))
+    np.testing.assert_allclose(Xs, scipy.linalg.solve(K, Y, assume_a="pos"), rtol=1e-9, atol=1e-9)
+    assert info["fallback"] is None and info["factor_dtype"] == "float32"
+    assert info["refinement"]["float64_level"]
+
+
+def test_mixed_falls_back_to_float64_on_ill_conditioned_gram_and_says_so():
+    # wide bandwidth on clustered points: cond(K) ~ 1e9+, beyond what a float32 factor can refine
+    X, Y, build, apply_high = _gram_problem(120, 1.2, seed=1)
+    K = np.exp(-scipy.spatial.distance.cdist(X, X, "sqeuclidean") / (2 * 1.2**2))
+    assert np.linalg.cond(K) > 1e8
+    Xs, info = solve_mixed(build, apply_high, Y)
+    assert info["fallback"] and "float64" in info["fallback"] and info["factor_dtype"] == "float64"
+    ref = scipy.linalg.solve(K, Y, assume_a="pos")
+    r_ours = np.abs(K @ Xs - Y).max()
+    r_ref = np.abs(K @ ref - Y).max()
+    assert r_ours <= 10 * r_ref + 1e-12        # float64-quality residual, like LAPACK's own solve
