@@ -1,0 +1,69 @@
+"""The kernel table command: tiny end-to-end run vs an independent scipy solve, outputs, bad input."""
+
+import json
+
+import numpy as np
+import pytest
+import scipy.linalg
+from scipy.spatial.distance import cdist
+
+from kernelfit.errors import InputError
+from kernelfit.table import PAPER, _parse_bandwidth, build_parser, main, run_table
+
+
+def test_parse_bandwidth():
+    assert _parse_bandwidth("5") == ("abs", 5.0)
+    assert _parse_bandwidth("0.5*median") == ("median", 0.5)
+    assert _parse_bandwidth("median") == ("median", 1.0)
+    with pytest.raises(InputError, match="median"):
+        _parse_bandwidth("wide")
+    with pytest.raises(InputError, match="> 0"):
+        _parse_bandwidth("-1")
+
+
+def test_bad_rows_and_lambdas():
+    with pytest.raises(InputError, match="unknown rows"):
+        run_table(build_parser().parse_args(["--rows", "mnist-hog"]))
+    with pytest.raises(InputError, match="include 0"):
+        run_table(build_parser().parse_args(["--lambdas", "0.1", "1"]))
+
+
+def test_paper_numbers_are_cited():
+    for row, p in PAPER.items():
+        assert "Zhang et al. 2017" in p["source"]
+    assert PAPER["mnist-pixels"]["test_error"] == 0.012 and PAPER["mnist-gabor"]["test_error"] == 0.006
+
+
+@pytest.mark.data
+def test_tiny_table_matches_direct_solve(shared_data_dir, tmp_path):
+    argv = ["--rows", "mnist-pixels,mnist-gabor", "--n-train-mnist", "300", "--n-test", "200",
+            "--data-dir", str(shared_data_dir), "--out-dir", str(tmp_path), "--tag", "t",
+            "--cache-dir", str(tmp_path / "cache"), "--lambdas", "0", "0.01", "1"]
+    assert main(argv) == 0
+    rec = json.loads((tmp_path / "table_t.json").read_text())
+    md = (tmp_path / "table_t.md").read_text()
+    assert "| mnist-gabor | random |" in md and "1.20%" in md
+    # Independent reference: rebuild the same subset and solve K alpha = Y with scipy.
+    from kernelfit.data import load_dataset
+
+    ds = load_dataset("mnist", data_dir=shared_data_dir).subset(300, 200, seed=0)
+    Xtr = ds.x_train.reshape(300, -1) / 255.0
+    Xte = ds.x_test.reshape(200, -1) / 255.0
+    row = rec["rows"][0]
+    assert row["row"] == "mnist-pixels" and row["bandwidth"] == 5.0
+    K = np.exp(-cdist(Xtr, Xtr, "sqeuclidean") / 50.0)
+    Y = np.eye(10)[ds.y_train]
+    alpha = scipy.linalg.solve(K, Y, assume_a="pos")
+    err = np.mean(np.argmax(np.exp(-cdist(Xte, Xtr, "sqeuclidean") / 50.0) @ alpha, 1) != ds.y_test)
+    res = row["results"]["true"]
+    assert res["interp"]["test_error"] == pytest.approx(err)
+    assert res["interp"]["train_error"] == 0.0
+    assert res["interp"]["norm"] == pytest.approx(np.sqrt(np.sum(alpha * Y)), rel=1e-6)
+    # the ridge row is one of the path's lambdas, chosen by LOO
+    assert res["ridge"]["lambda"] in (0.0, 0.01, 1.0)
+    # random labels: still interpolated, test error near chance
+    assert row["results"]["random"]["interp"]["train_error"] == 0.0
+    assert row["results"]["random"]["interp"]["test_error"] > 0.7
+    # Gabor row beats pixels even at n = 300
+    g = rec["rows"][1]
+    assert g["results"]["true"]["interp"]["test_error"] < res["interp"]["test_error"]
