@@ -58,6 +58,7 @@ def _run_git(args: list[str], cwd: Path) -> str | None:
 def git_info(path: str | os.PathLike | None = None) -> dict[str, Any]:
     """Git SHA, dirty flag and branch of the repository holding ``path`` (default: this package).
 
+    ``dirty`` is True when tracked files differ from HEAD (untracked files do not count).
     Outside a git checkout (e.g. an installed wheel) every field is None; never raises.
     """
     cwd = Path(path) if path is not None else _PACKAGE_DIR
@@ -78,22 +79,36 @@ def git_info(path: str | os.PathLike | None = None) -> dict[str, Any]:
     return info
 
 
+_DISTRIBUTIONS = {"numpy": "numpy", "scipy": "scipy", "torch": "torch", "sklearn": "scikit-learn",
+                  "kernelfit": "kernelfit"}
+
+
 def _version_of(module_name: str) -> str | None:
+    # An already imported module knows its version; otherwise ask the installed metadata so that
+    # recording provenance does not import torch (seconds) into a numpy-only run.
     mod = sys.modules.get(module_name)
-    if mod is None:
-        try:
-            mod = __import__(module_name)
-        except Exception:  # not installed or broken: record absence, never fail a run
-            return None
+    if mod is not None and getattr(mod, "__version__", None):
+        return str(mod.__version__)
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+
+        return version(_DISTRIBUTIONS.get(module_name, module_name))
+    except PackageNotFoundError:
+        pass
+    except Exception:
+        pass
+    try:  # a source checkout that is not installed
+        mod = __import__(module_name)
+    except Exception:  # not installed or broken: record absence, never fail a run
+        return None
     return getattr(mod, "__version__", None)
 
 
 def library_versions() -> dict[str, str | None]:
     """Versions of python and the numerical libraries (None where a library is absent)."""
     versions: dict[str, str | None] = {"python": platform.python_version()}
-    for key, mod in [("numpy", "numpy"), ("scipy", "scipy"), ("torch", "torch"),
-                     ("sklearn", "sklearn"), ("kernelfit", "kernelfit")]:
-        versions[key] = _version_of(mod)
+    for key in _DISTRIBUTIONS:
+        versions[key] = _version_of(key)
     return versions
 
 
@@ -121,8 +136,15 @@ def _total_ram_bytes() -> int | None:
         return None
 
 
+def _gpu_driver_present() -> bool:
+    # NVIDIA (CUDA) or AMD (ROCm) kernel drivers; without either torch.cuda cannot see a GPU.
+    return os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/kfd")
+
+
 def _gpu_info() -> dict[str, Any] | None:
-    # Only look at torch if it is already importable; a missing / CPU-only torch means "no GPU".
+    """The CUDA device torch would use, or None. A missing or CPU-only torch means "no GPU"."""
+    if "torch" not in sys.modules and not _gpu_driver_present():
+        return None  # skip importing torch (seconds) on a machine that has no GPU driver
     try:
         import torch
 
@@ -191,10 +213,10 @@ def to_jsonable(obj: Any) -> Any:
 
     if obj is None or isinstance(obj, (bool, str)):
         return obj
-    if isinstance(obj, int):
+    if isinstance(obj, int):  # bool was handled above
         return int(obj)
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
+    if isinstance(obj, float):  # includes numpy.float64, a float subclass
+        return float(obj) if math.isfinite(obj) else None
     if isinstance(obj, dict):
         return {str(k): to_jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

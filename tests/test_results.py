@@ -181,3 +181,44 @@ def test_provenance_in_fresh_process_outside_repo(tmp_path):
     ref = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(results.__file__).parent,
                          capture_output=True, text=True)
     assert git["sha"] == (ref.stdout.strip() if ref.returncode == 0 else None)
+
+
+def test_git_info_dirty_flag_in_a_fresh_repo(tmp_path):
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=tmp_path, capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    try:
+        git("init", "-q")
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("git not available")
+    (tmp_path / "f.txt").write_text("a")
+    git("add", "f.txt")
+    git("-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-q", "-m", "init")
+    info = results.git_info(tmp_path)
+    assert info["sha"] == git("rev-parse", "HEAD") and len(info["sha"]) == 40
+    assert info["dirty"] is False
+    (tmp_path / "untracked.txt").write_text("x")  # untracked files do not make it dirty
+    assert results.git_info(tmp_path)["dirty"] is False
+    (tmp_path / "f.txt").write_text("b")
+    assert results.git_info(tmp_path)["dirty"] is True
+
+
+def test_versions_match_modules_and_no_torch_import_without_gpu_driver(tmp_path):
+    import scipy
+    import sklearn
+
+    v = results.library_versions()
+    assert v["scipy"] == scipy.__version__ and v["sklearn"] == sklearn.__version__
+    if results._gpu_driver_present():
+        pytest.skip("a GPU driver is present; torch is imported to name the GPU")
+    code = ("import sys, kernelfit.results as r; p = r.provenance(); "
+            "print('torch' in sys.modules, p['machine']['gpu'], p['versions']['torch'] is not None)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    imported, gpu, has_torch_version = out.stdout.split()
+    assert imported == "False" and gpu == "None"
+    import importlib.util
+
+    assert has_torch_version == str(importlib.util.find_spec("torch") is not None)
