@@ -178,3 +178,16 @@ def test_cupy_potrf_failure_returns_lapack_minor(numpy_as_cupy):
     T = A.copy()
     assert CupyBackend.potrf(T) == 5
     np.testing.assert_array_equal(T, A)   # failed tile left as it was
+
+
+def test_kernel_matmul_torch_matches_kernel_operator():
+    from kernelfit.gram import KernelOperator
+
+    rng = np.random.default_rng(8)
+    X, Z, V = rng.random((37, 5)), rng.random((11, 5)), rng.standard_normal((37, 2))
+    op = KernelOperator(X, "gaussian", 0.9, np.float64, rows=8)
+    Xt = torch.from_numpy(X)
+    got = bt.kernel_matmul_torch(Xt, Xt, torch.from_numpy(V), "gaussian", 0.9, rows=8, exact_diagonal=True)
+    np.testing.assert_allclose(got.numpy(), op.symmetric_matmul(V), rtol=1e-12)
+    got = bt.kernel_matmul_torch(torch.from_numpy(Z), Xt, torch.from_numpy(V), "gaussian", 0.9, rows=4)
+    np.testing.assert_allclose(got.numpy(), np.exp(-cdist(Z, X, "sqeuclidean") / (2 * 0.81)) @ V, rtol=1e-12)

@@ -178,3 +178,23 @@ def cho_solve_torch(L, B):
             Z[s : s + w] -= P[w:].transpose(0, 1) @ Z[s + w :]
         Z[s : s + w] = torch.linalg.solve_triangular(P[:w].transpose(0, 1), Z[s : s + w], upper=True)
     return Z[:, 0] if squeeze else Z
+
+
+def kernel_matmul_torch(A, B, V, kernel: str, bandwidth: float, rows: int = 2048, exact_diagonal: bool = False):
+    """k(A, B) @ V on the tensors' device, in their dtype (float64 for residuals), by row tiles of
+    (rows x len(B)); never stores k(A, B). ``exact_diagonal`` (A is B) sets k(x_i, x_i) = 1 as the
+    Gram builders do. TF32 is off inside ``gram_tile_into``."""
+    torch = require_torch()
+    m = A.shape[0]
+    A_sq, B_sq = (A * A).sum(1), (B * B).sum(1)
+    out = torch.empty((m, V.shape[1]), dtype=V.dtype, device=V.device)
+    tile = torch.empty((min(rows, m), B.shape[0]), dtype=A.dtype, device=A.device)
+    for a in range(0, m, rows):
+        e = min(a + rows, m)
+        T = gram_tile_into(tile[: e - a], A[a:e], B, A_sq[a:e], B_sq, kernel, bandwidth)
+        if exact_diagonal:
+            idx = torch.arange(e - a, device=A.device)
+            T[idx, idx + a] = 1.0
+        with tf32_disabled():
+            torch.matmul(T, V, out=out[a:e])
+    return out
