@@ -150,11 +150,12 @@ def _eigh_rows(Dtr, Dte, sigma, label_sets, y_test, lambdas, k):
     return out, info
 
 
-def _cholesky_rows_features(Ftr, Fte, sigma, label_sets, y_test, k, mode):
+def _cholesky_rows_features(Ftr, Fte, sigma, label_sets, y_test, k, mode, max_refine=10, progress=False):
     """Interpolant only, with the lead's tiled solver (data too large for eigh)."""
     from .solve import SolveOptions, run_interpolation
 
-    opts = SolveOptions(kernel="gaussian", bandwidth=float(sigma), mode=mode)
+    opts = SolveOptions(kernel="gaussian", bandwidth=float(sigma), mode=mode, max_refine=max_refine,
+                        progress=progress)
     rec = run_interpolation(Ftr, label_sets, Fte, y_test, k, opts)
     out = {}
     for name, r in rec["results"].items():
@@ -257,7 +258,8 @@ def run_row(row: str, args) -> dict:
             res, info = _eigh_rows(Dtr, Dte, sigma, label_sets, ds.y_test, lambdas, k)
             del Dtr, Dte
         else:
-            res, info = _cholesky_rows_features(Ftr, Fte, sigma, label_sets, ds.y_test, k, args.mode)
+            res, info = _cholesky_rows_features(Ftr, Fte, sigma, label_sets, ds.y_test, k, args.mode,
+                                                args.max_refine, args.progress)
     rec.update({"kernel": "gaussian", "bandwidth": float(sigma), "bandwidth_rule": args_bw_text(bw),
                 "median_distance": float(median), "results": res, "solver": info})
     timings["row_s"] = time.perf_counter() - t_row
@@ -337,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="largest n for the dense eigh path (~32 n^2 bytes); above it: tiled Cholesky, no ridge")
     ap.add_argument("--mode", default="mixed", choices=("mixed", "float32", "float64"),
                     help="precision of the tiled Cholesky (large n only)")
+    ap.add_argument("--max-refine", type=int, default=10, help="mixed mode: at most this many refinement steps")
+    ap.add_argument("--progress", action="store_true", help="progress bars on stderr (large n)")
     ap.add_argument("--no-random-labels", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache-dir", default=None, help="feature cache root (default: user cache dir)")
