@@ -46,7 +46,7 @@ __all__ = [
 VARIANTS = ("true", "corrupt", "random-labels", "shuffled-pixels", "random-pixels", "gaussian")
 _LABEL_VARIANTS = ("corrupt", "random-labels")
 _PIXEL_VARIANTS = ("shuffled-pixels", "random-pixels", "gaussian")
-_CHUNK = 4096  # images per block in random_pixels / moments (bounds temporary memory)
+_CHUNK = 1024  # images per block in random_pixels / moments (bounds temporary memory)
 
 
 # ---- validation helpers ---------------------------------------------------------------------
@@ -145,8 +145,8 @@ def shuffle_pixels(x_train, x_test, rng) -> tuple[np.ndarray, np.ndarray, np.nda
         if shape_te[1:] != shape_tr[1:]:
             raise InputError(f"{fn}: train and test images differ in shape: {shape_tr[1:]} vs {shape_te[1:]}.")
     perm = rng.permutation(xtr.shape[1])
-    out_tr = xtr[:, perm].reshape(shape_tr)
-    out_te = None if x_test is None else xte[:, perm].reshape(shape_te)
+    out_tr = np.take(xtr, perm, axis=1).reshape(shape_tr)
+    out_te = None if x_test is None else np.take(xte, perm, axis=1).reshape(shape_te)
     return out_tr, out_te, perm
 
 

@@ -66,6 +66,28 @@ def cifar_batch(x_hwc: np.ndarray, y, protocol=2, str_keys=False) -> bytes:
     return pickle.dumps({keys[0]: flat, keys[1]: [int(v) for v in y], keys[2]: b"batch"}, protocol=protocol)
 
 
+def _py2_str(b: bytes) -> bytes:  # a Python 2 ``str`` (SHORT_BINSTRING / BINSTRING opcodes)
+    return (b"U" + bytes([len(b)]) + b) if len(b) < 256 else (b"T" + struct.pack("<i", len(b)) + b)
+
+
+def _py2_int(v: int) -> bytes:
+    return b"K" + bytes([v]) if 0 <= v < 256 else b"J" + struct.pack("<i", v)
+
+
+def py2_cifar_batch(flat: np.ndarray, labels) -> bytes:
+    """A batch pickled the way Python 2's cPickle wrote the official CIFAR-10 files (protocol 2,
+    numpy.core.multiarray._reconstruct, str keys and dtype fields), built opcode by opcode."""
+    a = np.ascontiguousarray(flat, dtype=np.uint8)
+    arr = (b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n" + _py2_int(0) + b"\x85" + _py2_str(b"b")
+           + b"\x87R(" + _py2_int(1) + b"(" + b"".join(_py2_int(d) for d in a.shape) + b"t"
+           + b"cnumpy\ndtype\n" + _py2_str(b"u1") + _py2_int(0) + _py2_int(1) + b"\x87R("
+           + _py2_int(3) + _py2_str(b"|") + b"NNN" + _py2_int(-1) + _py2_int(-1) + _py2_int(0) + b"tb"
+           + b"\x89" + _py2_str(a.tobytes()) + b"tb")
+    return (b"\x80\x02}(" + _py2_str(b"data") + arr + _py2_str(b"labels") + b"]("
+            + b"".join(_py2_int(int(v)) for v in labels) + b"e" + _py2_str(b"batch_label")
+            + _py2_str(b"training batch 1 of 5") + b"u.")
+
+
 def tiny_cifar(n_per_batch=4, n_test=6, seed=0):
     rng = np.random.default_rng(seed)
     xs = [rng.integers(0, 256, (n_per_batch, 32, 32, 3), dtype=np.uint8) for _ in range(5)]
@@ -319,6 +341,19 @@ def test_read_cifar10_dir_and_archive(tmp_path, protocol):
         assert np.array_equal(x_te, xt) and np.array_equal(y_te, yt) and y_te.dtype == np.int64
 
 
+def test_read_cifar10_python2_pickles(tmp_path):
+    xs, ys, xt, yt = tiny_cifar()
+    d = tmp_path / "cifar-10-batches-py"
+    d.mkdir()
+    for i, (x, y) in enumerate(zip(xs, ys), 1):
+        (d / f"data_batch_{i}").write_bytes(py2_cifar_batch(x.transpose(0, 3, 1, 2).reshape(-1, 3072), y))
+    (d / "test_batch").write_bytes(py2_cifar_batch(xt.transpose(0, 3, 1, 2).reshape(-1, 3072), yt))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. no DeprecationWarning from importing numpy.core
+        x_tr, y_tr, x_te, y_te = D.read_cifar10_batches(tmp_path)
+    assert np.array_equal(x_tr, np.concatenate(xs)) and np.array_equal(y_te, yt)
+
+
 def test_read_cifar10_channel_layout(tmp_path):
     # one image whose red plane is all 10, green 20, blue 30 in the official (planar) layout
     flat = np.concatenate([np.full(1024, 10), np.full(1024, 20), np.full(1024, 30)]).astype(np.uint8)
@@ -420,6 +455,10 @@ def test_read_image_folder_errors(tmp_path):
         D.read_image_folder(tmp_path / "bad" / "train" / "a", cache=False)
     with pytest.raises(DataError):
         D.read_image_folder(tmp_path / "absent", cache=False)
+    tar = make_tar(root, tmp_path / "imgs.tar.gz", "imgs")
+    (tmp_path / "cut-imgs.tar.gz").write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])
+    with pytest.raises(DataError, match="cut-imgs.tar.gz"):
+        D.read_image_folder(tmp_path / "cut-imgs.tar.gz")
 
 
 def test_read_image_folder_cache_hit_and_corrupt_cache_rebuilt(tmp_path, monkeypatch):
