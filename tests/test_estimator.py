@@ -230,3 +230,19 @@ def test_duplicate_points_clear_error_and_jitter_fix():
     expected_failed_checks=_expected_failed_checks)
 def test_sklearn_compatible(estimator, check):
     check(estimator)
+
+
+def test_ill_conditioned_default_fails_loudly_and_float64_small_bandwidth_works():
+    # 2-D blobs: the median bandwidth makes K numerically singular (cond ~1e19); the default
+    # must say so (and how to fix it), never return a silently wrong interpolant.
+    from sklearn.datasets import make_blobs
+
+    from kernelfit.errors import NotPositiveDefiniteError
+
+    X, y = make_blobs(n_samples=100, n_features=2, random_state=0)
+    with pytest.raises(NotPositiveDefiniteError, match="jitter"):
+        KernelInterpolator().fit(X, y)
+    est = KernelInterpolator(mode="float64", bandwidth=0.3).fit(X, y)
+    np.testing.assert_array_equal(est.predict(X), y)
+    ref, _ = _gaussian_reference(X, np.eye(3)[y], X[:10] + 0.05, 0.3)
+    np.testing.assert_allclose(est.decision_function(X[:10] + 0.05), ref, atol=1e-6)
