@@ -1,0 +1,317 @@
+"""GPU (and CPU) benchmark of the tiled Cholesky on MNIST Gaussian-kernel Grams: in-core float64 /
+float32 / mixed, out-of-core float32 / mixed, with the library's own dense Cholesky (torch / cupy) on
+the same matrix in the same run as the reference. Prints one JSON line per measurement.
+
+GPU (the issue's configuration; NOT yet run - no GPU on the development machine):
+    python benchmarks/gpu_cholesky.py --device cuda --n 60000 --ooc-n 100000 150000
+CPU (small, CI-like; exercises every code path on torch-CPU):
+    python benchmarks/gpu_cholesky.py --device cpu --n 2000 --n-test 1000 --ooc-n 3000 --ooc-budget-mib 8
+
+Per phase (seconds): gram (built on the device, panels written to host memory), factor (compute;
+transfers separate), solve / refine (mixed: float64 residuals on the device), predict. TFLOP/s =
+(n^3/3) / factor compute time. "fraction of peak" divides by a float32/float64 GEMM rate measured in
+the same run (and by the vendor's nominal dense peak when the GPU name is in NOMINAL_PEAK_TFLOPS).
+For n > 60,000 the training set is MNIST train plus 1-pixel-shifted copies (test error on MNIST test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from kernelfit.linalg import backend_torch as bt  # noqa: E402
+from kernelfit.linalg.factor import factor, solve_mixed  # noqa: E402
+from kernelfit.linalg.outofcore import build_gram_panels_device  # noqa: E402
+from kernelfit.linalg.refine import float64_level_threshold  # noqa: E402
+from kernelfit.linalg.tiled import cho_solve, cholesky_flops  # noqa: E402
+
+# Vendor datasheet dense peaks (TFLOP/s); float64 = FP64 tensor core, float32 = FP32 (non-tensor).
+NOMINAL_PEAK_TFLOPS = {
+    "H100 80GB HBM3": {"float64": 67.0, "float32": 67.0},
+    "H100 PCIe": {"float64": 51.0, "float32": 51.0},
+    "H200": {"float64": 67.0, "float32": 67.0},
+    "A100": {"float64": 19.5, "float32": 19.5},
+}
+SIGMA = 5.0   # GUIDE: Gaussian kernel, sigma = 5 on pixels / 255
+
+
+def emit(record, out_path):
+    line = json.dumps(record, default=lambda o: o.item() if hasattr(o, "item") else str(o))
+    print(line, flush=True)
+    if out_path:
+        with open(out_path, "a") as f:
+            f.write(line + "\n")
+
+
+def machine(device):
+    import torch
+
+    info = {"python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__,
+            "cpu": platform.processor() or platform.machine(), "cpu_cores": os.cpu_count()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1)
+        info["cuda"] = torch.version.cuda
+    try:
+        import cupy
+
+        info["cupy"] = cupy.__version__
+    except ImportError:
+        info["cupy"] = None
+    try:
+        import subprocess
+
+        info["git_sha"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                                         text=True).stdout.strip()
+    except OSError:
+        pass
+    return info
+
+
+def sync(device):
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def gemm_tflops(device, dtype, m):
+    """Measured GEMM rate on this device (the practical peak the factorization is compared with)."""
+    import torch
+
+    a = torch.randn(m, m, dtype=dtype, device=device)
+    b = torch.randn(m, m, dtype=dtype, device=device)
+    with bt.tf32_disabled():
+        a @ b
+        sync(device)
+        reps, t = 0, time.perf_counter()
+        while reps < 3 or time.perf_counter() - t < 1.0:
+            a @ b
+            reps += 1
+        sync(device)
+    return 2.0 * m**3 * reps / (time.perf_counter() - t) / 1e12
+
+
+def nominal_peak(device_name, dtype_name):
+    for key, peaks in NOMINAL_PEAK_TFLOPS.items():
+        if key in (device_name or ""):
+            return peaks[dtype_name]
+    return None
+
+
+def load_mnist(data_dir, n, n_test, seed):
+    with np.load(Path(data_dir) / "mnist.npz", allow_pickle=False) as z:
+        xtr = z["x_train"].reshape(60000, -1).astype(np.float64) / 255.0
+        ytr = z["y_train"].astype(np.int64)
+        xte = z["x_test"].reshape(10000, -1)[:n_test].astype(np.float64) / 255.0
+        yte = z["y_test"][:n_test].astype(np.int64)
+    if n <= 60000:
+        idx = np.random.default_rng(seed).permutation(60000)[:n]
+        return xtr[idx], ytr[idx], xte, yte
+    # more points than MNIST train: append copies shifted by one pixel (right, down, left, ...)
+    parts, labels, shift = [xtr], [ytr], 0
+    while sum(len(p) for p in parts) < n:
+        dy, dx = [(0, 1), (1, 0), (0, -1), (-1, 0)][shift % 4]
+        img = np.roll(xtr.reshape(-1, 28, 28), (dy, dx), axis=(1, 2)).reshape(60000, -1)
+        parts.append(img)
+        labels.append(ytr)
+        shift += 1
+    return np.vstack(parts)[:n], np.concatenate(labels)[:n], xte, yte
+
+
+def one_hot(y):
+    Y = np.zeros((len(y), 10))
+    Y[np.arange(len(y)), y] = 1.0
+    return Y
+
+
+def reference_cholesky(Xd, dtype, device, n, args):
+    """The library's own dense Cholesky (torch.linalg.cholesky; cupy's too when installed) on the
+    same Gram, timed in the same run. Returns (record, dense L on host or None)."""
+    import torch
+
+    need = n * n * torch.empty((), dtype=dtype).element_size()
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    if free is not None and 2.2 * need > free:
+        return {"skipped": f"dense {need / 2**30:.1f} GiB x2 (matrix + factor) > free {free / 2**30:.1f} GiB"}, None
+    K = torch.empty((n, n), dtype=dtype, device=device)
+    sq = (Xd * Xd).sum(1)
+    rows = 4096
+    for a in range(0, n, rows):
+        bt.gram_tile_into(K[a : a + rows], Xd[a : a + rows], Xd, sq[a : a + rows], sq, "gaussian", SIGMA)
+    K.fill_diagonal_(1.0)
+    sync(device)
+    rec = {}
+    t = time.perf_counter()
+    L, info = torch.linalg.cholesky_ex(K)
+    sync(device)
+    dt = time.perf_counter() - t
+    rec["torch.linalg.cholesky"] = {"seconds": dt, "tflops": cholesky_flops(n) / dt / 1e12, "info": int(info)}
+    Lh = L.cpu().numpy() if n <= args.compare_max_n else None
+    del L
+    try:
+        import cupy
+
+        Kc = cupy.from_dlpack(K)
+        cupy.cuda.Device().synchronize()
+        t = time.perf_counter()
+        cupy.linalg.cholesky(Kc)
+        cupy.cuda.Device().synchronize()
+        dt = time.perf_counter() - t
+        rec["cupy.linalg.cholesky"] = {"seconds": dt, "tflops": cholesky_flops(n) / dt / 1e12}
+    except ImportError:
+        rec["cupy.linalg.cholesky"] = "cupy not installed"
+    del K
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rec, Lh
+
+
+def run_config(mode, n, ooc, args, device, base):
+    import torch
+
+    fdt = np.float64 if mode == "float64" else np.float32
+    tdt = bt.torch_dtype(fdt)
+    Xtr, ytr, Xte, yte = load_mnist(args.data, n, args.n_test, args.seed)
+    Y = one_hot(ytr)
+    X64 = torch.from_numpy(Xtr).to(device)
+    Xte64 = torch.from_numpy(Xte).to(device)
+    rec = dict(base, kind="gpu_cholesky", mode=mode, n=n, d=Xtr.shape[1], n_test=len(yte), kernel="gaussian",
+               bandwidth=SIGMA, path="out-of-core" if ooc else "in-core", block=args.block, phases_s={})
+    Xd = X64.to(tdt)
+
+    ref, Lref = ({"skipped": "--no-reference"}, None) if args.no_reference else \
+        reference_cholesky(Xd, tdt, device, n, args)
+    rec["reference"] = ref
+
+    fkw = dict(backend=args.backend, device=str(device) if args.backend != "numpy" else None,
+               out_of_core=bool(ooc), device_memory_budget=args.ooc_budget_mib * 2**20 if ooc and
+               args.ooc_budget_mib else None)
+    t_gram = []
+
+    def build(dt):
+        t = time.perf_counter()
+        G = build_gram_panels_device(Xtr.astype(dt), "gaussian", SIGMA, args.block, dt, device)
+        sync(device)
+        t_gram.append(time.perf_counter() - t)
+        return G
+
+    def apply_high(V):
+        return bt.kernel_matmul_torch(X64, X64, torch.from_numpy(V).to(device), "gaussian", SIGMA,
+                                      rows=args.product_rows, exact_diagonal=True).cpu().numpy()
+
+    t0 = time.perf_counter()
+    if mode == "mixed":
+        alpha, minfo = solve_mixed(build, apply_high, Y, max_refine=10, factor_kwargs=fkw, fallback=not ooc)
+        finfo = minfo["factors"][-1]
+        rec["refinement"] = minfo["refinement"]
+        rec["fallback"] = minfo["fallback"]
+        rec["factor_dtype"] = minfo["factor_dtype"]
+        total = time.perf_counter() - t0
+        rec["phases_s"]["gram"] = sum(t_gram)
+        rec["phases_s"]["factor_total"] = sum(f["timings_s"]["factor"] for f in minfo["factors"])
+        rec["phases_s"]["refine"] = total - rec["phases_s"]["gram"] - rec["phases_s"]["factor_total"]
+        Lh_first = None
+    else:
+        G = build(fdt)
+        rec["phases_s"]["gram"] = t_gram[0]
+        fi = factor(G, **fkw)
+        finfo = fi.to_dict()
+        rec["phases_s"]["factor_total"] = finfo["timings_s"]["factor"]
+        t = time.perf_counter()
+        alpha = cho_solve(G, Y.astype(fdt)).astype(np.float64)
+        rec["phases_s"]["solve_host"] = time.perf_counter() - t
+        rec["factor_dtype"] = np.dtype(fdt).name
+        Lh_first = G if Lref is not None else None
+    ts = finfo["timings_s"]
+    compute = ts["factor"] - ts.get("to_device", 0.0) - ts.get("to_host", 0.0)
+    rec["phases_s"]["factor_compute"] = compute
+    rec["factor"] = {k: finfo[k] for k in ("backend", "device", "path", "bytes_moved", "device_memory", "tf32",
+                                           "notes")}
+    rec["factor"]["timings_s"] = ts
+    rec["tflops"] = cholesky_flops(n) / max(compute, 1e-12) / 1e12
+    peak_name = "float64" if rec["factor_dtype"] == "float64" else "float32"
+    rec["fraction_of_measured_gemm_peak"] = rec["tflops"] / base["gemm_tflops"][peak_name]
+    nom = nominal_peak(base["machine"].get("gpu"), peak_name)
+    rec["fraction_of_nominal_peak"] = rec["tflops"] / nom if nom else None
+    for name, r in ref.items():
+        if isinstance(r, dict) and "tflops" in r:
+            r["ours_over_reference_speed"] = rec["tflops"] / r["tflops"]
+    if Lh_first is not None:
+        rec["reference"]["max_abs_diff_L_vs_torch"] = float(np.max(np.abs(Lh_first.to_dense(False) - Lref)))
+
+    # float64 residual and test error, computed on the device from the data (independent of the solve)
+    t = time.perf_counter()
+    scores = apply_high(alpha)
+    R = Y - scores
+    rec["residual_relative"] = float(np.linalg.norm(R) / np.linalg.norm(Y))
+    rec["residual_max_abs"] = float(np.max(np.abs(R)))
+    rec["phases_s"]["residual_float64"] = time.perf_counter() - t
+    t = time.perf_counter()
+    test_scores = bt.kernel_matmul_torch(Xte64, X64, torch.from_numpy(alpha).to(device), "gaussian", SIGMA,
+                                         rows=args.product_rows).cpu().numpy()
+    rec["phases_s"]["predict"] = time.perf_counter() - t
+    rec["train_error"] = float(np.mean(np.argmax(scores, 1) != ytr))
+    rec["test_error"] = float(np.mean(np.argmax(test_scores, 1) != yte))
+    rec["float64_level_threshold"] = float64_level_threshold(n)
+    if device.type == "cuda":
+        rec["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        torch.cuda.reset_peak_memory_stats(device)
+    return rec
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda", help="torch device: cuda, cuda:1, cpu")
+    p.add_argument("--backend", default="torch", choices=["torch", "numpy", "cupy"])
+    p.add_argument("--n", type=int, default=60000, help="in-core training points")
+    p.add_argument("--n-test", type=int, default=10000)
+    p.add_argument("--modes", nargs="+", default=["float64", "float32", "mixed"])
+    p.add_argument("--ooc-n", type=int, nargs="*", default=[100000, 150000], help="out-of-core sizes ([] = skip)")
+    p.add_argument("--ooc-modes", nargs="+", default=["float32", "mixed"])
+    p.add_argument("--ooc-budget-mib", type=int, default=None,
+                   help="device budget for out-of-core (default: 90%% of measured free memory)")
+    p.add_argument("--block", type=int, default=None)
+    p.add_argument("--product-rows", type=int, default=2048)
+    p.add_argument("--compare-max-n", type=int, default=20000, help="compare our L with torch's up to this n")
+    p.add_argument("--no-reference", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", default=os.environ.get("KERNELFIT_DATA", str(ROOT.parent / "shared" / "data")))
+    p.add_argument("--out", default=None, help="also append the JSON lines to this file")
+    args = p.parse_args(argv)
+
+    torch = bt.require_torch()
+    device = bt.resolve_device(args.device)
+    if args.block is None:
+        from kernelfit.linalg.tiled import choose_block
+
+        args.block = choose_block(args.n)
+    m = 8192 if device.type == "cuda" else 1024
+    base = {"machine": machine(device), "device": str(device), "argv": sys.argv[1:],
+            "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    base["gemm_tflops"] = {"float64": gemm_tflops(device, torch.float64, m),
+                           "float32": gemm_tflops(device, torch.float32, m)}
+    for mode in args.modes:
+        emit(run_config(mode, args.n, False, args, device, base), args.out)
+    for n in args.ooc_n:
+        for mode in args.ooc_modes:
+            emit(run_config(mode, n, True, args, device, base), args.out)
+
+
+if __name__ == "__main__":
+    main()
