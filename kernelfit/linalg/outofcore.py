@@ -170,13 +170,16 @@ class TorchDevice:
         """Page-lock the host panels (cudaHostRegister) so copies are asynchronous DMA."""
         if not self.is_cuda:
             return False
-        cudart = self.torch.cuda.cudart()
         ok = True
-        for a in arrays:
-            if a.nbytes and int(cudart.cudaHostRegister(a.ctypes.data, a.nbytes, 0)) == 0:
-                self._registered.append(a)
-            else:
-                ok = False
+        try:
+            cudart = self.torch.cuda.cudart()
+            for a in arrays:
+                if a.nbytes and int(cudart.cudaHostRegister(a.ctypes.data, a.nbytes, 0)) == 0:
+                    self._registered.append(a)
+                else:
+                    ok = False
+        except Exception:   # no cudart binding: fall back to pageable (synchronous) copies
+            ok = False
         self.pinned = ok
         return ok
 
