@@ -226,3 +226,12 @@ def test_mixed_falls_back_to_float64_on_ill_conditioned_gram_and_says_so():
     r_ours = np.abs(K @ Xs - Y).max()
     r_ref = np.abs(K @ ref - Y).max()
     assert r_ours <= 10 * r_ref + 1e-12        # float64-quality residual, like LAPACK's own solve
+
+
+def test_panel_past_2_31_elements_is_refused_before_any_work():
+    # a fake panel list: only shapes are looked at before the refusal
+    n, block = 2_200_000, 1024
+    big = np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), shape=(n, block), strides=(0, 0))
+    G = SymmetricPanels(n=n, block=block, panels=[big])
+    with pytest.raises(InputError, match=r"past 2\^31.*block_size <= 976"):
+        factor(G)

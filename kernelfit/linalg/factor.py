@@ -140,6 +140,12 @@ def factor(G: SymmetricPanels, *, backend: str = "auto", device=None, out_of_cor
     if out_of_core not in ("auto", True, False):
         raise InputError(f"out_of_core must be 'auto', True or False; got {out_of_core!r}.")
     be_name, dev_name = _resolve_backend(G, backend, device)
+    # Each BLAS/LAPACK call sees one panel: keep it under 2^31 elements, where 32-bit indexing in
+    # LAPACK / cuSOLVER builds breaks (the GUIDE saw OpenBLAS crash on 60000^2 outputs).
+    biggest = G.panels[0].size
+    if biggest >= 2**31:
+        raise InputError(f"the first panel holds {biggest} elements (n={G.n} x block={G.block}), past 2^31 where "
+                         f"32-bit BLAS/LAPACK indexing breaks; use block_size <= {(2**31 - 1) // G.n}.")
     is_gpu = dev_name.startswith("cuda")
 
     # --- memory plan --------------------------------------------------------------------------
