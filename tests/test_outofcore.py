@@ -235,3 +235,19 @@ def test_panel_past_2_31_elements_is_refused_before_any_work():
     G = SymmetricPanels(n=n, block=block, panels=[big])
     with pytest.raises(InputError, match=r"past 2\^31.*block_size <= 976"):
         factor(G)
+
+
+def test_panels_on_a_torch_device_are_factored_where_they_live():
+    torch = pytest.importorskip("torch")
+    from kernelfit.linalg.backend_torch import panels_to_numpy, panels_to_torch
+
+    A = spd(45, seed=11)
+    G = panels_to_torch(SymmetricPanels.from_dense(A, 8), "cpu")
+    info = factor(G)                                   # backend auto: the data decides
+    assert (info.backend, info.device, info.path) == ("torch", "cpu", "in-core")
+    np.testing.assert_allclose(panels_to_numpy(G).to_dense(False), scipy.linalg.cholesky(A, lower=True), atol=1e-12)
+    with pytest.raises(InputError, match="panels are torch arrays on cpu but backend='numpy'"):
+        factor(panels_to_torch(SymmetricPanels.from_dense(A, 8), "cpu"), backend="numpy")
+    with pytest.raises(InputError, match="out-of-core and checkpoints need host"):
+        factor(panels_to_torch(SymmetricPanels.from_dense(A, 8), "cpu"), out_of_core=True)
+    assert isinstance(G.panels[0], torch.Tensor)

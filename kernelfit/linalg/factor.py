@@ -133,10 +133,12 @@ def factor(G: SymmetricPanels, *, backend: str = "auto", device=None, out_of_cor
     ``cholesky_inplace``). ``tf32=True`` lets float32 factor GEMMs use TF32 tensor cores on CUDA
     (use with mixed-precision refinement). ``on_panel_done(j)`` runs after any checkpoint save.
     """
+    kind = type(G.panels[0]).__module__.split(".")[0]
+    if kind in ("torch", "cupy"):
+        return _factor_resident(G, kind, backend, device, out_of_core, checkpoint_dir, progress, jitter, on_panel_done)
     if not all(isinstance(P, np.ndarray) for P in G.panels):
-        raise InputError(f"factor() expects host panels (numpy arrays); got {type(G.panels[0]).__name__}. "
-                         f"Build the Gram on the host (kernelfit.gram.build_gram_panels or "
-                         f"outofcore.build_gram_panels_device) and pass device= to compute elsewhere.")
+        raise InputError(f"factor() expects panels as numpy arrays (host), or torch / cupy arrays (factored where "
+                         f"they live); got {type(G.panels[0]).__name__}.")
     if out_of_core not in ("auto", True, False):
         raise InputError(f"out_of_core must be 'auto', True or False; got {out_of_core!r}.")
     be_name, dev_name = _resolve_backend(G, backend, device)
@@ -231,11 +233,32 @@ def factor(G: SymmetricPanels, *, backend: str = "auto", device=None, out_of_cor
         else:
             _factor_in_core(G, be_name, dev_name, start, hook, progress, jitter, info)
     info.timings_s["factor"] = time.perf_counter() - t0
-    done_fraction = 1.0 - (1.0 - G.starts[start] / G.n) ** 3 if start < len(G.panels) else 1.0
-    info.tflops = cholesky_flops(G.n) * (1.0 - done_fraction if start else 1.0) / max(info.timings_s["factor"], 1e-12) / 1e12
+    remaining = (1.0 - G.starts[start] / G.n) ** 3 if start < len(G.panels) else 0.0   # flops left after resume
+    info.tflops = cholesky_flops(G.n) * remaining / max(info.timings_s["factor"], 1e-12) / 1e12
     if ckpt is not None:
         info.checkpoint = {"dir": str(ckpt.dir), "every": ckpt.every, "strategy": ckpt.strategy,
                            "algorithm": ckpt.algorithm, "saves": ckpt.saves, "bytes_written": ckpt.bytes_written}
+    return info
+
+
+def _factor_resident(G, kind, backend, device, out_of_core, checkpoint_dir, progress, jitter, on_panel_done):
+    """Panels already on a device (torch tensors / cupy arrays): the data decides; factor in place there."""
+    where = str(G.panels[0].device)
+    if backend not in ("auto", kind):
+        raise InputError(f"the panels are {kind} arrays on {where} but backend={backend!r} was requested; use "
+                         f"backend='auto' or {kind!r}, or convert the panels to numpy first.")
+    if device is not None and str(device) != where and not (kind == "torch" and str(device) == where.split(":")[0]):
+        raise InputError(f"the panels live on {where} but device={device!r} was requested; move them first or "
+                         f"leave device unset.")
+    if out_of_core is True or checkpoint_dir is not None:
+        raise InputError("out-of-core and checkpoints need host (numpy) panels: the device-resident panels are "
+                         "factored in place in device memory. Pass numpy panels and device=... instead.")
+    info = FactorInfo(backend=kind, device=where, path="in-core", n=G.n, block=G.block, dtype=str(G.dtype),
+                      bytes_moved={"h2d": 0, "d2h": 0})
+    t = time.perf_counter()
+    cholesky_inplace(G, backend=kind, progress=progress, jitter=jitter, on_panel_done=on_panel_done)
+    info.timings_s["factor"] = time.perf_counter() - t
+    info.tflops = cholesky_flops(G.n) / max(info.timings_s["factor"], 1e-12) / 1e12
     return info
 
 
