@@ -286,3 +286,11 @@ def test_mnist_10k_sigma5_matches_published_scale(shared_data_dir, tmp_path):
     res = json.loads(out.read_text())["results"]["true"]
     assert res["train_error"] == 0.0
     assert 0.020 <= res["test_error"] <= 0.028
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path, capsys):
+    rc = main(["solve", "--dataset", "cifar10", "--data-dir", str(tmp_path), "--n-train", "10",
+               "--n-test", "5", "--no-progress"])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "DataError" in err and "not found" in err and "--download" in err
