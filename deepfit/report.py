@@ -1,0 +1,576 @@
+"""The kernel-vs-network report: complexity measures on true vs random labels (Neyshabur et al. Fig. 1-3).
+
+On training subsets of increasing size, with true and with random labels, the report trains a
+network (:func:`deepfit.train.train`), solves the exact kernel interpolant on the same points
+(:func:`kernelfit.solve.fit_interpolant`), computes every measure of :mod:`deepfit.measures` and
+:mod:`deepfit.hessian` plus the kernel's RKHS norm, and writes
+
+* ``report.json``   every number, the resolved options and provenance (git SHA, versions, machine),
+* ``fig1_measures_vs_size.png``  measure vs training-set size, true (blue) vs random (red),
+* ``fig2_pac_bayes.png``         expected sharpness vs KL for a sweep of alpha, per size,
+* ``fig3_mixing.png``            ``mix_true`` true samples plus a growing set of random ones,
+* ``report.html``   a self-contained page (images embedded as base64) with the plots and tables.
+
+Entry point: :func:`main` (``deepfit report`` once wired into ``deepfit.cli``), or
+``python -m deepfit.report``. Defaults are small (MNIST subsets 500/1000/2000, a 2-layer MLP,
+mixing 1000 true + up to 1000 random) so a run finishes in minutes on 2 CPU cores; ``--preset
+paper-cifar`` selects the paper-scale VGG / CIFAR-10 rows (a GPU job).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import dataclasses
+import html
+import io
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from kernelfit.errors import InputError
+
+from . import hessian as H
+from . import measures as M
+
+__all__ = ["ReportOptions", "run_report", "make_plots", "write_html", "main", "PRESETS"]
+
+
+@dataclass(frozen=True)
+class ReportOptions:
+    """Everything that changes the report's numbers.
+
+    Data: ``dataset`` ("mnist", "mnist-subset", "cifar10"), ``data_dir``, ``sizes`` (training
+    subset sizes; nested prefixes of one seeded permutation), ``n_test``, ``preprocess``
+    ("normalize" | "whiten"), ``crop`` (None = none), ``data_seed`` (permutation and random labels).
+    Mixing experiment: ``mix_true`` true-label samples plus each of ``mix_random`` random-label
+    samples (empty = skip). Network: ``model``, ``width``, ``batch_norm``, SGD ``lr``, ``lr_decay``,
+    ``momentum``, ``batch_size``, ``max_epochs`` (trains to 100% training accuracy or this budget),
+    ``seed``. Measures: ``sharpness_eps``, ``sharpness_steps``, ``pac_alphas``, ``pac_samples``,
+    ``pac_target`` (expected-sharpness level at which the KL is read off), ``hessian_k`` (top
+    eigenvalues; 0 skips all Hessian measures), ``hessian_samples`` (Hutchinson probes),
+    ``basin_directions``, ``basin_delta``. Kernel: ``kernel``, ``bandwidth`` (a number, "median",
+    or "auto" = 5.0 for MNIST pixels / 255, median otherwise), ``kernel_mode``; ``run_kernel``.
+    """
+
+    dataset: str = "mnist"
+    data_dir: str | None = None
+    sizes: tuple[int, ...] = (500, 1000, 2000)
+    n_test: int = 1000
+    preprocess: str = "normalize"
+    crop: int | None = None
+    data_seed: int = 0
+    mix_true: int = 1000
+    mix_random: tuple[int, ...] = (0, 250, 500, 1000)
+    model: str = "mlp2"
+    width: int | None = 512
+    batch_norm: bool | None = None
+    lr: float = 0.05
+    lr_decay: float = 0.98
+    momentum: float = 0.9
+    batch_size: int = 128
+    max_epochs: int = 300
+    seed: int = 0
+    sharpness_eps: float = 5e-4
+    sharpness_steps: int = 10
+    pac_alphas: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
+    pac_samples: int = 5
+    pac_target: float = 0.1
+    hessian_k: int = 3
+    hessian_samples: int = 10
+    basin_directions: int = 10
+    basin_delta: float = 0.1
+    kernel: str = "gaussian"
+    bandwidth: float | str = "auto"
+    kernel_mode: str = "float64"
+    run_kernel: bool = True
+
+    def validated(self) -> "ReportOptions":
+        if not self.sizes or any(int(s) < 10 for s in self.sizes):
+            raise InputError(f"sizes must be a non-empty list of integers >= 10, got {self.sizes!r}. Fix: e.g. --sizes 500,1000,2000.")
+        if any(int(r) < 0 for r in self.mix_random) or (self.mix_random and int(self.mix_true) < 10):
+            raise InputError(f"mix_true must be >= 10 and mix_random >= 0, got {self.mix_true!r} and {self.mix_random!r}.")
+        if self.preprocess not in ("normalize", "whiten"):
+            raise InputError(f"preprocess must be 'normalize' or 'whiten', got {self.preprocess!r}.")
+        if self.kernel_mode not in ("float64", "float32", "mixed"):
+            raise InputError(f"kernel_mode must be float64, float32 or mixed, got {self.kernel_mode!r}.")
+        if not (isinstance(self.bandwidth, (int, float)) and self.bandwidth > 0) and self.bandwidth not in ("auto", "median"):
+            raise InputError(f"bandwidth must be a positive number, 'median' or 'auto', got {self.bandwidth!r}.")
+        if self.pac_samples < 2 or self.hessian_samples < 2 or self.basin_directions < 2:
+            raise InputError("pac_samples, hessian_samples and basin_directions must each be >= 2 (standard errors need 2 samples).")
+        return self
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # reduced scale for a 2-core CPU (the default)
+    "cpu-mnist": {},
+    # paper-scale rows (Neyshabur et al. 2017: VGG on CIFAR-10 subsets, 10K true + random mixing): GPU job
+    "paper-cifar": dict(dataset="cifar10", model="vgg-cifar", width=64, sizes=(5000, 10000, 20000, 30000, 40000, 50000),
+                        mix_true=10000, mix_random=(0, 5000, 10000, 20000, 30000, 40000), n_test=10000,
+                        lr=0.01, lr_decay=0.98, max_epochs=300, kernel_mode="mixed", bandwidth="median",
+                        hessian_k=3, pac_samples=5),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# one run: train + measure + kernel
+# --------------------------------------------------------------------------------------------
+
+def _resolve_bandwidth(opts: ReportOptions):
+    if opts.bandwidth == "auto":
+        return 5.0 if opts.dataset.startswith("mnist") else "median"
+    return opts.bandwidth
+
+
+def _network_measures(model, X, y, opts: ReportOptions, seed: int) -> dict:
+    model = model.eval()
+    t0 = time.perf_counter()
+    out: dict[str, Any] = {}
+    norms = M.compute_norm_measures(model, X, y, seed=seed)
+    out["margin"] = norms["margin"]
+    out["norms"] = norms["measures"]
+    out["layers"] = norms["layers"]
+    sh = M.sharpness(model, X, y, eps=opts.sharpness_eps, steps=opts.sharpness_steps, seed=seed)
+    out["sharpness"] = {k: v for k, v in sh.items() if k != "loss_history"}
+    out["train_loss"] = sh["loss"]
+    rows = M.pac_bayes_sweep(model, X, y, opts.pac_alphas, n_samples=opts.pac_samples, seed=seed)
+    out["pac_bayes"] = rows
+    out["pac_bayes_at_target"] = M.pac_bayes_at_sharpness(rows, opts.pac_target)
+    if opts.hessian_k > 0:
+        folded = M.fold_batchnorm(model, X[:1])
+        op = H.HessianOperator(folded, X, y, batch_size=1024)
+        eigs = H.top_eigenvalues(op, k=opts.hessian_k, seed=seed, tol=1e-4)
+        out["hessian"] = dict(
+            top_eigenvalues=eigs,
+            trace=H.hessian_trace(op, opts.hessian_samples, seed=seed),
+            frobenius=H.hessian_frobenius(op, opts.hessian_samples, seed=seed + 1),
+            basin_spectrum=H.basin_volume_from_spectrum(eigs, opts.basin_delta),
+            basin_random=H.basin_volume_random_directions(op, opts.basin_directions, delta=opts.basin_delta, seed=seed,
+                                                          bisection_steps=20),
+            n_parameters=op.dim, matvecs=op.n_matvecs,
+        )
+    out["measure_time_s"] = time.perf_counter() - t0
+    return out
+
+
+def _kernel_run(x_train, y_train, x_test, y_test, k: int, opts: ReportOptions) -> dict:
+    from kernelfit.data import to_features
+    from kernelfit.solve import SolveOptions, fit_interpolant, one_hot
+
+    t0 = time.perf_counter()
+    Xf = to_features(x_train, np.float64)
+    interp = fit_interpolant(Xf, one_hot(y_train, k), SolveOptions(kernel=opts.kernel, bandwidth=_resolve_bandwidth(opts),
+                                                                  mode=opts.kernel_mode, jitter=0.0))
+    scores = interp.predict(to_features(x_test, np.float64))
+    return dict(rkhs_norm=interp.rkhs_norm, test_error=float(np.mean(scores.argmax(1) != y_test)),
+                bandwidth=interp.bandwidth, mode=interp.mode, residual_relative=interp.stats["residual_relative"],
+                time_s=time.perf_counter() - t0)
+
+
+def _one_run(tag: str, x_tr, y_tr, x_te, y_te, k: int, opts: ReportOptions, device, log) -> dict:
+    from deepfit.data import prepare_arrays
+    from deepfit.train import TrainConfig, train
+
+    data = prepare_arrays(x_tr, y_tr, x_te, y_te, k, preprocess=opts.preprocess, crop=opts.crop,
+                          info={"report_run": tag, "n_train": int(len(y_tr))})
+    cfg = TrainConfig(model=opts.model, dataset=opts.dataset, variant="true", data_seed=opts.data_seed,
+                      n_train=int(len(y_tr)), n_test=int(len(y_te)), preprocess=opts.preprocess, crop=opts.crop,
+                      batch_norm=opts.batch_norm, width=opts.width, lr=opts.lr, lr_decay=opts.lr_decay,
+                      momentum=opts.momentum, batch_size=opts.batch_size, seed=opts.seed,
+                      target_train_acc=1.0, max_epochs=opts.max_epochs)
+    res = train(cfg, data, device=device)
+    rec = res.record
+    log(f"[report] {tag}: trained {rec['epochs']} epochs, train acc {rec['final_train_acc']:.4f}, "
+        f"test acc {rec['final_test_acc']:.4f} ({rec['train_time_s']:.1f}s)")
+    dev = next(res.model.parameters()).device
+    X = data.x_train.to(dev)
+    y = data.y_train.to(dev)
+    net = _network_measures(res.model, X, y, opts, seed=opts.seed)
+    out = dict(tag=tag, n_train=int(len(y_tr)),
+               network=dict(run_id=rec["run_id"], epochs=rec["epochs"], fitted=rec["fitted"],
+                            train_acc=rec["final_train_acc"], test_acc=rec["final_test_acc"],
+                            train_time_s=rec["train_time_s"], model_params=rec["model_params"], **net))
+    if opts.run_kernel:
+        out["kernel"] = _kernel_run(x_tr, y_tr, x_te, y_te, k, opts)
+    m = out["network"]
+    log(f"[report] {tag}: margin {m['margin']:.3g}, spectral/margin {m['norms']['spectral']['normalized']:.3g}, "
+        f"sharpness {m['sharpness']['value']:.3g}"
+        + (f", kernel RKHS norm {out['kernel']['rkhs_norm']:.4g}" if opts.run_kernel else "")
+        + f" (measures {m['measure_time_s']:.1f}s)")
+    return out
+
+
+def run_report(opts: ReportOptions = ReportOptions(), *, device: str = "auto",
+               log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> dict:
+    """Train, solve and measure every configuration; return the JSON-able result."""
+    from kernelfit.data import load_dataset
+    from kernelfit.randomize import random_labels
+    from deepfit.train import resolve_device
+
+    opts = opts.validated()
+    dev = resolve_device(device)
+    ds = load_dataset(opts.dataset, data_dir=opts.data_dir)
+    k = ds.num_classes
+    need = max(max(opts.sizes), (opts.mix_true + max(opts.mix_random)) if opts.mix_random else 0)
+    if need > len(ds.y_train):
+        raise InputError(f"the report needs {need} training examples but {opts.dataset!r} has {len(ds.y_train)}. "
+                         "Fix: use smaller --sizes / --mix-random, or a larger dataset (e.g. --dataset mnist with --data-dir).")
+    if opts.n_test > len(ds.y_test):
+        raise InputError(f"n_test={opts.n_test} but {opts.dataset!r} has {len(ds.y_test)} test examples. Fix: --n-test {len(ds.y_test)}.")
+    rng_perm, rng_lab, rng_test = (np.random.default_rng(s) for s in np.random.SeedSequence(opts.data_seed).spawn(3))
+    perm = rng_perm.permutation(len(ds.y_train))[:need]
+    x_all, y_true = ds.x_train[perm], ds.y_train[perm]
+    y_rand = random_labels(y_true, k, rng_lab)  # one draw: nested subsets share their random labels
+    te = np.sort(rng_test.permutation(len(ds.y_test))[:opts.n_test])
+    x_te, y_te = ds.x_test[te], ds.y_test[te]
+    t0 = time.perf_counter()
+    runs = []
+    for n in opts.sizes:
+        for lab, yy in (("true", y_true), ("random", y_rand)):
+            r = _one_run(f"{lab}-{n}", x_all[:n], yy[:n], x_te, y_te, k, opts, dev, log)
+            r.update(labels=lab, experiment="size")
+            runs.append(r)
+    mixing = []
+    for r_extra in opts.mix_random:
+        n = opts.mix_true + r_extra
+        reuse = next((r for r in runs if r["labels"] == "true" and r["n_train"] == n and r_extra == 0), None)
+        if reuse is not None:
+            r = dict(reuse, experiment="mixing", n_random=0, reused_from=reuse["tag"])
+        else:
+            yy = np.concatenate([y_true[:opts.mix_true], y_rand[opts.mix_true:n]])
+            r = _one_run(f"mix-{opts.mix_true}+{r_extra}", x_all[:n], yy, x_te, y_te, k, opts, dev, log)
+            r.update(labels="mixed", experiment="mixing", n_random=int(r_extra))
+        mixing.append(r)
+    # Theorem 1 of Zhang et al. on the largest random-label subset: the 2n + d network fits it exactly
+    from .expressivity import build_interpolating_network, verify_fit
+    from kernelfit.data import to_features
+
+    nmax = max(opts.sizes)
+    Xf = to_features(x_all[:nmax], np.float64)
+    try:
+        expr = verify_fit(build_interpolating_network(Xf, y_rand[:nmax], seed=opts.seed), Xf, y_rand[:nmax])
+    except InputError as e:  # duplicate images make the construction impossible; say so in the report
+        expr = dict(error=str(e))
+    result = dict(options=dataclasses.asdict(opts), device=str(dev), dataset=dict(name=ds.name, source=ds.source, num_classes=k),
+                  runs=runs, mixing=mixing, expressivity=dict(expr, n=nmax, labels="random"),
+                  total_time_s=time.perf_counter() - t0)
+    result["ratios"] = random_true_ratios(result)
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# scalar views of a run, ratios
+# --------------------------------------------------------------------------------------------
+
+def _se(v):
+    return v[1] if isinstance(v, (list, tuple)) else float("nan")
+
+
+def scalar_measures(run: dict) -> dict[str, tuple[float, float]]:
+    """``name -> (value, stderr)`` for one run; stderr is nan for deterministic quantities."""
+    net = run["network"]
+    nan = float("nan")
+    out = {}
+    for name, m in net["norms"].items():
+        out[f"{name}/margin"] = (m["normalized"], nan)
+    out["sharpness"] = (net["sharpness"]["value"], nan)
+    pb = net["pac_bayes_at_target"]
+    out["pac-bayes KL"] = (pb["kl"], nan)
+    if "hessian" in net:
+        hs = net["hessian"]
+        out["hessian top eig"] = (hs["top_eigenvalues"][0]["value"], hs["top_eigenvalues"][0]["residual"])
+        out["hessian trace"] = (hs["trace"][0], hs["trace"][1])
+        out["hessian frobenius"] = (hs["frobenius"][0], hs["frobenius"][1])
+        out["-log basin volume (spectrum)"] = (-hs["basin_spectrum"]["log_volume"], hs["basin_spectrum"]["stderr"])
+        out["mean basin radius"] = tuple(hs["basin_random"]["mean_radius"][:2])
+    if "kernel" in run:
+        out["kernel RKHS norm"] = (run["kernel"]["rkhs_norm"], nan)
+        out["kernel test error"] = (run["kernel"]["test_error"], nan)
+    out["network test error"] = (1.0 - net["test_acc"], nan)
+    out["margin"] = (net["margin"], nan)
+    return out
+
+
+def random_true_ratios(result: dict) -> dict:
+    """random / true ratio of every scalar measure at each training-set size."""
+    by = {(r["labels"], r["n_train"]): scalar_measures(r) for r in result["runs"]}
+    out = {}
+    for n in sorted({r["n_train"] for r in result["runs"]}):
+        if ("true", n) in by and ("random", n) in by:
+            t, r = by[("true", n)], by[("random", n)]
+            out[str(n)] = {k: (r[k][0] / t[k][0] if t[k][0] not in (0.0,) and math.isfinite(t[k][0]) else float("nan"))
+                           for k in t if k in r}
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# plots and HTML
+# --------------------------------------------------------------------------------------------
+
+_LOG_OK = lambda vals: all(v > 0 and math.isfinite(v) for v in vals)  # noqa: E731
+
+
+def make_plots(result: dict, out_dir: Path) -> dict[str, Path]:
+    """Write the three PNG figures; return ``{figure name: path}``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    paths = {}
+    runs = result["runs"]
+    names = list(scalar_measures(runs[0]).keys())
+    ncol = 4
+    nrow = math.ceil(len(names) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4 * ncol, 3.1 * nrow), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        for lab, color in (("true", "tab:blue"), ("random", "tab:red")):
+            rs = sorted((r for r in runs if r["labels"] == lab), key=lambda r: r["n_train"])
+            xs = [r["n_train"] for r in rs]
+            vals = [scalar_measures(r)[name] for r in rs]
+            ys, es = [v[0] for v in vals], [0.0 if math.isnan(v[1]) else v[1] for v in vals]
+            ax.errorbar(xs, ys, yerr=es, marker="o", color=color, label=f"{lab} labels", capsize=3)
+        allv = [scalar_measures(r)[name][0] for r in runs]
+        if _LOG_OK(allv) and max(allv) / min(allv) > 20:
+            ax.set_yscale("log")
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("training-set size")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle(f"Measures vs training-set size, true vs random labels ({result['dataset']['name']}, "
+                 f"{result['options']['model']})")
+    fig.tight_layout()
+    paths["fig1"] = out_dir / "fig1_measures_vs_size.png"
+    fig.savefig(paths["fig1"], dpi=72)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    sizes = sorted({r["n_train"] for r in runs})
+    cmap = plt.get_cmap("viridis")
+    for ax, lab in zip(axes, ("true", "random")):
+        for i, n in enumerate(sizes):
+            r = next((r for r in runs if r["labels"] == lab and r["n_train"] == n), None)
+            if r is None:
+                continue
+            rows = r["network"]["pac_bayes"]
+            kl = [row["kl"] for row in rows]
+            es = [row["expected_sharpness"] for row in rows]
+            ax.errorbar(kl, [e[0] for e in es], yerr=[e[1] for e in es], marker="o", capsize=2,
+                        color=cmap(i / max(1, len(sizes) - 1)), label=f"n = {n}")
+        ax.set_xscale("log")
+        ax.set_xlabel("KL = sum w^2 / (2 sigma^2)")
+        ax.set_title(f"{lab} labels")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("expected sharpness  E L(w+nu) - L(w)")
+    fig.suptitle("PAC-Bayes: expected sharpness vs KL over alpha (sigma_i = alpha (10|w_i| + 1))")
+    fig.tight_layout()
+    paths["fig2"] = out_dir / "fig2_pac_bayes.png"
+    fig.savefig(paths["fig2"], dpi=72)
+    plt.close(fig)
+
+    mix = result.get("mixing") or []
+    if mix:
+        names_m = [n for n in names if n not in ("margin",)]
+        nrow = math.ceil(len(names_m) / ncol)
+        fig, axes = plt.subplots(nrow, ncol, figsize=(4 * ncol, 3.1 * nrow), squeeze=False)
+        xs = [r["n_random"] for r in mix]
+        for ax, name in zip(axes.flat, names_m):
+            vals = [scalar_measures(r)[name] for r in mix]
+            ax.errorbar(xs, [v[0] for v in vals], yerr=[0.0 if math.isnan(v[1]) else v[1] for v in vals],
+                        marker="o", color="tab:purple", capsize=3)
+            if _LOG_OK([v[0] for v in vals]) and max(v[0] for v in vals) / min(v[0] for v in vals) > 20:
+                ax.set_yscale("log")
+            ax.set_title(name, fontsize=10)
+            ax.set_xlabel("# random-label samples added")
+            ax.grid(alpha=0.3)
+        for ax in list(axes.flat)[len(names_m):]:
+            ax.axis("off")
+        fig.suptitle(f"Mixing: {result['options']['mix_true']} true samples + a growing set of random-label samples")
+        fig.tight_layout()
+        paths["fig3"] = out_dir / "fig3_mixing.png"
+        fig.savefig(paths["fig3"], dpi=72)
+        plt.close(fig)
+    return paths
+
+
+def _fmt(v) -> str:
+    if isinstance(v, (tuple, list)) and len(v) >= 2:
+        return f"{_fmt(v[0])} &plusmn; {_fmt(v[1])}" if math.isfinite(v[1]) else _fmt(v[0])
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return "nan"
+        return f"{v:.4g}"
+    return html.escape(str(v))
+
+
+def write_html(result: dict, figures: dict[str, Path], path: Path) -> Path:
+    """A self-contained HTML page: options, figures (base64 PNG), per-run tables, ratios."""
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>deepfit report</title>",
+             "<style>body{font-family:sans-serif;max-width:1300px;margin:auto}table{border-collapse:collapse;font-size:12px}"
+             "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}th{background:#eee}img{max-width:100%}</style>",
+             "</head><body>"]
+    o = result["options"]
+    parts.append(f"<h1>Kernel vs network: complexity measures on true and random labels</h1>")
+    parts.append(f"<p>Dataset <b>{html.escape(result['dataset']['name'])}</b>"
+                 + (" (CIFAR-10 (JPEG q75 copy) when read from the shared data)" if result['dataset']['name'].startswith('cifar') else "")
+                 + f", model <b>{html.escape(o['model'])}</b> (width {o['width']}), device {html.escape(result['device'])}, "
+                 f"total time {result['total_time_s']:.0f} s. Norm measures are divided by the margin (5th percentile of "
+                 f"f_y(x) - max_j f_j(x) over the training set); the papers' capacities are their squares times "
+                 f"architecture-only constants. Sharpness: max over the box |nu_i| &lt;= {o['sharpness_eps']} (|w_i|+1) by "
+                 f"projected gradient ascent, (max loss - loss)/(1 + loss). PAC-Bayes KL read off at expected sharpness "
+                 f"&lt;= {o['pac_target']}. Kernel: {html.escape(o['kernel'])} interpolant, RKHS norm of the one-hot fit.</p>")
+    for key, title in (("fig1", "Figure 1: measures vs training-set size"), ("fig2", "Figure 2: PAC-Bayes"),
+                       ("fig3", "Figure 3: mixing true and random labels")):
+        if key in figures:
+            b64 = base64.b64encode(Path(figures[key]).read_bytes()).decode()
+            parts.append(f"<h2>{title}</h2><img alt='{key}' src='data:image/png;base64,{b64}'>")
+    names = list(scalar_measures(result["runs"][0]).keys())
+
+    def table(runs, first_cols):
+        rows = ["<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in first_cols + ["train acc", "epochs"] + names) + "</tr>"]
+        for r in runs:
+            sm = scalar_measures(r)
+            lead = [r["tag"], r["n_train"]] + ([r.get("n_random", "")] if "n random" in first_cols else [])
+            rows.append("<tr>" + "".join(f"<td>{_fmt(v)}</td>" for v in lead + [r["network"]["train_acc"], r["network"]["epochs"]])
+                        + "".join(f"<td>{_fmt(sm[n])}</td>" for n in names) + "</tr>")
+        rows.append("</table>")
+        return "".join(rows)
+
+    parts.append("<h2>Runs: true vs random labels</h2>" + table(result["runs"], ["run", "n"]))
+    if result.get("ratios"):
+        parts.append("<h2>Ratio random / true</h2><table><tr><th>measure</th>"
+                     + "".join(f"<th>n = {n}</th>" for n in result["ratios"]) + "</tr>")
+        for name in names:
+            parts.append(f"<tr><td style='text-align:left'>{html.escape(name)}</td>"
+                         + "".join(f"<td>{_fmt(result['ratios'][n].get(name, float('nan')))}</td>" for n in result["ratios"]) + "</tr>")
+        parts.append("</table>")
+    if result.get("mixing"):
+        parts.append("<h2>Mixing experiment</h2>" + table(result["mixing"], ["run", "n", "n random"]))
+    e = result.get("expressivity", {})
+    parts.append("<h2>Finite-sample expressivity (Zhang et al., Theorem 1)</h2><p>"
+                 + html.escape(json.dumps(e)) + "</p>")
+    parts.append("<h2>Options and provenance</h2><pre>" + html.escape(json.dumps({"options": o, "provenance": result.get("provenance")},
+                                                                                 indent=1, default=str)) + "</pre>")
+    parts.append("</body></html>")
+    path = Path(path)
+    path.write_text("".join(parts), encoding="utf-8")
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+
+def _ints(s: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in s.split(",") if v.strip() != "")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 500,1000,2000, got {s!r}") from None
+
+
+def _floats(s: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in s.split(",") if v.strip() != "")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 1e-3,1e-2, got {s!r}") from None
+
+
+def _bandwidth(s: str):
+    if s in ("auto", "median"):
+        return s
+    try:
+        return float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, 'median' or 'auto', got {s!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="deepfit report", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = ReportOptions()
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="start from a preset, then apply the flags given")
+    p.add_argument("--out", default=None, help="output directory (default benchmarks/results/report_<dataset>_<model>)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report in --out")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default=None, help=f"mnist | mnist-subset | cifar10 (default {d.dataset})")
+    g.add_argument("--data-dir", default=None)
+    g.add_argument("--sizes", type=_ints, default=None, help=f"training subset sizes (default {','.join(map(str, d.sizes))})")
+    g.add_argument("--n-test", type=int, default=None)
+    g.add_argument("--preprocess", choices=["normalize", "whiten"], default=None)
+    g.add_argument("--crop", type=int, default=None)
+    g.add_argument("--data-seed", type=int, default=None)
+    g.add_argument("--mix-true", type=int, default=None, help=f"true samples in the mixing experiment (default {d.mix_true}; paper 10000)")
+    g.add_argument("--mix-random", type=_ints, default=None, help="random-label samples added (empty string: skip mixing)")
+    g = p.add_argument_group("network")
+    g.add_argument("--model", default=None, help=f"a deepfit.models name (default {d.model})")
+    g.add_argument("--width", type=int, default=None)
+    g.add_argument("--batch-norm", dest="batch_norm", action="store_const", const=True, default=None)
+    g.add_argument("--lr", type=float, default=None)
+    g.add_argument("--lr-decay", type=float, default=None)
+    g.add_argument("--batch-size", type=int, default=None)
+    g.add_argument("--max-epochs", type=int, default=None)
+    g.add_argument("--seed", type=int, default=None)
+    g = p.add_argument_group("measures")
+    g.add_argument("--sharpness-eps", type=float, default=None)
+    g.add_argument("--sharpness-steps", type=int, default=None)
+    g.add_argument("--pac-alphas", type=_floats, default=None)
+    g.add_argument("--pac-samples", type=int, default=None)
+    g.add_argument("--hessian-k", type=int, default=None, help="top Hessian eigenvalues (0: skip Hessian measures)")
+    g.add_argument("--hessian-samples", type=int, default=None)
+    g.add_argument("--basin-directions", type=int, default=None)
+    g = p.add_argument_group("kernel")
+    g.add_argument("--bandwidth", type=_bandwidth, default=None)
+    g.add_argument("--kernel-mode", choices=["float64", "float32", "mixed"], default=None)
+    g.add_argument("--no-kernel", dest="run_kernel", action="store_const", const=False, default=None)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``deepfit report [options]``: run the report and write JSON, PNG and HTML. Returns an exit code."""
+    from kernelfit.results import provenance, write_json_atomic
+
+    args = build_parser().parse_args(argv)
+    fields = {f.name for f in dataclasses.fields(ReportOptions)}
+    kw = dict(PRESETS[args.preset]) if args.preset else {}
+    kw.update({k: v for k, v in vars(args).items() if k in fields and v is not None})
+    try:
+        opts = ReportOptions(**kw).validated()
+    except InputError as e:
+        print(f"deepfit report: error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else Path("benchmarks/results") / f"report_{opts.dataset}_{opts.model}"
+    if (out / "report.json").exists() and not args.overwrite:
+        print(f"deepfit report: error: {out / 'report.json'} exists. Fix: pass --overwrite or another --out.", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    if args.threads:
+        torch.set_num_threads(int(args.threads))
+    try:
+        result = run_report(opts, device=args.device)
+    except InputError as e:
+        print(f"deepfit report: error: {e}", file=sys.stderr)
+        return 2
+    result["provenance"] = provenance(["deepfit", "report", *(argv if argv is not None else sys.argv[1:])])
+    figures = make_plots(result, out)
+    result["figures"] = {k: v.name for k, v in figures.items()}
+    write_json_atomic(out / "report.json", result, overwrite=True)
+    write_html(result, figures, out / "report.html")
+    print(json.dumps({"out": str(out), "ratios_random_over_true": result["ratios"]}, default=str))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

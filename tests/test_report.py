@@ -1,0 +1,68 @@
+"""deepfit.report: end to end on a tiny MNIST subset, the ratio logic, and CLI input errors."""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import re
+
+import pytest
+
+from deepfit import report as R
+
+
+def _fake_run(labels, n, scale):
+    nan = float("nan")
+    norms = {k: dict(value=scale * 2.0, normalized=scale * 4.0, paper="", exact=True) for k in ("l2", "spectral")}
+    return dict(tag=f"{labels}-{n}", labels=labels, n_train=n,
+                network=dict(norms=norms, sharpness=dict(value=0.1 * scale), margin=0.5 / scale,
+                             pac_bayes_at_target=dict(kl=100.0 * scale), test_acc=0.9, train_acc=1.0, epochs=3,
+                             pac_bayes=[dict(kl=1.0, expected_sharpness=(0.1, 0.01, 3))]),
+                kernel=dict(rkhs_norm=10.0 * scale, test_error=nan))
+
+
+def test_ratios_are_random_over_true_per_size():
+    res = dict(runs=[_fake_run("true", 10, 1.0), _fake_run("random", 10, 3.0),
+                     _fake_run("true", 20, 2.0), _fake_run("random", 20, 5.0)])
+    rat = R.random_true_ratios(res)
+    assert set(rat) == {"10", "20"}
+    assert rat["10"]["spectral/margin"] == pytest.approx(3.0)
+    assert rat["20"]["kernel RKHS norm"] == pytest.approx(2.5)
+    assert rat["10"]["margin"] == pytest.approx(1 / 3)
+    assert math.isnan(rat["10"]["kernel test error"])
+
+
+def test_cli_rejects_bad_input(tmp_path, capsys):
+    assert R.main(["--sizes", "5", "--out", str(tmp_path)]) == 2
+    assert "sizes must be" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        R.main(["--sizes", "a,b"])
+    assert "comma-separated integers" in capsys.readouterr().err
+
+
+def test_report_end_to_end_tiny(tmp_path):
+    out = tmp_path / "rep"
+    argv = ["--dataset", "mnist-subset", "--sizes", "60,120", "--mix-true", "60", "--mix-random", "0,60",
+            "--n-test", "100", "--max-epochs", "60", "--width", "64", "--pac-samples", "2", "--pac-alphas", "1e-3,1e-2",
+            "--hessian-k", "1", "--hessian-samples", "2", "--basin-directions", "2", "--sharpness-steps", "3",
+            "--threads", "1", "--out", str(out)]
+    assert R.main(argv) == 0
+    res = json.loads((out / "report.json").read_text())
+    assert [r["tag"] for r in res["runs"]] == ["true-60", "random-60", "true-120", "random-120"]
+    assert [r["n_random"] for r in res["mixing"]] == [0, 60]
+    assert res["mixing"][0]["reused_from"] == "true-60"
+    assert set(res["ratios"]) == {"60", "120"}
+    for r in res["runs"]:
+        net = r["network"]
+        assert set(net["norms"]) >= {"l2", "l1-path", "l2-path", "spectral", "spectral-complexity", "neyshabur2018"}
+        assert len(net["hessian"]["trace"]) == 3 and r["kernel"]["rkhs_norm"] > 0
+        assert len(net["pac_bayes"]) == 2
+    assert res["expressivity"]["labels_recovered"] is True
+    page = (out / "report.html").read_text()
+    imgs = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", page)
+    assert len(imgs) == 3
+    assert all(base64.b64decode(b)[:8] == b"\x89PNG\r\n\x1a\n" for b in imgs)
+    assert (out / "fig1_measures_vs_size.png").stat().st_size > 1000
+    # refuses to overwrite without --overwrite
+    assert R.main(argv) == 2
