@@ -231,7 +231,8 @@ def factor(G: SymmetricPanels, *, backend: str = "auto", device=None, out_of_cor
                                       stream_buffers=stats["buffers"], slabs=stats["slabs"], pinned=stats["pinned"])
             info.timings_s.update({f"ooc_{k}": v for k, v in stats["timings_s"].items()})
         else:
-            _factor_in_core(G, be_name, dev_name, start, hook, progress, jitter, info)
+            _factor_in_core(G, be_name, dev_name, start, hook, progress, jitter, info,
+                            needs_host_copy=ckpt is not None or on_panel_done is not None)
     info.timings_s["factor"] = time.perf_counter() - t0
     remaining = (1.0 - G.starts[start] / G.n) ** 3 if start < len(G.panels) else 0.0   # flops left after resume
     info.tflops = cholesky_flops(G.n) * remaining / max(info.timings_s["factor"], 1e-12) / 1e12
@@ -262,7 +263,7 @@ def _factor_resident(G, kind, backend, device, out_of_core, checkpoint_dir, prog
     return info
 
 
-def _factor_in_core(G, be_name, dev_name, start, hook, progress, jitter, info):
+def _factor_in_core(G, be_name, dev_name, start, hook, progress, jitter, info, needs_host_copy=True):
     if be_name == "numpy":
         cholesky_inplace(G, backend="numpy", progress=progress, jitter=jitter, start_panel=start, on_panel_done=hook)
         info.bytes_moved = {"h2d": 0, "d2h": 0}
@@ -281,7 +282,7 @@ def _factor_in_core(G, be_name, dev_name, start, hook, progress, jitter, info):
         D = SymmetricPanels(n=G.n, block=G.block, panels=panels)
 
         def dev_hook(j):
-            if not on_cpu:   # the checkpoint reads the host copy of the finished panel
+            if not on_cpu and needs_host_copy:   # a checkpoint reads the host copy of the finished panel
                 G.panels[j][...] = D.panels[j].cpu().numpy()
             hook(j)
 
