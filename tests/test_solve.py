@@ -158,3 +158,11 @@ def test_solve_gram_with_refinement_matches_scipy():
     ref = np.linalg.solve(K, Y)
     np.testing.assert_allclose(alpha, ref, rtol=0, atol=1e-8 * np.abs(ref).max())
     assert info["refinement"]["float64_level"]
+
+
+def test_translation_invariance_in_float32():
+    # |x|^2 ~ 5e6 at offset 1000: without centering, float32 squared distances lose every digit
+    X, Y = data(n=200, d=5)
+    base = fit_interpolant(X, Y, SolveOptions(bandwidth=1.0, mode="float32"))
+    shifted = fit_interpolant(X + 1000.0, Y, SolveOptions(bandwidth=1.0, mode="float32"))
+    np.testing.assert_allclose(shifted.alpha, base.alpha, rtol=0, atol=1e-3 * np.abs(base.alpha).max())
