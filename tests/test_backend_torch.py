@@ -94,23 +94,26 @@ def test_gram_tile_matches_cdist_and_tf32_restored():
     X, Z = rng.random((30, 12)), rng.random((17, 12))
     out = torch.empty(30, 17, dtype=torch.float64)
     Xt, Zt = torch.from_numpy(X), torch.from_numpy(Z)
-    before = (torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision())
+    before = bt.tf32_matmul_enabled()
     bt.gram_tile_into(out, Xt, Zt, (Xt * Xt).sum(1), (Zt * Zt).sum(1), "gaussian", 0.7)
-    assert (torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision()) == before
+    assert bt.tf32_matmul_enabled() == before
     np.testing.assert_allclose(out.numpy(), np.exp(-cdist(X, Z, "sqeuclidean") / (2 * 0.49)), rtol=1e-12)
     bt.gram_tile_into(out, Xt, Zt, (Xt * Xt).sum(1), (Zt * Zt).sum(1), "laplacian", 0.7)
     np.testing.assert_allclose(out.numpy(), np.exp(-cdist(X, Z) / 0.7), rtol=1e-10, atol=1e-12)
 
 
 def test_tf32_context_sets_and_restores():
-    torch.backends.cuda.matmul.allow_tf32 = True
-    try:
+    with bt.tf32_enabled():
+        assert bt.tf32_matmul_enabled() is True
         with bt.tf32_disabled():
-            assert torch.backends.cuda.matmul.allow_tf32 is False
-            assert torch.get_float32_matmul_precision() == "highest"
-        assert torch.backends.cuda.matmul.allow_tf32 is True
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = False
+            assert bt.tf32_matmul_enabled() is False
+        assert bt.tf32_matmul_enabled() is True
+    assert bt.tf32_matmul_enabled() is False
+    # reading torch's own settings afterwards must not raise (no mix of legacy and new APIs)
+    if bt._new_precision_api(torch):
+        assert torch.backends.cuda.matmul.fp32_precision in ("none", "ieee")
+    else:
+        assert torch.backends.cuda.matmul.allow_tf32 is False
 
 
 @pytest.mark.skipif(bt.cuda_available(), reason="checks the no-GPU message")

@@ -60,16 +60,13 @@ def test_out_of_core_cuda_budget_streams_pins_and_matches_lapack():
 
 
 def test_gram_on_gpu_has_tf32_off():
-    torch.backends.cuda.matmul.allow_tf32 = True     # the trap: a global setting left on
-    try:
+    with bt.tf32_enabled():     # the trap: TF32 left on globally by user code
         rng = np.random.default_rng(2)
         X = rng.random((2000, 784)).astype(np.float32)
         G = build_gram_panels_device(X, "gaussian", 5.0, 512, np.float32, "cuda")
         ref = np.exp(-cdist(X.astype(np.float64), X.astype(np.float64), "sqeuclidean") / 50.0)
         assert np.max(np.abs(G.to_dense() - ref)) < 1e-5   # TF32 (10-bit mantissa) gives ~1e-3 here
-        assert torch.backends.cuda.matmul.allow_tf32 is True  # restored
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = False
+        assert bt.tf32_matmul_enabled()                     # the caller's setting is restored
 
 
 def test_mixed_with_tf32_factor_refines_to_float64():

@@ -71,9 +71,29 @@ def numpy_dtype(dtype):
     return {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}[dtype]
 
 
+def _new_precision_api(torch) -> bool:
+    # torch >= 2.9: per-backend fp32_precision ("ieee" / "tf32"); mixing it with the legacy
+    # allow_tf32 flags makes later reads raise, so use only one API, the new one where it exists.
+    return hasattr(torch.backends.cuda.matmul, "fp32_precision")
+
+
 @contextlib.contextmanager
 def _tf32(value: bool):
     torch = require_torch()
+    if _new_precision_api(torch):
+        knobs = [torch.backends.cuda.matmul]
+        mk = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+        if mk is not None and hasattr(mk, "fp32_precision"):
+            knobs.append(mk)   # CPU (oneDNN) matmuls can also be lowered to reduced precision
+        saved = [k.fp32_precision for k in knobs]
+        for k in knobs:
+            k.fp32_precision = "tf32" if value else "ieee"
+        try:
+            yield
+        finally:
+            for k, v in zip(knobs, saved):
+                k.fp32_precision = v
+        return
     saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
              torch.get_float32_matmul_precision())
     torch.backends.cuda.matmul.allow_tf32 = value
@@ -84,6 +104,17 @@ def _tf32(value: bool):
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[0], saved[1]
         torch.set_float32_matmul_precision(saved[2])
+
+
+def tf32_matmul_enabled() -> bool:
+    """Whether float32 CUDA matmuls may use TF32 now (reads the API in use without mixing them)."""
+    torch = require_torch()
+    if _new_precision_api(torch):
+        prec = torch.backends.cuda.matmul.fp32_precision
+        if prec == "none":
+            prec = getattr(torch.backends, "fp32_precision", "ieee")
+        return prec == "tf32"
+    return bool(torch.backends.cuda.matmul.allow_tf32)
 
 
 def tf32_disabled():
