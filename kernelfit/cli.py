@@ -464,12 +464,8 @@ def cmd_data(args, parser) -> int:
 
 
 def cmd_table(argv: list[str]) -> int:
-    try:
-        from . import table
-    except ImportError as e:
-        _eprint(f"kernelfit: error: 'kernelfit table' needs kernelfit/table.py, which could not be "
-                f"imported ({e}). Reinstall kernelfit or update the checkout.")
-        return EXIT_ERROR
+    from . import table  # imported lazily: it pulls in the feature maps
+
     rc = table.main(argv)
     return EXIT_OK if rc is None else int(rc)
 
