@@ -123,8 +123,21 @@ def _trsv(L, R, trans):
 class TiledMatrix:
     """Lower tiles (i >= j) of a symmetric matrix as futures on the cluster."""
 
-    def __init__(self, client, tiles: dict, n: int, block: int, dtype):
+    def __init__(self, client, tiles: dict, n: int, block: int, dtype, keepalive=None):
         self.client, self.tiles, self.n, self.block, self.dtype = client, tiles, n, block, np.dtype(dtype)
+        # Scattered data cannot be recomputed: if the client released it while dependent tasks still
+        # wait, the scheduler cancels them ("lost dependencies"). Hold such futures until done.
+        self.keepalive = list(keepalive or [])
+
+    def wait(self) -> "TiledMatrix":
+        """Block until every tile is computed (raising a task's error), then drop held inputs."""
+        distributed = require_distributed()
+        distributed.wait(list(self.tiles.values()))
+        for f in self.tiles.values():
+            if f.status == "error":
+                f.result()
+        self.keepalive = []
+        return self
 
     @property
     def starts(self):
@@ -139,6 +152,7 @@ class TiledMatrix:
         G = SymmetricPanels.empty(self.n, self.block, self.dtype)
         keys = list(self.tiles)
         values = self.client.gather([self.tiles[k] for k in keys])
+        self.keepalive = []
         st = self.starts
         for (i, j), tile in zip(keys, values):
             G.panels[j][st[i] - st[j] : st[i] - st[j] + tile.shape[0]] = tile
@@ -172,8 +186,8 @@ def scatter_panels(G: SymmetricPanels, client=None, scheduler_address=None) -> T
             w = min(G.block, G.n - st[i])
             data[(i, j)] = np.ascontiguousarray(P[st[i] - st[j] : st[i] - st[j] + w])
     keys = list(data)
-    futures = client.scatter([data[k] for k in keys])
-    return TiledMatrix(client, dict(zip(keys, futures)), G.n, G.block, G.dtype)
+    futures = client.scatter([data[k] for k in keys], hash=False)   # equal tiles (zeros) must not share a key
+    return TiledMatrix(client, dict(zip(keys, futures)), G.n, G.block, G.dtype, keepalive=futures)
 
 
 def from_dask_array(A, client=None, scheduler_address=None) -> TiledMatrix:
@@ -201,12 +215,12 @@ def gram_tiles(X, kernel: str, bandwidth: float, block: int | None = None, dtype
     n = X.shape[0]
     block = choose_block(n, block)
     st = list(range(0, n, block))
-    Xf = client.scatter([X[s : s + block] for s in st])
+    Xf = client.scatter([X[s : s + block] for s in st], hash=False)
     tag = uuid.uuid4().hex[:12]
     tiles = {(i, j): client.submit(_gram_tile, Xf[i], Xf[j], kernel, float(bandwidth), i == j, dtype,
                                    key=f"gram-{i}-{j}-{tag}")
              for i in range(len(st)) for j in range(i + 1)}
-    return TiledMatrix(client, tiles, n, block, dtype)
+    return TiledMatrix(client, tiles, n, block, dtype, keepalive=Xf)
 
 
 def cholesky(A: TiledMatrix, backend: str = "numpy", device=None) -> TiledMatrix:
@@ -223,7 +237,7 @@ def cholesky(A: TiledMatrix, backend: str = "numpy", device=None) -> TiledMatrix
             for j in range(k + 1, i + 1):
                 W[(i, j)] = client.submit(_update, W[(i, j)], L[(i, k)], L[(j, k)], backend, device,
                                           key=f"update-{i}-{j}-{k}-{tag}")
-    return TiledMatrix(client, L, n, A.block, A.dtype)
+    return TiledMatrix(client, L, n, A.block, A.dtype, keepalive=list(A.tiles.values()) + A.keepalive)
 
 
 def cho_solve(L: TiledMatrix, B) -> np.ndarray:
@@ -234,7 +248,7 @@ def cho_solve(L: TiledMatrix, B) -> np.ndarray:
     B2 = np.ascontiguousarray((B[:, None] if squeeze else B), dtype=L.dtype)
     if B2.shape[0] != L.n:
         raise InputError(f"right-hand side has {B2.shape[0]} rows; the factor is {L.n} x {L.n}.")
-    Bf = client.scatter([B2[s : s + L.block] for s in st])
+    Bf = client.scatter([B2[s : s + L.block] for s in st], hash=False)
     Z = {}
     for i in range(T):
         acc = Bf[i]
@@ -248,4 +262,5 @@ def cho_solve(L: TiledMatrix, B) -> np.ndarray:
             acc = client.submit(_bwd_sub, acc, L.tiles[(k, i)], X[k])
         X[i] = client.submit(_trsv, L.tiles[(i, i)], acc, True)
     out = np.vstack(client.gather([X[i] for i in range(T)]))
+    L.keepalive = []   # every factor tile was needed, so all are computed now
     return out[:, 0] if squeeze else out
