@@ -334,7 +334,7 @@ def conv_operator_norm(conv: nn.Conv2d, input_shape: tuple, *, seed: int = 0, to
         if min(n_in, n_out) <= 2:  # ARPACK needs k < min(shape); tiny maps: build them densely
             dense = np.stack([mv(e) for e in np.eye(n_in)], axis=1)
             return float(np.linalg.svd(dense, compute_uv=False)[0]), count[0]
-        s = svds(op, k=1, tol=tol, maxiter=max_iter, v0=v.numpy().reshape(-1) if n_in <= n_out else None,
+        s = svds(op, k=1, tol=tol, maxiter=max_iter, ncv=min(20, min(n_in, n_out) - 1), v0=v.numpy().reshape(-1) if n_in <= n_out else None,
                  return_singular_vectors=False, random_state=np.random.default_rng(seed))
         return float(s[0]), count[0]
     v = v.to(device=w.device, dtype=w.dtype)
