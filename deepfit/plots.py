@@ -72,11 +72,15 @@ def plot_loss_curves(records: Sequence[dict], path, model: str | None = None) ->
 
 
 def _by_model_p(records):
+    # A model's "corrupt" runs form its curve; "true"/"random-labels" runs stand in for p = 0 / 1
+    # only for models that have no "corrupt" runs at all (so variant comparisons do not double-count).
+    has_corrupt = {r["config"]["model"] for r in records if r["config"]["variant"] == "corrupt"}
     groups: dict[str, dict[float, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
         p = _p_of(r)
-        if p is not None:
-            groups[r["config"]["model"]][p].append(r)
+        m = r["config"]["model"]
+        if p is not None and (r["config"]["variant"] == "corrupt" or m not in has_corrupt):
+            groups[m][p].append(r)
     return groups
 
 

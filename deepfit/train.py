@@ -243,6 +243,9 @@ def train(
     run_id = config_hash(config)
     x_train, y_train = data.x_train.to(dev), data.y_train.to(dev)
     x_test, y_test = data.x_test.to(dev), data.y_test.to(dev)
+    # With augmentation, batches come from raw images; accuracy is measured on the preprocessed ones.
+    x_train_eval = getattr(data, "x_train_eval", None)
+    x_train_eval = x_train if x_train_eval is None else x_train_eval.to(dev)
     n = int(x_train.shape[0])
     if n == 0:
         raise InputError("the training set is empty; expected at least one example. Fix: check n_train.")
@@ -309,7 +312,7 @@ def train(
             train_time += time.perf_counter() - t0
             # Evaluation excluded from training time. Train accuracy is measured on the
             # un-augmented training set in eval mode (what "fits the training set" means).
-            tr_loss_eval, tr_acc = evaluate(model, data.x_train_eval.to(dev) if data.x_train_eval is not None else x_train, y_train)
+            tr_loss_eval, tr_acc = evaluate(model, x_train_eval, y_train)
             te_loss, te_acc = evaluate(model, x_test, y_test) if x_test.shape[0] else (float("nan"), float("nan"))
             rec = {
                 "epoch": epoch + 1, "step": step, "lr": lr,

@@ -124,3 +124,15 @@ def test_missing_dataset_says_where_it_looked(tmp_path, capsys):
                "--out", str(tmp_path / "x.jsonl"), "--quiet"])
     assert rc == 2
     assert str(tmp_path / "nowhere") in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_table1_full_grid_tiny(tmp_path, capsys):
+    # Every model of the grid (Inception +/- BN, AlexNet, MLPs, with crops and weight decay) runs end to end.
+    out = tmp_path / "t.jsonl"
+    assert main(["table1", "--max-epochs", "1", "--out", str(out), "--dataset", "mnist-subset", "--n-train", "32",
+                 "--n-test", "16", "--threads", "2", "--quiet", "--device", "cpu"]) == 0
+    assert len(_lines(out)) == 19
+    from deepfit.experiments import read_results, table1_rows
+    rows = table1_rows(read_results(out), dataset="mnist-subset")
+    assert len(rows) == 19 and all(r["train_acc"] is not None for r in rows)
