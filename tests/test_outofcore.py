@@ -251,3 +251,14 @@ def test_panels_on_a_torch_device_are_factored_where_they_live():
     with pytest.raises(InputError, match="out-of-core and checkpoints need host"):
         factor(panels_to_torch(SymmetricPanels.from_dense(A, 8), "cpu"), out_of_core=True)
     assert isinstance(G.panels[0], torch.Tensor)
+
+
+def test_device_gram_float32_accurate_far_from_origin():
+    pytest.importorskip("torch")
+    rng = np.random.default_rng(12)
+    X = rng.random((60, 8)) + 1000.0          # |x|^2 ~ 8e6: float32 expansion without centering loses it
+    G = build_gram_panels_device(X, "gaussian", 0.5, block=16, dtype=np.float32, device="cpu")
+    ref = np.exp(-cdist(X, X, "sqeuclidean") / (2 * 0.25))
+    assert np.max(np.abs(G.to_dense() - ref)) < 1e-5
+    bad = build_gram_panels_device(X, "gaussian", 0.5, block=16, dtype=np.float32, device="cpu", center=False)
+    assert np.max(np.abs(bad.to_dense() - ref)) > 1e-2    # shows what centering protects against

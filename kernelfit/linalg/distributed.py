@@ -211,7 +211,8 @@ def gram_tiles(X, kernel: str, bandwidth: float, block: int | None = None, dtype
                scheduler_address=None) -> TiledMatrix:
     """Gram tiles k(X_i, X_j), i >= j, computed on the workers from scattered row blocks of X."""
     client = get_client(client, scheduler_address)
-    X = np.ascontiguousarray(X, dtype=dtype)
+    X = np.asarray(X, dtype=np.float64)
+    X = np.ascontiguousarray(X - X.mean(axis=0), dtype=dtype)   # translation-invariant: center for float32
     n = X.shape[0]
     block = choose_block(n, block)
     st = list(range(0, n, block))

@@ -370,13 +370,18 @@ def cholesky_out_of_core(G: SymmetricPanels, device="numpy", budget_bytes: int |
 
 
 def build_gram_panels_device(X, kernel: str, bandwidth: float, block: int | None = None, dtype=np.float32,
-                             device="cpu", out: SymmetricPanels | None = None) -> SymmetricPanels:
+                             device="cpu", out: SymmetricPanels | None = None, center: bool = True) -> SymmetricPanels:
     """Lower-triangle Gram panels computed on a torch device, one panel at a time, and written to
-    host panels (never the whole Gram on the device). TF32 is off for the distance GEMMs."""
+    host panels (never the whole Gram on the device). TF32 is off for the distance GEMMs. Points are
+    centered first (in float64; the kernels are translation-invariant), which keeps the float32
+    |x|^2 + |z|^2 - 2 x.z expansion accurate for data far from the origin, as solve.py does."""
     from .backend_torch import gram_tile_into, require_torch, resolve_device, torch_dtype
 
     torch = require_torch()
     dev = resolve_device(device)
+    X = np.asarray(X, dtype=np.float64)
+    if center:
+        X = X - X.mean(axis=0)
     X = np.ascontiguousarray(X, dtype=dtype)
     n = X.shape[0]
     G = out if out is not None else SymmetricPanels.empty(n, block, dtype)
