@@ -11,8 +11,8 @@ Subcommands
   plot     Fig. 1a/1b/1c PNGs from a results file
 
 Every run's JSON line has the config, run id, seeds, per-epoch history, steps to fit, best test
-accuracy, git SHA and library versions. Extra subcommands (e.g. ``report``) are added by modules that
-define ``register_cli(subparsers)``; see ``_EXTENSIONS``.
+accuracy, git SHA and library versions. Extra subcommands (e.g. ``report``) plug in through
+``_EXTENSIONS`` (modules defining ``register_cli(subparsers)``).
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ import sys
 
 from kernelfit.errors import InputError, KernelfitError
 
-# Modules that may add subcommands: each defines register_cli(subparsers), where each parser it adds
-# sets ``func=callable(args) -> int`` via set_defaults. A module that does not exist yet is skipped.
-_EXTENSIONS = ("deepfit.report",)
+# The place for further subcommands (e.g. the measures' ``report``): list a module here that defines
+# ``register_cli(subparsers)``; each parser it adds sets ``func=callable(args) -> int`` via
+# set_defaults. Empty for now, so that `deepfit train` never imports the measure code.
+_EXTENSIONS: tuple[str, ...] = ()
 
 
 def _csv(cast):
