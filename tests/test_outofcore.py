@@ -262,3 +262,16 @@ def test_device_gram_float32_accurate_far_from_origin():
     assert np.max(np.abs(G.to_dense() - ref)) < 1e-5
     bad = build_gram_panels_device(X, "gaussian", 0.5, block=16, dtype=np.float32, device="cpu", center=False)
     assert np.max(np.abs(bad.to_dense() - ref)) > 1e-2    # shows what centering protects against
+
+
+def test_cpu_auto_stays_in_place_even_when_little_ram_is_left(monkeypatch):
+    # the panels already occupy host RAM; 'available' excludes them, which must not trigger streaming
+    import kernelfit.linalg.factor as fmod
+
+    monkeypatch.setattr(fmod, "free_device_bytes", lambda device: 1000)
+    A = spd(40, seed=13)
+    G = SymmetricPanels.from_dense(A, 8)
+    ptrs = [P.ctypes.data for P in G.panels]
+    info = factor(G)
+    assert info.path == "in-core" and [P.ctypes.data for P in G.panels] == ptrs
+    np.testing.assert_allclose(G.to_dense(False), scipy.linalg.cholesky(A, lower=True), atol=1e-12)
