@@ -111,9 +111,20 @@ def run_one(
     return record
 
 
+_WORKER_DEVICE: str | None = None
+
+
+def _init_worker(device_queue) -> None:
+    # Each pool process takes one device for its lifetime, so two runs never share a GPU while another idles.
+    global _WORKER_DEVICE
+    _WORKER_DEVICE = device_queue.get()
+
+
 def _worker_task(args: dict) -> dict:
     # Top-level so that spawn-started processes and dask workers can import it.
     config = TrainConfig.from_dict(args["config"])
+    if _WORKER_DEVICE is not None:
+        args = {**args, "device": _WORKER_DEVICE}
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if args.get("verbose") else None
     rec = run_one(config, out=args["out"], data_dir=args.get("data_dir"), device=args.get("device", "auto"),
                   checkpoint_dir=args.get("checkpoint_dir"), threads=args.get("threads"),
@@ -148,7 +159,8 @@ def run_sweep(
     """Run every config not already finished in ``out``; return the summaries of the runs done now.
 
     ``device``: "auto" (every visible GPU, else the CPU), "cpu", or a comma list ("cuda:0,cuda:1");
-    runs are dealt round-robin to the devices. ``workers``: parallel processes (default: one per
+    each worker process holds one device (dealt round-robin) for all its runs; on dask, runs are
+    dealt round-robin. ``workers``: parallel processes (default: one per
     GPU, or 1 on the CPU). ``threads``: torch threads per worker (default: cores // workers).
     ``dask_address``: a dask scheduler address ("tcp://host:8786") or "local" (a LocalCluster of
     ``workers`` processes); runs are then submitted to that cluster instead.
@@ -199,11 +211,17 @@ def run_sweep(
             results.append(_worker_task(t))
             log(f"done {results[-1]}")
         return results
-    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as ex:
-        futs = [ex.submit(_worker_task, t) for t in tasks]
-        for f in cf.as_completed(futs):
-            results.append(f.result())
-            log(f"done {results[-1]}")
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager:
+        device_queue = manager.Queue()
+        for i in range(workers):
+            device_queue.put(devices[i % len(devices)])
+        with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
+                                    initargs=(device_queue,)) as ex:
+            futs = [ex.submit(_worker_task, t) for t in tasks]
+            for f in cf.as_completed(futs):
+                results.append(f.result())
+                log(f"done {results[-1]}")
     return results
 
 
