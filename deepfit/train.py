@@ -87,6 +87,15 @@ class TrainConfig:
     max_steps: int | None = None
 
     def __post_init__(self):
+        # Canonical types, so that p=0 and p=0.0 (or a config read back from JSON) hash alike.
+        for name in ("p", "lr", "lr_decay", "momentum", "weight_decay", "target_train_acc", "dropout"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, bool) and isinstance(v, (int, float)):
+                object.__setattr__(self, name, float(v))
+        for name in ("data_seed", "n_train", "n_test", "crop", "width", "batch_size", "seed", "max_epochs", "max_steps"):
+            v = getattr(self, name)
+            if isinstance(v, float) and v.is_integer():
+                object.__setattr__(self, name, int(v))
         if self.model not in MODELS:
             raise InputError(f"unknown model {self.model!r}. Valid models: {', '.join(sorted(MODELS))}.")
         if not (isinstance(self.p, (int, float)) and 0.0 <= float(self.p) <= 1.0):

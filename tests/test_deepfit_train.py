@@ -200,6 +200,12 @@ def test_max_steps_budget():
     assert rec["steps"] == 6 and rec["stopped_by"] in ("max_steps", "target_train_acc")
 
 
+def test_config_hash_is_type_canonical_and_sensitive():
+    assert config_hash(TrainConfig(p=0, lr=1)) == config_hash(TrainConfig(p=0.0, lr=1.0))
+    assert config_hash(TrainConfig.from_dict(TrainConfig(seed=3).to_dict())) == config_hash(TrainConfig(seed=3))
+    assert config_hash(TrainConfig(seed=1)) != config_hash(TrainConfig(seed=2))
+
+
 def test_best_test_accuracy_is_the_max_over_epochs():
     data = _data(64)
     rec = train(TrainConfig(model="mlp2", width=8, dataset="synthetic", crop=None, max_epochs=4), data,
