@@ -20,12 +20,12 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, MemoryPlanError, NotPositiveDefiniteError
 from .gram import KernelOperator, build_gram_panels
 from .kernels import check_bandwidth, check_kernel, median_bandwidth
 from .linalg.memory import FACTOR_DTYPE, MODES, plan_solve, require_fits
-from .linalg.refine import float64_level_threshold, refine
-from .linalg.tiled import SymmetricPanels, cho_solve, cholesky_flops, cholesky_inplace
+from .linalg.refine import float64_level_threshold, low_precision_solver, refine, with_row_sums
+from .linalg.tiled import SymmetricPanels, cho_solve, cholesky_flops
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,13 @@ class SolveOptions:
     block_size: int | None = None       # panel width; None picks one from n
     max_refine: int = 10                # mixed mode: at most this many refinement steps
     refine_tol: float | None = None     # mixed mode: stop at this relative residual (None: at float64 level)
-    backend: str = "numpy"
+    fallback_float64: bool = True       # mixed: re-factor in float64 if refinement cannot reach float64
+                                        # level (ill-conditioned K) and the float64 Gram fits in memory
+    backend: str = "auto"               # "auto" | "numpy" | "torch" | "cupy" (see linalg/factor.py)
+    device: str | None = None           # None = CPU; "cuda", "cuda:1", ... factors on that GPU
+    out_of_core: bool | str = "auto"    # GPU: stream panels through the device when the Gram does not fit
+    checkpoint_dir: str | None = None   # save finished factor panels here; resume=True continues
+    resume: bool = False
     progress: bool = False              # progress bars on stderr
     force_memory: bool = False          # skip the memory refusal
 
@@ -160,25 +166,11 @@ def fit_interpolant(X, Y, options: SolveOptions = SolveOptions(), n_test: int = 
     fdt = FACTOR_DTYPE[options.mode]
     X64 = np.ascontiguousarray(X, dtype=np.float64)
 
-    t = time.perf_counter()
-    # Both kernels depend on x - z only, so the Gram is built from centered points: the GEMM expansion
-    # |x|^2 + |z|^2 - 2 x.z then cancels far less (float32 loses all digits for data far from 0).
-    G = build_gram_panels((X64 - X64.mean(axis=0)).astype(fdt), options.kernel, bandwidth,
-                          plan.block, fdt, options.progress)
-    if options.jitter:
-        G.add_to_diagonal(options.jitter)
-    timings["gram"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    factor_panels(G, options)
-    timings["factor"] = time.perf_counter() - t
-
-    t = time.perf_counter()
     high = KernelOperator(X64, options.kernel, bandwidth, np.float64)
-    alpha, train_scores, refinement = _solve_and_check(G, high, Y, options)
-    timings["solve"] = time.perf_counter() - t
-    del G
-
+    alpha, train_scores, refinement, factor_info = _factor_and_solve(X64, Y, fdt, bandwidth, plan.block, high,
+                                                                    options, timings)
+    if refinement.get("fallback"):
+        fdt = np.float64
     R = Y - train_scores - options.jitter * alpha  # residual of the system solved, (K + jitter I) alpha = Y
     stats = {
         "n": n, "d": d, "k": Y.shape[1], "kernel": options.kernel, "bandwidth": bandwidth,
@@ -188,18 +180,32 @@ def fit_interpolant(X, Y, options: SolveOptions = SolveOptions(), n_test: int = 
         "factor_gflops": cholesky_flops(n) / max(timings["factor"], 1e-12) / 1e9,
         "residual_max_abs": float(np.max(np.abs(R))),
         "residual_relative": float(np.linalg.norm(R) / (np.linalg.norm(Y) or 1.0)),
-        "refinement": refinement, "memory_plan": plan.to_dict(), "peak_rss_bytes": _peak_rss(),
+        "refinement": refinement, "factorization": factor_info, "memory_plan": plan.to_dict(),
+        "peak_rss_bytes": _peak_rss(),
     }
     if options.mode == "mixed" and not refinement["float64_level"]:
         warnings.warn(f"mixed-precision refinement did not reach float64 level "
                       f"(backward error {refinement['backward_error']:.2e} > {float64_level_threshold(n):.1e}; "
-                      f"{refinement['stop_reason']}). K is likely ill-conditioned for a float32 factor: use "
-                      f"mode='float64' or a small jitter.", RuntimeWarning, stacklevel=2)
+                      f"{refinement['stop_reason']}; {refinement.get('fallback_skipped') or 'no float64 fallback'}). "
+                      f"K is likely ill-conditioned: use a small jitter.", RuntimeWarning, stacklevel=2)
     return Interpolant(X_fit=X64, alpha=alpha, Y=Y, kernel=options.kernel, bandwidth=bandwidth, mode=options.mode,
                        train_scores=train_scores, stats=stats)
 
 
-def factor_panels(G: SymmetricPanels, options: SolveOptions) -> SymmetricPanels:
+def _build_gram(X64, fdt, bandwidth, block, options: SolveOptions) -> SymmetricPanels:
+    # Both kernels depend on x - z only, so the Gram is built from centered points: the GEMM expansion
+    # |x|^2 + |z|^2 - 2 x.z then cancels far less (float32 loses all digits for data far from 0).
+    G = build_gram_panels((X64 - X64.mean(axis=0)).astype(fdt), options.kernel, bandwidth, block, fdt,
+                          options.progress)
+    if options.jitter:
+        G.add_to_diagonal(options.jitter)
+    return G
+
+
+def factor_panels(G: SymmetricPanels, options: SolveOptions) -> dict:
+    """Factor G in place where the options say (CPU, GPU in-core or out-of-core, checkpointed)."""
+    from .linalg.factor import factor
+
     bar = None
     if options.progress:
         from tqdm.auto import tqdm
@@ -207,46 +213,62 @@ def factor_panels(G: SymmetricPanels, options: SolveOptions) -> SymmetricPanels:
         bar = tqdm(total=cholesky_flops(G.n), desc="cholesky", unit="flop", unit_scale=True, leave=False,
                    mininterval=1.0, file=sys.stderr)
     try:
-        return cholesky_inplace(G, backend=options.backend, progress=bar, jitter=options.jitter)
+        info = factor(G, backend=options.backend, device=options.device, out_of_core=options.out_of_core,
+                      checkpoint_dir=options.checkpoint_dir, resume=options.resume, progress=bar,
+                      jitter=options.jitter)
+        return info.to_dict()
     finally:
         if bar is not None:
             bar.close()
 
 
-def _solve_and_check(L: SymmetricPanels, high: KernelOperator, Y, options: SolveOptions):
-    """Solve with the factor; in mixed mode refine with float64 residuals. Always ends with K alpha
-    recomputed in float64, which gives the reported residual and the training predictions."""
+def _factor_and_solve(X64, Y, fdt, bandwidth, block, high: KernelOperator, options: SolveOptions, timings):
+    """Gram, factor, solve. Always ends with K alpha recomputed in float64 from the data, which gives
+    the reported residual and the training predictions. Mixed mode refines with float64 residuals and,
+    when that cannot reach float64 level, re-factors in float64 if the memory plan allows (and says so).
+    Returns (alpha, K alpha, refinement report dict, factorization info dict)."""
     n = Y.shape[0]
-    norms = {}
+    apply_high, k_inf = with_row_sums(lambda V: high.symmetric_matmul(V, progress=options.progress),
+                                      float(options.jitter))
 
-    jitter = float(options.jitter)
+    def attempt(dtype, max_iter, tol):
+        t = time.perf_counter()
+        G = _build_gram(X64, dtype, bandwidth, block, options)
+        timings["gram"] = timings.get("gram", 0.0) + time.perf_counter() - t
+        t = time.perf_counter()
+        info = factor_panels(G, options)
+        timings["factor"] = timings.get("factor", 0.0) + time.perf_counter() - t
+        t = time.perf_counter()
+        X, R, report = refine(low_precision_solver(cho_solve, G), apply_high, Y, k_inf, max_iter=max_iter, tol=tol)
+        timings["solve"] = timings.get("solve", 0.0) + time.perf_counter() - t
+        return X, R, report.to_dict(), info
 
-    def apply_high(X):
-        # The system solved is (K + jitter I) alpha = Y; the jitter must be applied in float64 here
-        # (added to a float32 diagonal of ones, 1e-10 would round away).
-        # The first pass also computes K @ 1 (row sums): ||K||_inf for the backward error.
-        if "k_inf" not in norms:
-            out = high.symmetric_matmul(np.hstack([X, np.ones((n, 1))]), progress=options.progress)
-            norms["k_inf"] = float(np.max(np.abs(out[:, -1]))) + jitter
-            return out[:, :-1] + jitter * X
-        return high.symmetric_matmul(X, progress=options.progress) + jitter * X
-
-    def solve_low(R):
-        # Scale the right-hand side: residuals shrink towards 1e-12 and would underflow float32 less
-        # gracefully than a unit-scaled vector.
-        scale = float(np.max(np.abs(R))) or 1.0
-        return cho_solve(L, (R / scale).astype(L.dtype)).astype(np.float64) * scale
-
-    if options.mode == "mixed":
-        max_iter, tol = int(options.max_refine), options.refine_tol
-    else:  # a direct solve: one float64 residual pass to report, no refinement steps
-        max_iter, tol = 0, None
-    X, R, report = refine(solve_low, apply_high, Y, lambda: norms["k_inf"], max_iter=max_iter, tol=tol)
+    if options.mode != "mixed":  # a direct solve: one float64 residual pass to report, no refinement steps
+        X, R, report, info = attempt(fdt, 0, None)
+    else:
+        try:
+            X, R, report, info = attempt(fdt, int(options.max_refine), options.refine_tol)
+            reason = None if report["float64_level"] else f"float32 refinement stopped: {report['stop_reason']}"
+        except NotPositiveDefiniteError as exc:
+            if not options.fallback_float64:
+                raise
+            X, report, reason = None, None, f"float32 factor broke down ({exc.minor}th leading minor)"
+        if reason is not None and options.fallback_float64:
+            plan64 = plan_solve(n, X64.shape[1], Y.shape[1], "float64", block=block)
+            if plan64.fits or options.force_memory:
+                first = report
+                X, R, report, info = attempt(np.float64, 2, options.refine_tol)
+                report.update(fallback=reason + "; re-factored in float64", refinement_float32=first)
+            elif X is None:
+                raise MemoryPlanError(f"{reason}, and a float64 re-factorization would not fit: {plan64.summary()}. "
+                                      f"Add a small jitter or use fewer points.", plan=plan64)
+            else:
+                report["fallback_skipped"] = f"float64 fallback would not fit in memory ({plan64.summary()})"
     # training scores f(x_i) = (K alpha)_i, without the ridge term
-    return X, Y - R - jitter * X, report.to_dict()
+    return X, Y - R - float(options.jitter) * X, report, info
 
 
-def solve_gram(G: SymmetricPanels, Y, jitter: float = 0.0, backend: str = "numpy", apply_high=None,
+def solve_gram(G: SymmetricPanels, Y, jitter: float = 0.0, backend: str = "auto", apply_high=None,
                max_refine: int = 10):
     """Solve G alpha = Y for a Gram already in panel storage (e.g. accumulated from feature blocks).
 
@@ -257,17 +279,15 @@ def solve_gram(G: SymmetricPanels, Y, jitter: float = 0.0, backend: str = "numpy
     if jitter:
         G.add_to_diagonal(jitter)
     t = time.perf_counter()
-    cholesky_inplace(G, backend=backend, jitter=jitter)
-    info = {"factor_s": time.perf_counter() - t}
+    from .linalg.factor import factor
+
+    info = {"factorization": factor(G, backend=backend, jitter=jitter).to_dict(), "factor_s": time.perf_counter() - t}
     if apply_high is None:
         alpha = cho_solve(G, Y.astype(G.dtype)).astype(np.float64)
         return alpha, info
 
-    def solve_low(R):
-        scale = float(np.max(np.abs(R))) or 1.0
-        return cho_solve(G, (R / scale).astype(G.dtype)).astype(np.float64) * scale
-
-    alpha, R, report = refine(solve_low, apply_high, Y, K_inf_norm=float(G.n), max_iter=max_refine)
+    apply, k_inf = with_row_sums(apply_high)
+    alpha, R, report = refine(low_precision_solver(cho_solve, G), apply, Y, k_inf, max_iter=max_refine)
     info["refinement"] = report.to_dict()
     return alpha, info
 

@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -168,3 +170,30 @@ def test_translation_invariance_in_float32():
     base = fit_interpolant(X, Y, SolveOptions(bandwidth=1.0, mode="float32"))
     shifted = fit_interpolant(X + 1000.0, Y, SolveOptions(bandwidth=1.0, mode="float32"))
     np.testing.assert_allclose(shifted.alpha, base.alpha, rtol=0, atol=1e-3 * np.abs(base.alpha).max())
+
+
+def test_mixed_falls_back_to_float64_and_says_so():
+    # cond(K) ~ 8e9: beyond a float32 factor (breakdown or stalled refinement), fine for float64
+    rng = np.random.default_rng(0)
+    X, Y = rng.random((300, 3)), rng.standard_normal((300, 2))
+    m = fit_interpolant(X, Y, SolveOptions(bandwidth=0.3, mode="mixed"))
+    ref = np.linalg.solve(gaussian(X, X, 0.3), Y)
+    assert m.stats["factor_dtype"] == "float64"
+    assert "re-factored in float64" in m.stats["refinement"]["fallback"]
+    assert m.stats["refinement"]["float64_level"]
+    K = gaussian(X, X, 0.3)
+    assert np.linalg.norm(K @ m.alpha - Y) / np.linalg.norm(Y) <= 10 * np.linalg.norm(K @ ref - Y) / np.linalg.norm(Y) + 1e-12
+
+
+def test_mixed_without_fallback_never_returns_silently():
+    rng = np.random.default_rng(0)
+    X, Y = rng.random((300, 3)), rng.standard_normal((300, 2))
+    opts = SolveOptions(bandwidth=0.3, mode="mixed", fallback_float64=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            m = fit_interpolant(X, Y, opts)
+        except NotPositiveDefiniteError:
+            return  # the float32 factor broke down: raised, not returned
+    assert not m.stats["refinement"]["float64_level"]
+    assert any("did not reach float64 level" in str(w.message) for w in caught)

@@ -91,3 +91,37 @@ def refine(solve_low, apply_high, Y, K_inf_norm, X0=None, max_iter: int = 10, to
     rel, X, R, report.backward_error = best
     report.float64_level = report.backward_error <= threshold
     return X, R, report
+
+
+def with_row_sums(apply_high, jitter: float = 0.0):
+    """Wrap V -> K V as V -> (K + jitter I) V whose first call also yields ||K + jitter I||_inf.
+
+    The first pass appends a column of ones (K @ 1 = row sums; all entries of our kernels are >= 0,
+    so the largest row sum is the infinity norm) at the cost of one extra right-hand side.
+    The ridge is applied here, in float64: added to a float32 diagonal of ones, 1e-10 rounds away.
+    Returns (apply, k_inf) with k_inf() valid after the first call.
+    """
+    norms = {}
+
+    def apply(V):
+        if "k_inf" not in norms:
+            out = apply_high(np.hstack([V, np.ones((V.shape[0], 1))]))
+            norms["k_inf"] = float(np.max(np.abs(out[:, -1]))) + jitter
+            return out[:, :-1] + jitter * V
+        return apply_high(V) + jitter * V
+
+    return apply, lambda: norms["k_inf"]
+
+
+def low_precision_solver(cho_solve, L, diag=None):
+    """R -> K^{-1} R in float64 through a low-precision factor L of K (or of D^-1/2 K D^-1/2 when
+    ``diag`` = sqrt(diag K) is given). The right-hand side is scaled to unit size first: residuals
+    shrink towards 1e-12 and would otherwise lose digits to float32's range and rounding."""
+
+    def solve_low(R):
+        scale = float(np.max(np.abs(R))) or 1.0
+        Rs = R / scale if diag is None else R / (diag[:, None] * scale)
+        Z = np.asarray(cho_solve(L, Rs.astype(L.dtype)), dtype=np.float64)
+        return (Z if diag is None else Z / diag[:, None]) * scale
+
+    return solve_low
