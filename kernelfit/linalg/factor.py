@@ -33,7 +33,10 @@ DEVICE_SAFETY = 0.90     # leave 10% of measured free device memory to the alloc
 
 
 def _gib(b) -> str:
-    return f"{b / 2**30:.2f} GiB"
+    # small sizes in MiB so two different numbers never print alike
+    if b >= 2**30:
+        return f"{b / 2**30:.2f} GiB"
+    return f"{b / 2**20:.1f} MiB" if b >= 2**20 else f"{int(b)} bytes"
 
 
 @dataclass

@@ -39,7 +39,10 @@ from .tiled import SymmetricPanels, _panel_flops, cholesky_inplace
 
 
 def _gib(b) -> str:
-    return f"{b / 2**30:.3f} GiB"
+    # small sizes in MiB so two different numbers never print alike
+    if b >= 2**30:
+        return f"{b / 2**30:.2f} GiB"
+    return f"{b / 2**20:.1f} MiB" if b >= 2**20 else f"{int(b)} bytes"
 
 
 class WorkingSet:
