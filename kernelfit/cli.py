@@ -177,6 +177,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="panel width of the tiled factorization (default: automatic)")
     s.add_argument("--max-refine", type=_nonneg_int, default=10, metavar="K",
                    help="most refinement steps in mixed mode (default 10)")
+    s.add_argument("--no-fallback", action="store_true",
+                   help="mixed mode: do not re-factor in float64 when refinement cannot reach float64 level")
+    g = s.add_argument_group("where the factorization runs")
+    g.add_argument("--device", default=None, metavar="DEV",
+                   help="cpu (default) or a CUDA device (cuda, cuda:1) to factor on with torch")
+    g.add_argument("--out-of-core", choices=("auto", "yes", "no"), default="auto",
+                   help="GPU: stream panels through the device when the Gram does not fit (default auto: "
+                        "decided from measured free device memory)")
+    g.add_argument("--checkpoint-dir", type=Path, default=None, metavar="DIR",
+                   help="save finished factor panels here (a crash loses at most the panels since the last save)")
+    g.add_argument("--resume", action="store_true", help="continue the factorization saved in --checkpoint-dir")
     r = s.add_argument_group("randomization (Zhang et al.; test labels stay clean unless "
                              "--corrupt-test)")
     r.add_argument("--variant", choices=VARIANTS, default="true",
@@ -284,6 +295,8 @@ def cmd_solve(args, parser) -> int:
     # --- everything that can be checked without data, checked first ---
     if args.variant == "corrupt" and args.corrupt_p is None:
         parser.error("--variant corrupt needs --corrupt-p P (the probability of replacing a label)")
+    if args.resume and args.checkpoint_dir is None:
+        parser.error("--resume needs --checkpoint-dir DIR (the directory the interrupted run saved its panels to)")
     if args.corrupt_p is not None and args.variant != "corrupt":
         parser.error(f"--corrupt-p applies only to --variant corrupt (got --variant {args.variant})")
     if args.corrupt_test and args.variant not in LABEL_VARIANTS:
@@ -328,7 +341,11 @@ def cmd_solve(args, parser) -> int:
     options = SolveOptions(kernel=args.kernel, bandwidth=args.bandwidth, mode=args.mode,
                            jitter=args.jitter, block_size=args.block_size,
                            max_refine=args.max_refine, progress=not args.no_progress,
-                           force_memory=args.force_memory)
+                           force_memory=args.force_memory, fallback_float64=not args.no_fallback,
+                           device=args.device,
+                           out_of_core={"auto": "auto", "yes": True, "no": False}[args.out_of_core],
+                           checkpoint_dir=None if args.checkpoint_dir is None else str(args.checkpoint_dir),
+                           resume=args.resume)
     extra = {
         "dataset": {"name": rds.name, "source": ds.source, "n_train": int(len(X)),
                     "n_test": 0 if Xt is None else int(len(Xt)),

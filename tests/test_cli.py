@@ -287,3 +287,20 @@ def test_missing_dataset_is_a_clear_error(tmp_path, capsys):
     assert rc == 1
     err = capsys.readouterr().err
     assert "DataError" in err and "not found" in err and "--download" in err
+
+
+def test_resume_needs_checkpoint_dir(capsys):
+    with pytest.raises(SystemExit) as ei:
+        main(["solve", "--resume", "--n-train", "50"])
+    assert ei.value.code == 2
+    assert "--checkpoint-dir" in capsys.readouterr().err
+
+
+def test_checkpointed_solve_resumes_to_the_same_answer(tmp_path, capsys):
+    common = ["solve", "--n-train", "700", "--n-test", "100", "--bandwidth", "5", "--block-size", "128",
+              "--no-progress", "--checkpoint-dir", str(tmp_path / "ck")]
+    assert main(common + ["--out", str(tmp_path / "a.json")]) == 0
+    assert (tmp_path / "ck" / "manifest.json").exists()
+    assert main(common + ["--resume", "--out", str(tmp_path / "b.json")]) == 0
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
+    assert a["results"]["true"]["rkhs_norm"] == pytest.approx(b["results"]["true"]["rkhs_norm"], rel=1e-12)
