@@ -54,6 +54,7 @@ def test_out_of_core_cuda_budget_streams_pins_and_matches_lapack():
     cholesky_out_of_core(G, device="cuda", budget_bytes=budget, stats_out=stats)
     peak = torch.cuda.max_memory_allocated() - base
     assert stats["slabs"] > 1 and stats["pinned"]
+    assert 0 < stats["timings_s"]["gpu_busy_fraction"] <= 1.0   # CUDA-event spans of the compute stream
     assert stats["peak_device_bytes"] <= budget
     assert peak <= budget * 1.1          # the allocator's view agrees with our accounting
     np.testing.assert_allclose(G.to_dense(False), scipy.linalg.cholesky(A.astype(np.float64), lower=True), atol=2e-4)

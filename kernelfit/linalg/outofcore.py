@@ -105,6 +105,15 @@ class NumpyDevice:
     def pin(self, arrays):
         return False
 
+    def compute_begin(self):
+        return None
+
+    def compute_end(self, start):
+        pass
+
+    def busy_seconds(self):
+        return None   # no separate device: compute and copies are the same CPU time
+
     def unpin(self):
         pass
 
@@ -128,10 +137,33 @@ class TorchDevice:
         self.trsm_chunk = TRSM_CHUNK_ELEMENTS
         self.pinned = False
         self._registered = []
+        self._spans = []
         if self.is_cuda:
             self.copy_stream = self.torch.cuda.Stream(device=self.device)
             self.copied = [self.torch.cuda.Event(), self.torch.cuda.Event()]
             self.computed = [None, None]
+
+    # GPU busy time: timing events on the compute stream around each batch of kernels. A start event
+    # recorded after wait_copied() fires when the copy is done, so spans exclude waiting for copies.
+    def compute_begin(self):
+        if not self.is_cuda:
+            return None
+        ev = self.torch.cuda.Event(enable_timing=True)
+        ev.record(self.torch.cuda.current_stream(self.device))
+        return ev
+
+    def compute_end(self, start):
+        if start is None:
+            return
+        ev = self.torch.cuda.Event(enable_timing=True)
+        ev.record(self.torch.cuda.current_stream(self.device))
+        self._spans.append((start, ev))
+
+    def busy_seconds(self):
+        if not self.is_cuda:
+            return None
+        self.torch.cuda.synchronize(self.device)
+        return sum(a.elapsed_time(b) for a, b in self._spans) / 1e3
 
     def empty(self, shape, dtype):
         from .backend_torch import torch_dtype
@@ -330,10 +362,12 @@ def cholesky_out_of_core(G: SymmetricPanels, device="numpy", budget_bytes: int |
                     dev.copy_in_streamed(bufs[slot], piece, slot)
                     stats.h2d_bytes += piece.nbytes
                     dev.wait_copied(slot)
+                    span = dev.compute_begin()
                     Lk = bufs[slot]
                     for i, Pi in zip(range(j0, j1), slab):
                         off = starts[i] - s0
                         be.syrk_update(Pi, Lk[off:], Lk[off : off + Pi.shape[1]])
+                    dev.compute_end(span)
                     dev.mark_computed(slot)
                 dev.synchronize()
                 for b in bufs:
@@ -342,10 +376,12 @@ def cholesky_out_of_core(G: SymmetricPanels, device="numpy", budget_bytes: int |
 
             t = time.perf_counter()
             sub = SymmetricPanels(n=n - s0, block=block, panels=slab)
+            span = dev.compute_begin()
             try:
                 cholesky_inplace(sub, backend=dev.backend, jitter=jitter)
             except NotPositiveDefiniteError as exc:
                 raise NotPositiveDefiniteError(minor=exc.minor + s0, n=n, dtype=str(G.dtype), jitter=jitter) from None
+            dev.compute_end(span)
             dev.synchronize()
             t_factor += time.perf_counter() - t
 
@@ -365,8 +401,13 @@ def cholesky_out_of_core(G: SymmetricPanels, device="numpy", budget_bytes: int |
         dev.unpin()
         stats.peak_device_bytes = ws.peak
         # On CUDA the streamed copies overlap the GEMMs, so 'stream' is copies + updates together.
+        total = time.perf_counter() - t_all
         stats.timings_s = {"load": t_load, "stream_update": t_stream, "factor_slab": t_factor, "store": t_store,
-                           "total": time.perf_counter() - t_all}
+                           "total": total}
+        busy = dev.busy_seconds()
+        if busy is not None:   # CUDA only: fraction of the wall time the compute stream ran kernels
+            stats.timings_s["gpu_busy"] = busy
+            stats.timings_s["gpu_busy_fraction"] = busy / total if total > 0 else float("nan")
         if stats_out is not None:
             stats_out.update(stats.to_dict())
     return G
