@@ -140,8 +140,10 @@ def plot_all(records: Sequence[dict], outdir, prefix: str = "deepfit") -> list[P
     outdir = Path(outdir)
     out = []
     if records:
-        out.append(plot_loss_curves(records, outdir / f"{prefix}_fig1a_loss_curves.png"))
-    if any(_p_of(r) is not None for r in records):
+        # Fig. 1a compares data variants; corruption levels have their own figures (1b, 1c).
+        variants = [r for r in records if r["config"]["variant"] != "corrupt"]
+        out.append(plot_loss_curves(variants or records, outdir / f"{prefix}_fig1a_loss_curves.png"))
+    if any(len(by_p) >= 2 for by_p in _by_model_p(records).values()):  # a curve needs two p values
         out.append(plot_steps_to_fit(records, outdir / f"{prefix}_fig1b_steps_to_fit.png"))
         out.append(plot_test_error(records, outdir / f"{prefix}_fig1c_test_error.png"))
     return out
