@@ -135,3 +135,37 @@ def test_bad_options():
         Checkpointer("x", strategy="sometimes")
     with pytest.raises(InputError, match="every must be >= 1"):
         Checkpointer("x", every=0)
+
+
+def test_deferred_updates_resume_on_torch_panels(tmp_path):
+    # the GPU resume path (load on host, re-apply the trailing updates on the device), run on CPU tensors
+    torch = pytest.importorskip("torch")
+    from kernelfit.linalg.backend_torch import panels_to_numpy, panels_to_torch
+    from kernelfit.linalg.checkpoint import apply_finished_updates
+
+    A = spd(90, seed=6)
+    G = SymmetricPanels.from_dense(A, 8)
+    with pytest.raises(Crash):
+        factor(G, checkpoint_dir=tmp_path, checkpoint_every=1, on_panel_done=crash_after(0.6, len(G.panels)))
+    G2 = SymmetricPanels.from_dense(A, 8)
+    ck = Checkpointer(tmp_path, config={"jitter": 0.0})
+    start = ck.resume(G2, apply_updates=False)
+    assert start > 0 and ck.pending_updates
+    D = panels_to_torch(G2, "cpu")
+    apply_finished_updates(D, start - 1, "torch")
+    cholesky_inplace(D, backend="torch", start_panel=start)
+    np.testing.assert_allclose(panels_to_numpy(D).to_dense(False), scipy.linalg.cholesky(A, lower=True), atol=1e-12)
+    assert isinstance(D.panels[0], torch.Tensor)
+
+
+def test_trailing_strategy_refused_for_panels_on_a_gpu(tmp_path, monkeypatch):
+    import kernelfit.linalg.factor as fmod
+
+    # pretend a CUDA torch device resolved: the refusal happens before anything runs on it
+    monkeypatch.setattr(fmod, "_resolve_backend", lambda G, b, d: ("torch", "cuda:0"))
+    monkeypatch.setattr(fmod, "free_device_bytes", lambda device: 10**10)
+    monkeypatch.setattr("kernelfit.linalg.outofcore.make_device",
+                        lambda d: type("NoDevice", (), {"workspace_bytes": lambda self, *a: 0})())
+    G = SymmetricPanels.from_dense(spd(30), 8)
+    with pytest.raises(InputError, match="checkpoint_strategy='trailing' would save stale host copies"):
+        factor(G, device="cuda", checkpoint_dir=tmp_path, checkpoint_strategy="trailing")

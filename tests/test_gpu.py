@@ -116,3 +116,22 @@ def test_benchmark_smoke_on_gpu(tmp_path, shared_data_dir):
                     "--out", str(out)], check=True, timeout=600)
     lines = out.read_text().splitlines()
     assert len(lines) == 5
+
+
+def test_checkpoint_resume_on_gpu(tmp_path):
+    A = spd(900, seed=5)
+    G = SymmetricPanels.from_dense(A, 64)
+
+    class Crash(Exception):
+        pass
+
+    def crash(j):
+        if j >= 8:
+            raise Crash
+
+    with pytest.raises(Crash):
+        factor(G, device="cuda", out_of_core=False, checkpoint_dir=tmp_path, checkpoint_every=2, on_panel_done=crash)
+    G2 = SymmetricPanels.from_dense(A, 64)
+    info = factor(G2, device="cuda", out_of_core=False, checkpoint_dir=tmp_path, resume=True, checkpoint_every=2)
+    assert info.resumed_from_panel > 0
+    np.testing.assert_allclose(G2.to_dense(False), scipy.linalg.cholesky(A, lower=True), atol=1e-11)

@@ -91,6 +91,7 @@ class Checkpointer:
         self.generation = 0
         self.bytes_written = 0
         self.saves = 0
+        self.pending_updates = False
 
     @property
     def manifest_path(self) -> Path:
@@ -143,9 +144,12 @@ class Checkpointer:
             return None
         return json.loads(self.manifest_path.read_text())
 
-    def resume(self, G: SymmetricPanels, backend: str = "numpy") -> int:
+    def resume(self, G: SymmetricPanels, backend: str = "numpy", apply_updates: bool = True) -> int:
         """Load a checkpoint into G (the rebuilt *input*); return the panel to continue from
-        (0 when there is no checkpoint). Raises InputError when the checkpoint is for another input."""
+        (0 when there is no checkpoint). Raises InputError when the checkpoint is for another input.
+        apply_updates=False leaves the 'recompute' updates of the trailing panels to the caller (e.g.
+        on a GPU, after the panels are moved there); ``pending_updates`` then says whether any are due."""
+        self.pending_updates = False
         self.begin(G)
         m = self.read_manifest()
         if m is None:
@@ -165,8 +169,10 @@ class Checkpointer:
             if m.get("strategy") == "trailing" and gen:
                 for i in range(last + 1, len(G.panels)):
                     _load_into(G.panels[i], np.load(self.dir / f"T{gen:05d}_{i:05d}.npy", allow_pickle=False))
-            else:
+            elif apply_updates:
                 apply_finished_updates(G, last, backend)
+            else:
+                self.pending_updates = True
         self.saved_upto = self.last_checkpoint = last
         self.generation = int(m.get("trailing_generation") or 0)
         return last + 1

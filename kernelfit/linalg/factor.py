@@ -195,12 +195,17 @@ def factor(G: SymmetricPanels, *, backend: str = "auto", device=None, out_of_cor
         from .checkpoint import Checkpointer
 
         algorithm = "left-looking" if path == "out-of-core" else "right-looking"
+        on_device = path == "in-core" and dev_name != "cpu"
+        if on_device and checkpoint_strategy == "trailing":
+            raise InputError("checkpoint_strategy='trailing' would save stale host copies of panels that live on "
+                             f"{dev_name}; use checkpoint_strategy='recompute' (the default) there.")
         every = checkpoint_every or (1 if path == "out-of-core" else max(1, len(G.panels) // 10))
         ckpt = Checkpointer(checkpoint_dir, every=every, strategy=checkpoint_strategy, algorithm=algorithm,
                             config={"jitter": float(jitter)})
         if resume:
             t = time.perf_counter()
-            start = ckpt.resume(G, backend="numpy")
+            # on a GPU the trailing updates are re-applied there, after the panels are moved
+            start = ckpt.resume(G, backend="numpy", apply_updates=not on_device)
             info.timings_s["resume"] = time.perf_counter() - t
         else:
             if ckpt.read_manifest() is not None:
@@ -240,7 +245,8 @@ def factor(G: SymmetricPanels, *, backend: str = "auto", device=None, out_of_cor
             info.timings_s.update({f"ooc_{k}": v for k, v in stats["timings_s"].items()})
         else:
             _factor_in_core(G, be_name, dev_name, start, hook, progress, jitter, info,
-                            needs_host_copy=ckpt is not None or on_panel_done is not None)
+                            needs_host_copy=ckpt is not None or on_panel_done is not None,
+                            pending_updates=ckpt is not None and ckpt.pending_updates)
     info.timings_s["factor"] = time.perf_counter() - t0
     remaining = (1.0 - G.starts[start] / G.n) ** 3 if start < len(G.panels) else 0.0   # flops left after resume
     info.tflops = cholesky_flops(G.n) * remaining / max(info.timings_s["factor"], 1e-12) / 1e12
@@ -271,7 +277,10 @@ def _factor_resident(G, kind, backend, device, out_of_core, checkpoint_dir, prog
     return info
 
 
-def _factor_in_core(G, be_name, dev_name, start, hook, progress, jitter, info, needs_host_copy=True):
+def _factor_in_core(G, be_name, dev_name, start, hook, progress, jitter, info, needs_host_copy=True,
+                    pending_updates=False):
+    from .checkpoint import apply_finished_updates
+
     if be_name == "numpy":
         cholesky_inplace(G, backend="numpy", progress=progress, jitter=jitter, start_panel=start, on_panel_done=hook)
         info.bytes_moved = {"h2d": 0, "d2h": 0}
@@ -288,6 +297,8 @@ def _factor_in_core(G, be_name, dev_name, start, hook, progress, jitter, info, n
         panels = [torch.from_numpy(P) if on_cpu else torch.from_numpy(P).to(dev_name) for P in G.panels]
         info.timings_s["to_device"] = time.perf_counter() - t
         D = SymmetricPanels(n=G.n, block=G.block, panels=panels)
+        if pending_updates:   # resume: bring the trailing panels up to date on the device
+            apply_finished_updates(D, start - 1, "torch")
 
         def dev_hook(j):
             if not on_cpu and needs_host_copy:   # a checkpoint reads the host copy of the finished panel
@@ -309,7 +320,8 @@ def _factor_in_core(G, be_name, dev_name, start, hook, progress, jitter, info, n
 
     panels = [cupy.asarray(P) for P in G.panels]
     D = SymmetricPanels(n=G.n, block=G.block, panels=panels)
-    from .backend_cupy import CupyBackend  # noqa: F401 - registers through get_backend("cupy")
+    if pending_updates:
+        apply_finished_updates(D, start - 1, "cupy")
 
     def cp_hook(j):
         G.panels[j][...] = cupy.asnumpy(D.panels[j])
