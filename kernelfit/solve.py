@@ -44,6 +44,8 @@ class SolveOptions:
     backend: str = "auto"               # "auto" | "numpy" | "torch" | "cupy" (see linalg/factor.py)
     device: str | None = None           # None = CPU; "cuda", "cuda:1", ... factors on that GPU
     out_of_core: bool | str = "auto"    # GPU: stream panels through the device when the Gram does not fit
+    device_memory_budget: int | None = None  # bytes the factorization may use on the device (None: measured)
+    tf32: bool = False                  # CUDA float32 factor GEMMs on TF32 tensor cores (refinement repairs it)
     checkpoint_dir: str | None = None   # save finished factor panels here; resume=True continues
     resume: bool = False
     progress: bool = False              # progress bars on stderr
@@ -195,8 +197,14 @@ def fit_interpolant(X, Y, options: SolveOptions = SolveOptions(), n_test: int = 
 def _build_gram(X64, fdt, bandwidth, block, options: SolveOptions) -> SymmetricPanels:
     # Both kernels depend on x - z only, so the Gram is built from centered points: the GEMM expansion
     # |x|^2 + |z|^2 - 2 x.z then cancels far less (float32 loses all digits for data far from 0).
-    G = build_gram_panels((X64 - X64.mean(axis=0)).astype(fdt), options.kernel, bandwidth, block, fdt,
-                          options.progress)
+    Xc = (X64 - X64.mean(axis=0)).astype(fdt)
+    if options.device is not None and str(options.device).startswith("cuda"):
+        # tiles computed on the GPU (TF32 off) and written back to host panels one at a time
+        from .linalg.outofcore import build_gram_panels_device
+
+        G = build_gram_panels_device(Xc, options.kernel, bandwidth, block, fdt, device=options.device)
+    else:
+        G = build_gram_panels(Xc, options.kernel, bandwidth, block, fdt, options.progress)
     if options.jitter:
         G.add_to_diagonal(options.jitter)
     return G
@@ -214,6 +222,7 @@ def factor_panels(G: SymmetricPanels, options: SolveOptions) -> dict:
                    mininterval=1.0, file=sys.stderr)
     try:
         info = factor(G, backend=options.backend, device=options.device, out_of_core=options.out_of_core,
+                      device_memory_budget=options.device_memory_budget, tf32=options.tf32,
                       checkpoint_dir=options.checkpoint_dir, resume=options.resume, progress=bar,
                       jitter=options.jitter)
         return info.to_dict()

@@ -343,21 +343,14 @@ def solve_mixed(build_gram, apply_high, Y, *, max_refine: int = 10, scale_diagon
     apply_high(V) -> K V in float64 (e.g. kernelfit.gram.KernelOperator.symmetric_matmul).
     Returns (X, info) with info["fallback"] None or the reason the float64 factor was used.
     """
-    from .refine import refine
+    from .refine import low_precision_solver, refine, with_row_sums
 
     Y = np.asarray(Y, dtype=np.float64)
     squeeze = Y.ndim == 1
     Y2 = Y[:, None] if squeeze else Y
     kw = dict(factor_kwargs or {})
     out = {"factor_dtype": "float32", "fallback": None, "scale_diagonal": bool(scale_diagonal), "factors": []}
-    norms = {}
-
-    def high(V):
-        if "k_inf" not in norms:   # first pass also gives ||K||_inf from K @ 1
-            r = apply_high(np.hstack([V, np.ones((V.shape[0], 1))]))
-            norms["k_inf"] = float(np.max(np.abs(r[:, -1])))
-            return r[:, :-1]
-        return apply_high(V)
+    high, k_inf = with_row_sums(apply_high)
 
     def run(dtype, max_iter):
         G = build_gram(dtype)
@@ -373,13 +366,7 @@ def solve_mixed(build_gram, apply_high, Y, *, max_refine: int = 10, scale_diagon
         finfo = factor(G, **kw)
         out["factors"].append(finfo.to_dict())
 
-        def solve_low(R):
-            scale = float(np.max(np.abs(R))) or 1.0
-            Rs = R / scale if d is None else R / (d[:, None] * scale)
-            Z = cho_solve(G, Rs.astype(G.dtype)).astype(np.float64)
-            return (Z if d is None else Z / d[:, None]) * scale
-
-        return refine(solve_low, high, Y2, lambda: norms["k_inf"], max_iter=max_iter)
+        return refine(low_precision_solver(cho_solve, G, d), high, Y2, k_inf, max_iter=max_iter)
 
     try:
         X, R, report = run(np.float32, max_refine)
