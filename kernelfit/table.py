@@ -167,26 +167,54 @@ def _cholesky_rows_features(Ftr, Fte, sigma, label_sets, y_test, k, mode, max_re
     return out, info
 
 
-def _cholesky_rows_gram(K, Kt, label_sets, y_test, k):
-    """Interpolant only from an accumulated Gram, via the lead's solve_gram (panel storage)."""
+def _cholesky_rows_panels(g, sigma_spec, label_sets, y_test, k, seed):
+    """Interpolant only, from a feature Gram accumulated in panel storage (large n, no dense n x n).
+
+    The float64 panels of the feature Gram are turned into Gaussian-kernel panels in place
+    (``exp(-(g_ii + g_jj - 2 g_ij) / (2 sigma^2))``), copied to float32 for the lead's tiled Cholesky
+    (``solve_gram``), and kept in float64 for the refinement residuals ``K @ V``. Memory: n^2/2 x 12
+    bytes (+ the m x n test Gram): 15 GB at n = 50,000.
+    """
     from .linalg.tiled import SymmetricPanels
     from .solve import solve_gram
 
-    n = K.shape[0]
+    P64 = g.train
+    d = g.train_diag
+    # Median distance from the first block of points (rows and columns 0..w of panel 0).
+    w0 = min(P64.panels[0].shape[1], 2000)
+    top = P64.panels[0][:w0, :w0]
+    iu = np.triu_indices(w0, k=1)
+    median = float(np.median(np.sqrt(np.maximum((d[:w0, None] + d[None, :w0] - 2 * top)[iu], 0.0))))
+    sigma = _resolve_sigma(sigma_spec, median)
+    for s0, P in zip(P64.starts, P64.panels):
+        w = P.shape[1]
+        P *= -2.0
+        P += d[s0:, None]
+        P += d[None, s0 : s0 + w]
+        np.maximum(P, 0.0, out=P)
+        P *= -1.0 / (2.0 * sigma * sigma)
+        np.exp(P, out=P)
+    Kt = g.test_diag[:, None] + d[None, :] - 2.0 * g.cross
+    np.maximum(Kt, 0.0, out=Kt)
+    Kt *= -1.0 / (2.0 * sigma * sigma)
+    np.exp(Kt, out=Kt)
+    G32 = SymmetricPanels(n=P64.n, block=P64.block, panels=[P.astype(np.float32) for P in P64.panels])
     Y = np.hstack([np.eye(k)[y] for y in label_sets.values()])
-    G = SymmetricPanels.from_dense(K)
-    Kd = K  # kept for the float64 residual / norm
-    alpha, info = solve_gram(G, Y, apply_high=lambda V: Kd @ V)
-    fit = Kd @ alpha
+    alpha, info = solve_gram(G32, Y, apply_high=P64.symmetric_matmul)
+    del G32
+    fit = P64.symmetric_matmul(alpha)
     scores = Kt @ alpha
     out = {}
     for i, (name, y) in enumerate(label_sets.items()):
         c = slice(i * k, (i + 1) * k)
+        R = Y[:, c] - fit[:, c]
         out[name] = {"interp": {"test_error": float(np.mean(np.argmax(scores[:, c], 1) != y_test)),
                                 "train_error": float(np.mean(np.argmax(fit[:, c], 1) != y)),
-                                "norm": float(np.sqrt(max(np.sum(alpha[:, c] * fit[:, c]), 0.0)))},
+                                "norm": float(np.sqrt(max(np.sum(alpha[:, c] * fit[:, c]), 0.0))),
+                                "residual_relative": float(np.linalg.norm(R) / np.linalg.norm(Y[:, c]))},
                      "ridge": None}
-    return out, {"solver": "kernelfit.solve.solve_gram (tiled Cholesky, float64)", **info}
+    return out, {"solver": "kernelfit.solve.solve_gram (tiled Cholesky float32 + float64 refinement, "
+                           "panels)", **info}, sigma, median
 
 
 # ------------------------------------------------------------------------------------- rows
@@ -215,21 +243,19 @@ def run_row(row: str, args) -> dict:
         cfg = RandConvConfig(n_filters=args.filters, patch_size=args.patch_size, filters=args.filter_kind,
                              seed=args.seed)
         fmap = RandConvFeatures(cfg).fit(ds.x_train)
-        g = fmap.accumulate_gram(ds.x_train, ds.x_test, filter_block=args.filter_block, standardize=True)
+        g = fmap.accumulate_gram(ds.x_train, ds.x_test, filter_block=args.filter_block, standardize=True,
+                                 panels=not use_eigh)
         timings["features_and_gram_s"] = time.perf_counter() - t
         rec["features"] = {**cfg.to_dict(), "n_features": fmap.n_features, "standardized": True,
                            "kernel_on_features": "gaussian"}
-        Dtr, Dte = g.squared_distances()
-        del g
-        median = _median_distance_from_sqd(Dtr, seed=args.seed)
-        sigma = _resolve_sigma(bw, median)
         if use_eigh:
+            Dtr, Dte = g.squared_distances()
+            del g
+            median = _median_distance_from_sqd(Dtr, seed=args.seed)
+            sigma = _resolve_sigma(bw, median)
             res, info = _eigh_rows(Dtr, Dte, sigma, label_sets, ds.y_test, lambdas, k)
         else:
-            K = np.exp(-Dtr / (2 * sigma * sigma))
-            Kt = np.exp(-Dte / (2 * sigma * sigma))
-            del Dtr, Dte
-            res, info = _cholesky_rows_gram(K, Kt, label_sets, ds.y_test, k)
+            res, info, sigma, median = _cholesky_rows_panels(g, bw, label_sets, ds.y_test, k, args.seed)
     else:
         if row.endswith("gabor"):
             from .features.cache import cached_transform
