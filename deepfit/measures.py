@@ -638,9 +638,26 @@ def pac_bayes_sweep(model: nn.Module, X: torch.Tensor, y: torch.Tensor, alphas: 
 
 
 def pac_bayes_at_sharpness(rows: list[dict], target: float = 0.1) -> dict:
-    """The sweep entry with the largest alpha whose expected sharpness is <= ``target`` (smallest KL)."""
-    ok = [r for r in rows if r["expected_sharpness"][0] <= target]
+    """The KL term at which the expected sharpness reaches ``target`` (Neyshabur et al.'s read-off).
+
+    The sweep is sorted by alpha; where the expected sharpness crosses ``target`` between two
+    consecutive alphas, ``log KL`` is interpolated linearly in expected sharpness
+    (``bracketed=True``). Otherwise the entry with the largest alpha whose expected sharpness is
+    <= ``target`` is returned (``bracketed=False``; its KL is then an upper bound of the read-off),
+    or NaNs when no alpha qualifies.
+    """
+    rows = sorted(rows, key=lambda r: r["alpha"])
+    ok = [i for i, r in enumerate(rows) if r["expected_sharpness"][0] <= target]
     if not ok:
-        return dict(alpha=float("nan"), kl=float("nan"), expected_sharpness=(float("nan"), float("nan"), 0), target=target)
-    r = max(ok, key=lambda r: r["alpha"])
-    return dict(r, target=target)
+        return dict(alpha=float("nan"), kl=float("nan"), expected_sharpness=(float("nan"), float("nan"), 0),
+                    target=target, bracketed=False)
+    i = max(ok)
+    if i + 1 < len(rows) and 0 < rows[i]["kl"] < math.inf and rows[i + 1]["kl"] > 0:
+        lo, hi = rows[i], rows[i + 1]
+        s0, s1 = lo["expected_sharpness"][0], hi["expected_sharpness"][0]
+        t = (target - s0) / (s1 - s0) if s1 > s0 else 0.0
+        kl = math.exp(math.log(lo["kl"]) + t * (math.log(hi["kl"]) - math.log(lo["kl"])))
+        alpha = math.exp(math.log(lo["alpha"]) + t * (math.log(hi["alpha"]) - math.log(lo["alpha"])))
+        return dict(alpha=alpha, kl=kl, expected_sharpness=(target, float("nan"), 0), target=target, bracketed=True,
+                    between_alphas=(lo["alpha"], hi["alpha"]))
+    return dict(rows[i], target=target, bracketed=False)

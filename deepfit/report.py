@@ -80,7 +80,7 @@ class ReportOptions:
     seed: int = 0
     sharpness_eps: float = 5e-4
     sharpness_steps: int = 10
-    pac_alphas: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
+    pac_alphas: tuple[float, ...] = (1e-4, 1e-3, 3e-3, 6e-3, 1e-2, 1.5e-2, 2e-2, 3e-2, 5e-2)
     pac_samples: int = 5
     pac_target: float = 0.1
     hessian_k: int = 3

@@ -258,6 +258,17 @@ def test_pac_bayes_sweep_returns_stderr_and_grows_with_alpha():
     assert pick["alpha"] >= 1e-3
 
 
+def test_pac_bayes_read_off_interpolates_log_kl():
+    rows = [dict(alpha=a, kl=kl, expected_sharpness=(s, 0.0, 3)) for a, kl, s in
+            [(0.01, 1e6, 0.0), (0.03, 1e5, 0.05), (0.1, 1e4, 0.25)]]
+    pick = M.pac_bayes_at_sharpness(rows[::-1], target=0.1)  # order of the sweep does not matter
+    assert pick["bracketed"]
+    # a quarter of the way from sharpness 0.05 to 0.25: log10 KL = 5 - 0.25
+    assert pick["kl"] == pytest.approx(10 ** 4.75, rel=1e-12)
+    assert M.pac_bayes_at_sharpness(rows, target=1.0)["kl"] == 1e4 and not M.pac_bayes_at_sharpness(rows, 1.0)["bracketed"]
+    assert math.isnan(M.pac_bayes_at_sharpness(rows, target=-1.0)["kl"])
+
+
 def test_bad_inputs_raise_clear_errors():
     net, X, y = _tiny_problem()
     with pytest.raises(InputError, match="labels"):
