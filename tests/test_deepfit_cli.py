@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from deepfit.cli import main
-from kernelfit.data import load_dataset
 
 TINY = ["--dataset", "mnist-subset", "--n-train", "128", "--n-test", "64", "--threads", "1", "--quiet",
         "--device", "cpu"]
@@ -36,14 +35,11 @@ def test_train_writes_record_with_provenance_and_clean_test_labels(tmp_path, cap
     assert rec["test_labels"] == "clean" and rec["data"]["randomization"]["test_labels_clean"] is True
     assert len(rec["history"]) == 2 and rec["epochs"] == 2
     assert rec["data"]["n_train"] == 128 and rec["data"]["n_test"] == 64
-    git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    assert rec["provenance"]["git"]["sha"] == git
+    git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
+    assert rec["provenance"]["git"]["sha"] == (git.stdout.strip() if git.returncode == 0 else None)
     assert rec["provenance"]["versions"]["torch"]
-    # The random labels differ from the dataset's own: recount independently from the reader.
-    ds = load_dataset("mnist-subset").subset(128, 64, seed=0)
-    assert rec["data"]["randomization"]["fraction_changed_train"] > 0.5
+    # Random labels change about 1 - 1/10 of the labels (binomial sd for n=128 is ~0.027).
     assert np.isclose(rec["data"]["randomization"]["fraction_changed_train"], 0.9, atol=0.1)
-    assert len(ds.y_train) == 128
     assert "fitted=" in capsys.readouterr().out
 
 
