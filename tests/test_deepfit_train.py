@@ -297,3 +297,31 @@ def test_image_size_the_model_cannot_take_is_refused():
     d = prepare_arrays(x, y, x, y, 10, crop=None)
     with pytest.raises(InputError, match="height/width"):
         train(TrainConfig(model="inception-small", crop=None, max_epochs=1), d, device="cpu")
+
+
+# ------------------------------------------------------------------ real data (through kernelfit's readers)
+
+@pytest.mark.data
+def test_prepare_data_on_real_mnist(shared_data_dir):
+    from deepfit.data import prepare_data
+    from kernelfit.data import load_dataset
+    cfg = TrainConfig(model="mlp2", dataset="mnist", variant="corrupt", p=0.5, n_train=200, n_test=100, data_seed=1)
+    d = prepare_data(cfg, data_dir=shared_data_dir)
+    assert d.x_train.shape == (200, 1, 28, 28) and d.input_shape == (1, 28, 28)
+    flat = d.x_train.reshape(200, -1)
+    torch.testing.assert_close(flat.mean(1), torch.zeros(200), atol=1e-5, rtol=0)
+    # Test labels stay clean: they equal the reader's own labels of the same subset.
+    ref = load_dataset("mnist", data_dir=shared_data_dir).subset(200, 100, seed=1)
+    assert torch.equal(d.y_test, torch.as_tensor(ref.y_test, dtype=torch.int64))
+    changed = float((d.y_train != torch.as_tensor(ref.y_train, dtype=torch.int64)).float().mean())
+    assert abs(changed - 0.5 * 0.9) < 0.12 and d.info["test_labels"] == "clean"
+
+
+@pytest.mark.data
+@pytest.mark.slow
+def test_prepare_data_on_cifar_crops_to_28(shared_data_dir):
+    from deepfit.data import prepare_data
+    if not (shared_data_dir / "cifar10-jpeg-q75.tar.gz").exists():
+        pytest.skip("cifar10-jpeg-q75.tar.gz not in the shared data dir")
+    d = prepare_data(TrainConfig(dataset="cifar10", n_train=100, n_test=50), data_dir=shared_data_dir)
+    assert d.x_train.shape == (100, 3, 28, 28) and d.x_test.shape == (50, 3, 28, 28)
