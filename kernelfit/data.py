@@ -36,7 +36,6 @@ import pickle
 import re
 import struct
 import tarfile
-import tempfile
 import urllib.error
 import urllib.request
 import warnings
@@ -50,6 +49,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from kernelfit.errors import ChecksumError, DataError, InputError, KernelfitError
+from kernelfit.results import atomic_file
 
 __all__ = [
     "CIFAR10_CLASSES",
@@ -738,34 +738,13 @@ def _load_cache(cache_file: Path, key: str):
         return None
 
 
-def _chmod_like_umask(path) -> None:
-    """mkstemp creates 0600 files; give the final file the permissions open() would."""
-    try:
-        with open("/proc/self/status") as f:  # reading the umask without changing it (Linux)
-            umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
-    except (OSError, StopIteration, ValueError, IndexError):
-        umask = 0o022
-    try:
-        os.chmod(path, 0o666 & ~umask)
-    except OSError:
-        pass
-
-
 def _save_cache(cache_file: Path, key: str, arrays) -> None:
     x_tr, y_tr, x_te, y_te, classes = arrays
     try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache_file.parent, prefix=f".{cache_file.name}.", suffix=".part")
-        try:
-            _chmod_like_umask(tmp)
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, x_train=x_tr, y_train=y_tr, x_test=x_te, y_test=y_te,
-                         classes=np.array(classes, dtype=str), key=np.array(key),
-                         version=np.array(_CACHE_VERSION))
-            os.replace(tmp, cache_file)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_file(cache_file, "wb") as f:
+            np.savez(f, x_train=x_tr, y_train=y_tr, x_test=x_te, y_test=y_te,
+                     classes=np.array(classes, dtype=str), key=np.array(key),
+                     version=np.array(_CACHE_VERSION))
     except OSError as e:
         warnings.warn(f"kernelfit: could not write the decoded-image cache {cache_file}: {e}. "
                       f"Set KERNELFIT_CACHE_DIR to a writable directory to speed up later loads.",
@@ -1092,14 +1071,12 @@ def _verify(path: Path, rf: RemoteFile) -> bool:
 
 
 def _fetch(url: str, dest: Path, rf: RemoteFile, timeout: float, progress: bool) -> None:
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    tmp = Path(tmp)
-    _chmod_like_umask(tmp)
+    """Stream url to dest; dest appears (atomically) only once every checksum matches."""
     sha, md5, n = hashlib.sha256(), hashlib.md5(usedforsecurity=False), 0
     bar = None
     try:
         req = urllib.request.Request(url, headers={"User-Agent": "kernelfit-data/1"})
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(req, timeout=timeout) as resp:
+        with atomic_file(dest, "wb") as out, urllib.request.urlopen(req, timeout=timeout) as resp:
             if progress:
                 from tqdm import tqdm
 
@@ -1112,16 +1089,14 @@ def _fetch(url: str, dest: Path, rf: RemoteFile, timeout: float, progress: bool)
                 n += len(chunk)
                 if bar is not None:
                     bar.update(len(chunk))
-        if rf.sha256 and sha.hexdigest() != rf.sha256:
-            raise _checksum_error("sha256", rf.sha256, sha.hexdigest(), dest, url, n, rf.size)
-        if rf.md5 and md5.hexdigest() != rf.md5:
-            raise _checksum_error("md5", rf.md5, md5.hexdigest(), dest, url, n, rf.size)
-        os.replace(tmp, dest)
+            # raising inside the block discards the temporary file: a mismatch never becomes dest
+            if rf.sha256 and sha.hexdigest() != rf.sha256:
+                raise _checksum_error("sha256", rf.sha256, sha.hexdigest(), dest, url, n, rf.size)
+            if rf.md5 and md5.hexdigest() != rf.md5:
+                raise _checksum_error("md5", rf.md5, md5.hexdigest(), dest, url, n, rf.size)
     except KernelfitError:
-        tmp.unlink(missing_ok=True)
         raise
     except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
-        tmp.unlink(missing_ok=True)
         if isinstance(e, urllib.error.HTTPError):
             reason = f"HTTP {e.code} {e.reason}"
         else:
@@ -1130,9 +1105,6 @@ def _fetch(url: str, dest: Path, rf: RemoteFile, timeout: float, progress: bool)
             f"could not download {url}: {reason}. If this machine has no network access, download "
             f"{dest.name} elsewhere and put it in {dest.parent}; or use --base-url to point at a mirror."
         ) from e
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     finally:
         if bar is not None:
             bar.close()

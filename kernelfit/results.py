@@ -275,6 +275,43 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    try:  # read the umask without changing it (Linux)
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return 0o022
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
+    """Open a temporary file beside ``path`` for writing; on a clean exit flush and fsync it, give it
+    the permissions ``open()`` would (mkstemp makes 0600 files) and ``os.replace`` it onto ``path``.
+
+    A reader sees the old file or the complete new one, never a partial one; an exception inside the
+    block (a checksum mismatch, a crash in a serializer) removes the temporary file and leaves
+    ``path`` untouched. The one place kernelfit and deepfit write results, caches and checkpoints.
+    """
+    path = Path(path)
+    directory = path.parent if str(path.parent) else Path(".")
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(directory))
+    try:
+        os.chmod(tmp_name, 0o666 & ~_umask())
+        with os.fdopen(fd, mode) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        try:
+            os.unlink(tmp_name)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(directory)
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any, overwrite: bool = False) -> Path:
     """Write ``obj`` as JSON to ``path`` atomically; return the resolved path.
 
@@ -293,28 +330,15 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, overwrite: bool = False
         raise IsADirectoryError(f"result path {str(path)!r} is a directory; expected a file path "
                                 f"such as {str(path / 'result.json')!r}.")
     text = dumps(obj) + "\n"
-    directory = path.parent if str(path.parent) else Path(".")
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(directory))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
+    with atomic_file(path, "w") as fh:
+        fh.write(text)
+        fh.flush()
         if not overwrite and path.exists():
             # Someone created it while we were writing: still never clobber it.
             raise FileExistsError(
                 f"refusing to overwrite {str(path)!r}, which appeared while writing; pass "
                 f"--overwrite (overwrite=True) or choose a new path."
             )
-        os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(directory)
     return path.resolve()
 
 

@@ -222,3 +222,33 @@ def test_versions_match_modules_and_no_torch_import_without_gpu_driver(tmp_path)
     import importlib.util
 
     assert has_torch_version == str(importlib.util.find_spec("torch") is not None)
+
+
+def test_atomic_files_get_umask_permissions_not_mkstemp_0600(tmp_path):
+    import os
+    import stat
+
+    from kernelfit.results import atomic_file, write_json_atomic
+
+    old = os.umask(0o022)
+    try:
+        p = write_json_atomic(tmp_path / "r.json", {"a": 1})
+        with atomic_file(tmp_path / "b.bin") as f:
+            f.write(b"x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(p).st_mode) == 0o644
+    assert stat.S_IMODE(os.stat(tmp_path / "b.bin").st_mode) == 0o644
+
+
+def test_atomic_file_leaves_target_untouched_on_error(tmp_path):
+    from kernelfit.results import atomic_file
+
+    target = tmp_path / "t.txt"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_file(target, "w") as f:
+            f.write("new, half written")
+            raise RuntimeError("crash")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["t.txt"]
