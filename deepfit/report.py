@@ -495,8 +495,8 @@ def _bandwidth(s: str):
         raise argparse.ArgumentTypeError(f"expected a positive number, 'median' or 'auto', got {s!r}") from None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="deepfit report", description=__doc__.split("\n")[0],
+def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="deepfit report", description=__doc__.split("\n")[0], add_help=add_help,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d = ReportOptions()
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="start from a preset, then apply the flags given")
@@ -543,6 +543,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     from kernelfit.results import provenance, write_json_atomic
 
     args = build_parser().parse_args(argv)
+    return _run_args(args, argv)
+
+
+def register_cli(subparsers) -> None:
+    """Hook for ``deepfit.cli``: adds the ``report`` subcommand (``_EXTENSIONS = ("deepfit.report",)``)."""
+    p = subparsers.add_parser("report", parents=[build_parser(add_help=False)], help="kernel-vs-network measures report",
+                              description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.set_defaults(func=lambda a: _run_args(a, None))
+
+
+def _run_args(args: argparse.Namespace, argv) -> int:
+    from kernelfit.results import provenance, write_json_atomic
+
     fields = {f.name for f in dataclasses.fields(ReportOptions)}
     kw = dict(PRESETS[args.preset]) if args.preset else {}
     kw.update({k: v for k, v in vars(args).items() if k in fields and v is not None})

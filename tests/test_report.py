@@ -41,6 +41,18 @@ def test_cli_rejects_bad_input(tmp_path, capsys):
     assert "comma-separated integers" in capsys.readouterr().err
 
 
+def test_register_cli_adds_report_subcommand(tmp_path, capsys):
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="deepfit")
+    sub = parser.add_subparsers(dest="command")
+    R.register_cli(sub)
+    a = parser.parse_args(["report", "--sizes", "5", "--out", str(tmp_path)])
+    assert a.sizes == (5,)
+    assert a.func(a) == 2
+    assert "sizes must be" in capsys.readouterr().err
+
+
 def test_report_end_to_end_tiny(tmp_path):
     out = tmp_path / "rep"
     argv = ["--dataset", "mnist-subset", "--sizes", "60,120", "--mix-true", "60", "--mix-random", "0,60",
