@@ -26,7 +26,7 @@ from kernelfit.errors import InputError, KernelfitError
 # The place for further subcommands (e.g. the measures' ``report``): list a module here that defines
 # ``register_cli(subparsers)``; each parser it adds sets ``func=callable(args) -> int`` via
 # set_defaults. Empty for now, so that `deepfit train` never imports the measure code.
-_EXTENSIONS: tuple[str, ...] = ()
+_EXTENSIONS: tuple[str, ...] = ("deepfit.report",)
 
 
 def _csv(cast):
@@ -243,14 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Hook: further subcommands (the measures/report side) register themselves here.
     for mod_name in _EXTENSIONS:
-        try:
-            mod = importlib.import_module(mod_name)
-        except ModuleNotFoundError as e:
-            if e.name != mod_name:
-                raise
-            continue
-        if hasattr(mod, "register_cli"):
-            mod.register_cli(sub)
+        importlib.import_module(mod_name).register_cli(sub)
     return parser
 
 

@@ -20,12 +20,13 @@ class NotPositiveDefiniteError(KernelfitError, ArithmeticError):
     def __init__(self, minor: int, n: int, dtype: str, jitter: float = 0.0):
         self.minor, self.n, self.dtype, self.jitter = int(minor), int(n), str(dtype), float(jitter)
         hint = 1e-6 if self.jitter == 0 else self.jitter * 100
+        precision = "" if self.dtype == "float64" else ", use mode 'float64' or 'mixed'"
         super().__init__(
             f"Gram matrix is not positive definite in {self.dtype}: the leading minor of order "
             f"{self.minor} (of n = {self.n}) failed (jitter = {self.jitter:g}). Duplicate or "
             f"near-duplicate points, or a bandwidth too large for this precision, cause this. "
-            f"Fix: add a tiny ridge, e.g. --jitter {hint:g} (KernelInterpolator(jitter={hint:g})), "
-            f"use mode 'float64' or 'mixed', or remove duplicate points."
+            f"Fix: add a tiny ridge, e.g. --jitter {hint:g} (KernelInterpolator(jitter={hint:g})){precision}, "
+            f"or remove duplicate points."
         )
 
 
