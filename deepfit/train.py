@@ -18,9 +18,8 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,6 +27,7 @@ import torch
 from torch import nn
 
 from kernelfit.errors import InputError
+from kernelfit.results import atomic_file
 
 from .models import MODELS, build_model, count_parameters
 
@@ -168,20 +168,8 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
 # --------------------------------------------------------------------------------------------
 
 def _save_atomic(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_file(path, "wb") as fh:
+        torch.save(obj, fh)
 
 
 def checkpoint_path(checkpoint_dir: str | os.PathLike, config: TrainConfig) -> Path:

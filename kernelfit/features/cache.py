@@ -24,6 +24,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import InputError
+from ..results import atomic_file
 
 __all__ = ["FeatureCache", "default_cache_dir", "hash_array", "config_hash", "cached_transform",
            "StaleCacheWarning"]
@@ -141,9 +142,8 @@ class FeatureCache:
             raise
         meta = {"key": key, "version": FORMAT_VERSION, "shape": list(shape),
                 "dtype": np.dtype(np.float32).str, "sha256": digest, **(meta_extra or {})}
-        tmp_meta = meta_path.with_suffix(f".tmp{os.getpid()}.json")
-        tmp_meta.write_text(json.dumps(meta, indent=1, default=str))
-        os.replace(tmp_meta, meta_path)
+        with atomic_file(meta_path, "w") as f:
+            json.dump(meta, f, indent=1, default=str)
         return np.load(npy, mmap_mode="r", allow_pickle=False)
 
 
