@@ -261,7 +261,7 @@ def _factor_and_solve(X64, Y, fdt, bandwidth, block, high: KernelOperator, optio
         except NotPositiveDefiniteError as exc:
             if not options.fallback_float64:
                 raise
-            X, report, reason = None, None, f"float32 factor broke down ({exc.minor}th leading minor)"
+            X, report, reason = None, None, f"float32 factor broke down (leading minor of order {exc.minor})"
         if reason is not None and options.fallback_float64:
             plan64 = plan_solve(n, X64.shape[1], Y.shape[1], "float64", block=block)
             if plan64.fits or options.force_memory:
