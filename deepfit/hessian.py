@@ -160,16 +160,17 @@ def _mean_se(xs):
     return float(a.mean()), float(a.std(ddof=1) / math.sqrt(len(a))), len(a)
 
 
+def _rademacher_samples(H, n_samples: int, seed: int, statistic) -> list[float]:
+    """statistic(z) for n_samples Rademacher vectors z drawn from a generator seeded with ``seed``."""
+    g = torch.Generator(device="cpu").manual_seed(int(seed))
+    return [statistic(_rademacher(H.dim, g, H.dtype, H.device)) for _ in range(n_samples)]
+
+
 def hessian_trace(H: HessianOperator, n_samples: int = 50, *, seed: int = 0) -> tuple[float, float, int]:
     """Hutchinson's estimate ``E[z^T H z]`` (z Rademacher) of ``tr H``: (estimate, stderr, n)."""
     if n_samples < 2:
         raise InputError(f"n_samples must be >= 2 to estimate a standard error, got {n_samples!r}.")
-    g = torch.Generator(device="cpu").manual_seed(int(seed))
-    xs = []
-    for _ in range(n_samples):
-        z = _rademacher(H.dim, g, H.dtype, H.device)
-        xs.append(float(z @ H.matvec(z)))
-    return _mean_se(xs)
+    return _mean_se(_rademacher_samples(H, n_samples, seed, lambda z: float(z @ H.matvec(z))))
 
 
 def hessian_frobenius(H: HessianOperator, n_samples: int = 50, *, seed: int = 0) -> tuple[float, float, int]:
@@ -179,12 +180,8 @@ def hessian_frobenius(H: HessianOperator, n_samples: int = 50, *, seed: int = 0)
     """
     if n_samples < 2:
         raise InputError(f"n_samples must be >= 2 to estimate a standard error, got {n_samples!r}.")
-    g = torch.Generator(device="cpu").manual_seed(int(seed))
-    xs = []
-    for _ in range(n_samples):
-        z = _rademacher(H.dim, g, H.dtype, H.device)
-        xs.append(float(H.matvec(z).double().pow(2).sum()))
-    m2, se2, n = _mean_se(xs)
+    m2, se2, n = _mean_se(_rademacher_samples(H, n_samples, seed,
+                                              lambda z: float(H.matvec(z).double().pow(2).sum())))
     f = math.sqrt(max(m2, 0.0))
     return f, (se2 / (2 * f) if f > 0 else float("inf")), n
 
