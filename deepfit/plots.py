@@ -39,6 +39,15 @@ def _p_of(rec: dict) -> float | None:
     return None
 
 
+def _save(plt, fig, path) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _title(records, what):
     ds = sorted({r["config"]["dataset"] for r in records})
     ds = ["CIFAR-10 (JPEG q75 copy)" if d == "cifar10" else d for d in ds]
@@ -57,18 +66,16 @@ def plot_loss_curves(records: Sequence[dict], path, model: str | None = None) ->
             label += f" p={r['config']['p']:g}"
         if len({x["config"]["seed"] for x in recs}) > 1:
             label += f" (seed {r['config']['seed']})"
+        # runs that differ only in their schedule would otherwise share a legend entry
+        if len({(x["config"].get("lr"), x["config"].get("lr_decay")) for x in recs}) > 1:
+            label += f" (lr x{r['config'].get('lr_decay'):g}/epoch)"
         # Only measured points: one per epoch, at the step count reached by its end.
         ax.plot([e["step"] / 1000 for e in h], [e["train_loss"] for e in h], ".-", label=label)
     ax.set_xlabel("thousand SGD steps")
     ax.set_ylabel("average training loss")
     ax.set_title(_title(recs, "Fig. 1a: learning curves"), fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def _by_model_p(records):
@@ -103,12 +110,7 @@ def plot_steps_to_fit(records: Sequence[dict], path) -> Path:
     ax.set_ylabel("thousand steps to reach target train accuracy")
     ax.set_title(_title(records, "Fig. 1b: convergence slowdown"), fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_test_error(records: Sequence[dict], path) -> Path:
@@ -127,12 +129,7 @@ def plot_test_error(records: Sequence[dict], path) -> Path:
     ax.set_ylim(0, 1)
     ax.set_title(_title(records, "Fig. 1c: generalization error growth"), fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_all(records: Sequence[dict], outdir, prefix: str = "deepfit") -> list[Path]:
