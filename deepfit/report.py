@@ -528,6 +528,8 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--sharpness-steps", type=int, default=None)
     g.add_argument("--pac-alphas", type=_floats, default=None)
     g.add_argument("--pac-samples", type=int, default=None)
+    g.add_argument("--pac-target", type=float, default=None,
+                   help="expected sharpness at which the PAC-Bayes KL is read off (default 0.1)")
     g.add_argument("--hessian-k", type=int, default=None, help="top Hessian eigenvalues (0: skip Hessian measures)")
     g.add_argument("--hessian-samples", type=int, default=None)
     g.add_argument("--basin-directions", type=int, default=None)

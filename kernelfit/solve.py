@@ -20,11 +20,12 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
-from .errors import InputError, MemoryPlanError, NotPositiveDefiniteError
+from .errors import InputError, MemoryPlanError
 from .gram import KernelOperator, build_gram_panels
 from .kernels import check_bandwidth, check_kernel, median_bandwidth
 from .linalg.memory import FACTOR_DTYPE, MODES, plan_solve, require_fits
-from .linalg.refine import float64_level_threshold, low_precision_solver, refine, with_row_sums
+from .linalg.mixed import solve_refined
+from .linalg.refine import float64_level_threshold
 from .linalg.tiled import SymmetricPanels, cho_solve, cholesky_flops
 
 
@@ -205,8 +206,6 @@ def _build_gram(X64, fdt, bandwidth, block, options: SolveOptions) -> SymmetricP
         G = build_gram_panels_device(Xc, options.kernel, bandwidth, block, fdt, device=options.device)
     else:
         G = build_gram_panels(Xc, options.kernel, bandwidth, block, fdt, options.progress)
-    if options.jitter:
-        G.add_to_diagonal(options.jitter)
     return G
 
 
@@ -232,49 +231,29 @@ def factor_panels(G: SymmetricPanels, options: SolveOptions) -> dict:
 
 
 def _factor_and_solve(X64, Y, fdt, bandwidth, block, high: KernelOperator, options: SolveOptions, timings):
-    """Gram, factor, solve. Always ends with K alpha recomputed in float64 from the data, which gives
-    the reported residual and the training predictions. Mixed mode refines with float64 residuals and,
-    when that cannot reach float64 level, re-factors in float64 if the memory plan allows (and says so).
-    Returns (alpha, K alpha, refinement report dict, factorization info dict)."""
+    """Gram, factor, solve (``linalg.mixed.solve_refined``). Always ends with K alpha recomputed in
+    float64 from the data, which gives the reported residual and the training predictions. Mixed mode
+    refines with float64 residuals and, when that cannot reach float64 level, re-factors in float64 if
+    the memory plan allows (and says so). Returns (alpha, K alpha, refinement report, factor info)."""
     n = Y.shape[0]
-    apply_high, k_inf = with_row_sums(lambda V: high.symmetric_matmul(V, progress=options.progress),
-                                      float(options.jitter))
+    mixed = options.mode == "mixed"
 
-    def attempt(dtype, max_iter, tol):
-        t = time.perf_counter()
-        G = _build_gram(X64, dtype, bandwidth, block, options)
-        timings["gram"] = timings.get("gram", 0.0) + time.perf_counter() - t
-        t = time.perf_counter()
-        info = factor_panels(G, options)
-        timings["factor"] = timings.get("factor", 0.0) + time.perf_counter() - t
-        t = time.perf_counter()
-        X, R, report = refine(low_precision_solver(cho_solve, G), apply_high, Y, k_inf, max_iter=max_iter, tol=tol)
-        timings["solve"] = timings.get("solve", 0.0) + time.perf_counter() - t
-        return X, R, report.to_dict(), info
+    def fallback_check():
+        plan64 = plan_solve(n, X64.shape[1], Y.shape[1], "float64", block=block)
+        if plan64.fits or options.force_memory:
+            return None
+        return MemoryPlanError(f"a float64 re-factorization would not fit in memory ({plan64.summary()})",
+                               plan=plan64)
 
-    if options.mode != "mixed":  # a direct solve: one float64 residual pass to report, no refinement steps
-        X, R, report, info = attempt(fdt, 0, None)
-    else:
-        try:
-            X, R, report, info = attempt(fdt, int(options.max_refine), options.refine_tol)
-            reason = None if report["float64_level"] else f"float32 refinement stopped: {report['stop_reason']}"
-        except NotPositiveDefiniteError as exc:
-            if not options.fallback_float64:
-                raise
-            X, report, reason = None, None, f"float32 factor broke down (leading minor of order {exc.minor})"
-        if reason is not None and options.fallback_float64:
-            plan64 = plan_solve(n, X64.shape[1], Y.shape[1], "float64", block=block)
-            if plan64.fits or options.force_memory:
-                first = report
-                X, R, report, info = attempt(np.float64, 2, options.refine_tol)
-                report.update(fallback=reason + "; re-factored in float64", refinement_float32=first)
-            elif X is None:
-                raise MemoryPlanError(f"{reason}, and a float64 re-factorization would not fit: {plan64.summary()}. "
-                                      f"Add a small jitter or use fewer points.", plan=plan64)
-            else:
-                report["fallback_skipped"] = f"float64 fallback would not fit in memory ({plan64.summary()})"
+    X, R, report, factors = solve_refined(
+        lambda dt: _build_gram(X64, dt, bandwidth, block, options), lambda G: factor_panels(G, options),
+        lambda V: high.symmetric_matmul(V, progress=options.progress), Y, dtype=fdt,
+        max_refine=int(options.max_refine) if mixed else 0,   # direct modes: one float64 residual pass
+        tol=options.refine_tol if mixed else None, jitter=float(options.jitter),
+        scale_diagonal=bool(options.tf32), fallback=fallback_check if mixed and options.fallback_float64 else None,
+        timings=timings)
     # training scores f(x_i) = (K alpha)_i, without the ridge term
-    return X, Y - R - float(options.jitter) * X, report, info
+    return X, Y - R - float(options.jitter) * X, report, factors[-1]
 
 
 def solve_gram(G: SymmetricPanels, Y, jitter: float = 0.0, backend: str = "auto", apply_high=None,
@@ -282,23 +261,25 @@ def solve_gram(G: SymmetricPanels, Y, jitter: float = 0.0, backend: str = "auto"
     """Solve G alpha = Y for a Gram already in panel storage (e.g. accumulated from feature blocks).
 
     G is overwritten by its factor. With ``apply_high`` (V -> G V in float64) the solution is refined
-    to float64 accuracy; without it, alpha has the accuracy of G's dtype. Returns (alpha, info).
+    to float64 accuracy; without it, alpha has the accuracy of G's dtype. ``jitter`` is added to G
+    before factoring: without ``apply_high`` it is a ridge; with it, only the factor is shifted (a
+    preconditioner) and the system refined is the one ``apply_high`` applies. Returns (alpha, info).
     """
+    from .linalg.factor import factor
+
     Y = check_targets(Y, G.n)
     if jitter:
         G.add_to_diagonal(jitter)
-    t = time.perf_counter()
-    from .linalg.factor import factor
-
-    info = {"factorization": factor(G, backend=backend, jitter=jitter).to_dict(), "factor_s": time.perf_counter() - t}
     if apply_high is None:
-        alpha = cho_solve(G, Y.astype(G.dtype)).astype(np.float64)
-        return alpha, info
-
-    apply, k_inf = with_row_sums(apply_high)
-    alpha, R, report = refine(low_precision_solver(cho_solve, G), apply, Y, k_inf, max_iter=max_refine)
-    info["refinement"] = report.to_dict()
-    return alpha, info
+        t = time.perf_counter()
+        info = {"factorization": factor(G, backend=backend, jitter=jitter).to_dict(),
+                "factor_s": time.perf_counter() - t}
+        return cho_solve(G, Y.astype(G.dtype)).astype(np.float64), info
+    timings = {}
+    alpha, _, report, factors = solve_refined(
+        lambda dt: G, lambda P: factor(P, backend=backend, jitter=jitter).to_dict(), apply_high, Y,
+        dtype=G.dtype, max_refine=max_refine, timings=timings)
+    return alpha, {"factorization": factors[-1], "factor_s": timings["factor"], "refinement": report}
 
 
 def classification_errors(scores, y) -> float:

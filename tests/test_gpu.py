@@ -13,7 +13,8 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch sees none)")]
 
 from kernelfit.linalg import backend_torch as bt  # noqa: E402
-from kernelfit.linalg.factor import factor, solve_mixed  # noqa: E402
+from kernelfit.linalg.factor import factor  # noqa: E402
+from kernelfit.linalg.mixed import solve_refined  # noqa: E402
 from kernelfit.linalg.outofcore import build_gram_panels_device, cholesky_out_of_core  # noqa: E402
 from kernelfit.linalg.tiled import SymmetricPanels, cholesky_inplace  # noqa: E402
 
@@ -77,9 +78,11 @@ def test_mixed_with_tf32_factor_refines_to_float64():
     X = rng.random((1500, 20))
     Y = rng.standard_normal((1500, 2))
     op = KernelOperator(X, "gaussian", 0.3, np.float64)
-    Xs, info = solve_mixed(lambda dt: build_gram_panels(X, "gaussian", 0.3, 256, dt), op.symmetric_matmul, Y,
-                           factor_kwargs={"device": "cuda", "tf32": True})
-    assert info["factors"][0]["tf32"] is True
+    Xs, _, info, factors = solve_refined(lambda dt: build_gram_panels(X, "gaussian", 0.3, 256, dt),
+                                         lambda G: factor(G, device="cuda", tf32=True).to_dict(),
+                                         op.symmetric_matmul, Y, dtype=np.float32, scale_diagonal=True,
+                                         fallback=lambda: None)
+    assert factors[0]["tf32"] is True
     K = np.exp(-cdist(X, X, "sqeuclidean") / (2 * 0.09))
     assert np.abs(K @ Xs - Y).max() < 1e-9 or info["fallback"]
 

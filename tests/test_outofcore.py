@@ -135,7 +135,8 @@ def test_gram_on_device_matches_cdist_and_numpy_builder():
 # --- factor(): the one entry point -------------------------------------------------------------
 
 from kernelfit.errors import InputError  # noqa: E402
-from kernelfit.linalg.factor import factor, plan_device_memory, solve_mixed  # noqa: E402
+from kernelfit.linalg.factor import factor, plan_device_memory  # noqa: E402
+from kernelfit.linalg.mixed import solve_refined  # noqa: E402
 
 
 @pytest.mark.parametrize("kwargs,path,backend", [
@@ -206,13 +207,21 @@ def _gram_problem(n, bandwidth, seed=0):
     return X, Y, (lambda dt: build_gram_panels(X, "gaussian", bandwidth, 16, dt)), op.symmetric_matmul
 
 
+def _solve_mixed(build, apply_high, Y, **kw):
+    """float32 factor with unit-diagonal scaling, float64 refinement, float64 fallback allowed."""
+    X, R, info, factors = solve_refined(build, lambda G: factor(G, **kw).to_dict(), apply_high, Y,
+                                        dtype=np.float32, scale_diagonal=True, fallback=lambda: None)
+    np.testing.assert_allclose(R, Y - apply_high(X), rtol=0, atol=1e-12)   # the residual it reports is real
+    return X, info, factors
+
+
 def test_mixed_reaches_float64_without_fallback_when_well_conditioned():
     X, Y, build, apply_high = _gram_problem(120, 0.15)
-    Xs, info = solve_mixed(build, apply_high, Y)
+    Xs, info, factors = _solve_mixed(build, apply_high, Y)
     K = np.exp(-scipy.spatial.distance.cdist(X, X, "sqeuclidean") / (2 * 0.15**2))
     np.testing.assert_allclose(Xs, scipy.linalg.solve(K, Y, assume_a="pos"), rtol=1e-9, atol=1e-9)
-    assert info["fallback"] is None and info["factor_dtype"] == "float32"
-    assert info["refinement"]["float64_level"]
+    assert info["fallback"] is None and info["factor_dtype"] == "float32" and len(factors) == 1
+    assert info["float64_level"] and info["scale_diagonal"]
 
 
 def test_mixed_falls_back_to_float64_on_ill_conditioned_gram_and_says_so():
@@ -220,8 +229,9 @@ def test_mixed_falls_back_to_float64_on_ill_conditioned_gram_and_says_so():
     X, Y, build, apply_high = _gram_problem(120, 1.2, seed=1)
     K = np.exp(-scipy.spatial.distance.cdist(X, X, "sqeuclidean") / (2 * 1.2**2))
     assert np.linalg.cond(K) > 1e8
-    Xs, info = solve_mixed(build, apply_high, Y)
+    Xs, info, factors = _solve_mixed(build, apply_high, Y)
     assert info["fallback"] and "float64" in info["fallback"] and info["factor_dtype"] == "float64"
+    assert len(factors) == 2 and not (info["refinement_float32"] or {}).get("float64_level")
     ref = scipy.linalg.solve(K, Y, assume_a="pos")
     r_ours = np.abs(K @ Xs - Y).max()
     r_ref = np.abs(K @ ref - Y).max()

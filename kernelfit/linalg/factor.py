@@ -13,9 +13,8 @@ Choices (falkon-style: decided from measured free memory, with force switches):
   free memory x 0.9, or ``device_memory_budget``), else out-of-core with that budget. ``False`` with a
   Gram that does not fit raises ``MemoryPlanError`` with both numbers; ``True`` always streams.
 
-``solve_mixed`` is the GPU-oriented mixed-precision driver: float32 (optionally TF32) factor with
-diagonal scaling, float64 refinement, and a float64 re-factorization when refinement does not reach
-float64 level - reported in the result, never silent.
+Mixed precision (float32 / TF32 factor, float64 refinement, float64 fallback) is driven by
+``kernelfit.linalg.mixed.solve_refined``, which calls ``factor`` for each attempt.
 """
 
 from __future__ import annotations
@@ -25,8 +24,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from ..errors import InputError, MemoryPlanError, NotPositiveDefiniteError
-from .tiled import SymmetricPanels, cho_solve, cholesky_flops, cholesky_inplace
+from ..errors import InputError, MemoryPlanError
+from .tiled import SymmetricPanels, cholesky_flops, cholesky_inplace
 
 BACKEND_CHOICES = ("auto", "numpy", "torch", "cupy")
 DEVICE_SAFETY = 0.90     # leave 10% of measured free device memory to the allocator / other tensors
@@ -329,60 +328,3 @@ def _factor_in_core(G, be_name, dev_name, start, hook, progress, jitter, info, n
 
     cholesky_inplace(D, backend="cupy", progress=progress, jitter=jitter, start_panel=start, on_panel_done=cp_hook)
     info.bytes_moved = {"h2d": G.nbytes, "d2h": G.nbytes}
-
-
-# --- mixed precision with a float64 fallback ------------------------------------------------------
-
-def solve_mixed(build_gram, apply_high, Y, *, max_refine: int = 10, scale_diagonal: bool = True,
-                factor_kwargs: dict | None = None, fallback: bool = True):
-    """Solve K X = Y: float32 factor (+ optional TF32 via factor_kwargs={'tf32': True}), float64
-    refinement; if refinement does not reach float64 level (or the float32 factor breaks down),
-    re-factor in float64 and say so.
-
-    build_gram(dtype) -> SymmetricPanels of K in that dtype (host panels).
-    apply_high(V) -> K V in float64 (e.g. kernelfit.gram.KernelOperator.symmetric_matmul).
-    Returns (X, info) with info["fallback"] None or the reason the float64 factor was used.
-    """
-    from .refine import low_precision_solver, refine, with_row_sums
-
-    Y = np.asarray(Y, dtype=np.float64)
-    squeeze = Y.ndim == 1
-    Y2 = Y[:, None] if squeeze else Y
-    kw = dict(factor_kwargs or {})
-    out = {"factor_dtype": "float32", "fallback": None, "scale_diagonal": bool(scale_diagonal), "factors": []}
-    high, k_inf = with_row_sums(apply_high)
-
-    def run(dtype, max_iter):
-        G = build_gram(dtype)
-        # Unit diagonal (D^-1/2 K D^-1/2) keeps float32 / TF32 pivots near 1; solves undo it.
-        d = np.sqrt(G.diagonal().astype(np.float64)) if scale_diagonal else None
-        if d is not None:
-            if not np.all(d > 0):
-                raise NotPositiveDefiniteError(minor=int(np.argmin(d > 0)) + 1, n=G.n, dtype=str(G.dtype))
-            inv = (1.0 / d).astype(G.dtype)
-            for s, P in zip(G.starts, G.panels):
-                P *= inv[s:, None]
-                P *= inv[None, s : s + P.shape[1]]
-        finfo = factor(G, **kw)
-        out["factors"].append(finfo.to_dict())
-
-        return refine(low_precision_solver(cho_solve, G, d), high, Y2, k_inf, max_iter=max_iter)
-
-    try:
-        X, R, report = run(np.float32, max_refine)
-        reason = None if report.float64_level else (
-            f"float32 refinement stopped at backward error {report.backward_error:.2e} ({report.stop_reason})")
-    except NotPositiveDefiniteError as exc:
-        X, report, reason = None, None, f"float32 factor broke down: {exc}"
-    out["refinement_float32"] = report.to_dict() if report is not None else None
-    if reason is not None and fallback:
-        out["fallback"] = reason + "; re-factored in float64"
-        out["factor_dtype"] = "float64"
-        X, R, report = run(np.float64, 2)
-    elif reason is not None:
-        out["fallback"] = None
-        out["warning"] = reason
-        if X is None:
-            raise NotPositiveDefiniteError(minor=0, n=Y2.shape[0], dtype="float32")
-    out["refinement"] = report.to_dict()
-    return (X[:, 0] if squeeze else X), out

@@ -1,0 +1,103 @@
+"""The one driver for "factor, solve, refine, fall back": used by the pipeline (``kernelfit.solve``),
+feature Grams (``kernelfit.table``) and the GPU benchmark.
+
+``solve_refined`` builds a Gram in the factor dtype, factors it where the caller's ``factor_gram``
+says (CPU, GPU in-core or out-of-core), solves through the factor and refines with float64 residuals
+``Y - K X`` from ``apply_high``. With a low-precision factor that cannot reach float64 level (K too
+ill-conditioned for float32, or a float32 breakdown), it re-factors in float64 when the caller's
+``fallback`` check allows it, and the report says so; it never falls back silently.
+
+Reports are plain dicts: the final ``RefinementReport`` fields plus ``factor_dtype``, ``fallback``
+(None or why the float64 factor was used), ``refinement_float32`` (the abandoned attempt's report),
+``fallback_skipped`` (why a needed fallback did not run) and ``scale_diagonal``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import numpy as np
+
+from ..errors import MemoryPlanError, NotPositiveDefiniteError
+from .refine import low_precision_solver, refine, with_row_sums
+from .tiled import cho_solve
+
+__all__ = ["solve_refined"]
+
+
+def _unit_diagonal(G):
+    """Scale G in place to D^-1/2 G D^-1/2 (unit diagonal); returns sqrt(diag G) in float64.
+
+    Keeps float32 / TF32 pivots near 1 whatever the kernel's scale; the solves undo it."""
+    d = np.sqrt(np.maximum(G.diagonal().astype(np.float64), 0.0))
+    if not np.all(d > 0):
+        raise NotPositiveDefiniteError(minor=int(np.argmin(d > 0)) + 1, n=G.n, dtype=str(G.dtype))
+    inv = (1.0 / d).astype(G.dtype)
+    for s, P in zip(G.starts, G.panels):
+        P *= inv[s:, None]
+        P *= inv[None, s : s + P.shape[1]]
+    return d
+
+
+def solve_refined(build_gram: Callable, factor_gram: Callable, apply_high: Callable, Y, *, dtype,
+                  max_refine: int = 10, tol: float | None = None, jitter: float = 0.0,
+                  scale_diagonal: bool = False, fallback: Callable[[], str | None] | None = None,
+                  timings: dict | None = None):
+    """Solve (K + jitter I) X = Y.
+
+    build_gram(dtype) -> ``SymmetricPanels`` of K (host numpy panels, no jitter: it is added here).
+    factor_gram(G) -> dict describing the factorization (G is overwritten by its factor).
+    apply_high(V) -> K V in float64 (no jitter; the ridge is applied here, in float64).
+    dtype: the factor dtype. ``max_refine = 0`` is a direct solve with one float64 residual pass.
+    fallback: None never re-factors (a float32 breakdown propagates); otherwise a check run when
+        the low-precision attempt fails, returning None when a float64 re-factorization may run, or
+        why not: a sentence, or a ``MemoryPlanError`` (not raised) whose plan is kept if this must raise.
+    timings: accumulates "gram", "factor", "solve" seconds.
+    Returns (X, R = Y - (K + jitter I) X, report dict, list of factor info dicts).
+    """
+    Y = np.asarray(Y, dtype=np.float64)
+    timings = {} if timings is None else timings
+    apply, k_inf = with_row_sums(apply_high, float(jitter))
+    factors = []
+
+    def attempt(dt, max_iter):
+        t = time.perf_counter()
+        G = build_gram(dt)
+        if jitter:
+            G.add_to_diagonal(jitter)
+        d = _unit_diagonal(G) if scale_diagonal else None
+        timings["gram"] = timings.get("gram", 0.0) + time.perf_counter() - t
+        t = time.perf_counter()
+        factors.append(factor_gram(G))
+        timings["factor"] = timings.get("factor", 0.0) + time.perf_counter() - t
+        t = time.perf_counter()
+        X, R, rep = refine(low_precision_solver(cho_solve, G, d), apply, Y, k_inf, max_iter=max_iter, tol=tol)
+        timings["solve"] = timings.get("solve", 0.0) + time.perf_counter() - t
+        return X, R, {**rep.to_dict(), "factor_dtype": np.dtype(dt).name, "fallback": None,
+                      "scale_diagonal": bool(scale_diagonal)}
+
+    if fallback is None or np.dtype(dtype) == np.float64:
+        X, R, report = attempt(dtype, int(max_refine))
+        return X, R, report, factors
+
+    try:
+        X, R, report = attempt(dtype, int(max_refine))
+        reason = None if report["float64_level"] else (
+            f"{np.dtype(dtype).name} refinement stopped at backward error {report['backward_error']:.2e} "
+            f"({report['stop_reason']})")
+    except NotPositiveDefiniteError as exc:
+        X, report, reason = None, None, f"{np.dtype(dtype).name} factor broke down (leading minor of order {exc.minor})"
+    if reason is None:
+        return X, R, report, factors
+    why_not = fallback()
+    if why_not is None:
+        first = report
+        X, R, report = attempt(np.float64, 2)
+        report.update(fallback=reason + "; re-factored in float64", refinement_float32=first)
+    elif X is None:
+        raise MemoryPlanError(f"{reason}, and {why_not}. Add a small jitter or use fewer points.",
+                              plan=getattr(why_not, "plan", None))
+    else:
+        report["fallback_skipped"] = str(why_not)
+    return X, R, report, factors
