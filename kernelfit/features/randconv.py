@@ -10,9 +10,16 @@ Pipeline for an image (H, W, C):
   6. sum pooling of each of the two maps over a ``pool_grid x pool_grid`` grid of image regions.
 So each filter gives ``2 * pool_grid**2`` features: 32,000 filters and a 2x2 grid give 256,000.
 
+Steps 1-4 run as one convolution of the image: whitening is linear, so it folds into the filters
+(``z = u . g - mu . g`` with ``g = W f``), and the per-patch normalization ``u = (x - m 1) / s`` does too:
+``x . g - m sum(g) = x . (g - mean(g) 1)``, so ``z = conv(x, g - mean(g)) / s - mu . g`` with ``m``, ``s``
+from box filters. Nothing of size (positions x p*p*C) is ever built, and the same code runs on any torch
+device (CPU, CUDA). Rectifier and pooling are one soft-threshold and two small matmuls with a 0/1 pooling
+matrix.
+
 The CIFAR-10 feature matrix at that size is ~60 GB (60,000 x 256,000 float32), so it is never built:
 ``accumulate_gram`` computes the features of all images for one block of filters at a time and adds
-that block's contribution ``Phi_b Phi_b^T`` to the Gram (train x train, test x train and the test
+that block's contribution ``Phi_b Phi_b^T`` (float32 GEMM, TF32 off, accumulated in float64) to the Gram (train x train, test x train and the test
 diagonal), optionally standardizing each feature with its training mean / std first (each block holds
 all images for its columns, so the statistics are exact). A Gaussian kernel on the features then follows
 from the squared distances ``g_ii + g_jj - 2 g_ij``.
@@ -20,7 +27,6 @@ from the squared distances ``g_ii + g_jj - 2 g_ij``.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import Iterator
 
@@ -229,57 +235,93 @@ class RandConvFeatures:
         edges = np.linspace(0, size, int(self.config.pool_grid) + 1).round().astype(int)
         return list(zip(edges[:-1], edges[1:]))
 
-    def _features_from_patches(self, wp: np.ndarray, filt: slice) -> np.ndarray:
-        """Features (B, 2 * g * g * Fb) of whitened patches for the filters ``filt``.
+    def _pool_matrix(self, oh: int, ow: int) -> np.ndarray:
+        """(oh*ow, g*g) 0/1 matrix: column c sums the positions of grid cell c (row-major cells)."""
+        g = int(self.config.pool_grid)
+        P = np.zeros((oh, ow, g * g), dtype=np.float32)
+        for i, (y0, y1) in enumerate(self._pool_bounds(oh)):
+            for j, (x0, x1) in enumerate(self._pool_bounds(ow)):
+                P[y0:y1, x0:x1, i * g + j] = 1.0
+        return P.reshape(oh * ow, g * g)
+
+    def _folded_filters(self, filt: slice, device):
+        """Conv weights (Fb, C, p, p) = centred ``W f`` and offsets ``mu . W f`` (Fb,) for the filters ``filt``."""
+        import torch
+
+        h, w, c = self.image_shape_
+        p = int(self.config.patch_size)
+        g = self.filters_[filt].astype(np.float64) @ self.whiten_.astype(np.float64)   # rows W f (W symmetric)
+        offset = g @ self.mean_.astype(np.float64)
+        g -= g.mean(axis=1, keepdims=True)      # absorbs the patch-mean subtraction
+        weight = g.reshape(-1, p, p, c).transpose(0, 3, 1, 2)   # patch order (dy, dx, c) -> conv (c, dy, dx)
+        return (torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32)).to(device),
+                torch.from_numpy(offset.astype(np.float32)).to(device).view(1, -1, 1, 1))
+
+    def _features_block(self, x: np.ndarray, weight, offset, pool, device):
+        """Features (B, 2 g^2 Fb) float32 torch tensor on ``device`` of images x (B, H, W, C).
 
         Column order: sign (+, -), then grid cell (row-major), then filter within the block.
-        The matmul, rectifiers and pooling run in torch (multi-threaded, in place) on CPU tensors
-        that share memory with the numpy arrays; the arithmetic is the same float32 as numpy's.
         """
+        import torch
+        import torch.nn.functional as F
+
+        p = int(self.config.patch_size)
+        xt = torch.from_numpy(np.ascontiguousarray(x)).to(device).permute(0, 3, 1, 2).float().contiguous()
+        if x.dtype == np.uint8:
+            xt /= 255.0
+        xt -= 0.5   # smaller magnitudes, fewer digits lost in the float32 dot products (filters sum to 0)
+        x64 = xt.double()
+        m = F.avg_pool2d(x64.mean(1, keepdim=True), p, stride=1)      # patch means (B, 1, oh, ow)
+        m2 = F.avg_pool2d((x64 * x64).mean(1, keepdim=True), p, stride=1)
+        inv_s = torch.rsqrt((m2 - m * m).clamp_min(0.0) + self.config.contrast_eps).float()
+        z = F.conv2d(xt, weight)                                        # (B, Fb, oh, ow)
+        z.mul_(inv_s).sub_(offset)
+        b, fb = z.shape[:2]
+        t = F.softshrink(z, float(self.config.bias)).view(b * fb, -1)  # relu(z - a) - relu(-z - a)
+        del z
+        shrunk = t @ pool
+        pos = t.relu_() @ pool
+        cells = pool.shape[1]
+        out = torch.cat([pos.view(b, fb, cells), (pos - shrunk).view(b, fb, cells)], dim=2)  # (B, Fb, 2 g^2)
+        return out.transpose(1, 2).reshape(b, -1)
+
+    def _torch_blocks(self, x: np.ndarray, filter_block: int, image_block: int | None, device):
+        """Yield ``(f0, f1, Phi_b)`` with Phi_b (N, 2 g^2 (f1 - f0)) float32 torch tensors on ``device``."""
         import torch
 
         h, w, _ = self.image_shape_
         p = int(self.config.patch_size)
-        oh, ow = h - p + 1, w - p + 1
-        wp_t = torch.from_numpy(np.ascontiguousarray(wp, dtype=np.float32))
-        fb = torch.from_numpy(np.ascontiguousarray(self.filters_[filt]))
-        z = torch.matmul(wp_t, fb.T)  # (B, oh*ow, Fb)
-        b = z.shape[0]
-        z = z.reshape(b, oh, ow, -1)
-        a = float(self.config.bias)
-        neg = torch.clamp_min(-z - a, 0.0)
-        pos = torch.clamp_min_(z.sub_(a), 0.0)  # in place on z: z is not needed afterwards
-        by, bx = self._pool_bounds(oh), self._pool_bounds(ow)
-        cells = []
-        for m in (pos, neg):
-            for y0, y1 in by:
-                rows = m[:, y0:y1].sum(dim=1)  # (B, ow, Fb)
-                for x0, x1 in bx:
-                    cells.append(rows[:, x0:x1].sum(dim=1))
-        return torch.cat(cells, dim=1).numpy()
-
-    def iter_filter_blocks(self, images, filter_block: int = 256, image_block: int = 256
-                           ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Yield ``(feature column indices, Phi_b (N, 2 g^2 Fb) float32)`` for blocks of filters.
-
-        Column indices refer to the layout of ``transform`` so that concatenating the blocks in those
-        columns reproduces the full feature matrix.
-        """
-        x = self._as_images(images)
+        pool = torch.from_numpy(self._pool_matrix(h - p + 1, w - p + 1)).to(device)
+        # CPU: small image blocks keep the (B, Fb, positions) maps in cache; a GPU wants big ones
+        ib = int(image_block or (16 if device.type == "cpu" else 1024))
         n = len(x)
         F = int(self.config.n_filters)
         cells = 2 * int(self.config.pool_grid) ** 2
         for f0 in range(0, F, filter_block):
             f1 = min(f0 + filter_block, F)
-            out = np.empty((n, cells * (f1 - f0)), dtype=np.float32)
-            for i0 in range(0, n, image_block):
-                wp = self.whitened_patches(x[i0 : i0 + image_block])
-                out[i0 : i0 + len(wp)] = self._features_from_patches(wp, slice(f0, f1))
-            cols = (np.arange(cells)[:, None] * F + np.arange(f0, f1)[None, :]).ravel()
-            yield cols, out
+            weight, offset = self._folded_filters(slice(f0, f1), device)
+            out = torch.empty((n, cells * (f1 - f0)), dtype=torch.float32, device=device)
+            for i0 in range(0, n, ib):
+                out[i0 : i0 + ib] = self._features_block(x[i0 : i0 + ib], weight, offset, pool, device)
+            yield f0, f1, out
 
-    def transform(self, images, filter_block: int = 256, image_block: int = 256,
-                  max_bytes: int | None = None) -> np.ndarray:
+    def iter_filter_blocks(self, images, filter_block: int = 256, image_block: int | None = None, device=None
+                           ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield ``(feature column indices, Phi_b (N, 2 g^2 Fb) float32 numpy)`` for blocks of filters.
+
+        Column indices refer to the layout of ``transform`` so that concatenating the blocks in those
+        columns reproduces the full feature matrix. ``device``: torch device for the computation
+        (default CPU).
+        """
+        x = self._as_images(images)
+        F = int(self.config.n_filters)
+        cells = 2 * int(self.config.pool_grid) ** 2
+        for f0, f1, out in self._torch_blocks(x, filter_block, image_block, _device(device)):
+            cols = (np.arange(cells)[:, None] * F + np.arange(f0, f1)[None, :]).ravel()
+            yield cols, out.cpu().numpy()
+
+    def transform(self, images, filter_block: int = 256, image_block: int | None = None,
+                  max_bytes: int | None = None, device=None) -> np.ndarray:
         """The full feature matrix (N, n_features) float32 -- only for small problems.
 
         Refuses with the plan (``MemoryPlanError``) when it would not fit; use ``accumulate_gram``.
@@ -298,7 +340,7 @@ class RandConvFeatures:
                 plan={"n": n, "n_features": self.n_features, "bytes": need, "limit": limit},
             )
         out = np.empty((n, self.n_features), dtype=np.float32)
-        for cols, block in self.iter_filter_blocks(x, filter_block, image_block):
+        for cols, block in self.iter_filter_blocks(x, filter_block, image_block, device):
             out[:, cols] = block
         return out
 
@@ -311,21 +353,29 @@ class RandConvFeatures:
                 "n_features": self.n_features, "full_feature_matrix_bytes": (n + m) * self.n_features * 4}
 
     def accumulate_gram(self, train_images, test_images=None, filter_block: int = 256,
-                        image_block: int = 256, standardize: bool = True, panels: bool = False,
+                        image_block: int | None = None, standardize: bool = True, panels: bool = False,
                         panel_block: int | None = None, max_bytes: int | None = None,
-                        progress=None) -> GramBlocks:
+                        progress=None, device=None) -> GramBlocks:
         """Gram matrices of the (optionally standardized) features, one filter block at a time.
 
         ``standardize``: each feature is centred and scaled by its mean / std over the *training*
         images (test images use the training statistics). ``panels=True`` accumulates the train Gram
         into the lead solver's ``kernelfit.linalg.tiled.SymmetricPanels`` (lower triangle only).
+        ``device``: torch device for features and Gram products (default CPU); on a GPU the Grams are
+        accumulated in device memory and copied to the host once at the end. Results are numpy float64.
         """
+        import torch
+
+        from ..linalg.backend_torch import tf32_disabled
+
+        dev = _device(device)
         xtr = self._as_images(train_images)
         xte = self._as_images(test_images) if test_images is not None else None
         n, m = len(xtr), (0 if xte is None else len(xte))
         plan = self.gram_plan(n, m, filter_block, panels)
         limit = max_bytes if max_bytes is not None else 0.8 * _available_bytes()
-        if plan["total_bytes"] > limit:
+        need = plan["total_bytes"] if dev.type == "cpu" else plan["gram_bytes"]   # host side
+        if need > limit:
             raise MemoryPlanError(
                 f"random-conv Gram accumulation needs {plan['total_bytes'] / 2**30:.1f} GiB (Gram "
                 f"{plan['gram_bytes'] / 2**30:.1f} GiB + two feature blocks of "
@@ -333,39 +383,72 @@ class RandConvFeatures:
                 f"allowed. Plan: reduce n, use panels=True (half the Gram), or a smaller filter_block.",
                 plan=plan,
             )
+        if dev.type == "cuda":
+            free = torch.cuda.mem_get_info(dev)[0]
+            if plan["total_bytes"] > 0.9 * free:
+                raise MemoryPlanError(
+                    f"random-conv Gram accumulation on {dev} needs {plan['total_bytes'] / 2**30:.1f} GiB of device "
+                    f"memory and {free / 2**30:.1f} GiB is free. Plan: panels=True, a smaller filter_block, or "
+                    f"device='cpu'.", plan=plan)
         x_all = xtr if xte is None else np.concatenate([xtr, xte])
+
+        def zeros(shape):   # CPU: numpy memory shared with torch (no copies); GPU: device tensors
+            if dev.type == "cpu":
+                return torch.from_numpy(np.zeros(shape, dtype=np.float64))
+            return torch.zeros(shape, dtype=torch.float64, device=dev)
+
         if panels:
             from ..linalg.tiled import SymmetricPanels
 
-            G = SymmetricPanels.empty(n, panel_block, np.float64)
-            for P in G.panels:
-                P[...] = 0.0
+            layout = SymmetricPanels.empty(n, panel_block, np.float64)
+            starts = layout.starts
+            G = [zeros(P.shape) for P in layout.panels]
+            del layout
         else:
-            G = np.zeros((n, n), dtype=np.float64)
-        dtr = np.zeros(n, dtype=np.float64)
-        C = np.zeros((m, n), dtype=np.float64) if m else None
-        dte = np.zeros(m, dtype=np.float64) if m else None
+            G = zeros((n, n))
+        dtr = zeros(n)
+        C = zeros((m, n)) if m else None
+        dte = zeros(m) if m else None
         done = 0
-        for _, phi in self.iter_filter_blocks(x_all, filter_block, image_block):
-            if standardize:
-                mu = phi[:n].mean(axis=0, dtype=np.float64)
-                sd = phi[:n].std(axis=0, dtype=np.float64)
-                # Constant features (e.g. a rectifier never active) carry nothing: zero them.
-                inv = np.where(sd > 1e-8 * max(sd.max(), 1e-30), 1.0 / np.where(sd > 0, sd, 1.0), 0.0)
-                phi -= mu.astype(np.float32)
-                phi *= inv.astype(np.float32)
-            ptr = phi[:n]
-            if panels:
-                for s, P in zip(G.starts, G.panels):
-                    P += ptr[s:] @ ptr[s : s + P.shape[1]].T
-            else:
-                G += ptr @ ptr.T
-            dtr += np.einsum("ij,ij->i", ptr, ptr, dtype=np.float64)
-            if m:
-                pte = phi[n:]
-                C += pte @ ptr.T
-                dte += np.einsum("ij,ij->i", pte, pte, dtype=np.float64)
-            done += phi.shape[1]
-            if progress is not None:
-                progress(done, self.n_features)
-        return GramBlocks(train=G, train_diag=dtr, cross=C, test_diag=dte, n_features=self.n_features)
+        with tf32_disabled():
+            for _, _, phi in self._torch_blocks(x_all, filter_block, image_block, dev):
+                if standardize:
+                    sd, mu = torch.std_mean(phi[:n].double(), dim=0, correction=0)
+                    # Constant features (e.g. a rectifier never active) carry nothing: zero them.
+                    keep = sd > 1e-8 * max(float(sd.max()), 1e-30)
+                    inv = torch.where(keep, 1.0 / torch.where(keep, sd, torch.ones_like(sd)), torch.zeros_like(sd))
+                    phi -= mu.float()
+                    phi *= inv.float()
+                ptr = phi[:n]
+                if panels:
+                    for s0, P in zip(starts, G):
+                        P += ptr[s0:] @ ptr[s0 : s0 + P.shape[1]].T
+                else:
+                    G += ptr @ ptr.T
+                dtr += (ptr * ptr).sum(dim=1, dtype=torch.float64)
+                if m:
+                    pte = phi[n:]
+                    C += pte @ ptr.T
+                    dte += (pte * pte).sum(dim=1, dtype=torch.float64)
+                done += phi.shape[1]
+                if progress is not None:
+                    progress(done, self.n_features)
+
+        def host(t):
+            return None if t is None else t.cpu().numpy()
+
+        if panels:
+            from ..linalg.tiled import SymmetricPanels
+
+            train = SymmetricPanels(n=n, block=G[0].shape[1], panels=[host(P) for P in G])
+        else:
+            train = host(G)
+        return GramBlocks(train=train, train_diag=host(dtr), cross=host(C), test_diag=host(dte),
+                          n_features=self.n_features)
+
+
+def _device(device):
+    """torch.device for feature computation: None -> CPU; CUDA requested without a GPU -> clear error."""
+    from ..linalg.backend_torch import resolve_device
+
+    return resolve_device("cpu" if device is None else device)
