@@ -29,7 +29,6 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -150,12 +149,13 @@ def _eigh_rows(Dtr, Dte, sigma, label_sets, y_test, lambdas, k):
     return out, info
 
 
-def _cholesky_rows_features(Ftr, Fte, sigma, label_sets, y_test, k, mode, max_refine=10, progress=False):
+def _cholesky_rows_features(Ftr, Fte, sigma, label_sets, y_test, k, mode, max_refine=10, progress=False,
+                            device=None):
     """Interpolant only, with the lead's tiled solver (data too large for eigh)."""
     from .solve import SolveOptions, run_interpolation
 
     opts = SolveOptions(kernel="gaussian", bandwidth=float(sigma), mode=mode, max_refine=max_refine,
-                        progress=progress)
+                        progress=progress, device=device)
     rec = run_interpolation(Ftr, label_sets, Fte, y_test, k, opts)
     out = {}
     for name, r in rec["results"].items():
@@ -167,16 +167,29 @@ def _cholesky_rows_features(Ftr, Fte, sigma, label_sets, y_test, k, mode, max_re
     return out, info
 
 
-def _cholesky_rows_panels(g, sigma_spec, label_sets, y_test, k, seed):
+def _gaussian_from_gram_inplace(A, row_sq, col_sq, sigma):
+    """A (a Gram block g_ij) becomes exp(-(g_ii + g_jj - 2 g_ij) / (2 sigma^2)) in place."""
+    A *= -2.0
+    A += row_sq[:, None]
+    A += col_sq[None, :]
+    np.maximum(A, 0.0, out=A)
+    A *= -1.0 / (2.0 * sigma * sigma)
+    np.exp(A, out=A)
+
+
+def _cholesky_rows_panels(g, sigma_spec, label_sets, y_test, k, seed, device=None, max_refine=10):
     """Interpolant only, from a feature Gram accumulated in panel storage (large n, no dense n x n).
 
-    The float64 panels of the feature Gram are turned into Gaussian-kernel panels in place
-    (``exp(-(g_ii + g_jj - 2 g_ij) / (2 sigma^2))``), copied to float32 for the lead's tiled Cholesky
-    (``solve_gram``), and kept in float64 for the refinement residuals ``K @ V``. Memory: n^2/2 x 12
-    bytes (+ the m x n test Gram): 15 GB at n = 50,000.
+    The float64 panels of the feature Gram and the test x train block become Gaussian-kernel blocks in
+    place; a float32 copy is factored (CPU, or ``device``) and the solution refined with float64
+    residuals ``K @ V`` from the float64 panels (``linalg.mixed.solve_refined``); if that cannot reach
+    float64 level, a float64 copy is factored instead when memory allows. The test block is kept in
+    float32 (predictions only). Memory: n^2/2 x 12 bytes + m x n x 4: 17 GB at n = 50,000, m = 10,000.
     """
+    from .linalg.factor import factor
+    from .linalg.memory import available_bytes
+    from .linalg.mixed import solve_refined
     from .linalg.tiled import SymmetricPanels
-    from .solve import solve_gram
 
     P64 = g.train
     d = g.train_diag
@@ -187,34 +200,37 @@ def _cholesky_rows_panels(g, sigma_spec, label_sets, y_test, k, seed):
     median = float(np.median(np.sqrt(np.maximum((d[:w0, None] + d[None, :w0] - 2 * top)[iu], 0.0))))
     sigma = _resolve_sigma(sigma_spec, median)
     for s0, P in zip(P64.starts, P64.panels):
-        w = P.shape[1]
-        P *= -2.0
-        P += d[s0:, None]
-        P += d[None, s0 : s0 + w]
-        np.maximum(P, 0.0, out=P)
-        P *= -1.0 / (2.0 * sigma * sigma)
-        np.exp(P, out=P)
-    Kt = g.test_diag[:, None] + d[None, :] - 2.0 * g.cross
-    np.maximum(Kt, 0.0, out=Kt)
-    Kt *= -1.0 / (2.0 * sigma * sigma)
-    np.exp(Kt, out=Kt)
-    G32 = SymmetricPanels(n=P64.n, block=P64.block, panels=[P.astype(np.float32) for P in P64.panels])
+        _gaussian_from_gram_inplace(P, d[s0:], d[s0 : s0 + P.shape[1]], sigma)
+    _gaussian_from_gram_inplace(g.cross, g.test_diag, d, sigma)
+    Kt = g.cross.astype(np.float32)   # test predictions only: float32 halves the m x n block during the solve
+    g.cross = None
     Y = np.hstack([np.eye(k)[y] for y in label_sets.values()])
-    alpha, info = solve_gram(G32, Y, apply_high=P64.symmetric_matmul)
-    del G32
-    fit = P64.symmetric_matmul(alpha)
-    scores = Kt @ alpha
+
+    def build(dtype):   # the factor's copy of K (the float64 panels stay for the residuals)
+        return SymmetricPanels(n=P64.n, block=P64.block, panels=[P.astype(dtype) for P in P64.panels])
+
+    def fallback():
+        need, avail = P64.nbytes, available_bytes()
+        return None if need < 0.9 * avail else (
+            f"a float64 copy of the Gram ({need / 2**30:.1f} GiB) would not fit in the {avail / 2**30:.1f} GiB available")
+
+    timings = {}
+    alpha, R, report, factors = solve_refined(build, lambda G: factor(G, device=device).to_dict(),
+                                              P64.symmetric_matmul, Y, dtype=np.float32, max_refine=max_refine,
+                                              fallback=fallback, timings=timings)
+    fit = Y - R
+    scores = np.vstack([Kt[r : r + 2048].astype(np.float64) @ alpha for r in range(0, len(Kt), 2048)])
     out = {}
     for i, (name, y) in enumerate(label_sets.items()):
         c = slice(i * k, (i + 1) * k)
-        R = Y[:, c] - fit[:, c]
         out[name] = {"interp": {"test_error": float(np.mean(np.argmax(scores[:, c], 1) != y_test)),
                                 "train_error": float(np.mean(np.argmax(fit[:, c], 1) != y)),
                                 "norm": float(np.sqrt(max(np.sum(alpha[:, c] * fit[:, c]), 0.0))),
-                                "residual_relative": float(np.linalg.norm(R) / np.linalg.norm(Y[:, c]))},
+                                "residual_relative": float(np.linalg.norm(R[:, c]) / np.linalg.norm(Y[:, c]))},
                      "ridge": None}
-    return out, {"solver": "kernelfit.solve.solve_gram (tiled Cholesky float32 + float64 refinement, "
-                           "panels)", **info}, sigma, median
+    return out, {"solver": "kernelfit.linalg.mixed.solve_refined (tiled Cholesky float32 + float64 refinement, "
+                           "panels)", "factorization": factors[-1], "refinement": report, "timings_s": timings}, \
+        sigma, median
 
 
 # ------------------------------------------------------------------------------------- rows
@@ -242,9 +258,25 @@ def run_row(row: str, args) -> dict:
 
         cfg = RandConvConfig(n_filters=args.filters, patch_size=args.patch_size, filters=args.filter_kind,
                              seed=args.seed)
+        from .features.cache import GramCache, hash_array
+
         fmap = RandConvFeatures(cfg).fit(ds.x_train)
-        g = fmap.accumulate_gram(ds.x_train, ds.x_test, filter_block=args.filter_block, standardize=True,
-                                 panels=not use_eigh)
+        cache = None if args.no_gram_cache else GramCache(args.cache_dir)
+        if cache is not None:
+            key = cache.key({"train": hash_array(ds.x_train), "test": hash_array(ds.x_test),
+                             "features": cfg.to_dict(), "standardize": True,
+                             "layout": "dense" if use_eigh else "panels"})
+            g = cache.load(key)
+            rec["gram_cache"] = {"dir": str(cache.dir), "key": key, "hit": g is not None}
+        if cache is None or g is None:
+            g = fmap.accumulate_gram(ds.x_train, ds.x_test, filter_block=args.filter_block, standardize=True,
+                                     panels=not use_eigh, device=args.device,
+                                     progress=_progress(args, "features + Gram"))
+            if cache is not None:   # before the solve: an hour of features survives a crash there
+                t_save = time.perf_counter()
+                cache.save(key, g, {"features": cfg.to_dict(), "dataset": rec["dataset"]})
+                timings["gram_cache_save_s"] = time.perf_counter() - t_save
+                print(f"[table] saved the feature Gram to {cache.dir} (key {key})", file=sys.stderr, flush=True)
         timings["features_and_gram_s"] = time.perf_counter() - t
         rec["features"] = {**cfg.to_dict(), "n_features": fmap.n_features, "standardized": True,
                            "kernel_on_features": "gaussian"}
@@ -255,7 +287,8 @@ def run_row(row: str, args) -> dict:
             sigma = _resolve_sigma(bw, median)
             res, info = _eigh_rows(Dtr, Dte, sigma, label_sets, ds.y_test, lambdas, k)
         else:
-            res, info, sigma, median = _cholesky_rows_panels(g, bw, label_sets, ds.y_test, k, args.seed)
+            res, info, sigma, median = _cholesky_rows_panels(g, bw, label_sets, ds.y_test, k, args.seed,
+                                                             device=args.device, max_refine=args.max_refine)
     else:
         if row.endswith("gabor"):
             from .features.cache import cached_transform
@@ -285,12 +318,30 @@ def run_row(row: str, args) -> dict:
             del Dtr, Dte
         else:
             res, info = _cholesky_rows_features(Ftr, Fte, sigma, label_sets, ds.y_test, k, args.mode,
-                                                args.max_refine, args.progress)
+                                                args.max_refine, args.progress, device=args.device)
     rec.update({"kernel": "gaussian", "bandwidth": float(sigma), "bandwidth_rule": args_bw_text(bw),
                 "median_distance": float(median), "results": res, "solver": info})
     timings["row_s"] = time.perf_counter() - t_row
     rec["timings"] = timings
     return rec
+
+
+def _progress(args, what):
+    """Progress callback (done, total) on stderr when --progress, else None."""
+    if not args.progress:
+        return None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(desc=what, unit="feature", unit_scale=True, mininterval=5.0, file=sys.stderr)
+
+    def update(done, total):
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+        if done >= total:
+            bar.close()
+
+    return update
 
 
 def args_bw_text(bw) -> str:
@@ -367,9 +418,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="precision of the tiled Cholesky (large n only)")
     ap.add_argument("--max-refine", type=int, default=10, help="mixed mode: at most this many refinement steps")
     ap.add_argument("--progress", action="store_true", help="progress bars on stderr (large n)")
+    ap.add_argument("--device", default=None,
+                    help="torch device for random-conv features + Grams and the large-n Cholesky (e.g. cuda); "
+                         "default: CPU")
     ap.add_argument("--no-random-labels", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--cache-dir", default=None, help="feature cache root (default: user cache dir)")
+    ap.add_argument("--cache-dir", default=None,
+                    help="cache root for features and random-conv Grams (default: $KERNELFIT_CACHE or the user cache dir)")
+    ap.add_argument("--no-gram-cache", action="store_true",
+                    help="do not save / reuse the accumulated random-conv Gram (n^2/2 x 8 bytes + test block on disk)")
     ap.add_argument("--out-dir", default="benchmarks/results")
     ap.add_argument("--tag", default=None, help="file name tag (default: derived from the sizes)")
     return ap

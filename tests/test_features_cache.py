@@ -77,3 +77,40 @@ def test_corrupt_entries_are_rebuilt_not_reused(setup, damage):
         warnings.simplefilter("error")  # the rebuilt entry is clean
         cached_transform(bank, x, cache)
     assert CountingBank.calls == 2
+
+
+# ------------------------------------------------------------------ Gram cache
+@pytest.mark.parametrize("panels", [False, True])
+def test_gram_cache_roundtrip_and_corruption(tmp_path, panels):
+    import warnings
+
+    from kernelfit.features.cache import GramCache, StaleCacheWarning
+    from kernelfit.features.randconv import RandConvFeatures
+
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, (23, 9, 9, 3), dtype=np.uint8)
+    fmap = RandConvFeatures(n_filters=5, patch_size=3, n_whitening_patches=500, seed=0).fit(imgs[:17])
+    g = fmap.accumulate_gram(imgs[:17], imgs[17:], filter_block=2, panels=panels, panel_block=5)
+    cache = GramCache(tmp_path)
+    key = cache.key({"what": "test", "panels": panels})
+    assert cache.load(key) is None
+    cache.save(key, g)
+    back = cache.load(key)
+    dense = (lambda t: t.to_dense()) if panels else (lambda t: t)
+    np.testing.assert_array_equal(dense(back.train), dense(g.train))
+    for name in ("train_diag", "cross", "test_diag"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(g, name))
+    assert back.n_features == g.n_features
+    if panels:
+        assert [P.shape for P in back.train.panels] == [P.shape for P in g.train.panels]
+        back.train.panels[0][0, 0] = 7.0   # loaded entries are writable (the table transforms them in place)
+    # one flipped byte in a part: detected, deleted, rebuilt by the caller
+    part = tmp_path / "grams" / f"{key}.cross.npy"
+    raw = bytearray(part.read_bytes())
+    raw[-3] ^= 0xFF
+    part.write_bytes(bytes(raw))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert cache.load(key) is None
+    assert any(issubclass(w.category, StaleCacheWarning) for w in caught)
+    assert not part.exists()

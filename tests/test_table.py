@@ -70,16 +70,19 @@ def test_tiny_table_matches_direct_solve(shared_data_dir, tmp_path):
 
 
 @pytest.mark.data
-@pytest.mark.slow
 def test_randconv_row_panels_path_matches_eigh_path(shared_data_dir, tmp_path):
     """Large-n path (Gram accumulated in panels, tiled Cholesky) == dense eigh path at small n."""
     common = ["--rows", "cifar-randconv", "--n-train-cifar", "300", "--n-test", "100", "--filters", "12",
               "--filter-block", "5", "--data-dir", str(shared_data_dir), "--out-dir", str(tmp_path),
-              "--no-random-labels"]
+              "--no-random-labels", "--cache-dir", str(tmp_path / "cache")]
     main(common + ["--tag", "eigh", "--lambdas", "0"])
     main(common + ["--tag", "panels", "--eigh-max-n", "100"])
+    main(common + ["--tag", "panels2", "--eigh-max-n", "100"])   # second run: Gram from the cache
     a = json.loads((tmp_path / "table_eigh.json").read_text())["rows"][0]
     b = json.loads((tmp_path / "table_panels.json").read_text())["rows"][0]
+    c = json.loads((tmp_path / "table_panels2.json").read_text())["rows"][0]
+    assert not b["gram_cache"]["hit"] and c["gram_cache"]["hit"] and c["gram_cache"]["key"] == b["gram_cache"]["key"]
+    assert c["results"] == b["results"]
     assert a["bandwidth"] == pytest.approx(b["bandwidth"], rel=1e-6)
     ia, ib = a["results"]["true"]["interp"], b["results"]["true"]["interp"]
     assert ia["test_error"] == ib["test_error"] and ib["train_error"] == 0.0

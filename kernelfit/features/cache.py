@@ -5,6 +5,9 @@ never inside the repository)::
 
     features/<key>.npy        the float32 feature matrix (written block by block through a memmap)
     features/<key>.json       metadata: key, data hash, config, shape, dtype, sha256 of the .npy file
+    grams/<key>.<part>.npy    an accumulated feature Gram (``GramCache``: train panels or dense, train
+                              diagonal, test x train block, test diagonal; float64)
+    grams/<key>.json          metadata: key, layout, shapes, sha256 of every part
 
 ``key = sha256(data hash, config, format version)``. On every load the metadata must match the key,
 the shape and the dtype, and the sha256 of the .npy bytes must match the one recorded when it was
@@ -26,7 +29,7 @@ import numpy as np
 from ..errors import InputError
 from ..results import atomic_file
 
-__all__ = ["FeatureCache", "default_cache_dir", "hash_array", "config_hash", "cached_transform",
+__all__ = ["FeatureCache", "GramCache", "default_cache_dir", "hash_array", "config_hash", "cached_transform",
            "StaleCacheWarning"]
 
 FORMAT_VERSION = 1
@@ -173,3 +176,108 @@ def cached_transform(feature_map, images, cache: FeatureCache | str | None = Non
 
     return cache.build(key, shape, fill, meta_extra={"data_hash": dh,
                                                      "config": feature_map.config.to_dict()})
+
+
+class GramCache:
+    """Accumulated feature Grams (``features.randconv.GramBlocks``) on disk, so an hour of feature and
+    Gram work survives a crash in the solve and a bandwidth change reuses it. Same rules as
+    ``FeatureCache``: every part's sha256 is checked on load; stale or corrupt entries are deleted with a
+    ``StaleCacheWarning`` and rebuilt."""
+
+    PARTS = ("train", "train_diag", "cross", "test_diag")
+
+    def __init__(self, root: str | os.PathLike | None = None):
+        self.root = Path(root).expanduser() if root is not None else default_cache_dir()
+        self.dir = self.root / "grams"
+
+    def key(self, description: dict) -> str:
+        payload = json.dumps({"gram": description, "v": FORMAT_VERSION}, sort_keys=True, default=str)
+        return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+    def _part(self, key: str, name: str) -> Path:
+        return self.dir / f"{key}.{name}.npy"
+
+    def _meta(self, key: str) -> Path:
+        return self.dir / f"{key}.json"
+
+    def delete(self, key: str) -> None:
+        for p in [self._meta(key)] + [self._part(key, n) for n in self.PARTS]:
+            try:
+                p.unlink()
+            except FileNotFoundError:
+                pass
+
+    def save(self, key: str, g, meta_extra: dict | None = None) -> Path:
+        """Write ``g`` (GramBlocks; panel storage is written as its panels one after another)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        panels = not isinstance(g.train, np.ndarray)
+        parts = {"train": g.train.panels if panels else [g.train], "train_diag": [g.train_diag],
+                 "cross": [g.cross], "test_diag": [g.test_diag]}
+        files = {}
+        for name, arrays in parts.items():
+            if arrays[0] is None:
+                continue
+            path = self._part(key, name)
+            tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
+            total = sum(a.size for a in arrays)
+            try:
+                mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float64, shape=(total,))
+                pos = 0
+                for a in arrays:
+                    mm[pos : pos + a.size] = a.ravel()
+                    pos += a.size
+                mm.flush()
+                del mm
+                files[name] = {"sha256": _file_sha256(tmp), "shape": list(arrays[0].shape) if len(arrays) == 1
+                               else [total]}
+                os.replace(tmp, path)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+        meta = {"key": key, "version": FORMAT_VERSION, "layout": "panels" if panels else "dense",
+                "n": int(len(g.train_diag)), "block": int(g.train.block) if panels else None,
+                "n_features": int(g.n_features), "files": files, **(meta_extra or {})}
+        with atomic_file(self._meta(key), "w") as f:
+            json.dump(meta, f, indent=1, default=str)
+        return self._meta(key)
+
+    def load(self, key: str):
+        """The cached ``GramBlocks`` (in memory, writable), or None when absent or stale (then deleted)."""
+        from ..linalg.tiled import SymmetricPanels
+        from .randconv import GramBlocks
+
+        if not self._meta(key).exists() and not self._part(key, "train").exists():
+            return None
+        problem = None
+        try:
+            meta = json.loads(self._meta(key).read_text())
+            if meta.get("key") != key or meta.get("version") != FORMAT_VERSION:
+                problem = "metadata key/version mismatch"
+            else:
+                arrays = {}
+                for name, info in meta["files"].items():
+                    path = self._part(key, name)
+                    if _file_sha256(path) != info["sha256"]:
+                        problem = f"content hash mismatch in {path.name} (file modified or truncated)"
+                        break
+                    arrays[name] = np.load(path, allow_pickle=False).reshape(info["shape"])
+        except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+            problem = f"unreadable ({type(e).__name__}: {e})"
+        if problem is None:
+            if meta["layout"] == "panels":
+                flat, panels, pos = arrays["train"], [], 0
+                n, block = meta["n"], meta["block"]
+                for s0 in SymmetricPanels.starts_for(n, block):
+                    shape = (n - s0, min(block, n - s0))
+                    size = shape[0] * shape[1]
+                    panels.append(flat[pos : pos + size].reshape(shape))
+                    pos += size
+                train = SymmetricPanels(n=n, block=block, panels=panels)
+            else:
+                train = arrays["train"]
+            return GramBlocks(train=train, train_diag=arrays["train_diag"], cross=arrays.get("cross"),
+                              test_diag=arrays.get("test_diag"), n_features=meta["n_features"])
+        warnings.warn(f"Gram cache entry {key} in {self.dir} is stale or corrupt ({problem}); deleting and "
+                      f"rebuilding it.", StaleCacheWarning, stacklevel=2)
+        self.delete(key)
+        return None

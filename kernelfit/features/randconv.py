@@ -413,7 +413,7 @@ class RandConvFeatures:
         with tf32_disabled():
             for _, _, phi in self._torch_blocks(x_all, filter_block, image_block, dev):
                 if standardize:
-                    sd, mu = torch.std_mean(phi[:n].double(), dim=0, correction=0)
+                    mu, sd = _column_stats(phi[:n])
                     # Constant features (e.g. a rectifier never active) carry nothing: zero them.
                     keep = sd > 1e-8 * max(float(sd.max()), 1e-30)
                     inv = torch.where(keep, 1.0 / torch.where(keep, sd, torch.ones_like(sd)), torch.zeros_like(sd))
@@ -422,15 +422,18 @@ class RandConvFeatures:
                 ptr = phi[:n]
                 if panels:
                     for s0, P in zip(starts, G):
-                        P += ptr[s0:] @ ptr[s0 : s0 + P.shape[1]].T
+                        _accumulate(P, ptr[s0:] @ ptr[s0 : s0 + P.shape[1]].T)
                 else:
-                    G += ptr @ ptr.T
+                    for r0 in range(0, n, _ROWS):
+                        _accumulate(G[r0 : r0 + _ROWS], ptr[r0 : r0 + _ROWS] @ ptr.T)
                 dtr += (ptr * ptr).sum(dim=1, dtype=torch.float64)
                 if m:
                     pte = phi[n:]
-                    C += pte @ ptr.T
+                    for r0 in range(0, m, _ROWS):   # row chunks: no m x n float32 temporary
+                        _accumulate(C[r0 : r0 + _ROWS], pte[r0 : r0 + _ROWS] @ ptr.T)
                     dte += (pte * pte).sum(dim=1, dtype=torch.float64)
                 done += phi.shape[1]
+                del phi, ptr
                 if progress is not None:
                     progress(done, self.n_features)
 
@@ -445,6 +448,35 @@ class RandConvFeatures:
             train = host(G)
         return GramBlocks(train=train, train_diag=host(dtr), cross=host(C), test_diag=host(dte),
                           n_features=self.n_features)
+
+
+_ROWS = 2048   # row chunk of the dense / cross Gram products (bounds the float32 temporaries)
+
+
+def _accumulate(dst, src):
+    """dst (float64) += src (float32). On the CPU through numpy, whose mixed-dtype add runs ~4x faster
+    than torch's (measured 1.2e9 vs 2.9e8 elements/s here); on a GPU in torch."""
+    if dst.device.type == "cpu":
+        d = dst.numpy()
+        np.add(d, src.numpy(), out=d)
+    else:
+        dst += src
+
+
+def _column_stats(phi, rows: int = 8192):
+    """Per-column mean and (population) std of a float32 tensor, accumulated in float64 by row chunks."""
+    import torch
+
+    n = phi.shape[0]
+    total = torch.zeros(phi.shape[1], dtype=torch.float64, device=phi.device)
+    for r0 in range(0, n, rows):
+        total += phi[r0 : r0 + rows].sum(dim=0, dtype=torch.float64)
+    mu = total / n
+    sq = torch.zeros_like(total)
+    mu32 = mu.float()
+    for r0 in range(0, n, rows):
+        sq += ((phi[r0 : r0 + rows] - mu32) ** 2).sum(dim=0, dtype=torch.float64)
+    return mu, torch.sqrt(sq / n)
 
 
 def _device(device):
