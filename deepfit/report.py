@@ -23,7 +23,6 @@ import argparse
 import base64
 import dataclasses
 import html
-import io
 import json
 import math
 import sys
@@ -421,7 +420,7 @@ def write_html(result: dict, figures: dict[str, Path], path: Path) -> Path:
              "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}th{background:#eee}img{max-width:100%}</style>",
              "</head><body>"]
     o = result["options"]
-    parts.append(f"<h1>Kernel vs network: complexity measures on true and random labels</h1>")
+    parts.append("<h1>Kernel vs network: complexity measures on true and random labels</h1>")
     parts.append(f"<p>Dataset <b>{html.escape(result['dataset']['name'])}</b>"
                  + (" (CIFAR-10 (JPEG q75 copy) when read from the shared data)" if result['dataset']['name'].startswith('cifar') else "")
                  + f", model <b>{html.escape(o['model'])}</b> (width {o['width']}), device {html.escape(result['device'])}, "
@@ -542,8 +541,6 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``deepfit report [options]``: run the report and write JSON, PNG and HTML. Returns an exit code."""
-    from kernelfit.results import provenance, write_json_atomic
-
     args = build_parser().parse_args(argv)
     return _run_args(args, argv)
 

@@ -14,7 +14,6 @@ Run as ``kernelfit ...`` (console script) or ``python -m kernelfit.cli ...``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from kernelfit.errors import InputError, MemoryPlanError
-from kernelfit.features.randconv import RandConvConfig, RandConvFeatures, zca_whitening
+from kernelfit.features.randconv import RandConvFeatures, zca_whitening
 
 
 @pytest.fixture(scope="module")

@@ -116,8 +116,6 @@ def test_bad_targets_and_labels():
 
 
 def test_memory_refusal_happens_before_allocation(monkeypatch):
-    import kernelfit.gram as gram
-
     def boom(*a, **k):
         raise AssertionError("allocated the Gram despite the plan")
 

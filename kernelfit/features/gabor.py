@@ -17,7 +17,7 @@ Output per image: for every (frequency, orientation) the modulus ``|real + i ima
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Iterator
 
 import numpy as np
