@@ -194,3 +194,14 @@ def test_kernel_matmul_torch_matches_kernel_operator():
     np.testing.assert_allclose(got.numpy(), op.symmetric_matmul(V), rtol=1e-12)
     got = bt.kernel_matmul_torch(torch.from_numpy(Z), Xt, torch.from_numpy(V), "gaussian", 0.9, rows=4)
     np.testing.assert_allclose(got.numpy(), np.exp(-cdist(Z, X, "sqeuclidean") / (2 * 0.81)) @ V, rtol=1e-12)
+
+
+def test_tf32_disabled_covers_cudnn_convolutions():
+    # cuDNN convolutions default to TF32 in torch >= 2.9; the random-conv features run inside tf32_disabled
+    conv = getattr(getattr(torch.backends, "cudnn", None), "conv", None)
+    if not bt._new_precision_api(torch) or not hasattr(conv, "fp32_precision"):
+        pytest.skip("this torch has no per-op fp32_precision for cuDNN convolutions")
+    before = conv.fp32_precision
+    with bt.tf32_disabled():
+        assert conv.fp32_precision == "ieee"
+    assert conv.fp32_precision == before

@@ -289,6 +289,8 @@ class RandConvFeatures:
         """Yield ``(f0, f1, Phi_b)`` with Phi_b (N, 2 g^2 (f1 - f0)) float32 torch tensors on ``device``."""
         import torch
 
+        from ..linalg.backend_torch import tf32_disabled
+
         h, w, _ = self.image_shape_
         p = int(self.config.patch_size)
         pool = torch.from_numpy(self._pool_matrix(h - p + 1, w - p + 1)).to(device)
@@ -301,8 +303,9 @@ class RandConvFeatures:
             f1 = min(f0 + filter_block, F)
             weight, offset = self._folded_filters(slice(f0, f1), device)
             out = torch.empty((n, cells * (f1 - f0)), dtype=torch.float32, device=device)
-            for i0 in range(0, n, ib):
-                out[i0 : i0 + ib] = self._features_block(x[i0 : i0 + ib], weight, offset, pool, device)
+            with tf32_disabled():   # cuDNN convolutions default to TF32 (10-bit mantissa)
+                for i0 in range(0, n, ib):
+                    out[i0 : i0 + ib] = self._features_block(x[i0 : i0 + ib], weight, offset, pool, device)
             yield f0, f1, out
 
     def iter_filter_blocks(self, images, filter_block: int = 256, image_block: int | None = None, device=None

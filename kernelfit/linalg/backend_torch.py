@@ -82,9 +82,12 @@ def _tf32(value: bool):
     torch = require_torch()
     if _new_precision_api(torch):
         knobs = [torch.backends.cuda.matmul]
-        mk = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
-        if mk is not None and hasattr(mk, "fp32_precision"):
-            knobs.append(mk)   # CPU (oneDNN) matmuls can also be lowered to reduced precision
+        # CPU (oneDNN) matmuls can also be lowered to reduced precision; cuDNN convolutions default
+        # to TF32 (torch.backends.cudnn.conv.fp32_precision == "tf32"), the random-conv features use them
+        for name, op in (("mkldnn", "matmul"), ("cudnn", "conv"), ("mkldnn", "conv")):
+            knob = getattr(getattr(torch.backends, name, None), op, None)
+            if knob is not None and hasattr(knob, "fp32_precision"):
+                knobs.append(knob)
         saved = [k.fp32_precision for k in knobs]
         for k in knobs:
             k.fp32_precision = "tf32" if value else "ieee"
@@ -118,7 +121,7 @@ def tf32_matmul_enabled() -> bool:
 
 
 def tf32_disabled():
-    """Context: float32 matmuls in full float32 (for Gram construction); restores the settings."""
+    """Context: float32 matmuls and convolutions in full float32 (Grams, features); restores the settings."""
     return _tf32(False)
 
 
