@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -55,32 +54,23 @@ def emit(record, out_path):
 
 
 def machine(device):
+    """kernelfit.results provenance (CPU model, cores, RAM, versions, git) plus the benchmarked GPU."""
     import torch
 
-    info = {"python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__,
-            "cpu": platform.processor() or platform.machine(), "cpu_cores": os.cpu_count()}
+    from kernelfit.results import provenance
+
+    prov = provenance()
+    info = {**prov["machine"], "versions": prov["versions"], "git": prov["git"], "gpu": None}
     try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+        import cupy
+
+        info["versions"]["cupy"] = cupy.__version__
+    except ImportError:
+        info["versions"]["cupy"] = None
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1)
         info["cuda"] = torch.version.cuda
-    try:
-        import cupy
-
-        info["cupy"] = cupy.__version__
-    except ImportError:
-        info["cupy"] = None
-    try:
-        import subprocess
-
-        info["git_sha"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                                         text=True).stdout.strip()
-    except OSError:
-        pass
     return info
 
 

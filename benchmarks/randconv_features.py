@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
@@ -60,6 +59,7 @@ def main(argv=None) -> int:
     import torch
 
     from kernelfit.features.randconv import RandConvConfig, RandConvFeatures
+    from kernelfit.results import machine_info
 
     if args.data_dir:
         from kernelfit.data import load_dataset
@@ -85,9 +85,7 @@ def main(argv=None) -> int:
     rec = {"kind": "randconv_features", "source": source, "n_images": len(x), "filters": args.filters,
            "n_features": fmap.n_features, "device": str(args.device or "cpu"), "ours_s": t_ours,
            "ours_gflops": flops / t_ours / 1e9,
-           "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                       "torch_threads": torch.get_num_threads(),
-                       "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}}
+           "machine": {**machine_info(), "torch_threads": torch.get_num_threads()}}
     if not args.no_reference:
         t = time.perf_counter()
         ref = np.empty_like(ours)

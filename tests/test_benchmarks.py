@@ -23,6 +23,7 @@ def test_randconv_features_benchmark_matches_reference_pipeline():
     assert rec["n_features"] == 24 * 8
     assert rec["max_rel_diff"] < 1e-5          # folded conv == patch matrix + whitening + matmul
     assert rec["ours_gflops"] > 0 and rec["speedup_vs_reference"] > 0
+    assert rec["machine"]["cpu_model"] and rec["machine"]["usable_cores"] >= 1   # which machine produced it
 
 
 @pytest.mark.data
@@ -37,3 +38,4 @@ def test_gpu_cholesky_benchmark_runs_on_cpu(shared_data_dir):
         assert r["residual_relative"] < 1e-12 and r["train_error"] == 0.0
         assert "torch.linalg.cholesky" in r["reference"]          # the reference ran in the same process
     assert rows[2]["factor"]["device_memory"]["peak_bytes"] <= 2 * 2**20
+    assert rows[0]["machine"]["cpu_model"] and rows[0]["machine"]["versions"]["numpy"]
