@@ -262,19 +262,34 @@ def run_row(row: str, args) -> dict:
 
         fmap = RandConvFeatures(cfg).fit(ds.x_train)
         cache = None if args.no_gram_cache else GramCache(args.cache_dir)
+        g = checkpoint = None
         if cache is not None:
             key = cache.key({"train": hash_array(ds.x_train), "test": hash_array(ds.x_test),
                              "features": cfg.to_dict(), "standardize": True,
                              "layout": "dense" if use_eigh else "panels"})
+            meta = {"features": cfg.to_dict(), "dataset": rec["dataset"]}
             g = cache.load(key)
-            rec["gram_cache"] = {"dir": str(cache.dir), "key": key, "hit": g is not None}
-        if cache is None or g is None:
+            rec["gram_cache"] = {"dir": str(cache.dir), "key": key, "hit": g is not None and g.complete,
+                                 "resumed_from_filters": None if g is None or g.complete else g.filters_done}
+            if g is not None and not g.complete:
+                print(f"[table] continuing the feature Gram checkpoint {key} after {g.filters_done} of "
+                      f"{cfg.n_filters} filters", file=sys.stderr, flush=True)
+
+            def checkpoint(partial):   # hours of features on a CPU survive an interruption
+                t_save = time.perf_counter()
+                cache.save(key, partial, meta)
+                timings["gram_checkpoints_s"] = timings.get("gram_checkpoints_s", 0.0) + time.perf_counter() - t_save
+                print(f"[table] feature Gram checkpoint: {partial.filters_done} of {cfg.n_filters} filters "
+                      f"({cache.dir}, key {key})", file=sys.stderr, flush=True)
+        if g is None or not g.complete:
             g = fmap.accumulate_gram(ds.x_train, ds.x_test, filter_block=args.filter_block, standardize=True,
                                      panels=not use_eigh, device=args.device,
-                                     progress=_progress(args, "features + Gram"))
+                                     progress=_progress(args, "features + Gram"),
+                                     checkpoint=checkpoint if args.gram_checkpoint_minutes > 0 else None,
+                                     checkpoint_every=60.0 * args.gram_checkpoint_minutes, resume=g)
             if cache is not None:   # before the solve: an hour of features survives a crash there
                 t_save = time.perf_counter()
-                cache.save(key, g, {"features": cfg.to_dict(), "dataset": rec["dataset"]})
+                cache.save(key, g, meta)
                 timings["gram_cache_save_s"] = time.perf_counter() - t_save
                 print(f"[table] saved the feature Gram to {cache.dir} (key {key})", file=sys.stderr, flush=True)
         timings["features_and_gram_s"] = time.perf_counter() - t
@@ -427,6 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="cache root for features and random-conv Grams (default: $KERNELFIT_CACHE or the user cache dir)")
     ap.add_argument("--no-gram-cache", action="store_true",
                     help="do not save / reuse the accumulated random-conv Gram (n^2/2 x 8 bytes + test block on disk)")
+    ap.add_argument("--gram-checkpoint-minutes", type=float, default=30.0,
+                    help="with the Gram cache, save the unfinished random-conv Gram this often so that an interrupted "
+                         "run continues where it stopped when rerun (0: never; default 30)")
     ap.add_argument("--out-dir", default="benchmarks/results")
     ap.add_argument("--tag", default=None, help="file name tag (default: derived from the sizes)")
     return ap
@@ -439,6 +457,9 @@ def run_table(args, argv=None) -> dict:
         raise InputError(f"unknown rows {bad}; expected a comma list among {', '.join(ROWS)}.")
     if any(l < 0 for l in args.lambdas) or 0.0 not in args.lambdas:
         raise InputError("--lambdas must be >= 0 and include 0 (the interpolant).")
+    if args.gram_checkpoint_minutes < 0:
+        raise InputError(f"--gram-checkpoint-minutes must be >= 0 (0 turns checkpoints off); got "
+                         f"{args.gram_checkpoint_minutes}.")
     from .results import machine_info, provenance
 
     record = {"kind": "kernelfit.table", "command": "kernelfit table " + " ".join(argv or []),

@@ -115,3 +115,69 @@ def test_bad_inputs(imgs, fmap):
         big.transform(np.zeros((50000, 10, 10, 3), np.uint8))  # 50000 x 256000 float32 = 48 GiB
     with pytest.raises(MemoryPlanError, match="Plan"):
         fmap.accumulate_gram(imgs, max_bytes=100)
+
+
+class _Interrupted(Exception):
+    pass
+
+
+@pytest.mark.parametrize("panels", [False, True])
+def test_interrupted_gram_accumulation_resumes_from_its_checkpoint(imgs, fmap, tmp_path, panels):
+    """A run killed after a checkpoint continues from the cache entry and ends with the uninterrupted Gram."""
+    from kernelfit.features.cache import GramCache
+
+    tr, te = imgs[:24], imgs[24:]
+    kw = dict(image_block=5, panels=panels, panel_block=10)
+    full = fmap.accumulate_gram(tr, te, filter_block=2, **kw)
+    cache = GramCache(tmp_path)
+    key = cache.key({"test": panels})
+    saved = []
+
+    def checkpoint_then_die(partial):
+        cache.save(key, partial)
+        saved.append(partial.filters_done)
+        if len(saved) == 2:   # the second checkpoint overwrites the first, then the "machine" dies
+            raise _Interrupted
+
+    with pytest.raises(_Interrupted):
+        fmap.accumulate_gram(tr, te, filter_block=2, checkpoint=checkpoint_then_die, checkpoint_every=0, **kw)
+    assert saved == [2, 4]                      # after every block (checkpoint_every=0), never after the last
+    partial = cache.load(key)
+    assert not partial.complete and partial.filters_done == 4
+    dense = (lambda t: t.to_dense()) if panels else (lambda t: t)
+    resumed = fmap.accumulate_gram(tr, te, filter_block=2, resume=partial, **kw)
+    assert resumed.complete
+    for name in ("train_diag", "cross", "test_diag"):    # same blocks, same order: bit for bit
+        np.testing.assert_array_equal(getattr(resumed, name), getattr(full, name))
+    np.testing.assert_array_equal(dense(resumed.train), dense(full.train))
+    # cut at another filter: each column is standardized on its own, so only float32 rounding differs
+    again = fmap.accumulate_gram(tr, te, filter_block=3, resume=cache.load(key), **kw)
+    np.testing.assert_allclose(dense(again.train), dense(full.train), rtol=1e-5, atol=1e-5 * np.abs(full.train_diag).max())
+
+
+def test_resume_refuses_a_checkpoint_of_another_accumulation(imgs, fmap, tmp_path):
+    tr, te = imgs[:24], imgs[24:]
+    parts = []
+    fmap.accumulate_gram(tr, te, filter_block=3, checkpoint=lambda p: parts.append(p.filters_done),
+                         checkpoint_every=0)
+    assert parts == [3, 6]
+
+    def partial(**kw):
+        got = []
+
+        def grab(p):
+            got.append(p)
+            raise _Interrupted
+        with pytest.raises(_Interrupted):
+            fmap.accumulate_gram(tr, te, filter_block=3, checkpoint=grab, checkpoint_every=0, **kw)
+        return got[0]
+
+    complete = fmap.accumulate_gram(tr, te, filter_block=3)
+    with pytest.raises(InputError, match="unfinished"):
+        fmap.accumulate_gram(tr, te, resume=complete)
+    with pytest.raises(InputError, match="train / .* test images"):
+        fmap.accumulate_gram(tr[:20], te, resume=partial())
+    with pytest.raises(InputError, match="layout"):
+        fmap.accumulate_gram(tr, te, panels=True, resume=partial())
+    with pytest.raises(InputError, match="panel block"):
+        fmap.accumulate_gram(tr, te, panels=True, panel_block=8, resume=partial(panels=True, panel_block=10))

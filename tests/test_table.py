@@ -26,6 +26,8 @@ def test_bad_rows_and_lambdas():
         run_table(build_parser().parse_args(["--rows", "mnist-hog"]))
     with pytest.raises(InputError, match="include 0"):
         run_table(build_parser().parse_args(["--lambdas", "0.1", "1"]))
+    with pytest.raises(InputError, match="gram-checkpoint-minutes"):
+        run_table(build_parser().parse_args(["--gram-checkpoint-minutes", "-1"]))
 
 
 def test_paper_numbers_are_cited():
@@ -70,7 +72,7 @@ def test_tiny_table_matches_direct_solve(shared_data_dir, tmp_path):
 
 
 @pytest.mark.data
-def test_randconv_row_panels_path_matches_eigh_path(shared_data_dir, tmp_path):
+def test_randconv_row_panels_path_matches_eigh_path(shared_data_dir, tmp_path, monkeypatch):
     """Large-n path (Gram accumulated in panels, tiled Cholesky) == dense eigh path at small n."""
     common = ["--rows", "cifar-randconv", "--n-train-cifar", "300", "--n-test", "100", "--filters", "12",
               "--filter-block", "5", "--data-dir", str(shared_data_dir), "--out-dir", str(tmp_path),
@@ -83,6 +85,25 @@ def test_randconv_row_panels_path_matches_eigh_path(shared_data_dir, tmp_path):
     c = json.loads((tmp_path / "table_panels2.json").read_text())["rows"][0]
     assert not b["gram_cache"]["hit"] and c["gram_cache"]["hit"] and c["gram_cache"]["key"] == b["gram_cache"]["key"]
     assert c["results"] == b["results"]
+    # a run killed after its first Gram checkpoint (5 of 12 filters) continues from it when rerun
+    from kernelfit.features.cache import GramCache
+
+    save = GramCache.save
+
+    def save_then_die(self, key, g, meta_extra=None):
+        save(self, key, g, meta_extra)
+        if not g.complete:
+            raise KeyboardInterrupt
+
+    fresh = common[:-1] + [str(tmp_path / "cache2"), "--eigh-max-n", "100", "--gram-checkpoint-minutes", "1e-9"]
+    with monkeypatch.context() as m:
+        m.setattr(GramCache, "save", save_then_die)
+        with pytest.raises(KeyboardInterrupt):
+            main(fresh + ["--tag", "killed"])
+    main(fresh + ["--tag", "resumed"])
+    d = json.loads((tmp_path / "table_resumed.json").read_text())["rows"][0]
+    assert d["gram_cache"]["resumed_from_filters"] == 5 and not d["gram_cache"]["hit"]
+    assert d["results"] == b["results"]
     assert a["bandwidth"] == pytest.approx(b["bandwidth"], rel=1e-6)
     ia, ib = a["results"]["true"]["interp"], b["results"]["true"]["interp"]
     assert ia["test_error"] == ib["test_error"] and ib["train_error"] == 0.0

@@ -182,7 +182,9 @@ class GramCache:
     """Accumulated feature Grams (``features.randconv.GramBlocks``) on disk, so an hour of feature and
     Gram work survives a crash in the solve and a bandwidth change reuses it. Same rules as
     ``FeatureCache``: every part's sha256 is checked on load; stale or corrupt entries are deleted with a
-    ``StaleCacheWarning`` and rebuilt."""
+    ``StaleCacheWarning`` and rebuilt. Checkpoints of an unfinished accumulation (``filters_done`` set)
+    are entries too, overwritten by the next one; a crash in the middle of such a rewrite leaves an entry
+    that fails its hash check, so it is rebuilt, never mixed."""
 
     PARTS = ("train", "train_diag", "cross", "test_diag")
 
@@ -236,7 +238,8 @@ class GramCache:
                 raise
         meta = {"key": key, "version": FORMAT_VERSION, "layout": "panels" if panels else "dense",
                 "n": int(len(g.train_diag)), "block": int(g.train.block) if panels else None,
-                "n_features": int(g.n_features), "files": files, **(meta_extra or {})}
+                "n_features": int(g.n_features), "filters_done": g.filters_done, "files": files,
+                **(meta_extra or {})}
         with atomic_file(self._meta(key), "w") as f:
             json.dump(meta, f, indent=1, default=str)
         return self._meta(key)
@@ -276,7 +279,8 @@ class GramCache:
             else:
                 train = arrays["train"]
             return GramBlocks(train=train, train_diag=arrays["train_diag"], cross=arrays.get("cross"),
-                              test_diag=arrays.get("test_diag"), n_features=meta["n_features"])
+                              test_diag=arrays.get("test_diag"), n_features=meta["n_features"],
+                              filters_done=meta.get("filters_done"))
         warnings.warn(f"Gram cache entry {key} in {self.dir} is stale or corrupt ({problem}); deleting and "
                       f"rebuilding it.", StaleCacheWarning, stacklevel=2)
         self.delete(key)

@@ -27,6 +27,7 @@ from the squared distances ``g_ii + g_jj - 2 g_ij``.
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
 from typing import Iterator
 
@@ -105,6 +106,8 @@ class GramBlocks:
 
     train: (n, n) Gram of the training features (or a ``SymmetricPanels`` when asked for panels);
     train_diag: (n,); cross: (m, n) test x train Gram (None without test images); test_diag: (m,).
+    filters_done: the number of filters accumulated so far when this is a checkpoint of an unfinished
+    accumulation (``accumulate_gram(resume=...)`` continues it); None when every filter is in.
     """
 
     train: object
@@ -112,6 +115,11 @@ class GramBlocks:
     cross: np.ndarray | None
     test_diag: np.ndarray | None
     n_features: int
+    filters_done: int | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.filters_done is None
 
     def squared_distances(self) -> tuple[np.ndarray, np.ndarray | None]:
         """(train x train, test x train) squared feature distances, clamped at 0 (dense only)."""
@@ -285,8 +293,9 @@ class RandConvFeatures:
         out = torch.cat([pos.view(b, fb, cells), (pos - shrunk).view(b, fb, cells)], dim=2)  # (B, Fb, 2 g^2)
         return out.transpose(1, 2).reshape(b, -1)
 
-    def _torch_blocks(self, x: np.ndarray, filter_block: int, image_block: int | None, device):
-        """Yield ``(f0, f1, Phi_b)`` with Phi_b (N, 2 g^2 (f1 - f0)) float32 torch tensors on ``device``."""
+    def _torch_blocks(self, x: np.ndarray, filter_block: int, image_block: int | None, device, start: int = 0):
+        """Yield ``(f0, f1, Phi_b)`` with Phi_b (N, 2 g^2 (f1 - f0)) float32 torch tensors on ``device``,
+        for the filters from ``start`` on."""
         import torch
 
         from ..linalg.backend_torch import tf32_disabled
@@ -299,7 +308,7 @@ class RandConvFeatures:
         n = len(x)
         F = int(self.config.n_filters)
         cells = 2 * int(self.config.pool_grid) ** 2
-        for f0 in range(0, F, filter_block):
+        for f0 in range(start, F, filter_block):
             f1 = min(f0 + filter_block, F)
             weight, offset = self._folded_filters(slice(f0, f1), device)
             out = torch.empty((n, cells * (f1 - f0)), dtype=torch.float32, device=device)
@@ -358,7 +367,8 @@ class RandConvFeatures:
     def accumulate_gram(self, train_images, test_images=None, filter_block: int = 256,
                         image_block: int | None = None, standardize: bool = True, panels: bool = False,
                         panel_block: int | None = None, max_bytes: int | None = None,
-                        progress=None, device=None) -> GramBlocks:
+                        progress=None, device=None, checkpoint=None, checkpoint_every: float = 1800.0,
+                        resume: GramBlocks | None = None) -> GramBlocks:
         """Gram matrices of the (optionally standardized) features, one filter block at a time.
 
         ``standardize``: each feature is centred and scaled by its mean / std over the *training*
@@ -366,6 +376,15 @@ class RandConvFeatures:
         into the lead solver's ``kernelfit.linalg.tiled.SymmetricPanels`` (lower triangle only).
         ``device``: torch device for features and Gram products (default CPU); on a GPU the Grams are
         accumulated in device memory and copied to the host once at the end. Results are numpy float64.
+
+        Long runs (hours on a CPU at full CIFAR-10 size) can be interrupted without losing the work:
+        ``checkpoint(partial)`` is called with the unfinished ``GramBlocks`` (``filters_done`` set) after
+        the first filter block that ends ``checkpoint_every`` seconds or more after the previous
+        checkpoint (0: after every block; on the CPU ``partial`` shares memory with the accumulators, so
+        save it before returning). ``resume=partial`` continues such a checkpoint of the same images and
+        configuration (the caller's cache key says so) in place, and ends with the same Gram as an
+        uninterrupted run: every feature column is standardized by its own statistics, so where the
+        filter blocks were cut does not matter.
         """
         import torch
 
@@ -395,26 +414,49 @@ class RandConvFeatures:
                     f"device='cpu'.", plan=plan)
         x_all = xtr if xte is None else np.concatenate([xtr, xte])
 
-        def zeros(shape):   # CPU: numpy memory shared with torch (no copies); GPU: device tensors
+        start = 0 if resume is None else self._check_resume(resume, n, m, panels, panel_block)
+
+        def zeros(shape, init=None):   # CPU: numpy memory shared with torch (no copies); GPU: device tensors
+            if init is not None:
+                return torch.from_numpy(init) if dev.type == "cpu" else torch.from_numpy(init).to(dev)
             if dev.type == "cpu":
                 return torch.from_numpy(np.zeros(shape, dtype=np.float64))
             return torch.zeros(shape, dtype=torch.float64, device=dev)
 
+        def part(name):
+            return None if resume is None else getattr(resume, name)
+
         if panels:
             from ..linalg.tiled import SymmetricPanels
 
-            layout = SymmetricPanels.empty(n, panel_block, np.float64)
+            layout = resume.train if resume is not None else SymmetricPanels.empty(n, panel_block, np.float64)
             starts = layout.starts
-            G = [zeros(P.shape) for P in layout.panels]
+            G = [zeros(P.shape, P if resume is not None else None) for P in layout.panels]
             del layout
         else:
-            G = zeros((n, n))
-        dtr = zeros(n)
-        C = zeros((m, n)) if m else None
-        dte = zeros(m) if m else None
-        done = 0
+            G = zeros((n, n), part("train"))
+        dtr = zeros(n, part("train_diag"))
+        C = zeros((m, n), part("cross")) if m else None
+        dte = zeros(m, part("test_diag")) if m else None
+        del resume
+        cells = 2 * int(self.config.pool_grid) ** 2
+        done = start * cells
+        F = int(self.config.n_filters)
+
+        def host(t):
+            return None if t is None else t.cpu().numpy()
+
+        def gram_blocks(filters_done=None):
+            if panels:
+                train = SymmetricPanels(n=n, block=G[0].shape[1], panels=[host(P) for P in G])
+            else:
+                train = host(G)
+            return GramBlocks(train=train, train_diag=host(dtr), cross=host(C), test_diag=host(dte),
+                              n_features=self.n_features, filters_done=filters_done)
+
+        last_checkpoint = time.perf_counter()
         with tf32_disabled():
-            for _, _, phi in self._torch_blocks(x_all, filter_block, image_block, dev):
+            for _, f1, phi in self._torch_blocks(x_all, filter_block, image_block, dev, start=start):
                 if standardize:
                     mu, sd = _column_stats(phi[:n])
                     # Constant features (e.g. a rectifier never active) carry nothing: zero them.
@@ -439,18 +481,33 @@ class RandConvFeatures:
                 del phi, ptr
                 if progress is not None:
                     progress(done, self.n_features)
+                if checkpoint is not None and f1 < F and time.perf_counter() - last_checkpoint >= checkpoint_every:
+                    checkpoint(gram_blocks(filters_done=f1))
+                    last_checkpoint = time.perf_counter()
+        return gram_blocks()
 
-        def host(t):
-            return None if t is None else t.cpu().numpy()
+    def _check_resume(self, resume: GramBlocks, n: int, m: int, panels: bool, panel_block) -> int:
+        """The filter to continue from; refuses a checkpoint that does not fit this accumulation."""
+        from ..linalg.tiled import SymmetricPanels
 
-        if panels:
-            from ..linalg.tiled import SymmetricPanels
-
-            train = SymmetricPanels(n=n, block=G[0].shape[1], panels=[host(P) for P in G])
-        else:
-            train = host(G)
-        return GramBlocks(train=train, train_diag=host(dtr), cross=host(C), test_diag=host(dte),
-                          n_features=self.n_features)
+        F = int(self.config.n_filters)
+        found_m = 0 if resume.cross is None else resume.cross.shape[0]
+        problems = []
+        if resume.complete or not 0 < resume.filters_done < F:
+            problems.append(f"filters_done = {resume.filters_done} (expected 1 .. {F - 1}: an unfinished run)")
+        if resume.n_features != self.n_features:
+            problems.append(f"{resume.n_features} features (this map has {self.n_features})")
+        if len(resume.train_diag) != n or found_m != m:
+            problems.append(f"{len(resume.train_diag)} train / {found_m} test images (given {n} / {m})")
+        if isinstance(resume.train, SymmetricPanels) != panels:
+            problems.append(f"{'panel' if not panels else 'dense'} layout (asked for panels={panels})")
+        elif panels and panel_block is not None and resume.train.block != panel_block:
+            problems.append(f"panel block {resume.train.block} (asked for {panel_block})")
+        if problems:
+            raise InputError("cannot resume this Gram accumulation from the given checkpoint: "
+                             + "; ".join(problems) + ". Resume with the images, configuration and layout "
+                             "that wrote it, or start again without resume.")
+        return int(resume.filters_done)
 
 
 _ROWS = 2048   # row chunk of the dense / cross Gram products (bounds the float32 temporaries)
