@@ -416,29 +416,29 @@ class RandConvFeatures:
 
         start = 0 if resume is None else self._check_resume(resume, n, m, panels, panel_block)
 
-        def zeros(shape, init=None):   # CPU: numpy memory shared with torch (no copies); GPU: device tensors
+        def accumulator(shape, name=None, init=None):
+            """Zeros, or the resumed checkpoint's part. CPU: numpy memory shared with torch; GPU: device tensor."""
+            if init is None and resume is not None and name is not None:
+                init = getattr(resume, name)
             if init is not None:
                 return torch.from_numpy(init) if dev.type == "cpu" else torch.from_numpy(init).to(dev)
             if dev.type == "cpu":
                 return torch.from_numpy(np.zeros(shape, dtype=np.float64))
             return torch.zeros(shape, dtype=torch.float64, device=dev)
 
-        def part(name):
-            return None if resume is None else getattr(resume, name)
-
         if panels:
             from ..linalg.tiled import SymmetricPanels
 
             layout = resume.train if resume is not None else SymmetricPanels.empty(n, panel_block, np.float64)
             starts = layout.starts
-            G = [zeros(P.shape, P if resume is not None else None) for P in layout.panels]
+            G = [accumulator(P.shape, init=P if resume is not None else None) for P in layout.panels]
             del layout
         else:
-            G = zeros((n, n), part("train"))
-        dtr = zeros(n, part("train_diag"))
-        C = zeros((m, n), part("cross")) if m else None
-        dte = zeros(m, part("test_diag")) if m else None
-        del resume
+            G = accumulator((n, n), "train")
+        dtr = accumulator(n, "train_diag")
+        C = accumulator((m, n), "cross") if m else None
+        dte = accumulator(m, "test_diag") if m else None
+        del resume   # its arrays now belong to the accumulators (updated in place on the CPU)
         cells = 2 * int(self.config.pool_grid) ** 2
         done = start * cells
         F = int(self.config.n_filters)
