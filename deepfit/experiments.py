@@ -101,11 +101,12 @@ def run_one(
         torch.set_num_threads(int(threads))
     if data is None:
         data = prepare_data(config, data_dir=data_dir)
+    prov = _provenance()   # before training: the code that runs, not what HEAD is when it ends
     result = train(config, data, device=device, checkpoint_dir=checkpoint_dir, log=log)
     record = dict(result.record)
     record["experiment"] = experiment
     record["threads"] = torch.get_num_threads()
-    record["provenance"] = _provenance()
+    record["provenance"] = prov
     if out is not None:
         _append(out, record)
     return record

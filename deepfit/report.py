@@ -570,12 +570,13 @@ def _run_args(args: argparse.Namespace, argv) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if args.threads:
         torch.set_num_threads(int(args.threads))
+    prov = provenance(["deepfit", "report", *(argv if argv is not None else sys.argv[1:])])   # the code that runs
     try:
         result = run_report(opts, device=args.device)
     except InputError as e:
         print(f"deepfit report: error: {e}", file=sys.stderr)
         return 2
-    result["provenance"] = provenance(["deepfit", "report", *(argv if argv is not None else sys.argv[1:])])
+    result["provenance"] = prov
     figures = make_plots(result, out)
     result["figures"] = {k: v.name for k, v in figures.items()}
     write_json_atomic(out / "report.json", result, overwrite=True)

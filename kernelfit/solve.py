@@ -309,6 +309,12 @@ def run_interpolation(X_train, label_sets: dict, X_test, y_test, num_classes: in
         if len(y_test) != X_test.shape[0]:
             raise InputError(f"X_test has {X_test.shape[0]} rows but y_test has {len(y_test)}.")
     Y = np.hstack([one_hot(y, num_classes) for y in sets.values()])
+    try:   # before the solve: the record names the code that ran, even if HEAD moves meanwhile
+        from .results import provenance
+
+        prov = provenance()
+    except ImportError:  # results.py is optional for library use
+        prov = None
 
     model = fit_interpolant(X_train, Y, options, n_test=0 if X_test is None else len(X_test))
     t = time.perf_counter()
@@ -341,10 +347,6 @@ def run_interpolation(X_train, label_sets: dict, X_test, y_test, num_classes: in
     }
     if extra:
         record.update(extra)
-    try:
-        from .results import provenance
-
-        record["provenance"] = provenance()
-    except ImportError:  # results.py is optional for library use
-        pass
+    if prov is not None:
+        record["provenance"] = prov
     return record

@@ -465,6 +465,7 @@ def run_table(args, argv=None) -> dict:
     record = {"kind": "kernelfit.table", "command": "kernelfit table " + " ".join(argv or []),
               "args": {k: v for k, v in vars(args).items()}, "rows": []}
     record["machine"] = machine_info()
+    record["provenance"] = provenance(argv)   # at the start: the code that runs, not what HEAD is hours later
     for row in rows:
         print(f"[table] running {row} ...", file=sys.stderr, flush=True)
         r = run_row(row, args)
@@ -473,7 +474,6 @@ def run_table(args, argv=None) -> dict:
             brief = {"row": row, "labels": name, "n_train": r["n_train"], "sigma": r["bandwidth"],
                      "interp": res.get("interp"), "ridge": res.get("ridge"), "seconds": r["timings"]["row_s"]}
             print(json.dumps(brief, default=float), flush=True)
-    record["provenance"] = provenance(argv)
     return record
 
 

@@ -108,3 +108,20 @@ def test_randconv_row_panels_path_matches_eigh_path(shared_data_dir, tmp_path, m
     ia, ib = a["results"]["true"]["interp"], b["results"]["true"]["interp"]
     assert ia["test_error"] == ib["test_error"] and ib["train_error"] == 0.0
     assert ia["norm"] == pytest.approx(ib["norm"], rel=1e-5)
+
+
+def test_provenance_is_taken_before_the_rows_run(monkeypatch):
+    """An hours-long table run records the code it started with, not the HEAD at its end."""
+    import kernelfit.results as results
+    import kernelfit.table as table
+
+    state = {"rows_started": False}
+    monkeypatch.setattr(results, "git_info", lambda: {"sha": "after" if state["rows_started"] else "before"})
+
+    def fake_row(row, args):
+        state["rows_started"] = True
+        return {"row": row, "results": {}}
+
+    monkeypatch.setattr(table, "run_row", fake_row)
+    record = run_table(build_parser().parse_args(["--rows", "mnist-pixels"]))
+    assert state["rows_started"] and record["provenance"]["git"]["sha"] == "before"
