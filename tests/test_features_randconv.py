@@ -150,6 +150,12 @@ def test_interrupted_gram_accumulation_resumes_from_its_checkpoint(imgs, fmap, t
     for name in ("train_diag", "cross", "test_diag"):    # same blocks, same order: bit for bit
         np.testing.assert_array_equal(getattr(resumed, name), getattr(full, name))
     np.testing.assert_array_equal(dense(resumed.train), dense(full.train))
+    # memory: a resumed run on the CPU needs only the feature blocks beyond the checkpoint it holds
+    plan = fmap.gram_plan(24, 6, 2, panels)
+    budget = plan["total_bytes"] - plan["gram_bytes"] // 2
+    with pytest.raises(MemoryPlanError, match="needs"):
+        fmap.accumulate_gram(tr, te, filter_block=2, max_bytes=budget, **kw)
+    fmap.accumulate_gram(tr, te, filter_block=2, max_bytes=budget, resume=cache.load(key), **kw)
     # cut at another filter: each column is standardized on its own, so only float32 rounding differs
     again = fmap.accumulate_gram(tr, te, filter_block=3, resume=cache.load(key), **kw)
     np.testing.assert_allclose(dense(again.train), dense(full.train), rtol=1e-5, atol=1e-5 * np.abs(full.train_diag).max())

@@ -395,15 +395,18 @@ class RandConvFeatures:
         xte = self._as_images(test_images) if test_images is not None else None
         n, m = len(xtr), (0 if xte is None else len(xte))
         plan = self.gram_plan(n, m, filter_block, panels)
+        start = 0 if resume is None else self._check_resume(resume, n, m, panels, panel_block)
         limit = max_bytes if max_bytes is not None else 0.8 * _available_bytes()
         need = plan["total_bytes"] if dev.type == "cpu" else plan["gram_bytes"]   # host side
+        if resume is not None and dev.type == "cpu":
+            need -= plan["gram_bytes"]   # the checkpoint's arrays are the accumulators, already in memory
         if need > limit:
             raise MemoryPlanError(
-                f"random-conv Gram accumulation needs {plan['total_bytes'] / 2**30:.1f} GiB (Gram "
-                f"{plan['gram_bytes'] / 2**30:.1f} GiB + two feature blocks of "
-                f"{plan['feature_block_bytes'] / 2**30:.2f} GiB), more than the {limit / 2**30:.1f} GiB "
-                f"allowed. Plan: reduce n, use panels=True (half the Gram), or a smaller filter_block.",
-                plan=plan,
+                f"random-conv Gram accumulation needs {need / 2**30:.1f} GiB more (Gram "
+                f"{plan['gram_bytes'] / 2**30:.1f} GiB{', already held by the checkpoint' if resume is not None and dev.type == 'cpu' else ''}"
+                f" + two feature blocks of {plan['feature_block_bytes'] / 2**30:.2f} GiB), more than the "
+                f"{limit / 2**30:.1f} GiB allowed. Plan: reduce n, use panels=True (half the Gram), or a smaller "
+                f"filter_block.", plan=plan,
             )
         if dev.type == "cuda":
             free = torch.cuda.mem_get_info(dev)[0]
@@ -413,8 +416,6 @@ class RandConvFeatures:
                     f"memory and {free / 2**30:.1f} GiB is free. Plan: panels=True, a smaller filter_block, or "
                     f"device='cpu'.", plan=plan)
         x_all = xtr if xte is None else np.concatenate([xtr, xte])
-
-        start = 0 if resume is None else self._check_resume(resume, n, m, panels, panel_block)
 
         def accumulator(shape, name=None, init=None):
             """Zeros, or the resumed checkpoint's part. CPU: numpy memory shared with torch; GPU: device tensor."""
