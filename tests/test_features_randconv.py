@@ -145,8 +145,12 @@ def test_interrupted_gram_accumulation_resumes_from_its_checkpoint(imgs, fmap, t
     partial = cache.load(key)
     assert not partial.complete and partial.filters_done == 4
     dense = (lambda t: t.to_dense()) if panels else (lambda t: t)
-    resumed = fmap.accumulate_gram(tr, te, filter_block=2, resume=partial, **kw)
+    calls = []
+    resumed = fmap.accumulate_gram(tr, te, filter_block=2, resume=partial, progress=lambda d, t: calls.append((d, t)),
+                                   **kw)
     assert resumed.complete
+    per_filter = fmap.n_features // 7
+    assert calls == [(6 * per_filter, fmap.n_features), (7 * per_filter, fmap.n_features)]   # counts from the checkpoint
     for name in ("train_diag", "cross", "test_diag"):    # same blocks, same order: bit for bit
         np.testing.assert_array_equal(getattr(resumed, name), getattr(full, name))
     np.testing.assert_array_equal(dense(resumed.train), dense(full.train))

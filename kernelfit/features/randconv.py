@@ -417,31 +417,30 @@ class RandConvFeatures:
                     f"device='cpu'.", plan=plan)
         x_all = xtr if xte is None else np.concatenate([xtr, xte])
 
-        def accumulator(shape, name=None, init=None):
-            """Zeros, or the resumed checkpoint's part. CPU: numpy memory shared with torch; GPU: device tensor."""
-            if init is None and resume is not None and name is not None:
-                init = getattr(resume, name)
-            if init is not None:
-                return torch.from_numpy(init) if dev.type == "cpu" else torch.from_numpy(init).to(dev)
+        def accumulator(shape, init=None):
+            """``init`` (a checkpoint's array) or zeros. CPU: numpy memory shared with torch; GPU: device tensor."""
             if dev.type == "cpu":
-                return torch.from_numpy(np.zeros(shape, dtype=np.float64))
+                return torch.from_numpy(init if init is not None else np.zeros(shape, dtype=np.float64))
+            if init is not None:
+                return torch.from_numpy(init).to(dev)
             return torch.zeros(shape, dtype=torch.float64, device=dev)
+
+        def resumed(name):
+            return None if resume is None else getattr(resume, name)
 
         if panels:
             from ..linalg.tiled import SymmetricPanels
 
             layout = resume.train if resume is not None else SymmetricPanels.empty(n, panel_block, np.float64)
             starts = layout.starts
-            G = [accumulator(P.shape, init=P if resume is not None else None) for P in layout.panels]
+            G = [accumulator(P.shape, P if resume is not None else None) for P in layout.panels]
             del layout
         else:
-            G = accumulator((n, n), "train")
-        dtr = accumulator(n, "train_diag")
-        C = accumulator((m, n), "cross") if m else None
-        dte = accumulator(m, "test_diag") if m else None
+            G = accumulator((n, n), resumed("train"))
+        dtr = accumulator(n, resumed("train_diag"))
+        C = accumulator((m, n), resumed("cross")) if m else None
+        dte = accumulator(m, resumed("test_diag")) if m else None
         del resume   # its arrays now belong to the accumulators (updated in place on the CPU)
-        cells = 2 * int(self.config.pool_grid) ** 2
-        done = start * cells
         F = int(self.config.n_filters)
 
         def host(t):
@@ -478,10 +477,9 @@ class RandConvFeatures:
                     for r0 in range(0, m, _ROWS):   # row chunks: no m x n float32 temporary
                         _accumulate(C[r0 : r0 + _ROWS], pte[r0 : r0 + _ROWS] @ ptr.T)
                     dte += (pte * pte).sum(dim=1, dtype=torch.float64)
-                done += phi.shape[1]
                 del phi, ptr
-                if progress is not None:
-                    progress(done, self.n_features)
+                if progress is not None:   # in features: every filter gives n_features / F of them
+                    progress(f1 * (self.n_features // F), self.n_features)
                 if checkpoint is not None and f1 < F and time.perf_counter() - last_checkpoint >= checkpoint_every:
                     checkpoint(gram_blocks(filters_done=f1))
                     last_checkpoint = time.perf_counter()
