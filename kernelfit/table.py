@@ -6,7 +6,8 @@
     mnist-gabor      Gaussian kernel on Gabor wavelet magnitudes (kernelfit.features.gabor)
     cifar-pixels     Gaussian kernel on pixels / 255           -- CIFAR-10 (JPEG q75 copy) here
     cifar-randconv   Gaussian kernel on standardized Coates-Ng random-conv features, the Gram
-                     accumulated filter block by filter block (kernelfit.features.randconv)
+                     accumulated filter block by filter block (kernelfit.features.randconv);
+                     --randconv-kernel linear uses the linear kernel of the features instead
 
 each with the true training labels and with random labels (kernelfit.randomize, seed given; the test
 labels stay true), and reports for the interpolant (lambda = 0) and for the best ridge
@@ -116,14 +117,27 @@ def _sqd(A: np.ndarray, B: np.ndarray) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------- solving
-def _eigh_rows(Dtr, Dte, sigma, label_sets, y_test, lambdas, k):
-    """Interpolant + LOO-chosen ridge for every label set, from one eigendecomposition."""
+def _gaussian(Dtr, Dte, sigma):
+    """(train, test x train) Gaussian-kernel matrices from squared distances."""
+    return np.exp(-Dtr / (2.0 * sigma * sigma)), np.exp(-Dte / (2.0 * sigma * sigma))
+
+
+def _linear_from_gram_inplace(A, n_features: int):
+    """A (a Gram block of standardized features) becomes the linear kernel (phi.phi' + 1) / n_features.
+
+    The features are centred over the training set, so their Gram is singular (G 1 = 0); the constant
+    feature (an intercept) makes it invertible, and dividing by the feature count puts the diagonal
+    near 1, like the Gaussian kernel's, so the same ridge lambdas mean the same thing.
+    """
+    A += 1.0
+    A /= float(n_features)
+    return A
+
+
+def _eigh_rows(K, Kt, label_sets, y_test, lambdas, k, t_gram=0.0):
+    """Interpolant + LOO-chosen ridge for every label set, from one eigendecomposition of K (consumed)."""
     from .ridge import EigenRidge
 
-    t = time.perf_counter()
-    K = np.exp(-Dtr / (2.0 * sigma * sigma))
-    Kt = np.exp(-Dte / (2.0 * sigma * sigma))
-    t_gram = time.perf_counter() - t
     t = time.perf_counter()
     er = EigenRidge(K, overwrite=True)
     del K
@@ -177,11 +191,12 @@ def _gaussian_from_gram_inplace(A, row_sq, col_sq, sigma):
     np.exp(A, out=A)
 
 
-def _cholesky_rows_panels(g, sigma_spec, label_sets, y_test, k, seed, device=None, max_refine=10):
+def _cholesky_rows_panels(g, sigma_spec, label_sets, y_test, k, seed, device=None, max_refine=10,
+                          kernel="gaussian"):
     """Interpolant only, from a feature Gram accumulated in panel storage (large n, no dense n x n).
 
-    The float64 panels of the feature Gram and the test x train block become Gaussian-kernel blocks in
-    place; a float32 copy is factored (CPU, or ``device``) and the solution refined with float64
+    The float64 panels of the feature Gram and the test x train block become Gaussian-kernel (or, with
+    ``kernel="linear"``, linear-kernel) blocks in place; a float32 copy is factored (CPU, or ``device``) and the solution refined with float64
     residuals ``K @ V`` from the float64 panels (``linalg.mixed.solve_refined``); if that cannot reach
     float64 level, a float64 copy is factored instead when memory allows. The test block is kept in
     float32 (predictions only). Memory: n^2/2 x 12 bytes + m x n x 4: 17 GB at n = 50,000, m = 10,000.
@@ -198,10 +213,16 @@ def _cholesky_rows_panels(g, sigma_spec, label_sets, y_test, k, seed, device=Non
     top = P64.panels[0][:w0, :w0]
     iu = np.triu_indices(w0, k=1)
     median = float(np.median(np.sqrt(np.maximum((d[:w0, None] + d[None, :w0] - 2 * top)[iu], 0.0))))
-    sigma = _resolve_sigma(sigma_spec, median)
-    for s0, P in zip(P64.starts, P64.panels):
-        _gaussian_from_gram_inplace(P, d[s0:], d[s0 : s0 + P.shape[1]], sigma)
-    _gaussian_from_gram_inplace(g.cross, g.test_diag, d, sigma)
+    if kernel == "linear":
+        sigma = None
+        for P in P64.panels:
+            _linear_from_gram_inplace(P, g.n_features)
+        _linear_from_gram_inplace(g.cross, g.n_features)
+    else:
+        sigma = _resolve_sigma(sigma_spec, median)
+        for s0, P in zip(P64.starts, P64.panels):
+            _gaussian_from_gram_inplace(P, d[s0:], d[s0 : s0 + P.shape[1]], sigma)
+        _gaussian_from_gram_inplace(g.cross, g.test_diag, d, sigma)
     Kt = g.cross.astype(np.float32)   # test predictions only: float32 halves the m x n block during the solve
     g.cross = None
     Y = np.hstack([np.eye(k)[y] for y in label_sets.values()])
@@ -257,7 +278,7 @@ def run_row(row: str, args) -> dict:
         from .features.randconv import RandConvConfig, RandConvFeatures
 
         cfg = RandConvConfig(n_filters=args.filters, patch_size=args.patch_size, filters=args.filter_kind,
-                             seed=args.seed)
+                             bias=args.randconv_bias, pool_grid=args.randconv_pool_grid, seed=args.seed)
         from .features.cache import GramCache, hash_array
 
         fmap = RandConvFeatures(cfg).fit(ds.x_train)
@@ -293,17 +314,27 @@ def run_row(row: str, args) -> dict:
                 timings["gram_cache_save_s"] = time.perf_counter() - t_save
                 print(f"[table] saved the feature Gram to {cache.dir} (key {key})", file=sys.stderr, flush=True)
         timings["features_and_gram_s"] = time.perf_counter() - t
+        kernel = args.randconv_kernel
         rec["features"] = {**cfg.to_dict(), "n_features": fmap.n_features, "standardized": True,
-                           "kernel_on_features": "gaussian"}
+                           "kernel_on_features": kernel}
         if use_eigh:
+            t = time.perf_counter()
             Dtr, Dte = g.squared_distances()
-            del g
             median = _median_distance_from_sqd(Dtr, seed=args.seed)
-            sigma = _resolve_sigma(bw, median)
-            res, info = _eigh_rows(Dtr, Dte, sigma, label_sets, ds.y_test, lambdas, k)
+            if kernel == "linear":
+                del Dtr, Dte
+                sigma = None
+                K, Kt = _linear_from_gram_inplace(g.train, g.n_features), _linear_from_gram_inplace(g.cross, g.n_features)
+            else:
+                sigma = _resolve_sigma(bw, median)
+                K, Kt = _gaussian(Dtr, Dte, sigma)
+                del Dtr, Dte
+            del g
+            res, info = _eigh_rows(K, Kt, label_sets, ds.y_test, lambdas, k, t_gram=time.perf_counter() - t)
         else:
             res, info, sigma, median = _cholesky_rows_panels(g, bw, label_sets, ds.y_test, k, args.seed,
-                                                             device=args.device, max_refine=args.max_refine)
+                                                             device=args.device, max_refine=args.max_refine,
+                                                             kernel=kernel)
     else:
         if row.endswith("gabor"):
             from .features.cache import cached_transform
@@ -329,12 +360,17 @@ def run_row(row: str, args) -> dict:
             t = time.perf_counter()
             Dtr, Dte = _sqd(Ftr, Ftr), _sqd(Fte, Ftr)
             timings["distances_s"] = time.perf_counter() - t
-            res, info = _eigh_rows(Dtr, Dte, sigma, label_sets, ds.y_test, lambdas, k)
+            t = time.perf_counter()
+            K, Kt = _gaussian(Dtr, Dte, sigma)
             del Dtr, Dte
+            res, info = _eigh_rows(K, Kt, label_sets, ds.y_test, lambdas, k, t_gram=time.perf_counter() - t)
         else:
             res, info = _cholesky_rows_features(Ftr, Fte, sigma, label_sets, ds.y_test, k, args.mode,
                                                 args.max_refine, args.progress, device=args.device)
-    rec.update({"kernel": "gaussian", "bandwidth": float(sigma), "bandwidth_rule": args_bw_text(bw),
+    linear = row == "cifar-randconv" and args.randconv_kernel == "linear"
+    rec.update({"kernel": "linear (phi.phi' + 1) / n_features" if linear else "gaussian",
+                "bandwidth": None if linear else float(sigma),
+                "bandwidth_rule": None if linear else args_bw_text(bw),
                 "median_distance": float(median), "results": res, "solver": info})
     timings["row_s"] = time.perf_counter() - t_row
     rec["timings"] = timings
@@ -393,7 +429,8 @@ def markdown_table(record: dict) -> str:
                 ptest += f" (ridge {_pct(paper['ridge_test_error'])})"
             lines.append(
                 f"| {r['row']} | {name} | {r['n_train']} / {r['n_test']} | {r['features']['n_features']} | "
-                f"{r['bandwidth']:.3g} | {_pct(it.get('test_error'))} | {_pct(it.get('train_error'))} | "
+                f"{_num(r['bandwidth'], '{:.3g}') if r['bandwidth'] is not None else 'linear'} | "
+                f"{_pct(it.get('test_error'))} | {_pct(it.get('train_error'))} | "
                 f"{_num(it.get('norm'))} | "
                 + (f"{rd['lambda']:g} | {_pct(rd['test_error'])} | {_pct(rd['train_error'])} | {_num(rd['norm'])}"
                    if rd else "not run | — | — | —")
@@ -418,6 +455,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--filter-block", type=int, default=250, help="filters per feature block")
     ap.add_argument("--patch-size", type=int, default=6)
     ap.add_argument("--filter-kind", choices=("gaussian", "patches"), default="patches")
+    ap.add_argument("--randconv-bias", type=float, default=0.25,
+                    help="random-conv rectifier threshold alpha in max(0, +-w.x - alpha) (Coates & Ng: 0.25)")
+    ap.add_argument("--randconv-pool-grid", type=int, default=2,
+                    help="random-conv sum-pooling grid per side (2: quadrants, 2 x 4 features per filter)")
+    ap.add_argument("--randconv-kernel", choices=("gaussian", "linear"), default="gaussian",
+                    help="kernel on the standardized random-conv features: gaussian (bandwidth from "
+                         "--bandwidth-cifar-randconv) or linear ((phi.phi' + 1) / n_features)")
     ap.add_argument("--gabor-frequencies", type=float, nargs="+", default=[0.15, 0.25, 0.35])
     ap.add_argument("--gabor-orientations", type=int, default=8)
     ap.add_argument("--gabor-pool", type=int, default=4)

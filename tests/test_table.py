@@ -125,3 +125,45 @@ def test_provenance_is_taken_before_the_rows_run(monkeypatch):
     monkeypatch.setattr(table, "run_row", fake_row)
     record = run_table(build_parser().parse_args(["--rows", "mnist-pixels"]))
     assert state["rows_started"] and record["provenance"]["git"]["sha"] == "before"
+
+
+@pytest.mark.data
+def test_randconv_linear_kernel_row_matches_scipy_on_explicit_features(shared_data_dir, tmp_path):
+    """--randconv-kernel linear (+ bias / pool options) == scipy on the standardized feature matrix."""
+    from kernelfit.data import load_dataset
+    from kernelfit.features.randconv import RandConvConfig, RandConvFeatures
+
+    common = ["--rows", "cifar-randconv", "--n-train-cifar", "120", "--n-test", "60", "--filters", "30",
+              "--filter-block", "7", "--randconv-bias", "0.5", "--randconv-pool-grid", "2",
+              "--randconv-kernel", "linear", "--data-dir", str(shared_data_dir), "--out-dir", str(tmp_path),
+              "--no-random-labels", "--cache-dir", str(tmp_path / "cache"), "--lambdas", "0", "0.01"]
+    main(common + ["--tag", "lin"])
+    main(common + ["--tag", "lin_panels", "--eigh-max-n", "50"])
+    rows = [json.loads((tmp_path / f"table_{t}.json").read_text())["rows"][0] for t in ("lin", "lin_panels")]
+    ds = load_dataset("cifar10", data_dir=shared_data_dir).subset(120, 60, seed=0)
+    fmap = RandConvFeatures(RandConvConfig(n_filters=30, filters="patches", bias=0.5, pool_grid=2, seed=0))
+    fmap.fit(ds.x_train)
+    Ftr = fmap.transform(ds.x_train).astype(np.float64)
+    Fte = fmap.transform(ds.x_test).astype(np.float64)
+    mu, sd = Ftr.mean(0), Ftr.std(0)
+    keep = sd > 1e-8 * sd.max()
+    Ztr = np.where(keep, (Ftr - mu) / np.where(keep, sd, 1.0), 0.0)
+    Zte = np.where(keep, (Fte - mu) / np.where(keep, sd, 1.0), 0.0)
+    D = Ftr.shape[1]
+    K, Kt = (Ztr @ Ztr.T + 1.0) / D, (Zte @ Ztr.T + 1.0) / D
+    Y = np.eye(10)[ds.y_train]
+    alpha = scipy.linalg.solve(K, Y, assume_a="pos")
+    err = np.mean(np.argmax(Kt @ alpha, 1) != ds.y_test)
+    for row in rows:
+        assert row["kernel"].startswith("linear") and row["bandwidth"] is None
+        assert row["features"]["bias"] == 0.5 and row["features"]["pool_grid"] == 2
+        assert row["features"]["kernel_on_features"] == "linear" and row["features"]["n_features"] == D == 240
+        it = row["results"]["true"]["interp"]
+        assert it["test_error"] == pytest.approx(err) and it["train_error"] == 0.0
+        assert it["norm"] == pytest.approx(np.sqrt(np.sum(alpha * Y)), rel=1e-4)
+    assert "| linear |" in (tmp_path / "table_lin.md").read_text()
+    # another bias is another feature map: its Gram is not taken from the cache
+    i = common.index("--randconv-bias") + 1
+    main(common[:i] + ["0.25"] + common[i + 1:] + ["--tag", "lin_b025"])
+    other = json.loads((tmp_path / "table_lin_b025.json").read_text())["rows"][0]
+    assert not other["gram_cache"]["hit"] and other["gram_cache"]["key"] != rows[0]["gram_cache"]["key"]
