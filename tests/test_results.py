@@ -60,6 +60,18 @@ def test_provenance_cpu_model_from_proc_cpuinfo():
         assert provenance()["machine"]["cpu_model"] == names[0]
 
 
+def test_cpu_details_name_family_model_and_vector_extensions(tmp_path):
+    """Two VMs both called "AMD EPYC" differ 2x in BLAS speed: records keep family, model and SIMD flags."""
+    fake = tmp_path / "cpuinfo"
+    fake.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n"
+                    "model name\t: AMD EPYC\nflags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16 avx512bw\n\n"
+                    "processor\t: 1\ncpu family\t: 99\nflags\t\t: fpu\n")
+    assert results._cpu_details(str(fake)) == {"cpu_family": "26", "model": "2",
+                                               "simd": ["avx2", "fma", "avx512f", "avx512_bf16"]}
+    assert results._cpu_details(str(tmp_path / "missing")) == {}
+    assert "simd" in results.machine_info()["cpu"] or not Path("/proc/cpuinfo").exists()
+
+
 def test_git_info_outside_git_is_none_and_does_not_crash(tmp_path):
     info = results.git_info(tmp_path)
     assert info == {"sha": None, "dirty": None, "branch": None, "root": None}
