@@ -111,15 +111,25 @@ def tune_randconv(argv) -> int:
                     help="RandConvConfig overrides, comma-separated key=value (filters=patches|gaussian, "
                          "bias, pool_grid, patch_size, zca_eps)")
     ap.add_argument("--factors", type=float, nargs="+", default=[0.25, 0.35, 0.5, 0.7, 1.0])
+    ap.add_argument("--validation", action="store_true",
+                    help="evaluate on n-test held-out *training* images (for choosing a recipe without "
+                         "touching the test set)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     from kernelfit.data import load_dataset
     from kernelfit.features.randconv import RandConvConfig, RandConvFeatures
     from kernelfit.results import machine_info
 
-    ds = load_dataset("cifar10", data_dir=args.data_dir).subset(args.n_train, args.n_test, seed=args.seed)
+    ds = load_dataset("cifar10", data_dir=args.data_dir)
+    if args.validation:   # a stratified sample of the training set, in random order, split in two
+        ds = ds.subset(args.n_train + args.n_test, 1, seed=args.seed)
+        ds.x_test, ds.y_test = ds.x_train[args.n_train:], ds.y_train[args.n_train:]
+        ds.x_train, ds.y_train = ds.x_train[: args.n_train], ds.y_train[: args.n_train]
+    else:
+        ds = ds.subset(args.n_train, args.n_test, seed=args.seed)
     Y = np.eye(10)[ds.y_train]
     print(json.dumps({"machine": machine_info(), "n_train": args.n_train, "n_test": args.n_test,
+                      "evaluated_on": "held-out training images" if args.validation else "test images",
                       "filters": args.filters, "source": "CIFAR-10 (JPEG q75 copy)"}), flush=True)
     casts = {"bias": float, "pool_grid": int, "patch_size": int, "zca_eps": float, "filters": str}
     for text in args.configs:

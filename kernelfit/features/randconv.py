@@ -467,15 +467,15 @@ class RandConvFeatures:
                 ptr = phi[:n]
                 if panels:
                     for s0, P in zip(starts, G):
-                        _accumulate(P, ptr[s0:] @ ptr[s0 : s0 + P.shape[1]].T)
+                        _accumulate_product(P, ptr[s0:], ptr[s0 : s0 + P.shape[1]])
                 else:
                     for r0 in range(0, n, _ROWS):
-                        _accumulate(G[r0 : r0 + _ROWS], ptr[r0 : r0 + _ROWS] @ ptr.T)
+                        _accumulate_product(G[r0 : r0 + _ROWS], ptr[r0 : r0 + _ROWS], ptr)
                 dtr += (ptr * ptr).sum(dim=1, dtype=torch.float64)
                 if m:
                     pte = phi[n:]
                     for r0 in range(0, m, _ROWS):   # row chunks: no m x n float32 temporary
-                        _accumulate(C[r0 : r0 + _ROWS], pte[r0 : r0 + _ROWS] @ ptr.T)
+                        _accumulate_product(C[r0 : r0 + _ROWS], pte[r0 : r0 + _ROWS], ptr)
                     dte += (pte * pte).sum(dim=1, dtype=torch.float64)
                 del phi, ptr
                 if progress is not None:   # in features: every filter gives n_features / F of them
@@ -512,14 +512,15 @@ class RandConvFeatures:
 _ROWS = 2048   # row chunk of the dense / cross Gram products (bounds the float32 temporaries)
 
 
-def _accumulate(dst, src):
-    """dst (float64) += src (float32). On the CPU through numpy, whose mixed-dtype add runs ~4x faster
-    than torch's (measured 1.2e9 vs 2.9e8 elements/s here); on a GPU in torch."""
+def _accumulate_product(dst, a, b):
+    """dst (float64) += a @ b.T (float32 product). On the CPU both steps go through numpy: its BLAS
+    sgemm ran 1.2-1.3x faster than torch's matmul on these shapes (50,000 x 4,000 by 4,000 x 2,048, AMD
+    EPYC VM) and its mixed-dtype add ~4x faster (1.2e9 vs 2.9e8 elements/s); on a GPU all in torch."""
     if dst.device.type == "cpu":
         d = dst.numpy()
-        np.add(d, src.numpy(), out=d)
+        np.add(d, a.numpy() @ b.numpy().T, out=d)
     else:
-        dst += src
+        dst += a @ b.T
 
 
 def _column_stats(phi, rows: int = 8192):
