@@ -39,3 +39,36 @@ def test_gpu_cholesky_benchmark_runs_on_cpu(shared_data_dir):
         assert "torch.linalg.cholesky" in r["reference"]          # the reference ran in the same process
     assert rows[2]["factor"]["device_memory"]["peak_bytes"] <= 2 * 2**20
     assert rows[0]["machine"]["cpu_model"] and rows[0]["machine"]["versions"]["numpy"]
+
+
+@pytest.mark.data
+def test_tune_randconv_validation_split_and_errors_match_scipy(shared_data_dir):
+    """tune-randconv --validation: held-out *training* images, errors == scipy on the explicit features."""
+    import numpy as np
+    import scipy.linalg
+    from scipy.spatial.distance import cdist
+
+    from kernelfit.data import load_dataset
+    from kernelfit.features.randconv import RandConvConfig, RandConvFeatures
+
+    recs = _run("kernel_table.py", "tune-randconv", "--data-dir", shared_data_dir, "--n-train", 150,
+                "--n-test", 60, "--filters", 30, "--filter-block", 8, "--validation", "--configs", "bias=1",
+                "--factors", 0.7)
+    head, lin, gau = recs
+    assert head["evaluated_on"] == "held-out training images" and head["machine"]["cpu_model"]
+    assert lin["kernel"] == "linear" and gau["kernel"] == "gaussian" and gau["factor"] == 0.7
+    ds = load_dataset("cifar10", data_dir=shared_data_dir).subset(210, 1, seed=0)
+    xtr, ytr, xva, yva = ds.x_train[:150], ds.y_train[:150], ds.x_train[150:], ds.y_train[150:]
+    fmap = RandConvFeatures(RandConvConfig(n_filters=30, filters="patches", bias=1.0, seed=0)).fit(xtr)
+    F, Fv = fmap.transform(xtr).astype(np.float64), fmap.transform(xva).astype(np.float64)
+    mu, sd = F.mean(0), F.std(0)
+    keep = sd > 1e-8 * sd.max()
+    Z = np.where(keep, (F - mu) / np.where(keep, sd, 1.0), 0.0)
+    Zv = np.where(keep, (Fv - mu) / np.where(keep, sd, 1.0), 0.0)
+    Y = np.eye(10)[ytr]
+    s = gau["sigma"]
+    alpha = scipy.linalg.solve(np.exp(-cdist(Z, Z, "sqeuclidean") / (2 * s * s)), Y, assume_a="pos")
+    err = np.mean(np.argmax(np.exp(-cdist(Zv, Z, "sqeuclidean") / (2 * s * s)) @ alpha, 1) != yva)
+    assert gau["test_error"] == pytest.approx(err)
+    alpha = scipy.linalg.solve(Z @ Z.T + 1.0, Y, assume_a="pos")
+    assert lin["test_error"] == pytest.approx(np.mean(np.argmax((Zv @ Z.T + 1.0) @ alpha, 1) != yva))
