@@ -115,6 +115,7 @@ def tune_randconv(argv) -> int:
     from kernelfit.data import load_dataset
     from kernelfit.features.randconv import RandConvConfig, RandConvFeatures
     from kernelfit.results import machine_info
+    from kernelfit.table import _linear_from_gram_inplace
 
     ds = load_dataset("cifar10", data_dir=args.data_dir)
     if args.validation:   # a stratified sample of the training set, in random order, split in two
@@ -143,9 +144,9 @@ def tune_randconv(argv) -> int:
         t_feat = time.perf_counter() - t
         base = {"config": text, "n_features": int(g.n_features), "features_s": round(t_feat, 1)}
         t = time.perf_counter()
-        # Standardized features are centred over the training set, so their Gram is singular (G 1 = 0):
-        # the linear model gets an intercept, i.e. a constant feature 1 (K = G + 1).
-        err, norm = _interpolate(g.train + 1.0, Y, g.cross + 1.0, ds.y_test)
+        # the table's linear kernel, (phi.phi' + 1) / n_features (the intercept makes the centred Gram invertible)
+        err, norm = _interpolate(_linear_from_gram_inplace(g.train.copy(), g.n_features), Y,
+                                 _linear_from_gram_inplace(g.cross.copy(), g.n_features), ds.y_test)
         print(json.dumps({**base, "kernel": "linear", "test_error": err, "norm": norm,
                           "solve_s": round(time.perf_counter() - t, 2)}), flush=True)
         Dtr, Dte = g.squared_distances()
