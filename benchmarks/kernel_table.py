@@ -115,7 +115,7 @@ def tune_randconv(argv) -> int:
     from kernelfit.data import load_dataset
     from kernelfit.features.randconv import RandConvConfig, RandConvFeatures
     from kernelfit.results import machine_info
-    from kernelfit.table import _linear_from_gram_inplace
+    from kernelfit.table import _linear_from_gram_inplace, _median_distance_from_sqd
 
     ds = load_dataset("cifar10", data_dir=args.data_dir)
     if args.validation:   # a stratified sample of the training set, in random order, split in two
@@ -151,10 +151,7 @@ def tune_randconv(argv) -> int:
                           "solve_s": round(time.perf_counter() - t, 2)}), flush=True)
         Dtr, Dte = g.squared_distances()
         del g
-        rng = np.random.default_rng(args.seed)
-        pick = rng.choice(len(Dtr), size=min(len(Dtr), 2000), replace=False)
-        sub = Dtr[np.ix_(pick, pick)]
-        med = float(np.sqrt(np.median(sub[np.triu_indices(len(pick), 1)])))
+        med = _median_distance_from_sqd(Dtr, seed=args.seed)
         for fac in args.factors:
             s = fac * med
             t = time.perf_counter()

@@ -77,12 +77,27 @@ def _parse_bandwidth(text: str) -> tuple[str, float]:
     return "abs", v
 
 
-def _median_distance_from_sqd(D: np.ndarray, max_points: int = 2000, seed: int = 0) -> float:
-    n = D.shape[0]
-    idx = np.random.default_rng(seed).choice(n, size=min(n, max_points), replace=False)
-    sub = D[np.ix_(idx, idx)]
-    iu = np.triu_indices(len(idx), k=1)
+def _median_sample(n: int, max_points: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).choice(n, size=min(n, max_points), replace=False)
+
+
+def _median_of_pairs(sub: np.ndarray) -> float:
+    """Median distance over the distinct pairs of a square block of squared distances."""
+    iu = np.triu_indices(len(sub), k=1)
     return float(np.median(np.sqrt(np.maximum(sub[iu], 0.0))))
+
+
+def _median_distance_from_sqd(D: np.ndarray, max_points: int = 2000, seed: int = 0) -> float:
+    idx = _median_sample(D.shape[0], max_points, seed)
+    return _median_of_pairs(D[np.ix_(idx, idx)])
+
+
+def _median_distance_from_gram(G: np.ndarray, diag: np.ndarray, max_points: int = 2000, seed: int = 0) -> float:
+    """The same sample and median as ``_median_distance_from_sqd`` of the Gram's squared distances,
+    without building the n x n distance matrix."""
+    idx = _median_sample(G.shape[0], max_points, seed)
+    d = diag[idx]
+    return _median_of_pairs(d[:, None] + d[None, :] - 2.0 * G[np.ix_(idx, idx)])
 
 
 def _resolve_sigma(spec: tuple[str, float], median: float) -> float:
@@ -196,8 +211,8 @@ def _cholesky_rows_panels(g, sigma_spec, label_sets, y_test, k, seed, device=Non
     """Interpolant only, from a feature Gram accumulated in panel storage (large n, no dense n x n).
 
     The float64 panels of the feature Gram and the test x train block become Gaussian-kernel (or, with
-    ``kernel="linear"``, linear-kernel) blocks in place; a float32 copy is factored (CPU, or ``device``) and the solution refined with float64
-    residuals ``K @ V`` from the float64 panels (``linalg.mixed.solve_refined``); if that cannot reach
+    ``kernel="linear"``, linear-kernel) blocks in place; a float32 copy is factored (CPU, or ``device``)
+    and the solution refined with float64 residuals ``K @ V`` from the float64 panels (``linalg.mixed.solve_refined``); if that cannot reach
     float64 level, a float64 copy is factored instead when memory allows. The test block is kept in
     float32 (predictions only). Memory: n^2/2 x 12 bytes + m x n x 4: 17 GB at n = 50,000, m = 10,000.
     """
@@ -319,14 +334,13 @@ def run_row(row: str, args) -> dict:
                            "kernel_on_features": kernel}
         if use_eigh:
             t = time.perf_counter()
-            Dtr, Dte = g.squared_distances()
-            median = _median_distance_from_sqd(Dtr, seed=args.seed)
-            if kernel == "linear":
-                del Dtr, Dte
+            median = _median_distance_from_gram(g.train, g.train_diag, seed=args.seed)
+            if kernel == "linear":   # no distance matrices: the median is recorded only
                 sigma = None
                 K, Kt = _linear_from_gram_inplace(g.train, g.n_features), _linear_from_gram_inplace(g.cross, g.n_features)
             else:
                 sigma = _resolve_sigma(bw, median)
+                Dtr, Dte = g.squared_distances()
                 K, Kt = _gaussian(Dtr, Dte, sigma)
                 del Dtr, Dte
             del g
@@ -429,7 +443,7 @@ def markdown_table(record: dict) -> str:
                 ptest += f" (ridge {_pct(paper['ridge_test_error'])})"
             lines.append(
                 f"| {r['row']} | {name} | {r['n_train']} / {r['n_test']} | {r['features']['n_features']} | "
-                f"{_num(r['bandwidth'], '{:.3g}') if r['bandwidth'] is not None else 'linear'} | "
+                f"{'linear' if r['bandwidth'] is None else format(r['bandwidth'], '.3g')} | "
                 f"{_pct(it.get('test_error'))} | {_pct(it.get('train_error'))} | "
                 f"{_num(it.get('norm'))} | "
                 + (f"{rd['lambda']:g} | {_pct(rd['test_error'])} | {_pct(rd['train_error'])} | {_num(rd['norm'])}"

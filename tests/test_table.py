@@ -167,3 +167,18 @@ def test_randconv_linear_kernel_row_matches_scipy_on_explicit_features(shared_da
     main(common[:i] + ["0.25"] + common[i + 1:] + ["--tag", "lin_b025"])
     other = json.loads((tmp_path / "table_lin_b025.json").read_text())["rows"][0]
     assert not other["gram_cache"]["hit"] and other["gram_cache"]["key"] != rows[0]["gram_cache"]["key"]
+
+
+def test_median_distance_from_gram_equals_the_distance_matrix_route():
+    """The linear row reads the median off the Gram without building n x n distances: same sample, same value."""
+    from scipy.spatial.distance import pdist
+
+    from kernelfit.table import _median_distance_from_gram, _median_distance_from_sqd
+
+    X = np.random.default_rng(3).standard_normal((300, 7))
+    G = X @ X.T
+    D = np.maximum(np.diag(G)[:, None] + np.diag(G)[None, :] - 2 * G, 0.0)
+    assert _median_distance_from_gram(G, np.diag(G).copy(), max_points=120, seed=5) == pytest.approx(
+        _median_distance_from_sqd(D, max_points=120, seed=5), rel=1e-12)
+    assert _median_distance_from_gram(G, np.diag(G).copy(), max_points=1000) == pytest.approx(
+        np.median(pdist(X)), rel=1e-9)
