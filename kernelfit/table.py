@@ -293,7 +293,8 @@ def run_row(row: str, args) -> dict:
         from .features.randconv import RandConvConfig, RandConvFeatures
 
         cfg = RandConvConfig(n_filters=args.filters, patch_size=args.patch_size, filters=args.filter_kind,
-                             bias=args.randconv_bias, pool_grid=args.randconv_pool_grid, seed=args.seed)
+                             bias=args.randconv_bias, pool_grid=args.randconv_pool_grid,
+                             zca_eps=args.randconv_zca_eps, seed=args.seed)
         from .features.cache import GramCache, hash_array
 
         fmap = RandConvFeatures(cfg).fit(ds.x_train)
@@ -473,6 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="random-conv rectifier threshold alpha in max(0, +-w.x - alpha) (Coates & Ng: 0.25)")
     ap.add_argument("--randconv-pool-grid", type=int, default=2,
                     help="random-conv sum-pooling grid per side (2: quadrants, 2 x 4 features per filter)")
+    ap.add_argument("--randconv-zca-eps", type=float, default=0.1,
+                    help="random-conv ZCA whitening regularizer, added to the patch-covariance eigenvalues "
+                         "(Coates & Ng / KeystoneML: 0.1; larger whitens the noisy high frequencies less)")
     ap.add_argument("--randconv-kernel", choices=("gaussian", "linear"), default="gaussian",
                     help="kernel on the standardized random-conv features: gaussian (bandwidth from "
                          "--bandwidth-cifar-randconv) or linear ((phi.phi' + 1) / n_features)")

@@ -135,13 +135,14 @@ def test_randconv_linear_kernel_row_matches_scipy_on_explicit_features(shared_da
 
     common = ["--rows", "cifar-randconv", "--n-train-cifar", "120", "--n-test", "60", "--filters", "30",
               "--filter-block", "7", "--randconv-bias", "0.5", "--randconv-pool-grid", "2",
-              "--randconv-kernel", "linear", "--data-dir", str(shared_data_dir), "--out-dir", str(tmp_path),
+              "--randconv-zca-eps", "0.3", "--randconv-kernel", "linear", "--data-dir", str(shared_data_dir), "--out-dir", str(tmp_path),
               "--no-random-labels", "--cache-dir", str(tmp_path / "cache"), "--lambdas", "0", "0.01"]
     main(common + ["--tag", "lin"])
     main(common + ["--tag", "lin_panels", "--eigh-max-n", "50"])
     rows = [json.loads((tmp_path / f"table_{t}.json").read_text())["rows"][0] for t in ("lin", "lin_panels")]
     ds = load_dataset("cifar10", data_dir=shared_data_dir).subset(120, 60, seed=0)
-    fmap = RandConvFeatures(RandConvConfig(n_filters=30, filters="patches", bias=0.5, pool_grid=2, seed=0))
+    fmap = RandConvFeatures(RandConvConfig(n_filters=30, filters="patches", bias=0.5, pool_grid=2, zca_eps=0.3,
+                                          seed=0))
     fmap.fit(ds.x_train)
     Ftr = fmap.transform(ds.x_train).astype(np.float64)
     Fte = fmap.transform(ds.x_test).astype(np.float64)
@@ -157,6 +158,7 @@ def test_randconv_linear_kernel_row_matches_scipy_on_explicit_features(shared_da
     for row in rows:
         assert row["kernel"].startswith("linear") and row["bandwidth"] is None
         assert row["features"]["bias"] == 0.5 and row["features"]["pool_grid"] == 2
+        assert row["features"]["zca_eps"] == 0.3
         assert row["features"]["kernel_on_features"] == "linear" and row["features"]["n_features"] == D == 240
         it = row["results"]["true"]["interp"]
         assert it["test_error"] == pytest.approx(err) and it["train_error"] == 0.0
