@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 
@@ -64,7 +65,8 @@ def tune_gabor(argv) -> int:
 
     ds = load_dataset("mnist", data_dir=args.data_dir).subset(args.n_train, args.n_test, seed=args.seed)
     Y = np.eye(10)[ds.y_train]
-    print(json.dumps({"machine": machine_info(), "n_train": args.n_train, "n_test": args.n_test}), flush=True)
+    print(json.dumps({"machine": machine_info(), "command": _command_line("tune-gabor", argv),
+                      "n_train": args.n_train, "n_test": args.n_test}), flush=True)
     for name in args.configs.split(","):
         t = time.perf_counter()
         if name == "pixels":
@@ -93,6 +95,11 @@ def _interpolate(K, Y, K_test, y_test):
     alpha = scipy.linalg.cho_solve(c, Y, check_finite=False)
     err = float(np.mean(np.argmax(K_test @ alpha, 1) != y_test))
     return err, float(np.sqrt(np.sum(alpha * Y)))
+
+
+def _command_line(sub: str, argv) -> str:
+    """The command as typed, kept in each record so a result file says how to reproduce it."""
+    return " ".join(["python benchmarks/kernel_table.py", sub, *map(shlex.quote, argv)])
 
 
 def tune_randconv(argv) -> int:
@@ -125,7 +132,8 @@ def tune_randconv(argv) -> int:
     else:
         ds = ds.subset(args.n_train, args.n_test, seed=args.seed)
     Y = np.eye(10)[ds.y_train]
-    print(json.dumps({"machine": machine_info(), "n_train": args.n_train, "n_test": args.n_test,
+    print(json.dumps({"machine": machine_info(), "command": _command_line("tune-randconv", argv),
+                      "seed": args.seed, "n_train": args.n_train, "n_test": args.n_test,
                       "evaluated_on": "held-out training images" if args.validation else "test images",
                       "filters": args.filters, "source": "CIFAR-10 (JPEG q75 copy)"}), flush=True)
     casts = {"bias": float, "pool_grid": int, "patch_size": int, "zca_eps": float, "filters": str}

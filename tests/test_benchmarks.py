@@ -52,14 +52,16 @@ def test_tune_randconv_validation_split_and_errors_match_scipy(shared_data_dir):
     from kernelfit.features.randconv import RandConvConfig, RandConvFeatures
 
     recs = _run("kernel_table.py", "tune-randconv", "--data-dir", shared_data_dir, "--n-train", 150,
-                "--n-test", 60, "--filters", 30, "--filter-block", 8, "--validation", "--configs", "bias=1",
+                "--n-test", 60, "--filters", 30, "--filter-block", 8, "--validation", "--configs", "bias=1,zca_eps=1",
                 "--factors", 0.7)
     head, lin, gau = recs
     assert head["evaluated_on"] == "held-out training images" and head["machine"]["cpu_model"]
+    assert head["seed"] == 0 and "tune-randconv" in head["command"] and "bias=1,zca_eps=1" in head["command"]
     assert lin["kernel"] == "linear" and gau["kernel"] == "gaussian" and gau["factor"] == 0.7
     ds = load_dataset("cifar10", data_dir=shared_data_dir).subset(210, 1, seed=0)
     xtr, ytr, xva, yva = ds.x_train[:150], ds.y_train[:150], ds.x_train[150:], ds.y_train[150:]
-    fmap = RandConvFeatures(RandConvConfig(n_filters=30, filters="patches", bias=1.0, seed=0)).fit(xtr)
+    fmap = RandConvFeatures(RandConvConfig(n_filters=30, filters="patches", bias=1.0, zca_eps=1.0, seed=0))
+    fmap.fit(xtr)
     F, Fv = fmap.transform(xtr).astype(np.float64), fmap.transform(xva).astype(np.float64)
     mu, sd = F.mean(0), F.std(0)
     keep = sd > 1e-8 * sd.max()
