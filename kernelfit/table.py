@@ -92,12 +92,13 @@ def _median_distance_from_sqd(D: np.ndarray, max_points: int = 2000, seed: int =
     return _median_of_pairs(D[np.ix_(idx, idx)])
 
 
-def _median_distance_from_gram(G: np.ndarray, diag: np.ndarray, max_points: int = 2000, seed: int = 0) -> float:
+def _median_distance_from_gram(G, diag: np.ndarray, max_points: int = 2000, seed: int = 0) -> float:
     """The same sample and median as ``_median_distance_from_sqd`` of the Gram's squared distances,
-    without building the n x n distance matrix."""
-    idx = _median_sample(G.shape[0], max_points, seed)
+    without building the n x n distance matrix. ``G``: a dense Gram or its ``SymmetricPanels``."""
+    idx = _median_sample(len(diag), max_points, seed)
     d = diag[idx]
-    return _median_of_pairs(d[:, None] + d[None, :] - 2.0 * G[np.ix_(idx, idx)])
+    sub = G[np.ix_(idx, idx)] if isinstance(G, np.ndarray) else G.submatrix(idx)
+    return _median_of_pairs(d[:, None] + d[None, :] - 2.0 * sub)
 
 
 def _resolve_sigma(spec: tuple[str, float], median: float) -> float:
@@ -223,11 +224,7 @@ def _cholesky_rows_panels(g, sigma_spec, label_sets, y_test, k, seed, device=Non
 
     P64 = g.train
     d = g.train_diag
-    # Median distance from the first block of points (rows and columns 0..w of panel 0).
-    w0 = min(P64.panels[0].shape[1], 2000)
-    top = P64.panels[0][:w0, :w0]
-    iu = np.triu_indices(w0, k=1)
-    median = float(np.median(np.sqrt(np.maximum((d[:w0, None] + d[None, :w0] - 2 * top)[iu], 0.0))))
+    median = _median_distance_from_gram(P64, d, seed=seed)   # the same seeded sample as the dense path
     if kernel == "linear":
         sigma = None
         for P in P64.panels:

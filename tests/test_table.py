@@ -175,6 +175,7 @@ def test_median_distance_from_gram_equals_the_distance_matrix_route():
     """The linear row reads the median off the Gram without building n x n distances: same sample, same value."""
     from scipy.spatial.distance import pdist
 
+    from kernelfit.linalg.tiled import SymmetricPanels
     from kernelfit.table import _median_distance_from_gram, _median_distance_from_sqd
 
     X = np.random.default_rng(3).standard_normal((300, 7))
@@ -184,3 +185,7 @@ def test_median_distance_from_gram_equals_the_distance_matrix_route():
         _median_distance_from_sqd(D, max_points=120, seed=5), rel=1e-12)
     assert _median_distance_from_gram(G, np.diag(G).copy(), max_points=1000) == pytest.approx(
         np.median(pdist(X)), rel=1e-9)
+    # the panels path (large n) reads the same sample out of panel storage
+    panels = SymmetricPanels.from_dense(G, 64)
+    assert _median_distance_from_gram(panels, np.diag(G).copy(), max_points=120, seed=5) == pytest.approx(
+        _median_distance_from_sqd(D, max_points=120, seed=5), rel=1e-12)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from kernelfit.errors import NotPositiveDefiniteError
+from kernelfit.errors import InputError, NotPositiveDefiniteError
 from kernelfit.linalg.tiled import SymmetricPanels, cho_solve, cholesky_inplace, logdet
 
 
@@ -56,6 +56,21 @@ def test_panel_storage_is_half_the_matrix():
     assert P.nbytes < 0.56 * n * n * 4
     A = spd(n, np.float64)
     np.testing.assert_array_equal(SymmetricPanels.from_dense(A, b).to_dense(), A)
+
+
+@pytest.mark.parametrize("block", [1, 7, 40, 64])
+def test_submatrix_reads_any_index_set_from_the_lower_triangle(block):
+    rng = np.random.default_rng(4)
+    B = rng.standard_normal((40, 40))
+    A = B + B.T
+    P = SymmetricPanels.from_dense(A, block)
+    for Q in P.panels:   # only the lower triangle is stored: poison the rest of each diagonal tile
+        w = Q.shape[1]
+        Q[:w][np.triu_indices(w, 1)] = np.nan
+    for idx in (rng.choice(40, 15, replace=False), np.array([39, 0, 5, 5, 22]), np.arange(40)):
+        np.testing.assert_array_equal(P.submatrix(idx), A[np.ix_(idx, idx)])
+    with pytest.raises(InputError, match=r"integer indices in \[0, 40\)"):
+        P.submatrix(np.array([3, 40]))
 
 
 def test_symmetric_matmul():

@@ -93,6 +93,22 @@ class SymmetricPanels:
             w = P.shape[1]
             P[np.arange(w), np.arange(w)] += value
 
+    def submatrix(self, idx) -> np.ndarray:
+        """Dense ``A[np.ix_(idx, idx)]`` of the symmetric matrix stored, read from the lower triangle
+        (any order, repeats allowed) without building A: entry (i, j) lives in the panel of min(i, j)."""
+        idx = np.asarray(idx)
+        if idx.ndim != 1 or idx.dtype.kind not in "iu" or (idx.size and (idx.min() < 0 or idx.max() >= self.n)):
+            raise InputError(f"submatrix needs a 1-D array of integer indices in [0, {self.n}); got "
+                             f"shape {idx.shape}, dtype {idx.dtype}.")
+        hi = np.maximum(idx[:, None], idx[None, :])
+        lo = np.minimum(idx[:, None], idx[None, :])
+        panel = lo // self.block
+        out = np.empty(hi.shape, dtype=self.dtype)
+        for p in np.unique(panel):
+            s, at = p * self.block, panel == p
+            out[at] = self.panels[p][hi[at] - s, lo[at] - s]
+        return out
+
     def to_dense(self, symmetric: bool = True) -> np.ndarray:
         """Dense copy: the symmetric matrix (default) or only the stored lower triangle."""
         A = np.zeros((self.n, self.n), dtype=self.dtype)
