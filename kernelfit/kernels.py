@@ -143,6 +143,22 @@ def laplacian_kernel(X, Z, bandwidth) -> np.ndarray:
     return kernel_tile(np.asarray(X), np.asarray(Z), "laplacian", check_bandwidth(bandwidth))
 
 
+def median_sample(n: int, max_points: int = 2000, seed: int = 0) -> np.ndarray:
+    """Indices of the points the median heuristic looks at: all n, or a seeded sample of ``max_points``."""
+    if n <= max_points:
+        return np.arange(n)
+    return np.random.default_rng(seed).choice(n, size=max_points, replace=False)
+
+
+def median_of_pairs(sqd: np.ndarray) -> float:
+    """Median distance over the distinct pairs (i < j) of a square block of squared distances.
+
+    The median of the distances, not the sqrt of the d^2 median (they differ for even counts).
+    """
+    iu = np.triu_indices(len(sqd), k=1)
+    return float(np.median(np.sqrt(np.maximum(sqd[iu], 0.0))))
+
+
 def median_bandwidth(X, max_points: int = 2000, seed: int = 0) -> float:
     """Median heuristic: sigma = median pairwise Euclidean distance (on a seeded sample of points).
 
@@ -152,12 +168,8 @@ def median_bandwidth(X, max_points: int = 2000, seed: int = 0) -> float:
     n = X.shape[0]
     if n < 2:
         raise InputError(f"the median heuristic needs at least 2 points; got {n}. Pass an explicit bandwidth.")
-    if n > max_points:
-        idx = np.random.default_rng(seed).choice(n, size=max_points, replace=False)
-        X = X[idx]
-    d2 = squared_distances(X, X)
-    iu = np.triu_indices(X.shape[0], k=1)
-    median = float(np.median(np.sqrt(d2[iu])))  # median of distances (sqrt of the d^2 median differs for even counts)
+    X = X[median_sample(n, max_points, seed)]
+    median = median_of_pairs(squared_distances(X, X))
     if median <= 0:
         raise InputError("the median pairwise distance is 0 (all sampled points identical); pass an explicit bandwidth.")
     return median

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
+from .kernels import median_bandwidth, median_of_pairs, median_sample, squared_distances
 
 __all__ = ["PAPER", "ROWS", "main", "run_table", "markdown_table"]
 
@@ -77,28 +78,18 @@ def _parse_bandwidth(text: str) -> tuple[str, float]:
     return "abs", v
 
 
-def _median_sample(n: int, max_points: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).choice(n, size=min(n, max_points), replace=False)
-
-
-def _median_of_pairs(sub: np.ndarray) -> float:
-    """Median distance over the distinct pairs of a square block of squared distances."""
-    iu = np.triu_indices(len(sub), k=1)
-    return float(np.median(np.sqrt(np.maximum(sub[iu], 0.0))))
-
-
 def _median_distance_from_sqd(D: np.ndarray, max_points: int = 2000, seed: int = 0) -> float:
-    idx = _median_sample(D.shape[0], max_points, seed)
-    return _median_of_pairs(D[np.ix_(idx, idx)])
+    idx = median_sample(D.shape[0], max_points, seed)
+    return median_of_pairs(D[np.ix_(idx, idx)])
 
 
 def _median_distance_from_gram(G, diag: np.ndarray, max_points: int = 2000, seed: int = 0) -> float:
     """The same sample and median as ``_median_distance_from_sqd`` of the Gram's squared distances,
     without building the n x n distance matrix. ``G``: a dense Gram or its ``SymmetricPanels``."""
-    idx = _median_sample(len(diag), max_points, seed)
+    idx = median_sample(len(diag), max_points, seed)
     d = diag[idx]
     sub = G[np.ix_(idx, idx)] if isinstance(G, np.ndarray) else G.submatrix(idx)
-    return _median_of_pairs(d[:, None] + d[None, :] - 2.0 * sub)
+    return median_of_pairs(d[:, None] + d[None, :] - 2.0 * sub)
 
 
 def _resolve_sigma(spec: tuple[str, float], median: float) -> float:
@@ -126,8 +117,6 @@ def _load(name: str, data_dir, n_train: int | None, n_test: int | None, seed: in
 
 
 def _sqd(A: np.ndarray, B: np.ndarray) -> np.ndarray:
-    from .kernels import squared_distances
-
     D = squared_distances(np.asarray(A, np.float64), np.asarray(B, np.float64))
     return np.maximum(D, 0.0, out=D)
 
@@ -213,8 +202,9 @@ def _cholesky_rows_panels(g, sigma_spec, label_sets, y_test, k, seed, device=Non
 
     The float64 panels of the feature Gram and the test x train block become Gaussian-kernel (or, with
     ``kernel="linear"``, linear-kernel) blocks in place; a float32 copy is factored (CPU, or ``device``)
-    and the solution refined with float64 residuals ``K @ V`` from the float64 panels (``linalg.mixed.solve_refined``); if that cannot reach
-    float64 level, a float64 copy is factored instead when memory allows. The test block is kept in
+    and the solution refined with float64 residuals ``K @ V`` from the float64 panels
+    (``linalg.mixed.solve_refined``); if that cannot reach float64 level, a float64 copy is factored
+    instead when memory allows. The test block is kept in
     float32 (predictions only). Memory: n^2/2 x 12 bytes + m x n x 4: 17 GB at n = 50,000, m = 10,000.
     """
     from .linalg.factor import factor
@@ -364,7 +354,6 @@ def run_row(row: str, args) -> dict:
             Ftr, Fte = to_features(ds.x_train), to_features(ds.x_test)
             rec["features"] = {"kind": "pixels / 255", "n_features": int(Ftr.shape[1])}
         timings["features_s"] = time.perf_counter() - t
-        from .kernels import median_bandwidth
 
         median = median_bandwidth(Ftr, seed=args.seed)
         sigma = _resolve_sigma(bw, median)

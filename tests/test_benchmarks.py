@@ -52,8 +52,8 @@ def test_tune_randconv_validation_split_and_errors_match_scipy(shared_data_dir):
     from kernelfit.features.randconv import RandConvConfig, RandConvFeatures
 
     recs = _run("kernel_table.py", "tune-randconv", "--data-dir", shared_data_dir, "--n-train", 150,
-                "--n-test", 60, "--filters", 30, "--filter-block", 8, "--validation", "--configs", "bias=1,zca_eps=1",
-                "--factors", 0.7)
+                "--n-test", 60, "--filters", 30, "--filter-block", 8, "--validation",
+                "--configs", "bias=1,zca_eps=1", "--factors", 0.7)
     head, lin, gau = recs
     assert head["evaluated_on"] == "held-out training images" and head["machine"]["cpu_model"]
     assert head["seed"] == 0 and "tune-randconv" in head["command"] and "bias=1,zca_eps=1" in head["command"]

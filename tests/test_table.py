@@ -135,7 +135,8 @@ def test_randconv_linear_kernel_row_matches_scipy_on_explicit_features(shared_da
 
     common = ["--rows", "cifar-randconv", "--n-train-cifar", "120", "--n-test", "60", "--filters", "30",
               "--filter-block", "7", "--randconv-bias", "0.5", "--randconv-pool-grid", "2",
-              "--randconv-zca-eps", "0.3", "--randconv-kernel", "linear", "--data-dir", str(shared_data_dir), "--out-dir", str(tmp_path),
+              "--randconv-zca-eps", "0.3", "--randconv-kernel", "linear", "--data-dir", str(shared_data_dir),
+              "--out-dir", str(tmp_path),
               "--no-random-labels", "--cache-dir", str(tmp_path / "cache"), "--lambdas", "0", "0.01"]
     main(common + ["--tag", "lin"])
     main(common + ["--tag", "lin_panels", "--eigh-max-n", "50"])
