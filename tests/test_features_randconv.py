@@ -49,21 +49,39 @@ def test_whitened_patches_are_near_white():
     assert ev_raw.max() / ev_raw.min() > 1000
 
 
+def _brute_force_features(fmap, img, patch, edges):
+    """One image's features from the definition: per-patch contrast normalization, ZCA, filters,
+    the symmetric rectifier and sums over the given (start, stop) windows per side."""
+    x = img.astype(np.float64) / 255
+    oh = x.shape[0] - patch + 1
+    z = np.empty((oh, oh, fmap.filters_.shape[0]))
+    for a in range(oh):
+        for b in range(oh):
+            p = x[a : a + patch, b : b + patch, :].ravel()
+            p = (p - p.mean()) / np.sqrt(p.var() + fmap.config.contrast_eps)
+            z[a, b] = ((p - fmap.mean_) @ fmap.whiten_) @ fmap.filters_.T
+    bias = fmap.config.bias
+    pos, neg = np.maximum(z - bias, 0), np.maximum(-z - bias, 0)
+    return np.concatenate([m[y0:y1, x0:x1].sum(axis=(0, 1)) for m in (pos, neg) for y0, y1 in edges
+                           for x0, x1 in edges])
+
+
 def test_features_match_brute_force(imgs, fmap):
     phi = fmap.transform(imgs[:3], filter_block=3, image_block=2)
     assert phi.shape == (3, 2 * 4 * 7)
-    x = imgs[1].astype(np.float64) / 255
-    oh = 10 - 4 + 1
-    z = np.empty((oh, oh, 7))
-    for a in range(oh):
-        for b in range(oh):
-            p = x[a : a + 4, b : b + 4, :].ravel()
-            p = (p - p.mean()) / np.sqrt(p.var() + fmap.config.contrast_eps)
-            z[a, b] = ((p - fmap.mean_) @ fmap.whiten_) @ fmap.filters_.T
-    pos, neg = np.maximum(z - 0.25, 0), np.maximum(-z - 0.25, 0)
     edges = [(0, 4), (4, 7)]  # linspace(0, 7, 3).round() = 0, 4, 7 (3.5 rounds to even 4)
-    ref = [m[y0:y1, x0:x1].sum(axis=(0, 1)) for m in (pos, neg) for y0, y1 in edges for x0, x1 in edges]
-    np.testing.assert_allclose(phi[1], np.concatenate(ref), rtol=2e-4, atol=2e-4)
+    np.testing.assert_allclose(phi[1], _brute_force_features(fmap, imgs[1], 4, edges), rtol=2e-4, atol=2e-4)
+
+
+def test_three_by_three_pooling_grid_matches_brute_force(imgs):
+    # The full-size CIFAR-10 row under 20% uses pool_grid = 3 (18 features per filter) and bias 1.
+    fmap3 = RandConvFeatures(n_filters=5, patch_size=4, pool_grid=3, bias=1.0, zca_eps=1.0,
+                             n_whitening_patches=3000, seed=2).fit(imgs[:24])
+    phi = fmap3.transform(imgs[:4], filter_block=2, image_block=3)
+    assert phi.shape == (4, 2 * 9 * 5) and fmap3.n_features == 90
+    edges = [(0, 2), (2, 5), (5, 7)]  # 7 positions per side: linspace(0, 7, 4) = 0, 2.33, 4.67, 7 rounded
+    for i in (0, 3):
+        np.testing.assert_allclose(phi[i], _brute_force_features(fmap3, imgs[i], 4, edges), rtol=2e-4, atol=2e-4)
 
 
 @pytest.mark.parametrize("standardize", [False, True])
