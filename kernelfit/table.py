@@ -117,8 +117,8 @@ def _load(name: str, data_dir, n_train: int | None, n_test: int | None, seed: in
 
 
 def _sqd(A: np.ndarray, B: np.ndarray) -> np.ndarray:
-    D = squared_distances(np.asarray(A, np.float64), np.asarray(B, np.float64))
-    return np.maximum(D, 0.0, out=D)
+    """Float64 squared distances (``squared_distances`` already clamps rounding negatives at 0)."""
+    return squared_distances(np.asarray(A, np.float64), np.asarray(B, np.float64))
 
 
 # ------------------------------------------------------------------------------------- solving
