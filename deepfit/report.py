@@ -499,7 +499,7 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d = ReportOptions()
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="start from a preset, then apply the flags given")
-    p.add_argument("--out", default=None, help="output directory (default benchmarks/results/report_<dataset>_<model>)")
+    p.add_argument("--out", default=None, help="output directory (default ./report_<dataset>_<model>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report in --out")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
@@ -563,7 +563,7 @@ def _run_args(args: argparse.Namespace, argv) -> int:
     except InputError as e:
         print(f"deepfit report: error: {e}", file=sys.stderr)
         return 2
-    out = Path(args.out) if args.out else Path("benchmarks/results") / f"report_{opts.dataset}_{opts.model}"
+    out = Path(args.out) if args.out else Path(f"report_{opts.dataset}_{opts.model}")
     if (out / "report.json").exists() and not args.overwrite:
         print(f"deepfit report: error: {out / 'report.json'} exists. Fix: pass --overwrite or another --out.", file=sys.stderr)
         return 2

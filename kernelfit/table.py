@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -493,8 +494,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--gram-checkpoint-minutes", type=float, default=30.0,
                     help="with the Gram cache, save the unfinished random-conv Gram this often so that an interrupted "
                          "run continues where it stopped when rerun (0: never; default 30)")
-    ap.add_argument("--out-dir", default="benchmarks/results")
-    ap.add_argument("--tag", default=None, help="file name tag (default: derived from the sizes)")
+    ap.add_argument("--out-dir", default=".",
+                    help="where table_<tag>.json / .md are written (default: the current directory)")
+    ap.add_argument("--tag", default=None,
+                    help="file name tag (default: the rows run and their sizes, e.g. mnist-pixels_mnist5000)")
+    ap.add_argument("--overwrite", action="store_true", help="allow replacing existing table_<tag> files")
     return ap
 
 
@@ -525,20 +529,51 @@ def run_table(args, argv=None) -> dict:
     return record
 
 
+def default_tag(args) -> str:
+    """A table run is named after what it ran: its rows and the sizes that apply to them."""
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    parts = ["-".join(rows)]
+    if any(r.startswith("mnist") for r in rows):
+        parts.append(f"mnist{args.n_train_mnist}")
+    if any(r.startswith("cifar") for r in rows):
+        parts.append(f"cifar{args.n_train_cifar}")
+    if any("randconv" in r for r in rows):
+        parts.append(f"f{args.filters}")
+    return "_".join(parts)
+
+
+def output_paths(args) -> tuple[Path, Path]:
+    """The record and markdown paths; refused before any work when they exist (no --overwrite) or
+    cannot be written, so a long run never ends in a refusal."""
+    tag = args.tag or default_tag(args)
+    out = Path(args.out_dir)
+    paths = (out / f"table_{tag}.json", out / f"table_{tag}.md")
+    existing = [str(p) for p in paths if p.exists()]
+    if existing and not args.overwrite:
+        raise InputError(f"{', '.join(existing)} already exist(s); pass --overwrite to replace, or choose "
+                         f"another --out-dir / --tag.")
+    ancestor = out
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK):
+        raise InputError(f"--out-dir {out}: {ancestor} is not a writable directory; choose another --out-dir.")
+    return paths
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    json_path, md_path = output_paths(args)
     record = run_table(args, argv)
-    from .results import write_json_atomic
+    from .results import atomic_file, write_json_atomic
 
-    tag = args.tag or f"mnist{args.n_train_mnist}_cifar{args.n_train_cifar}_f{args.filters}"
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
     md = markdown_table(record)
-    write_json_atomic(out / f"table_{tag}.json", record, overwrite=True)
-    (out / f"table_{tag}.md").write_text(md)
+    write_json_atomic(json_path, record, overwrite=True)
+    with atomic_file(md_path, "w") as fh:
+        fh.write(md)
     print(md)
-    print(f"[table] wrote {out / f'table_{tag}.json'} and {out / f'table_{tag}.md'}", file=sys.stderr)
+    print(f"[table] wrote {json_path} and {md_path}", file=sys.stderr)
     return 0
 
 

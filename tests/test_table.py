@@ -1,6 +1,7 @@
 """The kernel table command: tiny end-to-end run vs an independent scipy solve, outputs, bad input."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -190,3 +191,25 @@ def test_median_distance_from_gram_equals_the_distance_matrix_route():
     panels = SymmetricPanels.from_dense(G, 64)
     assert _median_distance_from_gram(panels, np.diag(G).copy(), max_points=120, seed=5) == pytest.approx(
         _median_distance_from_sqd(D, max_points=120, seed=5), rel=1e-12)
+
+
+def test_table_output_named_after_rows_and_refused_before_work_when_it_exists(tmp_path, monkeypatch):
+    from kernelfit.table import default_tag, output_paths
+
+    args = build_parser().parse_args(["--rows", "mnist-pixels,cifar-randconv", "--n-train-mnist", "300",
+                                      "--n-train-cifar", "200", "--filters", "16", "--out-dir", str(tmp_path)])
+    assert default_tag(args) == "mnist-pixels-cifar-randconv_mnist300_cifar200_f16"
+    monkeypatch.chdir(tmp_path)
+    here = build_parser().parse_args(["--rows", "mnist-pixels"])
+    assert output_paths(here)[0] == Path("table_mnist-pixels_mnist" + str(here.n_train_mnist) + ".json")
+    json_path, _ = output_paths(args)
+    json_path.write_text("{}")
+    # main refuses before any row runs (no data dir is given: running a row would fail differently)
+    with pytest.raises(InputError, match="--overwrite"):
+        main(["--rows", "mnist-pixels,cifar-randconv", "--n-train-mnist", "300", "--n-test", "10",
+              "--n-train-cifar", "200", "--filters", "16", "--out-dir", str(tmp_path),
+              "--data-dir", str(tmp_path / "missing")])
+    assert json_path.read_text() == "{}"
+    assert output_paths(build_parser().parse_args(
+        ["--rows", "mnist-pixels,cifar-randconv", "--n-train-mnist", "300", "--n-train-cifar", "200",
+         "--filters", "16", "--out-dir", str(tmp_path), "--overwrite"]))[0] == json_path
