@@ -187,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoint-dir", type=Path, default=None, metavar="DIR",
                    help="save finished factor panels here (a crash loses at most the panels since the last save)")
     g.add_argument("--resume", action="store_true", help="continue the factorization saved in --checkpoint-dir")
+    g.add_argument("--keep-checkpoint", action="store_true",
+                   help="keep the checkpoint after a successful solve (default: removed once the result is written)")
     r = s.add_argument_group("randomization (Zhang et al.; test labels stay clean unless "
                              "--corrupt-test)")
     r.add_argument("--variant", choices=VARIANTS, default="true",
@@ -277,6 +279,32 @@ def _check_out_path(parser: argparse.ArgumentParser, out: Path | None, overwrite
         parser.error(f"--out {out}: directory {ancestor} is not writable")
 
 
+def _check_checkpoint_dir(parser: argparse.ArgumentParser, directory: Path | None, resume: bool) -> None:
+    """--resume continues a checkpoint that exists; without it a checkpoint is never silently reused
+    or overwritten. Both checked before any work."""
+    if directory is None:
+        return
+    manifest = directory / "manifest.json"
+    if resume and not manifest.is_file():
+        what = "does not exist" if not directory.exists() else "holds no checkpoint (no manifest.json)"
+        parser.error(f"--resume: --checkpoint-dir {directory} {what}; nothing to resume. Fix: name the "
+                     f"directory the interrupted run saved to, or drop --resume to start afresh.")
+    if not resume and manifest.is_file():
+        parser.error(f"--checkpoint-dir {directory} already holds a checkpoint; pass --resume to continue it, "
+                     f"or choose an empty directory (or delete this one) to start afresh.")
+
+
+def _remove_checkpoint(directory: Path) -> None:
+    """Delete the files a checkpoint consists of (and the directory when that leaves it empty)."""
+    for pattern in ("L_*.npy", "T*_*.npy", "manifest.json"):
+        for f in directory.glob(pattern):
+            f.unlink()
+    try:
+        directory.rmdir()
+    except OSError:  # the user keeps other files there
+        pass
+
+
 def _label_sets_for(variant: str, with_true: bool) -> list[str]:
     if variant in LABEL_VARIANTS and with_true:
         return ["true", variant]
@@ -296,6 +324,7 @@ def cmd_solve(args, parser) -> int:
         parser.error("--variant corrupt needs --corrupt-p P (the probability of replacing a label)")
     if args.resume and args.checkpoint_dir is None:
         parser.error("--resume needs --checkpoint-dir DIR (the directory the interrupted run saved its panels to)")
+    _check_checkpoint_dir(parser, args.checkpoint_dir, args.resume)
     if args.corrupt_p is not None and args.variant != "corrupt":
         parser.error(f"--corrupt-p applies only to --variant corrupt (got --variant {args.variant})")
     if args.corrupt_test and args.variant not in LABEL_VARIANTS:
@@ -366,6 +395,9 @@ def cmd_solve(args, parser) -> int:
 
         sys.stdout.write(dumps(record) + "\n")
         sys.stdout.flush()
+    if args.checkpoint_dir is not None and not args.keep_checkpoint:
+        _remove_checkpoint(args.checkpoint_dir)   # the result is written: the panels are no longer needed
+        _eprint(f"removed the checkpoint in {args.checkpoint_dir} (keep it with --keep-checkpoint)")
     return EXIT_OK
 
 
@@ -380,6 +412,10 @@ def _print_summary(record: dict) -> None:
         te_s = "n/a" if te is None else f"{100 * te:.2f}%"
         _eprint(f"  {name:>16}: train error {100 * res['train_error']:.2f}%  test error {te_s}  "
                 f"RKHS norm {res['rkhs_norm']:.4g}  max |residual| {res['residual_max_abs']:.2e}")
+    fact = (st.get("refinement") or {}).get("factorization") or st.get("factorization") or {}
+    if isinstance(fact, dict) and fact.get("resumed_from_panel"):
+        _eprint(f"  resumed the factorization from panel {fact['resumed_from_panel']} (block "
+                f"{fact.get('block')}) of the checkpoint in {(fact.get('checkpoint') or {}).get('dir', '?')}")
     t = st.get("timings_s", {})
     if t:
         _eprint("  time: " + ", ".join(f"{k} {v:.2f}s" for k, v in t.items())

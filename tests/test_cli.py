@@ -299,8 +299,30 @@ def test_resume_needs_checkpoint_dir(capsys):
 def test_checkpointed_solve_resumes_to_the_same_answer(tmp_path, capsys):
     common = ["solve", "--n-train", "700", "--n-test", "100", "--bandwidth", "5", "--block-size", "128",
               "--no-progress", "--checkpoint-dir", str(tmp_path / "ck")]
-    assert main(common + ["--out", str(tmp_path / "a.json")]) == 0
+    assert main(common + ["--out", str(tmp_path / "a.json"), "--keep-checkpoint"]) == 0
     assert (tmp_path / "ck" / "manifest.json").exists()
+    capsys.readouterr()
     assert main(common + ["--resume", "--out", str(tmp_path / "b.json")]) == 0
+    err = capsys.readouterr().err
+    assert "resumed the factorization from panel" in err and "removed the checkpoint" in err
+    assert not (tmp_path / "ck").exists()   # removed after the successful solve
     a, b = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
     assert a["results"]["true"]["rkhs_norm"] == pytest.approx(b["results"]["true"]["rkhs_norm"], rel=1e-12)
+
+
+def test_resume_of_a_missing_checkpoint_and_reuse_without_resume_are_refused_in_cli_words(tmp_path, capsys):
+    base = ["solve", "--n-train", "300", "--n-test", "0", "--bandwidth", "5", "--no-progress"]
+    with pytest.raises(SystemExit) as ei:
+        main(base + ["--checkpoint-dir", str(tmp_path / "nope"), "--resume"])
+    assert ei.value.code == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "nothing to resume" in err
+    assert not (tmp_path / "nope").exists()
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    (ck / "manifest.json").write_text("{}")
+    with pytest.raises(SystemExit) as ei:
+        main(base + ["--checkpoint-dir", str(ck)])
+    err = capsys.readouterr().err
+    assert ei.value.code == 2 and "pass --resume" in err and "resume=True" not in err
+    assert (ck / "manifest.json").read_text() == "{}"   # nothing saved is touched
