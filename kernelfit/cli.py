@@ -344,7 +344,7 @@ def cmd_solve(args, parser) -> int:
     if not plan.fits and not args.force_memory:
         from .linalg.memory import require_fits
 
-        require_fits(plan)  # raises MemoryPlanError with the numbers and the options
+        require_fits(plan, cli=True)  # raises MemoryPlanError with the numbers and the flags
 
     # --- then the work ---
     import numpy as np

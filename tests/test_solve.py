@@ -195,3 +195,17 @@ def test_mixed_without_fallback_never_returns_silently():
             return  # the float32 factor broke down: raised, not returned
     assert not m.stats["refinement"]["float64_level"]
     assert any("did not reach float64 level" in str(w.message) for w in caught)
+
+
+def test_memory_plan_error_names_library_parameters_from_python_and_flags_from_the_cli():
+    from kernelfit.errors import MemoryPlanError
+    from kernelfit.linalg.memory import plan_solve, require_fits
+
+    plan = plan_solve(60000, 784, 10, "float64", available=2**30)
+    with pytest.raises(MemoryPlanError) as lib:
+        require_fits(plan)
+    assert "force_memory=True" in str(lib.value) and "mode='mixed'" in str(lib.value)
+    assert "--" not in str(lib.value)
+    with pytest.raises(MemoryPlanError) as cli:
+        require_fits(plan, cli=True)
+    assert "--force-memory" in str(cli.value) and "--n-train" in str(cli.value)

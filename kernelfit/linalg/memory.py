@@ -80,15 +80,25 @@ def plan_solve(n: int, d: int, k: int = 10, mode: str = "mixed", n_test: int = 0
                       fits=total <= SAFETY * avail)
 
 
-def require_fits(plan: MemoryPlan) -> None:
-    """Refuse at once, with the numbers and the options, when a plan does not fit."""
+def require_fits(plan: MemoryPlan, cli: bool = False) -> None:
+    """Refuse at once, with the numbers and the options, when a plan does not fit.
+
+    The options are named as the caller passes them: library parameters (``mode=``, ``force_memory=``)
+    by default, command-line flags with ``cli=True``."""
     if plan.fits:
         return
+    item = np.dtype(plan.factor_dtype).itemsize
+    if cli:
+        mixed, fewer = "--mode mixed", "fewer points (--n-train"
+        device, force = "--device cuda (streams out of core when needed)", "--force-memory"
+    else:
+        mixed, fewer = "mode='mixed'", "fewer points (a smaller n"
+        device, force = "device='cuda' (streams out of core when needed)", "force_memory=True"
     options = []
     if plan.mode == "float64":
-        options.append("mode 'mixed' (float32 factor + float64 refinement: half the memory, float64 accuracy)")
-    options.append(f"fewer points (--n-train; memory grows as n^2/2 x {np.dtype(plan.factor_dtype).itemsize} bytes)")
-    options.append("a GPU / out-of-core backend on a machine that has one")
-    options.append("--force-memory to try anyway (may be killed by the OS)")
+        options.append(f"{mixed} (float32 factor + float64 refinement: half the memory, float64 accuracy)")
+    options.append(f"{fewer}; memory grows as n^2/2 x {item} bytes)")
+    options.append(f"a GPU: {device}, on a machine that has one")
+    options.append(f"{force} to try anyway (may be killed by the OS)")
     raise MemoryPlanError(f"this solve would not fit in memory: {plan.summary()}. Options: " + "; ".join(options) + ".",
                           plan=plan)
