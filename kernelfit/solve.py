@@ -548,6 +548,7 @@ def _record(model, Y, sets, columns, test_scores, y_test, task, num_classes, opt
         "n_train": int(Y.shape[0]), "n_test": int(n_test),
         "num_classes": int(num_classes) if task == "classification" else None,
         "num_outputs": int(Y.shape[1] // len(sets)),
+        "target_columns": {name: [c.start, c.stop] for name, c in columns.items()},
         "results": _results(model, Y, sets, columns, test_scores, y_test, task, float(model.stats.get("jitter", 0.0))),
         "stats": model.stats,
     }
