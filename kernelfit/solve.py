@@ -333,13 +333,13 @@ def check_gram_mode(mode: str) -> str:
 
 
 def fit_precomputed(G, Y, options: SolveOptions = SolveOptions(mode="float64"), n_test: int = 0,
-                    client=None) -> PrecomputedInterpolant:
+                    client=None, what: str = "--gram") -> PrecomputedInterpolant:
     """Solve G alpha = Y for a precomputed training Gram (``G.npy``, ``G.h5:/dset``, ``G.zarr:/arr`` or array).
 
     The lower triangle is read tile by tile into panel storage of the mode's dtype (float64 or
     float32; never a second n x n copy), factored where ``options`` say, and solved; the reported
     residual and the training scores are G @ alpha recomputed in float64 from the source, streamed.
-    Every check of ``data.gram.check_gram`` runs first. With ``client`` (a dask Client) the tiles are
+    Every check of ``data.gram.check_gram`` runs first (``what`` names G in its errors). With ``client`` (a dask Client) the tiles are
     read and factored on the workers (the source must be a path the workers can open).
     """
     from .data.gram import check_gram, gram_matmul, gram_source_info, open_gram, read_gram_panels
@@ -349,8 +349,8 @@ def fit_precomputed(G, Y, options: SolveOptions = SolveOptions(mode="float64"), 
     if not np.isfinite(jitter) or jitter < 0:
         raise InputError(f"jitter must be a finite number >= 0; got {options.jitter!r}.")
     source = G
-    G = open_gram(G)
-    checks = check_gram(G, jitter=jitter)
+    G = open_gram(G, what=what)
+    checks = check_gram(G, what=what, jitter=jitter)
     n = G.shape[0]
     Y = check_targets(Y, n)
     plan = plan_solve(n, 0, Y.shape[1], mode, n_test=n_test, block=options.block_size)
