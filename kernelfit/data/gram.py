@@ -67,13 +67,18 @@ def symmetry_tolerance(dtype) -> float:
     return max(1e-6, 100.0 * float(eps))
 
 
-def _read_diagonal(G, block: int) -> np.ndarray:
+def _row_span(G) -> int:
+    # bytes of the source one row of a read touches: a C-ordered map faults in whole page runs of
+    # every row it visits, however few columns are read, so blocks are sized by the full row
+    return int(G.shape[1]) * np.dtype(G.dtype).itemsize
+
+
+def _read_diagonal(G) -> np.ndarray:
     n = G.shape[0]
     out = np.empty(n, dtype=np.float64)
-    for s in range(0, n, block):
-        e = min(s + block, n)
+    for s, e in row_blocks(n, _row_span(G)):
         out[s:e] = np.diagonal(np.asarray(G[s:e, s:e], dtype=np.float64))
-    release_pages(G)
+        release_pages(G)
     return out
 
 
@@ -100,7 +105,7 @@ def check_gram(G, *, what: str = "--gram", jitter: float = 0.0, seed: int = 0,
         raise InputError(f"{what}: the Gram matrix has 0 rows; need at least one training point.")
     _check_dtype(G, what)
     block = SYMMETRY_TILE
-    diag = _read_diagonal(G, 1024)
+    diag = _read_diagonal(G)
     if not np.all(np.isfinite(diag)):
         i = int(np.flatnonzero(~np.isfinite(diag))[0])
         raise InputError(f"{what}: the diagonal holds NaN or inf (first at G[{i}, {i}] = {diag[i]}); "
@@ -136,7 +141,7 @@ def check_gram(G, *, what: str = "--gram", jitter: float = 0.0, seed: int = 0,
                 f"the transpose). Fix: pass the full symmetric Gram k(x_i, x_j) of the training points, "
                 f"e.g. (G + G.T) / 2 if it is only rounding.")
         checked += A.size
-    release_pages(G)
+        release_pages(G)
     summary = {"n": n, "dtype": str(np.dtype(G.dtype)), "diagonal_min": float(diag.min()),
                "diagonal_max": scale, "symmetry_entries_checked": int(checked), "symmetry_rtol": rtol,
                "duplicate_rows_checked": False}
@@ -170,29 +175,29 @@ def check_test_gram(K_test, n: int, *, what: str = "--gram-test") -> None:
 def read_gram_panels(G, dtype=np.float64, block: int | None = None, *, what: str = "--gram") -> SymmetricPanels:
     """Lower triangle of G into panel storage of ``dtype``, one (block x width) tile at a time.
 
-    Each tile is read from the source and cast straight into its place in the panel; a memory map's
-    pages are released after every panel. Raises InputError at the first NaN / inf.
+    Each tile (a run of rows of one panel, about ``BLOCK_BYTES`` of the source) is read and cast
+    straight into its place in the panel; a memory map's pages are released after every tile. Raises InputError at the first NaN / inf.
     """
     n = G.shape[0]
     out = SymmetricPanels.empty(n, block, dtype)
     starts = out.starts
+    span = _row_span(G)
     for s, P in zip(starts, out.panels):
         w = P.shape[1]
-        for r in range(s, n, out.block):
-            e = min(r + out.block, n)
-            tile = P[r - s:e - s]
-            tile[...] = G[r:e, s:s + w]
+        for a, e in row_blocks(n - s, span):
+            tile = P[a:e]
+            tile[...] = G[s + a:s + e, s:s + w]
+            release_pages(G)
             if not np.all(np.isfinite(tile)):
                 i, j = _first_bad(~np.isfinite(tile))
-                raise InputError(f"{what}: G[{r + i}, {s + j}] = {G[r + i, s + j]} is not finite (or overflows "
-                                 f"{np.dtype(dtype).name}); a Gram matrix must hold finite numbers. Fix: "
-                                 f"recompute or clean the matrix.")
-        release_pages(G)
+                raise InputError(f"{what}: G[{s + a + i}, {s + j}] = {G[s + a + i, s + j]} is not finite (or "
+                                 f"overflows {np.dtype(dtype).name}); a Gram matrix must hold finite numbers. "
+                                 f"Fix: recompute or clean the matrix.")
     return out
 
 
 def gram_matmul(G, V, rows: int | None = None) -> np.ndarray:
-    """G @ V in float64 for any (m x n) array-like G, streamed in row blocks (about 8 MiB each)."""
+    """G @ V in float64 for any (m x n) array-like G, streamed in row blocks (about 4 MiB each)."""
     V = np.asarray(V, dtype=np.float64)
     m, n = G.shape
     out = np.empty((m, V.shape[1]), dtype=np.float64)

@@ -18,7 +18,7 @@ import numpy as np
 
 __all__ = ["BLOCK_BYTES", "release_pages", "row_blocks", "find_duplicate_rows", "DuplicateRows"]
 
-BLOCK_BYTES = 8 * 2**20   # a row block of a streamed read: small next to any Gram, big enough for BLAS
+BLOCK_BYTES = 4 * 2**20   # a row block of a streamed read: small next to any Gram, big enough for BLAS
 
 
 def release_pages(a) -> None:
@@ -63,7 +63,8 @@ def _row_hashes(A, columns: int | None) -> np.ndarray:
     n = A.shape[0]
     m = A.shape[1] if columns is None else min(int(columns), A.shape[1])
     out = np.empty(n, dtype=np.uint64)
-    for a, e in row_blocks(n, m * 8):
+    # blocks sized by the full row: a memory map faults in page runs of each row visited
+    for a, e in row_blocks(n, A.shape[1] * 8):
         block = np.asarray(A[a:e, :m], dtype=np.float64)
         for i, row in enumerate(block):
             out[a + i] = _hash(row)
