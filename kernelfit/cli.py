@@ -418,7 +418,7 @@ def cmd_solve(args, parser) -> int:
         (record, model), cluster = _with_cluster(args, lambda client: run_interpolation(
             X, label_sets, Xt, yt, ds.num_classes, options, extra, task=args.task, client=client, return_model=True))
     _save_model_if_asked(args, record, model, cluster, preprocessing={"kind": "pixels", "dtype": np.dtype(fdtype).name},
-                         classes=ds.classes)
+                         class_names=ds.classes)
     record["cli_timings_s"] = timer.as_dict()
     record["cli_peak_rss_bytes"] = peak_rss_bytes()
 
@@ -496,7 +496,7 @@ def _with_cluster(args, run):
         return run(cluster.client), info
 
 
-def _save_model_if_asked(args, record, model, cluster, preprocessing=None, classes=None) -> None:
+def _save_model_if_asked(args, record, model, cluster, preprocessing=None, class_names=None) -> None:
     """Write --save-model (before the record, which then names the model file and its sha256)."""
     if cluster is not None:
         record["cluster"] = cluster
@@ -507,7 +507,7 @@ def _save_model_if_asked(args, record, model, cluster, preprocessing=None, class
 
     data = record.get("dataset") or {k: record.get("stats", {}).get(k) for k in ("gram",)}
     path = save_model(args.save_model, model, task=record["task"], targets=record["target_columns"],
-                      num_classes=record.get("num_classes"), classes=classes, preprocessing=preprocessing,
+                      num_classes=record.get("num_classes"), class_names=class_names, preprocessing=preprocessing,
                       data=data, provenance=record.get("provenance"), overwrite=args.overwrite)
     record["model"] = {"path": str(path), "sha256": sha256_file(path)}
     _eprint(f"wrote model {path}")

@@ -6,7 +6,7 @@ tensors   ``alpha`` (n, k) float64; ``y`` (n, k) the targets solved for; ``train
           ``x_train`` (n, d) float64, the training points the kernel sees (absent for a precomputed Gram,
           whose predictions need a test Gram K(X_test, X_train) instead).
 metadata  ``kernelfit`` = JSON: format, format_version, kernel, bandwidth, mode, jitter, task, targets
-          (name and columns of each target set), num_classes / classes, preprocessing (how raw inputs
+          (name and columns of each target set), num_classes / classes / class_names, preprocessing (how raw inputs
           become ``x_train``-like rows; rebuilt by name from ``PREPROCESSORS``), data (what was loaded,
           with checksums), provenance; ``sha256`` = digest of that JSON and of every tensor's bytes.
 
@@ -109,12 +109,13 @@ def _require_safetensors():
 
 
 def save_model(path, model: Interpolant, *, task: str = "classification", targets: dict | None = None,
-               num_classes: int | None = None, classes=None, preprocessing: dict | None = None,
+               num_classes: int | None = None, classes=None, class_names=None, preprocessing: dict | None = None,
                data: dict | None = None, provenance: dict | None = None, overwrite: bool = False) -> Path:
     """Write ``model`` (from ``fit_interpolant``, ``fit_precomputed`` or ``run_*interpolation``) to ``path``.
 
     targets: name -> slice (or (start, stop)) of the alpha columns of each target set; default one set
-    "true" over all columns. classes: the label of each class column (default 0..num_classes-1).
+    "true" over all columns. classes: the label predicted for each class column (default
+    0..num_classes-1); class_names: optional human-readable names (e.g. "airplane"), kept for the record.
     preprocessing: how raw inputs become training-point rows, e.g. {"kind": "pixels", "dtype": "float32"}.
     The file is written atomically; an existing file is refused unless ``overwrite``.
     """
@@ -148,6 +149,7 @@ def save_model(path, model: Interpolant, *, task: str = "classification", target
         "task": task, "targets": columns,
         "num_classes": num_classes if task == "classification" else None,
         "classes": classes if task == "classification" else None,
+        "class_names": None if class_names is None else [str(c) for c in class_names],
         "preprocessing": None if precomputed else (preprocessing or {"kind": "none", "dtype": "float64"}),
         "data": data, "provenance": provenance,
         "fit": {key: model.stats.get(key) for key in ("residual_max_abs", "residual_relative", "factor_dtype",
