@@ -634,7 +634,7 @@ def cmd_predict(args, parser) -> int:
         predictions = idx if model.classes is None else model.classes[idx]
     else:
         predictions = scores[:, 0] if scores.shape[1] == 1 else scores
-    payload = {"model": str(args.model), "task": model.task, "n": int(len(predictions)),
+    payload = {"model": str(args.model), "task": model.task, "n": len(predictions),
                "target": args.target or next(iter(model.targets))}
     if y_test is not None:
         if len(y_test) != len(predictions):

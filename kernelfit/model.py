@@ -20,16 +20,24 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from .errors import InputError, ModelFileError
 from .solve import Interpolant, PrecomputedInterpolant
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "PREPROCESSORS", "register_preprocessor", "save_model", "load_model",
-           "SavedModel", "PREDICT_BLOCK_ROWS"]
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "PREDICT_BLOCK_ROWS",
+    "PREPROCESSORS",
+    "SavedModel",
+    "load_model",
+    "register_preprocessor",
+    "save_model",
+]
 
 FORMAT = "kernelfit.model"
 FORMAT_VERSION = 1
@@ -231,8 +239,8 @@ def load_model(path) -> SavedModel:
 
         with safe_open(str(path), framework="np") as f:
             header = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-    except Exception as exc:   # safetensors raises its own error type for a malformed file
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    except Exception as exc:  # noqa: BLE001 (safetensors raises its own error types for a malformed file)
         with open(path, "rb") as fh:
             head = fh.read(16)
         raise ModelFileError(f"{path} is not a readable kernelfit model file (safetensors format): {exc} "
@@ -258,8 +266,8 @@ def load_model(path) -> SavedModel:
     for name in ("alpha", "y", "train_scores"):
         if name not in tensors:
             raise ModelFileError(f"{path}: tensor {name!r} is missing; the file is not a complete kernelfit model.")
-    common = dict(alpha=tensors["alpha"], Y=tensors["y"], mode=meta["mode"], train_scores=tensors["train_scores"],
-                  stats={"jitter": meta.get("jitter", 0.0), **(meta.get("fit") or {})})
+    common = {"alpha": tensors["alpha"], "Y": tensors["y"], "mode": meta["mode"], "train_scores": tensors["train_scores"],
+              "stats": {"jitter": meta.get("jitter", 0.0), **(meta.get("fit") or {})}}
     if meta["kernel"] == "precomputed":
         interp = PrecomputedInterpolant(X_fit=None, kernel="precomputed", bandwidth=float("nan"), **common)
     else:

@@ -339,10 +339,17 @@ def fit_precomputed(G, Y, options: SolveOptions = SolveOptions(mode="float64"), 
     The lower triangle is read tile by tile into panel storage of the mode's dtype (float64 or
     float32; never a second n x n copy), factored where ``options`` say, and solved; the reported
     residual and the training scores are G @ alpha recomputed in float64 from the source, streamed.
-    Every check of ``data.gram.check_gram`` runs first (``what`` names G in its errors). With ``client`` (a dask Client) the tiles are
-    read and factored on the workers (the source must be a path the workers can open).
+    Every check of ``data.gram.check_gram`` runs first (``what`` names G in its errors). With ``client``
+    (a dask Client) the tiles are read and factored on the workers (the source must be a path the
+    workers can open).
     """
-    from .data.gram import check_gram, gram_matmul, gram_source_info, open_gram, read_gram_panels
+    from .data.gram import (
+        check_gram,
+        gram_matmul,
+        gram_source_info,
+        open_gram,
+        read_gram_panels,
+    )
 
     mode = check_gram_mode(options.mode)
     jitter = float(options.jitter)

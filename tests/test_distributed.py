@@ -116,7 +116,7 @@ def test_fit_distributed_matches_single_process(client):
 def test_gram_file_tiles_read_on_workers(client, tmp_path):
     from kernelfit.solve import SolveOptions, fit_precomputed
 
-    X, K, B = gaussian_problem(n=400, seed=3)
+    _, K, B = gaussian_problem(n=400, seed=3)
     np.save(tmp_path / "G.npy", K)
     single = fit_precomputed(str(tmp_path / "G.npy"), B, SolveOptions(mode="float64", block_size=96))
     dist = fit_precomputed(str(tmp_path / "G.npy"), B, SolveOptions(mode="float64", block_size=96), client=client)
@@ -152,7 +152,7 @@ def test_cli_gram_on_a_running_scheduler(client, tmp_path, capsys):
 
     from kernelfit.cli import main
 
-    X, K, B = gaussian_problem(n=300, seed=4)
+    _, K, B = gaussian_problem(n=300, seed=4)
     np.save(tmp_path / "G.npy", K)
     np.save(tmp_path / "y.npy", B[:, 0])
     argv = ["solve", "--gram", str(tmp_path / "G.npy"), "--y-train", str(tmp_path / "y.npy"), "--task", "regression",

@@ -14,7 +14,12 @@ import pytest
 import scipy.linalg
 
 from kernelfit.cli import main
-from kernelfit.data.gram import check_gram, check_test_gram, gram_matmul, read_gram_panels
+from kernelfit.data.gram import (
+    check_gram,
+    check_test_gram,
+    gram_matmul,
+    read_gram_panels,
+)
 from kernelfit.data.rows import find_duplicate_rows
 from kernelfit.errors import InputError, NotPositiveDefiniteError
 from kernelfit.solve import SolveOptions, fit_precomputed, run_gram_interpolation

@@ -22,7 +22,7 @@ def _fit(n=300, d=6, k=2, seed=0):
 
 
 def test_saved_model_predicts_exactly_what_the_fitted_one_does(tmp_path):
-    X, model = _fit()
+    _, model = _fit()
     Xt = np.random.default_rng(1).random((10_000, 6))   # more than one prediction block
     path = save_model(tmp_path / "m.safetensors", model, task="regression")
     loaded = load_model(path)
@@ -50,12 +50,12 @@ def test_precomputed_model_round_trip(tmp_path):
 
 
 def _rewrite(path, meta_update=None, tensors_update=None, keep_checksum=True):
-    from safetensors.numpy import save_file
     from safetensors import safe_open
+    from safetensors.numpy import save_file
 
     with safe_open(str(path), framework="np") as f:
         header = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     meta = json.loads(header["kernelfit"])
     meta.update(meta_update or {})
     tensors.update(tensors_update or {})

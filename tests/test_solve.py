@@ -204,7 +204,10 @@ def test_regression_task_matches_kernel_ridge_multi_output():
 
     rng = np.random.default_rng(5)
     X, Xt = rng.random((250, 4)), rng.random((60, 4))
-    f = lambda A: np.stack([np.sin(3 * A[:, 0]), A[:, 1] * A[:, 2] - A[:, 3]], axis=1)  # noqa: E731
+
+    def f(A):
+        return np.stack([np.sin(3 * A[:, 0]), A[:, 1] * A[:, 2] - A[:, 3]], axis=1)
+
     sigma = 0.5
     rec = run_interpolation(X, {"true": f(X)}, Xt, f(Xt), None,
                             SolveOptions(bandwidth=sigma, mode="float64", jitter=1e-10), task="regression")

@@ -25,8 +25,15 @@ from ..linalg.tiled import SymmetricPanels
 from .arrays import open_array, parse_spec, sha256_file
 from .rows import find_duplicate_rows, release_pages, row_blocks
 
-__all__ = ["open_gram", "gram_source_info", "check_gram", "check_test_gram", "read_gram_panels", "gram_matmul",
-           "symmetry_tolerance"]
+__all__ = [
+    "check_gram",
+    "check_test_gram",
+    "gram_matmul",
+    "gram_source_info",
+    "open_gram",
+    "read_gram_panels",
+    "symmetry_tolerance",
+]
 
 SYMMETRY_TILES = 16     # sampled off-diagonal tile pairs compared with the transpose
 SYMMETRY_TILE = 64      # their side

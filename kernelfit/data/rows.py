@@ -16,7 +16,7 @@ import mmap
 
 import numpy as np
 
-__all__ = ["BLOCK_BYTES", "release_pages", "row_blocks", "find_duplicate_rows", "DuplicateRows"]
+__all__ = ["BLOCK_BYTES", "DuplicateRows", "find_duplicate_rows", "release_pages", "row_blocks"]
 
 BLOCK_BYTES = 4 * 2**20   # a row block of a streamed read: small next to any Gram, big enough for BLAS
 

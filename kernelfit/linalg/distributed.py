@@ -22,6 +22,7 @@ UNTESTED here: no GPU). Connect with ``scheduler_address="tcp://host:8786"`` or 
 from __future__ import annotations
 
 import uuid
+from typing import Self
 
 import numpy as np
 
@@ -303,7 +304,7 @@ class Cluster:
         if self.cluster is not None:
             self.cluster.close()
 
-    def __enter__(self) -> "Cluster":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
