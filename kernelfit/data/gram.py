@@ -6,7 +6,8 @@ columns = training points) come as anything ``open_array`` opens (``G.npy`` memo
 
 * ``check_gram``        everything that can be refused before the O(n^3) work, cheapest first: shape,
                         dtype, the diagonal (finite, > 0), symmetry on sampled tiles against the
-                        transpose (tolerance stated in the message), duplicate rows by hashing.
+                        transpose (tolerance stated in the message), then one pass over all rows:
+                        NaN / inf anywhere, duplicate rows by hashing.
 * ``read_gram_panels``  the lower triangle copied tile by tile straight into ``SymmetricPanels``
                         (never a second n x n copy), every tile checked for NaN / inf as it lands.
 * ``gram_matmul``       G @ V (or K_test @ V) in float64, streamed in row blocks from the source:
@@ -23,7 +24,7 @@ import numpy as np
 from ..errors import InputError
 from ..linalg.tiled import SymmetricPanels
 from .arrays import open_array, parse_spec, sha256_file
-from .rows import find_duplicate_rows, release_pages, row_blocks
+from .rows import find_duplicate_rows, release_pages, row_blocks, row_hash
 
 __all__ = [
     "check_gram",
@@ -37,7 +38,6 @@ __all__ = [
 
 SYMMETRY_TILES = 16     # sampled off-diagonal tile pairs compared with the transpose
 SYMMETRY_TILE = 64      # their side
-DUPLICATE_SCREEN_COLUMNS = 64   # leading columns hashed to screen for duplicate rows
 
 
 def open_gram(source, *, what: str = "--gram"):
@@ -99,9 +99,10 @@ def check_gram(G, *, what: str = "--gram", jitter: float = 0.0, seed: int = 0,
 
     Checks: 2-D and square; real dtype; diagonal finite and > 0 (a kernel has k(x, x) > 0);
     symmetric on ``SYMMETRY_TILES`` random tile pairs (|G_ij - G_ji| <= tol x max |G_ii|, tol from
-    ``symmetry_tolerance``); with ``jitter == 0`` and ``duplicates``, no two equal rows (equal
-    points make G singular). Positive definiteness is left to the factorization, which names the
-    failing leading minor. Returns a summary of what was checked, for the record.
+    ``symmetry_tolerance``); then one pass over the rows (O(n^2) reads, nothing kept): every entry
+    finite (the float64 residual reads the upper triangle too) and, with ``jitter == 0`` and
+    ``duplicates``, no two equal rows (equal points make G singular). Positive definiteness is left
+    to the factorization, which names the failing leading minor. Returns what was checked.
     """
     shape = tuple(G.shape)
     if len(shape) != 2 or shape[0] != shape[1]:
@@ -149,18 +150,29 @@ def check_gram(G, *, what: str = "--gram", jitter: float = 0.0, seed: int = 0,
                 f"e.g. (G + G.T) / 2 if it is only rounding.")
         checked += A.size
         release_pages(G)
+    hash_rows = bool(duplicates and not jitter)
+    hashes = np.empty(n, dtype=np.uint64) if hash_rows else None
+    for a, e in row_blocks(n, _row_span(G)):
+        rows = np.asarray(G[a:e], dtype=np.float64)
+        if not np.all(np.isfinite(rows)):
+            r, c = _first_bad(~np.isfinite(rows))
+            raise InputError(f"{what}: G[{a + r}, {c}] = {rows[r, c]} is not finite; a Gram matrix must hold "
+                             f"finite numbers. Fix: recompute or clean the matrix.")
+        if hash_rows:
+            for i, row in enumerate(rows):
+                hashes[a + i] = row_hash(row)
+        release_pages(G)
     summary = {"n": n, "dtype": str(np.dtype(G.dtype)), "diagonal_min": float(diag.min()),
                "diagonal_max": scale, "symmetry_entries_checked": int(checked), "symmetry_rtol": rtol,
-               "duplicate_rows_checked": False}
-    if duplicates and not jitter:
-        dup = find_duplicate_rows(G, columns=DUPLICATE_SCREEN_COLUMNS)
+               "all_finite": True, "duplicate_rows_checked": hash_rows}
+    if hash_rows:
+        dup = find_duplicate_rows(G, hashes=hashes)
         if dup is not None:
             raise InputError(
                 f"{what}: rows {dup.first} and {dup.second} of the Gram matrix are equal ({dup.count} row(s) "
                 f"repeat an earlier one): the training points are duplicates, which makes G singular, and "
                 f"exact interpolation (jitter 0) is impossible. Fix: remove the duplicate points (and their "
                 f"rows and columns), or add a tiny ridge, e.g. --jitter 1e-8 (jitter=1e-8).")
-        summary["duplicate_rows_checked"] = True
     return summary
 
 

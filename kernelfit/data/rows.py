@@ -49,25 +49,23 @@ class DuplicateRows:
         return f"DuplicateRows(first={self.first}, second={self.second}, count={self.count})"
 
 
-def _hash(row: np.ndarray) -> int:
-    # compared as float64 values: -0.0 + 0.0 is +0.0, so rows equal as numbers hash alike
+def row_hash(row: np.ndarray) -> int:
+    """64-bit blake2b of a row's float64 values (-0.0 + 0.0 is +0.0: rows equal as numbers hash alike)."""
     row = np.ascontiguousarray(row, dtype=np.float64) + 0.0
     return int.from_bytes(hashlib.blake2b(row.data, digest_size=8).digest(), "little")
 
 
 def _row(A, i) -> np.ndarray:
-    return np.asarray(A[int(i)], dtype=np.float64) + 0.0
+    return np.asarray(A[int(i)], dtype=np.float64)
 
 
-def _row_hashes(A, columns: int | None) -> np.ndarray:
+def row_hashes(A) -> np.ndarray:
+    """``row_hash`` of every row of A, read in row blocks (pages of a memory map released per block)."""
     n = A.shape[0]
-    m = A.shape[1] if columns is None else min(int(columns), A.shape[1])
     out = np.empty(n, dtype=np.uint64)
-    # blocks sized by the full row: a memory map faults in page runs of each row visited
     for a, e in row_blocks(n, A.shape[1] * 8):
-        block = np.asarray(A[a:e, :m], dtype=np.float64)
-        for i, row in enumerate(block):
-            out[a + i] = _hash(row)
+        for i, row in enumerate(np.asarray(A[a:e], dtype=np.float64)):
+            out[a + i] = row_hash(row)
         release_pages(A)
     return out
 
@@ -80,30 +78,22 @@ def _groups(keys: np.ndarray, index: np.ndarray):
     return [g for g in np.split(idx, cuts) if len(g) > 1]
 
 
-def find_duplicate_rows(A, columns: int | None = None) -> DuplicateRows | None:
+def find_duplicate_rows(A, hashes: np.ndarray | None = None) -> DuplicateRows | None:
     """Two equal rows of the 2-D array-like ``A`` (any format that slices), or None.
 
-    Each row is hashed (blake2b of its float64 bytes); rows with equal hashes are compared exactly,
-    so a hash collision never reports a false duplicate. ``columns`` hashes only the first columns
-    as a screen (rows equal in full are equal there too) and re-hashes the full rows of the few
-    candidates: for a Gram matrix, whose rows are long, that keeps the pass at n x ``columns`` reads.
+    Each row is hashed (``row_hashes``, one pass over A, or ``hashes`` from the caller's own pass);
+    rows with equal hashes are then compared exactly, so a hash collision never reports a false
+    duplicate. Returns the pair with the smallest second index and how many rows repeat an earlier one.
     """
     n = A.shape[0]
     if n < 2:
         return None
-    full = columns is None or columns >= A.shape[1]
-    candidates = _groups(_row_hashes(A, None if full else columns), np.arange(n))
+    hashes = row_hashes(A) if hashes is None else np.asarray(hashes, dtype=np.uint64)
     found = []
-    for group in candidates:
+    for group in _groups(hashes, np.arange(n)):
         group = np.sort(group)
-        if not full:   # the screen matched on leading columns: hash the candidates' full rows
-            full_hashes = np.array([_hash(_row(A, i)) for i in group], dtype=np.uint64)
-            subgroups = [group[g] for g in _groups(full_hashes, np.arange(len(group)))]
-        else:
-            subgroups = [group]
-        for g in subgroups:
-            ref = _row(A, g[0])
-            found.extend((int(g[0]), int(j)) for j in g[1:] if np.array_equal(ref, _row(A, j)))
+        ref = _row(A, group[0])
+        found.extend((int(group[0]), int(j)) for j in group[1:] if np.array_equal(ref, _row(A, j)))
         release_pages(A)
     if not found:
         return None
