@@ -345,6 +345,7 @@ def fit_precomputed(G, Y, options: SolveOptions = SolveOptions(mode="float64"), 
     """
     from .data.gram import (
         check_gram,
+        check_square,
         gram_matmul,
         gram_source_info,
         open_gram,
@@ -357,12 +358,12 @@ def fit_precomputed(G, Y, options: SolveOptions = SolveOptions(mode="float64"), 
         raise InputError(f"jitter must be a finite number >= 0; got {options.jitter!r}.")
     source = G
     G = open_gram(G, what=what)
-    checks = check_gram(G, what=what, jitter=jitter)
-    n = G.shape[0]
+    n = check_square(G, what)
     Y = check_targets(Y, n)
     plan = plan_solve(n, 0, Y.shape[1], mode, n_test=n_test, block=options.block_size)
-    if not options.force_memory:
+    if not options.force_memory:   # refused from the header alone, before any pass over the matrix
         require_fits(plan)
+    checks = check_gram(G, what=what, jitter=jitter)
     fdt = FACTOR_DTYPE[mode]
     timings = {}
     if client is None:

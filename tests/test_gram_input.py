@@ -315,3 +315,17 @@ def test_peak_rss_of_memory_mapped_gram_solve_stays_near_the_panels(tmp_path):
     grown = res["peak"] - res["baseline"]
     assert grown <= 1.3 * res["panel_bytes"], res
     assert res["peak"] < 1.5 * res["panel_bytes"] + 128 * 2**20, res   # and no second copy anywhere
+
+
+def test_memory_refusal_from_the_header_before_any_pass(tmp_path, monkeypatch):
+    from kernelfit.errors import MemoryPlanError
+
+    np.lib.format.open_memmap(tmp_path / "big.npy", mode="w+", dtype=np.float64, shape=(4000, 4000)).flush()
+    monkeypatch.setattr("kernelfit.linalg.memory.available_bytes", lambda: 64 * 2**20)
+
+    def no_pass(*a, **k):
+        raise AssertionError("the Gram was read before the memory plan refused it")
+
+    monkeypatch.setattr("kernelfit.data.gram.check_gram", no_pass)
+    with pytest.raises(MemoryPlanError, match="would not fit"):
+        fit_precomputed(str(tmp_path / "big.npy"), np.ones(4000), SolveOptions(mode="float64"))

@@ -28,6 +28,7 @@ from .rows import find_duplicate_rows, release_pages, row_blocks, row_hash
 
 __all__ = [
     "check_gram",
+    "check_square",
     "check_test_gram",
     "gram_matmul",
     "gram_source_info",
@@ -93,6 +94,18 @@ def _first_bad(mask: np.ndarray):
     return tuple(int(v) for v in np.argwhere(mask)[0])
 
 
+def check_square(G, what: str = "--gram") -> int:
+    """Shape and dtype of a training Gram (read from the header only); returns n."""
+    shape = tuple(G.shape)
+    if len(shape) != 2 or shape[0] != shape[1]:
+        raise InputError(f"{what}: expected a square n x n training Gram matrix; got shape {shape}. "
+                         f"A test Gram (m test x n training points) goes to --gram-test (gram_test=).")
+    if shape[0] == 0:
+        raise InputError(f"{what}: the Gram matrix has 0 rows; need at least one training point.")
+    _check_dtype(G, what)
+    return int(shape[0])
+
+
 def check_gram(G, *, what: str = "--gram", jitter: float = 0.0, seed: int = 0,
                duplicates: bool = True) -> dict:
     """Refuse a training Gram that cannot be solved, before any panel is allocated.
@@ -104,14 +117,7 @@ def check_gram(G, *, what: str = "--gram", jitter: float = 0.0, seed: int = 0,
     ``duplicates``, no two equal rows (equal points make G singular). Positive definiteness is left
     to the factorization, which names the failing leading minor. Returns what was checked.
     """
-    shape = tuple(G.shape)
-    if len(shape) != 2 or shape[0] != shape[1]:
-        raise InputError(f"{what}: expected a square n x n training Gram matrix; got shape {shape}. "
-                         f"A test Gram (m test x n training points) goes to --gram-test (gram_test=).")
-    n = shape[0]
-    if n == 0:
-        raise InputError(f"{what}: the Gram matrix has 0 rows; need at least one training point.")
-    _check_dtype(G, what)
+    n = check_square(G, what)
     block = SYMMETRY_TILE
     diag = _read_diagonal(G)
     if not np.all(np.isfinite(diag)):
