@@ -4,6 +4,7 @@
 ``kernelfit plan``    memory plan of a solve, without allocating anything
 ``kernelfit data``    where data is looked for (``path``), what is found (``info``), ``download``
 ``kernelfit table``   the kernel table of Zhang et al. (Section 5), see ``kernelfit table --help``
+``kernelfit predict`` predictions of a model saved by ``solve --save-model``, streamed in blocks
 
 Every input is validated before any data is loaded or memory allocated; errors name what was
 expected and how to fix it. Human-readable summaries go to stderr, the JSON record to stdout or
@@ -25,6 +26,8 @@ __all__ = ["main", "build_parser"]
 
 DATASET_NAMES = ("mnist-subset", "mnist", "cifar10")
 MODES = ("mixed", "float32", "float64")
+TASKS = ("classification", "regression")
+PREDICTION_SUFFIXES = (".npy", ".csv", ".json")
 KERNELS = ("gaussian", "laplacian")
 # Randomization variants (kernelfit.randomize.VARIANTS); repeated here so that `--help` and
 # argument parsing never import numpy-heavy modules. A test checks they agree.
@@ -151,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Exact kernel interpolation at MNIST / CIFAR-10 scale.",
         epilog="Run 'kernelfit <command> --help' for the options of a command.",
     )
-    sub = ap.add_subparsers(dest="command", metavar="{solve,plan,data,table}")
+    sub = ap.add_subparsers(dest="command", metavar="{solve,plan,data,table,predict}")
     sub.required = True
 
     # -- solve --------------------------------------------------------------------------------
@@ -168,8 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--bandwidth", type=_bandwidth, default="median", metavar="SIGMA|median",
                    help="kernel bandwidth sigma on pixels / 255, or 'median' (median pairwise "
                         "distance; default). Zhang et al.'s MNIST setting is 5.")
-    s.add_argument("--mode", choices=MODES, default="mixed",
-                   help="mixed: float32 factor + float64 refinement (default); float32; float64")
+    s.add_argument("--mode", choices=MODES, default=None,
+                   help="mixed: float32 factor + float64 refinement (default); float32; float64 "
+                        "(default with --gram: float64)")
     s.add_argument("--jitter", type=_nonneg_float, default=0.0, metavar="EPS",
                    help="ridge added to the diagonal (default 0: exact interpolation)")
     s.add_argument("--block-size", type=_positive_int, default=None, metavar="B",
@@ -209,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     o.add_argument("--force-memory", action="store_true",
                    help="run even when the memory plan says the solve does not fit")
+    _add_gram_model_cluster_args(s)
     s.set_defaults(subparser=s)
 
     # -- plan ---------------------------------------------------------------------------------
@@ -247,10 +252,58 @@ def build_parser() -> argparse.ArgumentParser:
     for q in (di, dp, dd):
         q.set_defaults(subparser=q)
 
+    _add_predict_parser(sub)
+
     # -- table (delegated; its own parser handles the options) --------------------------------
     sub.add_parser("table", help="the kernel table of Zhang et al. (see 'kernelfit table --help')",
                    add_help=False)
     return ap
+
+
+def _add_gram_model_cluster_args(s: argparse.ArgumentParser) -> None:
+    """solve: precomputed Gram input, regression targets, model files, dask cluster."""
+    g = s.add_argument_group("precomputed Gram (instead of a dataset: G = k(X_train, X_train), n x n)")
+    g.add_argument("--gram", default=None, metavar="G.npy|G.h5:/dset|G.zarr:/arr",
+                   help="training Gram matrix, full square (read through a memory map / in tiles, never "
+                        "copied whole); needs --y-train")
+    g.add_argument("--gram-test", default=None, metavar="KT.npy|...",
+                   help="test Gram k(X_test, X_train), m x n; needs --y-test")
+    g.add_argument("--y-train", default=None, metavar="Y.npy|Y.h5:/dset|...",
+                   help="training targets: integer labels (classification) or floats (n,) / (n, k) (regression)")
+    g.add_argument("--y-test", default=None, metavar="YT.npy|...", help="test targets, as --y-train")
+    t = s.add_argument_group("targets, model file, cluster")
+    t.add_argument("--task", choices=TASKS, default="classification",
+                   help="classification: integer labels, one-hot, error rates (default); regression: float "
+                        "targets (1-D or multi-output), RMSE and R^2")
+    t.add_argument("--save-model", type=Path, default=None, metavar="MODEL.safetensors",
+                   help="write the fitted interpolant (safetensors: alpha, training points, kernel, "
+                        "preprocessing, provenance, checksum) for 'kernelfit predict'")
+    t.add_argument("--scheduler", default=None, metavar="tcp://HOST:PORT|local:N",
+                   help="build the Gram and factor it on dask.distributed: a running scheduler, or local:N "
+                        "to start a LocalCluster of N worker processes (needs kernelfit[dask])")
+
+
+def _add_predict_parser(sub) -> None:
+    p = sub.add_parser("predict", help="predict with a model saved by 'kernelfit solve --save-model'",
+                       description="Predict class labels (classification) or values (regression) for new "
+                                   "points with a saved model; the points are read and predicted in blocks.")
+    p.add_argument("--model", type=Path, required=True, metavar="MODEL.safetensors")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", default=None, metavar="FILE.npz",
+                     help="an .npz with x_test (and optionally y_test: then the metrics are reported)")
+    src.add_argument("--x-test", default=None, metavar="X.npy|X.h5:/dset|X.zarr:/arr",
+                     help="test points in the model's input layout (e.g. raw images for a dataset model)")
+    src.add_argument("--gram-test", default=None, metavar="KT.npy|...",
+                     help="precomputed-Gram models: the test Gram k(X_test, X_train), m x n")
+    p.add_argument("--y-test", default=None, metavar="YT.npy|...", help="test targets: report error / RMSE")
+    p.add_argument("--target", default=None, metavar="NAME",
+                   help="target set of the model to predict (default: its first, e.g. 'true')")
+    p.add_argument("--scores", action="store_true",
+                   help="write the raw scores k(x, X) alpha (n, outputs) instead of labels")
+    p.add_argument("--out", type=Path, default=None, metavar="PRED.npy|.csv|.json",
+                   help="write predictions here (atomically); default: JSON on stdout")
+    p.add_argument("--overwrite", action="store_true", help="allow replacing an existing --out file")
+    p.set_defaults(subparser=p)
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,22 +314,23 @@ def _eprint(*args) -> None:
     print(*args, file=sys.stderr, flush=True)
 
 
-def _check_out_path(parser: argparse.ArgumentParser, out: Path | None, overwrite: bool) -> None:
-    """Refuse a bad --out before any work, so an hour-long solve never ends in a refusal."""
+def _check_out_path(parser: argparse.ArgumentParser, out: Path | None, overwrite: bool, flag: str = "--out",
+                    example: str = "result.json") -> None:
+    """Refuse a bad output path before any work, so an hour-long solve never ends in a refusal."""
     if out is None:
         return
     if out.exists() and out.is_dir():
-        parser.error(f"--out {out} is a directory; expected a file path such as {out / 'result.json'}")
+        parser.error(f"{flag} {out} is a directory; expected a file path such as {out / example}")
     if out.exists() and not overwrite:
-        parser.error(f"--out {out} already exists; pass --overwrite to replace it, or choose a new path")
+        parser.error(f"{flag} {out} already exists; pass --overwrite to replace it, or choose a new path")
     parent = out.parent if str(out.parent) else Path(".")
     ancestor = parent
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
     if ancestor.exists() and not ancestor.is_dir():
-        parser.error(f"--out {out}: {ancestor} is a file, not a directory")
+        parser.error(f"{flag} {out}: {ancestor} is a file, not a directory")
     if ancestor.exists() and not os.access(ancestor, os.W_OK):
-        parser.error(f"--out {out}: directory {ancestor} is not writable")
+        parser.error(f"{flag} {out}: directory {ancestor} is not writable")
 
 
 def _check_checkpoint_dir(parser: argparse.ArgumentParser, directory: Path | None, resume: bool) -> None:
@@ -320,6 +374,11 @@ def _plan_for(args, n_train: int, n_test: int, k: int):
 
 def cmd_solve(args, parser) -> int:
     # --- everything that can be checked without data, checked first ---
+    _check_model_args(args, parser)
+    if args.gram is not None:
+        return cmd_solve_gram(args, parser)
+    _check_gram_only_args(args, parser)
+    args.mode = args.mode or "mixed"
     if args.variant == "corrupt" and args.corrupt_p is None:
         parser.error("--variant corrupt needs --corrupt-p P (the probability of replacing a label)")
     if args.resume and args.checkpoint_dir is None:
@@ -366,6 +425,9 @@ def cmd_solve(args, parser) -> int:
         Xt = to_features(rds.x_test, dtype=fdtype) if args.n_test != 0 else None
         yt = rds.y_test if args.n_test != 0 else None
     label_sets = {name: (ds.y_train if name == "true" else rds.y_train) for name in sets}
+    if args.task == "regression":   # the label values themselves are the float targets
+        label_sets = {name: y.astype(np.float64) for name, y in label_sets.items()}
+        yt = None if yt is None else yt.astype(np.float64)
     options = SolveOptions(kernel=args.kernel, bandwidth=args.bandwidth, mode=args.mode,
                            jitter=args.jitter, block_size=args.block_size,
                            max_refine=args.max_refine, progress=not args.no_progress,
@@ -382,7 +444,10 @@ def cmd_solve(args, parser) -> int:
         "randomization": rinfo,
     }
     with timer.phase("solve"):
-        record = run_interpolation(X, label_sets, Xt, yt, ds.num_classes, options, extra)
+        (record, model), cluster = _with_cluster(args, lambda client: run_interpolation(
+            X, label_sets, Xt, yt, ds.num_classes, options, extra, task=args.task, client=client, return_model=True))
+    _save_model_if_asked(args, record, model, cluster, preprocessing={"kind": "pixels", "dtype": np.dtype(fdtype).name},
+                         class_names=ds.classes)
     record["cli_timings_s"] = timer.as_dict()
     record["cli_peak_rss_bytes"] = peak_rss_bytes()
 
@@ -404,14 +469,20 @@ def cmd_solve(args, parser) -> int:
 def _print_summary(record: dict) -> None:
     ds = record.get("dataset", {})
     st = record.get("stats", {})
+    sigma = st.get("bandwidth")
+    sigma_s = "" if sigma is None else f" sigma={sigma:.4g} ({st.get('bandwidth_rule')})"
     _eprint(f"[kernelfit] {ds.get('name')} n_train={record.get('n_train')} n_test={record.get('n_test')} "
-            f"kernel={st.get('kernel')} sigma={st.get('bandwidth', float('nan')):.4g} "
-            f"({st.get('bandwidth_rule')}) mode={st.get('mode')}")
+            f"kernel={st.get('kernel')}{sigma_s} mode={st.get('mode')} task={record.get('task', 'classification')}")
     for name, res in record.get("results", {}).items():
-        te = res.get("test_error")
-        te_s = "n/a" if te is None else f"{100 * te:.2f}%"
-        _eprint(f"  {name:>16}: train error {100 * res['train_error']:.2f}%  test error {te_s}  "
-                f"RKHS norm {res['rkhs_norm']:.4g}  max |residual| {res['residual_max_abs']:.2e}")
+        if "train_error" in res:
+            te = res.get("test_error")
+            te_s = "n/a" if te is None else f"{100 * te:.2f}%"
+            fit = f"train error {100 * res['train_error']:.2f}%  test error {te_s}"
+        else:
+            te, r2 = res.get("test_rmse"), res.get("test_r2")
+            fit = (f"train RMSE {res['train_rmse']:.3g}  test RMSE {'n/a' if te is None else f'{te:.4g}'}  "
+                   f"test R^2 {'n/a' if r2 is None else f'{r2:.4f}'}")
+        _eprint(f"  {name:>16}: {fit}  RKHS norm {res['rkhs_norm']:.4g}  max |residual| {res['residual_max_abs']:.2e}")
     fact = (st.get("refinement") or {}).get("factorization") or st.get("factorization") or {}
     if isinstance(fact, dict) and fact.get("resumed_from_panel"):
         _eprint(f"  resumed the factorization from panel {fact['resumed_from_panel']} (block "
@@ -420,6 +491,211 @@ def _print_summary(record: dict) -> None:
     if t:
         _eprint("  time: " + ", ".join(f"{k} {v:.2f}s" for k, v in t.items())
                 + f"; peak RSS {st.get('peak_rss_bytes', 0) / 2**30:.2f} GiB")
+
+
+def _check_model_args(args, parser) -> None:
+    """--save-model and --scheduler refused before any work (the --out check is its own)."""
+    _check_out_path(parser, args.save_model, args.overwrite, "--save-model", "model.safetensors")
+    if args.save_model is not None and args.out is not None and args.save_model.resolve() == args.out.resolve():
+        parser.error(f"--save-model and --out are the same path {args.out}; give the model its own file")
+    if args.save_model is not None and args.variant not in ("true", *LABEL_VARIANTS):
+        parser.error(f"--save-model with --variant {args.variant}: the model would need the randomized inputs "
+                     f"to predict; save models of true or label-randomized data only")
+    if args.task == "regression" and args.variant in LABEL_VARIANTS:
+        parser.error(f"--variant {args.variant} randomizes class labels; it does not apply to --task regression")
+    if args.scheduler is not None:
+        sched = args.scheduler
+        if not (sched.startswith("local:") or "://" in sched):
+            parser.error(f"--scheduler {sched!r}: expected tcp://HOST:PORT (a running dask scheduler) or "
+                         f"local:N (start N local worker processes)")
+        if args.device is not None or args.checkpoint_dir is not None:
+            parser.error("--scheduler runs the factorization on the dask workers; --device and "
+                         "--checkpoint-dir apply to single-process solves only")
+
+
+def _check_gram_only_args(args, parser) -> None:
+    for flag, value in (("--gram-test", args.gram_test), ("--y-train", args.y_train), ("--y-test", args.y_test)):
+        if value is not None:
+            parser.error(f"{flag} goes with --gram G.npy (a precomputed training Gram); without --gram the "
+                         f"data come from --dataset")
+
+
+def _with_cluster(args, run):
+    """run(client) on the --scheduler cluster (client None without one); returns (result, cluster info)."""
+    if args.scheduler is None:
+        return run(None), None
+    from .linalg.distributed import Cluster
+
+    with Cluster(args.scheduler) as cluster:
+        info = cluster.info()
+        _eprint(f"[kernelfit] dask cluster {info['address']} with {info['workers']} worker(s)")
+        return run(cluster.client), info
+
+
+def _save_model_if_asked(args, record, model, cluster, preprocessing=None, class_names=None) -> None:
+    """Write --save-model (before the record, which then names the model file and its sha256)."""
+    if cluster is not None:
+        record["cluster"] = cluster
+    if args.save_model is None:
+        return
+    from .data.arrays import sha256_file
+    from .model import save_model
+
+    data = record.get("dataset") or {k: record.get("stats", {}).get(k) for k in ("gram",)}
+    path = save_model(args.save_model, model, task=record["task"], targets=record["target_columns"],
+                      num_classes=record.get("num_classes"), class_names=class_names, preprocessing=preprocessing,
+                      data=data, provenance=record.get("provenance"), overwrite=args.overwrite)
+    record["model"] = {"path": str(path), "sha256": sha256_file(path)}
+    _eprint(f"wrote model {path}")
+
+
+def _read_targets(spec: str, what: str):
+    import numpy as np
+
+    from .data.arrays import open_array
+
+    return np.asarray(open_array(spec, what=what))
+
+
+def cmd_solve_gram(args, parser) -> int:
+    """solve --gram: a precomputed training Gram (and optional test Gram) with targets from files."""
+    for flag, bad in (("--data-dir", args.data_dir is not None), ("--n-train", args.n_train is not None),
+                      ("--n-test", args.n_test is not None), ("--variant", args.variant != "true"),
+                      ("--download", args.download)):
+        if bad:
+            parser.error(f"{flag} does not apply to --gram: the Gram fixes the training points and targets come "
+                         f"from --y-train; drop {flag}")
+    if args.y_train is None:
+        parser.error("--gram needs --y-train Y.npy (the targets of the Gram's training points)")
+    if (args.gram_test is None) != (args.y_test is None):
+        parser.error("--gram-test and --y-test go together (the test Gram and the test targets)")
+    args.mode = args.mode or "float64"
+    from .solve import GRAM_MODES
+
+    if args.mode not in GRAM_MODES:
+        parser.error(f"--mode {args.mode} needs the kernel function: mixed precision refines with float64 kernel "
+                     f"products rebuilt from the data, and a precomputed Gram has no data. Use --mode float64 "
+                     f"(default) or float32 (half the memory)")
+    _check_out_path(parser, args.out, args.overwrite)
+
+    import numpy as np
+
+    from .results import PhaseTimer, peak_rss_bytes, write_json_atomic
+    from .solve import SolveOptions, run_gram_interpolation
+
+    timer = PhaseTimer()
+    with timer.phase("load"):
+        y = _read_targets(args.y_train, "--y-train")
+        yt = None if args.y_test is None else _read_targets(args.y_test, "--y-test")
+        num_classes = None
+        if args.task == "classification":
+            from .solve import check_labels
+
+            top = max(int(np.max(y)) if y.size else 0, int(np.max(yt)) if yt is not None and yt.size else 0)
+            num_classes = top + 1
+            check_labels(y, num_classes, "--y-train")
+    options = SolveOptions(mode=args.mode, jitter=args.jitter, block_size=args.block_size,
+                           progress=not args.no_progress, force_memory=args.force_memory, device=args.device,
+                           out_of_core={"auto": "auto", "yes": True, "no": False}[args.out_of_core],
+                           checkpoint_dir=None if args.checkpoint_dir is None else str(args.checkpoint_dir),
+                           resume=args.resume)
+    extra = {"dataset": {"name": "precomputed-gram", "gram": args.gram, "gram_test": args.gram_test,
+                         "y_train": args.y_train, "y_test": args.y_test}}
+    with timer.phase("solve"):
+        (record, model), cluster = _with_cluster(args, lambda client: run_gram_interpolation(
+            args.gram, {"true": y}, args.gram_test, yt, num_classes, options, extra, task=args.task, client=client,
+            return_model=True))
+    _save_model_if_asked(args, record, model, cluster)
+    record["cli_timings_s"] = timer.as_dict()
+    record["cli_peak_rss_bytes"] = peak_rss_bytes()
+    _print_summary(record)
+    if args.out is not None:
+        _eprint(f"wrote {write_json_atomic(args.out, record, overwrite=args.overwrite)}")
+    else:
+        from .results import dumps
+
+        sys.stdout.write(dumps(record) + "\n")
+        sys.stdout.flush()
+    return EXIT_OK
+
+
+def _write_predictions(out: Path, values, payload: dict, overwrite: bool) -> None:
+    import numpy as np
+
+    from .results import atomic_file, write_json_atomic
+
+    if out.suffix.lower() == ".json":
+        write_json_atomic(out, payload, overwrite=overwrite)
+        return
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"refusing to overwrite {out}; pass --overwrite or choose a new path")
+    with atomic_file(out, "wb") as fh:
+        if out.suffix.lower() == ".npy":
+            np.save(fh, values, allow_pickle=False)
+        else:
+            fmt = "%d" if np.issubdtype(values.dtype, np.integer) else "%.17g"
+            np.savetxt(fh, values.reshape(len(values), -1), fmt=fmt, delimiter=",")
+
+
+def cmd_predict(args, parser) -> int:
+    if args.out is not None and args.out.suffix.lower() not in PREDICTION_SUFFIXES:
+        parser.error(f"--out {args.out}: expected a file ending in {', '.join(PREDICTION_SUFFIXES)}")
+    _check_out_path(parser, args.out, args.overwrite, "--out", "pred.npy")
+    import numpy as np
+
+    from .data.arrays import open_array
+    from .model import load_model
+
+    model = load_model(args.model)
+    if model.precomputed and args.gram_test is None:
+        parser.error(f"{args.model} was fitted on a precomputed Gram: predict with --gram-test KT.npy "
+                     f"(k(X_test, X_train), m x {model.metadata['n_train']})")
+    if not model.precomputed and args.gram_test is not None:
+        parser.error(f"{args.model} has a {model.metadata['kernel']} kernel and its training points: give the "
+                     f"test points with --x-test or --data, not a test Gram")
+    y_test = None
+    if args.data is not None:
+        X = open_array(f"{args.data}:x_test", what="--data")
+        if args.y_test is None:
+            with np.load(args.data, allow_pickle=False) as z:
+                y_test = z["y_test"] if "y_test" in z.files else None
+    else:
+        X = open_array(args.x_test or args.gram_test, what="--x-test" if args.x_test else "--gram-test")
+    if args.y_test is not None:
+        y_test = np.asarray(open_array(args.y_test, what="--y-test"))
+    cols = model._target(args.target)
+    scores = model.scores(X)[:, cols]
+    if model.task == "classification":
+        idx = np.argmax(scores, axis=1)
+        predictions = idx if model.classes is None else model.classes[idx]
+    else:
+        predictions = scores[:, 0] if scores.shape[1] == 1 else scores
+    payload = {"model": str(args.model), "task": model.task, "n": len(predictions),
+               "target": args.target or next(iter(model.targets))}
+    if y_test is not None:
+        if len(y_test) != len(predictions):
+            from .errors import InputError
+
+            raise InputError(f"--y-test has {len(y_test)} rows but there are {len(predictions)} test points.")
+        if model.task == "classification":
+            payload["test_error"] = float(np.mean(predictions != y_test.reshape(-1)))
+            _eprint(f"[kernelfit] test error {100 * payload['test_error']:.2f}% on {len(predictions)} points")
+        else:
+            from .results import regression_metrics
+
+            m = regression_metrics(y_test, predictions)
+            payload.update(test_rmse=m["rmse"], test_r2=m["r2"])
+            _eprint(f"[kernelfit] test RMSE {m['rmse']:.4g}, R^2 {m['r2']} on {len(predictions)} points")
+    values = scores if args.scores else predictions
+    payload["scores" if args.scores else "predictions"] = values
+    if args.out is None:
+        from .results import dumps
+
+        sys.stdout.write(dumps(payload) + "\n")
+    else:
+        _write_predictions(args.out, np.asarray(values), payload, args.overwrite)
+        _eprint(f"wrote {args.out}")
+    return EXIT_OK
 
 
 def cmd_plan(args, parser) -> int:
@@ -541,6 +817,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_plan(args, sub)
         if args.command == "data":
             return cmd_data(args, sub)
+        if args.command == "predict":
+            return cmd_predict(args, sub)
     except KernelfitError as e:
         _eprint(f"kernelfit {args.command}: error ({type(e).__name__}): {e}")
         return EXIT_ERROR

@@ -44,3 +44,7 @@ class DataError(KernelfitError, OSError):
 
 class ChecksumError(DataError):
     """A downloaded or cached file does not match its expected sha256."""
+
+
+class ModelFileError(DataError):
+    """A model file is missing, corrupt, of another format version, or cannot be rebuilt."""

@@ -5,6 +5,10 @@ exactly (no ridge unless ``jitter > 0``) with kernelfit's solver and predict ``k
 The classifier one-hot encodes the labels (one output column per class, as in Zhang et al.,
 Section 5) and predicts the class of the largest score.
 
+``kernel="precomputed"`` works as in ``sklearn.svm.SVC``: ``fit(K, y)`` takes the training Gram
+(n x n), ``predict(K_test)`` the test Gram k(X_test, X_train) (m x n). Fitted estimators pickle and
+joblib-dump; ``save_model`` / ``from_model`` use kernelfit's safe model file instead (no pickle).
+
 Contract as in ``sklearn.kernel_ridge.KernelRidge``: ``__init__`` only stores parameters; all
 validation happens in ``fit``; fitted attributes end in ``_``; ``predict`` starts with
 ``check_is_fitted``. Both estimators work in ``Pipeline`` and ``GridSearchCV``.
@@ -24,7 +28,7 @@ from .errors import InputError
 
 __all__ = ["KernelInterpolator", "KernelInterpolationRegressor"]
 
-_KERNELS = ("gaussian", "laplacian")
+_KERNELS = ("gaussian", "laplacian", "precomputed")
 _MODES = ("mixed", "float32", "float64")
 
 
@@ -78,32 +82,20 @@ class _KernelInterpolationBase(BaseEstimator):
         if isinstance(r, (bool, np.bool_)) or not isinstance(r, numbers.Integral) or r < 0:
             raise InputError(f"max_refine must be an integer >= 0; got {r!r}.")
 
-    def _check_distinct(self, X: np.ndarray) -> None:
-        """Exact interpolation needs distinct points: duplicates make K singular.
-
-        Checked up front (sort of the rows, cheap next to the O(n^3) solve) so the user gets the
-        cause instead of a failed Cholesky factorization.
-        """
-        if float(self.jitter) > 0 or X.shape[0] < 2:
-            return
-        n_unique = np.unique(X, axis=0).shape[0]
-        if n_unique < X.shape[0]:
-            raise InputError(
-                f"X contains {X.shape[0] - n_unique} duplicate row(s) out of {X.shape[0]}; exact "
-                f"interpolation (jitter=0) needs distinct points because duplicate rows make the "
-                f"kernel matrix singular. Fix: remove duplicates (e.g. np.unique(X, axis=0)), or "
-                f"set a tiny ridge such as jitter=1e-8 (which no longer interpolates exactly)."
-            )
-
     def _fit_targets(self, X: np.ndarray, Y: np.ndarray):
         """Validate options, solve K alpha = Y and store the fitted attributes."""
         self._check_params()
+        if self.kernel == "precomputed":
+            return self._fit_precomputed(X, Y)
         if self.bandwidth == "median" and X.shape[0] < 2:
             raise InputError(
                 f"bandwidth='median' needs at least 2 samples; got n_samples = {X.shape[0]}. "
                 f"Pass an explicit bandwidth (e.g. bandwidth=1.0) or more samples."
             )
-        self._check_distinct(X)
+        from .solve import check_distinct
+
+        # duplicates make K singular: found by hashing the rows, before the O(n^3) solve
+        check_distinct(X, float(self.jitter), "X")
         SolveOptions, fit_interpolant = _solver()
         bw = self.bandwidth if isinstance(self.bandwidth, str) else float(self.bandwidth)
         opts = SolveOptions(kernel=self.kernel, bandwidth=bw, mode=self.mode,
@@ -118,10 +110,83 @@ class _KernelInterpolationBase(BaseEstimator):
         self.fit_stats_ = dict(getattr(model, "stats", {}) or {})
         return self
 
+    def _fit_precomputed(self, K: np.ndarray, Y: np.ndarray):
+        # A precomputed Gram has no kernel function to rebuild float64 products from, so "mixed"
+        # (the default) solves it in float64; "float32" halves the memory at float32 accuracy.
+        from .solve import SolveOptions, fit_precomputed
+
+        mode = "float64" if self.mode == "mixed" else self.mode
+        opts = SolveOptions(mode=mode, jitter=float(self.jitter), block_size=self.block_size, progress=False)
+        model = fit_precomputed(K, np.ascontiguousarray(Y, dtype=np.float64), opts,
+                                what="K (kernel='precomputed')")
+        self.model_ = model
+        self.X_fit_ = None
+        self.dual_coef_ = np.asarray(model.alpha)
+        self.bandwidth_ = None
+        self.rkhs_norm_ = float(model.rkhs_norm)
+        self.fit_stats_ = dict(model.stats)
+        return self
+
     def _scores(self, X) -> np.ndarray:
         check_is_fitted(self)
         X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
         return np.asarray(self.model_.predict(X), dtype=np.float64)
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.pairwise = self.kernel == "precomputed"   # cross-validation slices K[train][:, train]
+        return tags
+
+    # -- model files ---------------------------------------------------------------------------
+    def save_model(self, path, overwrite: bool = False):
+        """Write the fitted interpolant to a kernelfit model file (safetensors; see kernelfit.model)."""
+        from .model import save_model
+
+        check_is_fitted(self)
+        alpha = self.model_.alpha
+        classes = getattr(self, "classes_", None)
+        return save_model(path, self.model_, task="classification" if classes is not None else "regression",
+                          targets={"true": (0, alpha.shape[1])},
+                          num_classes=None if classes is None else len(classes), classes=classes,
+                          preprocessing={"kind": "none", "dtype": "float64"}, overwrite=overwrite)
+
+    @classmethod
+    def from_model(cls, path):
+        """A fitted estimator from a model file (written by ``save_model`` or ``kernelfit solve --save-model``).
+
+        Predictions take the rows the model's kernel sees (its preprocessing is not applied here:
+        use ``kernelfit.model.load_model(path).predict`` for raw inputs such as images)."""
+        from .model import load_model
+
+        saved = load_model(path)
+        meta = saved.metadata
+        want = "classification" if issubclass(cls, ClassifierMixin) else "regression"
+        if meta["task"] != want:
+            raise InputError(f"{path} holds a {meta['task']} model; load it with "
+                             f"{'KernelInterpolator' if meta['task'] == 'classification' else 'KernelInterpolationRegressor'}.")
+        model = saved.interpolant
+        cols = saved._target(None)
+        est = cls(kernel=meta["kernel"], bandwidth="median" if meta["bandwidth"] is None else meta["bandwidth"],
+                  mode=meta["mode"], jitter=meta.get("jitter", 0.0))
+        if cols != slice(0, model.alpha.shape[1]):   # keep only the first target set (e.g. "true")
+            from dataclasses import replace
+
+            model = replace(model, alpha=model.alpha[:, cols], Y=model.Y[:, cols],
+                            train_scores=model.train_scores[:, cols])
+        est.model_ = model
+        est.X_fit_ = model.X_fit
+        est.dual_coef_ = np.asarray(model.alpha)
+        est.bandwidth_ = None if meta["bandwidth"] is None else float(meta["bandwidth"])
+        est.rkhs_norm_ = float(model.rkhs_norm)
+        est.fit_stats_ = dict(model.stats)
+        est.n_features_in_ = meta["n_train"] if saved.precomputed else meta["n_features"]
+        if want == "classification":
+            est.classes_ = np.arange(meta["num_classes"]) if meta.get("classes") is None else np.asarray(meta["classes"])
+        else:
+            est._y_1d = model.alpha.shape[1] == 1
+            if est._y_1d:
+                est.dual_coef_ = est.dual_coef_[:, 0]
+        return est
 
 
 class KernelInterpolator(ClassifierMixin, _KernelInterpolationBase):
@@ -129,13 +194,16 @@ class KernelInterpolator(ClassifierMixin, _KernelInterpolationBase):
 
     Parameters
     ----------
-    kernel : {"gaussian", "laplacian"}, default="gaussian"
+    kernel : {"gaussian", "laplacian", "precomputed"}, default="gaussian"
         gaussian: exp(-|x-z|^2 / (2 sigma^2)); laplacian: exp(-|x-z| / sigma) (Euclidean norm).
+        precomputed: ``fit(K, y)`` with the training Gram K (n x n), ``predict(K_test)`` with
+        K_test = k(X_test, X_train) (m x n), as in ``sklearn.svm.SVC``; bandwidth is ignored.
     bandwidth : float > 0 or "median", default="median"
         sigma. "median" uses the median pairwise distance of (a seeded sample of) the training
         points; the value used is ``bandwidth_``.
     mode : {"mixed", "float32", "float64"}, default="mixed"
-        Precision of the solve. "mixed" factors in float32 and refines residuals in float64.
+        Precision of the solve. "mixed" factors in float32 and refines residuals in float64 (with
+        kernel="precomputed", which has no kernel function to refine with, "mixed" solves in float64).
     jitter : float >= 0, default=0.0
         Ridge added to the diagonal. 0 means exact interpolation (distinct points required).
     block_size : int or None, default=None

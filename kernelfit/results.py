@@ -32,6 +32,7 @@ __all__ = [
     "read_jsonl",
     "peak_rss_bytes",
     "PhaseTimer",
+    "regression_metrics",
 ]
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
@@ -460,3 +461,33 @@ class PhaseTimer:
     def __repr__(self) -> str:
         inner = ", ".join(f"{k}={v:.3f}s" for k, v in self.seconds.items())
         return f"PhaseTimer({inner})"
+
+
+# --------------------------------------------------------------------------------------------
+# metrics
+# --------------------------------------------------------------------------------------------
+
+def regression_metrics(y_true, y_pred) -> dict[str, Any]:
+    """RMSE and R^2 of predictions (1-D or multi-output), overall and per output column.
+
+    ``rmse`` is over all entries, ``r2`` the uniform average of the per-output R^2
+    (``sklearn.metrics.r2_score``); R^2 is None where it is undefined (fewer than two samples).
+    """
+    import numpy as np
+    from sklearn.metrics import mean_squared_error, r2_score
+
+    yt = np.asarray(y_true, dtype=np.float64).reshape(len(y_true), -1)
+    yp = np.asarray(y_pred, dtype=np.float64).reshape(len(y_pred), -1)
+    if yt.shape != yp.shape:
+        raise ValueError(f"targets have shape {yt.shape} but predictions {yp.shape}; they must match.")
+    if len(yt) == 0:
+        return {"rmse": None, "r2": None, "rmse_per_output": [], "r2_per_output": []}
+    rmse_each = np.sqrt(mean_squared_error(yt, yp, multioutput="raw_values"))
+    if len(yt) < 2:
+        r2_each = [None] * yt.shape[1]
+        r2 = None
+    else:
+        r2_each = [float(v) for v in r2_score(yt, yp, multioutput="raw_values")]
+        r2 = float(np.mean(r2_each))
+    return {"rmse": float(np.sqrt(np.mean((yt - yp) ** 2))), "r2": r2,
+            "rmse_per_output": [float(v) for v in rmse_each], "r2_per_output": r2_each}

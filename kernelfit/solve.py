@@ -281,68 +281,283 @@ def solve_gram(G: SymmetricPanels, Y, jitter: float = 0.0, backend: str = "auto"
         dtype=G.dtype, max_refine=max_refine, timings=timings)
     return alpha, {"factorization": factors[-1], "factor_s": timings["factor"], "refinement": report}
 
+# --------------------------------------------------------------------------------------------
+# distinct points, precomputed Grams, distributed solves
+# --------------------------------------------------------------------------------------------
+
+def check_distinct(X, jitter: float = 0.0, what: str = "X_train") -> None:
+    """Exact interpolation (jitter 0) needs distinct points: two equal rows make K singular.
+
+    Found by hashing the rows (one pass, ``data.rows.find_duplicate_rows``) before the Gram is built,
+    instead of by the factorization after the O(n^3) work (or never, when the labels agree).
+    """
+    if jitter:
+        return
+    from .data.rows import find_duplicate_rows
+
+    dup = find_duplicate_rows(X)
+    if dup is not None:
+        raise InputError(
+            f"{what} rows {dup.first} and {dup.second} are equal ({dup.count} row(s) repeat an earlier one); "
+            f"exact interpolation (jitter 0) needs distinct points because duplicate rows make the kernel "
+            f"matrix singular. Fix: remove the duplicates (e.g. np.unique(X, axis=0, return_index=True)), or "
+            f"add a tiny ridge, e.g. --jitter 1e-8 (jitter=1e-8), which no longer interpolates exactly.")
+
+
+class PrecomputedInterpolant(Interpolant):
+    """A fitted interpolant of a precomputed Gram: f(test) = K_test @ alpha, K_test of shape (m, n).
+
+    ``X_fit`` is None (there are no training points, only the Gram); ``kernel`` is "precomputed".
+    """
+
+    def predict(self, K_test, rows: int | None = None) -> np.ndarray:
+        from .data.gram import check_test_gram, gram_matmul, open_gram
+
+        K_test = open_gram(K_test, what="K_test")
+        check_test_gram(K_test, self.alpha.shape[0], what="K_test")
+        return gram_matmul(K_test, self.alpha, rows)
+
+
+GRAM_MODES = ("float64", "float32")
+
+
+def check_gram_mode(mode: str) -> str:
+    if mode not in GRAM_MODES:
+        why = (" Mixed precision refines with float64 products of the kernel function rebuilt from the "
+               "data; a precomputed Gram has no kernel function to rebuild from. Use --mode float64 (exact) or "
+               "float32 (half the memory), or give the data (--x-train / --data) with a kernel for 'mixed'."
+               if mode == "mixed" else "")
+        raise InputError(f"mode {mode!r} is not available for a precomputed Gram; expected one of "
+                         f"{', '.join(GRAM_MODES)}.{why}")
+    return mode
+
+
+def fit_precomputed(G, Y, options: SolveOptions = SolveOptions(mode="float64"), n_test: int = 0,
+                    client=None, what: str = "--gram") -> PrecomputedInterpolant:
+    """Solve G alpha = Y for a precomputed training Gram (``G.npy``, ``G.h5:/dset``, ``G.zarr:/arr`` or array).
+
+    The lower triangle is read tile by tile into panel storage of the mode's dtype (float64 or
+    float32; never a second n x n copy), factored where ``options`` say, and solved; the reported
+    residual and the training scores are G @ alpha recomputed in float64 from the source, streamed.
+    Every check of ``data.gram.check_gram`` runs first (``what`` names G in its errors). With ``client``
+    (a dask Client) the tiles are read and factored on the workers (the source must be a path the
+    workers can open).
+    """
+    from .data.gram import (
+        check_gram,
+        check_square,
+        gram_matmul,
+        gram_source_info,
+        open_gram,
+        read_gram_panels,
+    )
+
+    mode = check_gram_mode(options.mode)
+    jitter = float(options.jitter)
+    if not np.isfinite(jitter) or jitter < 0:
+        raise InputError(f"jitter must be a finite number >= 0; got {options.jitter!r}.")
+    source = G
+    G = open_gram(G, what=what)
+    n = check_square(G, what)
+    Y = check_targets(Y, n)
+    plan = plan_solve(n, 0, Y.shape[1], mode, n_test=n_test, block=options.block_size)
+    if not options.force_memory:   # refused from the header alone, before any pass over the matrix
+        require_fits(plan)
+    checks = check_gram(G, what=what, jitter=jitter)
+    fdt = FACTOR_DTYPE[mode]
+    timings = {}
+    if client is None:
+        alpha, R, refinement, factors = solve_refined(
+            lambda dt: read_gram_panels(G, dt, plan.block), lambda P: factor_panels(P, options),
+            lambda V: gram_matmul(G, V), Y, dtype=fdt, max_refine=0, jitter=jitter, timings=timings)
+        factor_info = factors[-1]
+        # a precomputed Gram may have negative entries: the row sums used for ||K||_inf are only an estimate
+        refinement["backward_error_note"] = "||G||_inf estimated by the row sums of G"
+    else:
+        from .linalg import distributed as kd
+
+        t = time.perf_counter()
+        L = kd.cholesky(kd.gram_tiles_from_source(source, dtype=fdt, block=plan.block, jitter=jitter,
+                                                  client=client))
+        alpha = kd.cho_solve(L, Y).astype(np.float64)
+        timings["factor"] = time.perf_counter() - t
+        t = time.perf_counter()
+        R = Y - gram_matmul(G, alpha) - jitter * alpha
+        timings["solve"] = time.perf_counter() - t
+        refinement = {"iterations": 0, "factor_dtype": np.dtype(fdt).name, "fallback": None}
+        factor_info = {"backend": "dask.distributed", "scheduler": str(client.scheduler.address),
+                       "workers": len(client.scheduler_info()["workers"]), "n": n, "block": plan.block}
+    train_scores = Y - R - jitter * alpha
+    stats = {
+        "n": n, "d": None, "k": Y.shape[1], "kernel": "precomputed", "bandwidth": None, "bandwidth_rule": None,
+        "mode": mode, "factor_dtype": np.dtype(fdt).name, "jitter": jitter, "block_size": plan.block,
+        "timings_s": timings, "factor_gflops": cholesky_flops(n) / max(timings.get("factor", 0.0), 1e-12) / 1e9,
+        "residual_max_abs": float(np.max(np.abs(R))),
+        "residual_relative": float(np.linalg.norm(R) / (np.linalg.norm(Y) or 1.0)),
+        "refinement": refinement, "factorization": factor_info, "memory_plan": plan.to_dict(),
+        "gram": {**gram_source_info(source, G), "checks": checks}, "peak_rss_bytes": _peak_rss(),
+    }
+    return PrecomputedInterpolant(X_fit=None, alpha=alpha, Y=Y, kernel="precomputed", bandwidth=float("nan"),
+                                  mode=mode, train_scores=train_scores, stats=stats)
+
+
+def fit_distributed(X, Y, options: SolveOptions = SolveOptions(), client=None) -> Interpolant:
+    """``fit_interpolant`` on dask.distributed: the Gram tiles are built and factored on the workers.
+
+    float64 / float32 modes solve through the distributed factor directly; "mixed" refines with
+    float64 residuals computed on the driver from the data (``KernelOperator``), exactly as the
+    single-process path does. Only alpha and the residual come back to the driver.
+    """
+    from .linalg import distributed as kd
+    from .linalg.refine import refine, with_row_sums
+
+    options = options.validated()
+    X = check_features(X)
+    n, d = X.shape
+    Y = check_targets(Y, n)
+    plan = plan_solve(n, d, Y.shape[1], options.mode, block=options.block_size)
+    bandwidth = resolve_bandwidth(X, options.bandwidth)
+    fdt = FACTOR_DTYPE[options.mode]
+    X64 = np.ascontiguousarray(X, dtype=np.float64)
+    jitter = float(options.jitter)
+    timings = {}
+    t = time.perf_counter()
+    L = kd.cholesky(kd.gram_tiles(X64, options.kernel, bandwidth, block=plan.block, dtype=fdt, client=client,
+                                  jitter=jitter))
+    high = KernelOperator(X64, options.kernel, bandwidth, np.float64)
+    apply, k_inf = with_row_sums(lambda V: high.symmetric_matmul(V), jitter)
+
+    def solve_low(R):
+        scale = float(np.max(np.abs(R))) or 1.0
+        return kd.cho_solve(L, (R / scale).astype(fdt)).astype(np.float64) * scale
+
+    max_iter = int(options.max_refine) if options.mode == "mixed" else 0
+    alpha, R, report = refine(solve_low, apply, Y, k_inf, max_iter=max_iter, tol=options.refine_tol)
+    timings["factor_and_solve"] = time.perf_counter() - t
+    train_scores = Y - R - jitter * alpha
+    stats = {
+        "n": n, "d": d, "k": Y.shape[1], "kernel": options.kernel, "bandwidth": bandwidth,
+        "bandwidth_rule": "median heuristic" if options.bandwidth == "median" else "given",
+        "mode": options.mode, "factor_dtype": np.dtype(fdt).name, "jitter": jitter, "block_size": plan.block,
+        "timings_s": timings, "residual_max_abs": float(np.max(np.abs(R))),
+        "residual_relative": float(np.linalg.norm(R) / (np.linalg.norm(Y) or 1.0)),
+        "refinement": {**report.to_dict(), "factor_dtype": np.dtype(fdt).name, "fallback": None},
+        "factorization": {"backend": "dask.distributed", "scheduler": str(client.scheduler.address),
+                          "workers": len(client.scheduler_info()["workers"]), "n": n, "block": plan.block},
+        "memory_plan": plan.to_dict(), "peak_rss_bytes": _peak_rss(),
+    }
+    return Interpolant(X_fit=X64, alpha=alpha, Y=Y, kernel=options.kernel, bandwidth=bandwidth, mode=options.mode,
+                       train_scores=train_scores, stats=stats)
+
+
+# --------------------------------------------------------------------------------------------
+# targets and result records
+# --------------------------------------------------------------------------------------------
+
+TASKS = ("classification", "regression")
+
 
 def classification_errors(scores, y) -> float:
     return float(np.mean(np.argmax(scores, axis=1) != y)) if len(y) else float("nan")
 
 
-def run_interpolation(X_train, label_sets: dict, X_test, y_test, num_classes: int,
-                      options: SolveOptions = SolveOptions(), extra: dict | None = None) -> dict:
-    """Fit one interpolant for several label sets at once (one Gram, one factorization) and report.
-
-    label_sets: name -> training labels (n,), e.g. {"true": y, "random-labels": y_random}. Targets are
-    one-hot. Test error is measured against ``y_test`` for every set.
-    Returns a JSON-able record (see README, "Result record").
-    """
-    X_train = check_features(X_train, "X_train")
-    X_test = check_features(X_test, "X_test") if X_test is not None and len(X_test) else None
-    if X_test is not None and X_test.shape[1] != X_train.shape[1]:
-        raise InputError(f"X_test has {X_test.shape[1]} features but X_train has {X_train.shape[1]}.")
+def _targets(label_sets: dict, n: int, task: str, num_classes):
+    """Stack the target sets into Y (one-hot for classification) and say which columns are whose."""
+    if task not in TASKS:
+        raise InputError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}.")
     if not label_sets:
         raise InputError("label_sets is empty; pass at least {'true': y_train}.")
-    sets = {name: check_labels(y, num_classes, f"labels[{name!r}]") for name, y in label_sets.items()}
-    for name, y in sets.items():
-        if len(y) != X_train.shape[0]:
-            raise InputError(f"X_train has {X_train.shape[0]} rows but labels[{name!r}] has {len(y)}.")
-    if X_test is not None:
+    blocks, sets = [], {}
+    for name, y in label_sets.items():
+        if task == "classification":
+            y = check_labels(y, num_classes, f"labels[{name!r}]")
+            if len(y) != n:
+                raise InputError(f"X_train has {n} rows but labels[{name!r}] has {len(y)}.")
+            blocks.append(one_hot(y, num_classes))
+        else:
+            y = np.asarray(y)
+            if y.ndim == 2 and y.shape[0] != n or y.ndim == 1 and len(y) != n:
+                raise InputError(f"the training set has {n} rows but targets[{name!r}] has {len(y)}.")
+            if not np.issubdtype(y.dtype, np.number) or np.issubdtype(y.dtype, np.complexfloating):
+                raise InputError(f"regression targets[{name!r}] must be real numbers; got dtype {y.dtype}.")
+            blocks.append(check_targets(y, n))
+        sets[name] = y
+    widths = np.cumsum([0] + [b.shape[1] for b in blocks])
+    columns = {name: slice(int(widths[i]), int(widths[i + 1])) for i, name in enumerate(sets)}
+    return np.hstack(blocks), sets, columns
+
+
+def _test_targets(y_test, m: int | None, task: str, num_classes, k: int):
+    if m is None:
+        return None
+    if y_test is None:
+        raise InputError(f"{m} test points were given without test targets y_test.")
+    if task == "classification":
         y_test = check_labels(y_test, num_classes, "y_test")
-        if len(y_test) != X_test.shape[0]:
-            raise InputError(f"X_test has {X_test.shape[0]} rows but y_test has {len(y_test)}.")
-    Y = np.hstack([one_hot(y, num_classes) for y in sets.values()])
-    try:   # before the solve: the record names the code that ran, even if HEAD moves meanwhile
-        from .results import provenance
+    else:
+        y_test = np.asarray(y_test, dtype=np.float64)
+        if y_test.ndim not in (1, 2) or (y_test.ndim == 2 and y_test.shape[1] != k) or (y_test.ndim == 1 and k != 1):
+            raise InputError(f"y_test has shape {y_test.shape}; expected ({m},) or ({m}, {k}) like the training "
+                             f"targets.")
+        if not np.isfinite(y_test).all():
+            raise InputError("y_test contains NaN or inf; clean it first.")
+    if len(y_test) != m:
+        raise InputError(f"the test set has {m} rows but y_test has {len(y_test)}.")
+    return y_test
 
-        prov = provenance()
-    except ImportError:  # results.py is optional for library use
-        prov = None
 
-    model = fit_interpolant(X_train, Y, options, n_test=0 if X_test is None else len(X_test))
-    t = time.perf_counter()
-    test_scores = model.predict(X_test) if X_test is not None else None
-    model.stats["timings_s"]["predict"] = time.perf_counter() - t
-    model.stats["peak_rss_bytes"] = _peak_rss()
+def _results(model: Interpolant, Y, sets, columns, test_scores, y_test, task, jitter) -> dict:
+    from .results import regression_metrics
 
     results = {}
     per_output = model.rkhs_norm_per_output
-    for i, (name, y) in enumerate(sets.items()):
-        cols = slice(i * num_classes, (i + 1) * num_classes)
+    for name, y in sets.items():
+        cols = columns[name]
         a = model.alpha[:, cols]
-        R = Y[:, cols] - model.train_scores[:, cols] - options.jitter * a
-        results[name] = {
-            "train_error": classification_errors(model.train_scores[:, cols], y),
-            "test_error": classification_errors(test_scores[:, cols], y_test) if test_scores is not None else None,
+        R = Y[:, cols] - model.train_scores[:, cols] - jitter * a
+        entry = {}
+        if task == "classification":
+            entry["train_error"] = classification_errors(model.train_scores[:, cols], y)
+            entry["test_error"] = classification_errors(test_scores[:, cols], y_test) \
+                if test_scores is not None else None
+        else:
+            train = regression_metrics(Y[:, cols], model.train_scores[:, cols])
+            test = regression_metrics(y_test, test_scores[:, cols]) if test_scores is not None else None
+            entry.update(train_rmse=train["rmse"], train_r2=train["r2"],
+                         test_rmse=None if test is None else test["rmse"], test_r2=None if test is None else test["r2"],
+                         test_rmse_per_output=None if test is None else test["rmse_per_output"],
+                         test_r2_per_output=None if test is None else test["r2_per_output"])
+        entry.update({
             "rkhs_norm": float(np.sqrt(np.sum(per_output[cols] ** 2))),
-            "rkhs_norm_per_class": [float(v) for v in per_output[cols]],
+            ("rkhs_norm_per_class" if task == "classification" else "rkhs_norm_per_output"):
+                [float(v) for v in per_output[cols]],
             "alpha_l2": float(np.linalg.norm(a)),
             "residual_max_abs": float(np.max(np.abs(R))),
             "residual_relative": float(np.linalg.norm(R) / (np.linalg.norm(Y[:, cols]) or 1.0)),
-        }
+        })
+        results[name] = entry
+    return results
+
+
+def _provenance():
+    try:   # before the solve: the record names the code that ran, even if HEAD moves meanwhile
+        from .results import provenance
+
+        return provenance()
+    except ImportError:  # results.py is optional for library use
+        return None
+
+
+def _record(model, Y, sets, columns, test_scores, y_test, task, num_classes, options_record, n_test, extra, prov):
     record = {
         "kind": "kernelfit.solve",
-        "options": {k: v for k, v in asdict(replace(options)).items() if k not in ("progress",)},
-        "n_train": int(X_train.shape[0]), "n_test": 0 if X_test is None else int(X_test.shape[0]),
-        "num_classes": int(num_classes),
-        "results": results,
+        "task": task,
+        "options": options_record,
+        "n_train": int(Y.shape[0]), "n_test": int(n_test),
+        "num_classes": int(num_classes) if task == "classification" else None,
+        "num_outputs": int(Y.shape[1] // len(sets)),
+        "target_columns": {name: [c.start, c.stop] for name, c in columns.items()},
+        "results": _results(model, Y, sets, columns, test_scores, y_test, task, float(model.stats.get("jitter", 0.0))),
         "stats": model.stats,
     }
     if extra:
@@ -350,3 +565,80 @@ def run_interpolation(X_train, label_sets: dict, X_test, y_test, num_classes: in
     if prov is not None:
         record["provenance"] = prov
     return record
+
+
+def run_interpolation(X_train, label_sets: dict, X_test, y_test, num_classes: int | None,
+                      options: SolveOptions = SolveOptions(), extra: dict | None = None, *,
+                      task: str = "classification", client=None, return_model: bool = False):
+    """Fit one interpolant for several target sets at once (one Gram, one factorization) and report.
+
+    label_sets: name -> training targets, e.g. {"true": y, "random-labels": y_random}. For
+    ``task="classification"`` they are integer labels, one-hot encoded, and the record reports error
+    rates; for ``task="regression"`` float targets (n,) or (n, k), and the record reports RMSE and
+    R^2 (``num_classes`` is ignored). Test metrics are measured against ``y_test`` for every set.
+    Duplicate training rows are refused first when ``options.jitter`` is 0. With ``client`` (a dask
+    Client) the Gram and the factorization run on its workers (``fit_distributed``).
+    Returns a JSON-able record (see README, "Result record"), or (record, model) with ``return_model``.
+    """
+    X_train = check_features(X_train, "X_train")
+    X_test = check_features(X_test, "X_test") if X_test is not None and len(X_test) else None
+    if X_test is not None and X_test.shape[1] != X_train.shape[1]:
+        raise InputError(f"X_test has {X_test.shape[1]} features but X_train has {X_train.shape[1]}.")
+    Y, sets, columns = _targets(label_sets, X_train.shape[0], task, num_classes)
+    y_test = _test_targets(y_test, None if X_test is None else len(X_test), task, num_classes,
+                           Y.shape[1] // len(sets))
+    options.validated()
+    check_distinct(X_train, options.jitter, "X_train")
+    prov = _provenance()
+
+    if client is None:
+        model = fit_interpolant(X_train, Y, options, n_test=0 if X_test is None else len(X_test))
+    else:
+        model = fit_distributed(X_train, Y, options, client)
+    t = time.perf_counter()
+    test_scores = model.predict(X_test) if X_test is not None else None
+    model.stats["timings_s"]["predict"] = time.perf_counter() - t
+    model.stats["peak_rss_bytes"] = _peak_rss()
+    options_record = {k: v for k, v in asdict(replace(options)).items() if k not in ("progress",)}
+    record = _record(model, Y, sets, columns, test_scores, y_test, task, num_classes, options_record,
+                     0 if X_test is None else len(X_test), extra, prov)
+    return (record, model) if return_model else record
+
+
+def run_gram_interpolation(G, label_sets: dict, G_test, y_test, num_classes: int | None,
+                           options: SolveOptions = SolveOptions(mode="float64"), extra: dict | None = None, *,
+                           task: str = "classification", client=None, return_model: bool = False):
+    """``run_interpolation`` for a precomputed Gram: G (n x n) and optional G_test (m x n), as paths or arrays.
+
+    Same targets, record and metrics; the record's options say ``kernel: "precomputed"`` and its
+    ``stats.gram`` names the file (sha256), shape, dtype and the checks that ran.
+    """
+    from .data.gram import check_test_gram, open_gram
+
+    check_gram_mode(options.mode)
+    G_open = open_gram(G, what="--gram")
+    if len(G_open.shape) != 2:
+        raise InputError(f"--gram: expected a square n x n training Gram matrix; got shape {tuple(G_open.shape)}.")
+    n = G_open.shape[0]
+    Y, sets, columns = _targets(label_sets, n, task, num_classes)
+    Kt = None
+    if G_test is not None:
+        Kt = open_gram(G_test, what="--gram-test")
+        check_test_gram(Kt, n)
+    y_test = _test_targets(y_test, None if Kt is None else Kt.shape[0], task, num_classes, Y.shape[1] // len(sets))
+    prov = _provenance()
+
+    model = fit_precomputed(G, Y, options, n_test=0 if Kt is None else Kt.shape[0], client=client)
+    t = time.perf_counter()
+    test_scores = model.predict(Kt) if Kt is not None else None
+    model.stats["timings_s"]["predict"] = time.perf_counter() - t
+    if G_test is not None:
+        from .data.gram import gram_source_info
+
+        model.stats["gram_test"] = gram_source_info(G_test, Kt)
+    model.stats["peak_rss_bytes"] = _peak_rss()
+    options_record = {k: v for k, v in asdict(replace(options)).items() if k not in ("progress",)}
+    options_record.update(kernel="precomputed", bandwidth=None)
+    record = _record(model, Y, sets, columns, test_scores, y_test, task, num_classes, options_record,
+                     0 if Kt is None else Kt.shape[0], extra, prov)
+    return (record, model) if return_model else record

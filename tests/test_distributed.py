@@ -94,3 +94,73 @@ def test_scheduler_address_option(client):
         np.testing.assert_allclose(L.to_panels().to_dense(False), 2 * np.eye(30))
     finally:
         c2.close()
+
+
+# --- the solve pipeline and the CLI on the cluster ----------------------------------------------
+
+def test_fit_distributed_matches_single_process(client):
+    from kernelfit.solve import SolveOptions, fit_distributed, fit_interpolant
+
+    rng = np.random.default_rng(7)
+    X, Y = rng.random((500, 6)), rng.standard_normal((500, 2))
+    for mode in ("mixed", "float64"):
+        opts = SolveOptions(bandwidth=0.7, mode=mode, block_size=128)
+        single = fit_interpolant(X, Y, opts)
+        dist = fit_distributed(X, Y, opts, client)
+        np.testing.assert_allclose(dist.alpha, single.alpha, rtol=1e-8, atol=1e-8 * np.abs(single.alpha).max())
+        K = np.exp(-cdist(X, X, "sqeuclidean") / (2 * 0.7**2))
+        assert np.abs(K @ dist.alpha - Y).max() < 1e-8          # independent residual (dense scipy K)
+        assert dist.stats["factorization"]["workers"] == 2
+
+
+def test_gram_file_tiles_read_on_workers(client, tmp_path):
+    from kernelfit.solve import SolveOptions, fit_precomputed
+
+    _, K, B = gaussian_problem(n=400, seed=3)
+    np.save(tmp_path / "G.npy", K)
+    single = fit_precomputed(str(tmp_path / "G.npy"), B, SolveOptions(mode="float64", block_size=96))
+    dist = fit_precomputed(str(tmp_path / "G.npy"), B, SolveOptions(mode="float64", block_size=96), client=client)
+    np.testing.assert_allclose(dist.alpha, scipy.linalg.cho_solve(scipy.linalg.cho_factor(K), B), rtol=1e-7, atol=1e-7)
+    np.testing.assert_allclose(dist.alpha, single.alpha, rtol=1e-9, atol=1e-9)
+    with pytest.raises(InputError, match="pass it as a path"):
+        fit_precomputed(K, B, SolveOptions(mode="float64"), client=client)
+
+
+def test_cli_local_cluster_equals_single_process(tmp_path):
+    import json
+
+    from kernelfit.cli import main
+    from kernelfit.model import load_model
+
+    common = ["solve", "--n-train", "300", "--n-test", "100", "--bandwidth", "5", "--block-size", "64",
+              "--no-progress"]
+    assert main([*common, "--out", str(tmp_path / "one.json"), "--save-model", str(tmp_path / "one.st")]) == 0
+    assert main([*common, "--scheduler", "local:2", "--out", str(tmp_path / "two.json"),
+                 "--save-model", str(tmp_path / "two.st")]) == 0
+    one, two = (json.loads((tmp_path / f"{k}.json").read_text()) for k in ("one", "two"))
+    assert two["cluster"]["workers"] == 2 and two["cluster"]["local"]
+    assert two["stats"]["factorization"]["backend"] == "dask.distributed"
+    for key in ("train_error", "test_error"):
+        assert two["results"]["true"][key] == one["results"]["true"][key]
+    assert two["results"]["true"]["rkhs_norm"] == pytest.approx(one["results"]["true"]["rkhs_norm"], rel=1e-9)
+    a1, a2 = load_model(tmp_path / "one.st").interpolant.alpha, load_model(tmp_path / "two.st").interpolant.alpha
+    np.testing.assert_allclose(a2, a1, rtol=1e-8, atol=1e-8 * np.abs(a1).max())
+
+
+def test_cli_gram_on_a_running_scheduler(client, tmp_path, capsys):
+    import json
+
+    from kernelfit.cli import main
+
+    _, K, B = gaussian_problem(n=300, seed=4)
+    np.save(tmp_path / "G.npy", K)
+    np.save(tmp_path / "y.npy", B[:, 0])
+    argv = ["solve", "--gram", str(tmp_path / "G.npy"), "--y-train", str(tmp_path / "y.npy"), "--task", "regression",
+            "--block-size", "64", "--no-progress"]
+    assert main([*argv, "--scheduler", client.scheduler.address]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    alpha = scipy.linalg.cho_solve(scipy.linalg.cho_factor(K), B[:, 0])
+    assert rec["results"]["true"]["rkhs_norm"] == pytest.approx(np.sqrt(alpha @ B[:, 0]), rel=1e-8)
+    assert rec["cluster"]["workers"] == 2 and not rec["cluster"]["local"]
+    assert main([*argv, "--scheduler", "local:0"]) == 1
+    assert "local:N with N >= 1" in capsys.readouterr().err

@@ -243,3 +243,80 @@ def test_ill_conditioned_default_fails_loudly_and_float64_small_bandwidth_works(
     np.testing.assert_array_equal(est.predict(X), y)
     ref, _ = _gaussian_reference(X, np.eye(3)[y], X[:10] + 0.05, 0.3)
     np.testing.assert_allclose(est.decision_function(X[:10] + 0.05), ref, atol=1e-6)
+
+
+# --- kernel="precomputed", pickling, model files ----------------------------------------------
+
+def _poly_gram(A, B):
+    """Polynomial kernel (x.z / d + 1)^3: not a kernel kernelfit computes itself."""
+    return (A @ B.T / A.shape[1] + 1.0) ** 3
+
+
+def test_precomputed_kernel_as_svc_does():
+    from sklearn.model_selection import cross_val_score
+    from sklearn.svm import SVC
+
+    rng = np.random.default_rng(20)
+    X = rng.normal(size=(80, 6))
+    y = (X[:, 0] + X[:, 1] ** 2 > 1).astype(int)
+    Xt = rng.normal(size=(25, 6))
+    K, Kt = _poly_gram(X, X), _poly_gram(Xt, X)
+    est = KernelInterpolator(kernel="precomputed", jitter=1e-8).fit(K, y)
+    # reference: dense solve of (K + jitter I) alpha = one-hot(y)
+    alpha = np.linalg.solve(K + 1e-8 * np.eye(80), np.eye(2)[y])
+    np.testing.assert_allclose(est.dual_coef_, alpha, rtol=1e-6, atol=1e-6 * np.abs(alpha).max())
+    np.testing.assert_allclose(est.decision_function(Kt), (Kt @ alpha)[:, 1] - (Kt @ alpha)[:, 0], rtol=1e-6,
+                               atol=1e-6 * np.abs(Kt @ alpha).max())
+    assert est.n_features_in_ == 80 and est.fit_stats_["mode"] == "float64"
+    # the same calling convention as SVC(kernel="precomputed"), and cross-validation slices K by the pairwise tag
+    SVC(kernel="precomputed").fit(K, y).predict(Kt)
+    assert est.__sklearn_tags__().input_tags.pairwise
+    scores = cross_val_score(KernelInterpolator(kernel="precomputed", jitter=1e-8), K, y, cv=4)
+    assert scores.shape == (4,) and np.all(scores > 0.5)
+    with pytest.raises(ValueError, match="80 features"):
+        est.predict(Kt[:, :79])
+    with pytest.raises(InputError, match="square"):
+        KernelInterpolator(kernel="precomputed").fit(K[:, :79], y)
+    reg = KernelInterpolationRegressor(kernel="precomputed", mode="float32", jitter=1e-6).fit(K, X[:, 0])
+    np.testing.assert_allclose(reg.predict(Kt), Kt @ np.linalg.solve(K + 1e-6 * np.eye(80), X[:, 0]), rtol=1e-2,
+                               atol=1e-2 * np.abs(X[:, 0]).max())
+
+
+@pytest.mark.parametrize("dump", ["pickle", "joblib"])
+def test_fitted_estimators_pickle_and_joblib_dump(tmp_path, dump):
+    import joblib
+
+    rng = np.random.default_rng(21)
+    X, Xt = rng.normal(size=(50, 4)), rng.normal(size=(20, 4))
+    fitted = [KernelInterpolator(bandwidth=1.0, mode="float64").fit(X, rng.integers(0, 3, 50)),
+              KernelInterpolationRegressor(bandwidth=1.0, mode="float64").fit(X, X[:, :2]),
+              KernelInterpolator(kernel="precomputed", jitter=1e-8).fit(_poly_gram(X, X), rng.integers(0, 2, 50))]
+    inputs = [Xt, Xt, _poly_gram(Xt, X)]
+    for est, A in zip(fitted, inputs):
+        if dump == "pickle":
+            est2 = pickle.loads(pickle.dumps(est))
+        else:
+            joblib.dump(est, tmp_path / "est.joblib")
+            est2 = joblib.load(tmp_path / "est.joblib")
+        assert type(est2) is type(est) and est2.get_params() == est.get_params()
+        np.testing.assert_array_equal(est2.dual_coef_, est.dual_coef_)
+        np.testing.assert_allclose(est2.predict(A), est.predict(A), atol=1e-10)
+
+
+def test_estimators_save_and_load_model_files(tmp_path):
+    rng = np.random.default_rng(22)
+    X, Xt = rng.normal(size=(60, 3)), rng.normal(size=(15, 3))
+    labels = np.array(["cat", "dog", "emu"])[rng.integers(0, 3, 60)]
+    clf = KernelInterpolator(bandwidth=1.0, mode="float64").fit(X, labels)
+    clf.save_model(tmp_path / "clf.safetensors")
+    clf2 = KernelInterpolator.from_model(tmp_path / "clf.safetensors")
+    np.testing.assert_array_equal(clf2.predict(Xt), clf.predict(Xt))
+    np.testing.assert_array_equal(clf2.decision_function(Xt), clf.decision_function(Xt))
+    assert list(clf2.classes_) == ["cat", "dog", "emu"]
+    reg = KernelInterpolationRegressor(bandwidth=1.0, mode="float64").fit(X, X[:, 0] ** 2)
+    reg.save_model(tmp_path / "reg.safetensors")
+    reg2 = KernelInterpolationRegressor.from_model(tmp_path / "reg.safetensors")
+    assert reg2.predict(Xt).shape == (15,)
+    np.testing.assert_array_equal(reg2.predict(Xt), reg.predict(Xt))
+    with pytest.raises(InputError, match="holds a regression model"):
+        KernelInterpolator.from_model(tmp_path / "reg.safetensors")

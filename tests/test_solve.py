@@ -209,3 +209,58 @@ def test_memory_plan_error_names_library_parameters_from_python_and_flags_from_t
     with pytest.raises(MemoryPlanError) as cli:
         require_fits(plan, cli=True)
     assert "--force-memory" in str(cli.value) and "--n-train" in str(cli.value)
+
+
+# --- regression targets, duplicate rows (run_interpolation) -------------------------------------
+
+def test_regression_task_matches_kernel_ridge_multi_output():
+    from sklearn.metrics import r2_score
+
+    rng = np.random.default_rng(5)
+    X, Xt = rng.random((250, 4)), rng.random((60, 4))
+
+    def f(A):
+        return np.stack([np.sin(3 * A[:, 0]), A[:, 1] * A[:, 2] - A[:, 3]], axis=1)
+
+    sigma = 0.5
+    rec = run_interpolation(X, {"true": f(X)}, Xt, f(Xt), None,
+                            SolveOptions(bandwidth=sigma, mode="float64", jitter=1e-10), task="regression")
+    ref = KernelRidge(alpha=1e-10, kernel="rbf", gamma=1 / (2 * sigma**2)).fit(X, f(X))
+    pred = ref.predict(Xt)
+    res = rec["results"]["true"]
+    assert rec["task"] == "regression" and rec["num_outputs"] == 2 and rec["num_classes"] is None
+    assert res["test_rmse"] == pytest.approx(float(np.sqrt(np.mean((pred - f(Xt)) ** 2))), rel=1e-5)
+    assert res["test_r2"] == pytest.approx(r2_score(f(Xt), pred), rel=1e-5)
+    assert res["test_r2_per_output"] == pytest.approx(list(r2_score(f(Xt), pred, multioutput="raw_values")), rel=1e-5)
+    assert res["train_rmse"] < 1e-6 and "train_error" not in res
+    assert res["rkhs_norm"] == pytest.approx(float(np.sqrt(np.sum(ref.dual_coef_ * f(X)))), rel=1e-5)
+    # 1-D targets work the same way and give one output
+    rec1 = run_interpolation(X, {"true": f(X)[:, 0]}, Xt, f(Xt)[:, 0], None,
+                             SolveOptions(bandwidth=sigma, mode="float64", jitter=1e-10), task="regression")
+    assert rec1["num_outputs"] == 1
+    assert rec1["results"]["true"]["test_rmse"] == pytest.approx(res["test_rmse_per_output"][0], rel=1e-6)
+    with pytest.raises(InputError, match="y_test has shape"):
+        run_interpolation(X, {"true": f(X)}, Xt, f(Xt)[:, 0], None, SolveOptions(bandwidth=sigma), task="regression")
+    with pytest.raises(InputError, match="unknown task"):
+        run_interpolation(X, {"true": f(X)}, None, None, None, SolveOptions(bandwidth=sigma), task="ranking")
+
+
+@pytest.mark.parametrize("labels_agree", [True, False])
+def test_duplicate_training_rows_refused_before_the_solve(labels_agree, monkeypatch):
+    # Before: found by the factorization only when the labels differ (after the O(n^3) work), and not
+    # at all when they agree (mixed mode's float32 factor of the singular K still went through).
+    rng = np.random.default_rng(6)
+    X = rng.random((120, 5))
+    X[90] = X[33]
+    y = rng.integers(0, 3, 120)
+    y[90] = y[33] if labels_agree else (y[33] + 1) % 3
+
+    def no_solve(*a, **k):
+        raise AssertionError("the solve ran before the duplicate check")
+
+    monkeypatch.setattr("kernelfit.solve.fit_interpolant", no_solve)
+    with pytest.raises(InputError, match=r"X_train rows 33 and 90 are equal.*np\.unique.*--jitter 1e-8"):
+        run_interpolation(X, {"true": y}, None, None, 3, SolveOptions(bandwidth=1.0))
+    monkeypatch.undo()
+    rec = run_interpolation(X, {"true": y}, None, None, 3, SolveOptions(bandwidth=1.0, jitter=1e-6))
+    assert rec["n_train"] == 120

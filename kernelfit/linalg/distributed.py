@@ -22,6 +22,7 @@ UNTESTED here: no GPU). Connect with ``scheduler_address="tcp://host:8786"`` or 
 from __future__ import annotations
 
 import uuid
+from typing import Self
 
 import numpy as np
 
@@ -95,12 +96,29 @@ def _update(C, A, B, backend, device):
     return _back(C)
 
 
-def _gram_tile(Xi, Xj, kernel, bandwidth, diagonal, dtype):
+def _gram_tile(Xi, Xj, kernel, bandwidth, diagonal, dtype, jitter=0.0):
     from ..kernels import kernel_tile
 
     T = kernel_tile(Xi, Xj, kernel, bandwidth, dtype=dtype)
     if diagonal:
-        np.fill_diagonal(T, 1.0)   # k(x, x) = 1 exactly, as kernelfit.gram does
+        np.fill_diagonal(T, 1.0 + jitter)   # k(x, x) = 1 exactly, as kernelfit.gram does (+ the ridge)
+    return T
+
+
+def _source_tile(spec, r0, r1, c0, c1, dtype, diagonal, jitter):
+    """One tile of a Gram file, read on the worker (the path must be visible there)."""
+    from ..data.arrays import open_array
+    from ..data.rows import release_pages
+
+    G = open_array(spec, what="--gram")
+    T = np.array(G[r0:r1, c0:c1], dtype=dtype, order="C")
+    release_pages(G)
+    if not np.all(np.isfinite(T)):
+        i, j = (int(v) for v in np.argwhere(~np.isfinite(T))[0])
+        raise InputError(f"--gram: G[{r0 + i}, {c0 + j}] = {T[i, j]} is not finite; a Gram matrix must hold "
+                         f"finite numbers.")
+    if diagonal and jitter:
+        T[np.arange(T.shape[0]), np.arange(T.shape[0])] += jitter
     return T
 
 
@@ -208,8 +226,9 @@ def from_dask_array(A, client=None, scheduler_address=None) -> TiledMatrix:
 
 
 def gram_tiles(X, kernel: str, bandwidth: float, block: int | None = None, dtype=np.float64, client=None,
-               scheduler_address=None) -> TiledMatrix:
-    """Gram tiles k(X_i, X_j), i >= j, computed on the workers from scattered row blocks of X."""
+               scheduler_address=None, jitter: float = 0.0) -> TiledMatrix:
+    """Gram tiles k(X_i, X_j), i >= j, computed on the workers from scattered row blocks of X
+    (``jitter`` added to the diagonal)."""
     client = get_client(client, scheduler_address)
     X = np.asarray(X, dtype=np.float64)
     X = np.ascontiguousarray(X - X.mean(axis=0), dtype=dtype)   # translation-invariant: center for float32
@@ -219,9 +238,77 @@ def gram_tiles(X, kernel: str, bandwidth: float, block: int | None = None, dtype
     Xf = client.scatter([X[s : s + block] for s in st], hash=False)
     tag = uuid.uuid4().hex[:12]
     tiles = {(i, j): client.submit(_gram_tile, Xf[i], Xf[j], kernel, float(bandwidth), i == j, dtype,
-                                   key=f"gram-{i}-{j}-{tag}")
+                                   float(jitter), key=f"gram-{i}-{j}-{tag}")
              for i in range(len(st)) for j in range(i + 1)}
     return TiledMatrix(client, tiles, n, block, dtype, keepalive=Xf)
+
+
+def gram_tiles_from_source(spec, dtype=np.float64, block: int | None = None, jitter: float = 0.0, client=None,
+                           scheduler_address=None) -> TiledMatrix:
+    """Lower tiles of a Gram file (``G.npy``, ``G.h5:/dset``, ``G.zarr:/arr``), each read by a worker task.
+
+    The file must be on storage every worker sees (a shared file system, or the local disk of a
+    ``LocalCluster``); only the spec travels to the workers, never the matrix.
+    """
+    from ..data.arrays import open_array
+
+    if not isinstance(spec, (str, bytes)) and not hasattr(spec, "__fspath__"):
+        raise InputError("a distributed Gram solve reads the Gram on the workers: pass it as a path "
+                         "(G.npy, G.h5:/dset, STORE.zarr:/arr) on storage the workers can read, not an array.")
+    client = get_client(client, scheduler_address)
+    spec = str(spec)
+    n = open_array(spec, what="--gram").shape[0]
+    block = choose_block(n, block)
+    st = list(range(0, n, block))
+    tag = uuid.uuid4().hex[:12]
+    tiles = {(i, j): client.submit(_source_tile, spec, st[i], min(st[i] + block, n), st[j], min(st[j] + block, n),
+                                   np.dtype(dtype), i == j, float(jitter), key=f"gram-file-{i}-{j}-{tag}")
+             for i in range(len(st)) for j in range(i + 1)}
+    return TiledMatrix(client, tiles, n, block, dtype)
+
+
+class Cluster:
+    """A dask Client for ``--scheduler``: ``tcp://HOST:PORT`` connects, ``local:N`` starts a LocalCluster of N
+    worker processes (one thread each) and shuts it down on ``close`` / leaving the ``with`` block."""
+
+    def __init__(self, scheduler: str):
+        distributed = require_distributed()
+        self.scheduler, self.cluster = str(scheduler), None
+        if self.scheduler.startswith("local:"):
+            try:
+                workers = int(self.scheduler.split(":", 1)[1])
+            except ValueError:
+                workers = 0
+            if workers < 1:
+                raise InputError(f"--scheduler {scheduler!r}: expected local:N with N >= 1 worker processes "
+                                 f"(e.g. local:2), or a scheduler address tcp://HOST:PORT.")
+            self.cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                                    dashboard_address=":0", silence_logs=40)
+            self.client = distributed.Client(self.cluster)
+        else:
+            if "://" not in self.scheduler:
+                raise InputError(f"--scheduler {scheduler!r}: expected a scheduler address such as "
+                                 f"tcp://10.0.0.5:8786, or local:N to start N local worker processes.")
+            try:
+                self.client = distributed.Client(self.scheduler, timeout="10s")
+            except OSError as exc:
+                raise InputError(f"--scheduler {scheduler!r}: could not connect ({exc}). Fix: start the "
+                                 f"scheduler (dask scheduler) and workers, or use local:N.") from None
+
+    def info(self) -> dict:
+        return {"scheduler": self.scheduler, "address": str(self.client.scheduler.address),
+                "workers": len(self.client.scheduler_info()["workers"]), "local": self.cluster is not None}
+
+    def close(self) -> None:
+        self.client.close()
+        if self.cluster is not None:
+            self.cluster.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def cholesky(A: TiledMatrix, backend: str = "numpy", device=None) -> TiledMatrix:
