@@ -106,7 +106,7 @@ def test_relative_links_point_at_existing_files(doc):
 # Words that describe how the work was organised rather than the project.
 _PROCESS = [
     (re.compile(r"\bissues?\s*#?\s*\d+", re.I), "an issue number"),
-    (re.compile(r"(?<![\w&/])#\d+\b"), "an issue / pull-request number"),
+    (re.compile(r"(?<![\w&/(])#\d+\b"), "an issue / pull-request number"),  # not an anchor (#1-...)
     (re.compile(r"\bsessions?\b", re.I), "the word 'session'"),
     (re.compile(r"\bworktrees?\b", re.I), "the word 'worktree'"),
     (re.compile(r"\bcoordinator\b", re.I), "the word 'coordinator'"),
