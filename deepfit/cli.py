@@ -26,7 +26,7 @@ from kernelfit.errors import InputError, KernelfitError
 # The place for further subcommands (e.g. the measures' ``report``): list a module here that defines
 # ``register_cli(subparsers)``; each parser it adds sets ``func=callable(args) -> int`` via
 # set_defaults. Empty for now, so that `deepfit train` never imports the measure code.
-_EXTENSIONS: tuple[str, ...] = ("deepfit.report",)
+_EXTENSIONS: tuple[str, ...] = ("deepfit.report", "deepfit.suite")
 
 
 def _csv(cast):
