@@ -771,6 +771,10 @@ def compute_norm_measures(model: nn.Module, X: torch.Tensor, y: torch.Tensor, *,
         out[n] = dict(value=v, normalized=normalized, capacity=normalized ** m.power, power=m.power,
                       convention=m.convention, paper=m.paper, description=m.description,
                       exact=(exact if m.kind == "path" else True))
+    if gamma <= 0:
+        for v in out.values():
+            v["note"] = (f"normalized and capacity are undefined: the margin ({gamma:.4g}) is <= 0, so the network "
+                         f"misclassifies at least {percentile:g}% of the training set")
     return dict(margin=gamma, margin_percentile=percentile, measures=out, not_applicable=skipped, layers=stats,
                 maxpool_lipschitz=graph.maxpool_lipschitz, chain=graph.chain)
 

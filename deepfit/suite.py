@@ -207,8 +207,8 @@ def _user_arrays(spec_x: str, spec_y: str, cfg, num_classes: int):
 
     from .data import prepare_arrays
 
-    x = np.asarray(open_array(spec_x, what="images"))
-    y = np.asarray(open_array(spec_y, what="labels")).reshape(-1)
+    x = np.array(open_array(spec_x, what="images"))   # a copy: torch wants writable memory
+    y = np.array(open_array(spec_y, what="labels")).reshape(-1)
     if len(y) != len(x):
         raise InputError(f"--data has {len(x)} images but --labels has {len(y)} labels. Fix: give one label per image.")
     return prepare_arrays(x, y.astype(np.int64), x[:0], y[:0].astype(np.int64), num_classes,
