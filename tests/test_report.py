@@ -14,11 +14,12 @@ from deepfit import report as R
 
 def _fake_run(labels, n, scale):
     nan = float("nan")
-    norms = {k: dict(value=scale * 2.0, normalized=scale * 4.0, paper="", exact=True) for k in ("l2", "spectral")}
+    ms = {k: dict(value=scale * 2.0, normalized=scale * 4.0, capacity=scale * 16.0, exact=True) for k in ("l2", "spectral")}
+    ms["sharpness"] = dict(value=0.1 * scale)
+    ms["pac-bayes"] = dict(at_target=dict(kl=100.0 * scale), sweep=[dict(kl=1.0, expected_sharpness=(0.1, 0.01, 3))])
     return dict(tag=f"{labels}-{n}", labels=labels, n_train=n,
-                network=dict(norms=norms, sharpness=dict(value=0.1 * scale), margin=0.5 / scale,
-                             pac_bayes_at_target=dict(kl=100.0 * scale), test_acc=0.9, train_acc=1.0, epochs=3,
-                             pac_bayes=[dict(kl=1.0, expected_sharpness=(0.1, 0.01, 3))]),
+                network=dict(measures=dict(measures=ms, margin=dict(value=0.5 / scale)), test_acc=0.9, train_acc=1.0,
+                             epochs=3),
                 kernel=dict(rkhs_norm=10.0 * scale, test_error=nan))
 
 
@@ -27,7 +28,7 @@ def test_ratios_are_random_over_true_per_size():
                      _fake_run("true", 20, 2.0), _fake_run("random", 20, 5.0)])
     rat = R.random_true_ratios(res)
     assert set(rat) == {"10", "20"}
-    assert rat["10"]["spectral/margin"] == pytest.approx(3.0)
+    assert rat["10"]["spectral capacity"] == pytest.approx(3.0)
     assert rat["20"]["kernel RKHS norm"] == pytest.approx(2.5)
     assert rat["10"]["margin"] == pytest.approx(1 / 3)
     assert math.isnan(rat["10"]["kernel test error"])
@@ -66,10 +67,10 @@ def test_report_end_to_end_tiny(tmp_path):
     assert res["mixing"][0]["reused_from"] == "true-60"
     assert set(res["ratios"]) == {"60", "120"}
     for r in res["runs"]:
-        net = r["network"]
-        assert set(net["norms"]) >= {"l2", "l1-path", "l2-path", "spectral", "spectral-complexity", "neyshabur2018"}
-        assert len(net["hessian"]["trace"]) == 3 and r["kernel"]["rkhs_norm"] > 0
-        assert len(net["pac_bayes"]) == 2
+        ms = r["network"]["measures"]["measures"]
+        assert set(ms) >= {"l2", "l1-path", "l2-path", "spectral", "spectral-complexity", "neyshabur2018"}
+        assert ms["hessian-trace"]["n_samples"] == 2 and r["kernel"]["rkhs_norm"] > 0
+        assert len(ms["pac-bayes"]["sweep"]) == 2
     assert res["expressivity"]["labels_recovered"] is True
     page = (out / "report.html").read_text()
     imgs = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", page)
