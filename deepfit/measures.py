@@ -5,24 +5,36 @@ deep learning" (NeurIPS 2017), with the spectral bounds of Bartlett, Foster and 
 and Neyshabur, Bhojanapalli and Srebro (ICLR 2018). They work on any ``nn.Module`` built from
 ``Linear``, ``Conv2d``, ``ReLU`` (module or ``torch.relu``), ``MaxPool2d``/``AvgPool2d``/
 ``AdaptiveAvgPool2d``, ``BatchNorm1d/2d`` (directly after a Linear/Conv2d), ``Flatten``,
-``Dropout`` and ``Identity``, in any wiring where branches are concatenated or added.
+``Dropout`` and ``Identity``; path norms in any wiring where branches are concatenated or added,
+per-layer products on chains of layers (see Conventions).
 
 Conventions
 -----------
 * Batch norm is folded into the preceding Linear/Conv2d (eval-mode statistics) before anything is
-  measured: :func:`fold_batchnorm`. The model is measured in eval mode.
+  measured: :func:`fold_batchnorm`. Every measure works on a copy in eval mode; the caller's model
+  keeps its mode, weights and ``requires_grad`` flags.
 * Every norm measure is a per-layer statistic folded by an operator (product or sum), registered
-  in :data:`MEASURES` as ``name -> Measure(function, paper, description)``. The *margin-normalised*
-  value is ``complexity / margin`` where ``margin`` is the 5th percentile of
-  ``f_y(x) - max_{j != y} f_j(x)`` over the training set (:func:`margin`). The papers' capacities
-  are the squares of these ratios times architecture-only constants (depth, width, log factors,
-  input norm), which are left out: they cancel in every comparison between networks of one
-  architecture (true vs random labels, growing training sets).
-* Path norms count every path from an input unit or a bias (a constant-1 unit) to an output unit
-  through the dense operator each layer applies. They are exact for nets of linear/conv/ReLU/
-  average-pool layers. A max-pool forwards one input per window, chosen by the data; the path norm
-  here replaces it by a *sum* over its window and so is an upper bound (``exact=False`` is
-  recorded for such nets).
+  in :data:`MEASURES` as ``name -> Measure(function, paper, description, kind, power, convention)``.
+  Each is reported three ways: ``value`` (the norm itself), ``normalized = value / margin`` and
+  ``capacity = normalized ** power``, the quantity the paper plots: ``gamma^-2 prod ||W_i||_F^2``
+  and the like for Neyshabur et al. 2017/2018 (power 2), ``R_A / gamma`` for Bartlett et al.
+  (power 1). ``margin`` is the 5th percentile of ``f_y(x) - max_{j != y} f_j(x)`` over the
+  training set (:func:`margin`). Architecture-only constants (``4^d``, widths ``h_i``, log factors,
+  input norm) are left out: they cancel in every comparison between networks of one architecture
+  (true vs random labels, growing training sets).
+* Product measures (``kind="product"``) are defined for a *chain* of layers: each Linear/Conv2d
+  fed by the one before through ReLU, pooling and reshapes. :func:`analyse_graph` checks this on
+  the autograd graph of one forward pass; on branched networks (concatenation, residual addition,
+  shared layers) or with other operations between layers (e.g. LocalResponseNorm) the product over
+  all layers is neither the paper's quantity nor a bound, so those measures are not computed and
+  the reason is returned. An overlapping max pool can enlarge distances (Lipschitz constant up to
+  ``sqrt(max number of windows covering one input)``, 2 for 3x3 windows of stride 2); the spectral
+  measures multiply by that factor (Bartlett et al.'s ``rho_i``), so they stay Lipschitz bounds.
+* Path norms (``kind="path"``) count every path from an input unit or a bias (a constant-1 unit)
+  to an output unit through the dense operator each layer applies, on any DAG of the supported
+  layers. Average pools are edges of weight ``1/window``, raised to the power p like every other
+  edge. A max-pool forwards one input per window, chosen by the data; the path norm here replaces
+  it by a *sum* over its window and so is an upper bound (``exact=False`` is recorded).
 * Per-layer norms of a conv layer: Frobenius norm of its kernel (as in the papers' code);
   spectral norm = the true operator norm of the convolution on the input shape it actually
   receives (power iteration with ``conv2d`` / ``conv_transpose2d``), not the norm of the reshaped

@@ -9,7 +9,8 @@ network (:func:`deepfit.train.train`), solves the exact kernel interpolant on th
 * ``fig1_measures_vs_size.png``  measure vs training-set size, true (blue) vs random (red),
 * ``fig2_pac_bayes.png``         expected sharpness vs KL for a sweep of alpha, per size,
 * ``fig3_mixing.png``            ``mix_true`` true samples plus a growing set of random ones,
-* ``report.html``   a self-contained page (images embedded as base64) with the plots and tables.
+* ``report.html``   a self-contained page (images embedded as base64) with the plots and tables,
+* ``report.md``     the random / true ratio of every measure per size, as a Markdown table.
 
 Entry point: :func:`main` (``deepfit report``), or ``python -m deepfit.report``. ``--preset quick``
 is the cheapest configuration (the bundled MNIST subset, 250/500 samples, a 128-unit MLP, reduced
@@ -44,7 +45,7 @@ from .suite import MeasureOptions, measure_all
 
 _MD = MeasureOptions()  # the measure settings' defaults live there
 
-__all__ = ["ReportOptions", "run_report", "make_plots", "write_html", "main", "PRESETS"]
+__all__ = ["ReportOptions", "run_report", "make_plots", "write_html", "ratio_table_markdown", "main", "PRESETS"]
 
 
 @dataclass(frozen=True)
@@ -313,7 +314,7 @@ def _style_axis(ax, name: str, values) -> None:
     if _LOG_OK(values) and max(values) / min(values) > 20:
         ax.set_yscale("log")
     else:
-        ax.ticklabel_format(axis="y", useOffset=False)  # show the values themselves, not "+1.2e3" offsets
+        ax.ticklabel_format(axis="y", useOffset=False, style="plain")  # the values themselves, no "+1e3" or "1e6" offset text
     ax.ticklabel_format(axis="x", useOffset=False, style="plain")
     ax.set_ylabel(_Y_LABELS.get(name, name), fontsize=8)
     ax.set_title(name, fontsize=10)
@@ -330,6 +331,22 @@ def random_true_ratios(result: dict) -> dict:
             out[str(n)] = {k: (r[k][0] / t[k][0] if t[k][0] not in (0.0,) and math.isfinite(t[k][0]) else float("nan"))
                            for k in t if k in r}
     return out
+
+
+def ratio_table_markdown(result: dict) -> str:
+    """The random / true ratios as a Markdown table, one row a measure, one column a training-set size."""
+    ratios = result.get("ratios") or {}
+    if not ratios:
+        return ""
+    sizes = list(ratios)
+    names = [n for n in scalar_measures(result["runs"][0]) if any(n in ratios[s] for s in sizes)]
+    lines = ["| measure (random / true) | y axis | " + " | ".join(f"n = {s}" for s in sizes) + " |",
+             "|---|---|" + "---|" * len(sizes)]
+    for n in names:
+        vals = [ratios[s].get(n, float("nan")) for s in sizes]
+        label = _Y_LABELS.get(n, n).replace("|", "\\|")  # a bare | would end the Markdown cell
+        lines.append(f"| {n} | {label} | " + " | ".join("nan" if not math.isfinite(v) else f"{v:.3g}" for v in vals) + " |")
+    return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------------------------
@@ -390,7 +407,7 @@ def make_plots(result: dict, out_dir: Path) -> dict[str, Path]:
         ax.set_xlabel("KL = sum w^2 / (2 sigma^2)")
         ax.set_ylabel("expected sharpness  E L(w+nu) - L(w)")
         ax.yaxis.set_tick_params(labelleft=True)
-        ax.ticklabel_format(axis="y", useOffset=False)
+        ax.ticklabel_format(axis="y", useOffset=False, style="plain")
         ax.set_title(f"{lab} labels")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -619,6 +636,7 @@ def _run_args(args: argparse.Namespace, argv) -> int:
     result["figures"] = {k: v.name for k, v in figures.items()}
     write_json_atomic(out / "report.json", result, overwrite=True)
     write_html(result, figures, out / "report.html")
+    (out / "report.md").write_text(ratio_table_markdown(result), encoding="utf-8")
     print(json.dumps({"out": str(out), "ratios_random_over_true": result["ratios"]}, default=str))
     return 0
 

@@ -34,6 +34,17 @@ def test_ratios_are_random_over_true_per_size():
     assert math.isnan(rat["10"]["kernel test error"])
 
 
+def test_help_names_each_default_once(capsys):
+    import re
+
+    with pytest.raises(SystemExit):
+        R.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in text
+    for block in re.split(r" (?=--[a-z])", text):
+        assert block.count("default") <= 1, block
+
+
 def test_cli_rejects_bad_input(tmp_path, capsys):
     assert R.main(["--sizes", "5", "--out", str(tmp_path)]) == 2
     assert "sizes must be" in capsys.readouterr().err
@@ -54,16 +65,33 @@ def test_register_cli_adds_report_subcommand(tmp_path, capsys):
     assert "sizes must be" in capsys.readouterr().err
 
 
-def test_report_end_to_end_tiny(tmp_path):
+def test_report_end_to_end_tiny(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    panels = {}
+    save = Figure.savefig
+
+    def recording_savefig(fig, path, *a, **k):  # what each saved figure's visible panels show
+        fig.canvas.draw()
+        panels[str(path).rsplit("/", 1)[-1]] = [(ax.get_ylabel(), ax.yaxis.get_offset_text().get_text())
+                                                for ax in fig.axes if ax.axison]
+        return save(fig, path, *a, **k)
+
+    monkeypatch.setattr(Figure, "savefig", recording_savefig)
     out = tmp_path / "rep"
-    argv = ["--dataset", "mnist-subset", "--sizes", "60,120", "--mix-true", "60", "--mix-random", "0,60",
+    argv = ["--dataset", "mnist-subset", "--sizes", "60,120", "--mix-true", "60", "--mix-random", "60",
             "--n-test", "100", "--max-epochs", "60", "--width", "64", "--pac-samples", "2", "--pac-alphas", "1e-3,1e-2",
             "--hessian-k", "1", "--hessian-samples", "2", "--basin-directions", "2", "--sharpness-steps", "3",
             "--threads", "1", "--out", str(out)]
     assert R.main(argv) == 0
     res = json.loads((out / "report.json").read_text())
     assert [r["tag"] for r in res["runs"]] == ["true-60", "random-60", "true-120", "random-120"]
-    assert [r["n_random"] for r in res["mixing"]] == [0, 60]
+    assert [r["n_random"] for r in res["mixing"]] == [0, 60]  # one mixing level still has its 0-random baseline
+    assert set(panels) == {"fig1_measures_vs_size.png", "fig2_pac_bayes.png", "fig3_mixing.png"}
+    for name, axes in panels.items():
+        assert all(label for label, _ in axes), f"{name}: a panel without a y label"
+        assert not any(offset for _, offset in axes), f"{name}: offset notation on an axis"
+    assert "| l2 capacity |" in (out / "report.md").read_text()
     assert res["mixing"][0]["reused_from"] == "true-60"
     assert set(res["ratios"]) == {"60", "120"}
     for r in res["runs"]:
