@@ -9,10 +9,13 @@ Subcommands
            the reproduction next to the paper's numbers
   table    print the Table 1 comparison from an existing results file
   plot     Fig. 1a/1b/1c PNGs from a results file
+  report   the kernel-vs-network measures report (deepfit.report)
+  measure  every applicable complexity measure of a `train` checkpoint, as JSON (deepfit.suite)
 
 Every run's JSON line has the config, run id, seeds, per-epoch history, steps to fit, best test
-accuracy, git SHA and library versions. Extra subcommands (e.g. ``report``) plug in through
-``_EXTENSIONS`` (modules defining ``register_cli(subparsers)``).
+accuracy, git SHA and library versions; `train` does not append a configuration already in --out.
+Extra subcommands (``report``, ``measure``) plug in through ``_EXTENSIONS`` (modules defining
+``register_cli(subparsers)``).
 """
 
 from __future__ import annotations
@@ -23,9 +26,8 @@ import sys
 
 from kernelfit.errors import InputError, KernelfitError
 
-# The place for further subcommands (e.g. the measures' ``report``): list a module here that defines
-# ``register_cli(subparsers)``; each parser it adds sets ``func=callable(args) -> int`` via
-# set_defaults. Empty for now, so that `deepfit train` never imports the measure code.
+# The place for further subcommands: list a module here that defines ``register_cli(subparsers)``;
+# each parser it adds sets ``func=callable(args) -> int`` via set_defaults.
 _EXTENSIONS: tuple[str, ...] = ("deepfit.report", "deepfit.suite")
 
 

@@ -229,15 +229,34 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--groups", default=",".join(GROUPS), help=f"comma-separated subset of {','.join(GROUPS)} (default all)")
     p.add_argument("--out", default=None, help="also write the JSON here (default: standard output only)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    g = p.add_argument_group("measure settings (see MeasureOptions)")
     for f in dataclasses.fields(MeasureOptions):
         flag = "--" + f.name.replace("_", "-")
         default = getattr(d, f.name)
         if isinstance(default, tuple):
-            p.add_argument(flag, type=lambda s: tuple(float(v) for v in s.split(",") if v.strip()), default=None,
-                           help=f"comma-separated (default {','.join(f'{v:g}' for v in default)})")
+            g.add_argument(flag, type=_float_list, default=None,
+                           help=f"{_HELP[f.name]} (default {','.join(f'{v:g}' for v in default)})")
         else:
-            p.add_argument(flag, type=type(default), default=None, help=f"(default {default:g})")
+            g.add_argument(flag, type=type(default), default=None, help=f"{_HELP[f.name]} (default {default:g})")
     return p
+
+
+_HELP = dict(
+    percentile="the margin is this percentile of f_y(x) - max_j f_j(x) over the training set",
+    sharpness_eps="sharpness box half-width eps (|w|+1)", sharpness_steps="projected gradient ascent steps",
+    pac_alphas="PAC-Bayes noise scales alpha, comma-separated", pac_samples="noise draws per alpha",
+    pac_target="expected sharpness at which the KL is read off",
+    hessian_k="top Hessian eigenvalues (0 skips every Hessian measure)", hessian_samples="Hutchinson probes",
+    basin_directions="random directions for the basin radius", basin_delta="loss rise that bounds the basin",
+    batch_size="samples per forward pass", seed="seed of every random choice",
+)
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 1e-3,1e-2, got {text!r}") from None
 
 
 def _run(a) -> int:
