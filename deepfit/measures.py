@@ -534,10 +534,14 @@ class GraphInfo:
 
 def _maxpool_coverage(node) -> int:
     """Largest number of max-pool windows that contain one input position (from the autograd node)."""
-    kh, kw = node._saved_kernel_size
-    sh, sw = node._saved_stride
-    ph, pw = node._saved_padding
-    dh, dw = node._saved_dilation
+    def pair(v, default):  # functional calls may save () for "same as the kernel" or one number for both axes
+        v = tuple(v) or tuple(default)
+        return (v[0], v[0]) if len(v) == 1 else v
+
+    kh, kw = pair(node._saved_kernel_size, ())
+    sh, sw = pair(node._saved_stride, (kh, kw))
+    ph, pw = pair(node._saved_padding, (0, 0))
+    dh, dw = pair(node._saved_dilation, (1, 1))
     h, w = node._saved_self.shape[-2:]
     extent = []
     for n, k, s, pd, d in ((h, kh, sh, ph, dh), (w, kw, sw, pw, dw)):
@@ -622,7 +626,8 @@ def analyse_graph(model: nn.Module, example) -> GraphInfo:
             elif len(live) > 1:
                 reasons.append(f"the input of {target} joins branches ({kind} of tensors that both depend on the input)")
             if kind == "MaxPool2DWithIndicesBackward0":
-                lipschitz.append(dict(before=target, kernel=list(node._saved_kernel_size), stride=list(node._saved_stride),
+                lipschitz.append(dict(before=target, kernel=list(node._saved_kernel_size),
+                                      stride=list(node._saved_stride) or list(node._saved_kernel_size),
                                       factor=math.sqrt(_maxpool_coverage(node))))
             stack.extend(live)
         return sources

@@ -201,3 +201,38 @@ def test_every_measure_leaves_mode_flags_and_weights_unchanged(measure):
     before = _state(net)
     measure(net, X, y)
     assert _same_state(_state(net), before)
+
+
+class _Functional(nn.Module):
+    def __init__(self, pool):
+        super().__init__()
+        self.conv, self.lin, self.pool = nn.Conv2d(1, 2, 3, padding=1), nn.Linear(2 * 2 * 2, 3), pool
+
+    def forward(self, x):
+        return self.lin(torch.flatten(self.pool(torch.relu(self.conv(x))), 1))
+
+
+def test_functional_pools_are_refused_where_their_path_weights_matter():
+    avg = _Functional(lambda t: nn.functional.avg_pool2d(t, 2))
+    assert M.path_norm(avg, (1, 4, 4), 1)[0] > 0          # 1/k edges are right for p = 1
+    with pytest.raises(InputError, match="functional"):
+        M.path_norm(avg, (1, 4, 4), 2)
+    mx = _Functional(lambda t: nn.functional.max_pool2d(t, 2))
+    with pytest.raises(InputError, match="functional"):
+        M.path_norm(mx, (1, 4, 4), 1)
+
+
+class _Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        return self.c(h + torch.relu(self.b(h)))
+
+
+def test_residual_addition_is_not_a_chain():
+    info = M.analyse_graph(_Residual(), (3,))
+    assert not info.chain and "joins branches" in info.reason
+    assert M.analyse_graph(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)), (3,)).chain
