@@ -632,7 +632,7 @@ def analyse_graph(model: nn.Module, example) -> GraphInfo:
             stack.extend(live)
         return sources
 
-    if x.grad_fn is None and not isinstance(out, torch.Tensor):
+    if not isinstance(out, torch.Tensor):
         raise InputError(f"expected the model to return one tensor, got {type(out).__name__}.")
     if len(set(order)) != len(order):
         reasons.append("a layer is applied more than once (shared weights)")
