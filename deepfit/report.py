@@ -38,7 +38,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from kernelfit.errors import InputError
+from kernelfit.errors import InputError, KernelfitError
 
 from . import measures as M
 from .suite import MeasureOptions, measure_all
@@ -192,15 +192,19 @@ def _one_run(tag: str, x_tr, y_tr, x_te, y_te, k: int, opts: ReportOptions, devi
 
 
 def run_report(opts: ReportOptions = ReportOptions(), *, device: str = "auto",
-               log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> dict:
-    """Train, solve and measure every configuration; return the JSON-able result."""
+               log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
+               download: bool = False) -> dict:
+    """Train, solve and measure every configuration; return the JSON-able result.
+
+    ``download``: fetch a missing data set from its canonical source (kernelfit.data.download).
+    """
     from kernelfit.data import load_dataset
     from kernelfit.randomize import random_labels
     from deepfit.train import resolve_device
 
     opts = opts.validated()
     dev = resolve_device(device)
-    ds = load_dataset(opts.dataset, data_dir=opts.data_dir)
+    ds = load_dataset(opts.dataset, data_dir=opts.data_dir, download=download)
     k = ds.num_classes
     need = max(max(opts.sizes), (opts.mix_true + max(opts.mix_random)) if opts.mix_random else 0)
     if need > len(ds.y_train):
@@ -559,6 +563,7 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     opt(g, "--dataset", "mnist | mnist-subset | cifar10")
     opt(g, "--data-dir", "directory with the data sets", shown="kernelfit's resolution")
+    g.add_argument("--download", action="store_true", help="fetch a missing data set from its canonical source")
     opt(g, "--sizes", "training subset sizes", type=_ints)
     opt(g, "--n-test", "test images", type=int)
     opt(g, "--preprocess", "", choices=["normalize", "whiten"])
@@ -627,8 +632,8 @@ def _run_args(args: argparse.Namespace, argv) -> int:
         torch.set_num_threads(int(args.threads))
     prov = provenance(["deepfit", "report", *(argv if argv is not None else sys.argv[1:])])   # the code that runs
     try:
-        result = run_report(opts, device=args.device)
-    except InputError as e:
+        result = run_report(opts, device=args.device, download=args.download)
+    except KernelfitError as e:  # bad input and missing data alike: say what to fix, exit 2
         print(f"deepfit report: error: {e}", file=sys.stderr)
         return 2
     result["provenance"] = prov

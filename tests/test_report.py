@@ -45,6 +45,16 @@ def test_help_names_each_default_once(capsys):
         assert block.count("default") <= 1, block
 
 
+def test_missing_data_hint_names_options_report_has(tmp_path, capsys):
+    import re
+
+    assert R.main(["--dataset", "cifar10", "--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    known = {o for act in R.build_parser()._actions for o in act.option_strings}
+    hinted = set(re.findall(r"(?<![\w-])(--[a-z][a-z-]*)", err))
+    assert hinted and hinted <= known, hinted - known
+
+
 def test_cli_rejects_bad_input(tmp_path, capsys):
     assert R.main(["--sizes", "5", "--out", str(tmp_path)]) == 2
     assert "sizes must be" in capsys.readouterr().err
