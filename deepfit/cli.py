@@ -9,10 +9,13 @@ Subcommands
            the reproduction next to the paper's numbers
   table    print the Table 1 comparison from an existing results file
   plot     Fig. 1a/1b/1c PNGs from a results file
+  report   the kernel-vs-network measures report (deepfit.report)
+  measure  every applicable complexity measure of a `train` checkpoint, as JSON (deepfit.suite)
 
 Every run's JSON line has the config, run id, seeds, per-epoch history, steps to fit, best test
-accuracy, git SHA and library versions. Extra subcommands (e.g. ``report``) plug in through
-``_EXTENSIONS`` (modules defining ``register_cli(subparsers)``).
+accuracy, git SHA and library versions; `train` does not append a configuration already in --out.
+Extra subcommands (``report``, ``measure``) plug in through ``_EXTENSIONS`` (modules defining
+``register_cli(subparsers)``).
 """
 
 from __future__ import annotations
@@ -23,10 +26,9 @@ import sys
 
 from kernelfit.errors import InputError, KernelfitError
 
-# The place for further subcommands (e.g. the measures' ``report``): list a module here that defines
-# ``register_cli(subparsers)``; each parser it adds sets ``func=callable(args) -> int`` via
-# set_defaults. Empty for now, so that `deepfit train` never imports the measure code.
-_EXTENSIONS: tuple[str, ...] = ("deepfit.report",)
+# The place for further subcommands: list a module here that defines ``register_cli(subparsers)``;
+# each parser it adds sets ``func=callable(args) -> int`` via set_defaults.
+_EXTENSIONS: tuple[str, ...] = ("deepfit.report", "deepfit.suite")
 
 
 def _csv(cast):
@@ -85,6 +87,8 @@ def _add_exec_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("execution (does not change the result)")
     g.add_argument("--out", required=True, help="results file (JSON lines; appended)")
     g.add_argument("--data-dir", default=None, help="directory with the data sets (default: kernelfit's resolution)")
+    g.add_argument("--download", action="store_true",
+                   help="fetch a missing data set from its canonical source into the data directory")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:0,cuda:1 (sweeps deal runs round-robin)")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (per worker)")
     g.add_argument("--checkpoint-dir", default=None,
@@ -128,10 +132,18 @@ def cmd_models(a) -> int:
 
 
 def cmd_train(a) -> int:
-    from .experiments import run_one
+    from .experiments import read_results, run_one
+    from .train import config_hash
     cfg = _config_from_args(a)
+    run_id = config_hash(cfg)
+    done = [r for r in read_results(a.out) if isinstance(r, dict) and r.get("run_id") == run_id]
+    if done:  # the same configuration gives the same result: do not append it twice
+        rec = done[-1]
+        print(f"run {run_id} is already in {a.out} (fitted={rec['fitted']} test_acc={rec['final_test_acc']:.4f}); "
+              "nothing run, nothing appended. To run it again, pass another --out.")
+        return 0
     rec = run_one(cfg, out=a.out, data_dir=a.data_dir, device=a.device, checkpoint_dir=a.checkpoint_dir,
-                  threads=a.threads, experiment="train", log=_log(a))
+                  threads=a.threads, experiment="train", log=_log(a), download=a.download)
     print(f"run {rec['run_id']}: fitted={rec['fitted']} steps_to_fit={rec['steps_to_fit']} epochs={rec['epochs']} "
           f"train_acc={rec['final_train_acc']:.4f} test_acc={rec['final_test_acc']:.4f} "
           f"best_test_acc={rec['best_test_acc']:.4f} train_time={rec['train_time_s']:.1f}s -> {a.out}")
@@ -151,6 +163,7 @@ def cmd_sweep(a) -> int:
                          "(e.g. true,random-labels,shuffled-pixels,random-pixels,gaussian).")
     run_sweep(configs, out=a.out, workers=a.workers, device=a.device, threads=a.threads, data_dir=a.data_dir,
               checkpoint_dir=a.checkpoint_dir, dask_address=a.dask, experiment="sweep", verbose=not a.quiet,
+              download=a.download,
               log=lambda s: print(s, file=sys.stderr, flush=True))
     if a.plot_dir:
         from .plots import plot_all
@@ -168,6 +181,7 @@ def cmd_table1(a) -> int:
     grid = table1_configs(base, a.models)
     run_sweep([c for _, c in grid], out=a.out, workers=a.workers, device=a.device, threads=a.threads,
               data_dir=a.data_dir, checkpoint_dir=a.checkpoint_dir, dask_address=a.dask, experiment="table1",
+              download=a.download,
               verbose=not a.quiet, log=lambda s: print(s, file=sys.stderr, flush=True))
     print(format_table1(table1_rows(read_results(a.out), a.models, dataset=base.dataset)))
     return 0

@@ -91,8 +91,12 @@ def run_one(
     experiment: str = "run",
     log: Callable[[str], None] | None = None,
     data=None,
+    download: bool = False,
 ) -> dict[str, Any]:
-    """Prepare the data, train, append the record (with provenance) to ``out``; return the record."""
+    """Prepare the data, train, append the record (with provenance) to ``out``; return the record.
+
+    ``download``: fetch a missing data set from its canonical source (kernelfit.data.download).
+    """
     import torch
 
     from .data import prepare_data
@@ -100,7 +104,7 @@ def run_one(
     if threads is not None:
         torch.set_num_threads(int(threads))
     if data is None:
-        data = prepare_data(config, data_dir=data_dir)
+        data = prepare_data(config, data_dir=data_dir, download=download)
     prov = _provenance()   # before training: the code that runs, not what HEAD is when it ends
     result = train(config, data, device=device, checkpoint_dir=checkpoint_dir, log=log)
     record = dict(result.record)
@@ -129,7 +133,7 @@ def _worker_task(args: dict) -> dict:
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if args.get("verbose") else None
     rec = run_one(config, out=args["out"], data_dir=args.get("data_dir"), device=args.get("device", "auto"),
                   checkpoint_dir=args.get("checkpoint_dir"), threads=args.get("threads"),
-                  experiment=args.get("experiment", "sweep"), log=log)
+                  experiment=args.get("experiment", "sweep"), log=log, download=args.get("download", False))
     # Return a small summary; the full record is already in the results file.
     return {k: rec[k] for k in ("run_id", "fitted", "steps_to_fit", "final_train_acc", "final_test_acc",
                                 "best_test_acc", "epochs", "train_time_s")}
@@ -156,6 +160,7 @@ def run_sweep(
     experiment: str = "sweep",
     verbose: bool = False,
     log: Callable[[str], None] = print,
+    download: bool = False,
 ) -> list[dict]:
     """Run every config not already finished in ``out``; return the summaries of the runs done now.
 
@@ -187,7 +192,8 @@ def run_sweep(
         threads = max(1, (os.cpu_count() or 1) // workers)
     tasks = [{"config": c.to_dict(), "out": str(out), "data_dir": None if data_dir is None else str(data_dir),
               "device": devices[i % len(devices)], "checkpoint_dir": None if checkpoint_dir is None else str(checkpoint_dir),
-              "threads": threads, "experiment": experiment, "verbose": verbose} for i, c in enumerate(todo)]
+              "threads": threads, "experiment": experiment, "verbose": verbose, "download": download}
+             for i, c in enumerate(todo)]
     results: list[dict] = []
     if dask_address:
         from dask.distributed import Client, LocalCluster

@@ -13,6 +13,7 @@ eigenvalue lies within that distance of the Ritz value).
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Callable, Sequence
 
@@ -38,7 +39,9 @@ class HessianOperator:
 
     ``batch_size=None`` uses the whole set in one batch; otherwise the loss and its Hessian are
     accumulated over consecutive batches (the whole training set), which is exact, not a sample.
-    The model is evaluated in eval mode (batch norm uses its running statistics).
+    The Hessian is taken at the weights the model has now, in eval mode (batch norm uses its
+    running statistics, dropout is off), on a private copy: the caller's model keeps its mode,
+    weights and ``requires_grad`` flags, so it can go on training.
     """
 
     def __init__(self, model: nn.Module, X: torch.Tensor, y: torch.Tensor, *, loss: str | Callable = "cross_entropy",
@@ -49,7 +52,8 @@ class HessianOperator:
             if loss not in _LOSSES:
                 raise InputError(f"unknown loss {loss!r}; expected one of {list(_LOSSES)} or a callable (out, y) -> summed loss.")
             loss = _LOSSES[loss]
-        self.model = model.eval()
+        model = copy.deepcopy(model).eval()
+        self.model = model
         self.X, self.y, self.loss_fn = X, y, loss
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
         self.shapes = [p.shape for n, p in model.named_parameters() if p.requires_grad]

@@ -5,24 +5,36 @@ deep learning" (NeurIPS 2017), with the spectral bounds of Bartlett, Foster and 
 and Neyshabur, Bhojanapalli and Srebro (ICLR 2018). They work on any ``nn.Module`` built from
 ``Linear``, ``Conv2d``, ``ReLU`` (module or ``torch.relu``), ``MaxPool2d``/``AvgPool2d``/
 ``AdaptiveAvgPool2d``, ``BatchNorm1d/2d`` (directly after a Linear/Conv2d), ``Flatten``,
-``Dropout`` and ``Identity``, in any wiring where branches are concatenated or added.
+``Dropout`` and ``Identity``; path norms in any wiring where branches are concatenated or added,
+per-layer products on chains of layers (see Conventions).
 
 Conventions
 -----------
 * Batch norm is folded into the preceding Linear/Conv2d (eval-mode statistics) before anything is
-  measured: :func:`fold_batchnorm`. The model is measured in eval mode.
+  measured: :func:`fold_batchnorm`. Every measure works on a copy in eval mode; the caller's model
+  keeps its mode, weights and ``requires_grad`` flags.
 * Every norm measure is a per-layer statistic folded by an operator (product or sum), registered
-  in :data:`MEASURES` as ``name -> Measure(function, paper, description)``. The *margin-normalised*
-  value is ``complexity / margin`` where ``margin`` is the 5th percentile of
-  ``f_y(x) - max_{j != y} f_j(x)`` over the training set (:func:`margin`). The papers' capacities
-  are the squares of these ratios times architecture-only constants (depth, width, log factors,
-  input norm), which are left out: they cancel in every comparison between networks of one
-  architecture (true vs random labels, growing training sets).
-* Path norms count every path from an input unit or a bias (a constant-1 unit) to an output unit
-  through the dense operator each layer applies. They are exact for nets of linear/conv/ReLU/
-  average-pool layers. A max-pool forwards one input per window, chosen by the data; the path norm
-  here replaces it by a *sum* over its window and so is an upper bound (``exact=False`` is
-  recorded for such nets).
+  in :data:`MEASURES` as ``name -> Measure(function, paper, description, kind, power, convention)``.
+  Each is reported three ways: ``value`` (the norm itself), ``normalized = value / margin`` and
+  ``capacity = normalized ** power``, the quantity the paper plots: ``gamma^-2 prod ||W_i||_F^2``
+  and the like for Neyshabur et al. 2017/2018 (power 2), ``R_A / gamma`` for Bartlett et al.
+  (power 1). ``margin`` is the 5th percentile of ``f_y(x) - max_{j != y} f_j(x)`` over the
+  training set (:func:`margin`). Architecture-only constants (``4^d``, widths ``h_i``, log factors,
+  input norm) are left out: they cancel in every comparison between networks of one architecture
+  (true vs random labels, growing training sets).
+* Product measures (``kind="product"``) are defined for a *chain* of layers: each Linear/Conv2d
+  fed by the one before through ReLU, pooling and reshapes. :func:`analyse_graph` checks this on
+  the autograd graph of one forward pass; on branched networks (concatenation, residual addition,
+  shared layers) or with other operations between layers (e.g. LocalResponseNorm) the product over
+  all layers is neither the paper's quantity nor a bound, so those measures are not computed and
+  the reason is returned. An overlapping max pool can enlarge distances (Lipschitz constant up to
+  ``sqrt(max number of windows covering one input)``, 2 for 3x3 windows of stride 2); the spectral
+  measures multiply by that factor (Bartlett et al.'s ``rho_i``), so they stay Lipschitz bounds.
+* Path norms (``kind="path"``) count every path from an input unit or a bias (a constant-1 unit)
+  to an output unit through the dense operator each layer applies, on any DAG of the supported
+  layers. Average pools are edges of weight ``1/window``, raised to the power p like every other
+  edge. A max-pool forwards one input per window, chosen by the data; the path norm here replaces
+  it by a *sum* over its window and so is an upper bound (``exact=False`` is recorded).
 * Per-layer norms of a conv layer: Frobenius norm of its kernel (as in the papers' code);
   spectral norm = the true operator norm of the convolution on the input shape it actually
   receives (power iteration with ``conv2d`` / ``conv_transpose2d``), not the norm of the reshaped
@@ -47,7 +59,7 @@ from torch.func import functional_call
 from kernelfit.errors import InputError
 
 __all__ = [
-    "LayerInfo", "Measure", "MEASURES", "trace_layers", "fold_batchnorm", "margins", "margin",
+    "LayerInfo", "Measure", "MEASURES", "PATH_MEASURES", "PRODUCT_MEASURES", "GraphInfo", "analyse_graph", "trace_layers", "fold_batchnorm", "margins", "margin",
     "conv_operator_norm", "layer_statistics", "path_norm", "compute_norm_measures",
     "sharpness", "pac_bayes_noise", "pac_bayes_sweep", "pac_bayes_at_sharpness", "cross_entropy_loss",
 ]
@@ -402,19 +414,56 @@ class _SumPool2d(nn.Module):
         return F.avg_pool2d(x, self.k, self.s, self.p, self.ceil, count_include_pad=True, divisor_override=1)
 
 
+def _adaptive_window_sizes(n_in: int, n_out: int) -> torch.Tensor:
+    """Window lengths of adaptive pooling along one axis: [floor(i n/m), ceil((i+1) n/m))."""
+    i = torch.arange(n_out)
+    return (torch.div((i + 1) * n_in + n_out - 1, n_out, rounding_mode="floor")
+            - torch.div(i * n_in, n_out, rounding_mode="floor"))
+
+
+class _PoweredAvgPool(nn.Module):
+    """An average pool whose edge weights ``c`` (1/window size or 1/divisor) are raised to the power p.
+
+    Each output of an average pool is ``c * sum(window)`` with one weight ``c`` for all its edges, so
+    the pool with weights ``c^p`` is ``pool(x) * c^(p - 1)``; ``c`` is read off by pooling ones.
+    """
+
+    def __init__(self, pool: nn.Module, p: int):
+        super().__init__()
+        self.pool, self.p = pool, p
+
+    def _edge_weight(self, x: torch.Tensor) -> torch.Tensor:
+        ones = torch.ones_like(x[:1])
+        if isinstance(self.pool, nn.AvgPool2d):
+            m = self.pool
+            window_sum = F.avg_pool2d(ones, m.kernel_size, m.stride, m.padding, m.ceil_mode,
+                                      count_include_pad=True, divisor_override=1)  # in-bounds taps
+            return self.pool(ones) / window_sum
+        h, w = x.shape[-2:]
+        oh, ow = (self.pool.output_size, self.pool.output_size) if isinstance(self.pool.output_size, int) else self.pool.output_size
+        oh, ow = oh or h, ow or w
+        sizes = _adaptive_window_sizes(h, oh)[:, None] * _adaptive_window_sizes(w, ow)[None, :]
+        return (1.0 / sizes.to(x)).expand_as(self.pool(ones))
+
+    def forward(self, x):
+        return self.pool(x) * self._edge_weight(x) ** (self.p - 1)
+
+
 @torch.no_grad()
 def path_norm(model: nn.Module, example, p: int = 1, *, fold_bn: bool = True) -> tuple[float, bool]:
     """l_p path norm ``(sum_paths prod_edges |w_e|^p)^(1/p)``; returns ``(value, exact)``.
 
-    Computed as one forward pass of the network with every parameter replaced by ``|w|^p`` on an
-    all-ones input (ReLU is the identity on non-negative values), summed over outputs. Paths start
-    at input units and at biases. ``exact`` is False when max-pooling was replaced by sum-pooling
-    (an upper bound).
+    Computed as one forward pass of the network with every edge weight replaced by ``|w|^p`` on an
+    all-ones input (ReLU is the identity on non-negative values), summed over outputs: parameters
+    are raised to the power p, and so are the ``1/window`` edges of average pools. Paths start at
+    input units and at biases; the graph may branch (concatenation, addition). ``exact`` is False
+    when max-pooling was replaced by sum-pooling (an upper bound).
     """
     if p not in (1, 2):
         raise InputError(f"path norm order p must be 1 or 2, got {p!r}.")
     for name, mod in model.named_modules():
-        if len(list(mod.children())) == 0 and not isinstance(mod, _PATH_SAFE + _LINEAR_TYPES + _BN_TYPES):
+        builtin = type(mod).__module__.startswith("torch.nn")
+        if builtin and len(list(mod.children())) == 0 and not isinstance(mod, _PATH_SAFE + _LINEAR_TYPES + _BN_TYPES):
             raise InputError(
                 f"path norms are defined here for Linear/Conv2d/ReLU/pooling/BatchNorm/Flatten/Dropout nets; module "
                 f"{name!r} is a {type(mod).__name__}. Fix: measure a network without it."
@@ -422,11 +471,26 @@ def path_norm(model: nn.Module, example, p: int = 1, *, fold_bn: bool = True) ->
     net = fold_batchnorm(model, example) if fold_bn else copy.deepcopy(model).eval()
     if fold_bn is False and any(isinstance(m, _BN_TYPES) for m in net.modules()):
         raise InputError("path_norm(fold_bn=False) got a network that still has BatchNorm layers. Fix: fold_bn=True.")
+    graph = analyse_graph(net, example)
+    if graph.other_ops:
+        raise InputError(
+            f"path norms need a network of Linear/Conv2d layers, ReLU, pooling, reshapes, concatenation and addition; "
+            f"this one also computes {', '.join(graph.other_ops)}. Fix: measure a network without those operations."
+        )
+    functional = [k for k in graph.functional_pools if p != 1 or k.startswith("MaxPool")]
+    if functional:
+        raise InputError(
+            f"the network pools with functional calls ({', '.join(sorted(set(functional)))}) instead of nn.MaxPool2d / "
+            f"nn.AvgPool2d / nn.AdaptiveAvgPool2d modules, so their path weights cannot be set (max pools become sums, "
+            f"average-pool edges 1/k become (1/k)^p). Fix: use the pooling modules."
+        )
     exact = True
     for name, mod in list(net.named_modules()):
         if isinstance(mod, nn.MaxPool2d):
             _set_submodule(net, name, _SumPool2d(mod))
             exact = False
+        elif isinstance(mod, (nn.AvgPool2d, nn.AdaptiveAvgPool2d)) and p != 1:
+            _set_submodule(net, name, _PoweredAvgPool(mod, p))
     for prm in net.parameters():
         prm.copy_(prm.abs() ** p)
     x = torch.ones_like(_as_example(net, example))
@@ -436,68 +500,254 @@ def path_norm(model: nn.Module, example, p: int = 1, *, fold_bn: bool = True) ->
 
 
 # --------------------------------------------------------------------------------------------
+# The computation graph: is the network a chain of layers? (product measures need one)
+# --------------------------------------------------------------------------------------------
+
+# Autograd nodes allowed between two consecutive layers of a chain, each 1-Lipschitz in l2 except
+# max pooling (accounted for by its window overlap). Anything else (a LocalResponseNorm, a scaling,
+# a softmax) has a Lipschitz constant the per-layer products do not include.
+_CHAIN_OPS = {"ReluBackward0", "ReluBackward1", "ThresholdBackward0", "ThresholdBackward1",
+              "MaxPool2DWithIndicesBackward0", "AvgPool2DBackward0", "AdaptiveAvgPool2DBackward0", "MeanBackward1",
+              "ViewBackward0", "ReshapeAliasBackward0", "UnsafeViewBackward0", "CloneBackward0", "AddBackward0",
+              "AddBackward1", "CatBackward0"}
+_POOL_OPS = {"AvgPool2DBackward0", "AdaptiveAvgPool2DBackward0", "MeanBackward1", "MaxPool2DWithIndicesBackward0"}
+
+
+@dataclass
+class GraphInfo:
+    """What a forward pass shows about the wiring of the Linear/Conv2d layers.
+
+    ``chain``: the layers form one path (each layer's input depends on the previous layer only,
+    through 1-Lipschitz element-wise or pooling ops); ``reason`` says why not otherwise.
+    ``maxpool_lipschitz``: per max pool on the chain, ``sqrt(max number of windows covering one
+    input)``, its Lipschitz constant bound in l2 (1 when windows do not overlap).
+    ``functional_pools``: pooling ops not made by an nn pooling module; ``other_ops``: autograd ops
+    outside the supported set (for example the pieces of a LocalResponseNorm).
+    """
+
+    chain: bool
+    reason: str
+    maxpool_lipschitz: list
+    functional_pools: list
+    other_ops: list
+
+
+def _maxpool_coverage(node) -> int:
+    """Largest number of max-pool windows that contain one input position (from the autograd node)."""
+    def pair(v, default):  # functional calls may save () for "same as the kernel" or one number for both axes
+        v = tuple(v) or tuple(default)
+        return (v[0], v[0]) if len(v) == 1 else v
+
+    kh, kw = pair(node._saved_kernel_size, ())
+    sh, sw = pair(node._saved_stride, (kh, kw))
+    ph, pw = pair(node._saved_padding, (0, 0))
+    dh, dw = pair(node._saved_dilation, (1, 1))
+    h, w = node._saved_self.shape[-2:]
+    extent = []
+    for n, k, s, pd, d in ((h, kh, sh, ph, dh), (w, kw, sw, pw, dw)):
+        span = n + 2 * pd - d * (k - 1) - 1
+        out = (-(-span // s) if node._saved_ceil_mode else span // s) + 1
+        if node._saved_ceil_mode and (out - 1) * s >= n + pd:
+            out -= 1  # torch drops a last window that would start in the padding
+        extent.append(max((out - 1) * s + d * (k - 1) + 1, n + 2 * pd))
+    ones = torch.ones((1, 1, extent[0], extent[1]), dtype=torch.float64)
+    cols = F.unfold(ones, (kh, kw), dilation=(dh, dw), stride=(sh, sw))
+    counts = F.fold(cols, tuple(extent), (kh, kw), dilation=(dh, dw), stride=(sh, sw))
+    return int(counts[0, 0, ph:ph + h, pw:pw + w].max())
+
+
+def analyse_graph(model: nn.Module, example) -> GraphInfo:
+    """Walk the autograd graph of one forward pass (on a copy: the caller's model is untouched)."""
+    net = copy.deepcopy(model).eval()
+    for prm in net.parameters():
+        prm.requires_grad_(False)  # constants (biases, shifts) then drop out of the graph
+    layer_nodes: dict[int, int] = {}
+    order: list[str] = []
+    inputs: list = []
+    keep: list = []
+    pool_nodes: set[int] = set()
+    handles = []
+
+    def layer_hook(name):
+        def fn(mod, inp, out):
+            layer_nodes[id(out.grad_fn)] = len(order)
+            order.append(name)
+            inputs.append(inp[0])
+            keep.append(out.grad_fn)
+        return fn
+
+    def pool_hook(mod, inp, out):
+        pool_nodes.add(id(out.grad_fn))
+        keep.append(out.grad_fn)
+
+    for name, mod in net.named_modules():
+        if isinstance(mod, _LINEAR_TYPES):
+            handles.append(mod.register_forward_hook(layer_hook(name)))
+        elif isinstance(mod, (nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.MaxPool2d)):
+            handles.append(mod.register_forward_hook(pool_hook))
+    x = _as_example(net, example).detach().clone().requires_grad_(True)
+    try:
+        with torch.enable_grad():
+            out = net(x)
+    finally:
+        for h in handles:
+            h.remove()
+
+    reasons: list[str] = []
+    lipschitz: list = []
+    functional: list[str] = []
+    other: list[str] = []
+    seen_functional: set[int] = set()
+
+    def walk(t, target: str) -> set:
+        """Sources ("input" or a layer index) of tensor t; records ops met on the way."""
+        if t.grad_fn is None:  # the network input itself (or a constant)
+            return {"input"} if t.requires_grad else set()
+        sources, stack, seen = set(), [t.grad_fn], set()
+        while stack:
+            node = stack.pop()
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            if id(node) in layer_nodes:
+                sources.add(layer_nodes[id(node)])
+                continue
+            kind = type(node).__name__
+            if kind == "AccumulateGrad":
+                sources.add("input")
+                continue
+            if kind in _POOL_OPS and id(node) not in pool_nodes and id(node) not in seen_functional:
+                seen_functional.add(id(node))
+                functional.append(kind)
+            live = [f for f, _ in node.next_functions if f is not None]
+            if kind not in _CHAIN_OPS:
+                other.append(kind)
+                reasons.append(f"the input of {target} passes through {kind}, whose Lipschitz constant is not accounted for")
+            elif len(live) > 1:
+                reasons.append(f"the input of {target} joins branches ({kind} of tensors that both depend on the input)")
+            if kind == "MaxPool2DWithIndicesBackward0":
+                lipschitz.append(dict(before=target, kernel=list(node._saved_kernel_size),
+                                      stride=list(node._saved_stride) or list(node._saved_kernel_size),
+                                      factor=math.sqrt(_maxpool_coverage(node))))
+            stack.extend(live)
+        return sources
+
+    if not isinstance(out, torch.Tensor):
+        raise InputError(f"expected the model to return one tensor, got {type(out).__name__}.")
+    if len(set(order)) != len(order):
+        reasons.append("a layer is applied more than once (shared weights)")
+    for i, name in enumerate(order):
+        want = {"input"} if i == 0 else {i - 1}
+        got = walk(inputs[i], f"layer {name!r}")
+        if got != want:
+            srcs = sorted("the network input" if s == "input" else repr(order[s]) for s in got)
+            reasons.append(f"layer {name!r} receives {', '.join(srcs)} (a chain feeds each layer from the one before)")
+    got = walk(out, "the output")
+    if order and got != {len(order) - 1}:
+        srcs = sorted("the network input" if s == "input" else repr(order[s]) for s in got)
+        reasons.append(f"the output depends on {', '.join(srcs)}, not on the last layer alone")
+    reasons = list(dict.fromkeys(reasons))
+    return GraphInfo(chain=not reasons, reason="; ".join(reasons[:3]) + (f" (and {len(reasons) - 3} more)" if len(reasons) > 3 else ""),
+                     maxpool_lipschitz=lipschitz, functional_pools=functional, other_ops=sorted(set(other)))
+
+
+# --------------------------------------------------------------------------------------------
 # Measure registry
 # --------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Measure:
-    """A registered norm measure: ``function(layer_stats, path_norms) -> complexity``."""
+    """A registered norm measure ``function(layer_stats, path_norms, lipschitz) -> complexity``.
+
+    ``kind``: "product" (a product over the layers of a chain; needs :func:`analyse_graph` to find
+    a chain) or "path" (defined on any DAG of the supported layers). ``power``: the paper's figure
+    plots ``(complexity / margin) ** power`` (:attr:`convention` says so in words).
+    """
 
     function: Callable
     paper: str
     description: str
+    kind: str
+    power: int
+    convention: str
 
 
 def _prod(xs: Iterable[float]) -> float:
     return float(math.prod(xs))
 
 
-def _l2(stats, paths):
+def _l2(stats, paths, lip):
     return _prod(s["frobenius"] for s in stats)
 
 
-def _spectral(stats, paths):
-    return _prod(s["spectral"] for s in stats)
+def _spectral(stats, paths, lip):
+    return lip * _prod(s["spectral"] for s in stats)
 
 
-def _bartlett(stats, paths):
+def _bartlett(stats, paths, lip):
     spec = [s["spectral"] for s in stats]
     if any(v == 0 for v in spec):
         return 0.0
-    return _prod(spec) * sum((s["l21"] / s["spectral"]) ** (2.0 / 3.0) for s in stats) ** 1.5
+    return lip * _prod(spec) * sum((s["l21"] / s["spectral"]) ** (2.0 / 3.0) for s in stats) ** 1.5
 
 
-def _neyshabur2018(stats, paths):
+def _neyshabur2018(stats, paths, lip):
     spec = [s["spectral"] for s in stats]
     if any(v == 0 for v in spec):
         return 0.0
-    return _prod(spec) * math.sqrt(sum((s["frobenius"] / s["spectral"]) ** 2 for s in stats))
+    return lip * _prod(spec) * math.sqrt(sum((s["frobenius"] / s["spectral"]) ** 2 for s in stats))
 
+
+_SQUARED = ("Neyshabur et al. 2017, Fig. 1: capacity = {what}^2 / margin^2; the architecture-only constants "
+            "({const}) are dropped: they cancel between networks of one architecture")
 
 MEASURES: dict[str, Measure] = {
-    "l2": Measure(_l2, "Neyshabur et al. 2017 (Sec. 2.1)",
-                  "product over layers of the Frobenius norm of the weights"),
-    "l1-path": Measure(lambda st, pn: pn[1], "Neyshabur et al. 2015/2017",
-                       "sum over input-to-output paths of the product of |w| (bias paths included)"),
-    "l2-path": Measure(lambda st, pn: pn[2], "Neyshabur et al. 2015/2017",
-                       "square root of the sum over paths of the product of w^2"),
+    "l2": Measure(_l2, "Neyshabur et al. 2017 (Sec. 2.1)", "product over layers of the Frobenius norm of the weights",
+                  "product", 2, _SQUARED.format(what="prod_i ||W_i||_F", const="4^d")),
+    "l1-path": Measure(lambda st, pn, lip: pn[1], "Neyshabur et al. 2015/2017",
+                       "sum over input-to-output paths of the product of |w| (bias paths included)",
+                       "path", 2, _SQUARED.format(what="(sum_paths prod |w|)", const="2^(2d)")),
+    "l2-path": Measure(lambda st, pn, lip: pn[2], "Neyshabur et al. 2015/2017",
+                       "square root of the sum over paths of the product of w^2 (average-pool edges 1/k included)",
+                       "path", 2, _SQUARED.format(what="sqrt(sum_paths prod w^2)", const="prod_i 4 h_i")),
     "spectral": Measure(_spectral, "Neyshabur et al. 2017; Bartlett et al. 2017",
-                        "product over layers of the operator (spectral) norm; convs on their true input shape"),
+                        "product over layers of the operator (spectral) norm, convs on their true input shape, times the "
+                        "Lipschitz bound sqrt(max window overlap) of each overlapping max pool",
+                        "product", 2, _SQUARED.format(what="prod_i ||W_i||_2", const="prod_i h_i")),
     "spectral-complexity": Measure(_bartlett, "Bartlett, Foster, Telgarsky 2017",
-                                   "prod ||A_i||_2 * (sum (||A_i^T||_{2,1} / ||A_i||_2)^(2/3))^(3/2), reference matrices 0"),
+                                   "prod rho_i ||A_i||_2 * (sum (||A_i^T||_{2,1} / ||A_i||_2)^(2/3))^(3/2), reference "
+                                   "matrices 0, rho_i the max-pool Lipschitz bounds",
+                                   "product", 1, "Bartlett et al. 2017, Fig. 1: margin-normalised spectral complexity "
+                                   "R_A / margin (not squared)"),
     "neyshabur2018": Measure(_neyshabur2018, "Neyshabur, Bhojanapalli, Srebro 2018",
-                             "prod ||W_i||_2 * sqrt(sum ||W_i||_F^2 / ||W_i||_2^2) (PAC-Bayes spectral bound, constants dropped)"),
+                             "prod ||W_i||_2 * sqrt(sum ||W_i||_F^2 / ||W_i||_2^2) (PAC-Bayes spectral bound), times the "
+                             "max-pool Lipschitz bounds",
+                             "product", 2, "Neyshabur et al. 2018, Thm. 1: the bound's complexity term "
+                             "prod ||W_i||_2^2 sum ||W_i||_F^2/||W_i||_2^2 / margin^2; constants (B^2 d^2 h ln(dh)) dropped"),
 }
+
+PATH_MEASURES = [n for n, m in MEASURES.items() if m.kind == "path"]
+PRODUCT_MEASURES = [n for n, m in MEASURES.items() if m.kind == "product"]
+
+
+def _not_a_chain(reason: str) -> str:
+    return (f"the per-layer product is neither the paper's quantity nor a bound on this network: {reason}. "
+            f"Measures that apply to any wiring of these layers: {', '.join(PATH_MEASURES)} (path norms).")
 
 
 def compute_norm_measures(model: nn.Module, X: torch.Tensor, y: torch.Tensor, *, names: Sequence[str] | None = None,
                           percentile: float = 5.0, seed: int = 0) -> dict:
-    """All registered norm measures, raw and divided by the margin, plus per-layer statistics.
+    """Every applicable norm measure, raw, divided by the margin and in its paper's convention.
 
-    Returns ``{"margin": float, "measures": {name: {"value", "normalized", "paper", "exact"}},
-    "layers": [...]}``. ``normalized`` is ``value / margin`` (``nan`` when the margin is <= 0,
-    i.e. the network does not fit the 5th percentile of the training set).
+    Returns ``{"margin", "margin_percentile", "measures": {name: {"value", "normalized", "capacity",
+    "convention", "paper", "exact"}}, "not_applicable": {name: reason}, "layers": [...],
+    "maxpool_lipschitz": [...]}``. ``normalized`` is ``value / margin`` and ``capacity`` is
+    ``normalized ** power`` (the quantity the paper plots); both are ``nan`` when the margin is
+    <= 0 (the network does not fit that percentile of the training set). Product measures need a
+    chain of layers (:func:`analyse_graph`); on other wirings they are listed in
+    ``not_applicable`` with the reason, or, when asked for by ``names``, raise InputError.
     """
+    explicit = names is not None
     names = list(MEASURES) if names is None else list(names)
     unknown = [n for n in names if n not in MEASURES]
     if unknown:
@@ -505,18 +755,45 @@ def compute_norm_measures(model: nn.Module, X: torch.Tensor, y: torch.Tensor, *,
     _check_xy(X, y)
     example = X[:1]
     folded = fold_batchnorm(model, example)
-    gamma = margin(folded, X, y, percentile)
-    stats = layer_statistics(folded, example, seed=seed, fold_bn=False)
+    graph = analyse_graph(folded, example)
+    skipped: dict[str, str] = {}
+    if not graph.chain:
+        for n in names:
+            if MEASURES[n].kind == "product":
+                skipped[n] = _not_a_chain(graph.reason)
+        if explicit and skipped:
+            raise InputError(f"cannot compute {', '.join(skipped)}: {_not_a_chain(graph.reason)}")
     paths, exact = {}, True
-    if any(n.endswith("-path") for n in names):
-        for p in (1, 2):
-            paths[p], exact = path_norm(folded, example, p, fold_bn=False)
+    if any(MEASURES[n].kind == "path" for n in names):
+        try:
+            for p in (1, 2):
+                paths[p], exact = path_norm(folded, example, p, fold_bn=False)
+        except InputError as e:
+            if explicit:
+                raise
+            for n in names:
+                if MEASURES[n].kind == "path":
+                    skipped[n] = str(e)
+    gamma = margin(folded, X, y, percentile)
+    need_stats = any(MEASURES[n].kind == "product" and n not in skipped for n in names)
+    stats = layer_statistics(folded, example, seed=seed, fold_bn=False) if need_stats else []
+    lip = _prod(m["factor"] for m in graph.maxpool_lipschitz)
     out = {}
     for n in names:
-        v = float(MEASURES[n].function(stats, paths))
-        out[n] = dict(value=v, normalized=(v / gamma) if gamma > 0 else float("nan"), paper=MEASURES[n].paper,
-                      exact=(exact if n.endswith("-path") else True))
-    return dict(margin=gamma, margin_percentile=percentile, measures=out, layers=stats)
+        if n in skipped:
+            continue
+        m = MEASURES[n]
+        v = float(m.function(stats, paths, lip))
+        normalized = (v / gamma) if gamma > 0 else float("nan")
+        out[n] = dict(value=v, normalized=normalized, capacity=normalized ** m.power, power=m.power,
+                      convention=m.convention, paper=m.paper, description=m.description,
+                      exact=(exact if m.kind == "path" else True))
+    if gamma <= 0:
+        for v in out.values():
+            v["note"] = (f"normalized and capacity are undefined: the margin ({gamma:.4g}) is <= 0, so the network "
+                         f"misclassifies at least {percentile:g}% of the training set")
+    return dict(margin=gamma, margin_percentile=percentile, measures=out, not_applicable=skipped, layers=stats,
+                maxpool_lipschitz=graph.maxpool_lipschitz, chain=graph.chain)
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,12 +9,16 @@ network (:func:`deepfit.train.train`), solves the exact kernel interpolant on th
 * ``fig1_measures_vs_size.png``  measure vs training-set size, true (blue) vs random (red),
 * ``fig2_pac_bayes.png``         expected sharpness vs KL for a sweep of alpha, per size,
 * ``fig3_mixing.png``            ``mix_true`` true samples plus a growing set of random ones,
-* ``report.html``   a self-contained page (images embedded as base64) with the plots and tables.
+* ``report.html``   a self-contained page (images embedded as base64) with the plots and tables,
+* ``report.md``     the random / true ratio of every measure per size, as a Markdown table.
 
-Entry point: :func:`main` (``deepfit report`` once wired into ``deepfit.cli``), or
-``python -m deepfit.report``. Defaults are small (MNIST subsets 500/1000/2000, a 2-layer MLP,
-mixing 1000 true + up to 1000 random) so a run finishes in minutes on 2 CPU cores; ``--preset
-paper-cifar`` selects the paper-scale VGG / CIFAR-10 rows (a GPU job).
+Entry point: :func:`main` (``deepfit report``), or ``python -m deepfit.report``. ``--preset quick``
+is the cheapest configuration (the bundled MNIST subset, 250/500 samples, a 128-unit MLP, reduced
+sample counts for the stochastic measures; about a minute or less on 2 CPU cores). The defaults
+(``cpu-mnist``: MNIST subsets 500/1000/2000, a 512-unit MLP, mixing 1000 true + up to 1000 random)
+take minutes; ``--preset paper-cifar`` selects the paper-scale VGG / CIFAR-10 rows (a GPU job).
+Every network is measured by :func:`deepfit.suite.measure_all`; norm measures are reported in
+their paper's convention (``capacity``; see ``deepfit.measures.MEASURES``).
 """
 
 from __future__ import annotations
@@ -34,12 +38,14 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from kernelfit.errors import InputError
+from kernelfit.errors import InputError, KernelfitError
 
-from . import hessian as H
 from . import measures as M
+from .suite import MeasureOptions, measure_all
 
-__all__ = ["ReportOptions", "run_report", "make_plots", "write_html", "main", "PRESETS"]
+_MD = MeasureOptions()  # the measure settings' defaults live there
+
+__all__ = ["ReportOptions", "run_report", "make_plots", "write_html", "ratio_table_markdown", "main", "PRESETS"]
 
 
 @dataclass(frozen=True)
@@ -77,15 +83,15 @@ class ReportOptions:
     batch_size: int = 128
     max_epochs: int = 300
     seed: int = 0
-    sharpness_eps: float = 5e-4
-    sharpness_steps: int = 10
-    pac_alphas: tuple[float, ...] = (1e-4, 1e-3, 3e-3, 6e-3, 1e-2, 1.5e-2, 2e-2, 3e-2, 5e-2)
-    pac_samples: int = 5
-    pac_target: float = 0.1
-    hessian_k: int = 3
-    hessian_samples: int = 10
-    basin_directions: int = 10
-    basin_delta: float = 0.1
+    sharpness_eps: float = _MD.sharpness_eps
+    sharpness_steps: int = _MD.sharpness_steps
+    pac_alphas: tuple[float, ...] = _MD.pac_alphas
+    pac_samples: int = _MD.pac_samples
+    pac_target: float = _MD.pac_target
+    hessian_k: int = _MD.hessian_k
+    hessian_samples: int = _MD.hessian_samples
+    basin_directions: int = _MD.basin_directions
+    basin_delta: float = _MD.basin_delta
     kernel: str = "gaussian"
     bandwidth: float | str = "auto"
     kernel_mode: str = "float64"
@@ -102,12 +108,19 @@ class ReportOptions:
             raise InputError(f"kernel_mode must be float64, float32 or mixed, got {self.kernel_mode!r}.")
         if not (isinstance(self.bandwidth, (int, float)) and self.bandwidth > 0) and self.bandwidth not in ("auto", "median"):
             raise InputError(f"bandwidth must be a positive number, 'median' or 'auto', got {self.bandwidth!r}.")
-        if self.pac_samples < 2 or self.hessian_samples < 2 or self.basin_directions < 2:
-            raise InputError("pac_samples, hessian_samples and basin_directions must each be >= 2 (standard errors need 2 samples).")
+        self.measure_options().validated()
         return self
+
+    def measure_options(self) -> MeasureOptions:
+        names = {f.name for f in dataclasses.fields(MeasureOptions)}
+        return MeasureOptions(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
 
 
 PRESETS: dict[str, dict[str, Any]] = {
+    # the cheapest documented configuration: a first look in about a minute on 2 CPU cores
+    "quick": dict(dataset="mnist-subset", sizes=(250, 500), n_test=500, mix_true=250, mix_random=(250,), width=128,
+                  max_epochs=100, sharpness_steps=5, pac_alphas=(1e-3, 1e-2, 3e-2, 1e-1), pac_samples=4,
+                  hessian_k=2, hessian_samples=6, basin_directions=6),
     # reduced scale for a 2-core CPU (the default)
     "cpu-mnist": {},
     # paper-scale rows (Neyshabur et al. 2017: VGG on CIFAR-10 subsets, 10K true + random mixing): GPU job
@@ -128,35 +141,8 @@ def _resolve_bandwidth(opts: ReportOptions):
     return opts.bandwidth
 
 
-def _network_measures(model, X, y, opts: ReportOptions, seed: int) -> dict:
-    model = model.eval()
-    t0 = time.perf_counter()
-    out: dict[str, Any] = {}
-    norms = M.compute_norm_measures(model, X, y, seed=seed)
-    out["margin"] = norms["margin"]
-    out["norms"] = norms["measures"]
-    out["layers"] = norms["layers"]
-    sh = M.sharpness(model, X, y, eps=opts.sharpness_eps, steps=opts.sharpness_steps, seed=seed)
-    out["sharpness"] = {k: v for k, v in sh.items() if k != "loss_history"}
-    out["train_loss"] = sh["loss"]
-    rows = M.pac_bayes_sweep(model, X, y, opts.pac_alphas, n_samples=opts.pac_samples, seed=seed)
-    out["pac_bayes"] = rows
-    out["pac_bayes_at_target"] = M.pac_bayes_at_sharpness(rows, opts.pac_target)
-    if opts.hessian_k > 0:
-        folded = M.fold_batchnorm(model, X[:1])
-        op = H.HessianOperator(folded, X, y, batch_size=1024)
-        eigs = H.top_eigenvalues(op, k=opts.hessian_k, seed=seed, tol=1e-4)
-        out["hessian"] = dict(
-            top_eigenvalues=eigs,
-            trace=H.hessian_trace(op, opts.hessian_samples, seed=seed),
-            frobenius=H.hessian_frobenius(op, opts.hessian_samples, seed=seed + 1),
-            basin_spectrum=H.basin_volume_from_spectrum(eigs, opts.basin_delta),
-            basin_random=H.basin_volume_random_directions(op, opts.basin_directions, delta=opts.basin_delta, seed=seed,
-                                                          bisection_steps=20),
-            n_parameters=op.dim, matvecs=op.n_matvecs,
-        )
-    out["measure_time_s"] = time.perf_counter() - t0
-    return out
+def _network_measures(model, X, y, opts: ReportOptions) -> dict:
+    return measure_all(model, X, y, opts.measure_options())
 
 
 def _kernel_run(x_train, y_train, x_test, y_test, k: int, opts: ReportOptions) -> dict:
@@ -191,31 +177,34 @@ def _one_run(tag: str, x_tr, y_tr, x_te, y_te, k: int, opts: ReportOptions, devi
     dev = next(res.model.parameters()).device
     X = data.x_train.to(dev)
     y = data.y_train.to(dev)
-    net = _network_measures(res.model, X, y, opts, seed=opts.seed)
+    net = _network_measures(res.model, X, y, opts)
     out = dict(tag=tag, n_train=int(len(y_tr)),
                network=dict(run_id=rec["run_id"], epochs=rec["epochs"], fitted=rec["fitted"],
                             train_acc=rec["final_train_acc"], test_acc=rec["final_test_acc"],
-                            train_time_s=rec["train_time_s"], model_params=rec["model_params"], **net))
+                            train_time_s=rec["train_time_s"], model_params=rec["model_params"], measures=net))
     if opts.run_kernel:
         out["kernel"] = _kernel_run(x_tr, y_tr, x_te, y_te, k, opts)
-    m = out["network"]
-    log(f"[report] {tag}: margin {m['margin']:.3g}, spectral/margin {m['norms']['spectral']['normalized']:.3g}, "
-        f"sharpness {m['sharpness']['value']:.3g}"
+    m = out["network"]["measures"]
+    log(f"[report] {tag}: margin {m['margin']['value']:.3g}, sharpness {m['measures']['sharpness']['value']:.3g}"
         + (f", kernel RKHS norm {out['kernel']['rkhs_norm']:.4g}" if opts.run_kernel else "")
-        + f" (measures {m['measure_time_s']:.1f}s)")
+        + f" (measures {m['time_s']:.1f}s)")
     return out
 
 
 def run_report(opts: ReportOptions = ReportOptions(), *, device: str = "auto",
-               log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True)) -> dict:
-    """Train, solve and measure every configuration; return the JSON-able result."""
+               log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
+               download: bool = False) -> dict:
+    """Train, solve and measure every configuration; return the JSON-able result.
+
+    ``download``: fetch a missing data set from its canonical source (kernelfit.data.download).
+    """
     from kernelfit.data import load_dataset
     from kernelfit.randomize import random_labels
     from deepfit.train import resolve_device
 
     opts = opts.validated()
     dev = resolve_device(device)
-    ds = load_dataset(opts.dataset, data_dir=opts.data_dir)
+    ds = load_dataset(opts.dataset, data_dir=opts.data_dir, download=download)
     k = ds.num_classes
     need = max(max(opts.sizes), (opts.mix_true + max(opts.mix_random)) if opts.mix_random else 0)
     if need > len(ds.y_train):
@@ -237,7 +226,8 @@ def run_report(opts: ReportOptions = ReportOptions(), *, device: str = "auto",
             r.update(labels=lab, experiment="size")
             runs.append(r)
     mixing = []
-    for r_extra in opts.mix_random:
+    # the 0-random baseline is always part of the mixing curve (reused from the size runs when possible)
+    for r_extra in sorted({0, *opts.mix_random}) if opts.mix_random else ():
         n = opts.mix_true + r_extra
         reuse = next((r for r in runs if r["labels"] == "true" and r["n_train"] == n and r_extra == 0), None)
         if reuse is not None:
@@ -273,28 +263,66 @@ def _se(v):
 
 
 def scalar_measures(run: dict) -> dict[str, tuple[float, float]]:
-    """``name -> (value, stderr)`` for one run; stderr is nan for deterministic quantities."""
-    net = run["network"]
+    """``name -> (value, stderr)`` for one run; stderr is nan for deterministic quantities.
+
+    Norm measures appear as their paper's capacity (:data:`deepfit.measures.MEASURES` ``power``:
+    ``(value / margin)^2`` for Neyshabur et al., ``value / margin`` for Bartlett et al.).
+    """
+    res = run["network"]["measures"]
+    ms = res["measures"]
     nan = float("nan")
     out = {}
-    for name, m in net["norms"].items():
-        out[f"{name}/margin"] = (m["normalized"], nan)
-    out["sharpness"] = (net["sharpness"]["value"], nan)
-    pb = net["pac_bayes_at_target"]
-    out["pac-bayes KL"] = (pb["kl"], nan)
-    if "hessian" in net:
-        hs = net["hessian"]
-        out["hessian top eig"] = (hs["top_eigenvalues"][0]["value"], hs["top_eigenvalues"][0]["residual"])
-        out["hessian trace"] = (hs["trace"][0], hs["trace"][1])
-        out["hessian frobenius"] = (hs["frobenius"][0], hs["frobenius"][1])
-        out["-log basin volume (spectrum)"] = (-hs["basin_spectrum"]["log_volume"], hs["basin_spectrum"]["stderr"])
-        out["mean basin radius"] = tuple(hs["basin_random"]["mean_radius"][:2])
+    for name in M.MEASURES:
+        if name in ms:
+            out[f"{name} capacity"] = (ms[name]["capacity"], nan)
+    out["sharpness"] = (ms["sharpness"]["value"], nan)
+    out["pac-bayes KL"] = (ms["pac-bayes"]["at_target"]["kl"], nan)
+    if "hessian-trace" in ms:
+        top = ms["hessian-top-eigenvalues"]
+        out["hessian top eig"] = (top["value"][0], top["residual"][0])
+        out["hessian trace"] = (ms["hessian-trace"]["value"], ms["hessian-trace"]["stderr"])
+        out["hessian frobenius"] = (ms["hessian-frobenius"]["value"], ms["hessian-frobenius"]["stderr"])
+        out["-log basin volume (spectrum)"] = (-ms["basin-volume-spectrum"]["log_volume"], ms["basin-volume-spectrum"]["stderr"])
+        out["mean basin radius"] = tuple(ms["basin-volume-random"]["mean_radius"][:2])
     if "kernel" in run:
         out["kernel RKHS norm"] = (run["kernel"]["rkhs_norm"], nan)
         out["kernel test error"] = (run["kernel"]["test_error"], nan)
-    out["network test error"] = (1.0 - net["test_acc"], nan)
-    out["margin"] = (net["margin"], nan)
+    out["network test error"] = (1.0 - run["network"]["test_acc"], nan)
+    out["margin"] = (res["margin"]["value"], nan)
     return out
+
+
+# y-axis label of each scalar (what the panel plots)
+_Y_LABELS = {
+    "l2 capacity": "prod ||W_i||_F^2 / margin^2",
+    "l1-path capacity": "(l1 path norm)^2 / margin^2",
+    "l2-path capacity": "(l2 path norm)^2 / margin^2",
+    "spectral capacity": "prod ||W_i||_2^2 / margin^2",
+    "spectral-complexity capacity": "R_A / margin",
+    "neyshabur2018 capacity": "prod||W||_2^2 sum||W||_F^2/||W||_2^2 / margin^2",
+    "sharpness": "(max L(w+nu) - L) / (1 + L)",
+    "pac-bayes KL": "KL at target expected sharpness",
+    "hessian top eig": "lambda_max(H)",
+    "hessian trace": "tr H",
+    "hessian frobenius": "||H||_F",
+    "-log basin volume (spectrum)": "-log volume",
+    "mean basin radius": "radius",
+    "kernel RKHS norm": "||f||_H",
+    "kernel test error": "test error",
+    "network test error": "test error",
+    "margin": "5th-percentile margin",
+}
+
+
+def _style_axis(ax, name: str, values) -> None:
+    if _LOG_OK(values) and max(values) / min(values) > 20:
+        ax.set_yscale("log")
+    else:
+        ax.ticklabel_format(axis="y", useOffset=False, style="plain")  # the values themselves, no "+1e3" or "1e6" offset text
+    ax.ticklabel_format(axis="x", useOffset=False, style="plain")
+    ax.set_ylabel(_Y_LABELS.get(name, name), fontsize=8)
+    ax.set_title(name, fontsize=10)
+    ax.grid(alpha=0.3)
 
 
 def random_true_ratios(result: dict) -> dict:
@@ -307,6 +335,22 @@ def random_true_ratios(result: dict) -> dict:
             out[str(n)] = {k: (r[k][0] / t[k][0] if t[k][0] not in (0.0,) and math.isfinite(t[k][0]) else float("nan"))
                            for k in t if k in r}
     return out
+
+
+def ratio_table_markdown(result: dict) -> str:
+    """The random / true ratios as a Markdown table, one row a measure, one column a training-set size."""
+    ratios = result.get("ratios") or {}
+    if not ratios:
+        return ""
+    sizes = list(ratios)
+    names = [n for n in scalar_measures(result["runs"][0]) if any(n in ratios[s] for s in sizes)]
+    lines = ["| measure (random / true) | y axis | " + " | ".join(f"n = {s}" for s in sizes) + " |",
+             "|---|---|" + "---|" * len(sizes)]
+    for n in names:
+        vals = [ratios[s].get(n, float("nan")) for s in sizes]
+        label = _Y_LABELS.get(n, n).replace("|", "\\|")  # a bare | would end the Markdown cell
+        lines.append(f"| {n} | {label} | " + " | ".join("nan" if not math.isfinite(v) else f"{v:.3g}" for v in vals) + " |")
+    return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------------------------
@@ -337,12 +381,9 @@ def make_plots(result: dict, out_dir: Path) -> dict[str, Path]:
             vals = [scalar_measures(r)[name] for r in rs]
             ys, es = [v[0] for v in vals], [0.0 if math.isnan(v[1]) else v[1] for v in vals]
             ax.errorbar(xs, ys, yerr=es, marker="o", color=color, label=f"{lab} labels", capsize=3)
-        allv = [scalar_measures(r)[name][0] for r in runs]
-        if _LOG_OK(allv) and max(allv) / min(allv) > 20:
-            ax.set_yscale("log")
-        ax.set_title(name, fontsize=10)
+        allv = [v for v in (scalar_measures(r)[name][0] for r in runs) if math.isfinite(v)]
+        _style_axis(ax, name, allv or [1.0])
         ax.set_xlabel("training-set size")
-        ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=8)
@@ -361,17 +402,19 @@ def make_plots(result: dict, out_dir: Path) -> dict[str, Path]:
             r = next((r for r in runs if r["labels"] == lab and r["n_train"] == n), None)
             if r is None:
                 continue
-            rows = r["network"]["pac_bayes"]
+            rows = r["network"]["measures"]["measures"]["pac-bayes"]["sweep"]
             kl = [row["kl"] for row in rows]
             es = [row["expected_sharpness"] for row in rows]
             ax.errorbar(kl, [e[0] for e in es], yerr=[e[1] for e in es], marker="o", capsize=2,
                         color=cmap(i / max(1, len(sizes) - 1)), label=f"n = {n}")
         ax.set_xscale("log")
         ax.set_xlabel("KL = sum w^2 / (2 sigma^2)")
+        ax.set_ylabel("expected sharpness  E L(w+nu) - L(w)")
+        ax.yaxis.set_tick_params(labelleft=True)
+        ax.ticklabel_format(axis="y", useOffset=False, style="plain")
         ax.set_title(f"{lab} labels")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    axes[0].set_ylabel("expected sharpness  E L(w+nu) - L(w)")
     fig.suptitle("PAC-Bayes: expected sharpness vs KL over alpha (sigma_i = alpha (10|w_i| + 1))")
     fig.tight_layout()
     paths["fig2"] = out_dir / "fig2_pac_bayes.png"
@@ -388,11 +431,8 @@ def make_plots(result: dict, out_dir: Path) -> dict[str, Path]:
             vals = [scalar_measures(r)[name] for r in mix]
             ax.errorbar(xs, [v[0] for v in vals], yerr=[0.0 if math.isnan(v[1]) else v[1] for v in vals],
                         marker="o", color="tab:purple", capsize=3)
-            if _LOG_OK([v[0] for v in vals]) and max(v[0] for v in vals) / min(v[0] for v in vals) > 20:
-                ax.set_yscale("log")
-            ax.set_title(name, fontsize=10)
+            _style_axis(ax, name, [v[0] for v in vals if math.isfinite(v[0])] or [1.0])
             ax.set_xlabel("# random-label samples added")
-            ax.grid(alpha=0.3)
         for ax in list(axes.flat)[len(names_m):]:
             ax.axis("off")
         fig.suptitle(f"Mixing: {result['options']['mix_true']} true samples + a growing set of random-label samples")
@@ -424,9 +464,10 @@ def write_html(result: dict, figures: dict[str, Path], path: Path) -> Path:
     parts.append(f"<p>Dataset <b>{html.escape(result['dataset']['name'])}</b>"
                  + (" (CIFAR-10 (JPEG q75 copy) when read from the shared data)" if result['dataset']['name'].startswith('cifar') else "")
                  + f", model <b>{html.escape(o['model'])}</b> (width {o['width']}), device {html.escape(result['device'])}, "
-                 f"total time {result['total_time_s']:.0f} s. Norm measures are divided by the margin (5th percentile of "
-                 f"f_y(x) - max_j f_j(x) over the training set); the papers' capacities are their squares times "
-                 f"architecture-only constants. Sharpness: max over the box |nu_i| &lt;= {o['sharpness_eps']} (|w_i|+1) by "
+                 f"total time {result['total_time_s']:.0f} s. Norm measures are shown as their paper's capacity: "
+                 f"(measure / margin)^2 for Neyshabur et al. 2017/2018 (their Fig. 1 and Thm. 1, architecture-only "
+                 f"constants dropped), measure / margin for Bartlett et al.'s spectral complexity; the margin is the 5th "
+                 f"percentile of f_y(x) - max_j f_j(x) over the training set. Sharpness: max over the box |nu_i| &lt;= {o['sharpness_eps']} (|w_i|+1) by "
                  f"projected gradient ascent, (max loss - loss)/(1 + loss). PAC-Bayes KL read off at expected sharpness "
                  f"&lt;= {o['pac_target']}. Kernel: {html.escape(o['kernel'])} interpolant, RKHS norm of the one-hot fit.</p>")
     for key, title in (("fig1", "Figure 1: measures vs training-set size"), ("fig2", "Figure 2: PAC-Bayes"),
@@ -494,48 +535,67 @@ def _bandwidth(s: str):
         raise argparse.ArgumentTypeError(f"expected a positive number, 'median' or 'auto', got {s!r}") from None
 
 
+def _default_text(v) -> str:
+    if isinstance(v, tuple):
+        return ",".join(f"{x:g}" if isinstance(x, float) else str(x) for x in v) or "(none)"
+    return "none" if v is None else (f"{v:g}" if isinstance(v, float) else str(v))
+
+
 def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="deepfit report", description=__doc__.split("\n")[0], add_help=add_help,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """The ``deepfit report`` options; each help line names its default once (the cpu-mnist values)."""
+    p = argparse.ArgumentParser(prog="deepfit report", description=__doc__.split("\n")[0], add_help=add_help)
     d = ReportOptions()
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="start from a preset, then apply the flags given")
+
+    def opt(group, flag, help_text="", **kw):
+        field = flag[2:].replace("-", "_")
+        default = getattr(d, kw.pop("field", field), None)
+        shown = kw.pop("shown", _default_text(default))
+        kw.setdefault("default", None)  # None = not given: the preset or ReportOptions decides
+        group.add_argument(flag, help=(help_text + " " if help_text else "") + f"(default {shown})", **kw)
+
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="start from a preset, then apply the flags given: quick (about a minute on 2 CPU cores), "
+                        "cpu-mnist (the defaults below), paper-cifar (paper scale, a GPU job)")
     p.add_argument("--out", default=None, help="output directory (default ./report_<dataset>_<model>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report in --out")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default=None, help=f"mnist | mnist-subset | cifar10 (default {d.dataset})")
-    g.add_argument("--data-dir", default=None)
-    g.add_argument("--sizes", type=_ints, default=None, help=f"training subset sizes (default {','.join(map(str, d.sizes))})")
-    g.add_argument("--n-test", type=int, default=None)
-    g.add_argument("--preprocess", choices=["normalize", "whiten"], default=None)
-    g.add_argument("--crop", type=int, default=None)
-    g.add_argument("--data-seed", type=int, default=None)
-    g.add_argument("--mix-true", type=int, default=None, help=f"true samples in the mixing experiment (default {d.mix_true}; paper 10000)")
-    g.add_argument("--mix-random", type=_ints, default=None, help="random-label samples added (empty string: skip mixing)")
+    opt(g, "--dataset", "mnist | mnist-subset | cifar10")
+    opt(g, "--data-dir", "directory with the data sets", shown="kernelfit's resolution")
+    g.add_argument("--download", action="store_true", help="fetch a missing data set from its canonical source")
+    opt(g, "--sizes", "training subset sizes", type=_ints)
+    opt(g, "--n-test", "test images", type=int)
+    opt(g, "--preprocess", "", choices=["normalize", "whiten"])
+    opt(g, "--crop", "centre crop size", type=int)
+    opt(g, "--data-seed", "seed of the subset permutation and the random labels", type=int)
+    opt(g, "--mix-true", "true-label samples in the mixing experiment (paper 10000)", type=int)
+    opt(g, "--mix-random", "random-label samples added to them; the 0 baseline is always included; "
+                           "'' skips mixing", type=_ints)
     g = p.add_argument_group("network")
-    g.add_argument("--model", default=None, help=f"a deepfit.models name (default {d.model})")
-    g.add_argument("--width", type=int, default=None)
-    g.add_argument("--batch-norm", dest="batch_norm", action="store_const", const=True, default=None)
-    g.add_argument("--lr", type=float, default=None)
-    g.add_argument("--lr-decay", type=float, default=None)
-    g.add_argument("--batch-size", type=int, default=None)
-    g.add_argument("--max-epochs", type=int, default=None)
-    g.add_argument("--seed", type=int, default=None)
+    opt(g, "--model", "a deepfit.models name")
+    opt(g, "--width", "", type=int)
+    opt(g, "--batch-norm", "add batch norm where the model supports it", action="store_const", const=True,
+        shown="the model's own")
+    opt(g, "--lr", "initial SGD learning rate", type=float)
+    opt(g, "--lr-decay", "learning-rate factor per epoch", type=float)
+    opt(g, "--batch-size", "", type=int)
+    opt(g, "--max-epochs", "trains to 100%% training accuracy or this many epochs", type=int)
+    opt(g, "--seed", "seed of init, batch order and every measure", type=int)
     g = p.add_argument_group("measures")
-    g.add_argument("--sharpness-eps", type=float, default=None)
-    g.add_argument("--sharpness-steps", type=int, default=None)
-    g.add_argument("--pac-alphas", type=_floats, default=None)
-    g.add_argument("--pac-samples", type=int, default=None)
-    g.add_argument("--pac-target", type=float, default=None,
-                   help="expected sharpness at which the PAC-Bayes KL is read off (default 0.1)")
-    g.add_argument("--hessian-k", type=int, default=None, help="top Hessian eigenvalues (0: skip Hessian measures)")
-    g.add_argument("--hessian-samples", type=int, default=None)
-    g.add_argument("--basin-directions", type=int, default=None)
+    opt(g, "--sharpness-eps", "sharpness box half-width eps (|w|+1)", type=float)
+    opt(g, "--sharpness-steps", "projected gradient ascent steps", type=int)
+    opt(g, "--pac-alphas", "PAC-Bayes noise scales alpha", type=_floats)
+    opt(g, "--pac-samples", "noise draws per alpha", type=int)
+    opt(g, "--pac-target", "expected sharpness at which the PAC-Bayes KL is read off", type=float)
+    opt(g, "--hessian-k", "top Hessian eigenvalues (0: skip the Hessian measures)", type=int)
+    opt(g, "--hessian-samples", "Hutchinson probes", type=int)
+    opt(g, "--basin-directions", "random directions for the basin radius", type=int)
     g = p.add_argument_group("kernel")
-    g.add_argument("--bandwidth", type=_bandwidth, default=None)
-    g.add_argument("--kernel-mode", choices=["float64", "float32", "mixed"], default=None)
-    g.add_argument("--no-kernel", dest="run_kernel", action="store_const", const=False, default=None)
+    opt(g, "--bandwidth", "a number, median, or auto (5 for MNIST pixels / 255, median otherwise)", type=_bandwidth)
+    opt(g, "--kernel-mode", "", choices=["float64", "float32", "mixed"])
+    opt(g, "--no-kernel", "skip the kernel interpolant", dest="run_kernel", action="store_const", const=False,
+        field="run_kernel", shown="the kernel runs")
     return p
 
 
@@ -548,7 +608,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def register_cli(subparsers) -> None:
     """Hook for ``deepfit.cli``: adds the ``report`` subcommand (``_EXTENSIONS = ("deepfit.report",)``)."""
     p = subparsers.add_parser("report", parents=[build_parser(add_help=False)], help="kernel-vs-network measures report",
-                              description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                              description=__doc__.split("\n")[0])
     p.set_defaults(func=lambda a: _run_args(a, None))
 
 
@@ -572,8 +632,8 @@ def _run_args(args: argparse.Namespace, argv) -> int:
         torch.set_num_threads(int(args.threads))
     prov = provenance(["deepfit", "report", *(argv if argv is not None else sys.argv[1:])])   # the code that runs
     try:
-        result = run_report(opts, device=args.device)
-    except InputError as e:
+        result = run_report(opts, device=args.device, download=args.download)
+    except KernelfitError as e:  # bad input and missing data alike: say what to fix, exit 2
         print(f"deepfit report: error: {e}", file=sys.stderr)
         return 2
     result["provenance"] = prov
@@ -581,6 +641,7 @@ def _run_args(args: argparse.Namespace, argv) -> int:
     result["figures"] = {k: v.name for k, v in figures.items()}
     write_json_atomic(out / "report.json", result, overwrite=True)
     write_html(result, figures, out / "report.html")
+    (out / "report.md").write_text(ratio_table_markdown(result), encoding="utf-8")
     print(json.dumps({"out": str(out), "ratios_random_over_true": result["ratios"]}, default=str))
     return 0
 

@@ -56,10 +56,22 @@ def test_train_resumes_from_checkpoint(tmp_path):
     out, ck = tmp_path / "r.jsonl", tmp_path / "ck"
     args = ["train", "--model", "mlp2", "--width", "16", "--max-epochs", "2", "--out", str(out),
             "--checkpoint-dir", str(ck), *TINY]
-    assert main(args) == 0 and main(args) == 0
-    a, b = _lines(out)
+    assert main(args) == 0
+    out2 = tmp_path / "r2.jsonl"  # a fresh results file: the run resumes from its finished checkpoint
+    assert main([*args[:-len(TINY) - 4], "--out", str(out2), "--checkpoint-dir", str(ck), *TINY]) == 0
+    (a,), (b,) = _lines(out), _lines(out2)
     assert a["run_id"] == b["run_id"] and b["resumed_from_epoch"] == 2
     assert a["history"][-1]["train_acc"] == b["history"][-1]["train_acc"]
+
+
+def test_rerunning_a_finished_train_command_appends_no_duplicate(tmp_path, capsys):
+    out = tmp_path / "r.jsonl"
+    args = ["train", "--model", "mlp2", "--width", "16", "--max-epochs", "1", "--out", str(out), *TINY]
+    assert main(args) == 0 and main(args) == 0
+    assert len(_lines(out)) == 1
+    assert "already in" in capsys.readouterr().out
+    assert main([*args, "--seed", "1"]) == 0  # another configuration is a new run
+    assert len(_lines(out)) == 2
 
 
 def test_sweep_runs_in_parallel_skips_finished_and_plots(tmp_path, capsys):
@@ -115,11 +127,21 @@ def test_bad_input_exit_code_and_message(tmp_path, capsys, argv, needle):
     assert needle in capsys.readouterr().err
 
 
-def test_missing_dataset_says_where_it_looked(tmp_path, capsys):
-    rc = main(["train", "--dataset", "cifar10", "--data-dir", str(tmp_path / "nowhere"),
+@pytest.mark.parametrize("command", ["train", "sweep", "table1"])
+def test_missing_dataset_says_where_it_looked_and_hints_at_real_options(tmp_path, capsys, command):
+    import re
+
+    from deepfit.cli import build_parser
+    extra = ["--ps", "0"] if command == "sweep" else []
+    rc = main([command, "--dataset", "cifar10", "--data-dir", str(tmp_path / "nowhere"), *extra,
                "--out", str(tmp_path / "x.jsonl"), "--quiet"])
     assert rc == 2
-    assert str(tmp_path / "nowhere") in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert str(tmp_path / "nowhere") in err
+    sub = build_parser()._subparsers._group_actions[0].choices[command]
+    known = {o for act in sub._actions for o in act.option_strings}
+    hinted = set(re.findall(r"(?<![\w-])(--[a-z][a-z-]*)", err))
+    assert hinted and hinted <= known, f"the error names options {command} does not have: {hinted - known}"
 
 
 @pytest.mark.slow

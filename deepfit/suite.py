@@ -1,0 +1,304 @@
+"""Every complexity measure of a trained network in one call: :func:`measure_all` and ``deepfit measure``.
+
+``measure_all(model, X, y)`` takes any ``nn.Module`` (a classifier returning logits) and its
+training set and returns one JSON-able dict: every norm measure that applies to the network's
+wiring (:mod:`deepfit.measures`), sharpness, the PAC-Bayes sweep, and the Hessian measures
+(:mod:`deepfit.hessian`), each in its paper's convention; stochastic estimates come as
+``(estimate, stderr, n_samples)``; the measures that do not apply are listed with the reason.
+The caller's model is left as it was (mode, weights, ``requires_grad`` flags).
+
+``deepfit measure --checkpoint CKPT`` does the same for a ``deepfit train --checkpoint-dir``
+checkpoint, on the training set its configuration describes (same subset, same randomized
+labels) or on arrays given with ``--data FILE[:member] --labels FILE[:member]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+from kernelfit.errors import InputError
+
+from . import hessian as H
+from . import measures as M
+
+__all__ = ["MeasureOptions", "measure_all", "GROUPS", "load_checkpoint_model", "read_checkpoint", "register_cli", "main"]
+
+# What measure_all can compute, by group name; the norm measures are the registry's names.
+GROUPS = ("norms", "sharpness", "pac-bayes", "hessian")
+
+
+@dataclass(frozen=True)
+class MeasureOptions:
+    """Settings that change the measured numbers.
+
+    ``percentile``: the margin is this percentile of ``f_y(x) - max_{j != y} f_j(x)`` over the
+    training set (Neyshabur et al.: 5). Sharpness: box half-width ``sharpness_eps (|w| + 1)``
+    (paper 5e-4), ``sharpness_steps`` of projected gradient ascent. PAC-Bayes: ``pac_alphas``
+    (sigma_i = alpha (10 |w_i| + 1)), ``pac_samples`` noise draws per alpha, KL read off at
+    expected sharpness ``pac_target``. Hessian: ``hessian_k`` top eigenvalues (0 skips every
+    Hessian measure), ``hessian_samples`` Hutchinson probes, ``basin_directions`` random directions,
+    ``basin_delta`` loss rise that bounds the basin. ``seed`` seeds every random choice.
+    """
+
+    percentile: float = 5.0
+    sharpness_eps: float = 5e-4
+    sharpness_steps: int = 10
+    pac_alphas: tuple[float, ...] = (1e-4, 1e-3, 3e-3, 6e-3, 1e-2, 1.5e-2, 2e-2, 3e-2, 5e-2)
+    pac_samples: int = 5
+    pac_target: float = 0.1
+    hessian_k: int = 3
+    hessian_samples: int = 10
+    basin_directions: int = 10
+    basin_delta: float = 0.1
+    batch_size: int = 1024
+    seed: int = 0
+
+    def validated(self) -> "MeasureOptions":
+        if self.pac_samples < 2 or self.hessian_samples < 2 or self.basin_directions < 2:
+            raise InputError("pac_samples, hessian_samples and basin_directions must each be >= 2 (a standard error "
+                             f"needs 2 samples), got {self.pac_samples}, {self.hessian_samples}, {self.basin_directions}.")
+        if self.hessian_k < 0 or self.sharpness_steps < 1 or self.sharpness_eps <= 0 or self.basin_delta <= 0:
+            raise InputError("need hessian_k >= 0, sharpness_steps >= 1, sharpness_eps > 0 and basin_delta > 0; got "
+                             f"{self.hessian_k}, {self.sharpness_steps}, {self.sharpness_eps}, {self.basin_delta}.")
+        if not self.pac_alphas or any(a <= 0 for a in self.pac_alphas):
+            raise InputError(f"pac_alphas must be positive numbers, got {self.pac_alphas!r}. Fix: e.g. 1e-3,1e-2.")
+        return self
+
+
+def _state(model: nn.Module):
+    return ([m.training for m in model.modules()], [p.requires_grad for p in model.parameters()])
+
+
+def measure_all(model: nn.Module, X: torch.Tensor, y: torch.Tensor, options: MeasureOptions = MeasureOptions(), *,
+                groups: Sequence[str] = GROUPS) -> dict:
+    """Every applicable measure of ``model`` on its training set ``(X, y)``; see the module docstring.
+
+    ``groups``: a subset of :data:`GROUPS` to compute. Returns ``{"margin", "measures", "not_applicable",
+    "layers", "options", "n_samples", "n_parameters", "time_s"}``.
+    """
+    opts = options.validated()
+    bad = [g for g in groups if g not in GROUPS]
+    if bad:
+        raise InputError(f"unknown measure group(s) {bad}; expected a subset of {list(GROUPS)}.")
+    M._check_xy(X, y)
+    before = _state(model)
+    t0 = time.perf_counter()
+    seed = opts.seed
+    measures: dict = {}
+    skipped: dict[str, str] = {}
+    norms = M.compute_norm_measures(model, X, y, percentile=opts.percentile, seed=seed)
+    margin = dict(value=norms["margin"], percentile=opts.percentile,
+                  definition=f"{opts.percentile:g}th percentile of f_y(x) - max_(j != y) f_j(x) over the training set")
+    if "norms" in groups:
+        measures.update(norms["measures"])
+        skipped.update(norms["not_applicable"])
+    if "sharpness" in groups:
+        sh = M.sharpness(model, X, y, eps=opts.sharpness_eps, steps=opts.sharpness_steps, seed=seed,
+                         batch_size=opts.batch_size)
+        measures["sharpness"] = dict(
+            {k: v for k, v in sh.items() if k != "loss_history"}, paper="Neyshabur et al. 2017 (Sec. 3)",
+            convention="(max_{|nu_i| <= eps(|w_i|+1)} L(w+nu) - L(w)) / (1 + L(w)), cross-entropy on the training set; "
+                       "the max is the best point of a projected gradient ascent, so the value is a lower bound of it")
+    if "pac-bayes" in groups:
+        rows = M.pac_bayes_sweep(model, X, y, opts.pac_alphas, n_samples=opts.pac_samples, seed=seed,
+                                 batch_size=opts.batch_size)
+        measures["pac-bayes"] = dict(
+            sweep=rows, at_target=M.pac_bayes_at_sharpness(rows, opts.pac_target), paper="Neyshabur et al. 2017, Fig. 2",
+            convention="expected sharpness E_nu L(w+nu) - L(w) (estimate, stderr, n_samples) against "
+                       "KL = sum w_i^2 / (2 sigma_i^2), sigma_i = alpha (10|w_i| + 1); at_target: the KL where the "
+                       f"expected sharpness reaches {opts.pac_target:g}")
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if "hessian" in groups and opts.hessian_k > 0:
+        folded = M.fold_batchnorm(model, X[:1])
+        op = H.HessianOperator(folded, X, y, batch_size=opts.batch_size)
+        if op.dim <= opts.hessian_k:
+            skipped["hessian"] = (f"the model has {op.dim} trainable parameters; the top {opts.hessian_k} eigenvalues "
+                                  "need more. Fix: a smaller hessian_k.")
+        else:
+            paper = "Wu, Zhu, E 2017"
+            eigs = H.top_eigenvalues(op, k=opts.hessian_k, seed=seed, tol=1e-4)
+            measures["hessian-top-eigenvalues"] = dict(
+                value=[e["value"] for e in eigs], residual=[e["residual"] for e in eigs], paper=paper,
+                convention="largest eigenvalues of the Hessian of the mean training cross-entropy (Lanczos); "
+                           "some eigenvalue lies within each residual")
+            measures["hessian-trace"] = dict(zip(("value", "stderr", "n_samples"), H.hessian_trace(op, opts.hessian_samples, seed=seed)),
+                                             paper=paper, convention="tr H, Hutchinson estimate with Rademacher probes")
+            measures["hessian-frobenius"] = dict(
+                zip(("value", "stderr", "n_samples"), H.hessian_frobenius(op, opts.hessian_samples, seed=seed + 1)),
+                paper=paper, convention="||H||_F, from E||Hz||^2 with Rademacher z (Wu et al.'s Hessian norm)")
+            measures["basin-volume-spectrum"] = dict(
+                H.basin_volume_from_spectrum(eigs, opts.basin_delta), paper=paper,
+                convention="log volume of {nu: nu^T H nu / 2 <= delta} in the top-k eigenspace (larger = flatter)")
+            br = H.basin_volume_random_directions(op, opts.basin_directions, delta=opts.basin_delta, seed=seed,
+                                                  bisection_steps=20)
+            measures["basin-volume-random"] = dict(
+                br, paper=paper, convention="(estimate, stderr, n) of the radius where the loss first rises by delta "
+                                            "along random unit directions, and the Jensen lower bound of the log volume")
+            n_params = op.dim
+    if _state(model) != before:  # a measure must never leave the caller's model changed
+        raise RuntimeError("internal error: a measure changed the model's mode or requires_grad flags")
+    return dict(margin=margin, measures=measures, not_applicable=skipped, layers=norms["layers"],
+                maxpool_lipschitz=norms["maxpool_lipschitz"], chain=norms["chain"], n_samples=int(X.shape[0]),
+                n_parameters=int(n_params), options=dataclasses.asdict(opts), time_s=time.perf_counter() - t0)
+
+
+# --------------------------------------------------------------------------------------------
+# checkpoints and the CLI
+# --------------------------------------------------------------------------------------------
+
+def read_checkpoint(path) -> tuple[dict, "object"]:
+    """A ``deepfit train`` checkpoint file and its :class:`deepfit.train.TrainConfig`."""
+    from pathlib import Path
+
+    from .train import TrainConfig
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise InputError(f"checkpoint {str(p)!r} does not exist. Fix: pass a <run id>.pt file written by "
+                         "`deepfit train --checkpoint-dir DIR`.")
+    ckpt = torch.load(p, map_location="cpu", weights_only=False)
+    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
+        raise InputError(f"{str(p)!r} is not a deepfit training checkpoint (expected the keys 'config' and 'model'). "
+                         "Fix: pass a file from `deepfit train --checkpoint-dir DIR`, or call measure_all() from Python.")
+    return ckpt, TrainConfig.from_dict(ckpt["config"])
+
+
+def load_checkpoint_model(path, input_shape, num_classes: int | None = None) -> tuple[nn.Module, "object"]:
+    """The network (eval mode) a ``deepfit train`` checkpoint holds, and its configuration.
+
+    ``num_classes`` defaults to the output size of the checkpoint's last weight matrix.
+    """
+    from .models import build_model
+
+    ckpt, cfg = read_checkpoint(path)
+    if num_classes is None:
+        num_classes = _checkpoint_classes(ckpt)
+    with torch.random.fork_rng():
+        model = build_model(cfg.model, input_shape=input_shape, num_classes=num_classes, batch_norm=cfg.batch_norm,
+                            dropout=cfg.dropout, width=cfg.width)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise InputError(f"the checkpoint's weights do not fit model {cfg.model!r} on inputs {tuple(input_shape)} "
+                         f"with {num_classes} classes: {e}. Fix: give the data the network was trained on.") from None
+    return model.eval(), cfg
+
+
+def _checkpoint_classes(ckpt: dict) -> int:
+    mats = [v for k, v in ckpt["model"].items() if k.endswith("weight") and getattr(v, "ndim", 0) == 2]
+    if not mats:
+        raise InputError("cannot tell the number of classes from the checkpoint (no final Linear weight).")
+    return int(mats[-1].shape[0])
+
+
+def _user_arrays(spec_x: str, spec_y: str, cfg, num_classes: int):
+    """User arrays -> tensors preprocessed as the checkpoint's training data was (NCHW float32)."""
+    import numpy as np
+
+    from kernelfit.data.arrays import open_array
+
+    from .data import prepare_arrays
+
+    x = np.array(open_array(spec_x, what="images"))   # a copy: torch wants writable memory
+    y = np.array(open_array(spec_y, what="labels")).reshape(-1)
+    if len(y) != len(x):
+        raise InputError(f"--data has {len(x)} images but --labels has {len(y)} labels. Fix: give one label per image.")
+    return prepare_arrays(x, y.astype(np.int64), x[:0], y[:0].astype(np.int64), num_classes,
+                          preprocess=cfg.preprocess, crop=cfg.crop, info={"images": spec_x, "labels": spec_y})
+
+
+def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    d = MeasureOptions()
+    p = argparse.ArgumentParser(prog="deepfit measure", add_help=add_help,
+                                description="Every applicable complexity measure of a trained network, as JSON.")
+    p.add_argument("--checkpoint", required=True, help="a <run id>.pt file from `deepfit train --checkpoint-dir DIR`")
+    p.add_argument("--data", default="config",
+                   help="'config' (default): the training set the checkpoint's configuration describes (same subset "
+                        "and randomized labels); or an image array FILE[:member] (N,H,W[,C]), with --labels")
+    p.add_argument("--labels", default=None, help="integer labels FILE[:member] for --data FILE")
+    p.add_argument("--data-dir", default=None, help="directory with the data sets (default: kernelfit's resolution)")
+    p.add_argument("--download", action="store_true", help="fetch a missing data set from its canonical source")
+    p.add_argument("--groups", default=",".join(GROUPS), help=f"comma-separated subset of {','.join(GROUPS)} (default all)")
+    p.add_argument("--out", default=None, help="also write the JSON here (default: standard output only)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    g = p.add_argument_group("measure settings (see MeasureOptions)")
+    for f in dataclasses.fields(MeasureOptions):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(d, f.name)
+        if isinstance(default, tuple):
+            g.add_argument(flag, type=_float_list, default=None,
+                           help=f"{_HELP[f.name]} (default {','.join(f'{v:g}' for v in default)})")
+        else:
+            g.add_argument(flag, type=type(default), default=None, help=f"{_HELP[f.name]} (default {default:g})")
+    return p
+
+
+_HELP = dict(
+    percentile="the margin is this percentile of f_y(x) - max_j f_j(x) over the training set",
+    sharpness_eps="sharpness box half-width eps (|w|+1)", sharpness_steps="projected gradient ascent steps",
+    pac_alphas="PAC-Bayes noise scales alpha, comma-separated", pac_samples="noise draws per alpha",
+    pac_target="expected sharpness at which the KL is read off",
+    hessian_k="top Hessian eigenvalues (0 skips every Hessian measure)", hessian_samples="Hutchinson probes",
+    basin_directions="random directions for the basin radius", basin_delta="loss rise that bounds the basin",
+    batch_size="samples per forward pass", seed="seed of every random choice",
+)
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 1e-3,1e-2, got {text!r}") from None
+
+
+def _run(a) -> int:
+    from kernelfit.results import dumps, provenance, write_json_atomic
+
+    from .data import prepare_data
+
+    groups = [g.strip() for g in a.groups.split(",") if g.strip()]
+    kw = {f.name: getattr(a, f.name) for f in dataclasses.fields(MeasureOptions) if getattr(a, f.name) is not None}
+    opts = MeasureOptions(**kw).validated()
+    ckpt, cfg = read_checkpoint(a.checkpoint)   # bad input fails here, before any data is read
+    if a.data == "config":
+        data = prepare_data(cfg, data_dir=a.data_dir, download=a.download)
+    elif a.labels is None:
+        raise InputError("--data FILE needs --labels FILE[:member] (integer class labels, one per image).")
+    else:
+        data = _user_arrays(a.data, a.labels, cfg, _checkpoint_classes(ckpt))
+    if a.threads:
+        torch.set_num_threads(int(a.threads))
+    model, _ = load_checkpoint_model(a.checkpoint, data.input_shape, data.num_classes)
+    X = getattr(data, "x_train_eval", None)   # un-augmented training images
+    X = data.x_train if X is None else X
+    res = measure_all(model, X, data.y_train, opts, groups=groups)
+    res = dict(checkpoint=str(a.checkpoint), config=cfg.to_dict(), data=dict(data.info), **res,
+               provenance=provenance(["deepfit", "measure", *sys.argv[2:]]))
+    if a.out:
+        write_json_atomic(a.out, res, overwrite=True)
+    print(dumps(res))
+    return 0
+
+
+def register_cli(subparsers) -> None:
+    """Hook for ``deepfit.cli``: adds the ``measure`` subcommand."""
+    p = subparsers.add_parser("measure", parents=[build_parser(add_help=False)], help="measures of a trained checkpoint",
+                              description="Every applicable complexity measure of a trained network, as JSON.")
+    p.set_defaults(func=_run)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .cli import main as cli_main
+    return cli_main(["measure", *(argv if argv is not None else sys.argv[1:])])
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
