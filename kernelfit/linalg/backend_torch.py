@@ -138,7 +138,7 @@ class TorchBackend:
         torch = require_torch()
         L, info = torch.linalg.cholesky_ex(T, upper=False)   # reads the lower triangle only
         T.copy_(L)                                           # L has zeros above the diagonal
-        return int(info)
+        return 0 if info.is_meta else int(info)              # meta tensors (dry runs) hold no values
 
     @staticmethod
     def trsm(P, L) -> None:
