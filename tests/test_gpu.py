@@ -189,3 +189,20 @@ def test_cupy_backend_on_gpu():
         factor(SymmetricPanels.from_dense(bad, 64), backend="cupy", out_of_core=False)
     assert exc.value.minor == scipy.linalg.lapack.dpotrf(bad, lower=1)[1]
     assert cupy.cuda.runtime.getDeviceCount() >= 1
+
+
+def test_cli_tf32_reaches_the_factor_and_needs_mixed_mode(tmp_path, capsys):
+    import json
+
+    from kernelfit.cli import main
+
+    out = tmp_path / "r.json"
+    assert main(["solve", "--n-train", "300", "--n-test", "100", "--bandwidth", "5", "--tf32", "--no-progress",
+                 "--out", str(out)]) == 0
+    rec = json.loads(out.read_text())
+    fac = rec["stats"]["factorization"]
+    assert rec["options"]["tf32"] is True
+    assert fac["tf32"] is False and any("tf32 requested but ignored" in note for note in fac["notes"])  # CPU here
+    with pytest.raises(SystemExit):
+        main(["solve", "--n-train", "300", "--mode", "float32", "--tf32", "--no-progress"])
+    assert "--tf32 needs --mode mixed" in capsys.readouterr().err
