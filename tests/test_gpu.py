@@ -206,3 +206,20 @@ def test_cli_tf32_reaches_the_factor_and_needs_mixed_mode(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["solve", "--n-train", "300", "--mode", "float32", "--tf32", "--no-progress"])
     assert "--tf32 needs --mode mixed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_resident_pipeline_with_tf32_factor_reaches_float64(device):
+    from kernelfit.linalg.resident import solve_resident
+
+    rng = np.random.default_rng(7)
+    n = 2000 if device == "cuda" else 300
+    X, Y = rng.random((n, 30)), rng.standard_normal((n, 3))
+    sol = solve_resident(X, Y, kernel="gaussian", bandwidth=1.0, dtype=np.float32, device=device, tf32=True,
+                         device_memory_budget=None if device == "cuda" else 10**9)
+    K = np.exp(-cdist(X, X, "sqeuclidean") / 2.0)
+    assert np.abs(K @ sol.alpha - Y).max() < 1e-9 and sol.report["float64_level"]
+    assert sol.factors[0]["tf32"] is (device == "cuda") and sol.factors[0]["bytes_moved"]["h2d"] == 0
+    assert sol.device_timings_s["factor"] > 0
+    if device == "cuda":
+        assert sol.memory["peak_allocated_bytes"] <= sol.memory["usable_bytes"]

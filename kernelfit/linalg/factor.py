@@ -125,7 +125,8 @@ def factor(G: SymmetricPanels, *, backend: str = "auto", device=None, out_of_cor
     """
     kind = type(G.panels[0]).__module__.split(".")[0]
     if kind in ("torch", "cupy"):
-        return _factor_resident(G, kind, backend, device, out_of_core, checkpoint_dir, progress, jitter, on_panel_done)
+        return _factor_resident(G, kind, backend, device, out_of_core, checkpoint_dir, progress, jitter, on_panel_done,
+                                tf32)
     if not all(isinstance(P, np.ndarray) for P in G.panels):
         raise InputError(f"factor() expects panels as numpy arrays (host), or torch / cupy arrays (factored where "
                          f"they live); got {type(G.panels[0]).__name__}.")
@@ -249,8 +250,11 @@ def factor(G: SymmetricPanels, *, backend: str = "auto", device=None, out_of_cor
     return info
 
 
-def _factor_resident(G, kind, backend, device, out_of_core, checkpoint_dir, progress, jitter, on_panel_done):
+def _factor_resident(G, kind, backend, device, out_of_core, checkpoint_dir, progress, jitter, on_panel_done,
+                     tf32=False):
     """Panels already on a device (torch tensors / cupy arrays): the data decides; factor in place there."""
+    import contextlib
+
     where = str(G.panels[0].device)
     if backend not in ("auto", kind):
         raise InputError(f"the panels are {kind} arrays on {where} but backend={backend!r} was requested; use "
@@ -261,10 +265,25 @@ def _factor_resident(G, kind, backend, device, out_of_core, checkpoint_dir, prog
     if out_of_core is True or checkpoint_dir is not None:
         raise InputError("out-of-core and checkpoints need host (numpy) panels: the device-resident panels are "
                          "factored in place in device memory. Pass numpy panels and device=... instead.")
-    info = FactorInfo(backend=kind, device=where, path="in-core", n=G.n, block=G.block, dtype=str(G.dtype),
-                      bytes_moved={"h2d": 0, "d2h": 0})
+    dtype = str(G.dtype).replace("torch.", "")
+    on_cuda = where.startswith("cuda")
+    info = FactorInfo(backend=kind, device=where, path="in-core", n=G.n, block=G.block, dtype=dtype,
+                      bytes_moved={"h2d": 0, "d2h": 0}, tf32=bool(tf32 and on_cuda and kind == "torch" and
+                                                                 dtype == "float32"))
+    if tf32 and not info.tf32:
+        info.notes.append("tf32 requested but ignored: it applies to float32 torch factors on CUDA only")
+    ctx = contextlib.nullcontext()
+    if info.tf32:
+        from .backend_torch import tf32_enabled
+
+        ctx = tf32_enabled()
     t = time.perf_counter()
-    cholesky_inplace(G, backend=kind, progress=progress, jitter=jitter, on_panel_done=on_panel_done)
+    with ctx:
+        cholesky_inplace(G, backend=kind, progress=progress, jitter=jitter, on_panel_done=on_panel_done)
+    if on_cuda and kind == "torch":   # the last GEMMs are still queued: time the work, not its launch
+        import torch
+
+        torch.cuda.synchronize(G.panels[0].device)
     info.timings_s["factor"] = time.perf_counter() - t
     info.tflops = cholesky_flops(G.n) / max(info.timings_s["factor"], 1e-12) / 1e12
     return info
