@@ -14,8 +14,9 @@ CPU (small, CI-like; exercises every code path on torch-CPU):
 Data: mnist.npz from --data, else $KERNELFIT_DATA, else <repo>/runs/data (git-ignored: copy
 mnist.npz there on a machine that has only the working tree), else <repo>/../shared/data.
 
-Per phase (seconds): gram (built on the device, panels written to host memory), factor (compute;
-transfers separate), solve / refine (mixed: float64 residuals on the device), predict. TFLOP/s =
+Per phase (seconds): gram (built on the device; in core it stays there, out of core it is written to
+host panels), factor (compute; transfers separate), solve / refine (float64 residuals on the device),
+predict; in-core records also carry ``device_phases_s`` timed with CUDA events. TFLOP/s =
 (n^3/3) / factor compute time. "fraction of peak" divides by a float32/float64 GEMM rate measured in
 the same run (and by the vendor's nominal dense peak when the GPU name is in NOMINAL_PEAK_TFLOPS).
 For n > 60,000 the training set is MNIST train plus 1-pixel-shifted copies (test error on MNIST test).
@@ -43,6 +44,7 @@ from kernelfit.linalg.factor import factor  # noqa: E402
 from kernelfit.linalg.mixed import solve_refined  # noqa: E402
 from kernelfit.linalg.outofcore import TorchDevice, budget_for_slabs, build_gram_panels_device  # noqa: E402
 from kernelfit.linalg.refine import float64_level_threshold  # noqa: E402
+from kernelfit.linalg.resident import solve_resident  # noqa: E402
 from kernelfit.linalg.tiled import cho_solve, choose_block, cholesky_flops  # noqa: E402
 
 # Vendor datasheet dense peaks (TFLOP/s); float64 = FP64 tensor core, float32 = FP32 (non-tensor).
@@ -270,7 +272,23 @@ def run_config(mode, n, ooc, args, device, base):
         return bt.kernel_matmul_torch(X64, X64, torch.from_numpy(V).to(device), "gaussian", SIGMA,
                                       rows=args.product_rows, exact_diagonal=True).cpu().numpy()
 
-    if mode.startswith("mixed"):
+    if not ooc and args.pipeline == "resident":
+        # the Gram fits on the device: Gram, factor, refinement (and below, prediction) stay there
+        sol = solve_resident(Xtr, Y, kernel="gaussian", bandwidth=SIGMA, dtype=fdt, device=device, block=block,
+                             max_refine=10 if mode.startswith("mixed") else 0, tf32=tf32, rows=args.product_rows)
+        alpha, finfo, report = sol.alpha, sol.factors[-1], sol.report
+        rec["pipeline"] = "resident"
+        rec["refinement"] = report
+        rec["fallback"] = report["fallback"]
+        rec["factor_dtype"] = report["factor_dtype"]
+        rec["phases_s"].update(gram=sol.timings_s["gram"], factor_total=sol.timings_s["factor"],
+                               refine=sol.timings_s["solve"])
+        rec["device_phases_s"] = sol.device_timings_s      # CUDA events on CUDA
+        rec["resident_memory"] = sol.memory
+        Lh_first = None
+        del sol
+    elif mode.startswith("mixed"):
+        rec["pipeline"] = "host panels"
         timings = {}
         # the float64 fallback re-factors in core; out of core it would not fit, so it is not offered
         alpha, _, report, factors = solve_refined(build, lambda G: factor(G, **fkw).to_dict(), apply_high, Y,
@@ -285,6 +303,7 @@ def run_config(mode, n, ooc, args, device, base):
         rec["phases_s"]["refine"] = timings["solve"]
         Lh_first = None
     else:
+        rec["pipeline"] = "host panels"
         G = build(fdt)
         rec["phases_s"]["gram"] = t_gram[0]
         fi = factor(G, **fkw)
@@ -365,6 +384,9 @@ def main(argv=None):
     p.add_argument("--reference-max-n", type=int, default=60000,
                    help="run the dense torch/cupy reference Cholesky up to this n")
     p.add_argument("--block", type=int, default=None, help="panel width (default: automatic for each n)")
+    p.add_argument("--pipeline", choices=["resident", "host"], default="resident",
+                   help="in-core runs: 'resident' keeps Gram, factor, refinement and prediction on the device "
+                        "(default); 'host' builds host panels and copies them to the device for the factor")
     p.add_argument("--product-rows", type=int, default=2048)
     p.add_argument("--compare-max-n", type=int, default=20000, help="compare our L with torch's up to this n")
     p.add_argument("--no-reference", action="store_true")
