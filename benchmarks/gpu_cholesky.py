@@ -275,7 +275,8 @@ def run_config(mode, n, ooc, args, device, base):
     if not ooc and args.pipeline == "resident":
         # the Gram fits on the device: Gram, factor, refinement (and below, prediction) stay there
         sol = solve_resident(Xtr, Y, kernel="gaussian", bandwidth=SIGMA, dtype=fdt, device=device, block=block,
-                             max_refine=10 if mode.startswith("mixed") else 0, tf32=tf32, rows=args.product_rows)
+                             max_refine=10 if mode.startswith("mixed") else 0, tf32=tf32,
+                             fallback_float64=mode.startswith("mixed"), rows=args.product_rows)
         alpha, finfo, report = sol.alpha, sol.factors[-1], sol.report
         rec["pipeline"] = "resident"
         rec["refinement"] = report
