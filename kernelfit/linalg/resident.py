@@ -142,3 +142,26 @@ def solve_resident(X, Y, *, kernel: str, bandwidth: float, dtype, device, block:
     return ResidentSolution(alpha=alpha, residual=R, report=report, factors=factors, timings_s=timings,
                             device_timings_s=timer.seconds(), memory=memory, X_fit=Xd, mean=mean, kernel=kernel,
                             bandwidth=float(bandwidth), rows=rows)
+
+
+def resident_device(options, n: int, d: int, k: int, block: int, dtype):
+    """The torch device a ``kernelfit.solve`` run should solve on resident, or None for the
+    host-panel path. Resident: a CUDA device (or "cpu" with a device_memory_budget, which stands for
+    a separate device, as in ``linalg.factor``), no checkpoint (they save host panels), out-of-core
+    not forced, backend auto / torch, and the whole resident solve fits in the usable memory."""
+    device = options.device
+    if device is None or options.checkpoint_dir is not None or options.out_of_core is True:
+        return None
+    if options.backend not in ("auto", "torch"):
+        return None
+    spec = str(device)
+    if not (spec.startswith("cuda") or (spec == "cpu" and options.device_memory_budget is not None)):
+        return None
+    from .backend import free_device_bytes
+    from .backend_torch import resolve_device
+    from .factor import DEVICE_SAFETY
+
+    dev = resolve_device(device)
+    usable = options.device_memory_budget if options.device_memory_budget is not None else \
+        DEVICE_SAFETY * free_device_bytes(dev)
+    return dev if resident_bytes(n, d, k, block, dtype) <= usable else None
