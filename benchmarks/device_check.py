@@ -1,7 +1,7 @@
 """One prepared device check: the GPU tests, then the GPU benchmark, each under a timeout, on a
 machine that has only this working tree (plus the folders copied with it). See docs/gpu.md.
 
-    python benchmarks/device_check.py --out "$OUT"
+    python3 benchmarks/device_check.py --out "$OUT"
 
 Steps (all output under --out, at most 8 files, one folder level; the summary table prints last):
 
@@ -150,8 +150,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu for a dry run of the machinery")
     p.add_argument("--out", default=os.environ.get("OUT"), help="output folder (default $OUT)")
     p.add_argument("--data", default=None, help="folder with mnist.npz (see the module docstring for the search)")
-    p.add_argument("--timeout", type=float, default=540.0, help="seconds for the whole check (default 540)")
-    p.add_argument("--pytest-timeout", type=float, default=150.0, help="seconds for the GPU tests (default 150)")
+    p.add_argument("--timeout", type=float, default=420.0, help="seconds for the whole check (default 420)")
+    p.add_argument("--pytest-timeout", type=float, default=120.0, help="seconds for the GPU tests (default 120)")
     p.add_argument("--n", type=int, default=60000, help="in-core training points (default 60000, all of MNIST)")
     p.add_argument("--n-test", type=int, default=10000)
     p.add_argument("--modes", nargs="+", default=["float32", "mixed", "mixed-tf32"])
