@@ -344,7 +344,7 @@ def _factor_in_core(G, be_name, dev_name, start, hook, progress, jitter, info, i
         info.bytes_moved = {"h2d": moved, "d2h": moved}
         info.device_memory["pinned_staging"] = pinned
         return
-    import cupy  # cupy: in-core only; UNTESTED ON A GPU
+    import cupy  # cupy: in-core only (its tile kernels are tested against a faithful fake cupy)
 
     panels = [cupy.asarray(P) for P in G.panels]
     D = SymmetricPanels(n=G.n, block=G.block, panels=panels)

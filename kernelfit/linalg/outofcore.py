@@ -19,9 +19,11 @@ budget should hold slabs much wider than one panel: with W = 16,384 columns, n =
 trailing host panels, so a checkpoint only needs the newly finished panels (see checkpoint.py).
 
 Devices: ``"numpy"`` (device buffers are separate numpy arrays; copies are ``np.copyto``), or any
-torch device (``"cpu"``, ``"cuda"``, ``"cuda:1"``). The same code runs on all of them; only CUDA has
-real streams/events and pinned host memory. CI runs the numpy and torch-CPU devices with tiny
-budgets to force streaming; the CUDA overlap path is untested here (no GPU) - see tests/test_gpu.py.
+torch device (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"meta"`` for shape-only dry runs). The same code
+runs on all of them; only CUDA has streams, events and pinned staging buffers, and those calls go
+through ``CudaOps``. CI runs the numpy and torch-CPU devices with small budgets to force streaming,
+the CUDA ordering on CPU tensors under a recording fake of ``CudaOps`` (tests/test_cuda_fake.py),
+and full-size plans on the meta device; tests/test_gpu.py runs the same cases on a GPU.
 
 Every device allocation goes through ``WorkingSet``, which refuses to exceed the budget and
 records the peak, so the bound is checked, not assumed.
