@@ -116,9 +116,10 @@ def _fmt(x, spec):
     return "-" if x is None else format(x, spec)
 
 
-def summary_table(records: list[dict], pytest_line: str, pytest_run: dict, bench_run: dict, gpu: str) -> str:
+def summary_table(records: list[dict], pytest_line: str, pytest_run: dict, bench_run: dict, gpu: str,
+                  marker: str = "gpu") -> str:
     head = [f"# Device check on {gpu}", "",
-            f"pytest -m gpu: {pytest_line} (rc {pytest_run['rc']}, {pytest_run['seconds']} s"
+            f"pytest -m '{marker}' tests/test_gpu.py: {pytest_line} (rc {pytest_run['rc']}, {pytest_run['seconds']} s"
             f"{', TIMED OUT' if pytest_run['timed_out'] else ''})",
             f"benchmark: rc {bench_run['rc']}, {bench_run['seconds']} s{', TIMED OUT' if bench_run['timed_out'] else ''}",
             "",
@@ -192,7 +193,7 @@ def main(argv=None) -> int:
     jsonl = out / "gpu_cholesky.jsonl"
     records = [json.loads(ln) for ln in jsonl.read_text().splitlines() if ln.strip()] if jsonl.exists() else []
 
-    table = summary_table(records, pytest_line, pytest_run, bench_run, gpu)
+    table = summary_table(records, pytest_line, pytest_run, bench_run, gpu, marker)
     (out / "summary.md").write_text(table)
     print(f"[device_check] finished in {time.perf_counter() - t0:.0f} s; files in {out}", flush=True)
     print(table, flush=True)
