@@ -1,14 +1,22 @@
 """GPU (and CPU) benchmark of the tiled Cholesky on MNIST Gaussian-kernel Grams: in-core float64 /
-float32 / mixed, out-of-core float32 / mixed, with the library's own dense Cholesky (torch / cupy) on
-the same matrix in the same run as the reference. Prints one JSON line per measurement.
+float32 / mixed / mixed with a TF32 factor, out-of-core float32 / mixed, with the library's own dense
+Cholesky (torch / cupy) on the same matrix in the same run as the reference. Prints one JSON line
+per configuration, success or error (a failing configuration is recorded and the next one runs;
+the exit status is 1 when any failed). Out-of-core runs use a device budget that cuts the Gram into
+at least ``--ooc-slabs`` slabs (else 90% of free memory often holds it all and nothing streams);
+each record says how many slabs ran.
 
-GPU (the issue's configuration; NOT yet run - no GPU on the development machine):
-    python benchmarks/gpu_cholesky.py --device cuda --n 60000 --ooc-n 100000 150000
+GPU (the prepared run is benchmarks/device_check.py, which calls this script; see docs/gpu.md):
+    python benchmarks/gpu_cholesky.py --device cuda --n 60000 --modes float32 mixed mixed-tf32 --ooc-n 100000
 CPU (small, CI-like; exercises every code path on torch-CPU):
     python benchmarks/gpu_cholesky.py --device cpu --n 2000 --n-test 1000 --ooc-n 3000 --ooc-budget-mib 8
 
-Per phase (seconds): gram (built on the device, panels written to host memory), factor (compute;
-transfers separate), solve / refine (mixed: float64 residuals on the device), predict. TFLOP/s =
+Data: mnist.npz from --data, else $KERNELFIT_DATA, else <repo>/runs/data (git-ignored: copy
+mnist.npz there on a machine that has only the working tree), else <repo>/../shared/data.
+
+Per phase (seconds): gram (built on the device; in core it stays there, out of core it is written to
+host panels), factor (compute; transfers separate), solve / refine (float64 residuals on the device),
+predict; in-core records also carry ``device_phases_s`` timed with CUDA events. TFLOP/s =
 (n^3/3) / factor compute time. "fraction of peak" divides by a float32/float64 GEMM rate measured in
 the same run (and by the vendor's nominal dense peak when the GPU name is in NOMINAL_PEAK_TFLOPS).
 For n > 60,000 the training set is MNIST train plus 1-pixel-shifted copies (test error on MNIST test).
@@ -17,10 +25,12 @@ For n > 60,000 the training set is MNIST train plus 1-pixel-shifted copies (test
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -29,11 +39,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from kernelfit.linalg import backend_torch as bt  # noqa: E402
+from kernelfit.linalg.backend import free_device_bytes  # noqa: E402
 from kernelfit.linalg.factor import factor  # noqa: E402
 from kernelfit.linalg.mixed import solve_refined  # noqa: E402
-from kernelfit.linalg.outofcore import build_gram_panels_device  # noqa: E402
+from kernelfit.linalg.outofcore import TorchDevice, budget_for_slabs, build_gram_panels_device  # noqa: E402
 from kernelfit.linalg.refine import float64_level_threshold  # noqa: E402
-from kernelfit.linalg.tiled import cho_solve, cholesky_flops  # noqa: E402
+from kernelfit.linalg.resident import solve_resident  # noqa: E402
+from kernelfit.linalg.tiled import cho_solve, choose_block, cholesky_flops  # noqa: E402
 
 # Vendor datasheet dense peaks (TFLOP/s); float64 = FP64 tensor core, float32 = FP32 (non-tensor).
 NOMINAL_PEAK_TFLOPS = {
@@ -43,6 +55,39 @@ NOMINAL_PEAK_TFLOPS = {
     "A100": {"float64": 19.5, "float32": 19.5},
 }
 SIGMA = 5.0   # GUIDE: Gaussian kernel, sigma = 5 on pixels / 255
+MODES = ("float64", "float32", "mixed", "mixed-tf32")   # mixed-tf32: float32 factor on TF32 tensor cores
+DATA_FOLDER_IN_TREE = ROOT / "runs" / "data"             # git-ignored (/runs/): travels with a copied tree
+
+
+def find_data_dir(explicit=None) -> Path:
+    """The folder holding mnist.npz: --data, $KERNELFIT_DATA, <repo>/runs/data, <repo>/../shared/data."""
+    env = os.environ.get("KERNELFIT_DATA")
+    candidates = [("--data", explicit), ("$KERNELFIT_DATA", env), ("<repo>/runs/data", DATA_FOLDER_IN_TREE),
+                  ("<repo>/../shared/data", ROOT.parent / "shared" / "data")]
+    tried = []
+    for label, path in candidates:
+        if not path:
+            continue
+        if (Path(path) / "mnist.npz").is_file():
+            return Path(path).resolve()
+        tried.append(f"{label} = {path}")
+    raise SystemExit("mnist.npz not found; looked in " + "; ".join(tried) + f". Copy mnist.npz (Keras layout) into "
+                     f"{DATA_FOLDER_IN_TREE} (git-ignored) or pass --data DIR / set KERNELFIT_DATA.")
+
+
+def release_device_memory(device):
+    """Hand cached blocks back to the driver between configurations (torch's cache, cupy's pool), so
+    each one starts from the same free memory and the reference checks see what is really free."""
+    gc.collect()
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+    cupy = sys.modules.get("cupy")
+    if cupy is not None:
+        cupy.get_default_memory_pool().free_all_blocks()
+        cupy.get_default_pinned_memory_pool().free_all_blocks()
 
 
 def emit(record, out_path):
@@ -137,7 +182,7 @@ def reference_cholesky(Xd, dtype, device, n, args):
     import torch
 
     need = n * n * torch.empty((), dtype=dtype).element_size()
-    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    free = free_device_bytes(device) if device.type == "cuda" else None
     if free is not None and 2.2 * need > free:
         return {"skipped": f"dense {need / 2**30:.1f} GiB x2 (matrix + factor) > free {free / 2**30:.1f} GiB"}, None
     K = torch.empty((n, n), dtype=dtype, device=device)
@@ -154,50 +199,71 @@ def reference_cholesky(Xd, dtype, device, n, args):
     dt = time.perf_counter() - t
     rec["torch.linalg.cholesky"] = {"seconds": dt, "tflops": cholesky_flops(n) / dt / 1e12, "info": int(info)}
     Lh = L.cpu().numpy() if n <= args.compare_max_n else None
-    del L
+    del L, info
+    release_device_memory(device)         # torch's factor leaves the cache; cupy needs the memory
     try:
         import cupy
 
-        Kc = cupy.from_dlpack(K)
-        cupy.cuda.Device().synchronize()
-        t = time.perf_counter()
-        cupy.linalg.cholesky(Kc)
-        cupy.cuda.Device().synchronize()
-        dt = time.perf_counter() - t
-        rec["cupy.linalg.cholesky"] = {"seconds": dt, "tflops": cholesky_flops(n) / dt / 1e12}
+        with cupy.cuda.Device(device.index or 0):
+            Kc = cupy.from_dlpack(K)
+            cupy.cuda.Device().synchronize()
+            t = time.perf_counter()
+            Lc = cupy.linalg.cholesky(Kc)
+            cupy.cuda.Device().synchronize()
+            dt = time.perf_counter() - t
+            rec["cupy.linalg.cholesky"] = {"seconds": dt, "tflops": cholesky_flops(n) / dt / 1e12}
+            del Lc, Kc
     except ImportError:
         rec["cupy.linalg.cholesky"] = "cupy not installed"
+    except Exception as exc:   # a cupy failure must not cost the configuration
+        rec["cupy.linalg.cholesky"] = f"error: {type(exc).__name__}: {exc}"
     del K
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    release_device_memory(device)
     return rec, Lh
+
+
+def ooc_budget(n, block, fdt, device, args):
+    """The out-of-core device budget: --ooc-budget-mib, else the largest that gives >= --ooc-slabs slabs."""
+    if args.ooc_budget_mib:
+        return args.ooc_budget_mib * 2**20
+    itemsize = np.dtype(fdt).itemsize
+    workspace = TorchDevice(device).workspace_bytes(block, n, itemsize)
+    return budget_for_slabs(n, block, itemsize, args.ooc_slabs, workspace)
 
 
 def run_config(mode, n, ooc, args, device, base):
     import torch
 
     fdt = np.float64 if mode == "float64" else np.float32
+    tf32 = mode == "mixed-tf32"
     tdt = bt.torch_dtype(fdt)
+    block = args.block or choose_block(n)
+    rec = dict(base, kind="gpu_cholesky", mode=mode, n=n, kernel="gaussian", bandwidth=SIGMA,
+               path="out-of-core" if ooc else "in-core", block=block, phases_s={})
     Xtr, ytr, Xte, yte = load_mnist(args.data, n, args.n_test, args.seed)
+    rec.update(d=Xtr.shape[1], n_test=len(yte))
     Y = one_hot(ytr)
     X64 = torch.from_numpy(Xtr).to(device)
     Xte64 = torch.from_numpy(Xte).to(device)
-    rec = dict(base, kind="gpu_cholesky", mode=mode, n=n, d=Xtr.shape[1], n_test=len(yte), kernel="gaussian",
-               bandwidth=SIGMA, path="out-of-core" if ooc else "in-core", block=args.block, phases_s={})
     Xd = X64.to(tdt)
 
-    ref, Lref = ({"skipped": "--no-reference"}, None) if args.no_reference else \
-        reference_cholesky(Xd, tdt, device, n, args)
+    if args.no_reference:
+        ref, Lref = {"skipped": "--no-reference"}, None
+    elif n > args.reference_max_n:
+        ref, Lref = {"skipped": f"n > --reference-max-n {args.reference_max_n}"}, None
+    else:
+        ref, Lref = reference_cholesky(Xd, tdt, device, n, args)
+    del Xd
     rec["reference"] = ref
 
+    budget = ooc_budget(n, block, fdt, device, args) if ooc else None
     fkw = dict(backend=args.backend, device=str(device) if args.backend != "numpy" else None,
-               out_of_core=bool(ooc), device_memory_budget=args.ooc_budget_mib * 2**20 if ooc and
-               args.ooc_budget_mib else None)
+               out_of_core=bool(ooc), device_memory_budget=budget, tf32=tf32)
     t_gram = []
 
     def build(dt):
         t = time.perf_counter()
-        G = build_gram_panels_device(Xtr.astype(dt), "gaussian", SIGMA, args.block, dt, device)
+        G = build_gram_panels_device(Xtr.astype(dt), "gaussian", SIGMA, block, dt, device)
         sync(device)
         t_gram.append(time.perf_counter() - t)
         return G
@@ -206,7 +272,24 @@ def run_config(mode, n, ooc, args, device, base):
         return bt.kernel_matmul_torch(X64, X64, torch.from_numpy(V).to(device), "gaussian", SIGMA,
                                       rows=args.product_rows, exact_diagonal=True).cpu().numpy()
 
-    if mode == "mixed":
+    if not ooc and args.pipeline == "resident":
+        # the Gram fits on the device: Gram, factor, refinement (and below, prediction) stay there
+        sol = solve_resident(Xtr, Y, kernel="gaussian", bandwidth=SIGMA, dtype=fdt, device=device, block=block,
+                             max_refine=10 if mode.startswith("mixed") else 0, tf32=tf32,
+                             fallback_float64=mode.startswith("mixed"), rows=args.product_rows)
+        alpha, finfo, report = sol.alpha, sol.factors[-1], sol.report
+        rec["pipeline"] = "resident"
+        rec["refinement"] = report
+        rec["fallback"] = report["fallback"]
+        rec["factor_dtype"] = report["factor_dtype"]
+        rec["phases_s"].update(gram=sol.timings_s["gram"], factor_total=sol.timings_s["factor"],
+                               refine=sol.timings_s["solve"])
+        rec["device_phases_s"] = sol.device_timings_s      # CUDA events on CUDA
+        rec["resident_memory"] = sol.memory
+        Lh_first = None
+        del sol
+    elif mode.startswith("mixed"):
+        rec["pipeline"] = "host panels"
         timings = {}
         # the float64 fallback re-factors in core; out of core it would not fit, so it is not offered
         alpha, _, report, factors = solve_refined(build, lambda G: factor(G, **fkw).to_dict(), apply_high, Y,
@@ -221,6 +304,7 @@ def run_config(mode, n, ooc, args, device, base):
         rec["phases_s"]["refine"] = timings["solve"]
         Lh_first = None
     else:
+        rec["pipeline"] = "host panels"
         G = build(fdt)
         rec["phases_s"]["gram"] = t_gram[0]
         fi = factor(G, **fkw)
@@ -237,6 +321,7 @@ def run_config(mode, n, ooc, args, device, base):
     rec["factor"] = {k: finfo[k] for k in ("backend", "device", "path", "bytes_moved", "device_memory", "tf32",
                                            "notes")}
     rec["factor"]["timings_s"] = ts
+    rec["slabs"] = finfo["device_memory"].get("slabs", 1 if not ooc else None)   # how many really ran
     rec["tflops"] = cholesky_flops(n) / max(compute, 1e-12) / 1e12
     peak_name = "float64" if rec["factor_dtype"] == "float64" else "float32"
     rec["fraction_of_measured_gemm_peak"] = rec["tflops"] / base["gemm_tflops"][peak_name]
@@ -265,6 +350,23 @@ def run_config(mode, n, ooc, args, device, base):
     if device.type == "cuda":
         rec["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         torch.cuda.reset_peak_memory_stats(device)
+    rec["status"] = "ok"
+    return rec
+
+
+def guarded(mode, n, ooc, args, device, base):
+    """run_config, or an error record: every configuration ends in a record, and the next one runs
+    on a device whose memory this one has handed back."""
+    t = time.perf_counter()
+    try:
+        rec = run_config(mode, n, ooc, args, device, base)
+    except Exception as exc:
+        rec = dict(base, kind="gpu_cholesky", mode=mode, n=n, path="out-of-core" if ooc else "in-core",
+                   status="error", error=f"{type(exc).__name__}: {exc}",
+                   traceback=traceback.format_exc(limit=6)[-3000:])
+    finally:
+        release_device_memory(device)
+    rec["wall_s"] = time.perf_counter() - t
     return rec
 
 
@@ -274,37 +376,44 @@ def main(argv=None):
     p.add_argument("--backend", default="torch", choices=["torch", "numpy", "cupy"])
     p.add_argument("--n", type=int, default=60000, help="in-core training points")
     p.add_argument("--n-test", type=int, default=10000)
-    p.add_argument("--modes", nargs="+", default=["float64", "float32", "mixed"])
+    p.add_argument("--modes", nargs="+", default=["float64", "float32", "mixed"], choices=MODES)
     p.add_argument("--ooc-n", type=int, nargs="*", default=[100000, 150000], help="out-of-core sizes ([] = skip)")
-    p.add_argument("--ooc-modes", nargs="+", default=["float32", "mixed"])
+    p.add_argument("--ooc-modes", nargs="+", default=["float32", "mixed"], choices=MODES)
     p.add_argument("--ooc-budget-mib", type=int, default=None,
-                   help="device budget for out-of-core (default: 90%% of measured free memory)")
-    p.add_argument("--block", type=int, default=None)
+                   help="device budget for out-of-core (default: the largest that gives --ooc-slabs slabs)")
+    p.add_argument("--ooc-slabs", type=int, default=3, help="out-of-core runs stream at least this many slabs")
+    p.add_argument("--reference-max-n", type=int, default=60000,
+                   help="run the dense torch/cupy reference Cholesky up to this n")
+    p.add_argument("--block", type=int, default=None, help="panel width (default: automatic for each n)")
+    p.add_argument("--pipeline", choices=["resident", "host"], default="resident",
+                   help="in-core runs: 'resident' keeps Gram, factor, refinement and prediction on the device "
+                        "(default); 'host' builds host panels and copies them to the device for the factor")
     p.add_argument("--product-rows", type=int, default=2048)
     p.add_argument("--compare-max-n", type=int, default=20000, help="compare our L with torch's up to this n")
     p.add_argument("--no-reference", action="store_true")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data", default=os.environ.get("KERNELFIT_DATA", str(ROOT.parent / "shared" / "data")))
+    p.add_argument("--data", default=None, help="folder with mnist.npz (default: $KERNELFIT_DATA, <repo>/runs/data, "
+                                                "<repo>/../shared/data)")
     p.add_argument("--out", default=None, help="also append the JSON lines to this file")
     args = p.parse_args(argv)
+    args.data = find_data_dir(args.data)
 
     torch = bt.require_torch()
     device = bt.resolve_device(args.device)
-    if args.block is None:
-        from kernelfit.linalg.tiled import choose_block
-
-        args.block = choose_block(args.n)
     m = 8192 if device.type == "cuda" else 1024
     base = {"machine": machine(device), "device": str(device), "argv": sys.argv[1:],
             "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     base["gemm_tflops"] = {"float64": gemm_tflops(device, torch.float64, m),
                            "float32": gemm_tflops(device, torch.float32, m)}
-    for mode in args.modes:
-        emit(run_config(mode, args.n, False, args, device, base), args.out)
-    for n in args.ooc_n:
-        for mode in args.ooc_modes:
-            emit(run_config(mode, n, True, args, device, base), args.out)
+    configs = [(mode, args.n, False) for mode in args.modes]
+    configs += [(mode, n, True) for n in args.ooc_n for mode in args.ooc_modes]
+    failed = 0
+    for mode, n, ooc in configs:
+        rec = guarded(mode, n, ooc, args, device, base)
+        failed += rec["status"] != "ok"
+        emit(rec, args.out)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -188,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out-of-core", choices=("auto", "yes", "no"), default="auto",
                    help="GPU: stream panels through the device when the Gram does not fit (default auto: "
                         "decided from measured free device memory)")
+    g.add_argument("--tf32", action="store_true",
+                   help="CUDA, mode mixed: run the float32 factor's GEMMs on TF32 tensor cores (faster on "
+                        "Ampere/Hopper; float64 refinement repairs the error). Gram matrices never use TF32")
     g.add_argument("--checkpoint-dir", type=Path, default=None, metavar="DIR",
                    help="save finished factor panels here (a crash loses at most the panels since the last save)")
     g.add_argument("--resume", action="store_true", help="continue the factorization saved in --checkpoint-dir")
@@ -375,6 +378,9 @@ def _plan_for(args, n_train: int, n_test: int, k: int):
 def cmd_solve(args, parser) -> int:
     # --- everything that can be checked without data, checked first ---
     _check_model_args(args, parser)
+    if args.tf32 and (args.gram is not None or (args.mode or "mixed") != "mixed"):
+        got = "--gram (no kernel function to refine with)" if args.gram is not None else f"--mode {args.mode}"
+        parser.error(f"--tf32 needs --mode mixed (float64 refinement repairs TF32's 10-bit mantissa); got {got}")
     if args.gram is not None:
         return cmd_solve_gram(args, parser)
     _check_gram_only_args(args, parser)
@@ -432,7 +438,7 @@ def cmd_solve(args, parser) -> int:
                            jitter=args.jitter, block_size=args.block_size,
                            max_refine=args.max_refine, progress=not args.no_progress,
                            force_memory=args.force_memory, fallback_float64=not args.no_fallback,
-                           device=args.device,
+                           device=args.device, tf32=args.tf32,
                            out_of_core={"auto": "auto", "yes": True, "no": False}[args.out_of_core],
                            checkpoint_dir=None if args.checkpoint_dir is None else str(args.checkpoint_dir),
                            resume=args.resume)

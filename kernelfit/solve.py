@@ -237,6 +237,19 @@ def _factor_and_solve(X64, Y, fdt, bandwidth, block, high: KernelOperator, optio
     the memory plan allows (and says so). Returns (alpha, K alpha, refinement report, factor info)."""
     n = Y.shape[0]
     mixed = options.mode == "mixed"
+    from .linalg.resident import resident_device, solve_resident
+
+    device = resident_device(options, n, X64.shape[1], Y.shape[1], block, fdt)
+    if device is not None:   # the Gram fits on the device: the whole solve stays there
+        sol = solve_resident(X64, Y, kernel=options.kernel, bandwidth=bandwidth, dtype=fdt, device=device, block=block,
+                             jitter=float(options.jitter), max_refine=int(options.max_refine) if mixed else 0,
+                             tol=options.refine_tol if mixed else None, tf32=bool(options.tf32),
+                             fallback_float64=mixed and options.fallback_float64,
+                             device_memory_budget=options.device_memory_budget)
+        timings.update({k: v for k, v in sol.timings_s.items() if k != "total"})
+        info = {**sol.factors[-1], "pipeline": "resident", "device_timings_s": sol.device_timings_s,
+                "resident_memory": sol.memory}
+        return sol.alpha, Y - sol.residual - float(options.jitter) * sol.alpha, sol.report, info
 
     def fallback_check():
         plan64 = plan_solve(n, X64.shape[1], Y.shape[1], "float64", block=block)

@@ -137,23 +137,114 @@ def test_cupy_missing_is_a_clean_error():
     assert backend_cupy.cupy_available() is False
 
 
+class FakeCupy:
+    """numpy + scipy.linalg registered as ``cupy`` / ``cupyx`` with the two behaviours of the real
+    cupy that the backend must handle:
+
+    * ``cupy.linalg.cholesky`` checks cuSOLVER's info only inside ``cupyx.errstate(linalg="raise")``
+      (then it raises numpy's LinAlgError); otherwise it returns the lower triangle of what potrf
+      left, a partial factor: columns before the failing minor factored, the rest untouched input
+      (finite, positive diagonal, so a finiteness / sign check cannot see the failure);
+    * ``cupy.cublas`` exists only after ``import cupy.cublas``; its ``gemm`` works in place on a
+      C- or F-contiguous ``out`` (and is recorded here)."""
+
+    def __init__(self):
+        self.linalg_mode = "ignore"
+        self.gemm_calls = 0
+        self.temporaries = 0
+
+    def cholesky(self, a):
+        L, info = scipy.linalg.lapack.dpotrf(np.array(a, dtype=np.float64), lower=1, clean=1)
+        if info > 0:
+            if self.linalg_mode == "raise":
+                raise np.linalg.LinAlgError("Error reported by potrf in cuSOLVER: the leading minor of order "
+                                            f"{info} is not positive definite")
+            L[:, info - 1:] = np.tril(a)[:, info - 1:]      # unspecified by cuSOLVER: the input stays
+        return np.tril(L).astype(a.dtype)
+
+    def errstate(self, linalg=None):
+        import contextlib
+
+        @contextlib.contextmanager
+        def ctx():
+            saved = self.linalg_mode
+            self.linalg_mode = linalg or saved
+            try:
+                yield
+            finally:
+                self.linalg_mode = saved
+        return ctx()
+
+    def gemm(self, transa, transb, a, b, out=None, alpha=1.0, beta=0.0):
+        assert out is not None and (out.flags.c_contiguous or out.flags.f_contiguous)
+        assert a.flags.c_contiguous and b.flags.c_contiguous
+        opa = a if transa == "N" else a.T
+        opb = b if transb == "N" else b.T
+        self.gemm_calls += 1
+        out[...] = alpha * (opa @ opb) + beta * out
+        return out
+
+
 @pytest.fixture
-def numpy_as_cupy(monkeypatch):
-    """numpy + scipy.linalg registered as `cupy` + `cupyx.scipy.linalg` (cupy mirrors their API)."""
-    fake = types.ModuleType("cupy")
-    fake.__dict__.update({k: getattr(np, k) for k in dir(np) if not k.startswith("__")})
-    fake.asnumpy = np.asarray
-    fake.cublas = None
+def fake_cupy(monkeypatch):
+    import importlib.abc
+    import importlib.util
+
+    state = FakeCupy()
+    cupy = types.ModuleType("cupy")
+    cupy.__dict__.update({k: getattr(np, k) for k in dir(np) if not k.startswith("__")})
+    cupy.__path__ = []                                  # a package: `import cupy.cublas` looks for a submodule
+    cupy.asnumpy = np.asarray
+    cupy.linalg = types.SimpleNamespace(cholesky=state.cholesky)
+    real_matmul = np.matmul
+
+    def matmul(*args, **kw):
+        state.temporaries += 1
+        return real_matmul(*args, **kw)
+
+    cupy.matmul = matmul
+
+    class CublasFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+        def find_spec(self, name, path=None, target=None):
+            return importlib.util.spec_from_loader(name, self) if name == "cupy.cublas" else None
+
+        def create_module(self, spec):
+            return None
+
+        def exec_module(self, module):
+            module.gemm = state.gemm
+
     cupyx = types.ModuleType("cupyx")
+    cupyx.errstate = state.errstate
     cupyx_scipy = types.ModuleType("cupyx.scipy")
     cupyx_scipy.linalg = scipy.linalg
     cupyx.scipy = cupyx_scipy
-    for name, mod in {"cupy": fake, "cupyx": cupyx, "cupyx.scipy": cupyx_scipy,
+    monkeypatch.delitem(sys.modules, "cupy.cublas", raising=False)
+    for name, mod in {"cupy": cupy, "cupyx": cupyx, "cupyx.scipy": cupyx_scipy,
                       "cupyx.scipy.linalg": scipy.linalg}.items():
         monkeypatch.setitem(sys.modules, name, mod)
+    monkeypatch.setattr(sys, "meta_path", [CublasFinder(), *sys.meta_path])
+    return state
 
 
-def test_cupy_kernels_math_against_lapack(numpy_as_cupy):
+def test_fake_cupy_behaves_like_cupy(fake_cupy):
+    import cupy
+
+    assert not hasattr(cupy, "cublas")          # as with the real cupy: the submodule needs its own import
+    import cupy.cublas  # noqa: F401
+
+    assert hasattr(cupy, "cublas")
+    bad = spd(6, seed=9)
+    bad[2, 3] = bad[3, 2] = 3.0 * np.sqrt(bad[2, 2] * bad[3, 3])   # not positive definite, positive diagonal
+    L = cupy.linalg.cholesky(bad)                                    # default errstate: no error ...
+    assert np.isfinite(L).all() and (np.diagonal(L) > 0).all()      # ... and nothing in L shows it
+    import cupyx
+
+    with cupyx.errstate(linalg="raise"), pytest.raises(np.linalg.LinAlgError):
+        cupy.linalg.cholesky(bad)
+
+
+def test_cupy_kernels_math_against_lapack(fake_cupy):
     from kernelfit.linalg.backend_cupy import CupyBackend
 
     A = spd(37, seed=6)
@@ -173,14 +264,30 @@ def test_cupy_kernels_math_against_lapack(numpy_as_cupy):
     np.testing.assert_allclose(A @ x, np.ones(37), atol=1e-10)
 
 
-def test_cupy_potrf_failure_returns_lapack_minor(numpy_as_cupy):
+@pytest.mark.parametrize("make_bad", ["negative diagonal", "positive diagonal"])
+def test_cupy_potrf_failure_returns_lapack_minor(fake_cupy, make_bad):
     from kernelfit.linalg.backend_cupy import CupyBackend
 
     A = spd(9, seed=7)
-    A[4, 4] = -1.0
+    if make_bad == "negative diagonal":
+        A[4, 4] = -1.0
+    else:   # cupy's default errstate returns a finite partial factor here: only errstate "raise" sees it
+        A[4, 5] = A[5, 4] = 3.0 * np.sqrt(A[4, 4] * A[5, 5])
     T = A.copy()
-    assert CupyBackend.potrf(T) == 5
+    assert CupyBackend.potrf(T) == scipy.linalg.lapack.dpotrf(A, lower=1)[1] > 0
     np.testing.assert_array_equal(T, A)   # failed tile left as it was
+
+
+def test_cupy_update_is_one_in_place_cublas_gemm(fake_cupy):
+    from kernelfit.linalg.backend_cupy import CupyBackend
+
+    rng = np.random.default_rng(10)
+    C, A, B = rng.standard_normal((20, 6)), rng.standard_normal((20, 4)), rng.standard_normal((6, 4))
+    Cd = C.copy()
+    ptr = Cd.ctypes.data
+    CupyBackend.syrk_update(Cd, A, B)
+    assert fake_cupy.gemm_calls == 1 and fake_cupy.temporaries == 0 and Cd.ctypes.data == ptr
+    np.testing.assert_allclose(Cd, C - A @ B.T, rtol=1e-12)
 
 
 def test_kernel_matmul_torch_matches_kernel_operator():

@@ -409,7 +409,9 @@ class RandConvFeatures:
                 f"filter_block.", plan=plan,
             )
         if dev.type == "cuda":
-            free = torch.cuda.mem_get_info(dev)[0]
+            from ..linalg.backend import free_device_bytes
+
+            free = free_device_bytes(dev)   # torch's cached blocks count as free: torch reuses them
             if plan["total_bytes"] > 0.9 * free:
                 raise MemoryPlanError(
                     f"random-conv Gram accumulation on {dev} needs {plan['total_bytes'] / 2**30:.1f} GiB of device "

@@ -69,3 +69,39 @@ def get_backend(name: str = "numpy"):
         raise InputError(
             f"unknown linear-algebra backend {name!r}; available here: {', '.join(sorted(set(BACKENDS) | set(_LAZY_BACKENDS)))}."
         ) from None
+
+
+def free_device_bytes(device) -> int:
+    """Memory the next allocation on ``device`` can get: a torch device spec ('cuda', 'cuda:1', 'cpu')
+    or 'cupy' (cupy's current CUDA device); available RAM on the CPU.
+
+    ``cudaMemGetInfo`` counts memory that the caching allocators hold but do not use as taken, so
+    this adds torch's reserved-but-unallocated bytes (torch reuses them) for a torch consumer and the
+    free bytes of cupy's default pool for a cupy consumer, and hands the *other* library's cached
+    blocks back to the driver first, so that they show up as free."""
+    import sys
+
+    spec = str(device) if device is not None else "cpu"
+    if spec == "cupy":
+        import cupy
+
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
+        pool = cupy.get_default_memory_pool()
+        return int(cupy.cuda.runtime.memGetInfo()[0]) + int(pool.free_bytes())
+    if spec.startswith("cuda"):
+        import torch
+
+        cupy = sys.modules.get("cupy")
+        if cupy is not None:
+            cupy.get_default_memory_pool().free_all_blocks()
+        dev = torch.device(spec)
+        cached = torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
+        return int(torch.cuda.mem_get_info(dev)[0]) + int(cached)
+    if spec == "meta":
+        raise InputError("device 'meta' holds no memory to measure; pass device_memory_budget (the bytes the "
+                         "target GPU would allow) for a dry run.")
+    import psutil
+
+    return int(psutil.virtual_memory().available)

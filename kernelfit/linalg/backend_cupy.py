@@ -1,10 +1,15 @@
 """cupy backend: the three in-place tile kernels of ``tiled.py`` on cupy arrays (CUDA only).
 
-UNTESTED ON A GPU: cupy is not installed on the development or CI machines. The module imports
-without cupy (so ``get_backend("cupy")`` can be looked up) and every entry point calls
-``require_cupy()``, which raises a clean ``InputError`` naming the fix. The kernels use only the
-numpy-compatible part of cupy's API plus ``cupyx.scipy.linalg.solve_triangular``; tests check that
-math by running this module against numpy standing in for cupy (tests/test_backend_torch.py).
+cupy is not installed on the development or CI machines. The module imports without cupy (so
+``get_backend("cupy")`` can be looked up) and every entry point calls ``require_cupy()``, which
+raises a clean ``InputError`` naming the fix. Two properties of the real cupy matter here, and the
+tests' fake cupy (numpy underneath, tests/test_backend_torch.py) reproduces both:
+
+* under cupy's default error state, ``cupy.linalg.cholesky`` does not check cuSOLVER's info and can
+  return a *partial* factor (finite, positive diagonal) of a matrix that is not positive definite;
+  the factorization therefore runs inside ``cupyx.errstate(linalg="raise")``;
+* ``import cupy`` does not load the ``cupy.cublas`` submodule; it is imported explicitly, so the
+  trailing update is one in-place cuBLAS GEMM instead of a temporary per update.
 """
 
 from __future__ import annotations
@@ -45,9 +50,17 @@ def cupy_available() -> bool:
 
 def _xp_linalg():
     import cupy
+    import cupy.cublas  # noqa: F401 - a submodule that `import cupy` does not load
+    import cupyx
     import cupyx.scipy.linalg
 
     return cupy, cupyx.scipy.linalg
+
+
+def _errstate_raise():
+    import cupyx
+
+    return cupyx.errstate(linalg="raise")
 
 
 def _potrf_info_on_host(T_host: np.ndarray) -> int:
@@ -64,13 +77,14 @@ class CupyBackend:
     @staticmethod
     def potrf(T) -> int:
         cp, _ = _xp_linalg()
-        # cupy.linalg.cholesky does not return LAPACK's info (under the default errstate it returns
-        # NaNs on failure), so check the result and, only on failure, get the exact minor from a
-        # host LAPACK call on the small diagonal tile.
+        # cupy.linalg.cholesky does not return LAPACK's info; with linalg="raise" a failure raises
+        # numpy's LinAlgError (cupy reuses the class). Only then is the exact minor taken from a host
+        # LAPACK call on the small diagonal tile. NaN input passes cuSOLVER: check finiteness too.
         try:
-            L = cp.linalg.cholesky(cp.tril(T) + cp.tril(T, -1).T)
-            failed = not bool(cp.isfinite(L).all()) or not bool((cp.diagonal(L) > 0).all())
-        except np.linalg.LinAlgError:   # under cupyx.errstate(linalg="raise") (cupy reuses numpy's class)
+            with _errstate_raise():
+                L = cp.linalg.cholesky(cp.tril(T) + cp.tril(T, -1).T)
+            failed = not bool(cp.isfinite(cp.diagonal(L)).all())
+        except np.linalg.LinAlgError:
             failed = True
         if failed:
             info = _potrf_info_on_host(cp.asnumpy(T))   # T is still the input here
@@ -90,11 +104,7 @@ class CupyBackend:
     @staticmethod
     def syrk_update(C, A, B) -> None:
         cp, _ = _xp_linalg()
-        cublas = getattr(cp, "cublas", None)
-        if cublas is not None and hasattr(cublas, "gemm"):
-            cublas.gemm("N", "T", A, B, out=C, alpha=-1.0, beta=1.0)   # in place, no temporary
-        else:
-            C -= cp.matmul(A, B.T)
+        cp.cublas.gemm("N", "T", A, B, out=C, alpha=-1.0, beta=1.0)   # in place on C-contiguous C, no temporary
 
     @staticmethod
     def empty(shape, dtype):

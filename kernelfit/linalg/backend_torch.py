@@ -138,7 +138,7 @@ class TorchBackend:
         torch = require_torch()
         L, info = torch.linalg.cholesky_ex(T, upper=False)   # reads the lower triangle only
         T.copy_(L)                                           # L has zeros above the diagonal
-        return int(info)
+        return 0 if info.is_meta else int(info)              # meta tensors (dry runs) hold no values
 
     @staticmethod
     def trsm(P, L) -> None:
@@ -232,3 +232,44 @@ def kernel_matmul_torch(A, B, V, kernel: str, bandwidth: float, rows: int = 2048
         with tf32_disabled():
             torch.matmul(T, V, out=out[a:e])
     return out
+
+
+class PhaseTimer:
+    """Seconds per named phase on a torch device: CUDA events on the current stream (the GPU's own
+    clock, no host synchronization inside the phases) on CUDA, ``perf_counter`` elsewhere.
+    ``seconds()`` synchronizes once and returns {phase: total seconds}."""
+
+    def __init__(self, device):
+        import time
+
+        self.torch = require_torch()
+        self.device = resolve_device(device)
+        self.cuda = self.device.type == "cuda"
+        self._clock = time.perf_counter
+        self._spans = []
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        if self.cuda:
+            start, end = self.torch.cuda.Event(enable_timing=True), self.torch.cuda.Event(enable_timing=True)
+            start.record(self.torch.cuda.current_stream(self.device))
+            try:
+                yield
+            finally:
+                end.record(self.torch.cuda.current_stream(self.device))
+                self._spans.append((name, start, end))
+            return
+        t = self._clock()
+        try:
+            yield
+        finally:
+            self._spans.append((name, t, self._clock()))
+
+    def seconds(self) -> dict:
+        if self.cuda:
+            self.torch.cuda.synchronize(self.device)
+        out = {}
+        for name, a, b in self._spans:
+            dt = a.elapsed_time(b) / 1e3 if self.cuda else b - a
+            out[name] = out.get(name, 0.0) + dt
+        return out

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from ..errors import InputError, MemoryPlanError
+from .backend import free_device_bytes
 from .tiled import SymmetricPanels, cholesky_flops, cholesky_inplace
 
 BACKEND_CHOICES = ("auto", "numpy", "torch", "cupy")
@@ -67,21 +68,6 @@ def plan_device_memory(n: int, block: int, dtype, free_bytes: int, budget: int |
     return DevicePlan(n=n, block=block, dtype=np.dtype(dtype).name, in_core_bytes=gram + workspace,
                       free_bytes=int(free_bytes), usable_bytes=usable, fits_in_core=gram + workspace <= usable,
                       min_out_of_core_bytes=min_budget_bytes(n, block, itemsize, workspace, buffers=1))
-
-
-def free_device_bytes(device) -> int:
-    """Measured free memory of the device: cudaMemGetInfo on CUDA, available RAM on the CPU."""
-    if device is not None and str(device).startswith("cuda"):
-        import torch
-
-        return int(torch.cuda.mem_get_info(torch.device(device))[0])
-    if device == "cupy":
-        import cupy
-
-        return int(cupy.cuda.runtime.memGetInfo()[0])
-    import psutil
-
-    return int(psutil.virtual_memory().available)
 
 
 @dataclass
@@ -139,7 +125,8 @@ def factor(G: SymmetricPanels, *, backend: str = "auto", device=None, out_of_cor
     """
     kind = type(G.panels[0]).__module__.split(".")[0]
     if kind in ("torch", "cupy"):
-        return _factor_resident(G, kind, backend, device, out_of_core, checkpoint_dir, progress, jitter, on_panel_done)
+        return _factor_resident(G, kind, backend, device, out_of_core, checkpoint_dir, progress, jitter, on_panel_done,
+                                tf32)
     if not all(isinstance(P, np.ndarray) for P in G.panels):
         raise InputError(f"factor() expects panels as numpy arrays (host), or torch / cupy arrays (factored where "
                          f"they live); got {type(G.panels[0]).__name__}.")
@@ -158,11 +145,19 @@ def factor(G: SymmetricPanels, *, backend: str = "auto", device=None, out_of_cor
     from .outofcore import make_device
 
     workspace = 0 if be_name != "torch" else make_device(dev_name).workspace_bytes(G.block, G.n, G.dtype.itemsize)
-    measured = free_device_bytes("cupy" if be_name == "cupy" else dev_name)
+    if dev_name == "meta":   # a dry run: no memory to measure, the budget stands for the target device
+        if device_memory_budget is None:
+            raise InputError("device='meta' (a dry run: shapes, dtypes and the memory plan, no values) needs "
+                             "device_memory_budget, the bytes the target GPU would allow.")
+        measured = int(device_memory_budget)
+    else:
+        measured = free_device_bytes("cupy" if be_name == "cupy" else dev_name)
     # On the CPU the panels already sit in the memory the factorization runs in: in place, no copy.
-    # A device_memory_budget there simulates a smaller device (tests, CI) and compares the full Gram.
+    # A device_memory_budget there simulates a smaller, separate device (tests, CI): the full Gram is
+    # compared with it and the panels are copied to it and back, as on a GPU.
     in_place = dev_name == "cpu" and device_memory_budget is None
     plan = plan_device_memory(G.n, G.block, G.dtype, measured, device_memory_budget, workspace, in_place)
+    in_place = in_place or be_name == "numpy"      # numpy always factors the host panels themselves
     if out_of_core == "auto":
         path = "in-core" if plan.fits_in_core else "out-of-core"
     else:
@@ -194,7 +189,7 @@ def factor(G: SymmetricPanels, *, backend: str = "auto", device=None, out_of_cor
         from .checkpoint import Checkpointer
 
         algorithm = "left-looking" if path == "out-of-core" else "right-looking"
-        on_device = path == "in-core" and dev_name != "cpu"
+        on_device = path == "in-core" and not in_place   # factored in a copy: host panels go stale
         if on_device and checkpoint_strategy == "trailing":
             raise InputError("checkpoint_strategy='trailing' would save stale host copies of panels that live on "
                              f"{dev_name}; use checkpoint_strategy='recompute' (the default) there.")
@@ -243,7 +238,7 @@ def factor(G: SymmetricPanels, *, backend: str = "auto", device=None, out_of_cor
                                       stream_buffers=stats["buffers"], slabs=stats["slabs"], pinned=stats["pinned"])
             info.timings_s.update({f"ooc_{k}": v for k, v in stats["timings_s"].items()})
         else:
-            _factor_in_core(G, be_name, dev_name, start, hook, progress, jitter, info,
+            _factor_in_core(G, be_name, dev_name, start, hook, progress, jitter, info, in_place,
                             needs_host_copy=ckpt is not None or on_panel_done is not None,
                             pending_updates=ckpt is not None and ckpt.pending_updates)
     info.timings_s["factor"] = time.perf_counter() - t0
@@ -255,8 +250,11 @@ def factor(G: SymmetricPanels, *, backend: str = "auto", device=None, out_of_cor
     return info
 
 
-def _factor_resident(G, kind, backend, device, out_of_core, checkpoint_dir, progress, jitter, on_panel_done):
+def _factor_resident(G, kind, backend, device, out_of_core, checkpoint_dir, progress, jitter, on_panel_done,
+                     tf32=False):
     """Panels already on a device (torch tensors / cupy arrays): the data decides; factor in place there."""
+    import contextlib
+
     where = str(G.panels[0].device)
     if backend not in ("auto", kind):
         raise InputError(f"the panels are {kind} arrays on {where} but backend={backend!r} was requested; use "
@@ -267,17 +265,34 @@ def _factor_resident(G, kind, backend, device, out_of_core, checkpoint_dir, prog
     if out_of_core is True or checkpoint_dir is not None:
         raise InputError("out-of-core and checkpoints need host (numpy) panels: the device-resident panels are "
                          "factored in place in device memory. Pass numpy panels and device=... instead.")
-    info = FactorInfo(backend=kind, device=where, path="in-core", n=G.n, block=G.block, dtype=str(G.dtype),
-                      bytes_moved={"h2d": 0, "d2h": 0})
+    dtype = str(G.dtype).replace("torch.", "")
+    on_cuda = where.startswith("cuda")
+    info = FactorInfo(backend=kind, device=where, path="in-core", n=G.n, block=G.block, dtype=dtype,
+                      bytes_moved={"h2d": 0, "d2h": 0}, tf32=bool(tf32 and on_cuda and kind == "torch" and
+                                                                 dtype == "float32"))
+    if tf32 and not info.tf32:
+        info.notes.append("tf32 requested but ignored: it applies to float32 torch factors on CUDA only")
+    ctx = contextlib.nullcontext()
+    if info.tf32:
+        from .backend_torch import tf32_enabled
+
+        ctx = tf32_enabled()
     t = time.perf_counter()
-    cholesky_inplace(G, backend=kind, progress=progress, jitter=jitter, on_panel_done=on_panel_done)
+    with ctx:
+        cholesky_inplace(G, backend=kind, progress=progress, jitter=jitter, on_panel_done=on_panel_done)
+    if on_cuda and kind == "torch":   # the last GEMMs are still queued: time the work, not its launch
+        import torch
+
+        torch.cuda.synchronize(G.panels[0].device)
     info.timings_s["factor"] = time.perf_counter() - t
     info.tflops = cholesky_flops(G.n) / max(info.timings_s["factor"], 1e-12) / 1e12
     return info
 
 
-def _factor_in_core(G, be_name, dev_name, start, hook, progress, jitter, info, needs_host_copy=True,
+def _factor_in_core(G, be_name, dev_name, start, hook, progress, jitter, info, in_place, needs_host_copy=True,
                     pending_updates=False):
+    """In-core: numpy factors the host panels themselves; torch factors them where they live when
+    ``in_place`` (CPU tensors sharing the numpy memory), else in device copies that come back at the end."""
     from .checkpoint import apply_finished_updates
 
     if be_name == "numpy":
@@ -285,37 +300,51 @@ def _factor_in_core(G, be_name, dev_name, start, hook, progress, jitter, info, n
         info.bytes_moved = {"h2d": 0, "d2h": 0}
         return
     if be_name == "torch":
-        import torch
-
         from .backend_torch import require_torch
+        from .outofcore import make_device
 
-        require_torch()
-        on_cpu = dev_name == "cpu"
+        torch = require_torch()
+        dev = make_device(dev_name)
         t = time.perf_counter()
-        # CPU: share the numpy memory (true in-place); CUDA: one copy up, one copy back.
-        panels = [torch.from_numpy(P) if on_cpu else torch.from_numpy(P).to(dev_name) for P in G.panels]
+        pinned = None
+        if in_place:
+            panels = [torch.from_numpy(P) for P in G.panels]
+        else:
+            pinned = dev.stage(G.panels[0].size, G.dtype)    # pinned staging buffers on CUDA (else pageable)
+            panels = []
+            for P in G.panels:
+                panels.append(dev.empty(P.shape, P.dtype))
+                dev.to_device(panels[-1], P)
+            dev.synchronize()
+        # the copy branch is decided by the memory itself: panels that share the host arrays need none
+        shared = all(Pd.data_ptr() == P.ctypes.data for P, Pd in zip(G.panels, panels))
         info.timings_s["to_device"] = time.perf_counter() - t
         D = SymmetricPanels(n=G.n, block=G.block, panels=panels)
         if pending_updates:   # resume: bring the trailing panels up to date on the device
             apply_finished_updates(D, start - 1, "torch")
 
         def dev_hook(j):
-            if not on_cpu and needs_host_copy:   # a checkpoint reads the host copy of the finished panel
-                G.panels[j][...] = D.panels[j].cpu().numpy()
+            if not shared and needs_host_copy:   # a checkpoint reads the host copy of the finished panel
+                dev.to_host(G.panels[j], D.panels[j])
             hook(j)
 
-        cholesky_inplace(D, backend="torch", progress=progress, jitter=jitter, start_panel=start,
-                         on_panel_done=dev_hook)
-        t = time.perf_counter()
-        if not on_cpu:
-            for P, Pd in zip(G.panels, D.panels):
-                P[...] = Pd.cpu().numpy()
-            torch.cuda.synchronize()
-        info.timings_s["to_host"] = time.perf_counter() - t
-        moved = 0 if on_cpu else G.nbytes
+        try:
+            cholesky_inplace(D, backend="torch", progress=progress, jitter=jitter, start_panel=start,
+                             on_panel_done=dev_hook)
+            dev.synchronize()
+            t = time.perf_counter()
+            if not shared:
+                for P, Pd in zip(G.panels, D.panels):
+                    dev.to_host(P, Pd)
+                dev.synchronize()
+            info.timings_s["to_host"] = time.perf_counter() - t
+        finally:
+            dev.release()
+        moved = 0 if shared else G.nbytes
         info.bytes_moved = {"h2d": moved, "d2h": moved}
+        info.device_memory["pinned_staging"] = pinned
         return
-    import cupy  # cupy: in-core only; UNTESTED ON A GPU
+    import cupy  # cupy: in-core only (its tile kernels are tested against a faithful fake cupy)
 
     panels = [cupy.asarray(P) for P in G.panels]
     D = SymmetricPanels(n=G.n, block=G.block, panels=panels)

@@ -43,7 +43,7 @@ def _unit_diagonal(G):
 def solve_refined(build_gram: Callable, factor_gram: Callable, apply_high: Callable, Y, *, dtype,
                   max_refine: int = 10, tol: float | None = None, jitter: float = 0.0,
                   scale_diagonal: bool = False, fallback: Callable[[], str | None] | None = None,
-                  timings: dict | None = None):
+                  timings: dict | None = None, solver: Callable | None = None):
     """Solve (K + jitter I) X = Y.
 
     build_gram(dtype) -> ``SymmetricPanels`` of K (host numpy panels, no jitter: it is added here).
@@ -54,6 +54,8 @@ def solve_refined(build_gram: Callable, factor_gram: Callable, apply_high: Calla
         the low-precision attempt fails, returning None when a float64 re-factorization may run, or
         why not: a sentence, or a ``MemoryPlanError`` (not raised) whose plan is kept if this must raise.
     timings: accumulates "gram", "factor", "solve" seconds.
+    solver(L, d) -> (R -> K^{-1} R in float64) for factors that are not host panels (device-resident
+        ones, see ``linalg.resident``); default ``low_precision_solver(cho_solve, L, d)``.
     Returns (X, R = Y - (K + jitter I) X, report dict, list of factor info dicts).
     """
     Y = np.asarray(Y, dtype=np.float64)
@@ -72,7 +74,8 @@ def solve_refined(build_gram: Callable, factor_gram: Callable, apply_high: Calla
         factors.append(factor_gram(G))
         timings["factor"] = timings.get("factor", 0.0) + time.perf_counter() - t
         t = time.perf_counter()
-        X, R, rep = refine(low_precision_solver(cho_solve, G, d), apply, Y, k_inf, max_iter=max_iter, tol=tol)
+        solve_low = solver(G, d) if solver is not None else low_precision_solver(cho_solve, G, d)
+        X, R, rep = refine(solve_low, apply, Y, k_inf, max_iter=max_iter, tol=tol)
         timings["solve"] = timings.get("solve", 0.0) + time.perf_counter() - t
         return X, R, {**rep.to_dict(), "factor_dtype": np.dtype(dt).name, "fallback": None,
                       "scale_diagonal": bool(scale_diagonal)}

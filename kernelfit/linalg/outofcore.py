@@ -19,9 +19,11 @@ budget should hold slabs much wider than one panel: with W = 16,384 columns, n =
 trailing host panels, so a checkpoint only needs the newly finished panels (see checkpoint.py).
 
 Devices: ``"numpy"`` (device buffers are separate numpy arrays; copies are ``np.copyto``), or any
-torch device (``"cpu"``, ``"cuda"``, ``"cuda:1"``). The same code runs on all of them; only CUDA has
-real streams/events and pinned host memory. CI runs the numpy and torch-CPU devices with tiny
-budgets to force streaming; the CUDA overlap path is untested here (no GPU) - see tests/test_gpu.py.
+torch device (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"meta"`` for shape-only dry runs). The same code
+runs on all of them; only CUDA has streams, events and pinned staging buffers, and those calls go
+through ``CudaOps``. CI runs the numpy and torch-CPU devices with small budgets to force streaming,
+the CUDA ordering on CPU tensors under a recording fake of ``CudaOps`` (tests/test_cuda_fake.py),
+and full-size plans on the meta device; tests/test_gpu.py runs the same cases on a GPU.
 
 Every device allocation goes through ``WorkingSet``, which refuses to exceed the budget and
 records the peak, so the bound is checked, not assumed.
@@ -30,12 +32,14 @@ records the peak, so the bound is checked, not assumed.
 from __future__ import annotations
 
 import time
+import warnings
+import weakref
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from ..errors import InputError, MemoryPlanError, NotPositiveDefiniteError
-from .tiled import SymmetricPanels, _panel_flops, cholesky_inplace
+from .tiled import SymmetricPanels, _panel_flops, cholesky_inplace, choose_block
 
 
 def _gib(b) -> str:
@@ -46,14 +50,16 @@ def _gib(b) -> str:
 
 
 class WorkingSet:
-    """Device-byte accounting: every buffer the algorithm allocates on the device is counted here,
-    plus a fixed reservation for backend temporaries. Exceeding the budget raises."""
+    """Device-byte accounting of *live* buffers, plus a fixed reservation for backend temporaries.
+
+    A buffer's bytes count until the buffer and every view of it are garbage (``weakref.finalize``),
+    not until the algorithm says it is done with it, so the bound holds for what is really allocated.
+    Allocating past the budget raises."""
 
     def __init__(self, budget: int, reserved: int = 0):
         self.budget, self.reserved = int(budget), int(reserved)
         self.current = self.reserved
         self.peak = self.current
-        self._sizes = {}
 
     def alloc(self, dev, shape, dtype):
         nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
@@ -61,13 +67,13 @@ class WorkingSet:
             raise MemoryPlanError(f"out-of-core working set would exceed its device budget: {_gib(self.current)} in "
                                   f"use + {_gib(nbytes)} requested > {_gib(self.budget)}.")
         buf = dev.empty(shape, dtype)
-        self._sizes[id(buf)] = nbytes
         self.current += nbytes
         self.peak = max(self.peak, self.current)
+        weakref.finalize(buf, self._release, nbytes)
         return buf
 
-    def free(self, buf) -> None:
-        self.current -= self._sizes.pop(id(buf))
+    def _release(self, nbytes: int) -> None:
+        self.current -= nbytes
 
 
 # --- devices -------------------------------------------------------------------------------------
@@ -102,8 +108,11 @@ class NumpyDevice:
     def synchronize(self):
         pass
 
-    def pin(self, arrays):
+    def stage(self, max_elements, dtype) -> bool:
         return False
+
+    def release(self):
+        pass
 
     def compute_begin(self):
         return None
@@ -114,55 +123,97 @@ class NumpyDevice:
     def busy_seconds(self):
         return None   # no separate device: compute and copies are the same CPU time
 
-    def unpin(self):
-        pass
-
     def workspace_bytes(self, block, rows, itemsize) -> int:
         return 0   # scipy's potrf/trsm/gemm work in place on the panels
 
 
+class CudaOps:
+    """Every CUDA stream / event / pinned-memory call of the streamed copies, in one place, so that
+    a recording fake can stand in for it on a machine without a GPU (tests/test_cuda_fake.py)."""
+
+    def __init__(self, torch, device):
+        self.torch, self.device = torch, device
+
+    def stream(self):
+        return self.torch.cuda.Stream(device=self.device)
+
+    def current_stream(self):
+        return self.torch.cuda.current_stream(self.device)
+
+    def use_stream(self, stream):
+        return self.torch.cuda.stream(stream)
+
+    def event(self, timing: bool = False):
+        return self.torch.cuda.Event(enable_timing=timing)
+
+    def synchronize(self):
+        self.torch.cuda.synchronize(self.device)
+
+    def pinned_empty(self, numel: int, dtype):
+        return self.torch.empty(int(numel), dtype=dtype, pin_memory=True)
+
+    def copy(self, dst, src, non_blocking: bool) -> None:
+        dst.copy_(src, non_blocking=non_blocking)
+
+
+STAGING_SLOTS = 2   # pinned host buffers: staging slot k+1 on the host while slot k's DMA runs
+
+
 class TorchDevice:
-    """A torch device (CPU or CUDA). On CUDA: a copy stream + events overlap the streamed copies of
-    finished panels with the update GEMMs on the compute stream (UNTESTED ON A GPU here)."""
+    """A torch device: CPU, CUDA, or "meta" (shapes and dtypes only: a full-size dry run in seconds).
+
+    On CUDA, host <-> device copies go through ``STAGING_SLOTS`` pinned host buffers of one panel
+    each (allocated once, outside the per-panel loop): a panel is copied into a staging buffer on the
+    host, then DMA'd asynchronously. The Gram itself is never page-locked (cudaHostRegister of tens
+    of GB costs seconds and can fail); when even the staging buffers cannot be pinned the copies
+    fall back to pageable (synchronous) ones with a warning. A copy stream and events overlap the
+    streamed copies of finished panels with the update GEMMs on the compute stream. ``cuda_ops``
+    replaces the CUDA calls (tests drive the same logic on CPU tensors with a recording fake)."""
 
     backend = "torch"
 
-    def __init__(self, device):
+    def __init__(self, device, cuda_ops=None):
         from .backend_torch import TRSM_CHUNK_ELEMENTS, require_torch, resolve_device
 
         self.torch = require_torch()
         self.device = resolve_device(device)
         self.name = str(self.device)
-        self.is_cuda = self.device.type == "cuda"
+        self.is_meta = self.device.type == "meta"
+        if cuda_ops is None and self.device.type == "cuda":
+            cuda_ops = CudaOps(self.torch, self.device)
+        self.ops = cuda_ops
+        self.is_cuda = cuda_ops is not None
         self.trsm_chunk = TRSM_CHUNK_ELEMENTS
         self.pinned = False
-        self._registered = []
+        self._staging = []
         self._spans = []
         if self.is_cuda:
-            self.copy_stream = self.torch.cuda.Stream(device=self.device)
-            self.copied = [self.torch.cuda.Event(), self.torch.cuda.Event()]
-            self.computed = [None, None]
+            self.copy_stream = self.ops.stream()
+            self.copied = [None, None]      # per stream buffer: its DMA is done
+            self.computed = [None, None]    # per stream buffer: the GEMMs that read it are done
+            self._staged = [None] * STAGING_SLOTS   # per staging buffer: the DMA that used it last
+            self._next_slot = 0
 
     # GPU busy time: timing events on the compute stream around each batch of kernels. A start event
     # recorded after wait_copied() fires when the copy is done, so spans exclude waiting for copies.
     def compute_begin(self):
         if not self.is_cuda:
             return None
-        ev = self.torch.cuda.Event(enable_timing=True)
-        ev.record(self.torch.cuda.current_stream(self.device))
+        ev = self.ops.event(timing=True)
+        ev.record(self.ops.current_stream())
         return ev
 
     def compute_end(self, start):
         if start is None:
             return
-        ev = self.torch.cuda.Event(enable_timing=True)
-        ev.record(self.torch.cuda.current_stream(self.device))
+        ev = self.ops.event(timing=True)
+        ev.record(self.ops.current_stream())
         self._spans.append((start, ev))
 
     def busy_seconds(self):
         if not self.is_cuda:
             return None
-        self.torch.cuda.synchronize(self.device)
+        self.ops.synchronize()
         return sum(a.elapsed_time(b) for a, b in self._spans) / 1e3
 
     def empty(self, shape, dtype):
@@ -170,61 +221,110 @@ class TorchDevice:
 
         return self.torch.empty(tuple(shape), dtype=torch_dtype(dtype), device=self.device)
 
+    # --- staging through pinned host buffers -----------------------------------------------------
+    def stage(self, max_elements: int, dtype) -> bool:
+        """Allocate the pinned staging buffers (CUDA only). False, with a warning, when pinning fails."""
+        if not self.is_cuda or self._staging:
+            return self.pinned
+        from .backend_torch import torch_dtype
+
+        try:
+            self._staging = [self.ops.pinned_empty(max_elements, torch_dtype(dtype)) for _ in range(STAGING_SLOTS)]
+        except Exception as exc:   # cudaHostAlloc refused (locked-memory limit, no memory): pageable copies
+            self._staging = []
+            warnings.warn(f"could not allocate {STAGING_SLOTS} pinned host staging buffers of "
+                          f"{_gib(max_elements * np.dtype(dtype).itemsize)} ({exc}); host<->device copies fall back "
+                          f"to pageable memory (synchronous, slower).", RuntimeWarning, stacklevel=3)
+        self.pinned = bool(self._staging)
+        return self.pinned
+
+    def release(self):
+        if self.is_cuda:
+            self.ops.synchronize()
+            self._staged = [None] * STAGING_SLOTS
+        self._staging = []
+        self.pinned = False
+
+    def _staging_view(self, slot: int, shape):
+        """The pinned buffer ``slot`` as an array of ``shape``, once the DMA that last used it is done."""
+        if self._staged[slot] is not None:
+            self._staged[slot].synchronize()      # the host waits for that one copy only
+            self._staged[slot] = None
+        numel = int(np.prod(shape))
+        return self._staging[slot][:numel].view(tuple(shape))
+
+    def _take_slot(self) -> int:
+        slot = self._next_slot
+        self._next_slot = (slot + 1) % STAGING_SLOTS
+        return slot
+
+    def _h2d(self, dst, src: np.ndarray, stream) -> None:
+        """dst <- src on ``stream``: through a staging buffer when pinned, else a pageable copy."""
+        host = self.torch.from_numpy(src)
+        if not self.pinned:
+            self.ops.copy(dst, host, non_blocking=False)
+            return
+        slot = self._take_slot()
+        view = self._staging_view(slot, src.shape)
+        self.ops.copy(view, host, non_blocking=False)      # host memcpy into pinned memory
+        with self.ops.use_stream(stream):
+            self.ops.copy(dst, view, non_blocking=True)    # asynchronous DMA
+            ev = self.ops.event()
+            ev.record(stream)
+        self._staged[slot] = ev
+        return ev
+
     def to_device(self, dst, src: np.ndarray) -> None:
-        dst.copy_(self.torch.from_numpy(src), non_blocking=self.pinned)
+        if not self.is_cuda:
+            dst.copy_(self.torch.from_numpy(src))
+            return
+        self._h2d(dst, src, self.ops.current_stream())
 
     def to_host(self, dst: np.ndarray, src) -> None:
-        self.torch.from_numpy(dst).copy_(src, non_blocking=self.pinned)
+        if self.is_meta:   # no values: check what would arrive
+            from .backend_torch import numpy_dtype
+
+            if tuple(src.shape) != dst.shape or numpy_dtype(src.dtype) != dst.dtype:
+                raise InputError(f"device panel {tuple(src.shape)} {src.dtype} does not match its host panel "
+                                 f"{dst.shape} {dst.dtype}.")
+            return
+        if not (self.is_cuda and self.pinned):
+            self.torch.from_numpy(dst).copy_(src)
+            return
+        slot = self._take_slot()
+        view = self._staging_view(slot, dst.shape)
+        stream = self.ops.current_stream()
+        self.ops.copy(view, src, non_blocking=True)
+        ev = self.ops.event()
+        ev.record(stream)
+        ev.synchronize()
+        self.ops.copy(self.torch.from_numpy(dst), view, non_blocking=False)
 
     def copy_in_streamed(self, dst, src, slot):
         if not self.is_cuda:
             return self.to_device(dst, src)
-        torch = self.torch
-        with torch.cuda.stream(self.copy_stream):
-            if self.computed[slot] is not None:      # the GEMMs that read this buffer last are done
-                self.copy_stream.wait_event(self.computed[slot])
-            dst.copy_(torch.from_numpy(src), non_blocking=self.pinned)
-            self.copied[slot].record(self.copy_stream)
+        if self.computed[slot] is not None:      # the GEMMs that read this buffer last are done
+            self.copy_stream.wait_event(self.computed[slot])
+        ev = self._h2d(dst, src, self.copy_stream)
+        if ev is None:   # pageable: the copy was synchronous
+            ev = self.ops.event()
+            ev.record(self.copy_stream)
+        self.copied[slot] = ev
 
     def wait_copied(self, slot):
         if self.is_cuda:
-            self.torch.cuda.current_stream(self.device).wait_event(self.copied[slot])
+            self.ops.current_stream().wait_event(self.copied[slot])
 
     def mark_computed(self, slot):
         if self.is_cuda:
-            ev = self.torch.cuda.Event()
-            ev.record(self.torch.cuda.current_stream(self.device))
+            ev = self.ops.event()
+            ev.record(self.ops.current_stream())
             self.computed[slot] = ev
 
     def synchronize(self):
         if self.is_cuda:
-            self.torch.cuda.synchronize(self.device)
+            self.ops.synchronize()
             self.computed = [None, None]
-
-    def pin(self, arrays) -> bool:
-        """Page-lock the host panels (cudaHostRegister) so copies are asynchronous DMA."""
-        if not self.is_cuda:
-            return False
-        ok = True
-        try:
-            cudart = self.torch.cuda.cudart()
-            for a in arrays:
-                if a.nbytes and int(cudart.cudaHostRegister(a.ctypes.data, a.nbytes, 0)) == 0:
-                    self._registered.append(a)
-                else:
-                    ok = False
-        except Exception:   # no cudart binding: fall back to pageable (synchronous) copies
-            ok = False
-        self.pinned = ok
-        return ok
-
-    def unpin(self):
-        if self._registered:
-            cudart = self.torch.cuda.cudart()
-            for a in self._registered:
-                cudart.cudaHostUnregister(a.ctypes.data)
-            self._registered = []
-        self.pinned = False
 
     def workspace_bytes(self, block, rows, itemsize) -> int:
         # cholesky_ex's output tile + one trsm row chunk (torch's triangular solve is out of place)
@@ -232,7 +332,10 @@ class TorchDevice:
 
 
 def make_device(device):
-    """'numpy' -> NumpyDevice; anything else is a torch device spec ('cpu', 'cuda', 'cuda:0', torch.device)."""
+    """'numpy' -> NumpyDevice; a device object (NumpyDevice / TorchDevice) as it is; anything else is
+    a torch device spec ('cpu', 'cuda', 'cuda:0', 'meta', torch.device)."""
+    if isinstance(device, (NumpyDevice, TorchDevice)):
+        return device
     if device is None or (isinstance(device, str) and device == "numpy"):
         return NumpyDevice()
     return TorchDevice(device)
@@ -315,12 +418,30 @@ class OutOfCoreStats:
         return asdict(self)
 
 
+def budget_for_slabs(n: int, block: int, itemsize: int, slabs: int, workspace: int = 0) -> int:
+    """The largest device budget whose slab plan has at least ``slabs`` slabs: a run that claims to be
+    out-of-core really streams (on a large GPU, 90% of free memory often holds the whole Gram)."""
+    lo = min_budget_bytes(n, block, itemsize, workspace, buffers=1)
+    hi = SymmetricPanels.nbytes_for(n, block, np.dtype(f"f{itemsize}")) + workspace
+    if len(plan_slabs(n, block, itemsize, lo, workspace).slabs) < slabs:
+        raise MemoryPlanError(f"n={n}, block={block} cannot be cut into {slabs} slabs (even the smallest budget, "
+                              f"{_gib(lo)}, gives fewer); use a smaller block or fewer slabs.")
+    while hi - lo > max(1, itemsize * block):    # slab counts only fall as the budget grows
+        mid = (lo + hi) // 2
+        if len(plan_slabs(n, block, itemsize, mid, workspace).slabs) >= slabs:
+            lo = mid
+        else:
+            hi = mid
+    return int(lo)
+
+
 def cholesky_out_of_core(G: SymmetricPanels, device="numpy", budget_bytes: int | None = None, progress=None,
                          jitter: float = 0.0, start_panel: int = 0, on_panel_done=None, pin: bool = True,
                          stats_out: dict | None = None) -> SymmetricPanels:
     """Overwrite host panels G (numpy) with the Cholesky factor, using at most ``budget_bytes`` of
     device memory. ``start_panel``: panels before it already hold the final factor (resume);
     ``on_panel_done(j)`` is called after each slab is back on the host, with its last panel index.
+    ``pin``: stage CUDA copies through pinned host buffers (falls back to pageable with a warning).
     Returns G; fills ``stats_out`` (if given) with an ``OutOfCoreStats`` dict."""
     from .backend import get_backend
 
@@ -335,75 +456,26 @@ def cholesky_out_of_core(G: SymmetricPanels, device="numpy", budget_bytes: int |
         budget_bytes = G.nbytes + workspace
     plan = plan_slabs(n, block, itemsize, int(budget_bytes), workspace, start_panel)
     ws = WorkingSet(plan.budget, reserved=workspace)
-    starts = G.starts
     stats = OutOfCoreStats(device=dev.name, backend=dev.backend, budget_bytes=plan.budget, peak_device_bytes=0,
                            buffers=plan.buffers, slabs=len(plan.slabs))
-    t_load = t_stream = t_factor = t_store = 0.0
-    stats.pinned = dev.pin(G.panels) if pin else False
+    timer = {"stage": 0.0, "load": 0.0, "stream_update": 0.0, "factor_slab": 0.0, "store": 0.0}
     t_all = time.perf_counter()
+    stats.pinned = dev.stage(G.panels[0].size, G.dtype) if pin else False
+    timer["stage"] = time.perf_counter() - t_all
     try:
         for j0, j1 in plan.slabs:
-            s0 = starts[j0]
-            t = time.perf_counter()
-            slab = []
-            for j in range(j0, j1):
-                buf = ws.alloc(dev, G.panels[j].shape, G.dtype)
-                dev.to_device(buf, G.panels[j])
-                stats.h2d_bytes += G.panels[j].nbytes
-                slab.append(buf)
-            t_load += time.perf_counter() - t
-
-            t = time.perf_counter()
-            if j0 > 0:
-                bufs = [ws.alloc(dev, (n - s0, block), G.dtype) for _ in range(plan.buffers)]
-                for k in range(j0):
-                    slot = k % plan.buffers
-                    piece = G.panels[k][s0 - starts[k]:]           # rows s0.. of finished panel k
-                    dev.copy_in_streamed(bufs[slot], piece, slot)
-                    stats.h2d_bytes += piece.nbytes
-                    dev.wait_copied(slot)
-                    span = dev.compute_begin()
-                    Lk = bufs[slot]
-                    for i, Pi in zip(range(j0, j1), slab):
-                        off = starts[i] - s0
-                        be.syrk_update(Pi, Lk[off:], Lk[off : off + Pi.shape[1]])
-                    dev.compute_end(span)
-                    dev.mark_computed(slot)
-                dev.synchronize()
-                for b in bufs:
-                    ws.free(b)
-            t_stream += time.perf_counter() - t
-
-            t = time.perf_counter()
-            sub = SymmetricPanels(n=n - s0, block=block, panels=slab)
-            span = dev.compute_begin()
-            try:
-                cholesky_inplace(sub, backend=dev.backend, jitter=jitter)
-            except NotPositiveDefiniteError as exc:
-                raise NotPositiveDefiniteError(minor=exc.minor + s0, n=n, dtype=str(G.dtype), jitter=jitter) from None
-            dev.compute_end(span)
-            dev.synchronize()
-            t_factor += time.perf_counter() - t
-
-            t = time.perf_counter()
-            for j, buf in zip(range(j0, j1), slab):
-                dev.to_host(G.panels[j], buf)
-                stats.d2h_bytes += G.panels[j].nbytes
-            dev.synchronize()
-            for buf in slab:
-                ws.free(buf)
-            t_store += time.perf_counter() - t
+            # every device buffer of a slab dies when _run_slab returns, before the next slab allocates
+            _run_slab(G, dev, be, ws, plan, j0, j1, stats, timer, jitter)
             if progress is not None:
-                progress.update(sum(_panel_flops(n, starts[j], G.panels[j].shape[1]) for j in range(j0, j1)))
+                progress.update(sum(_panel_flops(n, G.starts[j], G.panels[j].shape[1]) for j in range(j0, j1)))
             if on_panel_done is not None:
                 on_panel_done(j1 - 1)
     finally:
-        dev.unpin()
+        dev.release()
         stats.peak_device_bytes = ws.peak
         # On CUDA the streamed copies overlap the GEMMs, so 'stream' is copies + updates together.
         total = time.perf_counter() - t_all
-        stats.timings_s = {"load": t_load, "stream_update": t_stream, "factor_slab": t_factor, "store": t_store,
-                           "total": total}
+        stats.timings_s = {**timer, "total": total}
         busy = dev.busy_seconds()
         if busy is not None:   # CUDA only: fraction of the wall time the compute stream ran kernels
             stats.timings_s["gpu_busy"] = busy
@@ -413,12 +485,74 @@ def cholesky_out_of_core(G: SymmetricPanels, device="numpy", budget_bytes: int |
     return G
 
 
+def _run_slab(G, dev, be, ws, plan, j0, j1, stats, timer, jitter) -> None:
+    """Load panels j0..j1-1, apply the finished panels' updates, factor them, store them."""
+    n, block, starts = G.n, G.block, G.starts
+    s0 = starts[j0]
+    t = time.perf_counter()
+    slab = []
+    for j in range(j0, j1):
+        buf = ws.alloc(dev, G.panels[j].shape, G.dtype)
+        dev.to_device(buf, G.panels[j])
+        stats.h2d_bytes += G.panels[j].nbytes
+        slab.append(buf)
+    timer["load"] += time.perf_counter() - t
+
+    if j0 > 0:
+        t = time.perf_counter()
+        _stream_updates(G, dev, be, ws, plan, j0, j1, slab, stats)
+        timer["stream_update"] += time.perf_counter() - t
+
+    t = time.perf_counter()
+    sub = SymmetricPanels(n=n - s0, block=block, panels=slab)
+    span = dev.compute_begin()
+    try:
+        cholesky_inplace(sub, backend=dev.backend, jitter=jitter)
+    except NotPositiveDefiniteError as exc:
+        raise NotPositiveDefiniteError(minor=exc.minor + s0, n=n, dtype=str(G.dtype), jitter=jitter) from None
+    dev.compute_end(span)
+    dev.synchronize()
+    timer["factor_slab"] += time.perf_counter() - t
+
+    t = time.perf_counter()
+    for j, buf in zip(range(j0, j1), slab):
+        dev.to_host(G.panels[j], buf)
+        stats.d2h_bytes += G.panels[j].nbytes
+    dev.synchronize()
+    timer["store"] += time.perf_counter() - t
+
+
+def _stream_updates(G, dev, be, ws, plan, j0, j1, slab, stats) -> None:
+    """slab -= L_k L_k^T restricted to its rows/columns, for every finished panel k < j0, each L_k
+    streamed into one of ``plan.buffers`` device buffers (which die when this returns)."""
+    n, block, starts = G.n, G.block, G.starts
+    s0 = starts[j0]
+    bufs = [ws.alloc(dev, (n - s0, block), G.dtype) for _ in range(plan.buffers)]
+    for k in range(j0):
+        slot = k % plan.buffers
+        piece = G.panels[k][s0 - starts[k]:]           # rows s0.. of finished panel k
+        Lk = bufs[slot]                                # finished panels are full width (block)
+        dev.copy_in_streamed(Lk, piece, slot)
+        stats.h2d_bytes += piece.nbytes
+        dev.wait_copied(slot)
+        span = dev.compute_begin()
+        for i, Pi in zip(range(j0, j1), slab):
+            off = starts[i] - s0
+            be.syrk_update(Pi, Lk[off:], Lk[off : off + Pi.shape[1]])
+        dev.compute_end(span)
+        dev.mark_computed(slot)
+    dev.synchronize()
+
+
 def build_gram_panels_device(X, kernel: str, bandwidth: float, block: int | None = None, dtype=np.float32,
-                             device="cpu", out: SymmetricPanels | None = None, center: bool = True) -> SymmetricPanels:
-    """Lower-triangle Gram panels computed on a torch device, one panel at a time, and written to
-    host panels (never the whole Gram on the device). TF32 is off for the distance GEMMs. Points are
-    centered first (in float64; the kernels are translation-invariant), which keeps the float32
-    |x|^2 + |z|^2 - 2 x.z expansion accurate for data far from the origin, as solve.py does."""
+                             device="cpu", out: SymmetricPanels | None = None, center: bool = True,
+                             resident: bool = False) -> SymmetricPanels:
+    """Lower-triangle Gram panels computed on a torch device, one panel at a time. By default they
+    are written to host panels (never the whole Gram on the device); ``resident=True`` keeps them on
+    the device instead (a SymmetricPanels of device tensors, for a matrix that fits there). TF32 is
+    off for the distance GEMMs. Points are centered first (in float64; the kernels are
+    translation-invariant), which keeps the float32 |x|^2 + |z|^2 - 2 x.z expansion accurate for
+    data far from the origin, as solve.py does."""
     from .backend_torch import gram_tile_into, require_torch, resolve_device, torch_dtype
 
     torch = require_torch()
@@ -428,14 +562,23 @@ def build_gram_panels_device(X, kernel: str, bandwidth: float, block: int | None
         X = X - X.mean(axis=0)
     X = np.ascontiguousarray(X, dtype=dtype)
     n = X.shape[0]
-    G = out if out is not None else SymmetricPanels.empty(n, block, dtype)
+    if resident:
+        if out is not None:
+            raise InputError("build_gram_panels_device: out= is for host panels; resident=True allocates on the device.")
+        block = choose_block(n, block)
+        G = SymmetricPanels(n=n, block=block, panels=[
+            torch.empty((n - s, min(block, n - s)), dtype=torch_dtype(dtype), device=dev)
+            for s in SymmetricPanels.starts_for(n, block)])
+    else:
+        G = out if out is not None else SymmetricPanels.empty(n, block, dtype)
     Xd = torch.from_numpy(X).to(dev)
     sq = (Xd * Xd).sum(1)
-    tile = torch.empty((n, G.block), dtype=torch_dtype(dtype), device=dev)
+    tile = None if resident else torch.empty((n, G.block), dtype=torch_dtype(dtype), device=dev)
     for s, P in zip(G.starts, G.panels):
         w = P.shape[1]
-        T = tile[: n - s, :w]
+        T = P if resident else tile[: n - s, :w]
         gram_tile_into(T, Xd[s:], Xd[s : s + w], sq[s:], sq[s : s + w], kernel, bandwidth)
         T[torch.arange(w), torch.arange(w)] = 1.0      # k(x, x) = 1 exactly, as in kernelfit.gram
-        torch.from_numpy(P).copy_(T)
+        if not resident:
+            torch.from_numpy(P).copy_(T)
     return G

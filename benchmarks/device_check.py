@@ -1,0 +1,206 @@
+"""One prepared device check: the GPU tests, then the GPU benchmark, each under a timeout, on a
+machine that has only this working tree (plus the folders copied with it). See docs/gpu.md.
+
+    python3 benchmarks/device_check.py --out "$OUT"
+
+Steps (all output under --out, at most 8 files, one folder level; the summary table prints last):
+
+1. ``environment.json``: Python / torch / CUDA versions, GPU name and memory, where the data was found.
+2. ``pytest -m gpu tests/test_gpu.py`` under ``--pytest-timeout`` -> ``pytest_gpu.log``, ``pytest_gpu.xml``.
+3. ``benchmarks/gpu_cholesky.py`` under what is left of ``--timeout``: n = 60,000 in-core float32 /
+   mixed / mixed with a TF32 factor, each with ``torch.linalg.cholesky`` on the same matrix in the
+   same process; out-of-core n = 100,000 float32 and mixed with a budget that forces >= 3 slabs
+   -> ``gpu_cholesky.jsonl`` (one record per configuration, success or error), ``gpu_cholesky.log``.
+4. ``summary.md``: one row per configuration, printed last.
+
+Data: mnist.npz from --data, $KERNELFIT_DATA, <repo>/runs/data (git-ignored; copy it there so it
+travels with the tree), or <repo>/../shared/data. The exit status is 0 only when the tests passed
+and every benchmark configuration succeeded.
+
+CPU dry run of the machinery (part of the test suite, well under a minute):
+    python benchmarks/device_check.py --device cpu --n 400 --n-test 100 --ooc-n 500 --block 64 --out /tmp/check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from gpu_cholesky import find_data_dir  # noqa: E402
+
+FILES = ("environment.json", "pytest_gpu.log", "pytest_gpu.xml", "gpu_cholesky.jsonl", "gpu_cholesky.log",
+         "summary.md")
+
+
+def child_env(data_dir: Path) -> dict:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", KERNELFIT_DATA=str(data_dir), MPLBACKEND="Agg")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
+def run_logged(cmd, log: Path, env, timeout: float) -> dict:
+    """Run cmd with stdout+stderr into log, killed after timeout seconds; returns rc / seconds / timed_out."""
+    t = time.perf_counter()
+    with open(log, "w") as f:
+        f.write("$ " + " ".join(map(str, cmd)) + "\n")
+        f.flush()
+        proc = subprocess.Popen(list(map(str, cmd)), stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        try:
+            rc, timed_out = proc.wait(timeout=max(1.0, timeout)), False
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc, timed_out = proc.wait(), True
+            f.write(f"\n[device_check] killed after {timeout:.0f} s (timeout)\n")
+    return {"rc": rc, "seconds": round(time.perf_counter() - t, 1), "timed_out": timed_out}
+
+
+def environment(device: str, data_dir: Path) -> dict:
+    info = {"python": platform.python_version(), "platform": platform.platform(), "data_dir": str(data_dir),
+            "requested_device": device, "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["torch_cuda"] = torch.version.cuda
+        info["cuda_available"] = torch.cuda.is_available()
+        if torch.cuda.is_available():
+            info["gpus"] = [{"name": torch.cuda.get_device_name(i),
+                             "memory_gib": round(torch.cuda.get_device_properties(i).total_memory / 2**30, 1)}
+                            for i in range(torch.cuda.device_count())]
+    except Exception as exc:   # the check must still run its steps and say what broke
+        info["torch_error"] = f"{type(exc).__name__}: {exc}"
+    try:
+        import cupy
+
+        info["cupy"] = cupy.__version__
+    except Exception:
+        info["cupy"] = None
+    if shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,memory.used,driver_version",
+                                  "--format=csv,noheader"], capture_output=True, text=True, timeout=30)
+            info["nvidia_smi"] = out.stdout.strip() or out.stderr.strip()
+        except Exception as exc:
+            info["nvidia_smi"] = f"{type(exc).__name__}: {exc}"
+    return info
+
+
+def pytest_counts(log: Path) -> str:
+    """The last pytest summary line ('8 passed, 1 skipped in 4.20s'), or what the log ended with."""
+    lines = [ln.strip(" =") for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if re.search(r"\b(passed|failed|error|skipped|deselected|no tests ran)\b", ln):
+            return ln
+    return lines[-1] if lines else "(no output)"
+
+
+def end_to_end_seconds(r: dict):
+    ph = r.get("phases_s", {})
+    if "gram" not in ph:
+        return None
+    return ph["gram"] + ph.get("factor_total", 0.0) + ph.get("refine", ph.get("solve_host", 0.0)) + ph.get("predict", 0.0)
+
+
+def _fmt(x, spec):
+    return "-" if x is None else format(x, spec)
+
+
+def summary_table(records: list[dict], pytest_line: str, pytest_run: dict, bench_run: dict, gpu: str,
+                  marker: str = "gpu") -> str:
+    head = [f"# Device check on {gpu}", "",
+            f"pytest -m '{marker}' tests/test_gpu.py: {pytest_line} (rc {pytest_run['rc']}, {pytest_run['seconds']} s"
+            f"{', TIMED OUT' if pytest_run['timed_out'] else ''})",
+            f"benchmark: rc {bench_run['rc']}, {bench_run['seconds']} s{', TIMED OUT' if bench_run['timed_out'] else ''}",
+            "",
+            "| config | n | path | slabs | status | gram s | factor s | TFLOP/s | torch.linalg.cholesky TFLOP/s "
+            "| ours / torch | end-to-end s | residual (rel) | float64 level | test error |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = []
+    for r in records:
+        ref = (r.get("reference") or {}).get("torch.linalg.cholesky")
+        ref_tf = ref.get("tflops") if isinstance(ref, dict) else None
+        ratio = ref.get("ours_over_reference_speed") if isinstance(ref, dict) else None
+        ph = r.get("phases_s", {})
+        level = None
+        if "residual_relative" in r and "refinement" in r:
+            level = r["refinement"].get("float64_level")
+        status = r.get("status", "?") if r.get("status") == "ok" else f"error: {r.get('error', '')[:60]}"
+        rows.append(f"| {r.get('mode')} | {r.get('n')} | {r.get('path')} | {_fmt(r.get('slabs'), 'd')} | {status} "
+                    f"| {_fmt(ph.get('gram'), '.2f')} | {_fmt(ph.get('factor_compute'), '.2f')} "
+                    f"| {_fmt(r.get('tflops'), '.3g')} | {_fmt(ref_tf, '.3g')} | {_fmt(ratio, '.2f')} "
+                    f"| {_fmt(end_to_end_seconds(r), '.2f')} | {_fmt(r.get('residual_relative'), '.1e')} "
+                    f"| {'-' if level is None else level} | {_fmt(r.get('test_error'), '.4f')} |")
+    if not rows:
+        rows.append("| (no benchmark records) |" + " |" * 13)
+    return "\n".join(head + rows) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda", help="cuda (default) or cpu for a dry run of the machinery")
+    p.add_argument("--out", default=os.environ.get("OUT"), help="output folder (default $OUT)")
+    p.add_argument("--data", default=None, help="folder with mnist.npz (see the module docstring for the search)")
+    p.add_argument("--timeout", type=float, default=420.0, help="seconds for the whole check (default 420)")
+    p.add_argument("--pytest-timeout", type=float, default=120.0, help="seconds for the GPU tests (default 120)")
+    p.add_argument("--n", type=int, default=60000, help="in-core training points (default 60000, all of MNIST)")
+    p.add_argument("--n-test", type=int, default=10000)
+    p.add_argument("--modes", nargs="+", default=["float32", "mixed", "mixed-tf32"])
+    p.add_argument("--ooc-n", type=int, nargs="*", default=[100000])
+    p.add_argument("--ooc-modes", nargs="+", default=["float32", "mixed"])
+    p.add_argument("--ooc-slabs", type=int, default=3)
+    p.add_argument("--block", type=int, default=None, help="panel width (default: automatic for each n)")
+    args = p.parse_args(argv)
+    if not args.out:
+        raise SystemExit("no output folder: pass --out DIR or set $OUT.")
+    os.environ["PYTHONUNBUFFERED"] = "1"
+    t0 = time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in FILES:   # a fresh record: nothing left from an earlier check in the same folder
+        (out / name).unlink(missing_ok=True)
+    data_dir = find_data_dir(args.data)
+    env = child_env(data_dir)
+
+    info = environment(args.device, data_dir)
+    (out / "environment.json").write_text(json.dumps(info, indent=2) + "\n")
+    gpu = ", ".join(g["name"] for g in info.get("gpus", [])) or f"{args.device} (no CUDA GPU)"
+    print(f"[device_check] {gpu}; data from {data_dir}", flush=True)
+
+    marker = "gpu" if args.device.startswith("cuda") else "not gpu"   # the dry run takes the cpu cases
+    pytest_run = run_logged([sys.executable, "-m", "pytest", "-m", marker, "tests/test_gpu.py", "-rfEs",
+                             "-p", "no:cacheprovider", f"--junitxml={out / 'pytest_gpu.xml'}"],
+                            out / "pytest_gpu.log", env, min(args.pytest_timeout, args.timeout))
+    pytest_line = pytest_counts(out / "pytest_gpu.log")
+    print(f"[device_check] pytest: {pytest_line} ({pytest_run['seconds']} s)", flush=True)
+
+    left = args.timeout - (time.perf_counter() - t0)
+    bench = [sys.executable, str(ROOT / "benchmarks" / "gpu_cholesky.py"), "--device", args.device, "--n", args.n,
+             "--n-test", args.n_test, "--modes", *args.modes, "--ooc-n", *args.ooc_n, "--ooc-modes", *args.ooc_modes,
+             "--ooc-slabs", args.ooc_slabs, "--data", data_dir, "--out", out / "gpu_cholesky.jsonl",
+             *(["--block", args.block] if args.block else [])]
+    bench_run = run_logged(bench, out / "gpu_cholesky.log", env, left)
+    jsonl = out / "gpu_cholesky.jsonl"
+    records = [json.loads(ln) for ln in jsonl.read_text().splitlines() if ln.strip()] if jsonl.exists() else []
+
+    table = summary_table(records, pytest_line, pytest_run, bench_run, gpu, marker)
+    (out / "summary.md").write_text(table)
+    print(f"[device_check] finished in {time.perf_counter() - t0:.0f} s; files in {out}", flush=True)
+    print(table, flush=True)
+    ok = (pytest_run["rc"] == 0 and bench_run["rc"] == 0 and records
+          and all(r.get("status") == "ok" for r in records))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""The whole solve on one torch device, for a Gram that fits in its memory.
+
+Gram build, Cholesky factor (optionally with TF32 GEMMs), refinement (triangular solves through the
+factor and float64 K V products from the data) and prediction all run on the device; the n x n
+matrix never crosses to the host. Only n x k blocks do (the right-hand sides and residuals handed
+to ``linalg.refine``, the solution and the scores), a few MB at MNIST scale. The driver is the
+project's one factor / refine / fall-back loop, ``linalg.mixed.solve_refined``; the float64
+fallback runs when the float64 Gram fits on the device too, and the report says why otherwise.
+
+Each phase is timed with CUDA events on CUDA (``backend_torch.PhaseTimer``), wall-clock elsewhere.
+A Gram that does not fit belongs to the host-panel path (``linalg.factor`` in-core with copies, or
+out-of-core), which ``kernelfit.solve`` uses.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import InputError, MemoryPlanError
+from .tiled import SymmetricPanels, choose_block
+
+PRODUCT_ROWS = 2048   # rows of one k(A, B) tile in the float64 products (rows x n numbers)
+
+
+def resident_bytes(n: int, d: int, k: int, block: int, dtype, rows: int = PRODUCT_ROWS) -> int:
+    """Device bytes of a resident solve: Gram panels, the points (float64 + factor dtype), one Gram
+    build temporary (panel), one float64 product tile, a few n x k blocks and the factor workspace."""
+    itemsize = np.dtype(dtype).itemsize
+    gram = SymmetricPanels.nbytes_for(n, block, dtype)
+    points = n * d * (8 + itemsize)
+    temporaries = n * block * itemsize + min(rows, n) * n * 8 + 6 * n * (k + 1) * 8
+    workspace = (block * block + min(n * block, 1 << 24)) * itemsize
+    return int(gram + points + temporaries + workspace)
+
+
+@dataclass
+class ResidentSolution:
+    alpha: np.ndarray                 # float64 solution of (K + jitter I) alpha = Y
+    residual: np.ndarray              # Y - (K + jitter I) alpha, float64 from the data
+    report: dict                      # solve_refined's report (factor dtype, refinement, fallback)
+    factors: list                     # FactorInfo dicts, one per factorization
+    timings_s: dict                   # wall-clock per phase (solve_refined's "gram"/"factor"/"solve")
+    device_timings_s: dict            # CUDA-event seconds per phase (wall-clock on a CPU device)
+    memory: dict = field(default_factory=dict)
+    X_fit: object = None              # centered float64 training points on the device
+    mean: np.ndarray | None = None
+    kernel: str = "gaussian"
+    bandwidth: float = 1.0
+    rows: int = PRODUCT_ROWS
+
+    def predict(self, X) -> np.ndarray:
+        """k(X, X_fit) @ alpha on the device, float64; returns host scores."""
+        import torch
+
+        from .backend_torch import kernel_matmul_torch
+
+        dev = self.X_fit.device
+        Xt = torch.from_numpy(np.asarray(X, dtype=np.float64) - self.mean).to(dev)
+        A = torch.from_numpy(self.alpha).to(dev)
+        return kernel_matmul_torch(Xt, self.X_fit, A, self.kernel, self.bandwidth, rows=self.rows).cpu().numpy()
+
+
+def solve_resident(X, Y, *, kernel: str, bandwidth: float, dtype, device, block: int | None = None,
+                   jitter: float = 0.0, max_refine: int = 10, tol: float | None = None, tf32: bool = False,
+                   fallback_float64: bool = True, device_memory_budget: int | None = None,
+                   rows: int = PRODUCT_ROWS) -> ResidentSolution:
+    """Solve (K + jitter I) alpha = Y with K = k(X, X) entirely on ``device`` (a torch device).
+
+    dtype: the factor dtype (float32: refined in float64, ``max_refine`` steps; float64 with
+    ``max_refine=0`` is a direct solve). ``tf32``: float32 factor GEMMs on TF32 (CUDA). Raises
+    ``MemoryPlanError`` before any device work when the resident solve does not fit."""
+    from .backend import free_device_bytes
+    from .backend_torch import PhaseTimer, cho_solve_torch, kernel_matmul_torch, require_torch, resolve_device
+    from .factor import DEVICE_SAFETY, factor
+    from .mixed import solve_refined
+    from .outofcore import build_gram_panels_device
+
+    torch = require_torch()
+    dev = resolve_device(device)
+    X64 = np.asarray(X, dtype=np.float64)
+    Y = np.asarray(Y, dtype=np.float64)
+    if X64.ndim != 2 or Y.ndim != 2 or len(X64) != len(Y):
+        raise InputError(f"solve_resident expects X (n, d) and Y (n, k) with the same n; got X {X64.shape}, "
+                         f"Y {Y.shape}. Reshape a single target with Y.reshape(-1, 1).")
+    n, d = X64.shape
+    block = choose_block(n, block)
+    usable = int(device_memory_budget) if device_memory_budget is not None else \
+        int(DEVICE_SAFETY * free_device_bytes(dev))
+    need = resident_bytes(n, d, Y.shape[1], block, dtype, rows)
+    if need > usable:
+        raise MemoryPlanError(f"a resident solve of n={n} ({np.dtype(dtype).name}) needs {need / 2**30:.2f} GiB on {dev} "
+                              f"and {usable / 2**30:.2f} GiB is usable. Use the host-panel path (kernelfit.solve with "
+                              f"out_of_core='auto'), mode 'mixed' (float32 Gram), or fewer points.",
+                              plan={"need_bytes": need, "usable_bytes": usable})
+    mean = X64.mean(axis=0)
+    Xc = X64 - mean                  # the kernels are translation-invariant; centering keeps float32 accurate
+    Xd = torch.from_numpy(Xc).to(dev)
+    timer = PhaseTimer(dev)
+
+    def build(dt):
+        with timer.phase("gram"):
+            return build_gram_panels_device(Xc, kernel, bandwidth, block, dt, dev, center=False, resident=True)
+
+    def factor_gram(G):
+        with timer.phase("factor"):
+            return factor(G, tf32=tf32).to_dict()
+
+    def apply_high(V):
+        with timer.phase("refine"):
+            out = kernel_matmul_torch(Xd, Xd, torch.from_numpy(V).to(dev), kernel, bandwidth, rows=rows,
+                                      exact_diagonal=True)
+            return out.cpu().numpy()
+
+    def solver(L, diag):
+        # the Gram has a unit diagonal (k(x, x) = 1) plus the jitter: no diagonal scaling to undo
+        def solve_low(R):
+            with timer.phase("refine"):
+                scale = float(np.max(np.abs(R))) or 1.0
+                Z = cho_solve_torch(L, torch.from_numpy(R / scale).to(dev, L.panels[0].dtype))
+                return Z.to(torch.float64).cpu().numpy() * scale
+        return solve_low
+
+    def fallback():
+        need64 = resident_bytes(n, d, Y.shape[1], block, np.float64, rows)
+        if need64 <= usable:
+            return None
+        return f"a float64 resident Gram needs {need64 / 2**30:.2f} GiB and {usable / 2**30:.2f} GiB is usable on {dev}"
+
+    timings = {}
+    t = time.perf_counter()
+    alpha, R, report, factors = solve_refined(
+        build, factor_gram, apply_high, Y, dtype=dtype, max_refine=max_refine, tol=tol, jitter=jitter,
+        scale_diagonal=False, fallback=fallback if fallback_float64 and np.dtype(dtype) != np.float64 else None,
+        timings=timings, solver=solver)
+    timings["total"] = time.perf_counter() - t
+    memory = {"need_bytes": need, "usable_bytes": usable}
+    if dev.type == "cuda":
+        memory["peak_allocated_bytes"] = int(torch.cuda.max_memory_allocated(dev))
+    return ResidentSolution(alpha=alpha, residual=R, report=report, factors=factors, timings_s=timings,
+                            device_timings_s=timer.seconds(), memory=memory, X_fit=Xd, mean=mean, kernel=kernel,
+                            bandwidth=float(bandwidth), rows=rows)
+
+
+def resident_device(options, n: int, d: int, k: int, block: int, dtype):
+    """The torch device a ``kernelfit.solve`` run should solve on resident, or None for the
+    host-panel path. Resident: a CUDA device (or "cpu" with a device_memory_budget, which stands for
+    a separate device, as in ``linalg.factor``), no checkpoint (they save host panels), out-of-core
+    not forced, backend auto / torch, and the whole resident solve fits in the usable memory."""
+    device = options.device
+    if device is None or options.checkpoint_dir is not None or options.out_of_core is True:
+        return None
+    if options.backend not in ("auto", "torch"):
+        return None
+    spec = str(device)
+    if not (spec.startswith("cuda") or (spec == "cpu" and options.device_memory_budget is not None)):
+        return None
+    from .backend import free_device_bytes
+    from .backend_torch import resolve_device
+    from .factor import DEVICE_SAFETY
+
+    dev = resolve_device(device)
+    usable = options.device_memory_budget if options.device_memory_budget is not None else \
+        DEVICE_SAFETY * free_device_bytes(dev)
+    return dev if resident_bytes(n, d, k, block, dtype) <= usable else None

@@ -1,0 +1,99 @@
+"""The resident pipeline (Gram, factor, refinement, prediction on one torch device) on CPU tensors,
+against scipy's dense solve and cdist; CUDA runs the same code (tests/test_gpu.py's cuda cases run
+the building blocks there)."""
+
+import numpy as np
+import pytest
+import scipy.linalg
+from scipy.spatial.distance import cdist
+
+torch = pytest.importorskip("torch")
+
+from kernelfit.errors import MemoryPlanError  # noqa: E402
+from kernelfit.linalg import backend_torch as bt  # noqa: E402
+from kernelfit.linalg.resident import resident_bytes, solve_resident  # noqa: E402
+
+
+def _problem(n=200, d=6, k=3, seed=0, offset=0.0):
+    rng = np.random.default_rng(seed)
+    X = rng.random((n, d)) + offset
+    return X, rng.standard_normal((n, k)), rng.random((50, d)) + offset
+
+
+@pytest.mark.parametrize("dtype,max_refine", [(np.float32, 10), (np.float64, 0)])
+def test_resident_solve_and_predict_match_scipy(dtype, max_refine):
+    X, Y, Xt = _problem(offset=100.0)       # far from the origin: centering keeps float32 accurate
+    bw = 0.6
+    sol = solve_resident(X, Y, kernel="gaussian", bandwidth=bw, dtype=dtype, device="cpu", block=48,
+                         max_refine=max_refine, device_memory_budget=10**9)
+    K = np.exp(-cdist(X, X, "sqeuclidean") / (2 * bw * bw))
+    ref = scipy.linalg.solve(K, Y, assume_a="pos")
+    np.testing.assert_allclose(sol.alpha, ref, rtol=1e-8, atol=1e-8 * np.abs(ref).max())
+    np.testing.assert_allclose(sol.residual, Y - K @ sol.alpha, atol=1e-10)       # the reported residual is real
+    assert sol.report["factor_dtype"] == np.dtype(dtype).name and sol.report["float64_level"]
+    assert sol.factors[0]["device"] == "cpu" and sol.factors[0]["bytes_moved"] == {"h2d": 0, "d2h": 0}
+    Kt = np.exp(-cdist(Xt, X, "sqeuclidean") / (2 * bw * bw))
+    np.testing.assert_allclose(sol.predict(Xt), Kt @ sol.alpha, rtol=1e-10, atol=1e-12)
+    assert {"gram", "factor", "refine"} <= set(sol.device_timings_s)
+    assert all(v >= 0 for v in sol.device_timings_s.values())
+
+
+def test_resident_jitter_and_laplacian():
+    X, Y, _ = _problem(n=120, seed=1)
+    sol = solve_resident(X, Y, kernel="laplacian", bandwidth=2.0, dtype=np.float32, device="cpu", jitter=1e-3,
+                         device_memory_budget=10**9)
+    K = np.exp(-cdist(X, X) / 2.0) + 1e-3 * np.eye(len(X))
+    np.testing.assert_allclose(sol.alpha, scipy.linalg.solve(K, Y, assume_a="pos"), rtol=1e-8, atol=1e-10)
+
+
+def test_resident_falls_back_to_float64_when_float32_cannot_refine():
+    rng = np.random.default_rng(1)
+    X = rng.random((120, 5))                 # wide bandwidth for these points: cond(K) ~ 1e9+
+    Y = rng.standard_normal((120, 2))
+    K = np.exp(-cdist(X, X, "sqeuclidean") / (2 * 1.2**2))
+    assert np.linalg.cond(K) > 1e8
+    sol = solve_resident(X, Y, kernel="gaussian", bandwidth=1.2, dtype=np.float32, device="cpu",
+                         device_memory_budget=10**9)
+    assert sol.report["fallback"] and sol.report["factor_dtype"] == "float64" and len(sol.factors) == 2
+    ref = scipy.linalg.solve(K, Y, assume_a="pos")
+    assert np.abs(K @ sol.alpha - Y).max() <= 10 * np.abs(K @ ref - Y).max() + 1e-12
+
+
+def test_resident_refuses_before_work_when_it_does_not_fit():
+    X, Y, _ = _problem(n=300)
+    need = resident_bytes(300, 6, 3, 48, np.float32)
+    with pytest.raises(MemoryPlanError, match=r"resident solve of n=300.*needs.*usable.*host-panel path"):
+        solve_resident(X, Y, kernel="gaussian", bandwidth=1.0, dtype=np.float32, device="cpu", block=48,
+                       device_memory_budget=need - 1)
+
+
+def test_phase_timer_sums_named_phases():
+    import time
+
+    timer = bt.PhaseTimer("cpu")
+    for _ in range(2):
+        with timer.phase("a"):
+            time.sleep(0.01)
+    with timer.phase("b"):
+        pass
+    s = timer.seconds()
+    assert set(s) == {"a", "b"} and 0.02 <= s["a"] < 1.0 and s["b"] < s["a"]
+
+
+def test_fit_interpolant_takes_the_resident_path_for_a_separate_device():
+    from kernelfit.solve import SolveOptions, fit_interpolant
+
+    X, Y, Xt = _problem(n=150, seed=3)
+    Y = np.eye(3)[np.argmax(Y, 1)]
+    bw = 0.8
+    K = np.exp(-cdist(X, X, "sqeuclidean") / (2 * bw * bw))
+    ref = scipy.linalg.solve(K, Y, assume_a="pos")
+    res = fit_interpolant(X, Y, SolveOptions(bandwidth=bw, device="cpu", device_memory_budget=10**9))
+    fac = res.stats["factorization"]
+    assert fac["pipeline"] == "resident" and fac["bytes_moved"]["h2d"] == 0
+    np.testing.assert_allclose(res.alpha, ref, rtol=1e-8, atol=1e-8 * np.abs(ref).max())
+    np.testing.assert_allclose(res.train_scores, K @ res.alpha, atol=1e-10)
+    assert res.stats["residual_max_abs"] < 1e-9 and res.stats["timings_s"]["factor"] > 0
+    host = fit_interpolant(X, Y, SolveOptions(bandwidth=bw, device="cpu"))     # no budget: host panels in place
+    assert "pipeline" not in host.stats["factorization"]
+    np.testing.assert_allclose(host.alpha, res.alpha, rtol=1e-8, atol=1e-10)
