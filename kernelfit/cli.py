@@ -23,7 +23,7 @@ from .errors import KernelfitError
 
 __all__ = ["main", "build_parser"]
 
-DATASET_NAMES = ("mnist-subset", "mnist", "cifar10")
+DATASET_NAMES = ("mnist-subset", "mnist", "fashion-mnist", "kmnist", "cifar10")
 MODES = ("mixed", "float32", "float64")
 KERNELS = ("gaussian", "laplacian")
 # Randomization variants (kernelfit.randomize.VARIANTS); repeated here so that `--help` and
@@ -35,6 +35,8 @@ LABEL_VARIANTS = ("corrupt", "random-labels")
 DATASET_SHAPES = {
     "mnist-subset": {"d": 784, "num_classes": 10, "n_train": 5000, "n_test": 1000},
     "mnist": {"d": 784, "num_classes": 10, "n_train": 60000, "n_test": 10000},
+    "fashion-mnist": {"d": 784, "num_classes": 10, "n_train": 60000, "n_test": 10000},
+    "kmnist": {"d": 784, "num_classes": 10, "n_train": 60000, "n_test": 10000},
     "cifar10": {"d": 3072, "num_classes": 10, "n_train": 50000, "n_test": 10000},
 }
 
@@ -115,7 +117,7 @@ def _subset_seed(text: str):
 
 def _dataset(text: str) -> str:
     name = text.strip().lower().replace("_", "-")
-    name = {"cifar-10": "cifar10"}.get(name, name)
+    name = {"cifar-10": "cifar10", "fashionmnist": "fashion-mnist"}.get(name, name)
     if name not in DATASET_NAMES:
         raise argparse.ArgumentTypeError(
             f"unknown dataset {text!r}; expected one of {', '.join(DATASET_NAMES)}")
@@ -127,15 +129,92 @@ def _dataset(text: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 def _add_data_args(p: argparse.ArgumentParser, with_download: bool = True) -> None:
-    p.add_argument("--dataset", type=_dataset, default="mnist-subset", metavar="NAME",
+    g = p.add_argument_group("data: a named dataset, or your own arrays")
+    g.add_argument("--dataset", type=_dataset, default=None, metavar="NAME",
                    help=f"one of {', '.join(DATASET_NAMES)} (default: mnist-subset, shipped "
                         f"with kernelfit: 5,000 train / 1,000 test MNIST images)")
-    p.add_argument("--data-dir", default=None, metavar="DIR",
-                   help="directory (or file) holding the data; default $KERNELFIT_DATA, else "
+    g.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="directory (or file) holding the named --dataset; default $KERNELFIT_DATA, else "
                         "~/.cache/kernelfit")
     if with_download:
-        p.add_argument("--download", action="store_true",
-                       help="fetch missing files from the canonical source (checksum-verified)")
+        g.add_argument("--download", action="store_true",
+                       help="fetch missing files of --dataset from the canonical source (checksum-verified)")
+    g.add_argument("--data", default=None, metavar="FILE.npz",
+                   help="your arrays in one .npz: x_train, y_train and optionally x_test, y_test (any "
+                        "shape, any real dtype; used as stored, no scaling)")
+    for split in ("train", "test"):
+        g.add_argument(f"--x-{split}", default=None, metavar="FILE",
+                       help=f"{split} inputs: X.npy (memory-mapped), F.npz:NAME, F.h5:/DATASET (h5py) or "
+                            f"S.zarr:/ARRAY (zarr)" if split == "train" else "test inputs (same formats)")
+        g.add_argument(f"--y-{split}", default=None, metavar="FILE",
+                       help=f"{split} labels (integers >= 0), same formats")
+
+
+def _user_arrays(args) -> dict | None:
+    """The user-array options given, or None when a named dataset is meant."""
+    given = {k: getattr(args, k, None) for k in ("data", "x_train", "y_train", "x_test", "y_test")}
+    return given if any(v is not None for v in given.values()) else None
+
+
+def _check_data_source(parser, args) -> dict | None:
+    """Refuse conflicting data options before anything is read. Returns the user-array options
+    (or None, and then ``args.dataset`` is set to the named dataset to load)."""
+    user = _user_arrays(args)
+    if user is not None:
+        flags = [f"--{k.replace('_', '-')}" for k, v in user.items() if v is not None]
+        if args.dataset is not None:
+            parser.error(f"--dataset {args.dataset} conflicts with {' '.join(flags)}: name a dataset or "
+                         f"give your own arrays, not both")
+        if getattr(args, "data_dir", None) is not None:
+            parser.error(f"--data-dir applies to a named --dataset, not to {' '.join(flags)} (which name "
+                         f"their files themselves); drop --data-dir")
+        if getattr(args, "download", False):
+            parser.error(f"--download fetches a named --dataset; it does not apply to {' '.join(flags)}")
+        if user["data"] is not None and len(flags) > 1:
+            parser.error(f"--data FILE.npz conflicts with {' '.join(f for f in flags if f != '--data')}: "
+                         f"give one .npz holding x_train, y_train (x_test, y_test), or the separate files")
+        if user["data"] is None:
+            if (user["x_train"] is None) != (user["y_train"] is None):
+                parser.error("your own arrays need both --x-train FILE and --y-train FILE")
+            if (user["x_test"] is None) != (user["y_test"] is None):
+                parser.error("a test split needs both --x-test FILE and --y-test FILE")
+            if user["x_train"] is None:
+                parser.error(f"{' '.join(flags)} given without --x-train FILE and --y-train FILE")
+        return user
+    if getattr(args, "data_dir", None) is not None and args.dataset in (None, "mnist-subset"):
+        parser.error(f"--data-dir {args.data_dir} needs a dataset it can serve: add --dataset NAME (one of "
+                     f"{', '.join(n for n in DATASET_NAMES if n != 'mnist-subset')}); mnist-subset ships "
+                     f"with kernelfit. For your own arrays use --data FILE.npz or --x-train/--y-train")
+    if args.dataset is None:
+        args.dataset = "mnist-subset"
+    return None
+
+
+def _user_shape(user: dict) -> dict:
+    """d, classes and split sizes of a user's arrays, read from their headers (labels are read)."""
+    import numpy as np
+
+    from .data import open_array, peek_arrays
+
+    shapes = peek_arrays(**user)
+    specs = {k: (f"{user['data']}:{k}" if user["data"] is not None else user[k]) for k in shapes}
+    k = 0
+    for key in ("y_train", "y_test"):
+        if key in shapes:
+            y = np.asarray(open_array(specs[key], what=f"--{key.replace('_', '-')}")[...])
+            if y.size and np.issubdtype(y.dtype, np.number):
+                k = max(k, int(np.nanmax(y)) + 1)
+    x = shapes["x_train"][0]
+    return {"d": int(np.prod(x[1:], dtype=np.int64)), "num_classes": max(k, 1), "n_train": x[0],
+            "n_test": shapes["x_test"][0][0] if "x_test" in shapes else 0}
+
+
+def _load_data(args, user: dict | None):
+    from .data import load_arrays, load_dataset
+
+    if user is not None:
+        return load_arrays(**user)
+    return load_dataset(args.dataset, data_dir=args.data_dir, download=getattr(args, "download", False))
 
 
 def _add_size_args(p: argparse.ArgumentParser) -> None:
@@ -213,8 +292,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="memory plan of a solve (dry run, allocates nothing)",
                        description="Print the memory a solve would need, as JSON on stdout and "
                                    "one line on stderr. Exit status 0 if it fits, 3 if not.")
-    p.add_argument("--dataset", type=_dataset, default="mnist-subset", metavar="NAME",
-                   help=f"sets d, classes and default sizes: one of {', '.join(DATASET_NAMES)}")
+    p.add_argument("--dataset", type=_dataset, default=None, metavar="NAME",
+                   help=f"sets d, classes and default sizes: one of {', '.join(DATASET_NAMES)} "
+                        f"(default mnist-subset)")
+    p.add_argument("--data", default=None, metavar="FILE.npz",
+                   help="or take d, classes and sizes from your arrays (only their headers and labels are read)")
+    for key in ("x-train", "y-train", "x-test", "y-test"):
+        p.add_argument(f"--{key}", default=None, metavar="FILE", help=f"your {key.replace('-', '_')} file")
     _add_size_args(p)
     p.add_argument("--dim", type=_positive_int, default=None, metavar="D",
                    help="feature dimension (default: the dataset's, e.g. 784 for MNIST)")
@@ -238,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     dp = dsub.add_parser("path", help="print the resolved data directory")
     dp.add_argument("--data-dir", default=None, metavar="DIR")
     dd = dsub.add_parser("download", help="download a dataset with checksum verification")
-    dd.add_argument("dataset", type=_dataset, metavar="NAME", help="mnist or cifar10")
+    dd.add_argument("dataset", type=_dataset, metavar="NAME", help="mnist, fashion-mnist, kmnist or cifar10")
     dd.add_argument("--data-dir", default=None, metavar="DIR")
     dd.add_argument("--base-url", default=None, metavar="URL", help="mirror with the same file names")
     dd.add_argument("--force", action="store_true", help="download again even if verified files exist")
@@ -283,10 +367,9 @@ def _label_sets_for(variant: str, with_true: bool) -> list[str]:
     return [variant]
 
 
-def _plan_for(args, n_train: int, n_test: int, k: int):
+def _plan_for(args, n_train: int, n_test: int, k: int, d: int):
     from .linalg.memory import plan_solve
 
-    d = DATASET_SHAPES[args.dataset]["d"]
     return plan_solve(n_train, d, k, args.mode, n_test=n_test, block=args.block_size)
 
 
@@ -302,16 +385,18 @@ def cmd_solve(args, parser) -> int:
         parser.error(f"--corrupt-test applies only to label variants {LABEL_VARIANTS} "
                      f"(got --variant {args.variant})")
     _check_out_path(parser, args.out, args.overwrite)
-    shape = DATASET_SHAPES[args.dataset]
+    user = _check_data_source(parser, args)
+    shape = DATASET_SHAPES[args.dataset] if user is None else _user_shape(user)
+    what = args.dataset if user is None else "your arrays"
     for flag, n, full in (("--n-train", args.n_train, shape["n_train"]),
                           ("--n-test", args.n_test, shape["n_test"])):
         if n is not None and n > full:
-            parser.error(f"{flag} {n} exceeds the {full} examples of {args.dataset}; use at most {full}")
+            parser.error(f"{flag} {n} exceeds the {full} examples of {what}; use at most {full}")
     n_train = args.n_train or shape["n_train"]
     n_test = shape["n_test"] if args.n_test is None else args.n_test
     sets = _label_sets_for(args.variant, args.with_true)
     k = shape["num_classes"] * len(sets)
-    plan = _plan_for(args, n_train, n_test, k)
+    plan = _plan_for(args, n_train, n_test, k, shape["d"])
     if not plan.fits and not args.force_memory:
         from .linalg.memory import require_fits
 
@@ -320,22 +405,23 @@ def cmd_solve(args, parser) -> int:
     # --- then the work ---
     import numpy as np
 
-    from .data import load_dataset, to_features
+    from .data import describe, to_features
     from .randomize import Randomization, apply_randomization
     from .results import PhaseTimer, peak_rss_bytes, write_json_atomic
     from .solve import SolveOptions, run_interpolation
 
     timer = PhaseTimer()
     with timer.phase("load"):
-        ds = load_dataset(args.dataset, data_dir=args.data_dir, download=args.download)
-        ds = ds.subset(args.n_train, None if args.n_test == 0 else args.n_test, seed=args.subset_seed)
+        loaded = _load_data(args, user)
+        ds = loaded.subset(args.n_train, None if args.n_test == 0 else args.n_test, seed=args.subset_seed)
         rnd = Randomization(variant=args.variant, p=args.corrupt_p or 0.0, seed=args.seed,
                             corrupt_test=args.corrupt_test)
         rds, rinfo = apply_randomization(ds, rnd)
         fdtype = np.float64 if args.mode == "float64" else np.float32
-        X = to_features(rds.x_train, dtype=fdtype)
-        Xt = to_features(rds.x_test, dtype=fdtype) if args.n_test != 0 else None
-        yt = rds.y_test if args.n_test != 0 else None
+        X = to_features(rds.x_train, dtype=fdtype, scale=ds.scale)
+        has_test = args.n_test != 0 and len(rds.x_test) > 0
+        Xt = to_features(rds.x_test, dtype=fdtype, scale=ds.scale) if has_test else None
+        yt = rds.y_test if has_test else None
     label_sets = {name: (ds.y_train if name == "true" else rds.y_train) for name in sets}
     options = SolveOptions(kernel=args.kernel, bandwidth=args.bandwidth, mode=args.mode,
                            jitter=args.jitter, block_size=args.block_size,
@@ -346,9 +432,8 @@ def cmd_solve(args, parser) -> int:
                            checkpoint_dir=None if args.checkpoint_dir is None else str(args.checkpoint_dir),
                            resume=args.resume)
     extra = {
-        "dataset": {"name": rds.name, "source": ds.source, "n_train": int(len(X)),
-                    "n_test": 0 if Xt is None else int(len(Xt)),
-                    "subset_seed": args.subset_seed, "num_classes": int(ds.num_classes),
+        "dataset": {**describe(loaded), "n_train": int(len(X)), "n_test": 0 if Xt is None else int(len(Xt)),
+                    "subset_seed": args.subset_seed,
                     "note": "CIFAR-10 (JPEG q75 copy)" if "jpeg" in ds.source.lower() else None},
         "randomization": rinfo,
     }
@@ -389,7 +474,8 @@ def _print_summary(record: dict) -> None:
 def cmd_plan(args, parser) -> int:
     from .linalg.memory import plan_solve
 
-    shape = DATASET_SHAPES[args.dataset]
+    user = _check_data_source(parser, args)
+    shape = DATASET_SHAPES[args.dataset] if user is None else _user_shape(user)
     n = args.n_train or shape["n_train"]
     n_test = shape["n_test"] if args.n_test is None else args.n_test
     d = args.dim or shape["d"]
@@ -415,12 +501,12 @@ def _found_files(name: str, root: Path) -> list[str]:
     for d in dirs:
         if not d.is_dir():
             continue
-        if name == "mnist":
-            for base in data.MNIST_IDX_FILES.values():
+        if name in data.IDX_DATASETS:
+            for base in data.IDX_FILES.values():
                 for cand in (base, base + ".gz"):
                     if (d / cand).is_file():
                         found.append(str(d / cand))
-            if (d / data.MNIST_NPZ).is_file():
+            if name == "mnist" and (d / data.MNIST_NPZ).is_file():
                 found.append(str(d / data.MNIST_NPZ))
         else:
             for cand in (d / data.CIFAR10_BATCH_DIR, d / data.CIFAR10_ARCHIVE):
@@ -444,7 +530,7 @@ def cmd_data(args, parser) -> int:
             _eprint(f"({origin}; exists: {root.exists()})")
         return EXIT_OK
     if args.data_command == "download":
-        if args.dataset == "mnist-subset":
+        if args.dataset in (None, "mnist-subset"):
             parser.error("mnist-subset ships with kernelfit; nothing to download (use 'mnist')")
         path = data.download(args.dataset, args.data_dir, base_url=args.base_url, force=args.force,
                              progress=True)
