@@ -30,6 +30,8 @@ KERNELS = ("gaussian", "laplacian")
 # argument parsing never import numpy-heavy modules. A test checks they agree.
 VARIANTS = ("true", "corrupt", "random-labels", "shuffled-pixels", "random-pixels", "gaussian")
 LABEL_VARIANTS = ("corrupt", "random-labels")
+# kernelfit.features.pipeline.FEATURE_KINDS (a test checks they agree)
+FEATURE_KINDS = ("pixels", "gabor")
 
 # Feature dimension, classes and full split sizes, for planning without loading any data.
 DATASET_SHAPES = {
@@ -205,7 +207,7 @@ def _user_shape(user: dict) -> dict:
             if y.size and np.issubdtype(y.dtype, np.number):
                 k = max(k, int(np.nanmax(y)) + 1)
     x = shapes["x_train"][0]
-    return {"d": int(np.prod(x[1:], dtype=np.int64)), "num_classes": max(k, 1), "n_train": x[0],
+    return {"d": int(np.prod(x[1:], dtype=np.int64)), "image_shape": x[1:], "num_classes": max(k, 1), "n_train": x[0],
             "n_test": shapes["x_test"][0][0] if "x_test" in shapes else 0}
 
 
@@ -257,6 +259,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most refinement steps in mixed mode (default 10)")
     s.add_argument("--no-fallback", action="store_true",
                    help="mixed mode: do not re-factor in float64 when refinement cannot reach float64 level")
+    f = s.add_argument_group("features (the same maps and cache keys as 'kernelfit table')")
+    f.add_argument("--features", choices=FEATURE_KINDS, default="pixels",
+                   help="pixels: x / 255 for images, values as stored for your arrays (default); gabor: "
+                        "Gabor wavelet magnitudes of grayscale images, cached on disk")
+    f.add_argument("--gabor-frequencies", type=float, nargs="+", default=[0.15, 0.25, 0.35], metavar="F",
+                   help="Gabor frequencies in cycles / pixel (default 0.15 0.25 0.35)")
+    f.add_argument("--gabor-orientations", type=_positive_int, default=8, metavar="K",
+                   help="Gabor orientations (default 8)")
+    f.add_argument("--gabor-pool", type=_positive_int, default=4, metavar="P",
+                   help="Gabor mean-pooling window (default 4)")
+    f.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help="feature cache root (default: $KERNELFIT_CACHE or the user cache dir)")
     g = s.add_argument_group("where the factorization runs")
     g.add_argument("--device", default=None, metavar="DEV",
                    help="cpu (default) or a CUDA device (cuda, cuda:1) to factor on with torch")
@@ -361,6 +375,13 @@ def _check_out_path(parser: argparse.ArgumentParser, out: Path | None, overwrite
         parser.error(f"--out {out}: directory {ancestor} is not writable")
 
 
+def _gabor_config(args):
+    from .features.gabor import GaborConfig
+
+    return GaborConfig(frequencies=tuple(args.gabor_frequencies), n_orientations=args.gabor_orientations,
+                       pool=args.gabor_pool)
+
+
 def _label_sets_for(variant: str, with_true: bool) -> list[str]:
     if variant in LABEL_VARIANTS and with_true:
         return ["true", variant]
@@ -388,6 +409,15 @@ def cmd_solve(args, parser) -> int:
     user = _check_data_source(parser, args)
     shape = DATASET_SHAPES[args.dataset] if user is None else _user_shape(user)
     what = args.dataset if user is None else "your arrays"
+    if args.features == "gabor":   # the features' dimension, for the memory plan; checks the options too
+        from .data import REGISTRY
+        from .features.gabor import GaborBank
+
+        image = REGISTRY[args.dataset].image_shape if user is None else shape["image_shape"]
+        if len(image) not in (2, 3) or (len(image) == 3 and image[-1] != 1):
+            parser.error(f"--features gabor needs grayscale images (H, W) or (H, W, 1); {what} holds "
+                         f"{tuple(image)} per example. Use --features pixels")
+        shape = {**shape, "d": GaborBank(_gabor_config(args)).n_features(image[0], image[1])}
     for flag, n, full in (("--n-train", args.n_train, shape["n_train"]),
                           ("--n-test", args.n_test, shape["n_test"])):
         if n is not None and n > full:
@@ -405,7 +435,8 @@ def cmd_solve(args, parser) -> int:
     # --- then the work ---
     import numpy as np
 
-    from .data import describe, to_features
+    from .data import describe
+    from .features.pipeline import dataset_features
     from .randomize import Randomization, apply_randomization
     from .results import PhaseTimer, peak_rss_bytes, write_json_atomic
     from .solve import SolveOptions, run_interpolation
@@ -418,9 +449,9 @@ def cmd_solve(args, parser) -> int:
                             corrupt_test=args.corrupt_test)
         rds, rinfo = apply_randomization(ds, rnd)
         fdtype = np.float64 if args.mode == "float64" else np.float32
-        X = to_features(rds.x_train, dtype=fdtype, scale=ds.scale)
         has_test = args.n_test != 0 and len(rds.x_test) > 0
-        Xt = to_features(rds.x_test, dtype=fdtype, scale=ds.scale) if has_test else None
+        X, Xt, features = dataset_features(rds, args.features, gabor=_gabor_config(args),
+                                           cache_dir=args.cache_dir, dtype=fdtype, with_test=has_test)
         yt = rds.y_test if has_test else None
     label_sets = {name: (ds.y_train if name == "true" else rds.y_train) for name in sets}
     options = SolveOptions(kernel=args.kernel, bandwidth=args.bandwidth, mode=args.mode,
@@ -436,6 +467,7 @@ def cmd_solve(args, parser) -> int:
                     "subset_seed": args.subset_seed,
                     "note": "CIFAR-10 (JPEG q75 copy)" if "jpeg" in ds.source.lower() else None},
         "randomization": rinfo,
+        "features": features,
     }
     with timer.phase("solve"):
         record = run_interpolation(X, label_sets, Xt, yt, ds.num_classes, options, extra)

@@ -338,21 +338,13 @@ def run_row(row: str, args) -> dict:
                                                              device=args.device, max_refine=args.max_refine,
                                                              kernel=kernel)
     else:
-        if row.endswith("gabor"):
-            from .features.cache import cached_transform
-            from .features.gabor import GaborBank, GaborConfig
+        from .features.gabor import GaborConfig
+        from .features.pipeline import dataset_features
 
-            gcfg = GaborConfig(frequencies=tuple(args.gabor_frequencies), n_orientations=args.gabor_orientations,
-                               pool=args.gabor_pool)
-            bank = GaborBank(gcfg)
-            Ftr = np.asarray(cached_transform(bank, ds.x_train, args.cache_dir))
-            Fte = np.asarray(cached_transform(bank, ds.x_test, args.cache_dir))
-            rec["features"] = {**gcfg.to_dict(), "n_features": int(Ftr.shape[1])}
-        else:
-            from .data import to_features
-
-            Ftr, Fte = to_features(ds.x_train), to_features(ds.x_test)
-            rec["features"] = {"kind": "pixels / 255", "n_features": int(Ftr.shape[1])}
+        gcfg = GaborConfig(frequencies=tuple(args.gabor_frequencies), n_orientations=args.gabor_orientations,
+                           pool=args.gabor_pool)
+        Ftr, Fte, rec["features"] = dataset_features(ds, "gabor" if row.endswith("gabor") else "pixels",
+                                                     gabor=gcfg, cache_dir=args.cache_dir)
         timings["features_s"] = time.perf_counter() - t
 
         median = median_bandwidth(Ftr, seed=args.seed)

@@ -266,3 +266,44 @@ def test_float_labels_need_regression(tmp_path):
     ds = D.load_arrays(data=tmp_path / "r.npz", task="regression")
     assert ds.task == "regression" and ds.classes is None and ds.y_train.dtype == np.float64
     assert len(ds.subset(10, None, seed=0).y_train) == 10
+
+
+# ------------------------------------------------------------------------------ features on a solve
+
+def test_cli_solve_gabor_features_match_scipy_on_the_same_features(tmp_path, capsys):
+    from kernelfit.features import FeatureCache, GaborConfig, gabor_features, hash_array
+
+    ds = D.load_dataset("mnist-subset").subset(150, 60, seed=None)
+    cache = tmp_path / "fcache"
+    args = ["--features", "gabor", "--gabor-frequencies", "0.2", "0.3", "--gabor-orientations", "4",
+            "--cache-dir", cache, "--n-train", 150, "--n-test", 60, "--subset-seed", "first"]
+    rc, rec, err = _solve(capsys, *args)
+    assert rc == 0, err
+    cfg = GaborConfig(frequencies=(0.2, 0.3), n_orientations=4, pool=4)
+    F, Ft = (gabor_features(x, cfg).astype(np.float64) for x in (ds.x_train, ds.x_test))
+    assert rec["features"]["n_features"] == F.shape[1] == 8 * 7 * 7
+    ref = _reference_test_error(F, ds.y_train, Ft, ds.y_test, 3.0)
+    assert rec["results"]["true"]["test_error"] == pytest.approx(ref, abs=1e-12)
+    # cached under the table's keys (data hash + config), reused by a second run
+    fc = FeatureCache(cache)
+    keys = {fc.key(hash_array(x), cfg) for x in (ds.x_train, ds.x_test)}
+    assert {p.stem for p in (cache / "features").glob("*.npy")} == keys
+    mtimes = {p: p.stat().st_mtime_ns for p in (cache / "features").glob("*.npy")}
+    rc, rec2, _ = _solve(capsys, *args)
+    assert rc == 0 and rec2["results"]["true"]["test_error"] == rec["results"]["true"]["test_error"]
+    assert {p: p.stat().st_mtime_ns for p in (cache / "features").glob("*.npy")} == mtimes
+
+
+def test_cli_gabor_on_feature_rows_is_refused_before_loading(tmp_path, capsys):
+    X, y, *_ = _toy()
+    np.savez(tmp_path / "d.npz", x_train=X, y_train=y)
+    with pytest.raises(SystemExit) as e:
+        main(["solve", "--data", str(tmp_path / "d.npz"), "--features", "gabor"])
+    assert e.value.code == 2 and "needs grayscale images" in capsys.readouterr().err
+
+
+def test_cli_feature_kinds_agree_with_the_pipeline():
+    from kernelfit import cli
+    from kernelfit.features.pipeline import FEATURE_KINDS
+
+    assert cli.FEATURE_KINDS == FEATURE_KINDS
