@@ -307,3 +307,24 @@ def test_cli_feature_kinds_agree_with_the_pipeline():
     from kernelfit.features.pipeline import FEATURE_KINDS
 
     assert cli.FEATURE_KINDS == FEATURE_KINDS
+
+
+def test_idx_files_of_another_family_member_are_refused(tmp_path, monkeypatch):
+    import dataclasses
+
+    _write_idx_dataset(tmp_path / "d", shape=(8, 8))
+    digest = hashlib.md5(gzip.open(tmp_path / "d" / "train-images-idx3-ubyte.gz").read()).hexdigest()
+    fake = dataclasses.replace(D.REGISTRY["fashion-mnist"], content_md5={"x_train": digest})
+    monkeypatch.setitem(D.REGISTRY, "fashion-mnist", fake)
+    with pytest.raises(DataError, match="these are Fashion-MNIST's training images.*--dataset fashion-mnist"):
+        D.load_dataset("mnist", data_dir=tmp_path / "d")
+    assert D.load_dataset("fashion-mnist", data_dir=tmp_path / "d").name == "fashion-mnist"
+
+
+@pytest.mark.data
+def test_registry_content_md5_of_mnist_matches_the_real_pixels(shared_data_dir):
+    from kernelfit.data.registry import _idx_md5
+
+    with np.load(shared_data_dir / "mnist.npz") as z:
+        digests = {k: _idx_md5(z[k].astype(np.uint8)) for k in ("x_train", "y_train", "x_test", "y_test")}
+    assert digests == D.REGISTRY["mnist"].content_md5

@@ -9,6 +9,7 @@ release; files of another image size are read as they are (the record states the
 from __future__ import annotations
 
 import hashlib
+import struct
 import tarfile
 import zlib
 from dataclasses import dataclass
@@ -82,6 +83,7 @@ class DatasetInfo:
     base_url: str | None = None
     files: tuple[RemoteFile, ...] = ()
     subdirs: tuple[str, ...] = ()
+    content_md5: dict[str, str] | None = None   # md5 of each uncompressed IDX file (x_train, ...)
 
     @property
     def dim(self) -> int:
@@ -93,6 +95,8 @@ def _md5_only(names_md5: dict[str, str]) -> tuple[RemoteFile, ...]:
 
 
 # MNIST md5: torchvision's MNIST resources; sha256 + sizes: tensorflow_datasets' url_checksums/mnist.txt.
+# content_md5: md5 of the uncompressed IDX files as published with the releases (the MNIST values
+# were also recomputed here from the exact MNIST pixels); a re-gzipped copy keeps them.
 # Fashion-MNIST and KMNIST md5: torchvision's FashionMNIST / KMNIST resources (the files their
 # authors publish). CIFAR-10 md5: https://www.cs.toronto.edu/~kriz/cifar.html; sha256: Keras.
 REGISTRY: dict[str, DatasetInfo] = {
@@ -116,7 +120,9 @@ REGISTRY: dict[str, DatasetInfo] = {
                        "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
                        "ec29112dd5afa0611ce80d1b7f02629c"),
         ),
-        ("mnist", "MNIST/raw")),
+        ("mnist", "MNIST/raw"),
+        {"x_train": "6bbc9ace898e44ae57da46a324031adb", "y_train": "a25bea736e30d166cdddb491f175f624",
+         "x_test": "2646ac647ad5339dbf082846283269ea", "y_test": "27ae3e4e09519cfbb04c329615203637"}),
     "fashion-mnist": DatasetInfo(
         "fashion-mnist", "Fashion-MNIST", "idx", (28, 28), FASHION_MNIST_CLASSES, 60000, 10000,
         "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
@@ -126,7 +132,9 @@ REGISTRY: dict[str, DatasetInfo] = {
             "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
             "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
         }),
-        ("fashion-mnist", "FashionMNIST/raw")),
+        ("fashion-mnist", "FashionMNIST/raw"),
+        {"x_train": "f4a8712d7a061bf5bd6d2ca38dc4d50a", "y_train": "9018921c3c673c538a1fc5bad174d6f9",
+         "x_test": "8181f5470baa50b63fa0f6fddb340f0a", "y_test": "15d484375f8d13e6eb1aabb0c3f46965"}),
     "kmnist": DatasetInfo(
         "kmnist", "Kuzushiji-MNIST", "idx", (28, 28), KMNIST_CLASSES, 60000, 10000,
         "http://codh.rois.ac.jp/kmnist/dataset/kmnist/",
@@ -207,32 +215,28 @@ def _search_dirs(name: str, root: Path) -> list[Path]:
     return [root, *(root / s for s in REGISTRY[name].subdirs)]
 
 
-def _md5(path: Path) -> str:
-    h = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        while b := f.read(1 << 20):
-            h.update(b)
+def _idx_md5(a: np.ndarray) -> str:
+    """md5 of the uncompressed IDX file of a uint8 array (magic 0x0000080N, big-endian dims, bytes)."""
+    h = hashlib.md5(struct.pack(">BBBB", 0, 0, 0x08, a.ndim) + struct.pack(f">{a.ndim}I", *a.shape),
+                    usedforsecurity=False)
+    h.update(np.ascontiguousarray(a).data)
     return h.hexdigest()
 
 
-def _check_not_another_dataset(name: str, found: dict[str, Path]) -> None:
-    """The MNIST family shares its file names: refuse files whose checksum is another dataset's."""
-    by_md5 = {rf.md5: (other, rf.filename) for other, info in REGISTRY.items() if other != name
-              for rf in info.files if rf.md5}
-    for path in found.values():
-        if path.suffix == ".gz":
-            hit = by_md5.get(_md5(path))
-            if hit is not None:
-                raise DataError(
-                    f"{path}: this is {hit[0]}'s {hit[1]} (its md5 matches the canonical file), but "
-                    f"dataset {name!r} was asked for. Fix: pass --dataset {hit[0]}, or point --data-dir "
-                    f"at the directory holding the {REGISTRY[name].title} files.")
+def _check_not_another_dataset(name: str, found: dict[str, Path], x_train: np.ndarray) -> None:
+    """The MNIST family shares its file names: refuse training images that are another dataset's."""
+    digest = _idx_md5(x_train)
+    for other, info in REGISTRY.items():
+        if other != name and info.content_md5 and info.content_md5["x_train"] == digest:
+            raise DataError(
+                f"{found['x_train']}: these are {info.title}'s training images (md5 of the IDX content "
+                f"{digest}), but dataset {name!r} was asked for. Fix: pass --dataset {other}, or point "
+                f"--data-dir at the directory holding the {REGISTRY[name].title} files.")
 
 
 def _try_idx(name: str, d: Path):
     found, missing = _find_idx(d)
     if not missing:
-        _check_not_another_dataset(name, found)
         arrays = {k: read_idx(f) for k, f in found.items()}
         for k, a in arrays.items():
             images = k.startswith("x")
@@ -246,6 +250,8 @@ def _try_idx(name: str, d: Path):
             if nx != ny:
                 raise DataError(f"{found['y_' + split]}: {ny} labels for {nx} images in "
                                 f"{found['x_' + split].name}; they must match one to one.")
+        if arrays["x_train"].dtype == np.uint8:
+            _check_not_another_dataset(name, found, arrays["x_train"])
         x_tr = _as_uint8_images(arrays["x_train"], found["x_train"], "images")
         x_te = _as_uint8_images(arrays["x_test"], found["x_test"], "images")
         y_tr = _as_labels(arrays["y_train"], len(x_tr), found["y_train"], "labels")
