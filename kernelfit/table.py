@@ -106,9 +106,15 @@ def _random_labels(ds, seed: int) -> np.ndarray:
 
 
 def _load(name: str, data_dir, n_train: int | None, n_test: int | None, seed: int):
-    from .data import load_dataset
+    """A registered dataset by name, or a user's .npz (x_train, y_train, x_test, y_test) by path."""
+    from .data import DATASETS, load_arrays, load_dataset
 
-    ds = load_dataset(name, data_dir=data_dir)
+    if name in DATASETS:
+        ds = load_dataset(name, data_dir=data_dir)
+    else:
+        ds = load_arrays(data=name)
+        if len(ds.y_test) == 0:
+            raise InputError(f"{name}: the table needs a test split; add x_test and y_test to the .npz.")
     full_train = n_train is None or n_train >= len(ds.y_train)
     full_test = n_test is None or n_test >= len(ds.y_test)
     if not (full_train and full_test):
@@ -262,13 +268,17 @@ def run_row(row: str, args) -> dict:
     is_mnist = row.startswith("mnist")
     n_train = args.n_train_mnist if is_mnist else args.n_train_cifar
     n_test = args.n_test
-    ds = _load("mnist" if is_mnist else "cifar10", args.data_dir, n_train, n_test, args.seed)
+    source = args.mnist_data if is_mnist else args.cifar_data
+    ds = _load(source, args.data_dir, n_train, n_test, args.seed)
     k = ds.num_classes
     label_sets = {"true": ds.y_train}
     if not args.no_random_labels:
         label_sets["random"] = _random_labels(ds, args.seed)
     bw = _parse_bandwidth(getattr(args, f"bandwidth_{row.replace('-', '_')}"))
-    rec = {"row": row, "dataset": "MNIST" if is_mnist else "CIFAR-10 (JPEG q75 copy)",
+    from .data import describe
+
+    default_name = {"mnist": "MNIST", "cifar10": "CIFAR-10 (JPEG q75 copy)"}
+    rec = {"row": row, "dataset": default_name.get(source, ds.name), "data": describe(ds, checksums=False),
            "n_train": int(len(ds.y_train)), "n_test": int(len(ds.y_test)), "paper": PAPER[row]}
     timings = {}
     lambdas = np.asarray(args.lambdas, dtype=np.float64)
@@ -441,6 +451,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="kernelfit table", description=(__doc__ or "").split("\n")[0])
     ap.add_argument("--rows", default=",".join(ROWS), help=f"comma list among {', '.join(ROWS)}")
     ap.add_argument("--data-dir", default=None, help="directory with mnist.npz / CIFAR-10 (else $KERNELFIT_DATA ...)")
+    ap.add_argument("--mnist-data", default="mnist", metavar="NAME|FILE.npz",
+                    help="data of the mnist-* rows: a registered dataset (mnist, fashion-mnist, kmnist, ...) or "
+                         "your .npz with x_train, y_train, x_test, y_test (default mnist)")
+    ap.add_argument("--cifar-data", default="cifar10", metavar="NAME|FILE.npz",
+                    help="data of the cifar-* rows, likewise (default cifar10)")
     ap.add_argument("--n-train-mnist", type=int, default=5000, help="MNIST training points (60000 = full)")
     ap.add_argument("--n-train-cifar", type=int, default=5000, help="CIFAR-10 training points (50000 = full)")
     ap.add_argument("--n-test", type=int, default=2000, help="test points per dataset (10000 = full)")
