@@ -127,7 +127,7 @@ def _write_idx_dataset(d, shape=(8, 8), n=40, nt=12, seed=0):
 
 @pytest.mark.parametrize("name", ["fashion-mnist", "kmnist", "mnist"])
 def test_idx_datasets_of_another_image_size(tmp_path, name):
-    x, y, xt, yt = _write_idx_dataset(tmp_path / "d", shape=(8, 8))
+    x, _y, _xt, yt = _write_idx_dataset(tmp_path / "d", shape=(8, 8))
     ds = D.load_dataset(name, data_dir=tmp_path / "d")
     assert ds.name == name and ds.image_shape == (8, 8) and ds.classes == D.REGISTRY[name].classes
     np.testing.assert_array_equal(ds.x_train, x)
@@ -160,7 +160,7 @@ def _write_png_folder(root, shape, n_per_class=2, classes=("a", "b"), seed=0):
 def test_image_folders_of_any_size(tmp_path, shape):
     pytest.importorskip("PIL")
     images = _write_png_folder(tmp_path / "imgs", shape)
-    x_tr, y_tr, x_te, y_te, classes = D.read_image_folder(tmp_path / "imgs")
+    x_tr, y_tr, x_te, _y_te, classes = D.read_image_folder(tmp_path / "imgs")
     assert classes == ("a", "b") and x_tr.shape == (4, *shape) and x_te.shape == (4, *shape)
     # round-robin order over classes: a/0, b/0, a/1, b/1 (PNG is lossless: exact pixels)
     expect = [images[("train", c, i)] for i in range(2) for c in ("a", "b")]
@@ -313,7 +313,7 @@ def test_idx_files_of_another_family_member_are_refused(tmp_path, monkeypatch):
     import dataclasses
 
     _write_idx_dataset(tmp_path / "d", shape=(8, 8))
-    digest = hashlib.md5(gzip.open(tmp_path / "d" / "train-images-idx3-ubyte.gz").read()).hexdigest()
+    digest = hashlib.md5(gzip.decompress((tmp_path / "d" / "train-images-idx3-ubyte.gz").read_bytes())).hexdigest()
     fake = dataclasses.replace(D.REGISTRY["fashion-mnist"], content_md5={"x_train": digest})
     monkeypatch.setitem(D.REGISTRY, "fashion-mnist", fake)
     with pytest.raises(DataError, match="these are Fashion-MNIST's training images.*--dataset fashion-mnist"):
@@ -328,3 +328,12 @@ def test_registry_content_md5_of_mnist_matches_the_real_pixels(shared_data_dir):
     with np.load(shared_data_dir / "mnist.npz") as z:
         digests = {k: _idx_md5(z[k].astype(np.uint8)) for k in ("x_train", "y_train", "x_test", "y_test")}
     assert digests == D.REGISTRY["mnist"].content_md5
+
+
+def test_cli_dataset_table_agrees_with_the_registry():
+    from kernelfit import cli
+
+    assert cli.DATASET_NAMES == D.DATASETS
+    for name, info in D.REGISTRY.items():
+        assert cli.DATASET_SHAPES[name] == {"d": info.dim, "num_classes": len(info.classes),
+                                            "n_train": info.n_train, "n_test": info.n_test}

@@ -49,7 +49,9 @@ def read_keras_npz(path):
 
 def _as_uint8_images(x: np.ndarray, source, what: str) -> np.ndarray:
     if x.ndim not in (3, 4):
-        raise DataError(f"{source}: {what} should be images (N, H, W) or (N, H, W, C), found shape {x.shape}.")
+        raise DataError(f"{source}: {what} should be images (N, H, W) or (N, H, W, C), found shape {x.shape}. "
+                        f"For feature rows or other arrays of your own, drop --dataset and pass --data {source} "
+                        f"(load_arrays(data=...)): they are used as stored.")
     if x.dtype == np.uint8:
         return x
     if np.issubdtype(x.dtype, np.integer) and x.size and (x.min() < 0 or x.max() > 255):

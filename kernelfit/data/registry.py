@@ -323,7 +323,9 @@ def _load_file(name: str, p: Path) -> Dataset:
         if p.suffix == ".npz":
             return _make_dataset(name, read_keras_npz(p), info.classes, p, (p,))
         raise DataError(f"{p}: for {name!r} a file path must be a Keras-layout .npz (x_train, y_train, "
-                        f"x_test, y_test); for the IDX files pass the directory that holds them.")
+                        f"x_test, y_test); for the IDX files pass the directory that holds them. For your "
+                        f"own arrays drop --dataset and pass --x-train {p} --y-train LABELS.npy "
+                        f"(load_arrays(x_train=..., y_train=...)).")
     if _tar_has_cifar_batches(p):
         return _cifar_batches(p)
     return _cifar_image_folder(p)
