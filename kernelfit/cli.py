@@ -31,7 +31,7 @@ KERNELS = ("gaussian", "laplacian")
 VARIANTS = ("true", "corrupt", "random-labels", "shuffled-pixels", "random-pixels", "gaussian")
 LABEL_VARIANTS = ("corrupt", "random-labels")
 # kernelfit.features.pipeline.FEATURE_KINDS (a test checks they agree)
-FEATURE_KINDS = ("pixels", "gabor")
+FEATURE_KINDS = ("pixels", "gabor", "randconv")
 
 # Feature dimension, classes and full split sizes, for planning without loading any data.
 DATASET_SHAPES = {
@@ -269,8 +269,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Gabor orientations (default 8)")
     f.add_argument("--gabor-pool", type=_positive_int, default=4, metavar="P",
                    help="Gabor mean-pooling window (default 4)")
+    f.add_argument("--filters", type=_positive_int, default=1000, metavar="N",
+                   help="randconv: random filters (default 1000; Zhang et al.: 32000)")
+    f.add_argument("--filter-block", type=_positive_int, default=250, metavar="B",
+                   help="randconv: filters per feature block (default 250)")
+    f.add_argument("--patch-size", type=_positive_int, default=6, metavar="P", help="randconv: patch side (default 6)")
+    f.add_argument("--filter-kind", choices=("gaussian", "patches"), default="patches",
+                   help="randconv: filters drawn as Gaussian noise or as whitened training patches (default)")
+    f.add_argument("--randconv-bias", type=float, default=0.25, metavar="A",
+                   help="randconv: rectifier threshold in max(0, +-w.x - A) (default 0.25)")
+    f.add_argument("--randconv-pool-grid", type=_positive_int, default=2, metavar="G",
+                   help="randconv: sum-pooling grid per side (default 2)")
+    f.add_argument("--randconv-zca-eps", type=float, default=0.1, metavar="EPS",
+                   help="randconv: ZCA whitening regularizer (default 0.1)")
+    f.add_argument("--randconv-kernel", choices=("gaussian", "linear"), default="gaussian",
+                   help="randconv: kernel on the standardized features (default gaussian, bandwidth from "
+                        "--bandwidth; linear: (phi.phi' + 1) / n_features)")
+    f.add_argument("--gram-checkpoint-minutes", type=_nonneg_float, default=30.0, metavar="M",
+                   help="randconv: save the unfinished feature Gram this often (0: never; default 30)")
+    f.add_argument("--no-gram-cache", action="store_true",
+                   help="randconv: do not save / reuse the accumulated feature Gram")
     f.add_argument("--cache-dir", default=None, metavar="DIR",
-                   help="feature cache root (default: $KERNELFIT_CACHE or the user cache dir)")
+                   help="feature / Gram cache root (default: $KERNELFIT_CACHE or the user cache dir)")
     g = s.add_argument_group("where the factorization runs")
     g.add_argument("--device", default=None, metavar="DEV",
                    help="cpu (default) or a CUDA device (cuda, cuda:1) to factor on with torch")
@@ -382,6 +402,68 @@ def _gabor_config(args):
                        pool=args.gabor_pool)
 
 
+def _check_randconv_options(parser, args) -> None:
+    """The random-conv solve runs from the accumulated feature Gram: mixed precision, no ridge."""
+    bad = [(args.mode != "mixed", f"--mode {args.mode} (it refines a float32 factor in float64: mixed)"),
+           (args.kernel != "gaussian", f"--kernel {args.kernel} (use --randconv-kernel gaussian|linear)"),
+           (args.jitter != 0, "--jitter"), (args.checkpoint_dir is not None, "--checkpoint-dir"),
+           (args.n_test == 0, "--n-test 0 (it needs a test split)")]
+    refused = [what for cond, what in bad if cond]
+    if refused:
+        parser.error(f"--features randconv solves from the feature Gram and does not take {'; '.join(refused)}")
+
+
+def _require_randconv_fits(args, n: int, m: int) -> None:
+    """Feature Gram panels (float64) + test block (float64) + feature blocks + the float32 factor copy."""
+    from .errors import MemoryPlanError
+    from .features.randconv import RandConvConfig, RandConvFeatures
+    from .linalg.memory import available_bytes
+
+    fmap = RandConvFeatures(RandConvConfig(n_filters=args.filters, patch_size=args.patch_size,
+                                           pool_grid=args.randconv_pool_grid))
+    plan = fmap.gram_plan(n, m, args.filter_block, panels=True)
+    need = plan["total_bytes"] + n * (n + 2048) // 2 * 4
+    avail = available_bytes()
+    if need > 0.9 * avail:
+        raise MemoryPlanError(
+            f"--features randconv at n={n}, m={m}: feature Gram {plan['gram_bytes'] / 2**30:.2f} GiB + float32 "
+            f"factor copy + feature blocks = {need / 2**30:.2f} GiB, more than 90% of the {avail / 2**30:.2f} GiB "
+            f"available. Fix: fewer training points (--n-train), a smaller --filter-block, or --force-memory.",
+            plan={**plan, "need_bytes": need, "available_bytes": avail})
+
+
+def _solve_randconv(args, rds, label_sets: dict, y_test, k: int, timings: dict) -> dict:
+    """Random-conv features (never materialized): the standardized Gram is accumulated block by block
+    (cached like the table's), turned into the kernel in place and solved by the table's panel solver."""
+    from .features.pipeline import randconv_gram
+    from .features.randconv import RandConvConfig
+    from .table import _cholesky_rows_panels
+
+    cfg = RandConvConfig(n_filters=args.filters, patch_size=args.patch_size, filters=args.filter_kind,
+                         bias=args.randconv_bias, pool_grid=args.randconv_pool_grid,
+                         zca_eps=args.randconv_zca_eps, seed=args.seed)
+    g, fmap, cache_info = randconv_gram(
+        rds, cfg, panels=True, cache_dir=args.cache_dir, use_cache=not args.no_gram_cache,
+        filter_block=args.filter_block, device=args.device, checkpoint_minutes=args.gram_checkpoint_minutes,
+        timings=timings, label=rds.name)
+    spec = ("median", 1.0) if args.bandwidth == "median" else ("abs", float(args.bandwidth))
+    res, info, sigma, median = _cholesky_rows_panels(g, spec, label_sets, y_test, k, args.seed, device=args.device,
+                                                     max_refine=args.max_refine, kernel=args.randconv_kernel)
+    results = {name: {"train_error": r["interp"]["train_error"], "test_error": r["interp"]["test_error"],
+                      "rkhs_norm": r["interp"]["norm"], "residual_relative": r["interp"]["residual_relative"]}
+               for name, r in res.items()}
+    linear = args.randconv_kernel == "linear"
+    return {"kind": "kernelfit.solve", "n_train": len(rds.y_train), "n_test": len(y_test),
+            "num_classes": int(k), "results": results,
+            "features": {**cfg.to_dict(), "n_features": fmap.n_features, "standardized": True,
+                         "kernel_on_features": args.randconv_kernel},
+            "gram_cache": cache_info,
+            "stats": {"kernel": "linear (phi.phi' + 1) / n_features" if linear else "gaussian",
+                      "bandwidth": None if linear else float(sigma),
+                      "bandwidth_rule": None if linear else ("median heuristic" if spec[0] == "median" else "given"),
+                      "median_distance": float(median), "mode": "mixed", "solver": info}}
+
+
 def _label_sets_for(variant: str, with_true: bool) -> list[str]:
     if variant in LABEL_VARIANTS and with_true:
         return ["true", variant]
@@ -409,6 +491,8 @@ def cmd_solve(args, parser) -> int:
     user = _check_data_source(parser, args)
     shape = DATASET_SHAPES[args.dataset] if user is None else _user_shape(user)
     what = args.dataset if user is None else "your arrays"
+    if args.features == "randconv":
+        _check_randconv_options(parser, args)
     if args.features == "gabor":   # the features' dimension, for the memory plan; checks the options too
         from .data import REGISTRY
         from .features.gabor import GaborBank
@@ -427,6 +511,8 @@ def cmd_solve(args, parser) -> int:
     sets = _label_sets_for(args.variant, args.with_true)
     k = shape["num_classes"] * len(sets)
     plan = _plan_for(args, n_train, n_test, k, shape["d"])
+    if args.features == "randconv" and not args.force_memory:
+        _require_randconv_fits(args, n_train, n_test)
     if not plan.fits and not args.force_memory:
         from .linalg.memory import require_fits
 
@@ -450,9 +536,10 @@ def cmd_solve(args, parser) -> int:
         rds, rinfo = apply_randomization(ds, rnd)
         fdtype = np.float64 if args.mode == "float64" else np.float32
         has_test = args.n_test != 0 and len(rds.x_test) > 0
-        X, Xt, features = dataset_features(rds, args.features, gabor=_gabor_config(args),
-                                           cache_dir=args.cache_dir, dtype=fdtype, with_test=has_test)
         yt = rds.y_test if has_test else None
+        if args.features != "randconv":
+            X, Xt, features = dataset_features(rds, args.features, gabor=_gabor_config(args),
+                                               cache_dir=args.cache_dir, dtype=fdtype, with_test=has_test)
     label_sets = {name: (ds.y_train if name == "true" else rds.y_train) for name in sets}
     options = SolveOptions(kernel=args.kernel, bandwidth=args.bandwidth, mode=args.mode,
                            jitter=args.jitter, block_size=args.block_size,
@@ -462,15 +549,23 @@ def cmd_solve(args, parser) -> int:
                            out_of_core={"auto": "auto", "yes": True, "no": False}[args.out_of_core],
                            checkpoint_dir=None if args.checkpoint_dir is None else str(args.checkpoint_dir),
                            resume=args.resume)
+    n_tr, n_te = len(rds.y_train), (len(yt) if yt is not None else 0)
     extra = {
-        "dataset": {**describe(loaded), "n_train": int(len(X)), "n_test": 0 if Xt is None else int(len(Xt)),
+        "dataset": {**describe(loaded), "n_train": int(n_tr), "n_test": int(n_te),
                     "subset_seed": args.subset_seed,
                     "note": "CIFAR-10 (JPEG q75 copy)" if "jpeg" in ds.source.lower() else None},
         "randomization": rinfo,
-        "features": features,
     }
     with timer.phase("solve"):
-        record = run_interpolation(X, label_sets, Xt, yt, ds.num_classes, options, extra)
+        if args.features == "randconv":
+            from .results import provenance
+
+            prov = provenance()   # before the solve: the code that runs
+            record = {**_solve_randconv(args, rds, label_sets, yt, ds.num_classes, {}), **extra,
+                      "provenance": prov}
+        else:
+            extra["features"] = features
+            record = run_interpolation(X, label_sets, Xt, yt, ds.num_classes, options, extra)
     record["cli_timings_s"] = timer.as_dict()
     record["cli_peak_rss_bytes"] = peak_rss_bytes()
 
@@ -489,14 +584,17 @@ def cmd_solve(args, parser) -> int:
 def _print_summary(record: dict) -> None:
     ds = record.get("dataset", {})
     st = record.get("stats", {})
+    sigma = st.get("bandwidth")
     _eprint(f"[kernelfit] {ds.get('name')} n_train={record.get('n_train')} n_test={record.get('n_test')} "
-            f"kernel={st.get('kernel')} sigma={st.get('bandwidth', float('nan')):.4g} "
+            f"kernel={st.get('kernel')} sigma={'n/a' if sigma is None else f'{sigma:.4g}'} "
             f"({st.get('bandwidth_rule')}) mode={st.get('mode')}")
     for name, res in record.get("results", {}).items():
         te = res.get("test_error")
         te_s = "n/a" if te is None else f"{100 * te:.2f}%"
         _eprint(f"  {name:>16}: train error {100 * res['train_error']:.2f}%  test error {te_s}  "
-                f"RKHS norm {res['rkhs_norm']:.4g}  max |residual| {res['residual_max_abs']:.2e}")
+                f"RKHS norm {res['rkhs_norm']:.4g}  "
+                + (f"max |residual| {res['residual_max_abs']:.2e}" if "residual_max_abs" in res
+                   else f"relative residual {res['residual_relative']:.2e}"))
     t = st.get("timings_s", {})
     if t:
         _eprint("  time: " + ", ".join(f"{k} {v:.2f}s" for k, v in t.items())

@@ -287,45 +287,19 @@ def run_row(row: str, args) -> dict:
 
     t = time.perf_counter()
     if row == "cifar-randconv":
-        from .features.randconv import RandConvConfig, RandConvFeatures
+        from .features.pipeline import randconv_gram
+        from .features.randconv import RandConvConfig
 
         cfg = RandConvConfig(n_filters=args.filters, patch_size=args.patch_size, filters=args.filter_kind,
                              bias=args.randconv_bias, pool_grid=args.randconv_pool_grid,
                              zca_eps=args.randconv_zca_eps, seed=args.seed)
-        from .features.cache import GramCache, hash_array
-
-        fmap = RandConvFeatures(cfg).fit(ds.x_train)
-        cache = None if args.no_gram_cache else GramCache(args.cache_dir)
-        g = checkpoint = None
-        if cache is not None:
-            key = cache.key({"train": hash_array(ds.x_train), "test": hash_array(ds.x_test),
-                             "features": cfg.to_dict(), "standardize": True,
-                             "layout": "dense" if use_eigh else "panels"})
-            meta = {"features": cfg.to_dict(), "dataset": rec["dataset"]}
-            g = cache.load(key)
-            rec["gram_cache"] = {"dir": str(cache.dir), "key": key, "hit": g is not None and g.complete,
-                                 "resumed_from_filters": None if g is None or g.complete else g.filters_done}
-            if g is not None and not g.complete:
-                print(f"[table] continuing the feature Gram checkpoint {key} after {g.filters_done} of "
-                      f"{cfg.n_filters} filters", file=sys.stderr, flush=True)
-
-            def checkpoint(partial):   # hours of features on a CPU survive an interruption
-                t_save = time.perf_counter()
-                cache.save(key, partial, meta)
-                timings["gram_checkpoints_s"] = timings.get("gram_checkpoints_s", 0.0) + time.perf_counter() - t_save
-                print(f"[table] feature Gram checkpoint: {partial.filters_done} of {cfg.n_filters} filters "
-                      f"({cache.dir}, key {key})", file=sys.stderr, flush=True)
-        if g is None or not g.complete:
-            g = fmap.accumulate_gram(ds.x_train, ds.x_test, filter_block=args.filter_block, standardize=True,
-                                     panels=not use_eigh, device=args.device,
-                                     progress=_progress(args, "features + Gram"),
-                                     checkpoint=checkpoint if args.gram_checkpoint_minutes > 0 else None,
-                                     checkpoint_every=60.0 * args.gram_checkpoint_minutes, resume=g)
-            if cache is not None:   # before the solve: an hour of features survives a crash there
-                t_save = time.perf_counter()
-                cache.save(key, g, meta)
-                timings["gram_cache_save_s"] = time.perf_counter() - t_save
-                print(f"[table] saved the feature Gram to {cache.dir} (key {key})", file=sys.stderr, flush=True)
+        g, fmap, cache_info = randconv_gram(
+            ds, cfg, panels=not use_eigh, cache_dir=None if args.no_gram_cache else args.cache_dir,
+            use_cache=not args.no_gram_cache, filter_block=args.filter_block, device=args.device,
+            progress=_progress(args, "features + Gram"), checkpoint_minutes=args.gram_checkpoint_minutes,
+            timings=timings, label=rec["dataset"], log_prefix="[table]")
+        if cache_info is not None:
+            rec["gram_cache"] = cache_info
         timings["features_and_gram_s"] = time.perf_counter() - t
         kernel = args.randconv_kernel
         rec["features"] = {**cfg.to_dict(), "n_features": fmap.n_features, "standardized": True,

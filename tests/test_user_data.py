@@ -337,3 +337,44 @@ def test_cli_dataset_table_agrees_with_the_registry():
     for name, info in D.REGISTRY.items():
         assert cli.DATASET_SHAPES[name] == {"d": info.dim, "num_classes": len(info.classes),
                                             "n_train": info.n_train, "n_test": info.n_test}
+
+
+@pytest.mark.parametrize("kernel", ["gaussian", "linear"])
+def test_cli_solve_randconv_matches_scipy_on_explicit_features(tmp_path, capsys, kernel):
+    """--features randconv (Gram accumulated block by block) == scipy on the standardized feature matrix."""
+    from kernelfit.features.randconv import RandConvConfig, RandConvFeatures
+
+    rng = np.random.default_rng(0)
+    x, xt = (rng.integers(0, 256, (n, 12, 12, 3)).astype(np.uint8) for n in (70, 30))
+    y, yt = rng.integers(0, 3, 70), rng.integers(0, 3, 30)
+    np.savez(tmp_path / "img.npz", x_train=x, y_train=y, x_test=xt, y_test=yt)
+    cfg = RandConvConfig(n_filters=10, patch_size=4, filters="patches", bias=0.25, pool_grid=2, zca_eps=0.1, seed=0)
+    args = ["--data", tmp_path / "img.npz", "--features", "randconv", "--filters", 10, "--filter-block", 3,
+            "--patch-size", 4, "--randconv-kernel", kernel, "--cache-dir", tmp_path / "c", "--mode", "mixed",
+            "--bandwidth", 10]
+    rc, rec, err = _solve(capsys, *args)   # _solve passes --mode float64 first; the later options win
+    assert rc == 0, err
+    fmap = RandConvFeatures(cfg).fit(x)
+    F, Ft = fmap.transform(x).astype(np.float64), fmap.transform(xt).astype(np.float64)
+    mu, sd = F.mean(0), F.std(0)
+    keep = sd > 1e-8 * sd.max()
+    Z, Zt = (np.where(keep, (A - mu) / np.where(keep, sd, 1.0), 0.0) for A in (F, Ft))
+    if kernel == "linear":
+        K, Kt = (Z @ Z.T + 1.0) / Z.shape[1], (Zt @ Z.T + 1.0) / Z.shape[1]
+    else:
+        K, Kt = (np.exp(-cdist(A, Z, "sqeuclidean") / (2 * 10.0**2)) for A in (Z, Zt))
+    Y = np.eye(3)[y]
+    alpha = cho_solve(cho_factor(K), Y)
+    res = rec["results"]["true"]
+    assert res["train_error"] == 0.0
+    assert res["test_error"] == pytest.approx(np.mean(np.argmax(Kt @ alpha, 1) != yt), abs=1e-12)
+    assert res["rkhs_norm"] == pytest.approx(np.sqrt(np.sum(alpha * Y)), rel=1e-5)
+    assert rec["features"]["n_features"] == 80 and rec["gram_cache"]["hit"] is False
+    rc, rec2, _ = _solve(capsys, *args)   # the feature Gram comes from the cache the table uses
+    assert rc == 0 and rec2["gram_cache"]["hit"] and rec2["results"] == rec["results"]
+
+
+def test_cli_randconv_refuses_options_it_does_not_take(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["solve", "--features", "randconv", "--jitter", "0.1", "--mode", "float64"])
+    assert e.value.code == 2 and "--mode float64" in capsys.readouterr().err
