@@ -24,7 +24,7 @@ from .errors import KernelfitError
 
 __all__ = ["main", "build_parser"]
 
-DATASET_NAMES = ("mnist-subset", "mnist", "cifar10")
+DATASET_NAMES = ("mnist-subset", "mnist", "fashion-mnist", "kmnist", "cifar10")
 MODES = ("mixed", "float32", "float64")
 TASKS = ("classification", "regression")
 PREDICTION_SUFFIXES = (".npy", ".csv", ".json")
@@ -33,11 +33,15 @@ KERNELS = ("gaussian", "laplacian")
 # argument parsing never import numpy-heavy modules. A test checks they agree.
 VARIANTS = ("true", "corrupt", "random-labels", "shuffled-pixels", "random-pixels", "gaussian")
 LABEL_VARIANTS = ("corrupt", "random-labels")
+# kernelfit.features.pipeline.FEATURE_KINDS (a test checks they agree)
+FEATURE_KINDS = ("pixels", "gabor", "randconv")
 
 # Feature dimension, classes and full split sizes, for planning without loading any data.
 DATASET_SHAPES = {
     "mnist-subset": {"d": 784, "num_classes": 10, "n_train": 5000, "n_test": 1000},
     "mnist": {"d": 784, "num_classes": 10, "n_train": 60000, "n_test": 10000},
+    "fashion-mnist": {"d": 784, "num_classes": 10, "n_train": 60000, "n_test": 10000},
+    "kmnist": {"d": 784, "num_classes": 10, "n_train": 60000, "n_test": 10000},
     "cifar10": {"d": 3072, "num_classes": 10, "n_train": 50000, "n_test": 10000},
 }
 
@@ -118,7 +122,7 @@ def _subset_seed(text: str):
 
 def _dataset(text: str) -> str:
     name = text.strip().lower().replace("_", "-")
-    name = {"cifar-10": "cifar10"}.get(name, name)
+    name = {"cifar-10": "cifar10", "fashionmnist": "fashion-mnist"}.get(name, name)
     if name not in DATASET_NAMES:
         raise argparse.ArgumentTypeError(
             f"unknown dataset {text!r}; expected one of {', '.join(DATASET_NAMES)}")
@@ -130,15 +134,93 @@ def _dataset(text: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 def _add_data_args(p: argparse.ArgumentParser, with_download: bool = True) -> None:
-    p.add_argument("--dataset", type=_dataset, default="mnist-subset", metavar="NAME",
+    g = p.add_argument_group("data: a named dataset, or your own arrays")
+    g.add_argument("--dataset", type=_dataset, default=None, metavar="NAME",
                    help=f"one of {', '.join(DATASET_NAMES)} (default: mnist-subset, shipped "
                         f"with kernelfit: 5,000 train / 1,000 test MNIST images)")
-    p.add_argument("--data-dir", default=None, metavar="DIR",
-                   help="directory (or file) holding the data; default $KERNELFIT_DATA, else "
+    g.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="directory (or file) holding the named --dataset; default $KERNELFIT_DATA, else "
                         "~/.cache/kernelfit")
     if with_download:
-        p.add_argument("--download", action="store_true",
-                       help="fetch missing files from the canonical source (checksum-verified)")
+        g.add_argument("--download", action="store_true",
+                       help="fetch missing files of --dataset from the canonical source (checksum-verified)")
+    g.add_argument("--data", default=None, metavar="FILE.npz",
+                   help="your arrays in one .npz: x_train, y_train and optionally x_test, y_test (any "
+                        "shape, any real dtype; used as stored, no scaling)")
+    for split in ("train", "test"):
+        g.add_argument(f"--x-{split}", default=None, metavar="FILE",
+                       help=f"{split} inputs: X.npy (memory-mapped), F.npz:NAME, F.h5:/DATASET (h5py) or "
+                            f"S.zarr:/ARRAY (zarr)" if split == "train" else "test inputs (same formats)")
+        g.add_argument(f"--y-{split}", default=None, metavar="FILE",
+                       help=f"{split} targets, same formats: integer labels >= 0, or float targets (n,) / (n, k) "
+                            f"with --task regression (also the targets of --gram / --gram-test)")
+
+
+def _user_arrays(args) -> dict | None:
+    """The user-array options given, or None when a named dataset is meant."""
+    given = {k: getattr(args, k, None) for k in ("data", "x_train", "y_train", "x_test", "y_test")}
+    return given if any(v is not None for v in given.values()) else None
+
+
+def _check_data_source(parser, args) -> dict | None:
+    """Refuse conflicting data options before anything is read. Returns the user-array options
+    (or None, and then ``args.dataset`` is set to the named dataset to load)."""
+    user = _user_arrays(args)
+    if user is not None:
+        flags = [f"--{k.replace('_', '-')}" for k, v in user.items() if v is not None]
+        if args.dataset is not None:
+            parser.error(f"--dataset {args.dataset} conflicts with {' '.join(flags)}: name a dataset or "
+                         f"give your own arrays, not both")
+        if getattr(args, "data_dir", None) is not None:
+            parser.error(f"--data-dir applies to a named --dataset, not to {' '.join(flags)} (which name "
+                         f"their files themselves); drop --data-dir")
+        if getattr(args, "download", False):
+            parser.error(f"--download fetches a named --dataset; it does not apply to {' '.join(flags)}")
+        if user["data"] is not None and len(flags) > 1:
+            parser.error(f"--data FILE.npz conflicts with {' '.join(f for f in flags if f != '--data')}: "
+                         f"give one .npz holding x_train, y_train (x_test, y_test), or the separate files")
+        if user["data"] is None:
+            if (user["x_train"] is None) != (user["y_train"] is None):
+                parser.error("your own arrays need both --x-train FILE and --y-train FILE")
+            if (user["x_test"] is None) != (user["y_test"] is None):
+                parser.error("a test split needs both --x-test FILE and --y-test FILE")
+            if user["x_train"] is None:
+                parser.error(f"{' '.join(flags)} given without --x-train FILE and --y-train FILE")
+        return user
+    if getattr(args, "data_dir", None) is not None and args.dataset in (None, "mnist-subset"):
+        parser.error(f"--data-dir {args.data_dir} needs a dataset it can serve: add --dataset NAME (one of "
+                     f"{', '.join(n for n in DATASET_NAMES if n != 'mnist-subset')}); mnist-subset ships "
+                     f"with kernelfit. For your own arrays use --data FILE.npz or --x-train/--y-train")
+    if args.dataset is None:
+        args.dataset = "mnist-subset"
+    return None
+
+
+def _user_shape(user: dict) -> dict:
+    """d, classes and split sizes of a user's arrays, read from their headers (labels are read)."""
+    import numpy as np
+
+    from .data import open_array, peek_arrays
+
+    shapes = peek_arrays(**user)
+    specs = {k: (f"{user['data']}:{k}" if user["data"] is not None else user[k]) for k in shapes}
+    k = 0
+    for key in ("y_train", "y_test"):
+        if key in shapes:
+            y = np.asarray(open_array(specs[key], what=f"--{key.replace('_', '-')}")[...])
+            if y.size and np.issubdtype(y.dtype, np.number):
+                k = max(k, int(np.nanmax(y)) + 1)
+    x = shapes["x_train"][0]
+    return {"d": int(np.prod(x[1:], dtype=np.int64)), "image_shape": x[1:], "num_classes": max(k, 1), "n_train": x[0],
+            "n_test": shapes["x_test"][0][0] if "x_test" in shapes else 0}
+
+
+def _load_data(args, user: dict | None):
+    from .data import load_arrays, load_dataset
+
+    if user is not None:
+        return load_arrays(**user)
+    return load_dataset(args.dataset, data_dir=args.data_dir, download=getattr(args, "download", False))
 
 
 def _add_size_args(p: argparse.ArgumentParser) -> None:
@@ -182,6 +264,38 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most refinement steps in mixed mode (default 10)")
     s.add_argument("--no-fallback", action="store_true",
                    help="mixed mode: do not re-factor in float64 when refinement cannot reach float64 level")
+    f = s.add_argument_group("features (the same maps and cache keys as 'kernelfit table')")
+    f.add_argument("--features", choices=FEATURE_KINDS, default="pixels",
+                   help="pixels: x / 255 for images, values as stored for your arrays (default); gabor: "
+                        "Gabor wavelet magnitudes of grayscale images, cached on disk")
+    f.add_argument("--gabor-frequencies", type=float, nargs="+", default=[0.15, 0.25, 0.35], metavar="F",
+                   help="Gabor frequencies in cycles / pixel (default 0.15 0.25 0.35)")
+    f.add_argument("--gabor-orientations", type=_positive_int, default=8, metavar="K",
+                   help="Gabor orientations (default 8)")
+    f.add_argument("--gabor-pool", type=_positive_int, default=4, metavar="P",
+                   help="Gabor mean-pooling window (default 4)")
+    f.add_argument("--filters", type=_positive_int, default=1000, metavar="N",
+                   help="randconv: random filters (default 1000; Zhang et al.: 32000)")
+    f.add_argument("--filter-block", type=_positive_int, default=250, metavar="B",
+                   help="randconv: filters per feature block (default 250)")
+    f.add_argument("--patch-size", type=_positive_int, default=6, metavar="P", help="randconv: patch side (default 6)")
+    f.add_argument("--filter-kind", choices=("gaussian", "patches"), default="patches",
+                   help="randconv: filters drawn as Gaussian noise or as whitened training patches (default)")
+    f.add_argument("--randconv-bias", type=float, default=0.25, metavar="A",
+                   help="randconv: rectifier threshold in max(0, +-w.x - A) (default 0.25)")
+    f.add_argument("--randconv-pool-grid", type=_positive_int, default=2, metavar="G",
+                   help="randconv: sum-pooling grid per side (default 2)")
+    f.add_argument("--randconv-zca-eps", type=float, default=0.1, metavar="EPS",
+                   help="randconv: ZCA whitening regularizer (default 0.1)")
+    f.add_argument("--randconv-kernel", choices=("gaussian", "linear"), default="gaussian",
+                   help="randconv: kernel on the standardized features (default gaussian, bandwidth from "
+                        "--bandwidth; linear: (phi.phi' + 1) / n_features)")
+    f.add_argument("--gram-checkpoint-minutes", type=_nonneg_float, default=30.0, metavar="M",
+                   help="randconv: save the unfinished feature Gram this often (0: never; default 30)")
+    f.add_argument("--no-gram-cache", action="store_true",
+                   help="randconv: do not save / reuse the accumulated feature Gram")
+    f.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help="feature / Gram cache root (default: $KERNELFIT_CACHE or the user cache dir)")
     g = s.add_argument_group("where the factorization runs")
     g.add_argument("--device", default=None, metavar="DEV",
                    help="cpu (default) or a CUDA device (cuda, cuda:1) to factor on with torch")
@@ -223,8 +337,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="memory plan of a solve (dry run, allocates nothing)",
                        description="Print the memory a solve would need, as JSON on stdout and "
                                    "one line on stderr. Exit status 0 if it fits, 3 if not.")
-    p.add_argument("--dataset", type=_dataset, default="mnist-subset", metavar="NAME",
-                   help=f"sets d, classes and default sizes: one of {', '.join(DATASET_NAMES)}")
+    p.add_argument("--dataset", type=_dataset, default=None, metavar="NAME",
+                   help=f"sets d, classes and default sizes: one of {', '.join(DATASET_NAMES)} "
+                        f"(default mnist-subset)")
+    p.add_argument("--data", default=None, metavar="FILE.npz",
+                   help="or take d, classes and sizes from your arrays (only their headers and labels are read)")
+    for key in ("x-train", "y-train", "x-test", "y-test"):
+        p.add_argument(f"--{key}", default=None, metavar="FILE", help=f"your {key.replace('-', '_')} file")
     _add_size_args(p)
     p.add_argument("--dim", type=_positive_int, default=None, metavar="D",
                    help="feature dimension (default: the dataset's, e.g. 784 for MNIST)")
@@ -248,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     dp = dsub.add_parser("path", help="print the resolved data directory")
     dp.add_argument("--data-dir", default=None, metavar="DIR")
     dd = dsub.add_parser("download", help="download a dataset with checksum verification")
-    dd.add_argument("dataset", type=_dataset, metavar="NAME", help="mnist or cifar10")
+    dd.add_argument("dataset", type=_dataset, metavar="NAME", help="mnist, fashion-mnist, kmnist or cifar10")
     dd.add_argument("--data-dir", default=None, metavar="DIR")
     dd.add_argument("--base-url", default=None, metavar="URL", help="mirror with the same file names")
     dd.add_argument("--force", action="store_true", help="download again even if verified files exist")
@@ -268,12 +387,9 @@ def _add_gram_model_cluster_args(s: argparse.ArgumentParser) -> None:
     g = s.add_argument_group("precomputed Gram (instead of a dataset: G = k(X_train, X_train), n x n)")
     g.add_argument("--gram", default=None, metavar="G.npy|G.h5:/dset|G.zarr:/arr",
                    help="training Gram matrix, full square (read through a memory map / in tiles, never "
-                        "copied whole); needs --y-train")
+                        "copied whole); needs --y-train (the targets of the Gram's rows)")
     g.add_argument("--gram-test", default=None, metavar="KT.npy|...",
                    help="test Gram k(X_test, X_train), m x n; needs --y-test")
-    g.add_argument("--y-train", default=None, metavar="Y.npy|Y.h5:/dset|...",
-                   help="training targets: integer labels (classification) or floats (n,) / (n, k) (regression)")
-    g.add_argument("--y-test", default=None, metavar="YT.npy|...", help="test targets, as --y-train")
     t = s.add_argument_group("targets, model file, cluster")
     t.add_argument("--task", choices=TASKS, default="classification",
                    help="classification: integer labels, one-hot, error rates (default); regression: float "
@@ -362,16 +478,84 @@ def _remove_checkpoint(directory: Path) -> None:
         pass
 
 
+def _gabor_config(args):
+    from .features.gabor import GaborConfig
+
+    return GaborConfig(frequencies=tuple(args.gabor_frequencies), n_orientations=args.gabor_orientations,
+                       pool=args.gabor_pool)
+
+
+def _check_randconv_options(parser, args) -> None:
+    """The random-conv solve runs from the accumulated feature Gram: mixed precision, no ridge."""
+    bad = [(args.mode != "mixed", f"--mode {args.mode} (it refines a float32 factor in float64: mixed)"),
+           (args.kernel != "gaussian", f"--kernel {args.kernel} (use --randconv-kernel gaussian|linear)"),
+           (args.jitter != 0, "--jitter"), (args.checkpoint_dir is not None, "--checkpoint-dir"),
+           (args.n_test == 0, "--n-test 0 (it needs a test split)")]
+    refused = [what for cond, what in bad if cond]
+    if refused:
+        parser.error(f"--features randconv solves from the feature Gram and does not take {'; '.join(refused)}")
+
+
+def _require_randconv_fits(args, n: int, m: int) -> None:
+    """Feature Gram panels (float64) + test block (float64) + feature blocks + the float32 factor copy."""
+    from .errors import MemoryPlanError
+    from .features.randconv import RandConvConfig, RandConvFeatures
+    from .linalg.memory import available_bytes
+
+    fmap = RandConvFeatures(RandConvConfig(n_filters=args.filters, patch_size=args.patch_size,
+                                           pool_grid=args.randconv_pool_grid))
+    plan = fmap.gram_plan(n, m, args.filter_block, panels=True)
+    need = plan["total_bytes"] + n * (n + 2048) // 2 * 4
+    avail = available_bytes()
+    if need > 0.9 * avail:
+        raise MemoryPlanError(
+            f"--features randconv at n={n}, m={m}: feature Gram {plan['gram_bytes'] / 2**30:.2f} GiB + float32 "
+            f"factor copy + feature blocks = {need / 2**30:.2f} GiB, more than 90% of the {avail / 2**30:.2f} GiB "
+            f"available. Fix: fewer training points (--n-train), a smaller --filter-block, or --force-memory.",
+            plan={**plan, "need_bytes": need, "available_bytes": avail})
+
+
+def _solve_randconv(args, rds, label_sets: dict, y_test, k: int, timings: dict) -> dict:
+    """Random-conv features (never materialized): the standardized Gram is accumulated block by block
+    (cached like the table's), turned into the kernel in place and solved by the table's panel solver."""
+    from .features.pipeline import randconv_gram
+    from .features.randconv import RandConvConfig
+    from .table import _cholesky_rows_panels
+
+    cfg = RandConvConfig(n_filters=args.filters, patch_size=args.patch_size, filters=args.filter_kind,
+                         bias=args.randconv_bias, pool_grid=args.randconv_pool_grid,
+                         zca_eps=args.randconv_zca_eps, seed=args.seed)
+    g, fmap, cache_info = randconv_gram(
+        rds, cfg, panels=True, cache_dir=args.cache_dir, use_cache=not args.no_gram_cache,
+        filter_block=args.filter_block, device=args.device, checkpoint_minutes=args.gram_checkpoint_minutes,
+        timings=timings, label=rds.name)
+    spec = ("median", 1.0) if args.bandwidth == "median" else ("abs", float(args.bandwidth))
+    res, info, sigma, median = _cholesky_rows_panels(g, spec, label_sets, y_test, k, args.seed, device=args.device,
+                                                     max_refine=args.max_refine, kernel=args.randconv_kernel)
+    results = {name: {"train_error": r["interp"]["train_error"], "test_error": r["interp"]["test_error"],
+                      "rkhs_norm": r["interp"]["norm"], "residual_relative": r["interp"]["residual_relative"]}
+               for name, r in res.items()}
+    linear = args.randconv_kernel == "linear"
+    return {"kind": "kernelfit.solve", "n_train": len(rds.y_train), "n_test": len(y_test),
+            "num_classes": int(k), "results": results,
+            "features": {**cfg.to_dict(), "n_features": fmap.n_features, "standardized": True,
+                         "kernel_on_features": args.randconv_kernel},
+            "gram_cache": cache_info,
+            "stats": {"kernel": "linear (phi.phi' + 1) / n_features" if linear else "gaussian",
+                      "bandwidth": None if linear else float(sigma),
+                      "bandwidth_rule": None if linear else ("median heuristic" if spec[0] == "median" else "given"),
+                      "median_distance": float(median), "mode": "mixed", "solver": info}}
+
+
 def _label_sets_for(variant: str, with_true: bool) -> list[str]:
     if variant in LABEL_VARIANTS and with_true:
         return ["true", variant]
     return [variant]
 
 
-def _plan_for(args, n_train: int, n_test: int, k: int):
+def _plan_for(args, n_train: int, n_test: int, k: int, d: int):
     from .linalg.memory import plan_solve
 
-    d = DATASET_SHAPES[args.dataset]["d"]
     return plan_solve(n_train, d, k, args.mode, n_test=n_test, block=args.block_size)
 
 
@@ -382,6 +566,7 @@ def cmd_solve(args, parser) -> int:
         got = "--gram (no kernel function to refine with)" if args.gram is not None else f"--mode {args.mode}"
         parser.error(f"--tf32 needs --mode mixed (float64 refinement repairs TF32's 10-bit mantissa); got {got}")
     if args.gram is not None:
+        _check_gram_source(args, parser)
         return cmd_solve_gram(args, parser)
     _check_gram_only_args(args, parser)
     args.mode = args.mode or "mixed"
@@ -396,16 +581,31 @@ def cmd_solve(args, parser) -> int:
         parser.error(f"--corrupt-test applies only to label variants {LABEL_VARIANTS} "
                      f"(got --variant {args.variant})")
     _check_out_path(parser, args.out, args.overwrite)
-    shape = DATASET_SHAPES[args.dataset]
+    user = _check_data_source(parser, args)
+    shape = DATASET_SHAPES[args.dataset] if user is None else _user_shape(user)
+    what = args.dataset if user is None else "your arrays"
+    if args.features == "randconv":
+        _check_randconv_options(parser, args)
+    if args.features == "gabor":   # the features' dimension, for the memory plan; checks the options too
+        from .data import REGISTRY
+        from .features.gabor import GaborBank
+
+        image = REGISTRY[args.dataset].image_shape if user is None else shape["image_shape"]
+        if len(image) not in (2, 3) or (len(image) == 3 and image[-1] != 1):
+            parser.error(f"--features gabor needs grayscale images (H, W) or (H, W, 1); {what} holds "
+                         f"{tuple(image)} per example. Use --features pixels")
+        shape = {**shape, "d": GaborBank(_gabor_config(args)).n_features(image[0], image[1])}
     for flag, n, full in (("--n-train", args.n_train, shape["n_train"]),
                           ("--n-test", args.n_test, shape["n_test"])):
         if n is not None and n > full:
-            parser.error(f"{flag} {n} exceeds the {full} examples of {args.dataset}; use at most {full}")
+            parser.error(f"{flag} {n} exceeds the {full} examples of {what}; use at most {full}")
     n_train = args.n_train or shape["n_train"]
     n_test = shape["n_test"] if args.n_test is None else args.n_test
     sets = _label_sets_for(args.variant, args.with_true)
     k = shape["num_classes"] * len(sets)
-    plan = _plan_for(args, n_train, n_test, k)
+    plan = _plan_for(args, n_train, n_test, k, shape["d"])
+    if args.features == "randconv" and not args.force_memory:
+        _require_randconv_fits(args, n_train, n_test)
     if not plan.fits and not args.force_memory:
         from .linalg.memory import require_fits
 
@@ -414,22 +614,25 @@ def cmd_solve(args, parser) -> int:
     # --- then the work ---
     import numpy as np
 
-    from .data import load_dataset, to_features
+    from .data import describe
+    from .features.pipeline import dataset_features
     from .randomize import Randomization, apply_randomization
     from .results import PhaseTimer, peak_rss_bytes, write_json_atomic
     from .solve import SolveOptions, run_interpolation
 
     timer = PhaseTimer()
     with timer.phase("load"):
-        ds = load_dataset(args.dataset, data_dir=args.data_dir, download=args.download)
-        ds = ds.subset(args.n_train, None if args.n_test == 0 else args.n_test, seed=args.subset_seed)
+        loaded = _load_data(args, user)
+        ds = loaded.subset(args.n_train, None if args.n_test == 0 else args.n_test, seed=args.subset_seed)
         rnd = Randomization(variant=args.variant, p=args.corrupt_p or 0.0, seed=args.seed,
                             corrupt_test=args.corrupt_test)
         rds, rinfo = apply_randomization(ds, rnd)
         fdtype = np.float64 if args.mode == "float64" else np.float32
-        X = to_features(rds.x_train, dtype=fdtype)
-        Xt = to_features(rds.x_test, dtype=fdtype) if args.n_test != 0 else None
-        yt = rds.y_test if args.n_test != 0 else None
+        has_test = args.n_test != 0 and len(rds.x_test) > 0
+        yt = rds.y_test if has_test else None
+        if args.features != "randconv":
+            X, Xt, features = dataset_features(rds, args.features, gabor=_gabor_config(args),
+                                               cache_dir=args.cache_dir, dtype=fdtype, with_test=has_test)
     label_sets = {name: (ds.y_train if name == "true" else rds.y_train) for name in sets}
     if args.task == "regression":   # the label values themselves are the float targets
         label_sets = {name: y.astype(np.float64) for name, y in label_sets.items()}
@@ -442,18 +645,29 @@ def cmd_solve(args, parser) -> int:
                            out_of_core={"auto": "auto", "yes": True, "no": False}[args.out_of_core],
                            checkpoint_dir=None if args.checkpoint_dir is None else str(args.checkpoint_dir),
                            resume=args.resume)
+    n_tr, n_te = len(rds.y_train), (len(yt) if yt is not None else 0)
     extra = {
-        "dataset": {"name": rds.name, "source": ds.source, "n_train": int(len(X)),
-                    "n_test": 0 if Xt is None else int(len(Xt)),
-                    "subset_seed": args.subset_seed, "num_classes": int(ds.num_classes),
+        "dataset": {**describe(loaded), "n_train": int(n_tr), "n_test": int(n_te),
+                    "subset_seed": args.subset_seed,
                     "note": "CIFAR-10 (JPEG q75 copy)" if "jpeg" in ds.source.lower() else None},
         "randomization": rinfo,
     }
     with timer.phase("solve"):
-        (record, model), cluster = _with_cluster(args, lambda client: run_interpolation(
-            X, label_sets, Xt, yt, ds.num_classes, options, extra, task=args.task, client=client, return_model=True))
-    _save_model_if_asked(args, record, model, cluster, preprocessing={"kind": "pixels", "dtype": np.dtype(fdtype).name},
-                         class_names=ds.classes)
+        if args.features == "randconv":
+            from .results import provenance
+
+            prov = provenance()   # before the solve: the code that runs
+            record = {**_solve_randconv(args, rds, label_sets, yt, ds.num_classes, {}), **extra,
+                      "provenance": prov}
+        else:
+            extra["features"] = features
+            (record, model), cluster = _with_cluster(args, lambda client: run_interpolation(
+                X, label_sets, Xt, yt, ds.num_classes, options, extra, task=args.task, client=client,
+                return_model=True))
+            _save_model_if_asked(args, record, model, cluster,
+                                 preprocessing={"kind": "pixels", "dtype": np.dtype(fdtype).name,
+                                                "scale": float(ds.scale)},
+                                 class_names=ds.classes)
     record["cli_timings_s"] = timer.as_dict()
     record["cli_peak_rss_bytes"] = peak_rss_bytes()
 
@@ -488,7 +702,9 @@ def _print_summary(record: dict) -> None:
             te, r2 = res.get("test_rmse"), res.get("test_r2")
             fit = (f"train RMSE {res['train_rmse']:.3g}  test RMSE {'n/a' if te is None else f'{te:.4g}'}  "
                    f"test R^2 {'n/a' if r2 is None else f'{r2:.4f}'}")
-        _eprint(f"  {name:>16}: {fit}  RKHS norm {res['rkhs_norm']:.4g}  max |residual| {res['residual_max_abs']:.2e}")
+        resid = (f"max |residual| {res['residual_max_abs']:.2e}" if "residual_max_abs" in res
+                 else f"relative residual {res['residual_relative']:.2e}")
+        _eprint(f"  {name:>16}: {fit}  RKHS norm {res['rkhs_norm']:.4g}  {resid}")
     fact = (st.get("refinement") or {}).get("factorization") or st.get("factorization") or {}
     if isinstance(fact, dict) and fact.get("resumed_from_panel"):
         _eprint(f"  resumed the factorization from panel {fact['resumed_from_panel']} (block "
@@ -504,6 +720,13 @@ def _check_model_args(args, parser) -> None:
     _check_out_path(parser, args.save_model, args.overwrite, "--save-model", "model.safetensors")
     if args.save_model is not None and args.out is not None and args.save_model.resolve() == args.out.resolve():
         parser.error(f"--save-model and --out are the same path {args.out}; give the model its own file")
+    if args.save_model is not None and getattr(args, "features", "pixels") != "pixels":
+        parser.error(f"--save-model with --features {args.features}: model files hold pixel-space models only "
+                     f"(predict cannot rebuild the {args.features} feature map yet); save the features as "
+                     f"arrays and solve on them with --x-train / --data, or drop --save-model")
+    if args.scheduler is not None and getattr(args, "features", "pixels") == "randconv":
+        parser.error("--scheduler with --features randconv: the random-conv Gram is accumulated in this process; "
+                     "drop --scheduler")
     if args.save_model is not None and args.variant not in ("true", *LABEL_VARIANTS):
         parser.error(f"--save-model with --variant {args.variant}: the model would need the randomized inputs "
                      f"to predict; save models of true or label-randomized data only")
@@ -520,10 +743,20 @@ def _check_model_args(args, parser) -> None:
 
 
 def _check_gram_only_args(args, parser) -> None:
-    for flag, value in (("--gram-test", args.gram_test), ("--y-train", args.y_train), ("--y-test", args.y_test)):
-        if value is not None:
-            parser.error(f"{flag} goes with --gram G.npy (a precomputed training Gram); without --gram the "
-                         f"data come from --dataset")
+    if args.gram_test is not None:
+        parser.error("--gram-test goes with --gram G.npy (a precomputed training Gram); without --gram the "
+                     "test data come from --dataset, --data or --x-test")
+
+
+def _check_gram_source(args, parser) -> None:
+    """--gram names the whole training input: no dataset, data file or x arrays beside it."""
+    other = [flag for flag, v in (("--dataset", args.dataset), ("--data", args.data), ("--data-dir", args.data_dir),
+                                  ("--x-train", args.x_train), ("--x-test", args.x_test),
+                                  ("--features", None if args.features == "pixels" else args.features))
+             if v is not None]
+    if other:
+        parser.error(f"--gram {args.gram} is the whole training input; it conflicts with {' '.join(other)}. "
+                     f"Give the targets with --y-train (and --gram-test with --y-test), nothing else")
 
 
 def _with_cluster(args, run):
@@ -707,7 +940,8 @@ def cmd_predict(args, parser) -> int:
 def cmd_plan(args, parser) -> int:
     from .linalg.memory import plan_solve
 
-    shape = DATASET_SHAPES[args.dataset]
+    user = _check_data_source(parser, args)
+    shape = DATASET_SHAPES[args.dataset] if user is None else _user_shape(user)
     n = args.n_train or shape["n_train"]
     n_test = shape["n_test"] if args.n_test is None else args.n_test
     d = args.dim or shape["d"]
@@ -733,12 +967,12 @@ def _found_files(name: str, root: Path) -> list[str]:
     for d in dirs:
         if not d.is_dir():
             continue
-        if name == "mnist":
-            for base in data.MNIST_IDX_FILES.values():
+        if name in data.IDX_DATASETS:
+            for base in data.IDX_FILES.values():
                 for cand in (base, base + ".gz"):
                     if (d / cand).is_file():
                         found.append(str(d / cand))
-            if (d / data.MNIST_NPZ).is_file():
+            if name == "mnist" and (d / data.MNIST_NPZ).is_file():
                 found.append(str(d / data.MNIST_NPZ))
         else:
             for cand in (d / data.CIFAR10_BATCH_DIR, d / data.CIFAR10_ARCHIVE):
@@ -762,7 +996,7 @@ def cmd_data(args, parser) -> int:
             _eprint(f"({origin}; exists: {root.exists()})")
         return EXIT_OK
     if args.data_command == "download":
-        if args.dataset == "mnist-subset":
+        if args.dataset in (None, "mnist-subset"):
             parser.error("mnist-subset ships with kernelfit; nothing to download (use 'mnist')")
         path = data.download(args.dataset, args.data_dir, base_url=args.base_url, force=args.force,
                              progress=True)

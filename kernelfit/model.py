@@ -65,14 +65,15 @@ def _pixels(config: dict) -> Callable:
     from .data import to_features
 
     dtype = np.dtype(config.get("dtype", "float32"))
-    return lambda x: to_features(np.asarray(x), dtype=dtype)
+    scale = float(config.get("scale", 255.0))   # 1 for a user's arrays, used as stored
+    return lambda x: to_features(np.asarray(x), dtype=dtype, scale=scale)
 
 
 # name -> (config -> function raw block -> feature rows). Feature maps that need more state (filters,
 # ZCA) register a builder that recreates them from their config.
 PREPROCESSORS: dict[str, Callable[[dict], Callable]] = {
     "none": _identity,      # rows used as given (flattened, cast to ``dtype``)
-    "pixels": _pixels,      # kernelfit.data.to_features: images / 255, flattened, in ``dtype``
+    "pixels": _pixels,      # kernelfit.data.to_features: x / scale (images / 255), flattened, in ``dtype``
 }
 
 

@@ -107,9 +107,15 @@ def _random_labels(ds, seed: int) -> np.ndarray:
 
 
 def _load(name: str, data_dir, n_train: int | None, n_test: int | None, seed: int):
-    from .data import load_dataset
+    """A registered dataset by name, or a user's .npz (x_train, y_train, x_test, y_test) by path."""
+    from .data import DATASETS, load_arrays, load_dataset
 
-    ds = load_dataset(name, data_dir=data_dir)
+    if name in DATASETS:
+        ds = load_dataset(name, data_dir=data_dir)
+    else:
+        ds = load_arrays(data=name)
+        if len(ds.y_test) == 0:
+            raise InputError(f"{name}: the table needs a test split; add x_test and y_test to the .npz.")
     full_train = n_train is None or n_train >= len(ds.y_train)
     full_test = n_test is None or n_test >= len(ds.y_test)
     if not (full_train and full_test):
@@ -263,13 +269,17 @@ def run_row(row: str, args) -> dict:
     is_mnist = row.startswith("mnist")
     n_train = args.n_train_mnist if is_mnist else args.n_train_cifar
     n_test = args.n_test
-    ds = _load("mnist" if is_mnist else "cifar10", args.data_dir, n_train, n_test, args.seed)
+    source = args.mnist_data if is_mnist else args.cifar_data
+    ds = _load(source, args.data_dir, n_train, n_test, args.seed)
     k = ds.num_classes
     label_sets = {"true": ds.y_train}
     if not args.no_random_labels:
         label_sets["random"] = _random_labels(ds, args.seed)
     bw = _parse_bandwidth(getattr(args, f"bandwidth_{row.replace('-', '_')}"))
-    rec = {"row": row, "dataset": "MNIST" if is_mnist else "CIFAR-10 (JPEG q75 copy)",
+    from .data import describe
+
+    default_name = {"mnist": "MNIST", "cifar10": "CIFAR-10 (JPEG q75 copy)"}
+    rec = {"row": row, "dataset": default_name.get(source, ds.name), "data": describe(ds, checksums=False),
            "n_train": int(len(ds.y_train)), "n_test": int(len(ds.y_test)), "paper": PAPER[row]}
     timings = {}
     lambdas = np.asarray(args.lambdas, dtype=np.float64)
@@ -278,45 +288,19 @@ def run_row(row: str, args) -> dict:
 
     t = time.perf_counter()
     if row == "cifar-randconv":
-        from .features.randconv import RandConvConfig, RandConvFeatures
+        from .features.pipeline import randconv_gram
+        from .features.randconv import RandConvConfig
 
         cfg = RandConvConfig(n_filters=args.filters, patch_size=args.patch_size, filters=args.filter_kind,
                              bias=args.randconv_bias, pool_grid=args.randconv_pool_grid,
                              zca_eps=args.randconv_zca_eps, seed=args.seed)
-        from .features.cache import GramCache, hash_array
-
-        fmap = RandConvFeatures(cfg).fit(ds.x_train)
-        cache = None if args.no_gram_cache else GramCache(args.cache_dir)
-        g = checkpoint = None
-        if cache is not None:
-            key = cache.key({"train": hash_array(ds.x_train), "test": hash_array(ds.x_test),
-                             "features": cfg.to_dict(), "standardize": True,
-                             "layout": "dense" if use_eigh else "panels"})
-            meta = {"features": cfg.to_dict(), "dataset": rec["dataset"]}
-            g = cache.load(key)
-            rec["gram_cache"] = {"dir": str(cache.dir), "key": key, "hit": g is not None and g.complete,
-                                 "resumed_from_filters": None if g is None or g.complete else g.filters_done}
-            if g is not None and not g.complete:
-                print(f"[table] continuing the feature Gram checkpoint {key} after {g.filters_done} of "
-                      f"{cfg.n_filters} filters", file=sys.stderr, flush=True)
-
-            def checkpoint(partial):   # hours of features on a CPU survive an interruption
-                t_save = time.perf_counter()
-                cache.save(key, partial, meta)
-                timings["gram_checkpoints_s"] = timings.get("gram_checkpoints_s", 0.0) + time.perf_counter() - t_save
-                print(f"[table] feature Gram checkpoint: {partial.filters_done} of {cfg.n_filters} filters "
-                      f"({cache.dir}, key {key})", file=sys.stderr, flush=True)
-        if g is None or not g.complete:
-            g = fmap.accumulate_gram(ds.x_train, ds.x_test, filter_block=args.filter_block, standardize=True,
-                                     panels=not use_eigh, device=args.device,
-                                     progress=_progress(args, "features + Gram"),
-                                     checkpoint=checkpoint if args.gram_checkpoint_minutes > 0 else None,
-                                     checkpoint_every=60.0 * args.gram_checkpoint_minutes, resume=g)
-            if cache is not None:   # before the solve: an hour of features survives a crash there
-                t_save = time.perf_counter()
-                cache.save(key, g, meta)
-                timings["gram_cache_save_s"] = time.perf_counter() - t_save
-                print(f"[table] saved the feature Gram to {cache.dir} (key {key})", file=sys.stderr, flush=True)
+        g, fmap, cache_info = randconv_gram(
+            ds, cfg, panels=not use_eigh, cache_dir=None if args.no_gram_cache else args.cache_dir,
+            use_cache=not args.no_gram_cache, filter_block=args.filter_block, device=args.device,
+            progress=_progress(args, "features + Gram"), checkpoint_minutes=args.gram_checkpoint_minutes,
+            timings=timings, label=rec["dataset"], log_prefix="[table]")
+        if cache_info is not None:
+            rec["gram_cache"] = cache_info
         timings["features_and_gram_s"] = time.perf_counter() - t
         kernel = args.randconv_kernel
         rec["features"] = {**cfg.to_dict(), "n_features": fmap.n_features, "standardized": True,
@@ -339,21 +323,13 @@ def run_row(row: str, args) -> dict:
                                                              device=args.device, max_refine=args.max_refine,
                                                              kernel=kernel)
     else:
-        if row.endswith("gabor"):
-            from .features.cache import cached_transform
-            from .features.gabor import GaborBank, GaborConfig
+        from .features.gabor import GaborConfig
+        from .features.pipeline import dataset_features
 
-            gcfg = GaborConfig(frequencies=tuple(args.gabor_frequencies), n_orientations=args.gabor_orientations,
-                               pool=args.gabor_pool)
-            bank = GaborBank(gcfg)
-            Ftr = np.asarray(cached_transform(bank, ds.x_train, args.cache_dir))
-            Fte = np.asarray(cached_transform(bank, ds.x_test, args.cache_dir))
-            rec["features"] = {**gcfg.to_dict(), "n_features": int(Ftr.shape[1])}
-        else:
-            from .data import to_features
-
-            Ftr, Fte = to_features(ds.x_train), to_features(ds.x_test)
-            rec["features"] = {"kind": "pixels / 255", "n_features": int(Ftr.shape[1])}
+        gcfg = GaborConfig(frequencies=tuple(args.gabor_frequencies), n_orientations=args.gabor_orientations,
+                           pool=args.gabor_pool)
+        Ftr, Fte, rec["features"] = dataset_features(ds, "gabor" if row.endswith("gabor") else "pixels",
+                                                     gabor=gcfg, cache_dir=args.cache_dir)
         timings["features_s"] = time.perf_counter() - t
 
         median = median_bandwidth(Ftr, seed=args.seed)
@@ -450,6 +426,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="kernelfit table", description=(__doc__ or "").split("\n")[0])
     ap.add_argument("--rows", default=",".join(ROWS), help=f"comma list among {', '.join(ROWS)}")
     ap.add_argument("--data-dir", default=None, help="directory with mnist.npz / CIFAR-10 (else $KERNELFIT_DATA ...)")
+    ap.add_argument("--mnist-data", default="mnist", metavar="NAME|FILE.npz",
+                    help="data of the mnist-* rows: a registered dataset (mnist, fashion-mnist, kmnist, ...) or "
+                         "your .npz with x_train, y_train, x_test, y_test (default mnist)")
+    ap.add_argument("--cifar-data", default="cifar10", metavar="NAME|FILE.npz",
+                    help="data of the cifar-* rows, likewise (default cifar10)")
     ap.add_argument("--n-train-mnist", type=int, default=5000, help="MNIST training points (60000 = full)")
     ap.add_argument("--n-train-cifar", type=int, default=5000, help="CIFAR-10 training points (50000 = full)")
     ap.add_argument("--n-test", type=int, default=2000, help="test points per dataset (10000 = full)")

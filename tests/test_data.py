@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from kernelfit import data as D
+from kernelfit.data import image_folder
 from kernelfit.errors import DataError, InputError
 
 PIL = pytest.importorskip("PIL")
@@ -146,10 +147,12 @@ def test_dataset_basic_properties():
     (dict(y_train=np.full(20, -1)), r"\[0, 3\)"),
     (dict(y_train=np.arange(19) % 3), "19 labels for 20 images"),
     (dict(y_test=np.zeros(11, int)), "11 labels for 10 images"),
-    (dict(x_train=np.zeros((20, 16), np.uint8)), r"\(N, H, W\)"),
+    (dict(x_train=np.zeros(20, np.uint8)), r"\(N, \.\.\.\)"),
+    (dict(x_train=np.zeros((20, 16), np.uint8)), "same shape"),
     (dict(x_test=np.zeros((10, 5, 4), np.uint8)), "same shape"),
     (dict(y_train=np.zeros(20, float)), "integer class labels"),
-    (dict(x_train=np.zeros((20, 4, 4), np.int64)), "uint8"),
+    (dict(x_train=np.zeros((20, 4, 4), np.complex64)), "real numbers"),
+    (dict(x_train=np.zeros((0, 4, 4), np.uint8), y_train=np.zeros(0, int)), "0 rows"),
     (dict(classes=("a", "a", "b")), "unique"),
 ])
 def test_dataset_validation(bad, match):
@@ -469,19 +472,19 @@ def test_read_image_folder_cache_hit_and_corrupt_cache_rebuilt(tmp_path, monkeyp
     tar = make_tar(root, tmp_path / "folder.tar.gz", ".")
     first = D.read_image_folder(tar)
     files = list((cache / "decoded").glob("*.npz"))
-    assert len(files) == 1 and D._sha256_file(tar) in files[0].name
-    real_decode = D._decode_image_folder
+    assert len(files) == 1 and D.sha256_file(tar) in files[0].name
+    real_decode = image_folder._decode_image_folder
 
     def no_decode(*a, **k):
         raise AssertionError("decoded again although cached")
 
-    monkeypatch.setattr(D, "_decode_image_folder", no_decode)
+    monkeypatch.setattr(image_folder, "_decode_image_folder", no_decode)
     second = D.read_image_folder(tar)
     for u, v in zip(first[:4], second[:4]):
         assert np.array_equal(u, v) and u.dtype == v.dtype
     assert second[4] == first[4]
     # corrupt the cache: flip bytes in the middle, then truncate -> warning + rebuild
-    monkeypatch.setattr(D, "_decode_image_folder", real_decode)
+    monkeypatch.setattr(image_folder, "_decode_image_folder", real_decode)
     for damage in ("flip", "truncate"):
         blob = bytearray(files[0].read_bytes())
         if damage == "flip":
@@ -494,11 +497,11 @@ def test_read_image_folder_cache_hit_and_corrupt_cache_rebuilt(tmp_path, monkeyp
             third = D.read_image_folder(tar)
         for u, v in zip(first[:4], third[:4]):
             assert np.array_equal(u, v)
-        monkeypatch.setattr(D, "_decode_image_folder", no_decode)
+        monkeypatch.setattr(image_folder, "_decode_image_folder", no_decode)
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             D.read_image_folder(tar)  # the rebuilt cache is good again
-        monkeypatch.setattr(D, "_decode_image_folder", real_decode)
+        monkeypatch.setattr(image_folder, "_decode_image_folder", real_decode)
     # a changed archive has another sha256, so another cache entry
     write_image_folder(root, ["a", "b"], 3, 2, seed=1)
     make_tar(root, tar, ".")
@@ -521,7 +524,7 @@ def test_load_mnist_subset_is_offline(monkeypatch, tmp_path):
 
 
 def test_load_dataset_unknown_name():
-    with pytest.raises(InputError, match="mnist-subset, mnist, cifar10"):
+    with pytest.raises(InputError, match="mnist-subset, mnist, fashion-mnist, kmnist, cifar10"):
         D.load_dataset("imagenet")
 
 
@@ -569,8 +572,8 @@ def test_load_mnist_corrupt_and_wrong_dims_name_the_file(tmp_path):
     (tmp_path / "b").mkdir()
     np.savez(tmp_path / "b" / "mnist.npz", x_train=np.zeros((4, 32, 32), np.uint8), y_train=np.zeros(4, int),
              x_test=np.zeros((2, 32, 32), np.uint8), y_test=np.zeros(2, int))
-    with pytest.raises(DataError, match=r"mnist\.npz.*\(28, 28\)"):
-        D.load_dataset("mnist", tmp_path / "b")
+    # images of another size are read as they are (the record states the shape found)
+    assert D.load_dataset("mnist", tmp_path / "b").image_shape == (32, 32)
     np.savez(tmp_path / "b" / "mnist.npz", x_train=np.zeros((4, 28, 28), np.uint8), y_train=np.full(4, 10),
              x_test=np.zeros((2, 28, 28), np.uint8), y_test=np.zeros(2, int))
     with pytest.raises(DataError, match=r"mnist\.npz.*\[0, 10\)"):

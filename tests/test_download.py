@@ -212,3 +212,28 @@ def test_canonical_sources_are_well_formed():
     for f in D.REMOTE_FILES["mnist"] + D.REMOTE_FILES["cifar10"]:
         assert re.fullmatch(r"[0-9a-f]{64}", f.sha256) and re.fullmatch(r"[0-9a-f]{32}", f.md5)
         assert f.size and f.size > 0
+
+
+@pytest.mark.parametrize("name", ["fashion-mnist", "kmnist"])
+def test_download_md5_only_registry_datasets_and_load(server, tmp_path, monkeypatch, name):
+    """Fashion-MNIST and KMNIST publish md5 only: that is what the download checks."""
+    base, served, requests = server
+    serve_tiny_mnist(served, monkeypatch)
+    files = tuple(D.RemoteFile(f.filename, None, None, f.md5) for f in D.REMOTE_FILES["mnist"])
+    monkeypatch.setitem(D.REMOTE_FILES, name, files)
+    target = tmp_path / "data"
+    assert D.download(name, data_dir=target, base_url=base) == target and len(requests) == 4
+    ds = D.load_dataset(name, data_dir=target)
+    assert ds.name == name and ds.classes == D.REGISTRY[name].classes and ds.x_train.shape == (20, 28, 28)
+    bad = (D.RemoteFile(files[0].filename, None, None, "f" * 32), *files[1:])
+    monkeypatch.setitem(D.REMOTE_FILES, name, bad)
+    with pytest.raises(ChecksumError):
+        D.download(name, data_dir=tmp_path / "other", base_url=base)
+
+
+def test_registry_describes_every_named_dataset():
+    for name, info in D.REGISTRY.items():
+        assert info.name == name and len(info.classes) == 10 and info.n_train > 0 and info.n_test > 0
+        if name != "mnist-subset":
+            assert info.base_url.startswith("http") and info.files
+            assert all(f.md5 and len(f.md5) == 32 for f in info.files)

@@ -213,3 +213,23 @@ def test_table_output_named_after_rows_and_refused_before_work_when_it_exists(tm
     assert output_paths(build_parser().parse_args(
         ["--rows", "mnist-pixels,cifar-randconv", "--n-train-mnist", "300", "--n-train-cifar", "200",
          "--filters", "16", "--out-dir", str(tmp_path), "--overwrite"]))[0] == json_path
+
+
+def test_table_rows_on_a_users_npz_match_scipy(tmp_path):
+    """--mnist-data FILE.npz: the mnist-* rows run on the user's 8x8 images, values as stored."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (80, 8, 8)).astype(np.uint8)
+    xt = rng.integers(0, 256, (30, 8, 8)).astype(np.uint8)
+    y, yt = rng.integers(0, 4, 80), rng.integers(0, 4, 30)
+    np.savez(tmp_path / "mine.npz", x_train=x, y_train=y, x_test=xt, y_test=yt)
+    argv = ["--rows", "mnist-pixels", "--mnist-data", str(tmp_path / "mine.npz"), "--n-train-mnist", "80",
+            "--n-test", "30", "--bandwidth-mnist-pixels", "300", "--no-random-labels", "--lambdas", "0",
+            "--out-dir", str(tmp_path), "--tag", "u", "--cache-dir", str(tmp_path / "cache")]
+    assert main(argv) == 0
+    row = json.loads((tmp_path / "table_u.json").read_text())["rows"][0]
+    assert row["dataset"] == str(tmp_path / "mine.npz") and row["data"]["x_train"]["shape"] == [80, 8, 8]
+    X, Xt = x.reshape(80, -1).astype(float), xt.reshape(30, -1).astype(float)
+    K = np.exp(-cdist(X, X, "sqeuclidean") / (2 * 300.0**2))
+    alpha = scipy.linalg.solve(K, np.eye(4)[y], assume_a="pos")
+    err = np.mean(np.argmax(np.exp(-cdist(Xt, X, "sqeuclidean") / (2 * 300.0**2)) @ alpha, 1) != yt)
+    assert row["results"]["true"]["interp"]["test_error"] == pytest.approx(err)

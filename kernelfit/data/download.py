@@ -1,0 +1,133 @@
+"""Download of a registered dataset's canonical files: sha256 / md5 verified, atomic rename."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import logging
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from kernelfit.errors import ChecksumError, DataError, InputError, KernelfitError
+from kernelfit.results import atomic_file
+
+from .arrays import sha256_file as _sha256_file
+from .paths import resolve_data_dir
+from .registry import REGISTRY, RemoteFile, normalize_name
+
+log = logging.getLogger(__name__)
+
+
+#: canonical base URLs and expected files, from the registry (``download(..., base_url=...)``
+#: overrides the URL for mirrors)
+BASE_URLS = {n: i.base_url for n, i in REGISTRY.items() if i.base_url}
+REMOTE_FILES: dict[str, tuple[RemoteFile, ...]] = {n: i.files for n, i in REGISTRY.items() if i.files}
+
+
+def _checksum_error(algo: str, expected: str, found: str, path: Path, url: str, nbytes: int,
+                    size: int | None) -> ChecksumError:
+    size_note = f"{nbytes} bytes" + (f", expected {size}" if size is not None and size != nbytes else "")
+    err = ChecksumError(
+        f"checksum mismatch for {path.name} from {url}: expected {algo} {expected}, found {found} "
+        f"({size_note}). The download was discarded; nothing was written to {path}. Fix: retry "
+        f"(the transfer may have been cut); if it persists the server sends a different file: use "
+        f"--base-url with a trusted mirror, or place a verified copy at {path}."
+    )
+    err.algorithm, err.expected, err.found, err.path, err.url = algo, expected, found, path, url
+    return err
+
+
+def _verify(path: Path, rf: RemoteFile) -> bool:
+    if rf.sha256:
+        return _sha256_file(path) == rf.sha256
+    if rf.md5:
+        h = hashlib.md5(usedforsecurity=False)
+        with open(path, "rb") as f:
+            while b := f.read(1 << 20):
+                h.update(b)
+        return h.hexdigest() == rf.md5
+    return True
+
+
+def _fetch(url: str, dest: Path, rf: RemoteFile, timeout: float, progress: bool) -> None:
+    """Stream url to dest; dest appears (atomically) only once every checksum matches."""
+    sha, md5, n = hashlib.sha256(), hashlib.md5(usedforsecurity=False), 0
+    bar = None
+    try:
+        req = urllib.request.Request(url, headers={"User-Agent": "kernelfit-data/1"})
+        with atomic_file(dest, "wb") as out, urllib.request.urlopen(req, timeout=timeout) as resp:
+            if progress:
+                from tqdm import tqdm
+
+                total = resp.headers.get("Content-Length")
+                bar = tqdm(total=int(total) if total else rf.size, unit="B", unit_scale=True, desc=dest.name)
+            while chunk := resp.read(1 << 20):
+                out.write(chunk)
+                sha.update(chunk)
+                md5.update(chunk)
+                n += len(chunk)
+                if bar is not None:
+                    bar.update(len(chunk))
+            # raising inside the block discards the temporary file: a mismatch never becomes dest
+            if rf.sha256 and sha.hexdigest() != rf.sha256:
+                raise _checksum_error("sha256", rf.sha256, sha.hexdigest(), dest, url, n, rf.size)
+            if rf.md5 and md5.hexdigest() != rf.md5:
+                raise _checksum_error("md5", rf.md5, md5.hexdigest(), dest, url, n, rf.size)
+    except KernelfitError:
+        raise
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
+        if isinstance(e, urllib.error.HTTPError):
+            reason = f"HTTP {e.code} {e.reason}"
+        else:
+            reason = getattr(e, "reason", None) or e
+        raise DataError(
+            f"could not download {url}: {reason}. If this machine has no network access, download "
+            f"{dest.name} elsewhere and put it in {dest.parent}; or use --base-url to point at a mirror."
+        ) from e
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def download(name: str, data_dir=None, base_url: str | None = None, *, force: bool = False,
+             timeout: float = 60.0, progress: bool = False) -> Path:
+    """Download a dataset's canonical files into the data directory and return that directory.
+
+    ``"mnist"``, ``"fashion-mnist"``, ``"kmnist"``: the four IDX .gz files; ``"cifar10"``:
+    ``cifar-10-python.tar.gz``; from ``REGISTRY[name].base_url``.
+    ``base_url`` replaces the base URL (a mirror holding the same file names; ``file://`` works).
+    Each file goes to a temporary file in the target directory, is checked against its sha256 and
+    md5, then atomically renamed; a mismatch raises ``ChecksumError`` (attributes ``expected``,
+    ``found``, ``path``, ``url``) and leaves no partial file. Files already present with the right
+    checksum are not downloaded again unless ``force=True``. Network failures raise ``DataError``.
+    """
+    return _download(name, data_dir, base_url, force=force, timeout=timeout, progress=progress)
+
+
+def _download(name, data_dir=None, base_url=None, *, force=False, timeout=60.0, progress=False) -> Path:
+    name = normalize_name(name)
+    if name == "mnist-subset":
+        raise InputError("'mnist-subset' ships with kernelfit; there is nothing to download. "
+                         "Use download('mnist') for the full MNIST.")
+    target = resolve_data_dir(data_dir)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot create the data directory {target}: {e}. Choose a writable one with "
+                        f"--data-dir or KERNELFIT_DATA.") from e
+    base = base_url if base_url is not None else BASE_URLS[name]
+    if not base.endswith("/"):
+        base += "/"
+    for rf in REMOTE_FILES[name]:
+        dest = target / rf.filename
+        if dest.is_file() and not force:
+            if _verify(dest, rf):
+                log.info("%s already present and verified", dest)
+                continue
+            log.warning("%s exists but its checksum does not match; downloading it again", dest)
+        url = base + rf.filename
+        log.info("downloading %s -> %s", url, dest)
+        _fetch(url, dest, rf, timeout, progress)
+    return target
+
