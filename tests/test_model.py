@@ -207,3 +207,24 @@ def test_cli_predict_bad_usage(tmp_path, capsys):
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 40)
     assert main(["predict", "--model", str(tmp_path / "junk.safetensors"), "--x-test", str(tmp_path / "x.npy")]) == 1
     assert "ModelFileError" in capsys.readouterr().err
+
+
+def test_model_of_a_users_arrays_predicts_on_the_values_as_stored(tmp_path, capsys):
+    """User arrays are used as stored (no /255): the model file must say so, or predict rescales."""
+    from scipy.spatial.distance import cdist
+
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(300, 6)) * 40.0
+    y = (X[:, 0] > 0).astype(np.int64)
+    np.savez(tmp_path / "mine.npz", x_train=X[:250], y_train=y[:250], x_test=X[250:], y_test=y[250:])
+    model = tmp_path / "m.safetensors"
+    assert main(["solve", "--data", str(tmp_path / "mine.npz"), "--bandwidth", "60", "--mode", "float64",
+                 "--no-progress", "--save-model", str(model), "--out", str(tmp_path / "r.json")]) == 0
+    assert main(["predict", "--model", str(model), "--x-test", str(tmp_path / "mine.npz") + ":x_test",
+                 "--out", str(tmp_path / "p.npy")]) == 0
+    pred = np.load(tmp_path / "p.npy")
+    # independent reference: scipy on the raw values
+    K = np.exp(-cdist(X[:250], X[:250], "sqeuclidean") / (2 * 60.0**2))
+    alpha = np.linalg.solve(K, np.eye(2)[y[:250]])
+    ref = np.argmax(np.exp(-cdist(X[250:], X[:250], "sqeuclidean") / (2 * 60.0**2)) @ alpha, 1)
+    np.testing.assert_array_equal(pred, ref)
