@@ -359,9 +359,9 @@ def _progress(args, what):
     """Progress callback (done, total) on stderr when --progress, else None."""
     if not args.progress:
         return None
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
-    bar = tqdm(desc=what, unit="feature", unit_scale=True, mininterval=5.0, file=sys.stderr)
+    bar = progress_bar(desc=what, unit="feature", mininterval=5.0)
 
     def update(done, total):
         bar.total = total

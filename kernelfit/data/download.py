@@ -58,10 +58,10 @@ def _fetch(url: str, dest: Path, rf: RemoteFile, timeout: float, progress: bool)
         req = urllib.request.Request(url, headers={"User-Agent": "kernelfit-data/1"})
         with atomic_file(dest, "wb") as out, urllib.request.urlopen(req, timeout=timeout) as resp:
             if progress:
-                from tqdm import tqdm
+                from ..progress import progress_bar
 
                 total = resp.headers.get("Content-Length")
-                bar = tqdm(total=int(total) if total else rf.size, unit="B", unit_scale=True, desc=dest.name)
+                bar = progress_bar(total=int(total) if total else rf.size, desc=dest.name, unit="B")
             while chunk := resp.read(1 << 20):
                 out.write(chunk)
                 sha.update(chunk)
