@@ -219,7 +219,7 @@ def _load_data(args, user: dict | None):
     from .data import load_arrays, load_dataset
 
     if user is not None:
-        return load_arrays(**user)
+        return load_arrays(**user, task=getattr(args, "task", "classification"))
     return load_dataset(args.dataset, data_dir=args.data_dir, download=getattr(args, "download", False))
 
 

@@ -378,3 +378,21 @@ def test_cli_randconv_refuses_options_it_does_not_take(capsys):
     with pytest.raises(SystemExit) as e:
         main(["solve", "--features", "randconv", "--jitter", "0.1", "--mode", "float64"])
     assert e.value.code == 2 and "--mode float64" in capsys.readouterr().err
+
+
+def test_cli_regression_on_a_users_npy_pair_matches_kernel_ridge(tmp_path, capsys):
+    from sklearn.kernel_ridge import KernelRidge
+
+    rng = np.random.default_rng(11)
+    X = rng.normal(size=(260, 5))
+    t = np.stack([np.sin(X[:, 0]), X[:, 1] * X[:, 2]], 1)
+    for name, a in (("X", X[:200]), ("Xt", X[200:]), ("t", t[:200]), ("tt", t[200:])):
+        np.save(tmp_path / f"{name}.npy", a)
+    out = tmp_path / "r.json"
+    assert main(["solve", "--x-train", str(tmp_path / "X.npy"), "--y-train", str(tmp_path / "t.npy"),
+                 "--x-test", str(tmp_path / "Xt.npy"), "--y-test", str(tmp_path / "tt.npy"),
+                 "--task", "regression", "--bandwidth", "2", "--no-progress", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())["results"]["true"]
+    kr = KernelRidge(alpha=1e-10, kernel="rbf", gamma=1 / (2 * 2.0**2)).fit(X[:200], t[:200])
+    rmse = float(np.sqrt(np.mean((kr.predict(X[200:]) - t[200:]) ** 2)))
+    assert res["test_rmse"] == pytest.approx(rmse, rel=1e-5)
