@@ -72,6 +72,10 @@ class SymmetricPanels:
             P[...] = A[s:, s : s + P.shape[1]]
         return out
 
+    def astype(self, dtype) -> "SymmetricPanels":
+        """A copy in ``dtype`` (e.g. the float32 factor's copy of a float64 Gram that is kept)."""
+        return SymmetricPanels(n=self.n, block=self.block, panels=[P.astype(dtype) for P in self.panels])
+
     # --- views -----------------------------------------------------------------------------
     @property
     def starts(self) -> list[int]:
