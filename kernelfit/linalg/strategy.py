@@ -19,7 +19,7 @@ precision (float32 then has float32 accuracy only).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 STORED = "stored-float64-gram"
 RECOMPUTED = "recomputed-float64"
