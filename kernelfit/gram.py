@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import InputError
-from .kernels import apply_kernel_inplace, row_norms_sq, squared_distances_into
+from .kernels import kernel_tile_into, row_norms_sq
 from .linalg.tiled import SymmetricPanels
 
 # Row-tile size for kernel products: a (rows x n) float64 tile is rows * n * 8 bytes
@@ -38,8 +38,7 @@ def build_gram_panels(X, kernel: str, bandwidth: float, block: int | None = None
     bar = _progress(sum(P.size for P in G.panels), "gram", progress)
     for s, P in zip(G.starts, G.panels):
         w = P.shape[1]
-        squared_distances_into(P, X[s:], X[s : s + w], sq[s:], sq[s : s + w])
-        apply_kernel_inplace(P, kernel, bandwidth)
+        kernel_tile_into(P, X[s:], X[s : s + w], sq[s:], sq[s : s + w], kernel, bandwidth)
         # k(x, x) = 1 exactly for both kernels; the GEMM expansion leaves ~1e-7 noise in float32.
         P[np.arange(w), np.arange(w)] = 1.0
         if bar is not None:
@@ -60,8 +59,7 @@ class KernelOperator:
 
     def _tile(self, buf, A, A_sq, cols):
         tile = buf[: A.shape[0], :cols]
-        squared_distances_into(tile, A, self.B[:cols], A_sq, self.B_sq[:cols])
-        return apply_kernel_inplace(tile, self.kernel, self.bandwidth)
+        return kernel_tile_into(tile, A, self.B[:cols], A_sq, self.B_sq[:cols], self.kernel, self.bandwidth)
 
     def matmul(self, A, V) -> np.ndarray:
         """k(A, B) @ V for arbitrary points A (e.g. test points)."""
