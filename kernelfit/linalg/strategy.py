@@ -27,9 +27,10 @@ FLOAT64 = "float64"
 FLOAT32 = "float32"
 STRATEGIES = (STORED, RECOMPUTED, FLOAT64, FLOAT32)
 
-# At or below this n the whole float64 factorization costs tens of milliseconds on a 2-core machine;
-# the float32 factor saves less than its refinement passes (Python + memory-bound triangular solves)
-# cost, so float64 throughout is the faster exact solve.
+# At or below this n the whole float64 factorization costs tens of milliseconds on a 2-core machine,
+# so the float32 factor can save little against its refinement passes; float64 throughout is chosen.
+# A conservative limit: check it on a quiet machine with
+# ``benchmarks/cpu_peers.py --sizes 1000 2000 3000 --methods kernelfit kernelfit-float64``.
 FLOAT64_THROUGHOUT_MAX_N = 1500
 
 # How the reported (independent, float64) residual is obtained, per strategy.
