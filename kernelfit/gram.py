@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .kernels import apply_kernel_inplace, row_norms_sq, squared_distances_into
-from .linalg.tiled import SymmetricPanels
+from .errors import InputError
+from .kernels import kernel_tile_into, row_norms_sq
+from .linalg.tiled import SymmetricPanels, single_blas_thread
 
 # Row-tile size for kernel products: a (rows x n) float64 tile is rows * n * 8 bytes
 # (1024 x 60,000 -> 491 MB), the largest temporary of a residual or prediction pass.
@@ -37,8 +38,7 @@ def build_gram_panels(X, kernel: str, bandwidth: float, block: int | None = None
     bar = _progress(sum(P.size for P in G.panels), "gram", progress)
     for s, P in zip(G.starts, G.panels):
         w = P.shape[1]
-        squared_distances_into(P, X[s:], X[s : s + w], sq[s:], sq[s : s + w])
-        apply_kernel_inplace(P, kernel, bandwidth)
+        kernel_tile_into(P, X[s:], X[s : s + w], sq[s:], sq[s : s + w], kernel, bandwidth)
         # k(x, x) = 1 exactly for both kernels; the GEMM expansion leaves ~1e-7 noise in float32.
         P[np.arange(w), np.arange(w)] = 1.0
         if bar is not None:
@@ -59,8 +59,7 @@ class KernelOperator:
 
     def _tile(self, buf, A, A_sq, cols):
         tile = buf[: A.shape[0], :cols]
-        squared_distances_into(tile, A, self.B[:cols], A_sq, self.B_sq[:cols])
-        return apply_kernel_inplace(tile, self.kernel, self.bandwidth)
+        return kernel_tile_into(tile, A, self.B[:cols], A_sq, self.B_sq[:cols], self.kernel, self.bandwidth)
 
     def matmul(self, A, V) -> np.ndarray:
         """k(A, B) @ V for arbitrary points A (e.g. test points)."""
@@ -72,7 +71,8 @@ class KernelOperator:
         for a in range(0, A.shape[0], self.rows):
             e = min(a + self.rows, A.shape[0])
             tile = self._tile(buf, A[a:e], A_sq[a:e], self.B.shape[0])
-            np.matmul(tile, V, out=out[a:e])
+            with single_blas_thread(V.shape[1]):   # the tile's GEMM above keeps all threads
+                np.matmul(tile, V, out=out[a:e])
         return out
 
     def symmetric_matmul(self, V, progress: bool = False) -> np.ndarray:
@@ -87,11 +87,80 @@ class KernelOperator:
             e = min(a + self.rows, n)
             tile = self._tile(buf, self.B[a:e], self.B_sq[a:e], e)   # K[a:e, :e]
             tile[np.arange(e - a), np.arange(a, e)] = 1.0          # exact diagonal, as in the Gram
-            out[a:e] += tile @ V[:e]
-            if a:
-                out[:a] += tile[:, :a].T @ V[a:e]
+            with single_blas_thread(V.shape[1]):   # the tile's GEMM above keeps all threads
+                out[a:e] += tile @ V[:e]
+                if a:
+                    out[:a] += tile[:, :a].T @ V[a:e]
             if bar is not None:
                 bar.update(e - a)
         if bar is not None:
             bar.close()
         return out
+
+
+# Rounding-error model of the float32 prediction bound: Higham & Mary's probabilistic bound
+# (SIAM J. Sci. Comput. 41(5), 2019): an m-term float32 sum errs by at most
+# gamma(m) = exp(LAMBDA sqrt(m) u + m u^2 / (1 - u)) - 1 (times the sum of magnitudes) with probability
+# >= 1 - 2 exp(-LAMBDA^2 (1 - u)^2 / 2); LAMBDA = 8 gives 1 - 3e-14 per sum. The worst-case m u bound
+# flagged 7% of the MNIST test rows for float64 recomputation (2,000 training points) for errors
+# that were ~1e-5 of the scores; this one flags far fewer.
+_LAMBDA = 8.0
+_U32 = 2.0**-24
+
+
+def _gamma32(m: int) -> float:
+    return float(np.expm1(_LAMBDA * np.sqrt(m) * _U32 + m * _U32**2 / (1.0 - _U32)))
+
+
+def _float32_error_factors(kernel: str, bandwidth: float, d: int):
+    """(weight function w, beta): |k32(x, z) - k(x, z)| <= k32(x, z) * beta * (w(x) + w(z)) * e^t.
+
+    Rounding to float32 (u = 2^-24) of centered points, norms and the cross-product GEMM moves a
+    squared distance by at most c (|x|^2 + |z|^2) with c = 2 gamma(d) + 12 u (``_gamma32``: the bound
+    of a d-term dot product). Gaussian: the exponent moves by c (|x|^2 + |z|^2) / (2 s^2).
+    Laplacian: |sqrt(a) - sqrt(b)| <= sqrt(|a - b|), so it moves by sqrt(c) (|x| + |z|) / s."""
+    u = _U32
+    c = 2.0 * _gamma32(d) + 12.0 * u
+    if kernel == "gaussian":
+        return (lambda sq: sq), c / (2.0 * bandwidth * bandwidth)
+    return np.sqrt, np.sqrt(c) / bandwidth
+
+
+def argmax_exact_scores(B, alpha, A, kernel: str, bandwidth: float, groups: int,
+                        rows: int = DEFAULT_PRODUCT_ROWS) -> tuple[np.ndarray, int]:
+    """Scores k(A, B) @ alpha at float32 GEMM speed whose argmax over each group of ``groups``
+    columns equals that of the float64 product (``KernelOperator(B, ..., float64).matmul``).
+
+    The tiles are built in float32 (centered points, one sgemm each) and multiplied in float32, next
+    to two extra columns that give each row a bound on its float32 error (rounding of the
+    distances, the exp and the product; ``_gamma32`` says in what sense it bounds). Rows in which some group's two largest
+    scores are closer than twice that bound are recomputed in float64; all other scores are
+    float32-accurate. Returns (scores as float64, number of rows recomputed)."""
+    B = np.asarray(B, dtype=np.float64)
+    A = np.asarray(A, dtype=np.float64)
+    alpha = np.asarray(alpha, dtype=np.float64)
+    n, k = alpha.shape
+    if k % groups:
+        raise InputError(f"{k} score columns do not split into groups of {groups}; pass the number of classes.")
+    center = B.mean(axis=0)
+    B32 = (B - center).astype(np.float32)
+    A32 = (A - center).astype(np.float32)
+    w, beta = _float32_error_factors(kernel, bandwidth, B.shape[1])
+    wB = w(row_norms_sq(B32).astype(np.float64))
+    wA = w(row_norms_sq(A32).astype(np.float64))
+    t = beta * (wA.max(initial=0.0) + wB.max(initial=0.0))   # largest relative kernel perturbation
+    a = np.abs(alpha).max(axis=1)
+    V = np.hstack([alpha, a[:, None], (a * wB)[:, None]]).astype(np.float32)
+    u = _U32
+    gamma_n = _gamma32(n + 2)                      # float32 product: alpha rounding + n-term sums
+    op = KernelOperator(B32, kernel, bandwidth, np.float32, rows)
+    out = op.matmul(A32, V).astype(np.float64)
+    scores, Ka, Kaw = out[:, :k], out[:, k], out[:, k + 1]
+    # the two nonnegative columns are themselves float32 sums (relative error <= gamma_n)
+    bound = (beta * (wA * Ka + Kaw) * np.exp(t) + (gamma_n + 4 * u) * Ka) * (1.0 + 2 * gamma_n)
+    top2 = np.sort(scores.reshape(len(A), k // groups, groups), axis=2)[:, :, -2:]
+    gap = (top2[:, :, 1] - top2[:, :, 0]).min(axis=1) if groups > 1 else np.full(len(A), np.inf)
+    close = np.flatnonzero(gap <= 2.0 * bound)
+    if close.size:
+        scores[close] = KernelOperator(B, kernel, bandwidth, np.float64, rows).matmul(A[close], alpha)
+    return scores, int(close.size)

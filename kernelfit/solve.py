@@ -4,11 +4,15 @@ Modes
 -----
 float64  Gram and factor in float64 (n^2/2 x 8 bytes).
 float32  Gram and factor in float32 (n^2/2 x 4 bytes); the answer has float32 accuracy.
-mixed    float32 Gram and factor, then iterative refinement with float64 residuals computed tile by
-         tile from the data (no float64 Gram is ever stored): float64 accuracy at float32 memory.
+mixed    float64 accuracy by the fastest exact strategy that fits in memory (``linalg.strategy``):
+         a stored float64 Gram with a float32 factor and refinement; or, where that does not fit,
+         a float32 Gram and factor refined with float64 residuals computed tile by tile from the
+         data (no float64 Gram stored: float64 accuracy at float32 memory); or float64 throughout
+         at small n. The record's ``strategy`` says which ran and why.
 
-In every mode the reported training residual is recomputed in float64 from the data, so the number
-is an independent check of the solve, not the solver's own estimate.
+In every mode the reported training residual is computed in float64 from a K the factor did not
+produce (the stored float64 Gram, or kernel tiles recomputed from the data), so the number is an
+independent check of the solve, not the solver's own estimate; ``residual_source`` says which.
 """
 
 from __future__ import annotations
@@ -21,11 +25,12 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 
 from .errors import InputError, MemoryPlanError
-from .gram import KernelOperator, build_gram_panels
+from .gram import KernelOperator, argmax_exact_scores, build_gram_panels
 from .kernels import check_bandwidth, check_kernel, median_bandwidth
 from .linalg.memory import FACTOR_DTYPE, MODES, plan_solve, require_fits
 from .linalg.mixed import solve_refined
-from .linalg.refine import float64_level_threshold
+from .linalg.refine import check_refine_tol, float64_level_threshold
+from .linalg.strategy import STORED, factor_dtype_name
 from .linalg.tiled import SymmetricPanels, cho_solve, cholesky_flops
 
 
@@ -36,10 +41,12 @@ class SolveOptions:
     kernel: str = "gaussian"            # "gaussian": exp(-|x-z|^2/(2 s^2)); "laplacian": exp(-|x-z|/s)
     bandwidth: float | str = "median"   # sigma > 0, or "median" (median pairwise distance of a sample)
     mode: str = "mixed"                 # "float64" | "float32" | "mixed"
+    strategy: str = "auto"              # mixed: "auto" (fastest that fits) or a name in linalg/strategy.py
     jitter: float = 0.0                 # ridge added to the diagonal; 0 = exact interpolation
     block_size: int | None = None       # panel width; None picks one from n
     max_refine: int = 10                # mixed mode: at most this many refinement steps
-    refine_tol: float | None = None     # mixed mode: stop at this relative residual (None: at float64 level)
+    refine_tol: float | None = None     # mixed mode: stop at this relative residual (None: at float64 level);
+                                        # reaching it is accepted as is (no float64 re-factorization)
     fallback_float64: bool = True       # mixed: re-factor in float64 if refinement cannot reach float64
                                         # level (ill-conditioned K) and the float64 Gram fits in memory
     backend: str = "auto"               # "auto" | "numpy" | "torch" | "cupy" (see linalg/factor.py)
@@ -143,10 +150,19 @@ class Interpolant:
         """||f||_H = sqrt(sum_c alpha_c^T K alpha_c) (= sqrt(sum(alpha * Y)) at exact interpolation)."""
         return float(np.sqrt(max(float(np.sum(self.alpha * self.train_scores)), 0.0)))
 
-    def predict(self, X, rows: int = 1024) -> np.ndarray:
+    def predict(self, X, rows: int = 1024, argmax_groups: int | None = None) -> np.ndarray:
+        """Scores f(X), float64. With ``argmax_groups`` = c (class scores in groups of c columns) the
+        kernel tiles are float32 GEMMs instead: scores are float32-accurate, and every row whose
+        top two scores in a group are within their error bound is recomputed in float64, so the
+        argmax classes are those of the float64 scores (``gram.argmax_exact_scores``)."""
         X = check_features(X, "X")
         if X.shape[1] != self.X_fit.shape[1]:
             raise InputError(f"X has {X.shape[1]} features but the interpolant was fitted on {self.X_fit.shape[1]}.")
+        if argmax_groups is not None:
+            scores, recomputed = argmax_exact_scores(self.X_fit, self.alpha, X, self.kernel, self.bandwidth,
+                                                     int(argmax_groups), rows)
+            self.stats["predict_rows_recomputed_float64"] = recomputed
+            return scores
         op = KernelOperator(self.X_fit, self.kernel, self.bandwidth, np.float64, rows)
         return op.matmul(X, self.alpha)
 
@@ -161,32 +177,44 @@ def fit_interpolant(X, Y, options: SolveOptions = SolveOptions(), n_test: int = 
     X = check_features(X)
     n, d = X.shape
     Y = check_targets(Y, n)
-    plan = plan_solve(n, d, Y.shape[1], options.mode, n_test=n_test, block=options.block_size)
+    check_refine_tol(options.refine_tol, n)
+    plan = plan_solve(n, d, Y.shape[1], options.mode, n_test=n_test, block=options.block_size,
+                      strategy=options.strategy)
     if not options.force_memory:
         require_fits(plan)
     bandwidth = resolve_bandwidth(X, options.bandwidth)
     timings = {}
-    fdt = FACTOR_DTYPE[options.mode]
+    fdt = np.dtype(plan.factor_dtype)
     X64 = np.ascontiguousarray(X, dtype=np.float64)
 
     high = KernelOperator(X64, options.kernel, bandwidth, np.float64)
-    alpha, train_scores, refinement, factor_info = _factor_and_solve(X64, Y, fdt, bandwidth, plan.block, high,
-                                                                    options, timings)
+    alpha, train_scores, refinement, factor_info = _factor_and_solve(X64, Y, plan.strategy, bandwidth, plan.block,
+                                                                    high, options, timings)
+    residual_source = plan.residual_source
     if refinement.get("fallback"):
         fdt = np.float64
+        residual_source = ("Y - K alpha with the kernel tiles recomputed from the data in float64 "
+                           "(the float64 re-factorization overwrote the Gram)")
     R = Y - train_scores - options.jitter * alpha  # residual of the system solved, (K + jitter I) alpha = Y
     stats = {
         "n": n, "d": d, "k": Y.shape[1], "kernel": options.kernel, "bandwidth": bandwidth,
         "bandwidth_rule": "median heuristic" if options.bandwidth == "median" else "given",
         "mode": options.mode, "factor_dtype": np.dtype(fdt).name, "jitter": float(options.jitter),
-        "block_size": plan.block, "timings_s": timings,
+        "block_size": plan.block, "strategy": plan.strategy, "strategy_reason": plan.strategy_reason,
+        "residual_source": residual_source, "timings_s": timings,
         "factor_gflops": cholesky_flops(n) / max(timings["factor"], 1e-12) / 1e9,
         "residual_max_abs": float(np.max(np.abs(R))),
         "residual_relative": float(np.linalg.norm(R) / (np.linalg.norm(Y) or 1.0)),
         "refinement": refinement, "factorization": factor_info, "memory_plan": plan.to_dict(),
         "peak_rss_bytes": _peak_rss(),
     }
-    if options.mode == "mixed" and not refinement["float64_level"]:
+    if options.mode == "mixed" and refinement["float64_level"] and options.refine_tol is not None \
+            and not refinement["tol_reached"]:
+        warnings.warn(f"refine_tol = {options.refine_tol:.3g} was not reached: the float64-level solution has "
+                      f"relative residual {refinement['relative_residuals'][-1]:.3g} (backward error "
+                      f"{refinement['backward_error']:.2e}), which is what float64 can reach for this K.",
+                      RuntimeWarning, stacklevel=2)
+    if options.mode == "mixed" and not (refinement["float64_level"] or refinement["tol_reached"]):
         warnings.warn(f"mixed-precision refinement did not reach float64 level "
                       f"(backward error {refinement['backward_error']:.2e} > {float64_level_threshold(n):.1e}; "
                       f"{refinement['stop_reason']}; {refinement.get('fallback_skipped') or 'no float64 fallback'}). "
@@ -230,13 +258,16 @@ def factor_panels(G: SymmetricPanels, options: SolveOptions) -> dict:
             bar.close()
 
 
-def _factor_and_solve(X64, Y, fdt, bandwidth, block, high: KernelOperator, options: SolveOptions, timings):
-    """Gram, factor, solve (``linalg.mixed.solve_refined``). Always ends with K alpha recomputed in
-    float64 from the data, which gives the reported residual and the training predictions. Mixed mode
-    refines with float64 residuals and, when that cannot reach float64 level, re-factors in float64 if
-    the memory plan allows (and says so). Returns (alpha, K alpha, refinement report, factor info)."""
+def _factor_and_solve(X64, Y, strategy, bandwidth, block, high: KernelOperator, options: SolveOptions, timings):
+    """Gram, factor, solve (``linalg.mixed.solve_refined``) by the plan's ``strategy``. Always ends
+    with K alpha computed in float64 from a K the factor did not produce (the stored float64 Gram, or
+    tiles recomputed from the data): the last residual pass gives the reported residual and the
+    training predictions. Mixed mode refines with float64 residuals and, when that cannot reach
+    float64 level, re-factors in float64 if the memory plan allows (and says so).
+    Returns (alpha, K alpha, refinement report, factor info)."""
     n = Y.shape[0]
-    mixed = options.mode == "mixed"
+    fdt = np.dtype(factor_dtype_name(strategy))
+    mixed = options.mode == "mixed"   # refined (a float64 factor usually stops after its first residual)
     from .linalg.resident import resident_device, solve_resident
 
     device = resident_device(options, n, X64.shape[1], Y.shape[1], block, fdt)
@@ -252,6 +283,8 @@ def _factor_and_solve(X64, Y, fdt, bandwidth, block, high: KernelOperator, optio
         return sol.alpha, Y - sol.residual - float(options.jitter) * sol.alpha, sol.report, info
 
     def fallback_check():
+        if strategy == STORED:   # the stored float64 Gram is factored in place: no new memory
+            return None
         plan64 = plan_solve(n, X64.shape[1], Y.shape[1], "float64", block=block)
         if plan64.fits or options.force_memory:
             return None
@@ -264,7 +297,7 @@ def _factor_and_solve(X64, Y, fdt, bandwidth, block, high: KernelOperator, optio
         max_refine=int(options.max_refine) if mixed else 0,   # direct modes: one float64 residual pass
         tol=options.refine_tol if mixed else None, jitter=float(options.jitter),
         scale_diagonal=bool(options.tf32), fallback=fallback_check if mixed and options.fallback_float64 else None,
-        timings=timings)
+        timings=timings, store_float64_gram=strategy == STORED)
     # training scores f(x_i) = (K alpha)_i, without the ridge term
     return X, Y - R - float(options.jitter) * X, report, factors[-1]
 
@@ -609,7 +642,13 @@ def run_interpolation(X_train, label_sets: dict, X_test, y_test, num_classes: in
     else:
         model = fit_distributed(X_train, Y, options, client)
     t = time.perf_counter()
-    test_scores = model.predict(X_test) if X_test is not None else None
+    if X_test is None:
+        test_scores = None
+    elif task == "classification" and isinstance(model, Interpolant):
+        # only argmax classes are reported: float32 tiles, near-ties re-checked in float64
+        test_scores = model.predict(X_test, argmax_groups=num_classes)
+    else:
+        test_scores = model.predict(X_test)
     model.stats["timings_s"]["predict"] = time.perf_counter() - t
     model.stats["peak_rss_bytes"] = _peak_rss()
     options_record = {k: v for k, v in asdict(replace(options)).items() if k not in ("progress",)}

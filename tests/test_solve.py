@@ -21,27 +21,31 @@ def gaussian(X, Z, s):
     return np.exp(-cdist(X, Z, "sqeuclidean") / (2 * s * s))
 
 
-@pytest.mark.parametrize("mode,eps", [("float64", 2.2e-16), ("mixed", 2.2e-16), ("float32", 1.2e-7)])
-def test_solution_matches_kernel_ridge_with_tiny_alpha(mode, eps):
+@pytest.mark.parametrize("mode,strategy,eps", [
+    ("float64", "auto", 2.2e-16), ("float32", "auto", 1.2e-7), ("mixed", "auto", 2.2e-16),
+    ("mixed", "stored-float64-gram", 2.2e-16), ("mixed", "recomputed-float64", 2.2e-16)])
+def test_solution_matches_kernel_ridge_with_tiny_alpha(mode, strategy, eps):
     X, Y = data()
     sigma = 1.0
     # forward error of any backward-stable solve is ~ cond(K) * eps: a dtype- and condition-aware tolerance
     tol = min(100 * np.linalg.cond(gaussian(X, X, sigma)) * eps, 5e-3)
     ref = KernelRidge(alpha=1e-10, kernel="rbf", gamma=1 / (2 * sigma**2)).fit(X, Y)
-    m = fit_interpolant(X, Y, SolveOptions(bandwidth=sigma, mode=mode, jitter=1e-10, block_size=64))
+    m = fit_interpolant(X, Y, SolveOptions(bandwidth=sigma, mode=mode, strategy=strategy, jitter=1e-10,
+                                           block_size=64))
     Xt = np.random.default_rng(9).random((40, X.shape[1]))
     np.testing.assert_allclose(m.alpha, ref.dual_coef_, rtol=0, atol=tol * np.abs(ref.dual_coef_).max())
     np.testing.assert_allclose(m.predict(Xt), ref.predict(Xt), rtol=0, atol=tol * 10 * np.abs(ref.predict(Xt)).max())
 
 
-def test_mixed_mode_reaches_float64_direct_residual():
+@pytest.mark.parametrize("strategy", ["stored-float64-gram", "recomputed-float64"])
+def test_mixed_mode_reaches_float64_direct_residual(strategy):
     X, Y = data(n=400, d=10)
     sigma = 0.6  # cond(K) ~ 1e4: float32 alone gives ~1e-4 relative residual
     K = gaussian(X, X, sigma)
     direct = scipy.linalg.cho_solve(scipy.linalg.cho_factor(K, lower=True), Y)
     direct_rel = np.linalg.norm(K @ direct - Y) / np.linalg.norm(Y)
     f32 = fit_interpolant(X, Y, SolveOptions(bandwidth=sigma, mode="float32", block_size=64))
-    mixed = fit_interpolant(X, Y, SolveOptions(bandwidth=sigma, mode="mixed", block_size=64))
+    mixed = fit_interpolant(X, Y, SolveOptions(bandwidth=sigma, mode="mixed", strategy=strategy, block_size=64))
     mixed_rel = np.linalg.norm(K @ mixed.alpha - Y) / np.linalg.norm(Y)   # independent residual (dense scipy K)
     f32_rel = np.linalg.norm(K @ f32.alpha - Y) / np.linalg.norm(Y)
     assert f32_rel > 1e3 * direct_rel            # float32 alone is far from float64 accuracy ...
@@ -170,11 +174,12 @@ def test_translation_invariance_in_float32():
     np.testing.assert_allclose(shifted.alpha, base.alpha, rtol=0, atol=1e-3 * np.abs(base.alpha).max())
 
 
-def test_mixed_falls_back_to_float64_and_says_so():
+@pytest.mark.parametrize("strategy", ["stored-float64-gram", "recomputed-float64"])
+def test_mixed_falls_back_to_float64_and_says_so(strategy):
     # cond(K) ~ 8e9: beyond a float32 factor (breakdown or stalled refinement), fine for float64
     rng = np.random.default_rng(0)
     X, Y = rng.random((300, 3)), rng.standard_normal((300, 2))
-    m = fit_interpolant(X, Y, SolveOptions(bandwidth=0.3, mode="mixed"))
+    m = fit_interpolant(X, Y, SolveOptions(bandwidth=0.3, mode="mixed", strategy=strategy))
     ref = np.linalg.solve(gaussian(X, X, 0.3), Y)
     assert m.stats["factor_dtype"] == "float64"
     assert "re-factored in float64" in m.stats["refinement"]["fallback"]
@@ -186,7 +191,7 @@ def test_mixed_falls_back_to_float64_and_says_so():
 def test_mixed_without_fallback_never_returns_silently():
     rng = np.random.default_rng(0)
     X, Y = rng.random((300, 3)), rng.standard_normal((300, 2))
-    opts = SolveOptions(bandwidth=0.3, mode="mixed", fallback_float64=False)
+    opts = SolveOptions(bandwidth=0.3, mode="mixed", strategy="recomputed-float64", fallback_float64=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:

@@ -7,9 +7,12 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..errors import MemoryPlanError
+from .strategy import RESIDUAL_SOURCE, STORED, choose_strategy, factor_dtype_name
 from .tiled import SymmetricPanels, choose_block
 
 MODES = ("float64", "float32", "mixed")
+# the factor dtype of the direct modes and of mixed mode's default strategies (MemoryPlan.factor_dtype
+# says which one a given plan uses)
 FACTOR_DTYPE = {"float64": np.float64, "float32": np.float32, "mixed": np.float32}
 # Interpreter, numpy/scipy/torch, BLAS buffers: measured ~0.4 GB for `import kernelfit`; rounded up.
 BASELINE_BYTES = 600 * 2**20
@@ -35,7 +38,10 @@ class MemoryPlan:
     mode: str
     block: int
     factor_dtype: str
-    gram_bytes: int          # lower-triangle panels of the Gram / factor
+    strategy: str            # see linalg/strategy.py
+    strategy_reason: str
+    residual_source: str     # how the reported float64 residual is computed
+    gram_bytes: int          # lower-triangle panels of the Gram / factor (+ the stored float64 Gram)
     data_bytes: int          # training + test features in the working precisions
     vectors_bytes: int       # targets, solution, residual, scores
     workspace_bytes: int     # the largest row tile of a kernel product
@@ -50,34 +56,50 @@ class MemoryPlan:
         return d
 
     def summary(self) -> str:
-        return (f"n={self.n} d={self.d} k={self.k} mode={self.mode} ({self.factor_dtype} factor, block {self.block}): "
+        return (f"n={self.n} d={self.d} k={self.k} mode={self.mode}, strategy {self.strategy} "
+                f"({self.factor_dtype} factor, block {self.block}; {self.strategy_reason}): "
                 f"Gram {_gib(self.gram_bytes)} + data {_gib(self.data_bytes)} + vectors {_gib(self.vectors_bytes)} + "
                 f"workspace {_gib(self.workspace_bytes)} + baseline {_gib(self.baseline_bytes)} = "
                 f"{_gib(self.total_bytes)} needed; {_gib(self.available_bytes)} available -> "
                 f"{'fits' if self.fits else 'does NOT fit'}")
 
 
+def _strategy_bytes(strategy: str, n: int, d: int, k: int, n_test: int, block: int, product_rows: int) -> dict:
+    fdt = np.dtype(factor_dtype_name(strategy))
+    gram = SymmetricPanels.nbytes_for(n, block, fdt)
+    if strategy == STORED:   # the float64 Gram kept for the residuals, next to the float32 factor
+        gram += SymmetricPanels.nbytes_for(n, block, np.float64)
+    # features: float64 copies of train + test (float64 residuals in every strategy), float32 copies
+    # of both for the float32 Gram build and the float32 prediction tiles
+    data = (n + n_test) * d * 8 + (n + n_test) * d * 4
+    vectors = (n * k * 8) * 6 + n_test * k * 8 * 2
+    workspace = min(product_rows, max(n, n_test, 1)) * n * 8
+    return {"factor_dtype": fdt.name, "gram_bytes": gram, "data_bytes": data, "vectors_bytes": vectors,
+            "workspace_bytes": workspace,
+            "total_bytes": gram + data + vectors + workspace + BASELINE_BYTES}
+
+
 def plan_solve(n: int, d: int, k: int = 10, mode: str = "mixed", n_test: int = 0, block: int | None = None,
-               product_rows: int = 1024, available: int | None = None) -> MemoryPlan:
-    """Bytes needed by `fit_interpolant` + prediction for n points of dimension d and k targets."""
+               product_rows: int = 1024, available: int | None = None, strategy: str = "auto") -> MemoryPlan:
+    """Bytes needed by `fit_interpolant` + prediction for n points of dimension d and k targets, and
+    the solve strategy that runs (``linalg.strategy.choose_strategy``: the fastest that fits, unless
+    ``strategy`` forces one)."""
     from ..errors import InputError
 
     if mode not in MODES:
         raise InputError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}.")
     block = choose_block(n, block)
-    fdt = np.dtype(FACTOR_DTYPE[mode])
-    gram = SymmetricPanels.nbytes_for(n, block, fdt)
-    # features: float64 copies of train + test (float64 residuals and predictions in every mode),
-    # plus a float32 copy of the training points when the Gram is built in float32
-    data = (n + n_test) * d * 8 + (n * d * 4 if fdt.itemsize == 4 else 0)
-    vectors = (n * k * 8) * 6 + n_test * k * 8 * 2
-    workspace = min(product_rows, max(n, n_test, 1)) * n * 8
-    total = gram + data + vectors + workspace + BASELINE_BYTES
     avail = available_bytes() if available is None else int(available)
-    return MemoryPlan(n=n, d=d, k=k, n_test=n_test, mode=mode, block=block, factor_dtype=fdt.name,
-                      gram_bytes=gram, data_bytes=data, vectors_bytes=vectors, workspace_bytes=workspace,
-                      baseline_bytes=BASELINE_BYTES, total_bytes=total, available_bytes=avail,
-                      fits=total <= SAFETY * avail)
+
+    def size(strategy):
+        return _strategy_bytes(strategy, n, d, k, n_test, block, product_rows)
+
+    strategy, reason = choose_strategy(mode, n, lambda s: size(s)["total_bytes"] <= SAFETY * avail, strategy)
+    b = size(strategy)
+    return MemoryPlan(n=n, d=d, k=k, n_test=n_test, mode=mode, block=block, strategy=strategy,
+                      strategy_reason=reason, residual_source=RESIDUAL_SOURCE[strategy], **b,
+                      baseline_bytes=BASELINE_BYTES, available_bytes=avail,
+                      fits=b["total_bytes"] <= SAFETY * avail)
 
 
 def require_fits(plan: MemoryPlan, cli: bool = False) -> None:

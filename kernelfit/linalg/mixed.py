@@ -3,7 +3,9 @@ feature Grams (``kernelfit.table``) and the GPU benchmark.
 
 ``solve_refined`` builds a Gram in the factor dtype, factors it where the caller's ``factor_gram``
 says (CPU, GPU in-core or out-of-core), solves through the factor and refines with float64 residuals
-``Y - K X`` from ``apply_high``. With a low-precision factor that cannot reach float64 level (K too
+``Y - K X`` from ``apply_high``. With ``store_float64_gram`` (the ``stored-float64-gram`` strategy of
+``linalg.strategy``) it builds the Gram once in float64, keeps it, factors a low-precision copy and
+takes the residuals from the stored Gram: O(n^2 k) per step instead of a kernel rebuild. With a low-precision factor that cannot reach float64 level (K too
 ill-conditioned for float32, or a float32 breakdown), it re-factors in float64 when the caller's
 ``fallback`` check allows it, and the report says so; it never falls back silently.
 
@@ -20,7 +22,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import MemoryPlanError, NotPositiveDefiniteError
-from .refine import low_precision_solver, refine, with_row_sums
+from .refine import check_refine_tol, low_precision_solver, refine, with_row_sums
 from .tiled import cho_solve
 
 __all__ = ["solve_refined"]
@@ -43,13 +45,19 @@ def _unit_diagonal(G):
 def solve_refined(build_gram: Callable, factor_gram: Callable, apply_high: Callable, Y, *, dtype,
                   max_refine: int = 10, tol: float | None = None, jitter: float = 0.0,
                   scale_diagonal: bool = False, fallback: Callable[[], str | None] | None = None,
-                  timings: dict | None = None, solver: Callable | None = None):
+                  timings: dict | None = None, solver: Callable | None = None,
+                  store_float64_gram: bool = False):
     """Solve (K + jitter I) X = Y.
 
     build_gram(dtype) -> ``SymmetricPanels`` of K (host numpy panels, no jitter: it is added here).
     factor_gram(G) -> dict describing the factorization (G is overwritten by its factor).
     apply_high(V) -> K V in float64 (no jitter; the ridge is applied here, in float64).
     dtype: the factor dtype. ``max_refine = 0`` is a direct solve with one float64 residual pass.
+    tol: stop at this relative residual (checked against what float64 can reach before any work);
+        a solve stopped there is accepted as it is, it never triggers the float64 re-factorization.
+    store_float64_gram: build_gram(float64) once and keep it; the factor is a ``dtype`` copy and the
+        residuals are products with the stored Gram. A float64 re-factorization then factors the
+        stored Gram itself in place (no rebuild) and its residuals come from ``apply_high``.
     fallback: None never re-factors (a float32 breakdown propagates); otherwise a check run when
         the low-precision attempt fails, returning None when a float64 re-factorization may run, or
         why not: a sentence, or a ``MemoryPlanError`` (not raised) whose plan is kept if this must raise.
@@ -59,13 +67,27 @@ def solve_refined(build_gram: Callable, factor_gram: Callable, apply_high: Calla
     Returns (X, R = Y - (K + jitter I) X, report dict, list of factor info dicts).
     """
     Y = np.asarray(Y, dtype=np.float64)
+    tol = check_refine_tol(tol, Y.shape[0])
     timings = {} if timings is None else timings
-    apply, k_inf = with_row_sums(apply_high, float(jitter))
     factors = []
+    stored = {}
+    if store_float64_gram and np.dtype(dtype) != np.float64:
+        t = time.perf_counter()
+        stored["G64"] = build_gram(np.float64)
+        timings["gram"] = timings.get("gram", 0.0) + time.perf_counter() - t
+
+    def gram_for(dt):
+        if "G64" not in stored:
+            return build_gram(dt), "recomputed"
+        if np.dtype(dt) == np.float64:    # the re-factorization overwrites the stored Gram
+            return stored.pop("G64"), "recomputed"
+        return stored["G64"].astype(dt), "stored"
 
     def attempt(dt, max_iter):
         t = time.perf_counter()
-        G = build_gram(dt)
+        G, source = gram_for(dt)
+        apply, k_inf = with_row_sums(stored["G64"].symmetric_matmul if source == "stored" else apply_high,
+                                     float(jitter))
         if jitter:
             G.add_to_diagonal(jitter)
         d = _unit_diagonal(G) if scale_diagonal else None
@@ -78,7 +100,8 @@ def solve_refined(build_gram: Callable, factor_gram: Callable, apply_high: Calla
         X, R, rep = refine(solve_low, apply, Y, k_inf, max_iter=max_iter, tol=tol)
         timings["solve"] = timings.get("solve", 0.0) + time.perf_counter() - t
         return X, R, {**rep.to_dict(), "factor_dtype": np.dtype(dt).name, "fallback": None,
-                      "scale_diagonal": bool(scale_diagonal)}
+                      "scale_diagonal": bool(scale_diagonal),
+                      "residual_from": "stored float64 Gram" if source == "stored" else "apply_high (float64)"}
 
     if fallback is None or np.dtype(dtype) == np.float64:
         X, R, report = attempt(dtype, int(max_refine))
@@ -86,7 +109,7 @@ def solve_refined(build_gram: Callable, factor_gram: Callable, apply_high: Calla
 
     try:
         X, R, report = attempt(dtype, int(max_refine))
-        reason = None if report["float64_level"] else (
+        reason = None if report["float64_level"] or report["tol_reached"] else (
             f"{np.dtype(dtype).name} refinement stopped at backward error {report['backward_error']:.2e} "
             f"({report['stop_reason']})")
     except NotPositiveDefiniteError as exc:

@@ -1,0 +1,34 @@
+"""benchmarks/cpu_peers.py runs at a CI size and its JSON carries what its ratios rest on."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.data
+def test_cpu_peers_benchmark_small(shared_data_dir):
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cpu_peers.py"), "--sizes", "300",
+                          "--n-test", "200", "--data-dir", str(shared_data_dir)],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    recs = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    runs = [r for r in recs if r["kind"] == "run"]
+    assert sorted(r["method"] for r in runs) == ["kernelfit", "kernelfit-float64", "scipy", "sklearn"]
+    for r in runs:
+        assert not r.get("failed") and r["peak_rss_gib"] > 0 and r["timings_s"]["total"] > 0
+        assert r["residual_relative_independent"] < 1e-8
+    kf = {r["method"]: r for r in runs}
+    assert kf["kernelfit"]["residual_relative_independent"] < 1e-12
+    assert kf["kernelfit"]["strategy"] and kf["kernelfit"]["residual_source"]
+    (machine,) = [r for r in recs if r["kind"] == "machine"]
+    assert machine["sgemm_gflops_before"] > 0 and machine["dgemm_gflops_before"] > 0
+    (ratios,) = [r for r in recs if r["kind"] == "ratios"]
+    assert set(ratios["end_to_end_ratio"]) == {"scipy", "sklearn", "kernelfit-float64"}
+    assert len(set(ratios["test_error"].values())) == 1     # every method, the same classifier
+    rk = list(ratios["rkhs_norm"].values())
+    assert max(rk) - min(rk) <= 1e-4 * max(rk)
