@@ -45,7 +45,7 @@ from kernelfit.linalg.mixed import solve_refined  # noqa: E402
 from kernelfit.linalg.outofcore import TorchDevice, budget_for_slabs, build_gram_panels_device  # noqa: E402
 from kernelfit.linalg.refine import float64_level_threshold  # noqa: E402
 from kernelfit.linalg.resident import solve_resident  # noqa: E402
-from kernelfit.linalg.tiled import cho_solve, choose_block, cholesky_flops  # noqa: E402
+from kernelfit.linalg.tiled import cho_solve, cholesky_flops, choose_block  # noqa: E402
 
 # Vendor datasheet dense peaks (TFLOP/s); float64 = FP64 tensor core, float32 = FP32 (non-tensor).
 NOMINAL_PEAK_TFLOPS = {
@@ -327,7 +327,7 @@ def run_config(mode, n, ooc, args, device, base):
     rec["fraction_of_measured_gemm_peak"] = rec["tflops"] / base["gemm_tflops"][peak_name]
     nom = nominal_peak(base["machine"].get("gpu"), peak_name)
     rec["fraction_of_nominal_peak"] = rec["tflops"] / nom if nom else None
-    for name, r in ref.items():
+    for r in ref.values():
         if isinstance(r, dict) and "tflops" in r:
             r["ours_over_reference_speed"] = rec["tflops"] / r["tflops"]
     if Lh_first is not None:

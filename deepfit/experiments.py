@@ -281,7 +281,7 @@ def table1_rows(records: Sequence[dict], models: Iterable[str] | None = None,
                 dataset: str = "cifar10") -> list[dict]:
     """One row per Table 1 cell (measured or not). A record fills the cell whose model, random
     crop, weight decay on/off and labels (true / random-labels) it has; the latest such record wins."""
-    paper = {(m, a, w, l): (tr, te) for m, a, w, l, tr, te in PAPER_TABLE1}
+    paper = {(m, a, w, lab): (tr, te) for m, a, w, lab, tr, te in PAPER_TABLE1}
     found: dict[tuple, dict] = {}
     for r in records:
         if not (isinstance(r, dict) and "config" in r):
@@ -293,12 +293,12 @@ def table1_rows(records: Sequence[dict], models: Iterable[str] | None = None,
             found[key] = r
     wanted = set(models) if models is not None else None
     rows = []
-    for m, a, w, l, tr, te in PAPER_TABLE1:
+    for m, a, w, lab, tr, te in PAPER_TABLE1:
         if wanted is not None and m not in wanted:
             continue
-        rec = found.get((m, a, w, l))
+        rec = found.get((m, a, w, lab))
         rows.append({
-            "model": m, "random_crop": a, "weight_decay": w, "labels": l,
+            "model": m, "random_crop": a, "weight_decay": w, "labels": lab,
             "paper_train_acc": tr, "paper_test_acc": te,
             "train_acc": None if rec is None else 100 * rec["final_train_acc"],
             "test_acc": None if rec is None else 100 * rec["final_test_acc"],

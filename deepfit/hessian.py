@@ -47,7 +47,9 @@ class HessianOperator:
     def __init__(self, model: nn.Module, X: torch.Tensor, y: torch.Tensor, *, loss: str | Callable = "cross_entropy",
                  batch_size: int | None = None):
         if X.shape[0] != y.shape[0] or X.shape[0] == 0:
-            raise InputError(f"expected X (n, ...) and y (n, ...) with the same n >= 1, got {tuple(X.shape)} and {tuple(y.shape)}.")
+            raise InputError(
+                f"expected X (n, ...) and y (n, ...) with the same n >= 1, got {tuple(X.shape)} and {tuple(y.shape)}."
+            )
         if isinstance(loss, str):
             if loss not in _LOSSES:
                 raise InputError(f"unknown loss {loss!r}; expected one of {list(_LOSSES)} or a callable (out, y) -> summed loss.")
@@ -116,8 +118,11 @@ def top_eigenvalues(H: HessianOperator, k: int = 5, *, method: str = "lanczos", 
     if method == "lanczos":
         from scipy.sparse.linalg import LinearOperator, eigsh
 
-        op = LinearOperator((H.dim, H.dim), matvec=lambda x: H.matvec(torch.as_tensor(np.asarray(x).reshape(-1))).double().cpu().numpy(),
-                            dtype=np.float64)
+        op = LinearOperator(
+            (H.dim, H.dim),
+            matvec=lambda x: H.matvec(torch.as_tensor(np.asarray(x).reshape(-1))).double().cpu().numpy(),
+            dtype=np.float64,
+        )
         ncv = min(H.dim - 1, max(2 * k + 1, 20))  # a wider Krylov space: fewer restarts, fewer HVPs
         vals, vecs = eigsh(op, k=k, which="LA", tol=tol, maxiter=max_iter, ncv=ncv, v0=rng.standard_normal(H.dim))
         order = np.argsort(vals)[::-1]
@@ -235,7 +240,7 @@ def basin_volume_random_directions(H: HessianOperator, n_directions: int = 20, *
         d = torch.randn(H.dim, generator=g, dtype=torch.float64)
         d = (d / d.norm()).to(device=H.device, dtype=H.dtype)
 
-        def rise(r):
+        def rise(r, d=d):
             return H.loss(H.w0 + r * d) - L0
 
         lo, hi = 0.0, r_max / 2 ** 20

@@ -59,9 +59,26 @@ from torch.func import functional_call
 from kernelfit.errors import InputError
 
 __all__ = [
-    "LayerInfo", "Measure", "MEASURES", "PATH_MEASURES", "PRODUCT_MEASURES", "GraphInfo", "analyse_graph", "trace_layers", "fold_batchnorm", "margins", "margin",
-    "conv_operator_norm", "layer_statistics", "path_norm", "compute_norm_measures",
-    "sharpness", "pac_bayes_noise", "pac_bayes_sweep", "pac_bayes_at_sharpness", "cross_entropy_loss",
+    "LayerInfo",
+    "Measure",
+    "MEASURES",
+    "PATH_MEASURES",
+    "PRODUCT_MEASURES",
+    "GraphInfo",
+    "analyse_graph",
+    "trace_layers",
+    "fold_batchnorm",
+    "margins",
+    "margin",
+    "conv_operator_norm",
+    "layer_statistics",
+    "path_norm",
+    "compute_norm_measures",
+    "sharpness",
+    "pac_bayes_noise",
+    "pac_bayes_sweep",
+    "pac_bayes_at_sharpness",
+    "cross_entropy_loss",
 ]
 
 _LINEAR_TYPES = (nn.Linear, nn.Conv2d)
@@ -134,7 +151,9 @@ def trace_layers(model: nn.Module, example) -> list[LayerInfo]:
             h.remove()
         model.train(was_training)
     if not layers:
-        raise InputError("the model has no Linear or Conv2d layer to measure. Fix: pass a network built from Linear/Conv2d layers.")
+        raise InputError(
+            "the model has no Linear or Conv2d layer to measure. Fix: pass a network built from Linear/Conv2d layers."
+        )
     return layers
 
 
@@ -228,7 +247,9 @@ def fold_batchnorm(model: nn.Module, example) -> nn.Module:
 
 def _check_xy(X, y):
     if not isinstance(X, torch.Tensor) or not isinstance(y, torch.Tensor):
-        raise InputError(f"expected torch tensors X and y, got {type(X).__name__} and {type(y).__name__}. Fix: torch.as_tensor(...).")
+        raise InputError(
+            f"expected torch tensors X and y, got {type(X).__name__} and {type(y).__name__}. Fix: torch.as_tensor(...)."
+        )
     if y.dim() != 1 or X.shape[0] != y.shape[0]:
         raise InputError(
             f"expected X of shape (n, ...) and integer labels y of shape (n,), got X {tuple(X.shape)} and y {tuple(y.shape)}."
@@ -291,7 +312,9 @@ def _conv_adjoint(conv: nn.Conv2d, in_shape: tuple):
         def AT(y):
             outpad = []
             for i in range(2):
-                full = (y.shape[2 + i] - 1) * conv.stride[i] - 2 * conv.padding[i] + conv.dilation[i] * (conv.kernel_size[i] - 1) + 1
+                full = (
+                    (y.shape[2 + i] - 1) * conv.stride[i] - 2 * conv.padding[i] + conv.dilation[i] * (conv.kernel_size[i] - 1) + 1
+                )
                 outpad.append(in_shape[1 + i] - full)
             return F.conv_transpose2d(y, conv.weight, None, conv.stride, conv.padding, tuple(outpad), conv.groups, conv.dilation)
         return AT
@@ -346,8 +369,16 @@ def conv_operator_norm(conv: nn.Conv2d, input_shape: tuple, *, seed: int = 0, to
         if min(n_in, n_out) <= 2:  # ARPACK needs k < min(shape); tiny maps: build them densely
             dense = np.stack([mv(e) for e in np.eye(n_in)], axis=1)
             return float(np.linalg.svd(dense, compute_uv=False)[0]), count[0]
-        s = svds(op, k=1, tol=tol, maxiter=max_iter, ncv=min(20, min(n_in, n_out) - 1), v0=v.numpy().reshape(-1) if n_in <= n_out else None,
-                 return_singular_vectors=False, random_state=np.random.default_rng(seed))
+        s = svds(
+            op,
+            k=1,
+            tol=tol,
+            maxiter=max_iter,
+            ncv=min(20, min(n_in, n_out) - 1),
+            v0=v.numpy().reshape(-1) if n_in <= n_out else None,
+            return_singular_vectors=False,
+            random_state=np.random.default_rng(seed),
+        )
         return float(s[0]), count[0]
     v = v.to(device=w.device, dtype=w.dtype)
     v /= v.norm()
@@ -440,7 +471,9 @@ class _PoweredAvgPool(nn.Module):
                                       count_include_pad=True, divisor_override=1)  # in-bounds taps
             return self.pool(ones) / window_sum
         h, w = x.shape[-2:]
-        oh, ow = (self.pool.output_size, self.pool.output_size) if isinstance(self.pool.output_size, int) else self.pool.output_size
+        oh, ow = (
+            (self.pool.output_size, self.pool.output_size) if isinstance(self.pool.output_size, int) else self.pool.output_size
+        )
         oh, ow = oh or h, ow or w
         sizes = _adaptive_window_sizes(h, oh)[:, None] * _adaptive_window_sizes(w, ow)[None, :]
         return (1.0 / sizes.to(x)).expand_as(self.pool(ones))
@@ -647,8 +680,13 @@ def analyse_graph(model: nn.Module, example) -> GraphInfo:
         srcs = sorted("the network input" if s == "input" else repr(order[s]) for s in got)
         reasons.append(f"the output depends on {', '.join(srcs)}, not on the last layer alone")
     reasons = list(dict.fromkeys(reasons))
-    return GraphInfo(chain=not reasons, reason="; ".join(reasons[:3]) + (f" (and {len(reasons) - 3} more)" if len(reasons) > 3 else ""),
-                     maxpool_lipschitz=lipschitz, functional_pools=functional, other_ops=sorted(set(other)))
+    return GraphInfo(
+        chain=not reasons,
+        reason="; ".join(reasons[:3]) + (f" (and {len(reasons) - 3} more)" if len(reasons) > 3 else ""),
+        maxpool_lipschitz=lipschitz,
+        functional_pools=functional,
+        other_ops=sorted(set(other)),
+    )
 
 
 # --------------------------------------------------------------------------------------------

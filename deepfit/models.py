@@ -220,7 +220,7 @@ def _build_vgg_cifar(input_shape, num_classes, width=64, dropout=0.0, batch_norm
         raise InputError(f"vgg-cifar: width must be a positive integer, got {width!r}. Fix: pass e.g. width=64.")
     mods: list[nn.Module] = []
     cin = c
-    for stage, mult in enumerate((1, 2, 4)):
+    for mult in (1, 2, 4):
         for _ in range(2):
             mods.append(nn.Conv2d(cin, width * mult, 3, padding=1, bias=not batch_norm))
             if batch_norm:
@@ -254,13 +254,25 @@ class ModelSpec:
 MODELS: dict[str, ModelSpec] = {
     "mlp-1x512": ModelSpec(_build_mlp_1x512, "MLP, one hidden layer of 512 ReLU units", 1_209_866, 0.01),
     "mlp-3x512": ModelSpec(_build_mlp_3x512, "MLP, three hidden layers of 512 ReLU units", 1_735_178, 0.01),
-    "alexnet-small": ModelSpec(_build_alexnet_small, "small AlexNet: 2x(conv5x5-64, maxpool, LRN), FC 384, FC 192", 1_387_786, 0.01),
+    "alexnet-small": ModelSpec(
+        _build_alexnet_small, "small AlexNet: 2x(conv5x5-64, maxpool, LRN), FC 384, FC 192", 1_387_786, 0.01
+    ),
     "inception-small": ModelSpec(_build_inception_small, "small Inception (appendix A) with batch norm", 1_649_402, 0.1),
     "inception-small-nobn": ModelSpec(_build_inception_small_nobn, "small Inception without batch norm", 1_649_402, 0.1),
-    "vgg-cifar": ModelSpec(_build_vgg_cifar, "VGG-style CIFAR net: 3 stages of 2 conv3x3 (width, 2w, 4w), GAP, linear", None, 0.01,
-                           ("width", "dropout", "batch_norm")),
-    "mlp2": ModelSpec(_build_mlp2, "2-layer MLP (one hidden layer of configurable width), for MNIST", None, 0.01,
-                      ("width", "dropout", "batch_norm")),
+    "vgg-cifar": ModelSpec(
+        _build_vgg_cifar,
+        "VGG-style CIFAR net: 3 stages of 2 conv3x3 (width, 2w, 4w), GAP, linear",
+        None,
+        0.01,
+        ("width", "dropout", "batch_norm"),
+    ),
+    "mlp2": ModelSpec(
+        _build_mlp2,
+        "2-layer MLP (one hidden layer of configurable width), for MNIST",
+        None,
+        0.01,
+        ("width", "dropout", "batch_norm"),
+    ),
 }
 
 

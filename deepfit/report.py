@@ -99,7 +99,9 @@ class ReportOptions:
 
     def validated(self) -> "ReportOptions":
         if not self.sizes or any(int(s) < 10 for s in self.sizes):
-            raise InputError(f"sizes must be a non-empty list of integers >= 10, got {self.sizes!r}. Fix: e.g. --sizes 500,1000,2000.")
+            raise InputError(
+                f"sizes must be a non-empty list of integers >= 10, got {self.sizes!r}. Fix: e.g. --sizes 500,1000,2000."
+            )
         if any(int(r) < 0 for r in self.mix_random) or (self.mix_random and int(self.mix_true) < 10):
             raise InputError(f"mix_true must be >= 10 and mix_random >= 0, got {self.mix_true!r} and {self.mix_random!r}.")
         if self.preprocess not in ("normalize", "whiten"):
@@ -198,9 +200,9 @@ def run_report(opts: ReportOptions = ReportOptions(), *, device: str = "auto",
 
     ``download``: fetch a missing data set from its canonical source (kernelfit.data.download).
     """
+    from deepfit.train import resolve_device
     from kernelfit.data import load_dataset
     from kernelfit.randomize import random_labels
-    from deepfit.train import resolve_device
 
     opts = opts.validated()
     dev = resolve_device(device)
@@ -211,7 +213,9 @@ def run_report(opts: ReportOptions = ReportOptions(), *, device: str = "auto",
         raise InputError(f"the report needs {need} training examples but {opts.dataset!r} has {len(ds.y_train)}. "
                          "Fix: use smaller --sizes / --mix-random, or a larger dataset (e.g. --dataset mnist with --data-dir).")
     if opts.n_test > len(ds.y_test):
-        raise InputError(f"n_test={opts.n_test} but {opts.dataset!r} has {len(ds.y_test)} test examples. Fix: --n-test {len(ds.y_test)}.")
+        raise InputError(
+            f"n_test={opts.n_test} but {opts.dataset!r} has {len(ds.y_test)} test examples. Fix: --n-test {len(ds.y_test)}."
+        )
     rng_perm, rng_lab, rng_test = (np.random.default_rng(s) for s in np.random.SeedSequence(opts.data_seed).spawn(3))
     perm = rng_perm.permutation(len(ds.y_train))[:need]
     x_all, y_true = ds.x_train[perm], ds.y_train[perm]
@@ -238,8 +242,9 @@ def run_report(opts: ReportOptions = ReportOptions(), *, device: str = "auto",
             r.update(labels="mixed", experiment="mixing", n_random=int(r_extra))
         mixing.append(r)
     # Theorem 1 of Zhang et al. on the largest random-label subset: the 2n + d network fits it exactly
-    from .expressivity import build_interpolating_network, verify_fit
     from kernelfit.data import to_features
+
+    from .expressivity import build_interpolating_network, verify_fit
 
     nmax = max(opts.sizes)
     Xf = to_features(x_all[:nmax], np.float64)
@@ -461,15 +466,18 @@ def write_html(result: dict, figures: dict[str, Path], path: Path) -> Path:
              "</head><body>"]
     o = result["options"]
     parts.append("<h1>Kernel vs network: complexity measures on true and random labels</h1>")
-    parts.append(f"<p>Dataset <b>{html.escape(result['dataset']['name'])}</b>"
-                 + (" (CIFAR-10 (JPEG q75 copy) when read from the shared data)" if result['dataset']['name'].startswith('cifar') else "")
-                 + f", model <b>{html.escape(o['model'])}</b> (width {o['width']}), device {html.escape(result['device'])}, "
-                 f"total time {result['total_time_s']:.0f} s. Norm measures are shown as their paper's capacity: "
-                 f"(measure / margin)^2 for Neyshabur et al. 2017/2018 (their Fig. 1 and Thm. 1, architecture-only "
-                 f"constants dropped), measure / margin for Bartlett et al.'s spectral complexity; the margin is the 5th "
-                 f"percentile of f_y(x) - max_j f_j(x) over the training set. Sharpness: max over the box |nu_i| &lt;= {o['sharpness_eps']} (|w_i|+1) by "
-                 f"projected gradient ascent, (max loss - loss)/(1 + loss). PAC-Bayes KL read off at expected sharpness "
-                 f"&lt;= {o['pac_target']}. Kernel: {html.escape(o['kernel'])} interpolant, RKHS norm of the one-hot fit.</p>")
+    parts.append(
+        f"<p>Dataset <b>{html.escape(result['dataset']['name'])}</b>"
+        + (" (CIFAR-10 (JPEG q75 copy) when read from the shared data)" if result["dataset"]["name"].startswith("cifar") else "")
+        + f", model <b>{html.escape(o['model'])}</b> (width {o['width']}), device {html.escape(result['device'])}, "
+        f"total time {result['total_time_s']:.0f} s. Norm measures are shown as their paper's capacity: "
+        f"(measure / margin)^2 for Neyshabur et al. 2017/2018 (their Fig. 1 and Thm. 1, architecture-only "
+        f"constants dropped), measure / margin for Bartlett et al.'s spectral complexity; the margin is the 5th "
+        f"percentile of f_y(x) - max_j f_j(x) over the training set. Sharpness: max over the box "
+        f"|nu_i| &lt;= {o['sharpness_eps']} (|w_i|+1) by "
+        f"projected gradient ascent, (max loss - loss)/(1 + loss). PAC-Bayes KL read off at expected sharpness "
+        f"&lt;= {o['pac_target']}. Kernel: {html.escape(o['kernel'])} interpolant, RKHS norm of the one-hot fit.</p>"
+    )
     for key, title in (("fig1", "Figure 1: measures vs training-set size"), ("fig2", "Figure 2: PAC-Bayes"),
                        ("fig3", "Figure 3: mixing true and random labels")):
         if key in figures:
@@ -478,11 +486,13 @@ def write_html(result: dict, figures: dict[str, Path], path: Path) -> Path:
     names = list(scalar_measures(result["runs"][0]).keys())
 
     def table(runs, first_cols):
-        rows = ["<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in first_cols + ["train acc", "epochs"] + names) + "</tr>"]
+        heads = first_cols + ["train acc", "epochs"] + names
+        rows = ["<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in heads) + "</tr>"]
         for r in runs:
             sm = scalar_measures(r)
             lead = [r["tag"], r["n_train"]] + ([r.get("n_random", "")] if "n random" in first_cols else [])
-            rows.append("<tr>" + "".join(f"<td>{_fmt(v)}</td>" for v in lead + [r["network"]["train_acc"], r["network"]["epochs"]])
+            cells = lead + [r["network"]["train_acc"], r["network"]["epochs"]]
+            rows.append("<tr>" + "".join(f"<td>{_fmt(v)}</td>" for v in cells)
                         + "".join(f"<td>{_fmt(sm[n])}</td>" for n in names) + "</tr>")
         rows.append("</table>")
         return "".join(rows)
@@ -493,15 +503,16 @@ def write_html(result: dict, figures: dict[str, Path], path: Path) -> Path:
                      + "".join(f"<th>n = {n}</th>" for n in result["ratios"]) + "</tr>")
         for name in names:
             parts.append(f"<tr><td style='text-align:left'>{html.escape(name)}</td>"
-                         + "".join(f"<td>{_fmt(result['ratios'][n].get(name, float('nan')))}</td>" for n in result["ratios"]) + "</tr>")
+                         + "".join(f"<td>{_fmt(ratio.get(name, float('nan')))}</td>" for ratio in result["ratios"].values())
+                         + "</tr>")
         parts.append("</table>")
     if result.get("mixing"):
         parts.append("<h2>Mixing experiment</h2>" + table(result["mixing"], ["run", "n", "n random"]))
     e = result.get("expressivity", {})
     parts.append("<h2>Finite-sample expressivity (Zhang et al., Theorem 1)</h2><p>"
                  + html.escape(json.dumps(e)) + "</p>")
-    parts.append("<h2>Options and provenance</h2><pre>" + html.escape(json.dumps({"options": o, "provenance": result.get("provenance")},
-                                                                                 indent=1, default=str)) + "</pre>")
+    settings = json.dumps({"options": o, "provenance": result.get("provenance")}, indent=1, default=str)
+    parts.append("<h2>Options and provenance</h2><pre>" + html.escape(settings) + "</pre>")
     parts.append("</body></html>")
     path = Path(path)
     path.write_text("".join(parts), encoding="utf-8")

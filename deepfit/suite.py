@@ -129,7 +129,8 @@ def measure_all(model: nn.Module, X: torch.Tensor, y: torch.Tensor, options: Mea
                 value=[e["value"] for e in eigs], residual=[e["residual"] for e in eigs], paper=paper,
                 convention="largest eigenvalues of the Hessian of the mean training cross-entropy (Lanczos); "
                            "some eigenvalue lies within each residual")
-            measures["hessian-trace"] = dict(zip(("value", "stderr", "n_samples"), H.hessian_trace(op, opts.hessian_samples, seed=seed)),
+            trace = H.hessian_trace(op, opts.hessian_samples, seed=seed)
+            measures["hessian-trace"] = dict(zip(("value", "stderr", "n_samples"), trace),
                                              paper=paper, convention="tr H, Hutchinson estimate with Rademacher probes")
             measures["hessian-frobenius"] = dict(
                 zip(("value", "stderr", "n_samples"), H.hessian_frobenius(op, opts.hessian_samples, seed=seed + 1)),

@@ -21,11 +21,9 @@ DEFAULT_PRODUCT_ROWS = 1024
 
 
 def _progress(total, desc, enabled):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
-    return tqdm(total=total, desc=desc, unit="", unit_scale=True, leave=False, mininterval=1.0)
+    return progress_bar(total=total, desc=desc, enabled=enabled)
 
 
 def build_gram_panels(X, kernel: str, bandwidth: float, block: int | None = None, dtype=np.float32,

@@ -400,7 +400,7 @@ def read_jsonl(path: str | os.PathLike) -> list[Any]:
         except json.JSONDecodeError:
             if i == len(lines) - 1:  # no trailing newline: last write was interrupted
                 continue
-            raise ValueError(f"{str(path)!r} line {i + 1} is not valid JSON: {line[:80]!r}")
+            raise ValueError(f"{str(path)!r} line {i + 1} is not valid JSON: {line[:80]!r}") from None
     return out
 
 

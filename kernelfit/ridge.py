@@ -133,13 +133,13 @@ class EigenRidge:
         out = RidgePath(lambdas=lam)
         if loo:
             # diag((K + lambda I)^-1) for all lambdas at once, in row chunks of V to bound memory.
-            inv_all = np.stack([self._inv(float(l)) for l in lam], axis=1)  # (n, L)
+            inv_all = np.stack([self._inv(float(lm)) for lm in lam], axis=1)  # (n, L)
             gdiag = np.empty((self.n, lam.size))
             for r0 in range(0, self.n, 2048):
                 Vr = self.V[r0 : r0 + 2048]
                 gdiag[r0 : r0 + 2048] = (Vr * Vr) @ inv_all
-        for li, l in enumerate(lam):
-            inv = self._inv(float(l))
+        for li, lm in enumerate(lam):
+            inv = self._inv(float(lm))
             coef = inv[:, None] * Q
             alpha = self.V @ coef
             fit = self.V @ ((self.s * inv)[:, None] * Q)
@@ -187,8 +187,8 @@ class RidgePath:
 
     def to_records(self) -> list[dict]:
         rows = []
-        for i, l in enumerate(self.lambdas):
-            r = {"lambda": float(l), "train_error": self.train_error[i], "train_mse": self.train_mse[i],
+        for i, lm in enumerate(self.lambdas):
+            r = {"lambda": float(lm), "train_error": self.train_error[i], "train_mse": self.train_mse[i],
                  "norm": self.norm[i]}
             if self.test_error:
                 r["test_error"] = self.test_error[i]

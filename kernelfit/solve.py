@@ -17,7 +17,6 @@ independent check of the solve, not the solver's own estimate; ``residual_source
 
 from __future__ import annotations
 
-import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
@@ -243,10 +242,9 @@ def factor_panels(G: SymmetricPanels, options: SolveOptions) -> dict:
 
     bar = None
     if options.progress:
-        from tqdm.auto import tqdm
+        from .progress import progress_bar
 
-        bar = tqdm(total=cholesky_flops(G.n), desc="cholesky", unit="flop", unit_scale=True, leave=False,
-                   mininterval=1.0, file=sys.stderr)
+        bar = progress_bar(total=cholesky_flops(G.n), desc="cholesky", unit="flop")
     try:
         info = factor(G, backend=options.backend, device=options.device, out_of_core=options.out_of_core,
                       device_memory_budget=options.device_memory_budget, tf32=options.tf32,

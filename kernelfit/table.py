@@ -488,7 +488,7 @@ def run_table(args, argv=None) -> dict:
     bad = [r for r in rows if r not in ROWS]
     if bad:
         raise InputError(f"unknown rows {bad}; expected a comma list among {', '.join(ROWS)}.")
-    if any(l < 0 for l in args.lambdas) or 0.0 not in args.lambdas:
+    if any(lm < 0 for lm in args.lambdas) or 0.0 not in args.lambdas:
         raise InputError("--lambdas must be >= 0 and include 0 (the interpolant).")
     if args.gram_checkpoint_minutes < 0:
         raise InputError(f"--gram-checkpoint-minutes must be >= 0 (0 turns checkpoints off); got "

@@ -23,7 +23,6 @@ from kernelfit.errors import DataError, InputError
 PIL = pytest.importorskip("PIL")
 from PIL import Image  # noqa: E402
 
-
 _USER_CACHE_ENV = os.environ.get("KERNELFIT_CACHE_DIR")
 
 

@@ -16,8 +16,7 @@ torch = pytest.importorskip("torch")
 from kernelfit.linalg import backend_torch as bt  # noqa: E402
 from kernelfit.linalg.factor import factor  # noqa: E402
 from kernelfit.linalg.mixed import solve_refined  # noqa: E402
-from kernelfit.linalg.outofcore import (TorchDevice, build_gram_panels_device,  # noqa: E402
-                                        cholesky_out_of_core, plan_slabs)
+from kernelfit.linalg.outofcore import TorchDevice, build_gram_panels_device, cholesky_out_of_core, plan_slabs  # noqa: E402
 from kernelfit.linalg.tiled import SymmetricPanels, cholesky_inplace  # noqa: E402
 
 CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),

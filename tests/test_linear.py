@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 
 from kernelfit.errors import InputError
-from kernelfit.linear import (main, min_norm_solution, null_space_component, sgd_least_squares,
-                              sgd_min_norm_demo)
+from kernelfit.linear import main, min_norm_solution, null_space_component, sgd_least_squares, sgd_min_norm_demo
 
 
 def test_min_norm_solution_is_pinv():

@@ -65,8 +65,8 @@ def test_one_layer_linear_closed_forms():
 def _enumerate_paths(net, p):
     """sum over all paths (from inputs and from biases) of prod |w|^p, by explicit enumeration."""
     lins = [m for m in net if isinstance(m, nn.Linear)]
-    Ws = [l.weight.detach().numpy() for l in lins]
-    bs = [l.bias.detach().numpy() for l in lins]
+    Ws = [lin.weight.detach().numpy() for lin in lins]
+    bs = [lin.bias.detach().numpy() for lin in lins]
     total = 0.0
     # a path starts at layer s (input units if s = 0 uses W_0 from an input; bias of layer s), then
     # follows weights of layers s+1..L-1

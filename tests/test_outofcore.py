@@ -7,8 +7,14 @@ import scipy.linalg
 from scipy.spatial.distance import cdist
 
 from kernelfit.errors import MemoryPlanError, NotPositiveDefiniteError
-from kernelfit.linalg.outofcore import (WorkingSet, build_gram_panels_device, cholesky_out_of_core,
-                                        make_device, min_budget_bytes, plan_slabs)
+from kernelfit.linalg.outofcore import (
+    WorkingSet,
+    build_gram_panels_device,
+    cholesky_out_of_core,
+    make_device,
+    min_budget_bytes,
+    plan_slabs,
+)
 from kernelfit.linalg.tiled import SymmetricPanels
 
 

@@ -3,6 +3,7 @@ modification, validation of bad input."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -237,7 +238,7 @@ def test_randomization_validation():
         R.Randomization("corrupt", p=0.1, seed=True)
     r = R.Randomization("corrupt", p=1, seed=3)
     assert r.p == 1.0 and isinstance(r.p, float)
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         r.p = 0.5  # frozen
     with pytest.raises(InputError, match="Randomization"):
         R.apply_randomization(toy_dataset(), "corrupt")

@@ -54,8 +54,8 @@ def test_provenance_cpu_model_from_proc_cpuinfo():
     cpuinfo = Path("/proc/cpuinfo")
     if not cpuinfo.exists():
         pytest.skip("no /proc/cpuinfo on this platform")
-    names = [l.split(":", 1)[1].strip() for l in cpuinfo.read_text().splitlines()
-             if l.lower().startswith("model name")]
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+             if line.lower().startswith("model name")]
     if names:
         assert provenance()["machine"]["cpu_model"] == names[0]
 
@@ -134,7 +134,7 @@ def test_append_jsonl_lines_and_truncated_tail(tmp_path):
     append_jsonl(p, {"i": 1, "arr": np.array([1, 2])})
     text = p.read_text()
     assert text.count("\n") == 2
-    assert [json.loads(l) for l in text.splitlines()] == [{"i": 0, "x": 0.5}, {"i": 1, "arr": [1, 2]}]
+    assert [json.loads(line) for line in text.splitlines()] == [{"i": 0, "x": 0.5}, {"i": 1, "arr": [1, 2]}]
     with open(p, "a") as fh:  # simulate a crash mid-line
         fh.write('{"i": 2, "x"')
     assert read_jsonl(p) == [{"i": 0, "x": 0.5}, {"i": 1, "arr": [1, 2]}]
@@ -150,7 +150,7 @@ def test_peak_rss_grows_with_allocation():
     # cross-check against the kernel's own counter where available
     status = Path("/proc/self/status")
     if status.exists():
-        hwm = [l for l in status.read_text().splitlines() if l.startswith("VmHWM:")]
+        hwm = [line for line in status.read_text().splitlines() if line.startswith("VmHWM:")]
         if hwm:
             hwm_bytes = int(hwm[0].split()[1]) * 1024
             assert abs(hwm_bytes - after) <= 0.05 * hwm_bytes + (8 << 20)

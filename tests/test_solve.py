@@ -7,9 +7,9 @@ from scipy.spatial.distance import cdist
 from sklearn.kernel_ridge import KernelRidge
 
 from kernelfit.errors import InputError, MemoryPlanError, NotPositiveDefiniteError
+from kernelfit.gram import build_gram_panels
 from kernelfit.linalg.memory import plan_solve, require_fits
 from kernelfit.solve import SolveOptions, fit_interpolant, run_interpolation, solve_gram
-from kernelfit.gram import build_gram_panels
 
 
 def data(n=300, d=20, k=3, seed=0):
@@ -143,8 +143,8 @@ def test_memory_plan_numbers():
 
 def test_run_interpolation_true_and_random_labels_share_one_factorization():
     rng = np.random.default_rng(0)
-    X = rng.random((200, 30)); y = rng.integers(0, 4, 200)
-    Xt = rng.random((50, 30)); yt = rng.integers(0, 4, 50)
+    X, y = rng.random((200, 30)), rng.integers(0, 4, 200)
+    Xt, yt = rng.random((50, 30)), rng.integers(0, 4, 50)
     rec = run_interpolation(X, {"true": y, "random-labels": rng.integers(0, 4, 200)}, Xt, yt, 4,
                             SolveOptions(bandwidth=1.0, mode="mixed"))
     for name in ("true", "random-labels"):

@@ -32,7 +32,7 @@ def test_bad_rows_and_lambdas():
 
 
 def test_paper_numbers_are_cited():
-    for row, p in PAPER.items():
+    for p in PAPER.values():
         assert "Zhang et al. 2017" in p["source"]
     assert PAPER["mnist-pixels"]["test_error"] == 0.012 and PAPER["mnist-gabor"]["test_error"] == 0.006
 

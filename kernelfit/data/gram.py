@@ -201,7 +201,8 @@ def read_gram_panels(G, dtype=np.float64, block: int | None = None, *, what: str
     """Lower triangle of G into panel storage of ``dtype``, one (block x width) tile at a time.
 
     Each tile (a run of rows of one panel, about ``BLOCK_BYTES`` of the source) is read and cast
-    straight into its place in the panel; a memory map's pages are released after every tile. Raises InputError at the first NaN / inf.
+    straight into its place in the panel; a memory map's pages are released after every tile.
+    Raises InputError at the first NaN / inf.
     """
     n = G.shape[0]
     out = SymmetricPanels.empty(n, block, dtype)

@@ -294,7 +294,9 @@ def _image_folder_candidates(d: Path) -> list[Path]:
         for p in sorted(d.glob(pat)):
             if p.name in skip or p in cands:
                 continue
-            if p.is_file() and (p.name.endswith((".tar.gz", ".tgz", ".tar"))) or p.is_dir() and ((p / "train").is_dir() or any((q / "train").is_dir() for q in p.iterdir() if q.is_dir())):
+            archive = p.is_file() and p.name.endswith((".tar.gz", ".tgz", ".tar"))
+            folder = p.is_dir() and ((p / "train").is_dir() or any((q / "train").is_dir() for q in p.iterdir() if q.is_dir()))
+            if archive or folder:
                 cands.append(p)
     if (d / "train" / CIFAR10_CLASSES[0]).is_dir() and (d / "test").is_dir():
         cands.insert(0, d)

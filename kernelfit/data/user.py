@@ -60,8 +60,8 @@ def _specs(data, x_train, y_train, x_test, y_test) -> dict[str, str | None]:
                              "an .npz holding x_train, y_train (x_test, y_test), or the separate files.")
         return _npz_specs(data)
     if x_train is None or y_train is None:
-        raise InputError(f"user arrays need both --x-train and --y-train; got "
-                         f"{'--x-train only' if x_train is not None else '--y-train only' if y_train is not None else 'neither'}.")
+        got = "--x-train only" if x_train is not None else "--y-train only" if y_train is not None else "neither"
+        raise InputError(f"user arrays need both --x-train and --y-train; got {got}.")
     if (x_test is None) != (y_test is None):
         raise InputError(f"a test split needs both --x-test and --y-test; got only "
                          f"{'--x-test' if x_test is not None else '--y-test'}.")

@@ -19,10 +19,11 @@ matrix.
 
 The CIFAR-10 feature matrix at that size is ~60 GB (60,000 x 256,000 float32), so it is never built:
 ``accumulate_gram`` computes the features of all images for one block of filters at a time and adds
-that block's contribution ``Phi_b Phi_b^T`` (float32 GEMM, TF32 off, accumulated in float64) to the Gram (train x train, test x train and the test
-diagonal), optionally standardizing each feature with its training mean / std first (each block holds
-all images for its columns, so the statistics are exact). A Gaussian kernel on the features then follows
-from the squared distances ``g_ii + g_jj - 2 g_ij``.
+that block's contribution ``Phi_b Phi_b^T`` (float32 GEMM, TF32 off, accumulated in float64) to the
+Gram (train x train, test x train and the test diagonal), optionally standardizing each feature with
+its training mean / std first (each block holds all images for its columns, so the statistics are
+exact). A Gaussian kernel on the features then follows from the squared distances
+``g_ii + g_jj - 2 g_ij``.
 """
 
 from __future__ import annotations
@@ -403,7 +404,8 @@ class RandConvFeatures:
         if need > limit:
             raise MemoryPlanError(
                 f"random-conv Gram accumulation needs {need / 2**30:.1f} GiB more (Gram "
-                f"{plan['gram_bytes'] / 2**30:.1f} GiB{', already held by the checkpoint' if resume is not None and dev.type == 'cpu' else ''}"
+                f"{plan['gram_bytes'] / 2**30:.1f} GiB"
+                f"{', already held by the checkpoint' if resume is not None and dev.type == 'cpu' else ''}"
                 f" + two feature blocks of {plan['feature_block_bytes'] / 2**30:.2f} GiB), more than the "
                 f"{limit / 2**30:.1f} GiB allowed. Plan: reduce n, use panels=True (half the Gram), or a smaller "
                 f"filter_block.", plan=plan,
@@ -427,8 +429,8 @@ class RandConvFeatures:
                 return torch.from_numpy(init).to(dev)
             return torch.zeros(shape, dtype=torch.float64, device=dev)
 
-        def resumed(name):
-            return None if resume is None else getattr(resume, name)
+        def resumed(name, state=resume):
+            return None if state is None else getattr(state, name)
 
         if panels:
             from ..linalg.tiled import SymmetricPanels
@@ -442,7 +444,7 @@ class RandConvFeatures:
         dtr = accumulator(n, resumed("train_diag"))
         C = accumulator((m, n), resumed("cross")) if m else None
         dte = accumulator(m, resumed("test_diag")) if m else None
-        del resume   # its arrays now belong to the accumulators (updated in place on the CPU)
+        del resume, resumed   # its arrays now belong to the accumulators (updated in place on the CPU)
         F = int(self.config.n_filters)
 
         def host(t):
