@@ -230,6 +230,32 @@ def _add_size_args(p: argparse.ArgumentParser) -> None:
                    help="test points; 0 skips the test evaluation (default: the whole test split)")
 
 
+def add_feature_map_args(f) -> None:
+    """The Gabor and random-conv options, shared by ``kernelfit solve --features`` and ``kernelfit table``."""
+    f.add_argument("--gabor-frequencies", type=float, nargs="+", default=[0.15, 0.25, 0.35], metavar="F",
+                   help="Gabor frequencies in cycles / pixel (default 0.15 0.25 0.35)")
+    f.add_argument("--gabor-orientations", type=_positive_int, default=8, metavar="K",
+                   help="Gabor orientations (default 8)")
+    f.add_argument("--gabor-pool", type=_positive_int, default=4, metavar="P",
+                   help="Gabor mean-pooling window (default 4)")
+    f.add_argument("--filters", type=_positive_int, default=1000, metavar="N",
+                   help="randconv: random filters (default 1000; Zhang et al.: 32000)")
+    f.add_argument("--filter-block", type=_positive_int, default=250, metavar="B",
+                   help="randconv: filters per feature block (default 250)")
+    f.add_argument("--patch-size", type=_positive_int, default=6, metavar="P", help="randconv: patch side (default 6)")
+    f.add_argument("--filter-kind", choices=("gaussian", "patches"), default="patches",
+                   help="randconv: filters drawn as Gaussian noise or as whitened training patches (default)")
+    f.add_argument("--randconv-bias", type=float, default=0.25, metavar="A",
+                   help="randconv: rectifier threshold in max(0, +-w.x - A) (default 0.25)")
+    f.add_argument("--randconv-pool-grid", type=_positive_int, default=2, metavar="G",
+                   help="randconv: sum-pooling grid per side (default 2)")
+    f.add_argument("--randconv-zca-eps", type=float, default=0.1, metavar="EPS",
+                   help="randconv: ZCA whitening regularizer (default 0.1)")
+    f.add_argument("--randconv-kernel", choices=("gaussian", "linear"), default="gaussian",
+                   help="randconv: kernel on the standardized features (default gaussian, bandwidth from "
+                        "--bandwidth, in kernelfit table --bandwidth-cifar-randconv; linear: (phi.phi' + 1) / n_features)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="kernelfit",
@@ -268,28 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--features", choices=FEATURE_KINDS, default="pixels",
                    help="pixels: x / 255 for images, values as stored for your arrays (default); gabor: "
                         "Gabor wavelet magnitudes of grayscale images, cached on disk")
-    f.add_argument("--gabor-frequencies", type=float, nargs="+", default=[0.15, 0.25, 0.35], metavar="F",
-                   help="Gabor frequencies in cycles / pixel (default 0.15 0.25 0.35)")
-    f.add_argument("--gabor-orientations", type=_positive_int, default=8, metavar="K",
-                   help="Gabor orientations (default 8)")
-    f.add_argument("--gabor-pool", type=_positive_int, default=4, metavar="P",
-                   help="Gabor mean-pooling window (default 4)")
-    f.add_argument("--filters", type=_positive_int, default=1000, metavar="N",
-                   help="randconv: random filters (default 1000; Zhang et al.: 32000)")
-    f.add_argument("--filter-block", type=_positive_int, default=250, metavar="B",
-                   help="randconv: filters per feature block (default 250)")
-    f.add_argument("--patch-size", type=_positive_int, default=6, metavar="P", help="randconv: patch side (default 6)")
-    f.add_argument("--filter-kind", choices=("gaussian", "patches"), default="patches",
-                   help="randconv: filters drawn as Gaussian noise or as whitened training patches (default)")
-    f.add_argument("--randconv-bias", type=float, default=0.25, metavar="A",
-                   help="randconv: rectifier threshold in max(0, +-w.x - A) (default 0.25)")
-    f.add_argument("--randconv-pool-grid", type=_positive_int, default=2, metavar="G",
-                   help="randconv: sum-pooling grid per side (default 2)")
-    f.add_argument("--randconv-zca-eps", type=float, default=0.1, metavar="EPS",
-                   help="randconv: ZCA whitening regularizer (default 0.1)")
-    f.add_argument("--randconv-kernel", choices=("gaussian", "linear"), default="gaussian",
-                   help="randconv: kernel on the standardized features (default gaussian, bandwidth from "
-                        "--bandwidth; linear: (phi.phi' + 1) / n_features)")
+    add_feature_map_args(f)
     f.add_argument("--gram-checkpoint-minutes", type=_nonneg_float, default=30.0, metavar="M",
                    help="randconv: save the unfinished feature Gram this often (0: never; default 30)")
     f.add_argument("--no-gram-cache", action="store_true",

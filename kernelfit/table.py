@@ -434,23 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--n-train-mnist", type=int, default=5000, help="MNIST training points (60000 = full)")
     ap.add_argument("--n-train-cifar", type=int, default=5000, help="CIFAR-10 training points (50000 = full)")
     ap.add_argument("--n-test", type=int, default=2000, help="test points per dataset (10000 = full)")
-    ap.add_argument("--filters", type=int, default=1000, help="random-conv filters (paper: 32000)")
-    ap.add_argument("--filter-block", type=int, default=250, help="filters per feature block")
-    ap.add_argument("--patch-size", type=int, default=6)
-    ap.add_argument("--filter-kind", choices=("gaussian", "patches"), default="patches")
-    ap.add_argument("--randconv-bias", type=float, default=0.25,
-                    help="random-conv rectifier threshold alpha in max(0, +-w.x - alpha) (Coates & Ng: 0.25)")
-    ap.add_argument("--randconv-pool-grid", type=int, default=2,
-                    help="random-conv sum-pooling grid per side (2: quadrants, 2 x 4 features per filter)")
-    ap.add_argument("--randconv-zca-eps", type=float, default=0.1,
-                    help="random-conv ZCA whitening regularizer, added to the patch-covariance eigenvalues "
-                         "(Coates & Ng / KeystoneML: 0.1; larger whitens the noisy high frequencies less)")
-    ap.add_argument("--randconv-kernel", choices=("gaussian", "linear"), default="gaussian",
-                    help="kernel on the standardized random-conv features: gaussian (bandwidth from "
-                         "--bandwidth-cifar-randconv) or linear ((phi.phi' + 1) / n_features)")
-    ap.add_argument("--gabor-frequencies", type=float, nargs="+", default=[0.15, 0.25, 0.35])
-    ap.add_argument("--gabor-orientations", type=int, default=8)
-    ap.add_argument("--gabor-pool", type=int, default=4)
+    from .cli import add_feature_map_args
+
+    add_feature_map_args(ap)   # the same feature options (and defaults) as kernelfit solve --features
     ap.add_argument("--bandwidth-mnist-pixels", default="5")
     ap.add_argument("--bandwidth-mnist-gabor", default="0.5*median")
     ap.add_argument("--bandwidth-cifar-pixels", default="0.5*median")
