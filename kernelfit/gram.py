@@ -13,7 +13,7 @@ import numpy as np
 
 from .errors import InputError
 from .kernels import kernel_tile_into, row_norms_sq
-from .linalg.tiled import SymmetricPanels, single_blas_thread
+from .linalg.tiled import SymmetricPanels
 
 # Row-tile size for kernel products: a (rows x n) float64 tile is rows * n * 8 bytes
 # (1024 x 60,000 -> 491 MB), the largest temporary of a residual or prediction pass.
@@ -69,8 +69,7 @@ class KernelOperator:
         for a in range(0, A.shape[0], self.rows):
             e = min(a + self.rows, A.shape[0])
             tile = self._tile(buf, A[a:e], A_sq[a:e], self.B.shape[0])
-            with single_blas_thread(V.shape[1]):   # the tile's GEMM above keeps all threads
-                np.matmul(tile, V, out=out[a:e])
+            np.matmul(tile, V, out=out[a:e])
         return out
 
     def symmetric_matmul(self, V, progress: bool = False) -> np.ndarray:
@@ -85,10 +84,9 @@ class KernelOperator:
             e = min(a + self.rows, n)
             tile = self._tile(buf, self.B[a:e], self.B_sq[a:e], e)   # K[a:e, :e]
             tile[np.arange(e - a), np.arange(a, e)] = 1.0          # exact diagonal, as in the Gram
-            with single_blas_thread(V.shape[1]):   # the tile's GEMM above keeps all threads
-                out[a:e] += tile @ V[:e]
-                if a:
-                    out[:a] += tile[:, :a].T @ V[a:e]
+            out[a:e] += tile @ V[:e]
+            if a:
+                out[:a] += tile[:, :a].T @ V[a:e]
             if bar is not None:
                 bar.update(e - a)
         if bar is not None:

@@ -23,14 +23,17 @@ from ..errors import InputError, NotPositiveDefiniteError
 from .backend import get_backend
 
 DEFAULT_BLOCK = 2048
-# Products and triangular solves with at most this many right-hand sides run on one BLAS thread:
-# they are memory-bound, and OpenBLAS's threading of such skinny calls cost 10-30x on a 2-core VM
-# (a 512 x 512 trsm with 10 columns: 4.5 ms threaded, 0.14 ms on one thread).
+# Triangular solves with at most this many right-hand sides run on one BLAS thread: OpenBLAS's
+# threading of such skinny trsm calls cost 10-30x on a 2-core VM (a 512 x 512 trsm with 10 columns:
+# 4.5 ms threaded, 0.14 ms on one thread). Skinny GEMMs (a panel or kernel tile times a few columns)
+# keep all threads: they stream the matrix, and two threads did it faster on an idle 2-core Xeon
+# (float64, 10 columns: stored 10,000-point Gram 0.17 s vs 0.26 s; a 1,024 x 60,000 tile and its
+# transpose 0.16 s vs 0.24 s).
 SKINNY_COLUMNS = 64
 
 
 def single_blas_thread(columns: int):
-    """Context manager: one BLAS thread for a skinny product (<= SKINNY_COLUMNS columns), else a no-op."""
+    """Context manager: one BLAS thread for a skinny triangular solve (<= SKINNY_COLUMNS columns), else a no-op."""
     if columns > SKINNY_COLUMNS:
         return contextlib.nullcontext()
     from threadpoolctl import threadpool_limits
@@ -142,13 +145,6 @@ class SymmetricPanels:
         """A @ X for the symmetric matrix stored (X: (n, k)); each stored tile is used twice."""
         X = np.asarray(X)
         out = np.zeros((self.n, X.shape[1]), dtype=np.result_type(self.dtype, X.dtype))
-        # all BLAS threads: unlike the triangular solves, these panel products are bandwidth-bound
-        # GEMMs that two threads stream faster (n = 10,000, 10 columns, float64, idle 2-core Xeon:
-        # 0.17 s against 0.26 s on one thread)
-        self._symmetric_matmul_into(out, X)
-        return out
-
-    def _symmetric_matmul_into(self, out, X):
         for s, P in zip(self.starts, self.panels):
             w = P.shape[1]
             D = np.tril(P[:w])
@@ -157,6 +153,7 @@ class SymmetricPanels:
                 below = P[w:]
                 out[s + w :] += below @ X[s : s + w]
                 out[s : s + w] += below.T @ X[s + w :]
+        return out
 
 
 def cholesky_inplace(A: SymmetricPanels, backend: str = "numpy", progress=None, jitter: float = 0.0,
