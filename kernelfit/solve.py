@@ -166,6 +166,17 @@ class Interpolant:
         return op.matmul(X, self.alpha)
 
 
+def residual_stats(R, Y) -> dict:
+    """The record's residual fields: max |Y - K alpha| and ||Y - K alpha|| / ||Y||."""
+    return {"residual_max_abs": float(np.max(np.abs(R))),
+            "residual_relative": float(np.linalg.norm(R) / (np.linalg.norm(Y) or 1.0))}
+
+
+def _dask_factor_info(client, n: int, block: int) -> dict:
+    return {"backend": "dask.distributed", "scheduler": str(client.scheduler.address),
+            "workers": len(client.scheduler_info()["workers"]), "n": n, "block": block}
+
+
 def resolve_bandwidth(X, bandwidth) -> float:
     return median_bandwidth(X) if bandwidth == "median" else check_bandwidth(bandwidth)
 
@@ -202,8 +213,7 @@ def fit_interpolant(X, Y, options: SolveOptions = SolveOptions(), n_test: int = 
         "block_size": plan.block, "strategy": plan.strategy, "strategy_reason": plan.strategy_reason,
         "residual_source": residual_source, "timings_s": timings,
         "factor_gflops": cholesky_flops(n) / max(timings["factor"], 1e-12) / 1e9,
-        "residual_max_abs": float(np.max(np.abs(R))),
-        "residual_relative": float(np.linalg.norm(R) / (np.linalg.norm(Y) or 1.0)),
+        **residual_stats(R, Y),
         "refinement": refinement, "factorization": factor_info, "memory_plan": plan.to_dict(),
         "peak_rss_bytes": _peak_rss(),
     }
@@ -429,15 +439,13 @@ def fit_precomputed(G, Y, options: SolveOptions = SolveOptions(mode="float64"), 
         R = Y - gram_matmul(G, alpha) - jitter * alpha
         timings["solve"] = time.perf_counter() - t
         refinement = {"iterations": 0, "factor_dtype": np.dtype(fdt).name, "fallback": None}
-        factor_info = {"backend": "dask.distributed", "scheduler": str(client.scheduler.address),
-                       "workers": len(client.scheduler_info()["workers"]), "n": n, "block": plan.block}
+        factor_info = _dask_factor_info(client, n, plan.block)
     train_scores = Y - R - jitter * alpha
     stats = {
         "n": n, "d": None, "k": Y.shape[1], "kernel": "precomputed", "bandwidth": None, "bandwidth_rule": None,
         "mode": mode, "factor_dtype": np.dtype(fdt).name, "jitter": jitter, "block_size": plan.block,
         "timings_s": timings, "factor_gflops": cholesky_flops(n) / max(timings.get("factor", 0.0), 1e-12) / 1e9,
-        "residual_max_abs": float(np.max(np.abs(R))),
-        "residual_relative": float(np.linalg.norm(R) / (np.linalg.norm(Y) or 1.0)),
+        **residual_stats(R, Y),
         "refinement": refinement, "factorization": factor_info, "memory_plan": plan.to_dict(),
         "gram": {**gram_source_info(source, G), "checks": checks}, "peak_rss_bytes": _peak_rss(),
     }
@@ -453,7 +461,7 @@ def fit_distributed(X, Y, options: SolveOptions = SolveOptions(), client=None) -
     single-process path does. Only alpha and the residual come back to the driver.
     """
     from .linalg import distributed as kd
-    from .linalg.refine import refine, with_row_sums
+    from .linalg.refine import low_precision_solver, refine, with_row_sums
 
     options = options.validated()
     X = check_features(X)
@@ -471,10 +479,7 @@ def fit_distributed(X, Y, options: SolveOptions = SolveOptions(), client=None) -
     high = KernelOperator(X64, options.kernel, bandwidth, np.float64)
     apply, k_inf = with_row_sums(lambda V: high.symmetric_matmul(V), jitter)
 
-    def solve_low(R):
-        scale = float(np.max(np.abs(R))) or 1.0
-        return kd.cho_solve(L, (R / scale).astype(fdt)).astype(np.float64) * scale
-
+    solve_low = low_precision_solver(kd.cho_solve, L)   # L.dtype is the factor's (fdt)
     max_iter = int(options.max_refine) if options.mode == "mixed" else 0
     alpha, R, report = refine(solve_low, apply, Y, k_inf, max_iter=max_iter, tol=options.refine_tol)
     timings["factor_and_solve"] = time.perf_counter() - t
@@ -483,11 +488,9 @@ def fit_distributed(X, Y, options: SolveOptions = SolveOptions(), client=None) -
         "n": n, "d": d, "k": Y.shape[1], "kernel": options.kernel, "bandwidth": bandwidth,
         "bandwidth_rule": "median heuristic" if options.bandwidth == "median" else "given",
         "mode": options.mode, "factor_dtype": np.dtype(fdt).name, "jitter": jitter, "block_size": plan.block,
-        "timings_s": timings, "residual_max_abs": float(np.max(np.abs(R))),
-        "residual_relative": float(np.linalg.norm(R) / (np.linalg.norm(Y) or 1.0)),
+        "timings_s": timings, **residual_stats(R, Y),
         "refinement": {**report.to_dict(), "factor_dtype": np.dtype(fdt).name, "fallback": None},
-        "factorization": {"backend": "dask.distributed", "scheduler": str(client.scheduler.address),
-                          "workers": len(client.scheduler_info()["workers"]), "n": n, "block": plan.block},
+        "factorization": _dask_factor_info(client, n, plan.block),
         "memory_plan": plan.to_dict(), "peak_rss_bytes": _peak_rss(),
     }
     return Interpolant(X_fit=X64, alpha=alpha, Y=Y, kernel=options.kernel, bandwidth=bandwidth, mode=options.mode,
@@ -576,8 +579,7 @@ def _results(model: Interpolant, Y, sets, columns, test_scores, y_test, task, ji
             ("rkhs_norm_per_class" if task == "classification" else "rkhs_norm_per_output"):
                 [float(v) for v in per_output[cols]],
             "alpha_l2": float(np.linalg.norm(a)),
-            "residual_max_abs": float(np.max(np.abs(R))),
-            "residual_relative": float(np.linalg.norm(R) / (np.linalg.norm(Y[:, cols]) or 1.0)),
+            **residual_stats(R, Y[:, cols]),
         })
         results[name] = entry
     return results
