@@ -50,10 +50,6 @@ def factor_dtype_name(strategy: str) -> str:
     return "float64" if strategy == FLOAT64 else "float32"
 
 
-def stores_float64_gram(strategy: str) -> bool:
-    return strategy == STORED
-
-
 MIXED_STRATEGIES = (STORED, RECOMPUTED, FLOAT64)
 
 
