@@ -78,6 +78,7 @@ def _fit_predict(method, X, Y, Xt, sigma):
                  "factor_gflops": st["factor_gflops"], "reported_residual_relative": st["residual_relative"],
                  "refinement": {k: st["refinement"].get(k) for k in
                                 ("iterations", "relative_residuals", "stop_reason", "float64_level", "fallback")},
+                 "distances": st.get("distances"), "predict_scores": st.get("predict_scores"),
                  "predict_rows_recomputed_float64": st.get("predict_rows_recomputed_float64")}
         alpha = model.alpha
     elif method == "scipy":

@@ -12,12 +12,18 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import InputError
+from .grid import IntegerGrid, find_integer_grid, same_grid
+from .grid import kernel_tile_into as grid_kernel_tile_into
 from .kernels import kernel_tile_into, row_norms_sq
 from .linalg.tiled import SymmetricPanels
 
 # Row-tile size for kernel products: a (rows x n) float64 tile is rows * n * 8 bytes
 # (1024 x 60,000 -> 491 MB), the largest temporary of a residual or prediction pass.
 DEFAULT_PRODUCT_ROWS = 1024
+# Column-block width of kernel products: a 1,024 x 2,048 float64 tile (16 MB, plus its float32 GEMM
+# buffer on the grid path) stays in a 32 MB L3, so its element-wise passes (distance finish, exp)
+# and its two products with V do not stream the tile through memory.
+DEFAULT_PRODUCT_COLS = 2048
 
 
 def _progress(total, desc, enabled):
@@ -27,16 +33,32 @@ def _progress(total, desc, enabled):
 
 
 def build_gram_panels(X, kernel: str, bandwidth: float, block: int | None = None, dtype=np.float32,
-                      progress: bool = False) -> SymmetricPanels:
-    """Lower triangle of the Gram k(X, X) in panel storage, in ``dtype``."""
+                      progress: bool = False, grid: IntegerGrid | None = None) -> SymmetricPanels:
+    """Lower triangle of the Gram k(X, X) in panel storage, in ``dtype``.
+
+    ``grid``: X's integer grid (``kernelfit.grid.find_integer_grid``); its exact distances come from
+    float32 GEMMs, finished in float64 (worth it for a float64 Gram: the float32 GEMM rate)."""
     X = np.ascontiguousarray(X, dtype=dtype)
     n = X.shape[0]
     G = SymmetricPanels.empty(n, block, dtype)
-    sq = row_norms_sq(X)
+    sq = row_norms_sq(X) if grid is None else None
     bar = _progress(sum(P.size for P in G.panels), "gram", progress)
+    if grid is not None:
+        rows = DEFAULT_PRODUCT_ROWS
+        buf32 = np.empty((min(rows, n), G.block), dtype=np.float32)
+        buf = np.empty((min(rows, n), G.block), dtype=np.float64) if np.dtype(dtype) != np.float64 else None
     for s, P in zip(G.starts, G.panels):
         w = P.shape[1]
-        kernel_tile_into(P, X[s:], X[s : s + w], sq[s:], sq[s : s + w], kernel, bandwidth)
+        if grid is None:
+            kernel_tile_into(P, X[s:], X[s : s + w], sq[s:], sq[s : s + w], kernel, bandwidth)
+        else:
+            for a in range(0, P.shape[0], rows):
+                e = min(a + rows, P.shape[0])
+                tile = P[a:e] if buf is None else buf[: e - a, :w]
+                grid_kernel_tile_into(tile, buf32[: e - a, :w], grid, grid, slice(s + a, s + e), slice(s, s + w),
+                                      kernel, bandwidth)
+                if buf is not None:
+                    P[a:e] = tile
         # k(x, x) = 1 exactly for both kernels; the GEMM expansion leaves ~1e-7 noise in float32.
         P[np.arange(w), np.arange(w)] = 1.0
         if bar is not None:
@@ -47,29 +69,66 @@ def build_gram_panels(X, kernel: str, bandwidth: float, block: int | None = None
 
 
 class KernelOperator:
-    """V -> k(A, B) @ V without storing k(A, B), computed in ``dtype`` by row tiles."""
+    """V -> k(A, B) @ V without storing k(A, B), computed in ``dtype`` by row tiles.
 
-    def __init__(self, B, kernel: str, bandwidth: float, dtype=np.float64, rows: int = DEFAULT_PRODUCT_ROWS):
+    In float64, points on an integer grid (pixels / 255; ``kernelfit.grid``) get their squared
+    distances exactly from float32 GEMMs instead of a float64 GEMM: the same float64 values (to the
+    rounding of the stored points) at the float32 GEMM rate. ``grid``: "auto" (detect), or None
+    (always the GEMM of ``dtype``)."""
+
+    def __init__(self, B, kernel: str, bandwidth: float, dtype=np.float64, rows: int = DEFAULT_PRODUCT_ROWS,
+                 grid="auto", cols: int = DEFAULT_PRODUCT_COLS):
         self.dtype = np.dtype(dtype)
         self.B = np.ascontiguousarray(B, dtype=self.dtype)
         self.B_sq = row_norms_sq(self.B)
-        self.kernel, self.bandwidth, self.rows = kernel, float(bandwidth), int(rows)
+        self.kernel, self.bandwidth, self.rows, self.cols = kernel, float(bandwidth), int(rows), int(cols)
+        self.grid = find_integer_grid(self.B) if grid == "auto" and self.dtype == np.float64 else None
 
-    def _tile(self, buf, A, A_sq, cols):
-        tile = buf[: A.shape[0], :cols]
-        return kernel_tile_into(tile, A, self.B[:cols], A_sq, self.B_sq[:cols], self.kernel, self.bandwidth)
+    @property
+    def distances(self) -> str:
+        """How the squared distances among the points B are computed (for the record)."""
+        if self.grid is not None:
+            return (f"exact on the integer grid of step {self.grid.step:.6g} (float32 GEMMs of integer "
+                    f"levels, summed in float64)")
+        return f"{self.dtype.name} GEMM expansion |x|^2 + |z|^2 - 2 x.z"
+
+    def on_grid(self, A) -> bool:
+        """Whether products with points A get exact grid distances (A on B's integer grid)."""
+        return self.grid is not None and same_grid(np.asarray(A, dtype=np.float64), self.grid) is not None
+
+    def distances_for(self, A) -> str:
+        """How the squared distances between points A and B are computed (for the record)."""
+        return self.distances if self.on_grid(A) else f"{self.dtype.name} GEMM expansion |x|^2 + |z|^2 - 2 x.z"
+
+    def _tile(self, buf, buf32, A, A_sq, Ga, a, e, c0, c1):
+        """k(A[a:e], B[c0:c1]) in ``buf``; from exact grid distances when Ga (A's levels on B's grid) is given."""
+        tile = buf[: e - a, : c1 - c0]
+        if Ga is None:
+            return kernel_tile_into(tile, A[a:e], self.B[c0:c1], A_sq[a:e], self.B_sq[c0:c1], self.kernel,
+                                    self.bandwidth)
+        return grid_kernel_tile_into(tile, buf32[: e - a, : c1 - c0], Ga, self.grid, slice(a, e), slice(c0, c1),
+                                     self.kernel, self.bandwidth)
+
+    def _buffers(self, rows, cols, on_grid):
+        cols = min(cols, self.cols)
+        buf = np.empty((rows, cols), dtype=self.dtype)
+        return buf, (np.empty((rows, cols), dtype=np.float32) if on_grid else None)
 
     def matmul(self, A, V) -> np.ndarray:
         """k(A, B) @ V for arbitrary points A (e.g. test points)."""
         A = np.ascontiguousarray(A, dtype=self.dtype)
         V = np.asarray(V, dtype=self.dtype)
-        A_sq = row_norms_sq(A)
-        out = np.empty((A.shape[0], V.shape[1]), dtype=self.dtype)
-        buf = np.empty((min(self.rows, A.shape[0]), self.B.shape[0]), dtype=self.dtype)
+        Ga = same_grid(A, self.grid) if self.grid is not None else None
+        A_sq = row_norms_sq(A) if Ga is None else None
+        n = self.B.shape[0]
+        out = np.zeros((A.shape[0], V.shape[1]), dtype=self.dtype)
+        buf, buf32 = self._buffers(min(self.rows, A.shape[0]), n, Ga is not None)
         for a in range(0, A.shape[0], self.rows):
             e = min(a + self.rows, A.shape[0])
-            tile = self._tile(buf, A[a:e], A_sq[a:e], self.B.shape[0])
-            np.matmul(tile, V, out=out[a:e])
+            for c0 in range(0, n, self.cols):
+                c1 = min(c0 + self.cols, n)
+                tile = self._tile(buf, buf32, A, A_sq, Ga, a, e, c0, c1)
+                out[a:e] += tile @ V[c0:c1]
         return out
 
     def symmetric_matmul(self, V, progress: bool = False) -> np.ndarray:
@@ -78,15 +137,20 @@ class KernelOperator:
         V = np.asarray(V, dtype=self.dtype)
         n = self.B.shape[0]
         out = np.zeros((n, V.shape[1]), dtype=self.dtype)
-        buf = np.empty((min(self.rows, n), n), dtype=self.dtype)
+        buf, buf32 = self._buffers(min(self.rows, n), n, self.grid is not None)
         bar = _progress(n, "K @ v (float64)" if self.dtype == np.float64 else "K @ v", progress)
         for a in range(0, n, self.rows):
             e = min(a + self.rows, n)
-            tile = self._tile(buf, self.B[a:e], self.B_sq[a:e], e)   # K[a:e, :e]
-            tile[np.arange(e - a), np.arange(a, e)] = 1.0          # exact diagonal, as in the Gram
-            out[a:e] += tile @ V[:e]
-            if a:
-                out[:a] += tile[:, :a].T @ V[a:e]
+            for c0 in range(0, e, self.cols):            # K[a:e, c0:c1], c1 <= e
+                c1 = min(c0 + self.cols, e)
+                tile = self._tile(buf, buf32, self.B, self.B_sq, self.grid, a, e, c0, c1)
+                if c1 > a:                                # exact diagonal, as in the Gram
+                    d = np.arange(max(a, c0), c1)
+                    tile[d - a, d - c0] = 1.0
+                out[a:e] += tile @ V[c0:c1]
+                if c0 < a:                                # the transposed use, strictly below the diagonal
+                    w = min(c1, a) - c0
+                    out[c0 : c0 + w] += tile[:, :w].T @ V[a:e]
             if bar is not None:
                 bar.update(e - a)
         if bar is not None:

@@ -25,14 +25,19 @@ _pool = ThreadPoolExecutor(max_workers=_POOL_WORKERS, thread_name_prefix="kernel
 _MIN_PARALLEL_ELEMENTS = 1 << 20
 
 
-def _parallel_rows(tile: np.ndarray, fn) -> None:
-    """Apply ``fn(row_block)`` in place to row blocks of ``tile`` on the thread pool."""
-    rows = tile.shape[0]
-    if tile.size < _MIN_PARALLEL_ELEMENTS or _POOL_WORKERS == 1 or rows < 2:
-        fn(tile)
+def parallel_row_blocks(rows: int, size: int, fn) -> None:
+    """Call ``fn(slice)`` for row blocks covering ``rows`` rows, on the thread pool when the tile
+    (``size`` elements) is big enough to pay for it."""
+    if size < _MIN_PARALLEL_ELEMENTS or _POOL_WORKERS == 1 or rows < 2:
+        fn(slice(0, rows))
         return
     step = -(-rows // _POOL_WORKERS)
-    list(_pool.map(fn, [tile[i : i + step] for i in range(0, rows, step)]))
+    list(_pool.map(fn, [slice(i, min(i + step, rows)) for i in range(0, rows, step)]))
+
+
+def _parallel_rows(tile: np.ndarray, fn) -> None:
+    """Apply ``fn(row_block)`` in place to row blocks of ``tile`` on the thread pool."""
+    parallel_row_blocks(tile.shape[0], tile.size, lambda rows: fn(tile[rows]))
 
 
 def check_bandwidth(bandwidth) -> float:

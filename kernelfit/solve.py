@@ -137,6 +137,14 @@ class Interpolant:
     mode: str
     train_scores: np.ndarray  # K alpha, recomputed in float64
     stats: dict = field(default_factory=dict)
+    # float64 kernel products with X_fit (its grid detection done once); built on first use
+    operator: KernelOperator | None = field(default=None, repr=False, compare=False)
+
+    def kernel_operator(self, rows: int = 1024) -> KernelOperator:
+        if self.operator is None or self.operator.rows != rows:
+            grid = "auto" if self.operator is None else self.operator.grid
+            self.operator = KernelOperator(self.X_fit, self.kernel, self.bandwidth, np.float64, rows, grid=grid)
+        return self.operator
 
     @property
     def rkhs_norm_per_output(self) -> np.ndarray:
@@ -150,19 +158,24 @@ class Interpolant:
         return float(np.sqrt(max(float(np.sum(self.alpha * self.train_scores)), 0.0)))
 
     def predict(self, X, rows: int = 1024, argmax_groups: int | None = None) -> np.ndarray:
-        """Scores f(X), float64. With ``argmax_groups`` = c (class scores in groups of c columns) the
-        kernel tiles are float32 GEMMs instead: scores are float32-accurate, and every row whose
-        top two scores in a group are within their error bound is recomputed in float64, so the
-        argmax classes are those of the float64 scores (``gram.argmax_exact_scores``)."""
+        """Scores f(X), float64. When training and test points lie on one integer grid (pixels / 255)
+        the float64 scores come at float32 GEMM speed (``kernelfit.grid``). Otherwise, with
+        ``argmax_groups`` = c (class scores in groups of c columns), the kernel tiles are float32
+        GEMMs: scores are float32-accurate, and every row whose top two scores in a group are within
+        their error bound is recomputed in float64, so the argmax classes are those of the float64
+        scores (``gram.argmax_exact_scores``)."""
         X = check_features(X, "X")
         if X.shape[1] != self.X_fit.shape[1]:
             raise InputError(f"X has {X.shape[1]} features but the interpolant was fitted on {self.X_fit.shape[1]}.")
-        if argmax_groups is not None:
+        op = self.kernel_operator(rows)
+        if argmax_groups is not None and not op.on_grid(X):
             scores, recomputed = argmax_exact_scores(self.X_fit, self.alpha, X, self.kernel, self.bandwidth,
                                                      int(argmax_groups), rows)
+            self.stats["predict_scores"] = "float32 tiles, rows within the error bound recomputed in float64"
             self.stats["predict_rows_recomputed_float64"] = recomputed
             return scores
-        op = KernelOperator(self.X_fit, self.kernel, self.bandwidth, np.float64, rows)
+        self.stats["predict_scores"] = f"float64; distances: {op.distances_for(X)}"
+        self.stats.pop("predict_rows_recomputed_float64", None)
         return op.matmul(X, self.alpha)
 
 
@@ -211,7 +224,7 @@ def fit_interpolant(X, Y, options: SolveOptions = SolveOptions(), n_test: int = 
         "bandwidth_rule": "median heuristic" if options.bandwidth == "median" else "given",
         "mode": options.mode, "factor_dtype": np.dtype(fdt).name, "jitter": float(options.jitter),
         "block_size": plan.block, "strategy": plan.strategy, "strategy_reason": plan.strategy_reason,
-        "residual_source": residual_source, "timings_s": timings,
+        "residual_source": residual_source, "distances": high.distances, "timings_s": timings,
         "factor_gflops": cholesky_flops(n) / max(timings["factor"], 1e-12) / 1e9,
         **residual_stats(R, Y),
         "refinement": refinement, "factorization": factor_info, "memory_plan": plan.to_dict(),
@@ -229,10 +242,13 @@ def fit_interpolant(X, Y, options: SolveOptions = SolveOptions(), n_test: int = 
                       f"{refinement['stop_reason']}; {refinement.get('fallback_skipped') or 'no float64 fallback'}). "
                       f"K is likely ill-conditioned: use a small jitter.", RuntimeWarning, stacklevel=2)
     return Interpolant(X_fit=X64, alpha=alpha, Y=Y, kernel=options.kernel, bandwidth=bandwidth, mode=options.mode,
-                       train_scores=train_scores, stats=stats)
+                       train_scores=train_scores, stats=stats, operator=high)
 
 
-def _build_gram(X64, fdt, bandwidth, block, options: SolveOptions) -> SymmetricPanels:
+def _build_gram(X64, fdt, bandwidth, block, options: SolveOptions, grid=None) -> SymmetricPanels:
+    on_cpu = options.device is None or not str(options.device).startswith("cuda")
+    if grid is not None and np.dtype(fdt) == np.float64 and on_cpu:   # exact distances at the sgemm rate
+        return build_gram_panels(X64, options.kernel, bandwidth, block, fdt, options.progress, grid=grid)
     # Both kernels depend on x - z only, so the Gram is built from centered points: the GEMM expansion
     # |x|^2 + |z|^2 - 2 x.z then cancels far less (float32 loses all digits for data far from 0).
     Xc = (X64 - X64.mean(axis=0)).astype(fdt)
@@ -300,7 +316,7 @@ def _factor_and_solve(X64, Y, strategy, bandwidth, block, high: KernelOperator, 
                                plan=plan64)
 
     X, R, report, factors = solve_refined(
-        lambda dt: _build_gram(X64, dt, bandwidth, block, options), lambda G: factor_panels(G, options),
+        lambda dt: _build_gram(X64, dt, bandwidth, block, options, high.grid), lambda G: factor_panels(G, options),
         lambda V: high.symmetric_matmul(V, progress=options.progress), Y, dtype=fdt,
         max_refine=int(options.max_refine) if mixed else 0,   # direct modes: one float64 residual pass
         tol=options.refine_tol if mixed else None, jitter=float(options.jitter),

@@ -65,15 +65,19 @@ class MemoryPlan:
 
 
 def _strategy_bytes(strategy: str, n: int, d: int, k: int, n_test: int, block: int, product_rows: int) -> dict:
+    from ..gram import DEFAULT_PRODUCT_COLS
+
     fdt = np.dtype(factor_dtype_name(strategy))
     gram = SymmetricPanels.nbytes_for(n, block, fdt)
     if strategy == STORED:   # the float64 Gram kept for the residuals, next to the float32 factor
         gram += SymmetricPanels.nbytes_for(n, block, np.float64)
-    # features: float64 copies of train + test (float64 residuals in every strategy), float32 copies
-    # of both for the float32 Gram build and the float32 prediction tiles
-    data = (n + n_test) * d * 8 + (n + n_test) * d * 4
+    # features: float64 copies of train + test (float64 residuals in every strategy); float32 copies
+    # of both for the float32 Gram build and the prediction tiles, plus the training points' integer
+    # grid levels (``kernelfit.grid``) when they are on one
+    data = (n + n_test) * d * 8 + (2 * n + n_test) * d * 4
     vectors = (n * k * 8) * 6 + n_test * k * 8 * 2
-    workspace = min(product_rows, max(n, n_test, 1)) * n * 8
+    # one row tile of a kernel product: float64 values and the float32 GEMM buffer of the grid path
+    workspace = min(product_rows, max(n, n_test, 1)) * min(n, DEFAULT_PRODUCT_COLS) * 12
     return {"factor_dtype": fdt.name, "gram_bytes": gram, "data_bytes": data, "vectors_bytes": vectors,
             "workspace_bytes": workspace,
             "total_bytes": gram + data + vectors + workspace + BASELINE_BYTES}

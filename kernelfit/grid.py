@@ -1,0 +1,149 @@
+"""Points on an integer grid (8-bit pixels / 255, counts): exact squared distances from float32 GEMMs.
+
+If x = step * q with integer q, then |x - z|^2 = step^2 |q - p|^2, and the integer dot products q.p
+come out of a float32 GEMM *exactly* as long as every partial sum stays below 2^24 (float32's
+24-bit significand): each product and each partial sum is then an integer float32 holds. Two
+things make that hold for any feature count:
+
+* every coordinate is shifted by one integer (distances do not change), the middle of the grid's
+  range, so |q| <= M (128 for 0..255 pixels);
+* the features are cut into chunks of at most floor((2^24 - 1) / (M_a M_b)) columns: a chunk's dot
+  product and all its partial sums are bounded by chunk * M_a * M_b < 2^24 (784 pixels: one chunk).
+
+The chunks' GEMMs are summed and finished in float64, so float64-exact distances (up to the float64
+rounding of the stored points themselves) cost float32 GEMMs, 1.7-2x the dgemm rate on the CPUs this
+runs on. ``KernelOperator`` (``gram.py``) uses this for its float64 passes (refinement residuals,
+stored float64 Grams, predictions) whenever the points are on a grid; other data take the float64
+GEMM path. GPU TF32 GEMMs would break the exactness: this path is CPU-only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+_EXACT_LIMIT = 2**24 - 1      # largest |partial sum| a float32 accumulation holds exactly
+_MAX_LEVEL = 2**11            # |shifted level| <= this, so one product is at most 2^22
+
+
+@dataclass(frozen=True)
+class IntegerGrid:
+    """Points x = step * (Q + shift) with Q integer-valued, stored as float32 (exact)."""
+
+    step: float
+    shift: float
+    Q: np.ndarray          # (n, d) float32, shifted integer levels
+    sq: np.ndarray         # (n,) float64 exact |Q_i|^2
+    max_level: float       # max |Q|
+
+    @property
+    def n(self) -> int:
+        return self.Q.shape[0]
+
+
+def _levels(X: np.ndarray, step: float, rows: int = 4096):
+    """Integer levels of X on a grid of ``step`` (float64), or None when X is not on it: every x must
+    equal step * q up to the float64 rounding of that product (a few ulps of |x|). Row blocks keep
+    the temporaries small and stop at the first block off the grid."""
+    Q = np.empty(X.shape, dtype=np.float64)
+    tol = 4.0 * np.finfo(np.float64).eps
+    for a in range(0, X.shape[0], rows):
+        x, q = X[a : a + rows], Q[a : a + rows]
+        np.multiply(x, 1.0 / step, out=q)
+        np.rint(q, out=q)
+        if np.abs(q).max(initial=0.0) > 2 * _MAX_LEVEL:
+            return None
+        if not np.all(np.abs(q * step - x) <= tol * np.abs(x)):
+            return None
+    return Q
+
+
+def find_integer_grid(X) -> IntegerGrid | None:
+    """The grid X lies on (step = the smallest nonzero |x|), or None if it does not lie on one whose
+    shifted levels fit float32 products exactly."""
+    X = np.asarray(X)
+    if X.ndim != 2 or X.size == 0 or X.dtype != np.float64:
+        return None
+    # the smallest nonzero |x| is the step: 1/255 for pixels that use level 1 somewhere
+    magnitude = np.abs(X)
+    step = float(np.min(magnitude, where=magnitude > 0, initial=np.inf))
+    del magnitude
+    if not np.isfinite(step):
+        return None
+    Q = _levels(X, step)
+    if Q is None:
+        return None
+    lo, hi = float(Q.min()), float(Q.max())
+    shift = float(np.floor((lo + hi) / 2))
+    Q -= shift
+    max_level = float(np.abs(Q).max())
+    if max_level > _MAX_LEVEL:
+        return None
+    return IntegerGrid(step, shift, Q.astype(np.float32), np.einsum("ij,ij->i", Q, Q), max_level)
+
+
+def same_grid(X, grid: IntegerGrid) -> IntegerGrid | None:
+    """X on ``grid``'s step and shift (e.g. test points against training points), or None."""
+    X = np.asarray(X, dtype=np.float64)
+    if X.ndim != 2 or X.shape[1] != grid.Q.shape[1]:
+        return None
+    Q = _levels(X, grid.step)
+    if Q is None:
+        return None
+    Q -= grid.shift
+    max_level = float(np.abs(Q).max(initial=0.0))
+    if max_level > _MAX_LEVEL:
+        return None
+    return IntegerGrid(grid.step, grid.shift, Q.astype(np.float32), np.einsum("ij,ij->i", Q, Q), max_level)
+
+
+def chunks(d: int, max_a: float, max_b: float) -> list[slice]:
+    """Feature chunks whose float32 dot products are exact for levels bounded by max_a and max_b."""
+    width = max(1, int(_EXACT_LIMIT // max(max_a * max_b, 1.0)))
+    count = -(-d // width)
+    width = -(-d // count)          # equal chunks: no tiny last GEMM
+    return [slice(s, min(s + width, d)) for s in range(0, d, width)]
+
+
+def kernel_tile_into(out, buf, a: IntegerGrid, b: IntegerGrid, rows: slice, cols: slice, kernel: str,
+                     bandwidth: float) -> np.ndarray:
+    """Write k(x_i, z_j) for points ``rows`` of ``a`` and ``cols`` of ``b`` (same step and shift) into
+    the float64 tile ``out``, from exact integer distances.
+
+    ``buf``: a float32 array of out's shape for the GEMMs (each chunk's result is exact in float32;
+    chunks are summed in float64). The finish runs on row blocks in parallel, each block's passes
+    back to back while it is in cache. Gaussian: exp(2 s q.p - s |q|^2 - s |p|^2) with
+    s = step^2 / (2 sigma^2): three roundings of terms of size |s q|^2 (a few units for pixels), so
+    ~1e-15 absolute in the exponent, and exactly 0 for identical points. Laplacian:
+    exp(-(step / sigma) sqrt(|q - p|^2)) from the exact integer |q - p|^2."""
+    from .kernels import check_kernel, parallel_row_blocks
+
+    check_kernel(kernel)
+    Qa, Qb = a.Q[rows], b.Q[cols]
+    parts = chunks(Qa.shape[1], a.max_level, b.max_level)
+    gaussian = kernel == "gaussian"
+    s = a.step * a.step / (2.0 * bandwidth * bandwidth) if gaussian else 1.0
+    hs_a, hs_b = a.sq[rows] * s, b.sq[cols] * s
+    for i, c in enumerate(parts):
+        np.matmul(Qa[:, c], Qb[:, c].T, out=buf)
+
+        def finish(r, first=i == 0, last=i == len(parts) - 1):
+            o = out[r]
+            # float64 arithmetic on the float32 products (a Python float would keep them float32)
+            if first:
+                np.multiply(buf[r], 2.0 * s, out=o, dtype=np.float64)
+            else:
+                o += np.multiply(buf[r], 2.0 * s, dtype=np.float64)
+            if not last:
+                return
+            o -= hs_a[r, None]
+            o -= hs_b[None, :]
+            if not gaussian:                     # o = -|q - p|^2, exact
+                np.negative(o, out=o)
+                np.sqrt(o, out=o)
+                o *= -a.step / bandwidth
+            np.exp(o, out=o)
+
+        parallel_row_blocks(out.shape[0], out.size, finish)
+    return out
