@@ -125,10 +125,11 @@ def kernel_tile_into(out, buf, a: IntegerGrid, b: IntegerGrid, rows: slice, cols
     gaussian = kernel == "gaussian"
     s = a.step * a.step / (2.0 * bandwidth * bandwidth) if gaussian else 1.0
     hs_a, hs_b = a.sq[rows] * s, b.sq[cols] * s
+    last_part = len(parts) - 1
     for i, c in enumerate(parts):
         np.matmul(Qa[:, c], Qb[:, c].T, out=buf)
 
-        def finish(r, first=i == 0, last=i == len(parts) - 1):
+        def finish(r, first=i == 0, last=i == last_part):
             o = out[r]
             # float64 arithmetic on the float32 products (a Python float would keep them float32)
             if first:
