@@ -14,7 +14,8 @@ Sizes and methods are interleaved (for each repeat, each n, every method, in an 
 repeat) so a slow patch of a shared machine does not land on one method. After its timed part every
 child computes, untimed and the same way for all methods, an independent float64 residual
 ||K alpha - Y|| / ||Y|| and the RKHS norm sqrt(sum alpha * K alpha) with K from sklearn's rbf_kernel
-in row blocks, and the test error. The parent measures the machine's sgemm / dgemm peak (best of a
+in row blocks, the test error, and the number of test points whose predicted class differs from the
+argmax of the float64 scores rbf_kernel(X_test, X) @ alpha. The parent measures the machine's sgemm / dgemm peak (best of a
 few 4096^3 products, before and after the runs) and prints JSON lines: a "machine" line, one line
 per run, and one "ratios" line per n (peer end-to-end time / kernelfit time; > 1: kernelfit faster),
 with kernelfit's factorization and prediction rates as shares of the sgemm peak.
@@ -57,7 +58,17 @@ def one_hot(y, k=10):
 # child: one method, timed, then the same untimed checks for every method
 # --------------------------------------------------------------------------------------------
 
-def _fit_predict(method, X, Y, Xt, sigma):
+def _user_rbf(X, Z, gamma, gemm_gram):
+    """sklearn's rbf_kernel as a user calls it; with ``gemm_gram`` the second argument is a copy, so
+    numpy computes X @ Z.T as a GEMM instead of a SYRK (see ``run_child``)."""
+    from sklearn.metrics.pairwise import rbf_kernel
+
+    if Z is None and gemm_gram:
+        Z = X.copy()
+    return rbf_kernel(X, Z, gamma=gamma)
+
+
+def _fit_predict(method, X, Y, Xt, sigma, gemm_gram=False):
     gamma = 1.0 / (2.0 * sigma * sigma)
     t = {}
     extra = {}
@@ -83,10 +94,9 @@ def _fit_predict(method, X, Y, Xt, sigma):
         alpha = model.alpha
     elif method == "scipy":
         import scipy.linalg
-        from sklearn.metrics.pairwise import rbf_kernel
 
         t0 = time.perf_counter()
-        K = rbf_kernel(X, gamma=gamma)
+        K = _user_rbf(X, None, gamma, gemm_gram)
         t["fit.gram"] = time.perf_counter() - t0
         t1 = time.perf_counter()
         c = scipy.linalg.cho_factor(K, lower=True, overwrite_a=True, check_finite=False)
@@ -97,17 +107,20 @@ def _fit_predict(method, X, Y, Xt, sigma):
         t["fit"] = time.perf_counter() - t0
         del K, c
         t0 = time.perf_counter()
-        scores = rbf_kernel(Xt, X, gamma=gamma) @ alpha
+        scores = _user_rbf(Xt, X, gamma, gemm_gram) @ alpha
         t["predict"] = time.perf_counter() - t0
         extra = {"factor_gflops": X.shape[0] ** 3 / 3.0 / t["fit.factor"] / 1e9}
     elif method == "sklearn":
         from sklearn.kernel_ridge import KernelRidge
 
         t0 = time.perf_counter()
-        kr = KernelRidge(alpha=1e-10, kernel="rbf", gamma=gamma).fit(X, Y)
+        if gemm_gram:   # the same solve on the same Gram, built without numpy's SYRK
+            kr = KernelRidge(alpha=1e-10, kernel="precomputed").fit(_user_rbf(X, None, gamma, True), Y)
+        else:
+            kr = KernelRidge(alpha=1e-10, kernel="rbf", gamma=gamma).fit(X, Y)
         t["fit"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        scores = kr.predict(Xt)
+        scores = kr.predict(_user_rbf(Xt, X, gamma, True)) if gemm_gram else kr.predict(Xt)
         t["predict"] = time.perf_counter() - t0
         alpha = np.asarray(kr.dual_coef_, dtype=np.float64)
         del kr
@@ -117,15 +130,23 @@ def _fit_predict(method, X, Y, Xt, sigma):
     return alpha, scores, t, extra
 
 
-def independent_checks(X, Y, alpha, sigma, rows=2000):
-    """||K alpha - Y|| / ||Y|| and sqrt(sum alpha * K alpha), K from sklearn's rbf_kernel (float64)."""
+def independent_checks(X, Y, alpha, sigma, Xt, scores, rows=2000):
+    """||K alpha - Y|| / ||Y||, sqrt(sum alpha * K alpha) and the number of test points whose class
+    differs from that of the float64 scores k(Xt, X) alpha, all with K from sklearn's rbf_kernel
+    (float64, row blocks)."""
     from sklearn.metrics.pairwise import rbf_kernel
 
+    gamma = 1.0 / (2.0 * sigma * sigma)
     KA = np.empty_like(Y)
     for a in range(0, len(X), rows):
-        KA[a : a + rows] = rbf_kernel(X[a : a + rows], X, gamma=1.0 / (2.0 * sigma * sigma)) @ alpha
+        KA[a : a + rows] = rbf_kernel(X[a : a + rows], X, gamma=gamma) @ alpha
     R = KA - Y
-    return float(np.linalg.norm(R) / np.linalg.norm(Y)), float(np.sqrt(max(float(np.sum(alpha * KA)), 0.0)))
+    differ = 0
+    for a in range(0, len(Xt), rows):
+        ref = rbf_kernel(Xt[a : a + rows], X, gamma=gamma) @ alpha
+        differ += int(np.sum(np.argmax(ref, 1) != np.argmax(scores[a : a + rows], 1)))
+    return (float(np.linalg.norm(R) / np.linalg.norm(Y)), float(np.sqrt(max(float(np.sum(alpha * KA)), 0.0))),
+            differ)
 
 
 def peak_rss_bytes():
@@ -141,11 +162,15 @@ def peak_rss_bytes():
 def child(args):
     X, y, Xt, yt = load_mnist(args.data_dir, args.n, args.n_test, args.seed)
     Y = one_hot(y)
-    alpha, scores, t, extra = _fit_predict(args.child, X, Y, Xt, args.sigma)
+    alpha, scores, t, extra = _fit_predict(args.child, X, Y, Xt, args.sigma, args.gemm_gram)
     peak = peak_rss_bytes()   # before the untimed checks below allocate their own blocks
-    residual, rkhs = independent_checks(X, Y, alpha, args.sigma)
+    residual, rkhs, differ = independent_checks(X, Y, alpha, args.sigma, Xt, scores)
+    if args.gemm_gram:
+        extra["gram_workaround"] = ("rbf_kernel(X, X.copy()): numpy computes X @ X.T as a GEMM (twice the "
+                                    "flops of its SYRK) after the SYRK run died with SIGSEGV")
     rec = {"kind": "run", "method": args.child, "n": args.n, "n_test": len(yt), "d": X.shape[1],
            "sigma": args.sigma, "timings_s": t, "test_error": float(np.mean(np.argmax(scores, 1) != yt)),
+           "test_classes_differ_from_float64": differ,
            "rkhs_norm": rkhs, "residual_relative_independent": residual,
            "predict_gflops": 2.0 * len(Xt) * X.shape[0] * X.shape[1] / t["predict"] / 1e9,
            "peak_rss_gib": peak / 2**30, **extra}
@@ -170,12 +195,22 @@ def _timed(fn):
     return time.perf_counter() - t
 
 
-def run_child(args, method, n):
-    """One method in its own process (stderr inherited: progress and errors show)."""
+def run_child(args, method, n, gemm_gram=False):
+    """One method in its own process (stderr inherited: progress and errors show).
+
+    numpy's bundled OpenBLAS (0.3.31) dies with SIGSEGV in its multi-threaded SYRK for X @ X.T with
+    16,000 or more 784-feature rows on these VMs (numpy issue 19685: the copy works). A peer killed
+    that way is run once more with its Gram built as rbf_kernel(X, X.copy()) (a GEMM: the peer pays
+    about one extra half-Gram of flops) and the record says so."""
     cmd = [sys.executable, os.path.abspath(__file__), "--child", method, "--n", str(n), "--n-test", str(args.n_test),
            "--sigma", str(args.sigma), "--seed", str(args.seed), "--data-dir", args.data_dir]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)   # a failed run is recorded
+    proc = subprocess.run(cmd + (["--gemm-gram"] if gemm_gram else []), stdout=subprocess.PIPE, text=True,
+                          check=False)   # a failed run is recorded
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode == -11 and method in ("scipy", "sklearn") and not gemm_gram:
+        rec = run_child(args, method, n, gemm_gram=True)
+        rec["first_attempt"] = {"returncode": -11, "signal": "SIGSEGV"}
+        return rec
     if proc.returncode != 0 or not lines:
         return {"kind": "run", "method": method, "n": n, "failed": True, "returncode": proc.returncode}
     return json.loads(lines[-1])
@@ -193,6 +228,7 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="also append the JSON lines to this file")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--gemm-gram", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         return child(args)
@@ -235,6 +271,10 @@ def main(argv=None):
               "kernelfit_predict_share_of_sgemm": kf["predict_gflops"] / sgemm,
               "kernelfit_end_to_end_over_factor": kf["timings_s"]["total"] / kf["timings_s"]["fit.factor"],
               "test_error": {m: best[m]["test_error"] for m in args.methods if best.get(m)},
+              "test_classes_differ_from_float64": {m: best[m]["test_classes_differ_from_float64"]
+                                                   for m in args.methods if best.get(m)},
+              "peer_gram_workaround": {m: best[m]["gram_workaround"] for m in PEERS
+                                       if best.get(m) and best[m].get("gram_workaround")},
               "rkhs_norm": {m: best[m]["rkhs_norm"] for m in args.methods if best.get(m)},
               "residual_relative_independent": {m: best[m]["residual_relative_independent"]
                                                 for m in args.methods if best.get(m)},

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import InputError
-from .grid import IntegerGrid, find_integer_grid, same_grid
+from .grid import IntegerGrid, find_integer_grid, gaussian_factors, same_grid
 from .grid import kernel_tile_into as grid_kernel_tile_into
 from .kernels import kernel_tile_into, row_norms_sq
 from .linalg.tiled import SymmetricPanels
@@ -82,7 +82,11 @@ class KernelOperator:
         self.B = np.ascontiguousarray(B, dtype=self.dtype)
         self.B_sq = row_norms_sq(self.B)
         self.kernel, self.bandwidth, self.rows, self.cols = kernel, float(bandwidth), int(rows), int(cols)
-        self.grid = find_integer_grid(self.B) if grid == "auto" and self.dtype == np.float64 else None
+        if isinstance(grid, IntegerGrid):
+            self.grid = grid
+        else:
+            self.grid = find_integer_grid(self.B) if grid == "auto" and self.dtype == np.float64 else None
+        self._b_factors = None
 
     @property
     def distances(self) -> str:
@@ -94,32 +98,49 @@ class KernelOperator:
 
     def on_grid(self, A) -> bool:
         """Whether products with points A get exact grid distances (A on B's integer grid)."""
-        return self.grid is not None and same_grid(np.asarray(A, dtype=np.float64), self.grid) is not None
+        return self.points(A)[1] is not None
 
     def distances_for(self, A) -> str:
         """How the squared distances between points A and B are computed (for the record)."""
         return self.distances if self.on_grid(A) else f"{self.dtype.name} GEMM expansion |x|^2 + |z|^2 - 2 x.z"
 
-    def _tile(self, buf, buf32, A, A_sq, Ga, a, e, c0, c1):
-        """k(A[a:e], B[c0:c1]) in ``buf``; from exact grid distances when Ga (A's levels on B's grid) is given."""
+    def points(self, A):
+        """(A as a contiguous ``dtype`` array, A's levels on B's grid or None): prepare once, pass to ``matmul``."""
+        A = np.ascontiguousarray(A, dtype=self.dtype)
+        return A, (same_grid(A, self.grid) if self.grid is not None else None)
+
+    def _factors(self, Ga):
+        """Gaussian row factors of A's and B's grids (``grid.gaussian_factors``), or None: plain tiles."""
+        if Ga is None or self.kernel != "gaussian":
+            return None
+        if self._b_factors is None:
+            self._b_factors = gaussian_factors(self.grid, self.bandwidth)
+        fa = self._b_factors if Ga is self.grid else gaussian_factors(Ga, self.bandwidth)
+        return None if fa is None or self._b_factors is None else (fa, self._b_factors)
+
+    def _tile(self, buf, buf32, A, A_sq, Ga, a, e, c0, c1, factored=False):
+        """k(A[a:e], B[c0:c1]) in ``buf`` (exp(2 s q.p) only when ``factored``); from exact grid
+        distances when Ga (A's levels on B's grid) is given."""
         tile = buf[: e - a, : c1 - c0]
         if Ga is None:
             return kernel_tile_into(tile, A[a:e], self.B[c0:c1], A_sq[a:e], self.B_sq[c0:c1], self.kernel,
                                     self.bandwidth)
         return grid_kernel_tile_into(tile, buf32[: e - a, : c1 - c0], Ga, self.grid, slice(a, e), slice(c0, c1),
-                                     self.kernel, self.bandwidth)
+                                     self.kernel, self.bandwidth, factored)
 
     def _buffers(self, rows, cols, on_grid):
         cols = min(cols, self.cols)
         buf = np.empty((rows, cols), dtype=self.dtype)
         return buf, (np.empty((rows, cols), dtype=np.float32) if on_grid else None)
 
-    def matmul(self, A, V) -> np.ndarray:
-        """k(A, B) @ V for arbitrary points A (e.g. test points)."""
-        A = np.ascontiguousarray(A, dtype=self.dtype)
+    def matmul(self, A, V, points=None) -> np.ndarray:
+        """k(A, B) @ V for arbitrary points A (e.g. test points); ``points``: ``self.points(A)`` if
+        already prepared."""
+        A, Ga = self.points(A) if points is None else points
         V = np.asarray(V, dtype=self.dtype)
-        Ga = same_grid(A, self.grid) if self.grid is not None else None
         A_sq = row_norms_sq(A) if Ga is None else None
+        factors = self._factors(Ga)
+        W = V if factors is None else factors[1][:, None] * V
         n = self.B.shape[0]
         out = np.zeros((A.shape[0], V.shape[1]), dtype=self.dtype)
         buf, buf32 = self._buffers(min(self.rows, A.shape[0]), n, Ga is not None)
@@ -127,8 +148,10 @@ class KernelOperator:
             e = min(a + self.rows, A.shape[0])
             for c0 in range(0, n, self.cols):
                 c1 = min(c0 + self.cols, n)
-                tile = self._tile(buf, buf32, A, A_sq, Ga, a, e, c0, c1)
-                out[a:e] += tile @ V[c0:c1]
+                tile = self._tile(buf, buf32, A, A_sq, Ga, a, e, c0, c1, factors is not None)
+                out[a:e] += tile @ W[c0:c1]
+        if factors is not None:
+            out *= factors[0][:, None]
         return out
 
     def symmetric_matmul(self, V, progress: bool = False) -> np.ndarray:
@@ -136,6 +159,9 @@ class KernelOperator:
         used twice (as K[I, :] and K[:, I]), halving the kernel work."""
         V = np.asarray(V, dtype=self.dtype)
         n = self.B.shape[0]
+        factors = self._factors(self.grid)
+        f = None if factors is None else factors[0]
+        W = V if f is None else f[:, None] * V
         out = np.zeros((n, V.shape[1]), dtype=self.dtype)
         buf, buf32 = self._buffers(min(self.rows, n), n, self.grid is not None)
         bar = _progress(n, "K @ v (float64)" if self.dtype == np.float64 else "K @ v", progress)
@@ -143,18 +169,20 @@ class KernelOperator:
             e = min(a + self.rows, n)
             for c0 in range(0, e, self.cols):            # K[a:e, c0:c1], c1 <= e
                 c1 = min(c0 + self.cols, e)
-                tile = self._tile(buf, buf32, self.B, self.B_sq, self.grid, a, e, c0, c1)
-                if c1 > a:                                # exact diagonal, as in the Gram
+                tile = self._tile(buf, buf32, self.B, self.B_sq, self.grid, a, e, c0, c1, f is not None)
+                if c1 > a:                                # exact diagonal k(x, x) = 1, as in the Gram
                     d = np.arange(max(a, c0), c1)
-                    tile[d - a, d - c0] = 1.0
-                out[a:e] += tile @ V[c0:c1]
+                    tile[d - a, d - c0] = 1.0 if f is None else 1.0 / (f[d] * f[d])
+                out[a:e] += tile @ W[c0:c1]
                 if c0 < a:                                # the transposed use, strictly below the diagonal
                     w = min(c1, a) - c0
-                    out[c0 : c0 + w] += tile[:, :w].T @ V[a:e]
+                    out[c0 : c0 + w] += tile[:, :w].T @ W[a:e]
             if bar is not None:
                 bar.update(e - a)
         if bar is not None:
             bar.close()
+        if f is not None:
+            out *= f[:, None]
         return out
 
 

@@ -42,19 +42,24 @@ class IntegerGrid:
         return self.Q.shape[0]
 
 
-def _levels(X: np.ndarray, step: float, rows: int = 4096):
+def _levels(X: np.ndarray, step: float, rows: int = 512):
     """Integer levels of X on a grid of ``step`` (float64), or None when X is not on it: every x must
     equal step * q up to the float64 rounding of that product (a few ulps of |x|). Row blocks keep
-    the temporaries small and stop at the first block off the grid."""
+    the temporaries in cache and stop at the first block off the grid."""
     Q = np.empty(X.shape, dtype=np.float64)
     tol = 4.0 * np.finfo(np.float64).eps
+    err = np.empty((min(rows, X.shape[0]), X.shape[1]))
     for a in range(0, X.shape[0], rows):
         x, q = X[a : a + rows], Q[a : a + rows]
+        r = err[: x.shape[0]]
         np.multiply(x, 1.0 / step, out=q)
         np.rint(q, out=q)
-        if np.abs(q).max(initial=0.0) > 2 * _MAX_LEVEL:
+        np.multiply(q, step, out=r)
+        r -= x
+        np.abs(r, out=r)
+        if r.max(initial=0.0) > tol * np.abs(x).max(initial=0.0) and not np.all(r <= tol * np.abs(x)):
             return None
-        if not np.all(np.abs(q * step - x) <= tol * np.abs(x)):
+        if np.abs(q).max(initial=0.0) > 2 * _MAX_LEVEL:
             return None
     return Q
 
@@ -106,8 +111,19 @@ def chunks(d: int, max_a: float, max_b: float) -> list[slice]:
     return [slice(s, min(s + width, d)) for s in range(0, d, width)]
 
 
+def gaussian_factors(g: IntegerGrid, bandwidth: float) -> np.ndarray | None:
+    """f_i = exp(-s |q_i|^2), s = step^2 / (2 sigma^2), so that k(x_i, z_j) = f_i exp(2 s q_i.p_j) f'_j:
+    the tile then needs one scaling and one exp (``kernel_tile_into(..., factored=True)``) and the
+    factors go into the product with V. None where exp(2 s q.p) could leave float64's comfortable
+    range (s |q|^2 > 50; the scaled products then also lose more digits than the plain form)."""
+    s = g.step * g.step / (2.0 * bandwidth * bandwidth)
+    if g.n == 0 or s * float(g.sq.max()) > 50.0:
+        return None
+    return np.exp(-s * g.sq)
+
+
 def kernel_tile_into(out, buf, a: IntegerGrid, b: IntegerGrid, rows: slice, cols: slice, kernel: str,
-                     bandwidth: float) -> np.ndarray:
+                     bandwidth: float, factored: bool = False) -> np.ndarray:
     """Write k(x_i, z_j) for points ``rows`` of ``a`` and ``cols`` of ``b`` (same step and shift) into
     the float64 tile ``out``, from exact integer distances.
 
@@ -116,13 +132,15 @@ def kernel_tile_into(out, buf, a: IntegerGrid, b: IntegerGrid, rows: slice, cols
     back to back while it is in cache. Gaussian: exp(2 s q.p - s |q|^2 - s |p|^2) with
     s = step^2 / (2 sigma^2): three roundings of terms of size |s q|^2 (a few units for pixels), so
     ~1e-15 absolute in the exponent, and exactly 0 for identical points. Laplacian:
-    exp(-(step / sigma) sqrt(|q - p|^2)) from the exact integer |q - p|^2."""
+    exp(-(step / sigma) sqrt(|q - p|^2)) from the exact integer |q - p|^2. ``factored`` (Gaussian):
+    write exp(2 s q.p) only; k = that times ``gaussian_factors`` of both sides."""
     from .kernels import check_kernel, parallel_row_blocks
 
     check_kernel(kernel)
     Qa, Qb = a.Q[rows], b.Q[cols]
     parts = chunks(Qa.shape[1], a.max_level, b.max_level)
     gaussian = kernel == "gaussian"
+    factored = factored and gaussian
     s = a.step * a.step / (2.0 * bandwidth * bandwidth) if gaussian else 1.0
     hs_a, hs_b = a.sq[rows] * s, b.sq[cols] * s
     last_part = len(parts) - 1
@@ -137,6 +155,9 @@ def kernel_tile_into(out, buf, a: IntegerGrid, b: IntegerGrid, rows: slice, cols
             else:
                 o += np.multiply(buf[r], 2.0 * s, dtype=np.float64)
             if not last:
+                return
+            if factored:
+                np.exp(o, out=o)
                 return
             o -= hs_a[r, None]
             o -= hs_b[None, :]

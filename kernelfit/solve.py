@@ -168,15 +168,17 @@ class Interpolant:
         if X.shape[1] != self.X_fit.shape[1]:
             raise InputError(f"X has {X.shape[1]} features but the interpolant was fitted on {self.X_fit.shape[1]}.")
         op = self.kernel_operator(rows)
-        if argmax_groups is not None and not op.on_grid(X):
+        points = op.points(X)
+        if argmax_groups is not None and points[1] is None:
             scores, recomputed = argmax_exact_scores(self.X_fit, self.alpha, X, self.kernel, self.bandwidth,
                                                      int(argmax_groups), rows)
             self.stats["predict_scores"] = "float32 tiles, rows within the error bound recomputed in float64"
             self.stats["predict_rows_recomputed_float64"] = recomputed
             return scores
-        self.stats["predict_scores"] = f"float64; distances: {op.distances_for(X)}"
+        self.stats["predict_scores"] = "float64; distances: " + (
+            op.distances if points[1] is not None else "float64 GEMM expansion |x|^2 + |z|^2 - 2 x.z")
         self.stats.pop("predict_rows_recomputed_float64", None)
-        return op.matmul(X, self.alpha)
+        return op.matmul(X, self.alpha, points)
 
 
 def residual_stats(R, Y) -> dict:

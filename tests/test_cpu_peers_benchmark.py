@@ -25,6 +25,8 @@ def test_cpu_peers_benchmark_small(shared_data_dir):
     kf = {r["method"]: r for r in runs}
     assert kf["kernelfit"]["residual_relative_independent"] < 1e-12
     assert kf["kernelfit"]["strategy"] and kf["kernelfit"]["residual_source"]
+    assert "integer grid" in kf["kernelfit"]["distances"] and "integer grid" in kf["kernelfit"]["predict_scores"]
+    assert all(r["test_classes_differ_from_float64"] == 0 for r in runs)
     (machine,) = [r for r in recs if r["kind"] == "machine"]
     assert machine["sgemm_gflops_before"] > 0 and machine["dgemm_gflops_before"] > 0
     (ratios,) = [r for r in recs if r["kind"] == "ratios"]
@@ -32,3 +34,15 @@ def test_cpu_peers_benchmark_small(shared_data_dir):
     assert len(set(ratios["test_error"].values())) == 1     # every method, the same classifier
     rk = list(ratios["rkhs_norm"].values())
     assert max(rk) - min(rk) <= 1e-4 * max(rk)
+
+
+@pytest.mark.data
+@pytest.mark.parametrize("method", ["scipy", "sklearn"])
+def test_peer_with_the_gemm_gram_workaround(shared_data_dir, method):
+    """The rerun after a SYRK crash: the same peer on rbf_kernel(X, X.copy()), recorded as such."""
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cpu_peers.py"), "--child", method, "--n", "300",
+                          "--n-test", "100", "--data-dir", str(shared_data_dir), "--gemm-gram"],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (rec,) = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert "GEMM" in rec["gram_workaround"] and rec["residual_relative_independent"] < 1e-8

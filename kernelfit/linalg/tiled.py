@@ -141,18 +141,23 @@ class SymmetricPanels:
             A += np.tril(A, -1).T
         return A
 
-    def symmetric_matmul(self, X: np.ndarray) -> np.ndarray:
-        """A @ X for the symmetric matrix stored (X: (n, k)); each stored tile is used twice."""
+    def symmetric_matmul(self, X: np.ndarray, rows: int = 512) -> np.ndarray:
+        """A @ X for the symmetric matrix stored (X: (n, k)); each stored tile is used twice.
+
+        The products stream the matrix from memory, so each block of ``rows`` panel rows is used
+        for both products (A[I, J] X[J] and A[I, J]^T X[I]) while it is in cache: one read of the
+        matrix per product instead of two."""
         X = np.asarray(X)
         out = np.zeros((self.n, X.shape[1]), dtype=np.result_type(self.dtype, X.dtype))
         for s, P in zip(self.starts, self.panels):
             w = P.shape[1]
             D = np.tril(P[:w])
-            out[s : s + w] += D @ X[s : s + w] + np.tril(P[:w], -1).T @ X[s : s + w]
-            if P.shape[0] > w:
-                below = P[w:]
-                out[s + w :] += below @ X[s : s + w]
-                out[s : s + w] += below.T @ X[s + w :]
+            out[s : s + w] += D @ X[s : s + w] + D.T @ X[s : s + w] - D.diagonal()[:, None] * X[s : s + w]
+            for a in range(w, P.shape[0], rows):
+                block = P[a : a + rows]
+                r = s + a
+                out[r : r + block.shape[0]] += block @ X[s : s + w]
+                out[s : s + w] += block.T @ X[r : r + block.shape[0]]
         return out
 
 
