@@ -632,7 +632,10 @@ def cmd_solve(args, parser) -> int:
         rnd = Randomization(variant=args.variant, p=args.corrupt_p or 0.0, seed=args.seed,
                             corrupt_test=args.corrupt_test)
         rds, rinfo = apply_randomization(ds, rnd)
-        fdtype = np.float64 if args.mode == "float64" else np.float32
+        # pixels / 255 in float64 lie exactly on the 1/255 grid, so every float64 pass (residuals,
+        # predictions) gets exact distances from float32 GEMMs (``kernelfit.grid``); the solver keeps
+        # a float64 copy of the features anyway
+        fdtype = np.float64 if args.mode == "float64" or args.features == "pixels" else np.float32
         has_test = args.n_test != 0 and len(rds.x_test) > 0
         yt = rds.y_test if has_test else None
         if args.features != "randconv":
