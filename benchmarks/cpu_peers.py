@@ -58,17 +58,7 @@ def one_hot(y, k=10):
 # child: one method, timed, then the same untimed checks for every method
 # --------------------------------------------------------------------------------------------
 
-def _user_rbf(X, Z, gamma, gemm_gram):
-    """sklearn's rbf_kernel as a user calls it; with ``gemm_gram`` the second argument is a copy, so
-    numpy computes X @ Z.T as a GEMM instead of a SYRK (see ``run_child``)."""
-    from sklearn.metrics.pairwise import rbf_kernel
-
-    if Z is None and gemm_gram:
-        Z = X.copy()
-    return rbf_kernel(X, Z, gamma=gamma)
-
-
-def _fit_predict(method, X, Y, Xt, sigma, gemm_gram=False):
+def _fit_predict(method, X, Y, Xt, sigma):
     gamma = 1.0 / (2.0 * sigma * sigma)
     t = {}
     extra = {}
@@ -94,9 +84,10 @@ def _fit_predict(method, X, Y, Xt, sigma, gemm_gram=False):
         alpha = model.alpha
     elif method == "scipy":
         import scipy.linalg
+        from sklearn.metrics.pairwise import rbf_kernel
 
         t0 = time.perf_counter()
-        K = _user_rbf(X, None, gamma, gemm_gram)
+        K = rbf_kernel(X, gamma=gamma)
         t["fit.gram"] = time.perf_counter() - t0
         t1 = time.perf_counter()
         c = scipy.linalg.cho_factor(K, lower=True, overwrite_a=True, check_finite=False)
@@ -107,20 +98,17 @@ def _fit_predict(method, X, Y, Xt, sigma, gemm_gram=False):
         t["fit"] = time.perf_counter() - t0
         del K, c
         t0 = time.perf_counter()
-        scores = _user_rbf(Xt, X, gamma, gemm_gram) @ alpha
+        scores = rbf_kernel(Xt, X, gamma=gamma) @ alpha
         t["predict"] = time.perf_counter() - t0
         extra = {"factor_gflops": X.shape[0] ** 3 / 3.0 / t["fit.factor"] / 1e9}
     elif method == "sklearn":
         from sklearn.kernel_ridge import KernelRidge
 
         t0 = time.perf_counter()
-        if gemm_gram:   # the same solve on the same Gram, built without numpy's SYRK
-            kr = KernelRidge(alpha=1e-10, kernel="precomputed").fit(_user_rbf(X, None, gamma, True), Y)
-        else:
-            kr = KernelRidge(alpha=1e-10, kernel="rbf", gamma=gamma).fit(X, Y)
+        kr = KernelRidge(alpha=1e-10, kernel="rbf", gamma=gamma).fit(X, Y)
         t["fit"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        scores = kr.predict(_user_rbf(Xt, X, gamma, True)) if gemm_gram else kr.predict(Xt)
+        scores = kr.predict(Xt)
         t["predict"] = time.perf_counter() - t0
         alpha = np.asarray(kr.dual_coef_, dtype=np.float64)
         del kr
@@ -162,12 +150,12 @@ def peak_rss_bytes():
 def child(args):
     X, y, Xt, yt = load_mnist(args.data_dir, args.n, args.n_test, args.seed)
     Y = one_hot(y)
-    alpha, scores, t, extra = _fit_predict(args.child, X, Y, Xt, args.sigma, args.gemm_gram)
+    alpha, scores, t, extra = _fit_predict(args.child, X, Y, Xt, args.sigma)
     peak = peak_rss_bytes()   # before the untimed checks below allocate their own blocks
     residual, rkhs, differ = independent_checks(X, Y, alpha, args.sigma, Xt, scores)
-    if args.gemm_gram:
-        extra["gram_workaround"] = ("rbf_kernel(X, X.copy()): numpy computes X @ X.T as a GEMM (twice the "
-                                    "flops of its SYRK) after the SYRK run died with SIGSEGV")
+    if os.environ.get("OPENBLAS_CORETYPE"):
+        extra["blas_workaround"] = (f"OPENBLAS_CORETYPE={os.environ['OPENBLAS_CORETYPE']}: rerun after the run "
+                                    "with the default kernels died with SIGSEGV")
     rec = {"kind": "run", "method": args.child, "n": args.n, "n_test": len(yt), "d": X.shape[1],
            "sigma": args.sigma, "timings_s": t, "test_error": float(np.mean(np.argmax(scores, 1) != yt)),
            "test_classes_differ_from_float64": differ,
@@ -195,25 +183,39 @@ def _timed(fn):
     return time.perf_counter() - t
 
 
-def run_child(args, method, n, gemm_gram=False):
-    """One method in its own process (stderr inherited: progress and errors show).
+# numpy's and scipy's bundled OpenBLAS (0.3.29 and 0.3.31 tried) die with SIGSEGV in their threaded
+# SYRK on these 2-core VMs with AVX-512 kernels (SkylakeX / Cooperlake): X @ X.T with 16,000 x 784
+# float64 rows, and dpotrf at n = 20,000 (numpy issue 19685 reports the same X @ X.T crash). The
+# Haswell (AVX2) kernels do not crash. A peer killed that way is rerun once with them, and the parent
+# measures the GEMM peak of those kernels too, so the record shows how much slower the peer's BLAS was.
+FALLBACK_CORETYPE = "Haswell"
 
-    numpy's bundled OpenBLAS (0.3.31) dies with SIGSEGV in its multi-threaded SYRK for X @ X.T with
-    16,000 or more 784-feature rows on these VMs (numpy issue 19685: the copy works). A peer killed
-    that way is run once more with its Gram built as rbf_kernel(X, X.copy()) (a GEMM: the peer pays
-    about one extra half-Gram of flops) and the record says so."""
+
+def run_child(args, method, n, coretype=None):
+    """One method in its own process (stderr inherited: progress and errors show)."""
     cmd = [sys.executable, os.path.abspath(__file__), "--child", method, "--n", str(n), "--n-test", str(args.n_test),
            "--sigma", str(args.sigma), "--seed", str(args.seed), "--data-dir", args.data_dir]
-    proc = subprocess.run(cmd + (["--gemm-gram"] if gemm_gram else []), stdout=subprocess.PIPE, text=True,
-                          check=False)   # a failed run is recorded
+    env = dict(os.environ, OPENBLAS_CORETYPE=coretype) if coretype else None
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False, env=env)   # a failed run is recorded
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode == -11 and method in ("scipy", "sklearn") and not gemm_gram:
-        rec = run_child(args, method, n, gemm_gram=True)
-        rec["first_attempt"] = {"returncode": -11, "signal": "SIGSEGV"}
+    if proc.returncode == -11 and method in ("scipy", "sklearn") and coretype is None:
+        rec = run_child(args, method, n, coretype=FALLBACK_CORETYPE)
+        rec["first_attempt"] = {"returncode": -11, "signal": "SIGSEGV", "openblas_kernels": "default"}
         return rec
     if proc.returncode != 0 or not lines:
-        return {"kind": "run", "method": method, "n": n, "failed": True, "returncode": proc.returncode}
+        return {"kind": "run", "method": method, "n": n, "failed": True, "returncode": proc.returncode,
+                **({"openblas_coretype": coretype} if coretype else {})}
     return json.loads(lines[-1])
+
+
+def gemm_peaks_with(coretype):
+    """sgemm / dgemm peaks of OpenBLAS's ``coretype`` kernels, measured in a child process."""
+    code = ("import json, sys; sys.path.insert(0, %r); import cpu_peers as c, numpy as np; "
+            "print(json.dumps({'sgemm': c.gemm_peak(np.float32), 'dgemm': c.gemm_peak(np.float64)}))"
+            % os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, check=False,
+                          env=dict(os.environ, OPENBLAS_CORETYPE=coretype))
+    return json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else None
 
 
 def main(argv=None):
@@ -228,7 +230,6 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="also append the JSON lines to this file")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--gemm-gram", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         return child(args)
@@ -253,6 +254,11 @@ def main(argv=None):
                 runs.append(rec)
                 emit(rec)
     peaks.update(sgemm_gflops_after=gemm_peak(np.float32), dgemm_gflops_after=gemm_peak(np.float64))
+    if any(r.get("blas_workaround") for r in runs):
+        fallback = gemm_peaks_with(FALLBACK_CORETYPE)
+        if fallback:
+            peaks.update({f"sgemm_gflops_{FALLBACK_CORETYPE.lower()}_kernels": fallback["sgemm"],
+                          f"dgemm_gflops_{FALLBACK_CORETYPE.lower()}_kernels": fallback["dgemm"]})
     sgemm = max(peaks["sgemm_gflops_before"], peaks["sgemm_gflops_after"])
     emit({"kind": "machine", **peaks, "machine": machine_info(), "provenance": provenance()})
     for n in args.sizes:
@@ -273,8 +279,8 @@ def main(argv=None):
               "test_error": {m: best[m]["test_error"] for m in args.methods if best.get(m)},
               "test_classes_differ_from_float64": {m: best[m]["test_classes_differ_from_float64"]
                                                    for m in args.methods if best.get(m)},
-              "peer_gram_workaround": {m: best[m]["gram_workaround"] for m in PEERS
-                                       if best.get(m) and best[m].get("gram_workaround")},
+              "peer_blas_workaround": {m: best[m]["blas_workaround"] for m in PEERS
+                                       if best.get(m) and best[m].get("blas_workaround")},
               "rkhs_norm": {m: best[m]["rkhs_norm"] for m in args.methods if best.get(m)},
               "residual_relative_independent": {m: best[m]["residual_relative_independent"]
                                                 for m in args.methods if best.get(m)},

@@ -83,6 +83,8 @@ def test_python_m_subprocess_stdout_is_json(tmp_path):
     assert rec["stats"]["bandwidth_rule"] == "median heuristic"
     assert rec["results"]["true"]["train_error"] == 0.0
     assert "[kernelfit] mnist-subset" in proc.stderr
+    # pixels / 255 reach the solver in float64, exactly on the 1/255 grid: exact-distance passes
+    assert "integer grid of step 0.00392157" in rec["stats"]["distances"]
 
 
 # ---------------------------------------------------------------------------------------------

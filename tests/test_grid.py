@@ -113,3 +113,31 @@ def test_column_blocks_cover_the_symmetric_product_off_the_grid():
     K = kernel_tile(X, X, "gaussian", 1.3)
     np.fill_diagonal(K, 1.0)
     np.testing.assert_allclose(op.symmetric_matmul(V), K @ V, rtol=1e-12, atol=1e-12)
+
+
+def test_fit_and_predict_on_a_grid_match_lapack():
+    """The whole default solve on pixel-like data (exact-distance residual passes, stored float64 Gram
+    from grid tiles, grid predictions) against LAPACK on the float64 kernel of the same points."""
+    import scipy.linalg
+
+    from kernelfit.solve import SolveOptions, fit_interpolant
+
+    q, X = _pixels(400, 64, seed=9)
+    _, Xt = _pixels(90, 64, seed=10)
+    y = np.random.default_rng(11).integers(0, 3, 400)
+    Y = np.eye(3)[y]
+    for strategy in ("stored-float64-gram", "recomputed-float64"):
+        m = fit_interpolant(X, Y, SolveOptions(bandwidth=2.5, strategy=strategy))
+        assert "integer grid" in m.stats["distances"] and m.stats["strategy"] == strategy
+        K = kernel_tile(X, X, "gaussian", 2.5)
+        np.fill_diagonal(K, 1.0)
+        ref = scipy.linalg.cho_solve(scipy.linalg.cho_factor(K, lower=True), Y)
+        assert np.abs(m.alpha - ref).max() <= 1e-9 * np.abs(ref).max()
+        assert m.stats["residual_relative"] <= 1e-13
+        scores = m.predict(Xt, argmax_groups=3)
+        assert "integer grid" in m.stats["predict_scores"] and "predict_rows_recomputed_float64" not in m.stats
+        np.testing.assert_allclose(scores, kernel_tile(Xt, X, "gaussian", 2.5) @ m.alpha, rtol=0,
+                                   atol=1e-12 * np.abs(scores).max())
+    # off the grid, the float32 tiles with their error bound
+    m.predict(Xt + 1e-3, argmax_groups=3)
+    assert "float32" in m.stats["predict_scores"] and "predict_rows_recomputed_float64" in m.stats

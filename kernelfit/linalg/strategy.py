@@ -7,8 +7,9 @@ stored-float64-gram   The Gram is built once in float64 and kept; a float32 copy
                       (n^2/2 x 12 bytes). A refinement residual Y - K X is a product with the stored
                       float64 Gram: O(n^2 k), a small fraction of one Gram build.
 recomputed-float64    Only a float32 Gram / factor is stored (n^2/2 x 4 bytes). Each float64
-                      residual rebuilds the kernel tiles from the data in float64 (a float64 GEMM over
-                      all features and n^2/2 exps, about one float64 Gram build per pass).
+                      residual rebuilds the kernel tiles from the data in float64 (n^2/2 exps and a
+                      GEMM over all features: float32 GEMMs of exact integer levels for points on an
+                      integer grid such as pixels / 255, ``kernelfit.grid``; a float64 GEMM otherwise).
 float64               Gram and factor in float64 (n^2/2 x 8 bytes), one float64 residual pass from
                       the data. For small n, where the factorization is cheap and the refinement
                       passes of the other strategies cost as much as the float32 factor saves.
