@@ -43,13 +43,13 @@ def build_gram_panels(X, kernel: str, bandwidth: float, block: int | None = None
     G = SymmetricPanels.empty(n, block, dtype)
     sq = row_norms_sq(X) if grid is None else None
     bar = _progress(sum(P.size for P in G.panels), "gram", progress)
+    rows = DEFAULT_PRODUCT_ROWS   # grid path: row blocks of a panel, finished in float64 in cache
     if grid is not None:
-        rows = DEFAULT_PRODUCT_ROWS
         buf32 = np.empty((min(rows, n), G.block), dtype=np.float32)
         buf = np.empty((min(rows, n), G.block), dtype=np.float64) if np.dtype(dtype) != np.float64 else None
     for s, P in zip(G.starts, G.panels):
         w = P.shape[1]
-        if grid is None:
+        if grid is None:   # one GEMM per panel (faster here than row blocks: 2.4 vs 2.75 s at n = 20,000)
             kernel_tile_into(P, X[s:], X[s : s + w], sq[s:], sq[s : s + w], kernel, bandwidth)
         else:
             for a in range(0, P.shape[0], rows):
@@ -140,19 +140,21 @@ class KernelOperator:
         V = np.asarray(V, dtype=self.dtype)
         A_sq = row_norms_sq(A) if Ga is None else None
         factors = self._factors(Ga)
-        W = V if factors is None else factors[1][:, None] * V
+        # V and the result are kept transposed (k x n): a few rows times a cached tile is about twice
+        # as fast in OpenBLAS as the tile times a few columns (1.1-1.7 vs 2.0-3.2 ms for 1,024 x 2,048)
+        WT = np.ascontiguousarray((V if factors is None else factors[1][:, None] * V).T)
         n = self.B.shape[0]
-        out = np.zeros((A.shape[0], V.shape[1]), dtype=self.dtype)
+        outT = np.zeros((V.shape[1], A.shape[0]), dtype=self.dtype)
         buf, buf32 = self._buffers(min(self.rows, A.shape[0]), n, Ga is not None)
         for a in range(0, A.shape[0], self.rows):
             e = min(a + self.rows, A.shape[0])
             for c0 in range(0, n, self.cols):
                 c1 = min(c0 + self.cols, n)
                 tile = self._tile(buf, buf32, A, A_sq, Ga, a, e, c0, c1, factors is not None)
-                out[a:e] += tile @ W[c0:c1]
+                outT[:, a:e] += WT[:, c0:c1] @ tile.T
         if factors is not None:
-            out *= factors[0][:, None]
-        return out
+            outT *= factors[0][None, :]
+        return np.ascontiguousarray(outT.T)
 
     def symmetric_matmul(self, V, progress: bool = False) -> np.ndarray:
         """k(B, B) @ V using symmetry: each row tile computes only columns up to its end and is
@@ -161,8 +163,8 @@ class KernelOperator:
         n = self.B.shape[0]
         factors = self._factors(self.grid)
         f = None if factors is None else factors[0]
-        W = V if f is None else f[:, None] * V
-        out = np.zeros((n, V.shape[1]), dtype=self.dtype)
+        WT = np.ascontiguousarray((V if f is None else f[:, None] * V).T)   # transposed: see ``matmul``
+        outT = np.zeros((V.shape[1], n), dtype=self.dtype)
         buf, buf32 = self._buffers(min(self.rows, n), n, self.grid is not None)
         bar = _progress(n, "K @ v (float64)" if self.dtype == np.float64 else "K @ v", progress)
         for a in range(0, n, self.rows):
@@ -173,17 +175,17 @@ class KernelOperator:
                 if c1 > a:                                # exact diagonal k(x, x) = 1, as in the Gram
                     d = np.arange(max(a, c0), c1)
                     tile[d - a, d - c0] = 1.0 if f is None else 1.0 / (f[d] * f[d])
-                out[a:e] += tile @ W[c0:c1]
+                outT[:, a:e] += WT[:, c0:c1] @ tile.T
                 if c0 < a:                                # the transposed use, strictly below the diagonal
                     w = min(c1, a) - c0
-                    out[c0 : c0 + w] += tile[:, :w].T @ W[a:e]
+                    outT[:, c0 : c0 + w] += WT[:, a:e] @ tile[:, :w]
             if bar is not None:
                 bar.update(e - a)
         if bar is not None:
             bar.close()
         if f is not None:
-            out *= f[:, None]
-        return out
+            outT *= f[None, :]
+        return np.ascontiguousarray(outT.T)
 
 
 # Rounding-error model of the float32 prediction bound: Higham & Mary's probabilistic bound

@@ -44,10 +44,11 @@ class IntegerGrid:
 
 def _levels(X: np.ndarray, step: float, rows: int = 512):
     """Integer levels of X on a grid of ``step`` (float64), or None when X is not on it: every x must
-    equal step * q up to the float64 rounding of that product (a few ulps of |x|). Row blocks keep
-    the temporaries in cache and stop at the first block off the grid."""
+    equal step * q up to 4 ulps of the largest |x| (float64 rounding at the data's scale, which moves
+    a squared distance by ~1e-16 of itself). Row blocks keep the temporaries in cache and stop at the
+    first block off the grid."""
+    tol = 4.0 * np.finfo(np.float64).eps * float(np.max(np.abs(X), initial=0.0))
     Q = np.empty(X.shape, dtype=np.float64)
-    tol = 4.0 * np.finfo(np.float64).eps
     err = np.empty((min(rows, X.shape[0]), X.shape[1]))
     for a in range(0, X.shape[0], rows):
         x, q = X[a : a + rows], Q[a : a + rows]
@@ -57,9 +58,7 @@ def _levels(X: np.ndarray, step: float, rows: int = 512):
         np.multiply(q, step, out=r)
         r -= x
         np.abs(r, out=r)
-        if r.max(initial=0.0) > tol * np.abs(x).max(initial=0.0) and not np.all(r <= tol * np.abs(x)):
-            return None
-        if np.abs(q).max(initial=0.0) > 2 * _MAX_LEVEL:
+        if r.max(initial=0.0) > tol or np.abs(q).max(initial=0.0) > 2 * _MAX_LEVEL:
             return None
     return Q
 

@@ -210,7 +210,8 @@ def solve_lower(L: SymmetricPanels, B: np.ndarray, out_dtype=None) -> np.ndarray
     Z = np.array(B, dtype=out_dtype or L.dtype, copy=True, order="C")
     for s, P in zip(L.starts, L.panels):
         w = P.shape[1]
-        Z[s : s + w] = scipy.linalg.solve_triangular(P[:w], Z[s : s + w], lower=True, check_finite=False)
+        with single_blas_thread(Z.shape[1]):
+            Z[s : s + w] = scipy.linalg.solve_triangular(P[:w], Z[s : s + w], lower=True, check_finite=False)
         if P.shape[0] > w:
             Z[s + w :] -= P[w:] @ Z[s : s + w]
     return Z
@@ -223,8 +224,9 @@ def solve_upper_t(L: SymmetricPanels, Z: np.ndarray) -> np.ndarray:
         w = P.shape[1]
         if P.shape[0] > w:
             X[s : s + w] -= P[w:].T @ X[s + w :]
-        X[s : s + w] = scipy.linalg.solve_triangular(P[:w], X[s : s + w], lower=True, trans="T",
-                                                     check_finite=False)
+        with single_blas_thread(X.shape[1]):
+            X[s : s + w] = scipy.linalg.solve_triangular(P[:w], X[s : s + w], lower=True, trans="T",
+                                                         check_finite=False)
     return X
 
 
@@ -233,8 +235,7 @@ def cho_solve(L: SymmetricPanels, B: np.ndarray) -> np.ndarray:
     B = np.asarray(B)
     squeeze = B.ndim == 1
     B2 = B[:, None] if squeeze else B
-    with single_blas_thread(B2.shape[1]):
-        X = solve_upper_t(L, solve_lower(L, B2))
+    X = solve_upper_t(L, solve_lower(L, B2))   # triangular blocks on one thread, GEMMs on all
     return X[:, 0] if squeeze else X
 
 
