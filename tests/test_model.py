@@ -123,11 +123,12 @@ def test_cli_save_model_and_predict_equal_in_process(tmp_path, capsys):
     assert rc == 0
     rec = json.loads(out.read_text())
     assert rec["model"]["path"] == str(model_path.resolve()) and len(rec["model"]["sha256"]) == 64
-    # in-process: the same subset, the same solve, then Interpolant.predict on the raw test images
+    # in-process: the same subset, the same features (pixels / 255 in float64, as the CLI builds
+    # them), the same solve, then Interpolant.predict on the raw test images
     ds = load_dataset("mnist-subset").subset(400, 100, seed=0)
-    fitted = fit_interpolant(to_features(ds.x_train), np.eye(10)[ds.y_train],
+    fitted = fit_interpolant(to_features(ds.x_train, np.float64), np.eye(10)[ds.y_train],
                              SolveOptions(bandwidth=5.0, mode="mixed"))
-    expected = fitted.predict(to_features(ds.x_test))
+    expected = fitted.predict(to_features(ds.x_test, np.float64))
     np.save(tmp_path / "x_test.npy", ds.x_test)
     np.save(tmp_path / "y_test.npy", ds.y_test)
     rc = main(["predict", "--model", str(model_path), "--x-test", str(tmp_path / "x_test.npy"), "--scores",
