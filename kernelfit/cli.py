@@ -558,10 +558,19 @@ def _label_sets_for(variant: str, with_true: bool) -> list[str]:
     return [variant]
 
 
-def _plan_for(args, n_train: int, n_test: int, k: int, d: int):
+def _pixel_grid_products(args, user, d: int) -> bool:
+    """Whether a solve on this source can store its points' exact dot products: 8-bit pixels of a
+    registry dataset (levels within +-128 after the grid shift) with at most 1,023 of them, so every
+    dot product is exact in one float32 GEMM. A user's arrays are checked when they are loaded."""
+    return (user is None and getattr(args, "features", "pixels") == "pixels" and d * 128 * 128 < 2**24
+            and getattr(args, "device", None) is None)
+
+
+def _plan_for(args, n_train: int, n_test: int, k: int, d: int, user=None):
     from .linalg.memory import plan_solve
 
-    return plan_solve(n_train, d, k, args.mode, n_test=n_test, block=args.block_size)
+    return plan_solve(n_train, d, k, args.mode, n_test=n_test, block=args.block_size,
+                      grid_products=_pixel_grid_products(args, user, d))
 
 
 def cmd_solve(args, parser) -> int:
@@ -608,7 +617,7 @@ def cmd_solve(args, parser) -> int:
     n_test = shape["n_test"] if args.n_test is None else args.n_test
     sets = _label_sets_for(args.variant, args.with_true)
     k = shape["num_classes"] * len(sets)
-    plan = _plan_for(args, n_train, n_test, k, shape["d"])
+    plan = _plan_for(args, n_train, n_test, k, shape["d"], user)
     if args.features == "randconv" and not args.force_memory:
         _require_randconv_fits(args, n_train, n_test)
     if not plan.fits and not args.force_memory:
@@ -955,7 +964,8 @@ def cmd_plan(args, parser) -> int:
     d = args.dim or shape["d"]
     k = args.num_outputs or shape["num_classes"]
     available = None if args.available_gib is None else int(args.available_gib * 2**30)
-    plan = plan_solve(n, d, k, args.mode, n_test=n_test, block=args.block_size, available=available)
+    plan = plan_solve(n, d, k, args.mode, n_test=n_test, block=args.block_size, available=available,
+                      grid_products=_pixel_grid_products(args, user, d) and not args.dim)
     _eprint(plan.summary())
     from .results import dumps
 

@@ -188,6 +188,95 @@ class KernelOperator:
         return np.ascontiguousarray(outT.T)
 
 
+class GridProducts:
+    """The exact integer dot products q_i . q_j of training points on an integer grid, stored once as
+    float32 panels (lower triangle; exact: every product and partial sum is an integer below 2^24,
+    which needs the features to fit one exact chunk, ``grid.chunks``). A float64 residual pass then
+    reads them instead of recomputing a GEMM over all features: n^2/2 x 4 bytes buy back the GEMM of
+    every pass. Also builds the Gram in any dtype from them (exact distances, one finish pass)."""
+
+    def __init__(self, grid: IntegerGrid, kernel: str, bandwidth: float, block: int | None = None,
+                 rows: int = DEFAULT_PRODUCT_ROWS, progress: bool = False):
+        from .grid import chunks
+
+        if len(chunks(grid.Q.shape[1], grid.max_level, grid.max_level)) != 1:
+            raise InputError(f"stored grid products need every dot product exact in one float32 GEMM; "
+                             f"{grid.Q.shape[1]} features with levels up to {grid.max_level:g} do not fit.")
+        self.grid, self.kernel, self.bandwidth, self.rows = grid, kernel, float(bandwidth), int(rows)
+        self.D = SymmetricPanels.empty(grid.n, block, np.float32)
+        bar = _progress(sum(P.size for P in self.D.panels), "grid products", progress)
+        for s, P in zip(self.D.starts, self.D.panels):
+            np.matmul(grid.Q[s:], grid.Q[s : s + P.shape[1]].T, out=P)   # one GEMM per panel, exact
+            if bar is not None:
+                bar.update(P.size)
+        if bar is not None:
+            bar.close()
+
+    @staticmethod
+    def applies(grid: IntegerGrid | None) -> bool:
+        from .grid import chunks
+
+        return grid is not None and len(chunks(grid.Q.shape[1], grid.max_level, grid.max_level)) == 1
+
+    @property
+    def nbytes(self) -> int:
+        return self.D.nbytes
+
+    def _blocks(self):
+        """(panel start, panel width, first row in panel, row block of stored products); no block
+        straddles the end of the panel's diagonal square."""
+        for s, P in zip(self.D.starts, self.D.panels):
+            w = P.shape[1]
+            for a in [*range(0, w, self.rows), *range(w, P.shape[0], self.rows)]:
+                yield s, w, a, P[a : min(a + self.rows, w if a < w else P.shape[0])]
+
+    def _finish(self, out, dots, r, c, factored):
+        """Kernel values (or exp(2 s q.p) when ``factored``) of stored dot products, in float64 ``out``."""
+        from .grid import finish_from_dots
+
+        return finish_from_dots(out, dots, self.grid, self.grid, r, c, self.kernel, self.bandwidth, factored)
+
+    def gram(self, dtype=np.float32) -> SymmetricPanels:
+        """The Gram in ``dtype`` from the stored products (exact distances), diagonal exactly 1."""
+        G = SymmetricPanels.empty(self.grid.n, self.D.block, dtype)
+        buf = np.empty((min(self.rows, self.grid.n), self.D.block))
+        for s, D, P in zip(G.starts, self.D.panels, G.panels):
+            w = P.shape[1]
+            for a in range(0, P.shape[0], self.rows):
+                e = min(a + self.rows, P.shape[0])
+                P[a:e] = self._finish(buf[: e - a, :w], D[a:e], slice(s + a, s + e), slice(s, s + w), False)
+            P[np.arange(w), np.arange(w)] = 1.0
+        return G
+
+    def symmetric_matmul(self, V, progress: bool = False) -> np.ndarray:
+        """K @ V in float64 from the stored products (the same values as ``KernelOperator``'s grid pass)."""
+        V = np.asarray(V, dtype=np.float64)
+        n = self.grid.n
+        f = gaussian_factors(self.grid, self.bandwidth) if self.kernel == "gaussian" else None
+        WT = np.ascontiguousarray((V if f is None else f[:, None] * V).T)    # transposed: see KernelOperator
+        outT = np.zeros((V.shape[1], n))
+        buf = np.empty((min(self.rows, n), self.D.block))
+        bar = _progress(sum(P.shape[0] for P in self.D.panels), "K @ v (float64, stored grid products)", progress)
+        for s, w, a, dots in self._blocks():
+            e = a + dots.shape[0]
+            r = slice(s + a, s + e)
+            tile = self._finish(buf[: dots.shape[0], :w], dots, r, slice(s, s + w), f is not None)
+            if a < w:          # rows inside the panel's diagonal square: stored in full, used once
+                d = np.arange(a, min(e, w))
+                tile[d - a, d] = 1.0 if f is None else 1.0 / (f[s + d] * f[s + d])
+                outT[:, r] += WT[:, s : s + w] @ tile.T
+            else:              # strictly below the square: used as K[I, J] and K[J, I]
+                outT[:, r] += WT[:, s : s + w] @ tile.T
+                outT[:, s : s + w] += WT[:, r] @ tile
+            if bar is not None:
+                bar.update(e - a)
+        if bar is not None:
+            bar.close()
+        if f is not None:
+            outT *= f[None, :]
+        return np.ascontiguousarray(outT.T)
+
+
 # Rounding-error model of the float32 prediction bound: Higham & Mary's probabilistic bound
 # (SIAM J. Sci. Comput. 41(5), 2019): an m-term float32 sum errs by at most
 # gamma(m) = exp(LAMBDA sqrt(m) u + m u^2 / (1 - u)) - 1 (times the sum of magnitudes) with probability

@@ -121,6 +121,40 @@ def gaussian_factors(g: IntegerGrid, bandwidth: float) -> np.ndarray | None:
     return np.exp(-s * g.sq)
 
 
+def finish_from_dots(out, dots, a: IntegerGrid, b: IntegerGrid, rows: slice, cols: slice, kernel: str,
+                     bandwidth: float, factored: bool = False) -> np.ndarray:
+    """Kernel values in the float64 tile ``out`` from exact float32 dot products ``dots`` of points
+    ``rows`` of ``a`` and ``cols`` of ``b``; see ``kernel_tile_into``. Row blocks run in parallel."""
+    from .kernels import check_kernel, parallel_row_blocks
+
+    check_kernel(kernel)
+    gaussian = kernel == "gaussian"
+    factored = factored and gaussian
+    s = a.step * a.step / (2.0 * bandwidth * bandwidth) if gaussian else 1.0
+    hs_a, hs_b = a.sq[rows] * s, b.sq[cols] * s
+
+    def finish(r):
+        o = out[r]
+        # float64 arithmetic on the float32 products (a Python float would keep them float32)
+        np.multiply(dots[r], 2.0 * s, out=o, dtype=np.float64)
+        _finish_exponent(o, hs_a[r], hs_b, a.step, bandwidth, gaussian, factored)
+
+    parallel_row_blocks(out.shape[0], out.size, finish)
+    return out
+
+
+def _finish_exponent(o, hs_a, hs_b, step, bandwidth, gaussian, factored):
+    """o holds 2 s q.p; turn it into the kernel value (or exp(2 s q.p) when ``factored``), in place."""
+    if not factored:
+        o -= hs_a[:, None]
+        o -= hs_b[None, :]
+        if not gaussian:                     # o = -|q - p|^2, exact
+            np.negative(o, out=o)
+            np.sqrt(o, out=o)
+            o *= -step / bandwidth
+    np.exp(o, out=o)
+
+
 def kernel_tile_into(out, buf, a: IntegerGrid, b: IntegerGrid, rows: slice, cols: slice, kernel: str,
                      bandwidth: float, factored: bool = False) -> np.ndarray:
     """Write k(x_i, z_j) for points ``rows`` of ``a`` and ``cols`` of ``b`` (same step and shift) into
@@ -138,6 +172,9 @@ def kernel_tile_into(out, buf, a: IntegerGrid, b: IntegerGrid, rows: slice, cols
     check_kernel(kernel)
     Qa, Qb = a.Q[rows], b.Q[cols]
     parts = chunks(Qa.shape[1], a.max_level, b.max_level)
+    if len(parts) == 1:
+        np.matmul(Qa, Qb.T, out=buf)
+        return finish_from_dots(out, buf, a, b, rows, cols, kernel, bandwidth, factored)
     gaussian = kernel == "gaussian"
     factored = factored and gaussian
     s = a.step * a.step / (2.0 * bandwidth * bandwidth) if gaussian else 1.0
@@ -148,23 +185,12 @@ def kernel_tile_into(out, buf, a: IntegerGrid, b: IntegerGrid, rows: slice, cols
 
         def finish(r, first=i == 0, last=i == last_part):
             o = out[r]
-            # float64 arithmetic on the float32 products (a Python float would keep them float32)
             if first:
                 np.multiply(buf[r], 2.0 * s, out=o, dtype=np.float64)
             else:
                 o += np.multiply(buf[r], 2.0 * s, dtype=np.float64)
-            if not last:
-                return
-            if factored:
-                np.exp(o, out=o)
-                return
-            o -= hs_a[r, None]
-            o -= hs_b[None, :]
-            if not gaussian:                     # o = -|q - p|^2, exact
-                np.negative(o, out=o)
-                np.sqrt(o, out=o)
-                o *= -a.step / bandwidth
-            np.exp(o, out=o)
+            if last:
+                _finish_exponent(o, hs_a[r], hs_b, a.step, bandwidth, gaussian, factored)
 
         parallel_row_blocks(out.shape[0], out.size, finish)
     return out

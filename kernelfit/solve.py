@@ -24,12 +24,12 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 
 from .errors import InputError, MemoryPlanError
-from .gram import KernelOperator, argmax_exact_scores, build_gram_panels
+from .gram import GridProducts, KernelOperator, argmax_exact_scores, build_gram_panels
 from .kernels import check_bandwidth, check_kernel, median_bandwidth
 from .linalg.memory import FACTOR_DTYPE, MODES, plan_solve, require_fits
 from .linalg.mixed import solve_refined
 from .linalg.refine import check_refine_tol, float64_level_threshold
-from .linalg.strategy import STORED, factor_dtype_name
+from .linalg.strategy import GRID_PRODUCTS, STORED, factor_dtype_name
 from .linalg.tiled import SymmetricPanels, cho_solve, cholesky_flops
 
 
@@ -203,16 +203,15 @@ def fit_interpolant(X, Y, options: SolveOptions = SolveOptions(), n_test: int = 
     n, d = X.shape
     Y = check_targets(Y, n)
     check_refine_tol(options.refine_tol, n)
+    bandwidth = resolve_bandwidth(X, options.bandwidth)
+    X64 = np.ascontiguousarray(X, dtype=np.float64)
+    high = KernelOperator(X64, options.kernel, bandwidth, np.float64)   # finds an integer grid, if any
     plan = plan_solve(n, d, Y.shape[1], options.mode, n_test=n_test, block=options.block_size,
-                      strategy=options.strategy)
+                      strategy=options.strategy, grid_products=on_cpu(options) and GridProducts.applies(high.grid))
     if not options.force_memory:
         require_fits(plan)
-    bandwidth = resolve_bandwidth(X, options.bandwidth)
     timings = {}
     fdt = np.dtype(plan.factor_dtype)
-    X64 = np.ascontiguousarray(X, dtype=np.float64)
-
-    high = KernelOperator(X64, options.kernel, bandwidth, np.float64)
     alpha, train_scores, refinement, factor_info = _factor_and_solve(X64, Y, plan.strategy, bandwidth, plan.block,
                                                                     high, options, timings)
     residual_source = plan.residual_source
@@ -247,9 +246,12 @@ def fit_interpolant(X, Y, options: SolveOptions = SolveOptions(), n_test: int = 
                        train_scores=train_scores, stats=stats, operator=high)
 
 
+def on_cpu(options: SolveOptions) -> bool:
+    return options.device is None or not str(options.device).startswith("cuda")
+
+
 def _build_gram(X64, fdt, bandwidth, block, options: SolveOptions, grid=None) -> SymmetricPanels:
-    on_cpu = options.device is None or not str(options.device).startswith("cuda")
-    if grid is not None and np.dtype(fdt) == np.float64 and on_cpu:   # exact distances at the sgemm rate
+    if grid is not None and np.dtype(fdt) == np.float64 and on_cpu(options):   # exact distances, sgemm rate
         return build_gram_panels(X64, options.kernel, bandwidth, block, fdt, options.progress, grid=grid)
     # Both kernels depend on x - z only, so the Gram is built from centered points: the GEMM expansion
     # |x|^2 + |z|^2 - 2 x.z then cancels far less (float32 loses all digits for data far from 0).
@@ -311,15 +313,24 @@ def _factor_and_solve(X64, Y, strategy, bandwidth, block, high: KernelOperator, 
     def fallback_check():
         if strategy == STORED:   # the stored float64 Gram is factored in place: no new memory
             return None
-        plan64 = plan_solve(n, X64.shape[1], Y.shape[1], "float64", block=block)
+        # with stored grid products still held, a float64 factor needs about what the stored-Gram plan needs
+        plan64 = (plan_solve(n, X64.shape[1], Y.shape[1], "mixed", block=block, strategy=STORED)
+                  if strategy == GRID_PRODUCTS else plan_solve(n, X64.shape[1], Y.shape[1], "float64", block=block))
         if plan64.fits or options.force_memory:
             return None
         return MemoryPlanError(f"a float64 re-factorization would not fit in memory ({plan64.summary()})",
                                plan=plan64)
 
+    build_gram = lambda dt: _build_gram(X64, dt, bandwidth, block, options, high.grid)  # noqa: E731
+    apply_high = lambda V: high.symmetric_matmul(V, progress=options.progress)  # noqa: E731
+    if strategy == GRID_PRODUCTS:   # the exact dot products once; the Gram and every residual from them
+        t = time.perf_counter()
+        products = GridProducts(high.grid, options.kernel, bandwidth, block, progress=options.progress)
+        timings["grid_products"] = time.perf_counter() - t
+        build_gram = products.gram
+        apply_high = lambda V: products.symmetric_matmul(V, progress=options.progress)  # noqa: E731
     X, R, report, factors = solve_refined(
-        lambda dt: _build_gram(X64, dt, bandwidth, block, options, high.grid), lambda G: factor_panels(G, options),
-        lambda V: high.symmetric_matmul(V, progress=options.progress), Y, dtype=fdt,
+        build_gram, lambda G: factor_panels(G, options), apply_high, Y, dtype=fdt,
         max_refine=int(options.max_refine) if mixed else 0,   # direct modes: one float64 residual pass
         tol=options.refine_tol if mixed else None, jitter=float(options.jitter),
         scale_diagonal=bool(options.tf32), fallback=fallback_check if mixed and options.fallback_float64 else None,

@@ -126,7 +126,7 @@ def test_fit_and_predict_on_a_grid_match_lapack():
     _, Xt = _pixels(90, 64, seed=10)
     y = np.random.default_rng(11).integers(0, 3, 400)
     Y = np.eye(3)[y]
-    for strategy in ("stored-float64-gram", "recomputed-float64"):
+    for strategy in ("stored-float64-gram", "stored-grid-products", "recomputed-float64"):
         m = fit_interpolant(X, Y, SolveOptions(bandwidth=2.5, strategy=strategy))
         assert "integer grid" in m.stats["distances"] and m.stats["strategy"] == strategy
         K = kernel_tile(X, X, "gaussian", 2.5)
@@ -141,3 +141,45 @@ def test_fit_and_predict_on_a_grid_match_lapack():
     # off the grid, the float32 tiles with their error bound
     m.predict(Xt + 1e-3, argmax_groups=3)
     assert "float32" in m.stats["predict_scores"] and "predict_rows_recomputed_float64" in m.stats
+
+
+@pytest.mark.parametrize("kernel", ["gaussian", "laplacian"])
+def test_stored_grid_products_give_the_float64_kernel(kernel):
+    from kernelfit.gram import GridProducts
+
+    _, X = _pixels(301, 90, seed=12)
+    V = np.random.default_rng(13).standard_normal((301, 4))
+    op = KernelOperator(X, kernel, 3.0, rows=64, cols=80)
+    P = GridProducts(op.grid, kernel, 3.0, block=70, rows=32)
+    K = kernel_tile(X, X, kernel, 3.0)
+    np.fill_diagonal(K, 1.0)
+    assert np.abs(P.symmetric_matmul(V) - K @ V).max() <= 1e-13 * np.abs(K @ V).max()
+    assert np.abs(P.gram(np.float64).to_dense() - K).max() <= 1e-14
+    assert np.abs(P.gram(np.float32).to_dense() - K).max() <= 2e-7
+    # 3,000 features at 8-bit levels need several exact chunks: not storable as one float32 product
+    _, X3 = _pixels(20, 3000)
+    g3 = KernelOperator(X3, kernel, 3.0).grid
+    assert not GridProducts.applies(g3)
+    with pytest.raises(Exception, match="one float32 GEMM"):
+        GridProducts(g3, kernel, 3.0)
+
+
+def test_grid_products_strategy_is_chosen_only_for_grids_and_when_the_stored_gram_does_not_fit():
+    from kernelfit.errors import InputError
+    from kernelfit.linalg.memory import plan_solve
+    from kernelfit.linalg.strategy import choose_strategy
+
+    # 60,000 x 784 on 24 GiB: the stored float64 Gram does not fit, the grid products do
+    assert plan_solve(60000, 784, available=24 * 2**30, grid_products=True).strategy == "stored-grid-products"
+    assert plan_solve(60000, 784, available=24 * 2**30).strategy == "recomputed-float64"
+    # where the stored float64 Gram fits it stays the choice; with too little memory, recomputed
+    assert plan_solve(20000, 784, available=24 * 2**30, grid_products=True).strategy == "stored-float64-gram"
+    assert plan_solve(60000, 784, available=12 * 2**30, grid_products=True).strategy == "recomputed-float64"
+    with pytest.raises(InputError, match="integer grid"):
+        choose_strategy("mixed", 5000, lambda s: True, "stored-grid-products", grid_products=False)
+    # off a grid, fit_interpolant refuses the forced strategy before any work
+    from kernelfit.solve import SolveOptions, fit_interpolant
+
+    X = np.random.default_rng(0).random((50, 4))
+    with pytest.raises(InputError, match="integer grid"):
+        fit_interpolant(X, np.ones((50, 1)), SolveOptions(bandwidth=1.0, strategy="stored-grid-products"))

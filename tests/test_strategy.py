@@ -116,8 +116,12 @@ def test_plan_command_shows_the_strategy(capsys):
     assert cli.main(["plan", "--dataset", "mnist", "--n-train", "60000", "--available-gib", "24"]) == 0
     captured = capsys.readouterr()
     plan = json.loads(captured.out)
-    assert plan["strategy"] == RECOMPUTED and plan["residual_source"]
-    assert RECOMPUTED in captured.err and "does not fit" in captured.err
+    # 8-bit pixels: the exact dot products plus the float32 Gram fit where the float64 Gram does not
+    assert plan["strategy"] == "stored-grid-products" and plan["residual_source"]
+    assert "stored-grid-products" in captured.err and "does not fit" in captured.err
+    assert cli.main(["plan", "--dataset", "mnist", "--n-train", "60000", "--available-gib", "13"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["strategy"] == RECOMPUTED and RECOMPUTED in captured.err
     assert cli.main(["plan", "--dataset", "mnist", "--n-train", "20000", "--available-gib", "24"]) == 0
     assert json.loads(capsys.readouterr().out)["strategy"] == STORED
 

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..errors import MemoryPlanError
-from .strategy import RESIDUAL_SOURCE, STORED, choose_strategy, factor_dtype_name
+from .strategy import GRID_PRODUCTS, RESIDUAL_SOURCE, STORED, choose_strategy, factor_dtype_name
 from .tiled import SymmetricPanels, choose_block
 
 MODES = ("float64", "float32", "mixed")
@@ -71,6 +71,8 @@ def _strategy_bytes(strategy: str, n: int, d: int, k: int, n_test: int, block: i
     gram = SymmetricPanels.nbytes_for(n, block, fdt)
     if strategy == STORED:   # the float64 Gram kept for the residuals, next to the float32 factor
         gram += SymmetricPanels.nbytes_for(n, block, np.float64)
+    if strategy == GRID_PRODUCTS:   # the exact integer dot products, float32, next to the float32 factor
+        gram += SymmetricPanels.nbytes_for(n, block, np.float32)
     # features: float64 copies of train + test (float64 residuals in every strategy); float32 copies
     # of both for the float32 Gram build and the prediction tiles, plus the training points' integer
     # grid levels (``kernelfit.grid``) when they are on one
@@ -84,7 +86,8 @@ def _strategy_bytes(strategy: str, n: int, d: int, k: int, n_test: int, block: i
 
 
 def plan_solve(n: int, d: int, k: int = 10, mode: str = "mixed", n_test: int = 0, block: int | None = None,
-               product_rows: int = 1024, available: int | None = None, strategy: str = "auto") -> MemoryPlan:
+               product_rows: int = 1024, available: int | None = None, strategy: str = "auto",
+               grid_products: bool = False) -> MemoryPlan:
     """Bytes needed by `fit_interpolant` + prediction for n points of dimension d and k targets, and
     the solve strategy that runs (``linalg.strategy.choose_strategy``: the fastest that fits, unless
     ``strategy`` forces one)."""
@@ -98,7 +101,8 @@ def plan_solve(n: int, d: int, k: int = 10, mode: str = "mixed", n_test: int = 0
     def size(strategy):
         return _strategy_bytes(strategy, n, d, k, n_test, block, product_rows)
 
-    strategy, reason = choose_strategy(mode, n, lambda s: size(s)["total_bytes"] <= SAFETY * avail, strategy)
+    strategy, reason = choose_strategy(mode, n, lambda s: size(s)["total_bytes"] <= SAFETY * avail, strategy,
+                                       grid_products)
     b = size(strategy)
     return MemoryPlan(n=n, d=d, k=k, n_test=n_test, mode=mode, block=block, strategy=strategy,
                       strategy_reason=reason, residual_source=RESIDUAL_SOURCE[strategy], **b,
