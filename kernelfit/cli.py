@@ -562,7 +562,9 @@ def _pixel_grid_products(args, user, d: int) -> bool:
     """Whether a solve on this source can store its points' exact dot products: 8-bit pixels of a
     registry dataset (levels within +-128 after the grid shift) with at most 1,023 of them, so every
     dot product is exact in one float32 GEMM. A user's arrays are checked when they are loaded."""
-    return (user is None and getattr(args, "features", "pixels") == "pixels" and d * 128 * 128 < 2**24
+    from .grid import exact_in_one_gemm
+
+    return (user is None and getattr(args, "features", "pixels") == "pixels" and exact_in_one_gemm(d, 128, 128)
             and getattr(args, "device", None) is None)
 
 

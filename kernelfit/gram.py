@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import InputError
-from .grid import IntegerGrid, find_integer_grid, gaussian_factors, same_grid
+from .grid import IntegerGrid, exact_in_one_gemm, find_integer_grid, finish_from_dots, gaussian_factors, same_grid
 from .grid import kernel_tile_into as grid_kernel_tile_into
 from .kernels import kernel_tile_into, row_norms_sq
 from .linalg.tiled import SymmetricPanels
@@ -68,6 +68,14 @@ def build_gram_panels(X, kernel: str, bandwidth: float, block: int | None = None
     return G
 
 
+def _untransposed(outT, row_factors):
+    """The (n, k) result of a product kept transposed (``KernelOperator.matmul``), with the Gaussian
+    row factors of the factored grid form applied."""
+    if row_factors is not None:
+        outT *= row_factors[None, :]
+    return np.ascontiguousarray(outT.T)
+
+
 class KernelOperator:
     """V -> k(A, B) @ V without storing k(A, B), computed in ``dtype`` by row tiles.
 
@@ -91,7 +99,11 @@ class KernelOperator:
     @property
     def distances(self) -> str:
         """How the squared distances among the points B are computed (for the record)."""
-        if self.grid is not None:
+        return self.distances_of(self.grid)
+
+    def distances_of(self, Ga) -> str:
+        """How squared distances with points whose grid levels are ``Ga`` (None: off the grid) are computed."""
+        if Ga is not None:
             return (f"exact on the integer grid of step {self.grid.step:.6g} (float32 GEMMs of integer "
                     f"levels, summed in float64)")
         return f"{self.dtype.name} GEMM expansion |x|^2 + |z|^2 - 2 x.z"
@@ -102,7 +114,7 @@ class KernelOperator:
 
     def distances_for(self, A) -> str:
         """How the squared distances between points A and B are computed (for the record)."""
-        return self.distances if self.on_grid(A) else f"{self.dtype.name} GEMM expansion |x|^2 + |z|^2 - 2 x.z"
+        return self.distances_of(self.points(A)[1])
 
     def points(self, A):
         """(A as a contiguous ``dtype`` array, A's levels on B's grid or None): prepare once, pass to ``matmul``."""
@@ -152,9 +164,7 @@ class KernelOperator:
                 c1 = min(c0 + self.cols, n)
                 tile = self._tile(buf, buf32, A, A_sq, Ga, a, e, c0, c1, factors is not None)
                 outT[:, a:e] += WT[:, c0:c1] @ tile.T
-        if factors is not None:
-            outT *= factors[0][None, :]
-        return np.ascontiguousarray(outT.T)
+        return _untransposed(outT, None if factors is None else factors[0])
 
     def symmetric_matmul(self, V, progress: bool = False) -> np.ndarray:
         """k(B, B) @ V using symmetry: each row tile computes only columns up to its end and is
@@ -183,9 +193,7 @@ class KernelOperator:
                 bar.update(e - a)
         if bar is not None:
             bar.close()
-        if f is not None:
-            outT *= f[None, :]
-        return np.ascontiguousarray(outT.T)
+        return _untransposed(outT, f)
 
 
 class GridProducts:
@@ -197,9 +205,7 @@ class GridProducts:
 
     def __init__(self, grid: IntegerGrid, kernel: str, bandwidth: float, block: int | None = None,
                  rows: int = DEFAULT_PRODUCT_ROWS, progress: bool = False):
-        from .grid import chunks
-
-        if len(chunks(grid.Q.shape[1], grid.max_level, grid.max_level)) != 1:
+        if not self.applies(grid):
             raise InputError(f"stored grid products need every dot product exact in one float32 GEMM; "
                              f"{grid.Q.shape[1]} features with levels up to {grid.max_level:g} do not fit.")
         self.grid, self.kernel, self.bandwidth, self.rows = grid, kernel, float(bandwidth), int(rows)
@@ -214,13 +220,7 @@ class GridProducts:
 
     @staticmethod
     def applies(grid: IntegerGrid | None) -> bool:
-        from .grid import chunks
-
-        return grid is not None and len(chunks(grid.Q.shape[1], grid.max_level, grid.max_level)) == 1
-
-    @property
-    def nbytes(self) -> int:
-        return self.D.nbytes
+        return grid is not None and exact_in_one_gemm(grid.Q.shape[1], grid.max_level, grid.max_level)
 
     def _blocks(self):
         """(panel start, panel width, first row in panel, row block of stored products); no block
@@ -232,8 +232,6 @@ class GridProducts:
 
     def _finish(self, out, dots, r, c, factored):
         """Kernel values (or exp(2 s q.p) when ``factored``) of stored dot products, in float64 ``out``."""
-        from .grid import finish_from_dots
-
         return finish_from_dots(out, dots, self.grid, self.grid, r, c, self.kernel, self.bandwidth, factored)
 
     def gram(self, dtype=np.float32) -> SymmetricPanels:
@@ -272,9 +270,7 @@ class GridProducts:
                 bar.update(e - a)
         if bar is not None:
             bar.close()
-        if f is not None:
-            outT *= f[None, :]
-        return np.ascontiguousarray(outT.T)
+        return _untransposed(outT, f)
 
 
 # Rounding-error model of the float32 prediction bound: Higham & Mary's probabilistic bound

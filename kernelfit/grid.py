@@ -102,6 +102,12 @@ def same_grid(X, grid: IntegerGrid) -> IntegerGrid | None:
     return IntegerGrid(grid.step, grid.shift, Q.astype(np.float32), np.einsum("ij,ij->i", Q, Q), max_level)
 
 
+def exact_in_one_gemm(d: int, max_a: float, max_b: float) -> bool:
+    """Whether d features with levels bounded by max_a and max_b give exact dot products in one
+    float32 GEMM (a single chunk): what storing the products as float32 needs."""
+    return len(chunks(d, max_a, max_b)) == 1
+
+
 def chunks(d: int, max_a: float, max_b: float) -> list[slice]:
     """Feature chunks whose float32 dot products are exact for levels bounded by max_a and max_b."""
     width = max(1, int(_EXACT_LIMIT // max(max_a * max_b, 1.0)))
@@ -123,8 +129,9 @@ def gaussian_factors(g: IntegerGrid, bandwidth: float) -> np.ndarray | None:
 
 def finish_from_dots(out, dots, a: IntegerGrid, b: IntegerGrid, rows: slice, cols: slice, kernel: str,
                      bandwidth: float, factored: bool = False) -> np.ndarray:
-    """Kernel values in the float64 tile ``out`` from exact float32 dot products ``dots`` of points
-    ``rows`` of ``a`` and ``cols`` of ``b``; see ``kernel_tile_into``. Row blocks run in parallel."""
+    """Kernel values in the float64 tile ``out`` from exact integer dot products ``dots`` (float32 or
+    float64; may be ``out`` itself) of points ``rows`` of ``a`` and ``cols`` of ``b``; see
+    ``kernel_tile_into``. Row blocks run in parallel, each block's passes back to back in cache."""
     from .kernels import check_kernel, parallel_row_blocks
 
     check_kernel(kernel)
@@ -135,24 +142,19 @@ def finish_from_dots(out, dots, a: IntegerGrid, b: IntegerGrid, rows: slice, col
 
     def finish(r):
         o = out[r]
-        # float64 arithmetic on the float32 products (a Python float would keep them float32)
+        # float64 arithmetic on float32 products (a Python float would keep them float32)
         np.multiply(dots[r], 2.0 * s, out=o, dtype=np.float64)
-        _finish_exponent(o, hs_a[r], hs_b, a.step, bandwidth, gaussian, factored)
+        if not factored:
+            o -= hs_a[r, None]
+            o -= hs_b[None, :]
+            if not gaussian:                     # o = -|q - p|^2, exact
+                np.negative(o, out=o)
+                np.sqrt(o, out=o)
+                o *= -a.step / bandwidth
+        np.exp(o, out=o)
 
     parallel_row_blocks(out.shape[0], out.size, finish)
     return out
-
-
-def _finish_exponent(o, hs_a, hs_b, step, bandwidth, gaussian, factored):
-    """o holds 2 s q.p; turn it into the kernel value (or exp(2 s q.p) when ``factored``), in place."""
-    if not factored:
-        o -= hs_a[:, None]
-        o -= hs_b[None, :]
-        if not gaussian:                     # o = -|q - p|^2, exact
-            np.negative(o, out=o)
-            np.sqrt(o, out=o)
-            o *= -step / bandwidth
-    np.exp(o, out=o)
 
 
 def kernel_tile_into(out, buf, a: IntegerGrid, b: IntegerGrid, rows: slice, cols: slice, kernel: str,
@@ -161,36 +163,26 @@ def kernel_tile_into(out, buf, a: IntegerGrid, b: IntegerGrid, rows: slice, cols
     the float64 tile ``out``, from exact integer distances.
 
     ``buf``: a float32 array of out's shape for the GEMMs (each chunk's result is exact in float32;
-    chunks are summed in float64). The finish runs on row blocks in parallel, each block's passes
-    back to back while it is in cache. Gaussian: exp(2 s q.p - s |q|^2 - s |p|^2) with
-    s = step^2 / (2 sigma^2): three roundings of terms of size |s q|^2 (a few units for pixels), so
-    ~1e-15 absolute in the exponent, and exactly 0 for identical points. Laplacian:
-    exp(-(step / sigma) sqrt(|q - p|^2)) from the exact integer |q - p|^2. ``factored`` (Gaussian):
-    write exp(2 s q.p) only; k = that times ``gaussian_factors`` of both sides."""
-    from .kernels import check_kernel, parallel_row_blocks
-
-    check_kernel(kernel)
+    several chunks are summed in float64, still exact integers). Gaussian:
+    exp(2 s q.p - s |q|^2 - s |p|^2) with s = step^2 / (2 sigma^2): three roundings of terms of size
+    |s q|^2 (a few units for pixels), so ~1e-15 absolute in the exponent, and exactly 0 for identical
+    points. Laplacian: exp(-(step / sigma) sqrt(|q - p|^2)) from the exact integer |q - p|^2.
+    ``factored`` (Gaussian): write exp(2 s q.p) only; k = that times ``gaussian_factors`` of both sides."""
     Qa, Qb = a.Q[rows], b.Q[cols]
     parts = chunks(Qa.shape[1], a.max_level, b.max_level)
     if len(parts) == 1:
         np.matmul(Qa, Qb.T, out=buf)
         return finish_from_dots(out, buf, a, b, rows, cols, kernel, bandwidth, factored)
-    gaussian = kernel == "gaussian"
-    factored = factored and gaussian
-    s = a.step * a.step / (2.0 * bandwidth * bandwidth) if gaussian else 1.0
-    hs_a, hs_b = a.sq[rows] * s, b.sq[cols] * s
-    last_part = len(parts) - 1
+    from .kernels import parallel_row_blocks
+
     for i, c in enumerate(parts):
         np.matmul(Qa[:, c], Qb[:, c].T, out=buf)
 
-        def finish(r, first=i == 0, last=i == last_part):
-            o = out[r]
+        def accumulate(r, first=i == 0):
             if first:
-                np.multiply(buf[r], 2.0 * s, out=o, dtype=np.float64)
+                out[r] = buf[r]
             else:
-                o += np.multiply(buf[r], 2.0 * s, dtype=np.float64)
-            if last:
-                _finish_exponent(o, hs_a[r], hs_b, a.step, bandwidth, gaussian, factored)
+                out[r] += buf[r]
 
-        parallel_row_blocks(out.shape[0], out.size, finish)
-    return out
+        parallel_row_blocks(out.shape[0], out.size, accumulate)
+    return finish_from_dots(out, out, a, b, rows, cols, kernel, bandwidth, factored)

@@ -73,19 +73,14 @@ def squared_distances_into(out, X, Z, X_sq, Z_sq) -> np.ndarray:
     """Write |x_i - z_j|^2 into ``out`` (shape (len(X), len(Z))) with one GEMM, clamped at 0."""
     np.matmul(X, Z.T, out=out)
 
-    def finish(rows_and_block):
-        block, xs = rows_and_block
+    def finish(rows):
+        block = out[rows]
         block *= -2.0
-        block += xs[:, None]
+        block += X_sq[rows, None]
         block += Z_sq[None, :]
         np.maximum(block, 0.0, out=block)
 
-    rows = out.shape[0]
-    if out.size < _MIN_PARALLEL_ELEMENTS or _POOL_WORKERS == 1:
-        finish((out, X_sq))
-    else:
-        step = -(-rows // _POOL_WORKERS)
-        list(_pool.map(finish, [(out[i : i + step], X_sq[i : i + step]) for i in range(0, rows, step)]))
+    parallel_row_blocks(out.shape[0], out.size, finish)
     return out
 
 
@@ -131,19 +126,14 @@ def kernel_tile_into(out, X, Z, X_sq, Z_sq, kernel: str, bandwidth: float) -> np
     hx = (X_sq * s).astype(out.dtype, copy=False)
     hz = (Z_sq * s).astype(out.dtype, copy=False)
 
-    def finish(block_and_hx):
-        block, h = block_and_hx
-        block -= h[:, None]
+    def finish(rows):
+        block = out[rows]
+        block -= hx[rows, None]
         block -= hz[None, :]
         np.minimum(block, 0.0, out=block)
         np.exp(block, out=block)
 
-    rows = out.shape[0]
-    if out.size < _MIN_PARALLEL_ELEMENTS or _POOL_WORKERS == 1:
-        finish((out, hx))
-    else:
-        step = -(-rows // _POOL_WORKERS)
-        list(_pool.map(finish, [(out[i : i + step], hx[i : i + step]) for i in range(0, rows, step)]))
+    parallel_row_blocks(out.shape[0], out.size, finish)
     return out
 
 

@@ -175,8 +175,7 @@ class Interpolant:
             self.stats["predict_scores"] = "float32 tiles, rows within the error bound recomputed in float64"
             self.stats["predict_rows_recomputed_float64"] = recomputed
             return scores
-        self.stats["predict_scores"] = "float64; distances: " + (
-            op.distances if points[1] is not None else "float64 GEMM expansion |x|^2 + |z|^2 - 2 x.z")
+        self.stats["predict_scores"] = "float64; distances: " + op.distances_of(points[1])
         self.stats.pop("predict_rows_recomputed_float64", None)
         return op.matmul(X, self.alpha, points)
 
