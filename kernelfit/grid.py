@@ -43,24 +43,48 @@ class IntegerGrid:
 
 
 def _levels(X: np.ndarray, step: float, rows: int = 512):
-    """Integer levels of X on a grid of ``step`` (float64), or None when X is not on it: every x must
-    equal step * q up to 4 ulps of the largest |x| (float64 rounding at the data's scale, which moves
-    a squared distance by ~1e-16 of itself). Row blocks keep the temporaries in cache and stop at the
-    first block off the grid."""
-    tol = 4.0 * np.finfo(np.float64).eps * float(np.max(np.abs(X), initial=0.0))
-    Q = np.empty(X.shape, dtype=np.float64)
-    err = np.empty((min(rows, X.shape[0]), X.shape[1]))
+    """Integer levels of X on a grid of ``step`` as float32 (exact: |level| <= 2 * _MAX_LEVEL), or
+    None when X is not on it: every x must equal step * q up to 4 ulps of the largest |x| (float64
+    rounding at the data's scale, which moves a squared distance by ~1e-16 of itself). Row blocks
+    keep the float64 temporaries in cache and stop at the first block off the grid."""
+    tol = 4.0 * np.finfo(np.float64).eps * _max_abs(X)
+    Q = np.empty(X.shape, dtype=np.float32)
+    buf = np.empty((2, min(rows, X.shape[0]), X.shape[1]))
     for a in range(0, X.shape[0], rows):
-        x, q = X[a : a + rows], Q[a : a + rows]
-        r = err[: x.shape[0]]
+        x = X[a : a + rows]
+        q, r = buf[0, : x.shape[0]], buf[1, : x.shape[0]]
         np.multiply(x, 1.0 / step, out=q)
         np.rint(q, out=q)
         np.multiply(q, step, out=r)
         r -= x
-        np.abs(r, out=r)
-        if r.max(initial=0.0) > tol or np.abs(q).max(initial=0.0) > 2 * _MAX_LEVEL:
+        if _max_abs(r) > tol or _max_abs(q) > 2 * _MAX_LEVEL:
             return None
+        Q[a : a + rows] = q
     return Q
+
+
+def _max_abs(A) -> float:
+    """max |A| without an |A| temporary (0 for an empty array)."""
+    return max(float(A.max(initial=0.0)), -float(A.min(initial=0.0)))
+
+
+def _grid(Q: np.ndarray, step: float, shift: float) -> "IntegerGrid | None":
+    """The grid of float32 levels Q (shifted in place by ``shift``), or None when they are too large."""
+    Q -= np.float32(shift)                       # integers below 2^24: exact in float32
+    max_level = _max_abs(Q)
+    if max_level > _MAX_LEVEL:
+        return None
+    return IntegerGrid(step, shift, Q, np.einsum("ij,ij->i", Q, Q, dtype=np.float64), max_level)
+
+
+def _smallest_nonzero_magnitude(X: np.ndarray, rows: int = 4096) -> float:
+    """min |x| over the nonzero entries of X (inf if none), by row blocks (no |X| temporary)."""
+    step = np.inf
+    buf = np.empty((min(rows, X.shape[0]), X.shape[1]))
+    for a in range(0, X.shape[0], rows):
+        m = np.abs(X[a : a + rows], out=buf[: min(rows, X.shape[0] - a)])
+        step = min(step, float(np.min(m, where=m > 0, initial=np.inf)))
+    return step
 
 
 def find_integer_grid(X) -> IntegerGrid | None:
@@ -70,21 +94,13 @@ def find_integer_grid(X) -> IntegerGrid | None:
     if X.ndim != 2 or X.size == 0 or X.dtype != np.float64:
         return None
     # the smallest nonzero |x| is the step: 1/255 for pixels that use level 1 somewhere
-    magnitude = np.abs(X)
-    step = float(np.min(magnitude, where=magnitude > 0, initial=np.inf))
-    del magnitude
+    step = _smallest_nonzero_magnitude(X)
     if not np.isfinite(step):
         return None
     Q = _levels(X, step)
     if Q is None:
         return None
-    lo, hi = float(Q.min()), float(Q.max())
-    shift = float(np.floor((lo + hi) / 2))
-    Q -= shift
-    max_level = float(np.abs(Q).max())
-    if max_level > _MAX_LEVEL:
-        return None
-    return IntegerGrid(step, shift, Q.astype(np.float32), np.einsum("ij,ij->i", Q, Q), max_level)
+    return _grid(Q, step, float(np.floor((float(Q.min()) + float(Q.max())) / 2)))
 
 
 def same_grid(X, grid: IntegerGrid) -> IntegerGrid | None:
@@ -93,13 +109,7 @@ def same_grid(X, grid: IntegerGrid) -> IntegerGrid | None:
     if X.ndim != 2 or X.shape[1] != grid.Q.shape[1]:
         return None
     Q = _levels(X, grid.step)
-    if Q is None:
-        return None
-    Q -= grid.shift
-    max_level = float(np.abs(Q).max(initial=0.0))
-    if max_level > _MAX_LEVEL:
-        return None
-    return IntegerGrid(grid.step, grid.shift, Q.astype(np.float32), np.einsum("ij,ij->i", Q, Q), max_level)
+    return None if Q is None else _grid(Q, grid.step, grid.shift)
 
 
 def exact_in_one_gemm(d: int, max_a: float, max_b: float) -> bool:

@@ -73,10 +73,28 @@ def test_submatrix_reads_any_index_set_from_the_lower_triangle(block):
         P.submatrix(np.array([3, 40]))
 
 
-def test_symmetric_matmul():
+def test_astype_copies_every_panel_in_the_new_dtype():
+    """Panels big enough for the threaded row-block copy (>= 2^20 elements) and a small last one."""
+    A = np.random.default_rng(1).standard_normal((2100, 2100))
+    P = SymmetricPanels.from_dense(A + A.T, 700)
+    Q = P.astype(np.float32)
+    assert Q.block == P.block and all(q.dtype == np.float32 for q in Q.panels)
+    for p, q in zip(P.panels, Q.panels):
+        np.testing.assert_array_equal(q, p.astype(np.float32))
+
+
+@pytest.mark.parametrize("block, rows", [(20, 512), (20, 7), (16, 4), (77, 5), (9, 20)])
+def test_symmetric_matmul(block, rows):
+    """Row blocks that split the diagonal squares (rows < block), that do not divide them, and that
+    span whole panels: the same product as the dense matrix; the upper part of the diagonal
+    squares is never read (filled with garbage here)."""
     A = spd(77, np.float64)
     V = np.random.default_rng(0).standard_normal((77, 3))
-    np.testing.assert_allclose(SymmetricPanels.from_dense(A, 20).symmetric_matmul(V), A @ V, atol=1e-12)
+    P = SymmetricPanels.from_dense(A, block)
+    for Pj in P.panels:
+        w = Pj.shape[1]
+        Pj[:w][np.triu_indices(w, 1)] = 1e6
+    np.testing.assert_allclose(P.symmetric_matmul(V, rows=rows), A @ V, atol=1e-12)
 
 
 def test_not_positive_definite_names_the_failing_minor():
