@@ -14,6 +14,7 @@ size (n - s) x block x block, which run at BLAS peak.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,9 +37,17 @@ def single_blas_thread(columns: int):
     """Context manager: one BLAS thread for a skinny triangular solve (<= SKINNY_COLUMNS columns), else a no-op."""
     if columns > SKINNY_COLUMNS:
         return contextlib.nullcontext()
-    from threadpoolctl import threadpool_limits
+    return _blas_controller().limit(limits=1, user_api="blas")
 
-    return threadpool_limits(limits=1, user_api="blas")
+
+@functools.lru_cache(maxsize=1)
+def _blas_controller():
+    """One threadpoolctl controller, made at the first solve (numpy's and scipy's BLAS are loaded by
+    then): ``threadpool_limits`` scans the loaded libraries on every call, 1-2 ms each, and a solve
+    limits threads once per diagonal block."""
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
 
 
 def choose_block(n: int, block: int | None = None) -> int:
