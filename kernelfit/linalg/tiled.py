@@ -63,8 +63,9 @@ def choose_block(n: int, block: int | None = None) -> int:
     if n <= 16384:
         return 1024
     # The trailing updates also compute the upper halves of the diagonal squares: ~1.5 block / n
-    # extra flops (15% at n = 20,000 with 2,048). Up to 32,768 points a narrower block wins that
-    # back (n = 20,000, float32, 2-core Zen 4: 15.0-16.4 s with 1,536 vs 16.0-18.4 s with 2,048).
+    # extra flops (12% at n = 20,000 with 2,048). Up to 32,768 points a narrower block wins that
+    # back (benchmarks/cpu_block_width.py, n = 20,000 float32 on a 2-core Zen 4: best of three
+    # interleaved repeats 14.8 s with 1,536, 15.4 s with 1,024, 15.6 s with 2,048).
     if n <= 32768:
         return 1536
     return DEFAULT_BLOCK
