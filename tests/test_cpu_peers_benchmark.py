@@ -49,3 +49,31 @@ def test_peer_rerun_with_other_openblas_kernels_is_recorded(shared_data_dir):
     assert out.returncode == 0, out.stderr[-3000:]
     (rec,) = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     assert "OPENBLAS_CORETYPE=Haswell" in rec["blas_workaround"] and rec["residual_relative_independent"] < 1e-8
+
+
+def test_cpu_block_width_benchmark_small(tmp_path):
+    """The panel-width benchmark on the packaged MNIST subset: every width factors the same Gram
+    (log det equal to numpy's slogdet of the float64 Gram, to float32 accuracy)."""
+    import numpy as np
+    from sklearn.metrics.pairwise import rbf_kernel
+
+    with np.load(ROOT / "kernelfit" / "datasets" / "mnist_subset.npz") as f:
+        np.savez(tmp_path / "mnist.npz", **{k: f[k] for k in f.files})
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cpu_block_width.py"), "--n", "600",
+                          "--widths", "64", "128", "600", "--repeats", "2", "--sigma", "5",
+                          "--data-dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    recs = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    factors = [r for r in recs if r["kind"] == "factor"]
+    assert sorted(r["width"] for r in factors) == [64, 64, 128, 128, 600, 600]
+    with np.load(tmp_path / "mnist.npz") as f:
+        n = len(f["y_train"])
+        idx = np.sort(np.random.default_rng(0).choice(n, size=600, replace=False))
+        X = f["x_train"][idx].reshape(600, -1).astype(np.float64) / 255.0
+    ref = np.linalg.slogdet(rbf_kernel(X, gamma=1.0 / 50.0))[1]
+    for r in factors:
+        assert abs(r["logdet"] - ref) <= 1e-5 * abs(ref) + 1e-3, (r["width"], r["logdet"], ref)
+    (summary,) = [r for r in recs if r["kind"] == "summary"]
+    assert summary["fastest_width"] in (64, 128, 600) and summary["choose_block"] == 512
+
