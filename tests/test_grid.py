@@ -96,6 +96,26 @@ def test_grid_products_match_the_float64_kernel(kernel, bandwidth):
     assert np.abs(G - K).max() <= 1e-14
 
 
+def test_predictions_match_the_float64_kernel_with_one_and_many_exact_chunks():
+    """Test points on the grid: 8-bit levels (one exact float32 GEMM per tile) and 12-bit levels over
+    40 features (14 chunks summed in float64), both kernels; rows and columns that do not divide
+    the blocks."""
+    rng = np.random.default_rng(11)
+    for levels, d in ((256, 50), (4096, 40)):
+        step = 1.0 / (levels - 1)
+        X = rng.integers(0, levels, size=(130, d)) * step
+        X[0, 0] = step                         # level 1 occurs: the detected step is the grid's
+        Xt = rng.integers(0, levels, size=(45, d)) * step
+        for kernel, bandwidth in (("gaussian", 1.0), ("laplacian", 3.0)):
+            op = KernelOperator(X, kernel, bandwidth, rows=16, cols=50)
+            Ga = op.points(Xt)[1]
+            assert Ga is not None
+            assert (len(gr.chunks(d, Ga.max_level, op.grid.max_level)) == 1) == (levels == 256)
+            V = rng.standard_normal((130, 3))
+            ref = kernel_tile(Xt, X, kernel, bandwidth) @ V
+            np.testing.assert_allclose(op.matmul(Xt, V), ref, rtol=0, atol=1e-13 * np.abs(ref).max())
+
+
 def test_test_points_off_the_grid_take_the_float64_path():
     _, X = _pixels(120, 40)
     Xt = np.random.default_rng(6).random((10, 40))
