@@ -105,3 +105,25 @@ def test_not_positive_definite_names_the_failing_minor():
         cholesky_inplace(P)
     assert err.value.minor == scipy.linalg.lapack.dpotrf(A, lower=1)[1] == 46
     assert "jitter" in str(err.value) and "46" in str(err.value)
+
+
+def test_single_blas_thread_limits_every_blas_library_and_restores_it():
+    """Skinny triangular solves run on one BLAS thread (numpy's and scipy's OpenBLAS both); wider
+    right-hand sides and the code after the block keep the threads they had."""
+    from threadpoolctl import threadpool_info
+
+    from kernelfit.linalg.tiled import SKINNY_COLUMNS, single_blas_thread
+
+    def blas_threads():
+        return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+
+    before = blas_threads()
+    assert before
+    with single_blas_thread(10):
+        assert blas_threads() == [1] * len(before)
+    assert blas_threads() == before
+    with single_blas_thread(SKINNY_COLUMNS + 1):
+        assert blas_threads() == before
+    with single_blas_thread(3):     # the cached controller works a second time
+        assert blas_threads() == [1] * len(before)
+    assert blas_threads() == before
