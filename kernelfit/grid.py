@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .parallel import parallel_row_blocks
+
 _EXACT_LIMIT = 2**24 - 1      # largest |partial sum| a float32 accumulation holds exactly
 _MAX_LEVEL = 2**11            # |shifted level| <= this, so one product is at most 2^22
 
@@ -142,7 +144,7 @@ def finish_from_dots(out, dots, a: IntegerGrid, b: IntegerGrid, rows: slice, col
     """Kernel values in the float64 tile ``out`` from exact integer dot products ``dots`` (float32 or
     float64; may be ``out`` itself) of points ``rows`` of ``a`` and ``cols`` of ``b``; see
     ``kernel_tile_into``. Row blocks run in parallel, each block's passes back to back in cache."""
-    from .kernels import check_kernel, parallel_row_blocks
+    from .kernels import check_kernel
 
     check_kernel(kernel)
     gaussian = kernel == "gaussian"
@@ -183,8 +185,6 @@ def kernel_tile_into(out, buf, a: IntegerGrid, b: IntegerGrid, rows: slice, cols
     if len(parts) == 1:
         np.matmul(Qa, Qb.T, out=buf)
         return finish_from_dots(out, buf, a, b, rows, cols, kernel, bandwidth, factored)
-    from .kernels import parallel_row_blocks
-
     for i, c in enumerate(parts):
         np.matmul(Qa[:, c], Qb[:, c].T, out=buf)
 

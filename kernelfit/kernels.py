@@ -10,30 +10,13 @@ negative in floating point for (near-)duplicate points.
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from .errors import InputError
+from .parallel import parallel_row_blocks
 
 KERNELS = ("gaussian", "laplacian")
-
-# Element-wise passes over big tiles are single-threaded in numpy; numpy releases the GIL in ufunc
-# loops, so row chunks on a small thread pool use all cores. BLAS is already multi-threaded.
-_POOL_WORKERS = max(1, min(8, (__import__("os").cpu_count() or 1)))
-_pool = ThreadPoolExecutor(max_workers=_POOL_WORKERS, thread_name_prefix="kernelfit-ew")
-_MIN_PARALLEL_ELEMENTS = 1 << 20
-
-
-def parallel_row_blocks(rows: int, size: int, fn) -> None:
-    """Call ``fn(slice)`` for row blocks covering ``rows`` rows, on the thread pool when the tile
-    (``size`` elements) is big enough to pay for it."""
-    if size < _MIN_PARALLEL_ELEMENTS or _POOL_WORKERS == 1 or rows < 2:
-        fn(slice(0, rows))
-        return
-    step = -(-rows // _POOL_WORKERS)
-    list(_pool.map(fn, [slice(i, min(i + step, rows)) for i in range(0, rows, step)]))
-
 
 def _parallel_rows(tile: np.ndarray, fn) -> None:
     """Apply ``fn(row_block)`` in place to row blocks of ``tile`` on the thread pool."""
