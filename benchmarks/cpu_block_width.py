@@ -13,7 +13,6 @@ that balances.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -41,18 +40,16 @@ def main(argv=None):
     if not os.path.exists(os.path.join(args.data_dir, "mnist.npz")):
         raise SystemExit(f"no mnist.npz in {args.data_dir}; pass --data-dir DIR (the folder that holds it).")
 
+    from kernelfit.results import append_jsonl, dumps, machine_info, provenance
+
     def emit(rec):
-        line = json.dumps(rec)
-        print(line, flush=True)
+        print(dumps(rec, indent=None), flush=True)
         if args.out:
-            with open(args.out, "a") as f:
-                f.write(line + "\n")
+            append_jsonl(args.out, rec)
 
     X, _, _, _ = load_mnist(args.data_dir, args.n, 1, 0)
     Xc = (X - X.mean(axis=0)).astype(np.float32)
     peak = gemm_peak(np.float32)
-    from kernelfit.results import machine_info, provenance
-
     emit({"kind": "machine", "n": args.n, "sgemm_gflops_before": peak, "machine": machine_info(),
           "provenance": provenance()})
     best = {}

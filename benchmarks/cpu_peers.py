@@ -234,14 +234,12 @@ def main(argv=None):
     if args.child:
         return child(args)
 
-    from kernelfit.results import machine_info, provenance
+    from kernelfit.results import append_jsonl, dumps, machine_info, provenance
 
     def emit(rec):
-        line = json.dumps(rec)
-        print(line, flush=True)
+        print(dumps(rec, indent=None), flush=True)
         if args.out:
-            with open(args.out, "a") as f:
-                f.write(line + "\n")
+            append_jsonl(args.out, rec)
 
     peaks = {"sgemm_gflops_before": gemm_peak(np.float32), "dgemm_gflops_before": gemm_peak(np.float64)}
     runs = []
