@@ -222,14 +222,6 @@ class GridProducts:
     def applies(grid: IntegerGrid | None) -> bool:
         return grid is not None and exact_in_one_gemm(grid.Q.shape[1], grid.max_level, grid.max_level)
 
-    def _blocks(self):
-        """(panel start, panel width, first row in panel, row block of stored products); no block
-        straddles the end of the panel's diagonal square."""
-        for s, P in zip(self.D.starts, self.D.panels):
-            w = P.shape[1]
-            for a in [*range(0, w, self.rows), *range(w, P.shape[0], self.rows)]:
-                yield s, w, a, P[a : min(a + self.rows, w if a < w else P.shape[0])]
-
     def _finish(self, out, dots, r, c, factored):
         """Kernel values (or exp(2 s q.p) when ``factored``) of stored dot products, in float64 ``out``."""
         return finish_from_dots(out, dots, self.grid, self.grid, r, c, self.kernel, self.bandwidth, factored)
@@ -255,16 +247,15 @@ class GridProducts:
         outT = np.zeros((V.shape[1], n))
         buf = np.empty((min(self.rows, n), self.D.block))
         bar = _progress(sum(P.shape[0] for P in self.D.panels), "K @ v (float64, stored grid products)", progress)
-        for s, w, a, dots in self._blocks():
-            e = a + dots.shape[0]
+        for s, P, a, e in self.D.row_blocks(self.rows):
+            w = P.shape[1]
             r = slice(s + a, s + e)
-            tile = self._finish(buf[: dots.shape[0], :w], dots, r, slice(s, s + w), f is not None)
+            tile = self._finish(buf[: e - a, :w], P[a:e], r, slice(s, s + w), f is not None)
             if a < w:          # rows inside the panel's diagonal square: stored in full, used once
-                d = np.arange(a, min(e, w))
+                d = np.arange(a, e)
                 tile[d - a, d] = 1.0 if f is None else 1.0 / (f[s + d] * f[s + d])
-                outT[:, r] += WT[:, s : s + w] @ tile.T
-            else:              # strictly below the square: used as K[I, J] and K[J, I]
-                outT[:, r] += WT[:, s : s + w] @ tile.T
+            outT[:, r] += WT[:, s : s + w] @ tile.T
+            if a >= w:         # strictly below the square: also used as K[J, I]
                 outT[:, s : s + w] += WT[:, r] @ tile
             if bar is not None:
                 bar.update(e - a)

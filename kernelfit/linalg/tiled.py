@@ -182,21 +182,28 @@ class SymmetricPanels:
         XT = np.ascontiguousarray(X.T)
         out = np.zeros((self.n, X.shape[1]), dtype=dt)
         outT = np.zeros_like(XT)
-        for s, P in zip(self.starts, self.panels):
+        for s, P, a, e in self.row_blocks(rows):
             w = P.shape[1]
-            for a in [*range(0, w, rows), *range(w, P.shape[0], rows)]:   # no block straddles row w
-                e = min(a + rows, w if a < w else P.shape[0])
-                r, re = s + a, s + e
-                c = min(a, w)                 # columns strictly left of the block's diagonal sub-square
-                if c:
-                    block = P[a:e, :c]
-                    out[r:re] += block @ X[s : s + c]
-                    outT[:, s : s + c] += XT[:, r:re] @ block
-                if a < w:                     # the diagonal sub-square, lower triangle only
-                    D = np.tril(P[a:e, a:e])
-                    out[r:re] += D @ X[r:re] + D.T @ X[r:re] - D.diagonal()[:, None] * X[r:re]
+            r, re = s + a, s + e
+            c = min(a, w)                 # columns strictly left of the block's diagonal sub-square
+            if c:
+                block = P[a:e, :c]
+                out[r:re] += block @ X[s : s + c]
+                outT[:, s : s + c] += XT[:, r:re] @ block
+            if a < w:                     # the diagonal sub-square, lower triangle only
+                D = np.tril(P[a:e, a:e])
+                out[r:re] += D @ X[r:re] + D.T @ X[r:re] - D.diagonal()[:, None] * X[r:re]
         out += outT.T
         return out
+
+    def row_blocks(self, rows: int):
+        """(panel start s, panel P, first row a, end row e) for blocks of at most ``rows`` panel rows;
+        no block straddles the end of the panel's diagonal square (row w), so a block lies either
+        inside the square or wholly below it."""
+        for s, P in zip(self.starts, self.panels):
+            w = P.shape[1]
+            for a in [*range(0, w, rows), *range(w, P.shape[0], rows)]:
+                yield s, P, a, min(a + rows, w if a < w else P.shape[0])
 
 
 def cholesky_inplace(A: SymmetricPanels, backend: str = "numpy", progress=None, jitter: float = 0.0,
