@@ -75,3 +75,35 @@ def test_kernel_operator_products_match_dense():
     np.testing.assert_allclose(op.symmetric_matmul(V), K @ V, rtol=1e-12, atol=1e-12)
     Kt = np.exp(-cdist(T, X, "sqeuclidean") / (2 * 1.3**2))
     np.testing.assert_allclose(op.matmul(T, V), Kt @ V, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("on_grid", [False, True])
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_kernel_operator_tasks_match_dense_for_any_worker_count(monkeypatch, on_grid, workers):
+    """Tiles side by side (``parallel_tasks``) with 1, 2 or 3 column-tile groups: float64 products of
+    the dense kernel, off and on an integer grid (7 column tiles, a short last row tile)."""
+    monkeypatch.setattr("kernelfit.gram.blas_threads", lambda: workers)
+    rng = np.random.default_rng(11)
+    X, T = rng.integers(0, 256, (130, 20)) / 255.0, rng.integers(0, 256, (45, 20)) / 255.0
+    if not on_grid:
+        X, T = X + rng.random(X.shape) * 1e-3, T + rng.random(T.shape) * 1e-3
+    V = rng.standard_normal((130, 3))
+    op = KernelOperator(X, "gaussian", 0.8, rows=16, cols=19)
+    assert (op.grid is not None) == on_grid
+    Kt = np.exp(-cdist(T, X, "sqeuclidean") / (2 * 0.8**2))
+    np.testing.assert_allclose(op.matmul(T, V), Kt @ V, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("on_grid", [False, True])
+def test_kernel_operator_rows_get_the_same_bits_whole_or_in_blocks(on_grid):
+    """A row's product does not depend on how many other rows are in the call (block-wise
+    predictions of a saved model equal whole ones)."""
+    rng = np.random.default_rng(12)
+    X, T = rng.integers(0, 256, (300, 30)) / 255.0, rng.integers(0, 256, (70, 30)) / 255.0
+    if not on_grid:
+        X, T = X + 1e-4, T + 1e-4 * rng.random(T.shape)
+    V = rng.standard_normal((300, 10))
+    op = KernelOperator(X, "gaussian", 1.1, rows=16, cols=64)
+    whole = op.matmul(T, V)
+    blocks = np.vstack([op.matmul(T[a : a + 32], V) for a in range(0, 70, 32)])
+    np.testing.assert_array_equal(blocks, whole)

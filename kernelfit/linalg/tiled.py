@@ -14,14 +14,13 @@ size (n - s) x block x block, which run at BLAS peak.
 from __future__ import annotations
 
 import contextlib
-import functools
 from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg
 
 from ..errors import InputError, NotPositiveDefiniteError
-from ..parallel import parallel_row_blocks
+from ..parallel import blas_controller, parallel_row_blocks
 from .backend import get_backend
 
 DEFAULT_BLOCK = 2048
@@ -38,17 +37,7 @@ def single_blas_thread(columns: int):
     """Context manager: one BLAS thread for a skinny triangular solve (<= SKINNY_COLUMNS columns), else a no-op."""
     if columns > SKINNY_COLUMNS:
         return contextlib.nullcontext()
-    return _blas_controller().limit(limits=1, user_api="blas")
-
-
-@functools.lru_cache(maxsize=1)
-def _blas_controller():
-    """One threadpoolctl controller, made at the first solve (numpy's and scipy's BLAS are loaded by
-    then): ``threadpool_limits`` scans the loaded libraries on every call, 1-2 ms each, and a solve
-    limits threads once per diagonal block."""
-    from threadpoolctl import ThreadpoolController
-
-    return ThreadpoolController()
+    return blas_controller().limit(limits=1, user_api="blas")
 
 
 def choose_block(n: int, block: int | None = None) -> int:
