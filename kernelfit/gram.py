@@ -166,7 +166,8 @@ class KernelOperator:
         m, n = A.shape[0], self.B.shape[0]
         col_tiles = [(c0, min(c0 + self.cols, n)) for c0 in range(0, n, self.cols)]
         workers = blas_threads()
-        groups = [g for g in np.array_split(np.arange(len(col_tiles)), min(workers, len(col_tiles))) if len(g)]
+        groups = [[col_tiles[t] for t in g] for g in np.array_split(np.arange(len(col_tiles)),
+                                                                      min(workers, len(col_tiles)))]
         partsT = np.zeros((len(groups), V.shape[1], m), dtype=self.dtype)
         local = threading.local()
 
@@ -176,8 +177,7 @@ class KernelOperator:
             if not hasattr(local, "buffers"):       # one pair per worker thread, reused by its tasks
                 local.buffers = self._buffers(min(self.rows, m), n, Ga is not None)
             buf, buf32 = local.buffers
-            for t in groups[g]:
-                c0, c1 = col_tiles[t]
+            for c0, c1 in groups[g]:
                 tile = self._tile(buf, buf32, A, A_sq, Ga, a, e, c0, c1, factors is not None)
                 partsT[g][:, a:e] += WT[:, c0:c1] @ tile.T
 
