@@ -3,7 +3,9 @@
 ``shared_data_dir`` locates the real data sets (``mnist.npz``, ``cifar10-jpeg-q75.tar.gz``) that
 tests marked ``@pytest.mark.data`` need. It looks, in order, at ``$KERNELFIT_DATA`` and at
 ``<repo root>/../shared/data`` (where CI mounts them) and skips the test with a reason naming
-both places when neither holds ``mnist.npz``.
+both places when neither holds ``mnist.npz``. ``blas_thread_counts`` reads every loaded BLAS
+library's thread count through ``threadpoolctl.threadpool_info`` (not through kernelfit's own
+controller), for tests of the thread limits.
 """
 
 from __future__ import annotations
@@ -41,3 +43,11 @@ def shared_data_dir() -> Path:
         + ". Set KERNELFIT_DATA to a directory holding mnist.npz (and cifar10-jpeg-q75.tar.gz) "
         "or place them in ../shared/data next to the repository."
     )
+
+
+@pytest.fixture
+def blas_thread_counts():
+    """A function giving the thread count of each loaded BLAS library, read fresh by threadpoolctl."""
+    from threadpoolctl import threadpool_info
+
+    return lambda: [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]

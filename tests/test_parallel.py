@@ -4,26 +4,23 @@ import threading
 
 import numpy as np
 
-from kernelfit.parallel import blas_controller, blas_threads, parallel_row_blocks, parallel_tasks
+from kernelfit.parallel import blas_threads, parallel_row_blocks, parallel_tasks
 
 
-def _blas_thread_counts():
-    return [lib.num_threads for lib in blas_controller().select(user_api="blas").lib_controllers]
-
-
-def test_parallel_tasks_run_every_item_once_on_one_blas_thread_and_restore_it():
-    before = _blas_thread_counts()
+def test_parallel_tasks_run_every_item_once_on_one_blas_thread_and_restore_it(blas_thread_counts):
+    before = blas_thread_counts()
+    assert before and blas_threads() == max(before)
     seen, counts, lock = [], [], threading.Lock()
 
     def task(item):
         with lock:
             seen.append(item)
-            counts.append(blas_threads())
+            counts.append(blas_thread_counts())
 
     parallel_tasks(task, range(20), workers=2)
     assert sorted(seen) == list(range(20))
-    assert set(counts) == {1}
-    assert _blas_thread_counts() == before
+    assert counts == [[1] * len(before)] * 20
+    assert blas_thread_counts() == before
 
 
 def test_row_blocks_inside_a_task_run_on_the_task_thread():

@@ -107,16 +107,12 @@ def test_not_positive_definite_names_the_failing_minor():
     assert "jitter" in str(err.value) and "46" in str(err.value)
 
 
-def test_single_blas_thread_limits_every_blas_library_and_restores_it():
+def test_single_blas_thread_limits_every_blas_library_and_restores_it(blas_thread_counts):
     """Skinny triangular solves run on one BLAS thread (numpy's and scipy's OpenBLAS both); wider
     right-hand sides and the code after the block keep the threads they had."""
-    from threadpoolctl import threadpool_info
-
     from kernelfit.linalg.tiled import SKINNY_COLUMNS, single_blas_thread
 
-    def blas_threads():
-        return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
-
+    blas_threads = blas_thread_counts
     before = blas_threads()
     assert before
     with single_blas_thread(10):
