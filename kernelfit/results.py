@@ -30,6 +30,10 @@ __all__ = [
     "write_json_atomic",
     "append_jsonl",
     "read_jsonl",
+    "check_writable_dir",
+    "check_output_file",
+    "check_free_space",
+    "free_bytes",
     "peak_rss_bytes",
     "PhaseTimer",
     "regression_metrics",
@@ -370,10 +374,12 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, overwrite: bool = False
 
 
 def append_jsonl(path: str | os.PathLike, record: Any) -> None:
-    """Append ``record`` as one JSON line to ``path`` (created if missing), flushed and fsynced.
+    """Append ``record`` as one JSON line to ``path`` (created if missing), fsynced.
 
-    Each line is written with a single ``write`` call in append mode, so concurrent appenders
-    on a local filesystem do not interleave within a line.
+    The whole line goes out in one ``os.write`` on an ``O_APPEND`` descriptor, so concurrent appenders
+    on a local filesystem never interleave within a line. A file whose last line was torn (a full disk
+    or a kill mid-write) gets a newline first, so the torn fragment stays on a line of its own, which
+    :func:`read_jsonl` skips with a warning, and this record stays readable.
     """
     path = Path(path).expanduser()
     line = dumps(record, indent=None)
@@ -381,27 +387,127 @@ def append_jsonl(path: str | os.PathLike, record: Any) -> None:
         raise ValueError("JSON line contains a newline")
     if str(path.parent):
         path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(line + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+    data = (line + "\n").encode("utf-8")
+    fd = os.open(str(path), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        size = os.fstat(fd).st_size
+        if size:
+            with open(path, "rb") as fh:
+                fh.seek(size - 1)
+                if fh.read(1) != b"\n":
+                    data = b"\n" + data
+        written = os.write(fd, data)
+        if written != len(data):  # a short write on a full disk: say so instead of leaving half a record
+            raise OSError(28, f"only {written} of {len(data)} bytes of a JSON line reached {str(path)!r} "
+                              f"(disk full?); the file keeps its earlier records, free space and rerun")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def read_jsonl(path: str | os.PathLike) -> list[Any]:
-    """Read a JSON-lines file; a truncated last line (a crash mid-write) is skipped, others raise."""
+    """Read a JSON-lines file. Lines that do not parse (torn by a crash or a full disk mid-write) are
+    skipped with one warning naming them, so one bad append never makes the file unreadable."""
+    import warnings
+
     path = Path(path)
-    lines = path.read_text(encoding="utf-8").split("\n")
-    out = []
+    lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
+    out, torn = [], []
     for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
             out.append(json.loads(line))
         except json.JSONDecodeError:
-            if i == len(lines) - 1:  # no trailing newline: last write was interrupted
-                continue
-            raise ValueError(f"{str(path)!r} line {i + 1} is not valid JSON: {line[:80]!r}") from None
+            torn.append(i + 1)
+    if torn:
+        warnings.warn(f"{str(path)!r}: skipped {len(torn)} line(s) that are not complete JSON records "
+                      f"(line {', '.join(map(str, torn[:5]))}{', ...' if len(torn) > 5 else ''}); a write "
+                      f"was interrupted there. The other {len(out)} records were read.", RuntimeWarning,
+                      stacklevel=2)
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# output paths, checked before any work
+# --------------------------------------------------------------------------------------------
+
+PROBE_PREFIX = ".kernelfit-probe-"
+
+
+def existing_ancestor(path: str | os.PathLike) -> Path:
+    """The nearest existing directory at or above ``path`` (where it would be created)."""
+    p = Path(path).expanduser().absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def check_writable_dir(directory: str | os.PathLike, flag: str, shown: str | os.PathLike | None = None) -> Path:
+    """Prove that files can be created in ``directory`` (or, when it does not exist yet, in the
+    nearest existing directory above it) by creating, writing, fsyncing and deleting a probe file of
+    our own naming. Raises :class:`~kernelfit.errors.InputError` naming ``flag`` otherwise; returns the
+    directory probed. Catches read-only mounts, /proc, permission bits that ``os.access`` misreads
+    (root), and a path component that is a file, before any heavy work."""
+    from .errors import InputError
+
+    directory = Path(directory).expanduser()
+    target = existing_ancestor(directory)
+    directory = shown if shown is not None else directory  # the path as the user gave it, for messages
+    if not target.is_dir():
+        raise InputError(f"{flag} {directory}: {target} is a file, not a directory; expected a directory "
+                         f"that can hold the output. Fix: choose another path.")
+    try:
+        fd, name = tempfile.mkstemp(prefix=PROBE_PREFIX, dir=str(target))
+    except OSError as e:
+        raise InputError(f"{flag} {directory}: cannot create files in {target} ({e.strerror or e}). "
+                         f"Fix: choose a writable directory.") from None
+    try:
+        try:
+            os.write(fd, b"probe\n")
+            os.fsync(fd)
+        except OSError as e:
+            raise InputError(f"{flag} {directory}: cannot write to {target} ({e.strerror or e}; disk full "
+                             f"or read-only?). Fix: free space or choose another directory.") from None
+    finally:
+        os.close(fd)
+        try:
+            os.unlink(name)
+        except OSError:
+            pass
+    return target
+
+
+def check_output_file(path: str | os.PathLike, flag: str, overwrite: bool = False,
+                      example: str = "result.json") -> None:
+    """Refuse an output file path before any work: a directory, an existing file without
+    ``overwrite``, or a place where no file can be created (probed). Raises InputError."""
+    from .errors import InputError
+
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise InputError(f"{flag} {path} is a directory; expected a file path such as {path / example}")
+    if path.exists() and not overwrite:
+        raise InputError(f"{flag} {path} already exists; pass --overwrite to replace it, or choose a new path")
+    check_writable_dir(path.parent if str(path.parent) else Path("."), flag, shown=path)
+
+
+def free_bytes(directory: str | os.PathLike) -> int:
+    """Bytes free to an unprivileged writer on the filesystem holding ``directory`` (or its nearest
+    existing ancestor)."""
+    st = os.statvfs(str(existing_ancestor(directory)))
+    return int(st.f_bavail) * int(st.f_frsize)
+
+
+def check_free_space(directory: str | os.PathLike, needed: int, flag: str, what: str) -> None:
+    """Refuse, before work, to write ``needed`` bytes of ``what`` where fewer are free."""
+    from .errors import InputError
+
+    free = free_bytes(directory)
+    if needed > free:
+        raise InputError(f"{flag} {directory}: {what} needs {needed / 2**30:.2f} GiB but only "
+                         f"{free / 2**30:.2f} GiB are free on that filesystem. Fix: free space or choose "
+                         f"a directory on a larger disk.")
 
 
 # --------------------------------------------------------------------------------------------

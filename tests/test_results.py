@@ -137,7 +137,58 @@ def test_append_jsonl_lines_and_truncated_tail(tmp_path):
     assert [json.loads(line) for line in text.splitlines()] == [{"i": 0, "x": 0.5}, {"i": 1, "arr": [1, 2]}]
     with open(p, "a") as fh:  # simulate a crash mid-line
         fh.write('{"i": 2, "x"')
-    assert read_jsonl(p) == [{"i": 0, "x": 0.5}, {"i": 1, "arr": [1, 2]}]
+    with pytest.warns(RuntimeWarning, match="line 3"):
+        assert read_jsonl(p) == [{"i": 0, "x": 0.5}, {"i": 1, "arr": [1, 2]}]
+    # the next append after a torn line starts a line of its own: the file stays readable for good
+    append_jsonl(p, {"i": 3})
+    with pytest.warns(RuntimeWarning, match="skipped 1 line"):
+        assert read_jsonl(p) == [{"i": 0, "x": 0.5}, {"i": 1, "arr": [1, 2]}, {"i": 3}]
+    assert json.loads(p.read_text().splitlines()[-1]) == {"i": 3}
+
+
+def test_append_jsonl_short_write_on_full_disk_is_an_error(tmp_path, monkeypatch):
+    p = tmp_path / "runs.jsonl"
+    append_jsonl(p, {"i": 0})
+    real_write = results.os.write
+
+    def full_disk(fd, data):  # the kernel accepted only part of the line, as on ENOSPC
+        return real_write(fd, data[:5])
+
+    monkeypatch.setattr(results.os, "write", full_disk)
+    with pytest.raises(OSError, match="disk full"):
+        append_jsonl(p, {"i": 1, "payload": "x" * 100})
+    monkeypatch.undo()
+    append_jsonl(p, {"i": 2})
+    with pytest.warns(RuntimeWarning):
+        assert read_jsonl(p) == [{"i": 0}, {"i": 2}]
+
+
+def test_check_writable_dir_probes_and_leaves_nothing(tmp_path):
+    from kernelfit.errors import InputError
+    from kernelfit.results import check_output_file, check_writable_dir
+
+    assert check_writable_dir(tmp_path / "new" / "deeper", "--out") == tmp_path  # probed where it would be made
+    assert list(tmp_path.iterdir()) == []  # the probe is gone, nothing was created
+    with pytest.raises(InputError, match="--out /proc/x.json: cannot create files in /proc"):
+        check_output_file(Path("/proc/x.json"), "--out")
+    (tmp_path / "afile").write_text("keep")
+    with pytest.raises(InputError, match="is a file, not a directory"):
+        check_writable_dir(tmp_path / "afile" / "sub", "--checkpoint-dir")
+    with pytest.raises(InputError, match="already exists"):
+        check_output_file(tmp_path / "afile", "--out")
+    with pytest.raises(InputError, match="is a directory"):
+        check_output_file(tmp_path, "--out")
+    assert (tmp_path / "afile").read_text() == "keep"
+
+
+def test_check_free_space_refuses_more_than_free(tmp_path):
+    from kernelfit.errors import InputError
+    from kernelfit.results import check_free_space, free_bytes
+
+    free = free_bytes(tmp_path)
+    check_free_space(tmp_path, 1, "--out", "the record")
+    with pytest.raises(InputError, match="needs .* GiB but only"):
+        check_free_space(tmp_path, free + 2**40, "--checkpoint-dir", "the checkpoint")
 
 
 def test_peak_rss_grows_with_allocation():
