@@ -45,7 +45,7 @@ DATASET_SHAPES = {
     "cifar10": {"d": 3072, "num_classes": 10, "n_train": 50000, "n_test": 10000},
 }
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_DOES_NOT_FIT = 0, 1, 2, 3
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_DOES_NOT_FIT, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
 # --------------------------------------------------------------------------------------------
@@ -118,6 +118,15 @@ def _subset_seed(text: str):
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0 or 'first', got {value}")
     return value
+
+
+def _device(text: str) -> str:
+    """cpu, cuda or cuda:N; checked here so that a typo fails before any data is read."""
+    import re
+
+    if re.fullmatch(r"cpu|cuda(:\d+)?", text.strip()):
+        return text.strip()
+    raise argparse.ArgumentTypeError(f"expected 'cpu', 'cuda' or 'cuda:N' (e.g. cuda:0), got {text!r}")
 
 
 def _dataset(text: str) -> str:
@@ -262,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Exact kernel interpolation at MNIST / CIFAR-10 scale.",
         epilog="Run 'kernelfit <command> --help' for the options of a command.",
     )
+    ap.add_argument("--debug", action="store_true",
+                    help="show the full traceback of a failure instead of the one-line error (also anywhere "
+                         "after the command, or KERNELFIT_DEBUG=1)")
     sub = ap.add_subparsers(dest="command", metavar="{solve,plan,data,table,predict}")
     sub.required = True
 
@@ -302,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--cache-dir", default=None, metavar="DIR",
                    help="feature / Gram cache root (default: $KERNELFIT_CACHE or the user cache dir)")
     g = s.add_argument_group("where the factorization runs")
-    g.add_argument("--device", default=None, metavar="DEV",
+    g.add_argument("--device", type=_device, default=None, metavar="DEV",
                    help="cpu (default) or a CUDA device (cuda, cuda:1) to factor on with torch")
     g.add_argument("--out-of-core", choices=("auto", "yes", "no"), default="auto",
                    help="GPU: stream panels through the device when the Gram does not fit (default auto: "
@@ -440,21 +452,29 @@ def _eprint(*args) -> None:
 
 def _check_out_path(parser: argparse.ArgumentParser, out: Path | None, overwrite: bool, flag: str = "--out",
                     example: str = "result.json") -> None:
-    """Refuse a bad output path before any work, so an hour-long solve never ends in a refusal."""
+    """Refuse a bad output path before any work, so an hour-long solve never ends in a refusal: a
+    directory, an existing file without --overwrite, or a place where a probe file cannot be created and
+    written (read-only mounts, /proc, a full disk)."""
     if out is None:
         return
-    if out.exists() and out.is_dir():
-        parser.error(f"{flag} {out} is a directory; expected a file path such as {out / example}")
-    if out.exists() and not overwrite:
-        parser.error(f"{flag} {out} already exists; pass --overwrite to replace it, or choose a new path")
-    parent = out.parent if str(out.parent) else Path(".")
-    ancestor = parent
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if ancestor.exists() and not ancestor.is_dir():
-        parser.error(f"{flag} {out}: {ancestor} is a file, not a directory")
-    if ancestor.exists() and not os.access(ancestor, os.W_OK):
-        parser.error(f"{flag} {out}: directory {ancestor} is not writable")
+    from .results import check_output_file
+
+    try:
+        check_output_file(out, flag, overwrite=overwrite, example=example)
+    except KernelfitError as e:
+        parser.error(str(e))
+
+
+def _check_dir_path(parser: argparse.ArgumentParser, directory, flag: str) -> None:
+    """The same probe for a directory the command will write into (caches)."""
+    if directory is None:
+        return
+    from .results import check_writable_dir
+
+    try:
+        check_writable_dir(Path(directory), flag)
+    except KernelfitError as e:
+        parser.error(str(e))
 
 
 def _check_checkpoint_dir(parser: argparse.ArgumentParser, directory: Path | None, resume: bool) -> None:
@@ -597,6 +617,10 @@ def cmd_solve(args, parser) -> int:
         parser.error(f"--corrupt-test applies only to label variants {LABEL_VARIANTS} "
                      f"(got --variant {args.variant})")
     _check_out_path(parser, args.out, args.overwrite)
+    if args.features != "pixels" and not (args.features == "randconv" and args.no_gram_cache):
+        from .features.cache import default_cache_dir
+
+        _check_dir_path(parser, args.cache_dir or default_cache_dir(), "--cache-dir")
     user = _check_data_source(parser, args)
     shape = DATASET_SHAPES[args.dataset] if user is None else _user_shape(user)
     what = args.dataset if user is None else "your arrays"
@@ -633,7 +657,7 @@ def cmd_solve(args, parser) -> int:
     from .data import describe
     from .features.pipeline import dataset_features
     from .randomize import Randomization, apply_randomization
-    from .results import PhaseTimer, peak_rss_bytes, write_json_atomic
+    from .results import PhaseTimer, peak_rss_bytes
     from .solve import SolveOptions, run_interpolation
 
     timer = PhaseTimer()
@@ -691,18 +715,35 @@ def cmd_solve(args, parser) -> int:
     record["cli_peak_rss_bytes"] = peak_rss_bytes()
 
     _print_summary(record)
-    if args.out is not None:
-        path = write_json_atomic(args.out, record, overwrite=args.overwrite)
-        _eprint(f"wrote {path}")
-    else:
-        from .results import dumps
-
-        sys.stdout.write(dumps(record) + "\n")
-        sys.stdout.flush()
+    _emit_record(args, record)
     if args.checkpoint_dir is not None and not args.keep_checkpoint:
         _remove_checkpoint(args.checkpoint_dir)   # the result is written: the panels are no longer needed
         _eprint(f"removed the checkpoint in {args.checkpoint_dir} (keep it with --keep-checkpoint)")
     return EXIT_OK
+
+
+def _emit_record(args, record: dict) -> None:
+    """The record to --out (atomically) or stdout. If --out cannot be written after the work (disk
+    full, directory gone), the record is not lost: it goes to stdout and the command fails."""
+    from .errors import OutputError
+    from .results import dumps, write_json_atomic
+
+    if args.out is not None:
+        try:
+            _eprint(f"wrote {write_json_atomic(args.out, record, overwrite=args.overwrite)}")
+        except OSError as e:
+            sys.stdout.write(dumps(record) + "\n")
+            sys.stdout.flush()
+            raise OutputError(f"could not write --out {args.out} ({e.strerror or e}); nothing was written "
+                                   f"there, and the full record was printed on stdout instead. Fix: free space "
+                                   f"or choose another path, and save stdout next time (> result.json).") from None
+    else:
+        sys.stdout.write(dumps(record) + "\n")
+        sys.stdout.flush()
+    failed = (record.get("model") or {}).get("error")
+    if failed:
+        raise OutputError(f"{failed}; the record was written without it. Fix: free space or choose another "
+                               f"path, and rerun.")
 
 
 def _print_summary(record: dict) -> None:
@@ -800,9 +841,14 @@ def _save_model_if_asked(args, record, model, cluster, preprocessing=None, class
     from .model import save_model
 
     data = record.get("dataset") or {k: record.get("stats", {}).get(k) for k in ("gram",)}
-    path = save_model(args.save_model, model, task=record["task"], targets=record["target_columns"],
-                      num_classes=record.get("num_classes"), class_names=class_names, preprocessing=preprocessing,
-                      data=data, provenance=record.get("provenance"), overwrite=args.overwrite)
+    try:
+        path = save_model(args.save_model, model, task=record["task"], targets=record["target_columns"],
+                          num_classes=record.get("num_classes"), class_names=class_names, preprocessing=preprocessing,
+                          data=data, provenance=record.get("provenance"), overwrite=args.overwrite)
+    except OSError as e:  # the solve is done: keep the record, say the model was not written, fail at the end
+        record["model"] = {"path": None, "error": f"could not write --save-model {args.save_model} "
+                                                  f"({e.strerror or e}); nothing was written there"}
+        return
     record["model"] = {"path": str(path), "sha256": sha256_file(path)}
     _eprint(f"wrote model {path}")
 
@@ -838,7 +884,7 @@ def cmd_solve_gram(args, parser) -> int:
 
     import numpy as np
 
-    from .results import PhaseTimer, peak_rss_bytes, write_json_atomic
+    from .results import PhaseTimer, peak_rss_bytes
     from .solve import SolveOptions, run_gram_interpolation
 
     timer = PhaseTimer()
@@ -867,13 +913,7 @@ def cmd_solve_gram(args, parser) -> int:
     record["cli_timings_s"] = timer.as_dict()
     record["cli_peak_rss_bytes"] = peak_rss_bytes()
     _print_summary(record)
-    if args.out is not None:
-        _eprint(f"wrote {write_json_atomic(args.out, record, overwrite=args.overwrite)}")
-    else:
-        from .results import dumps
-
-        sys.stdout.write(dumps(record) + "\n")
-        sys.stdout.flush()
+    _emit_record(args, record)
     return EXIT_OK
 
 
@@ -921,6 +961,13 @@ def cmd_predict(args, parser) -> int:
         X = open_array(args.x_test or args.gram_test, what="--x-test" if args.x_test else "--gram-test")
     if args.y_test is not None:
         y_test = np.asarray(open_array(args.y_test, what="--y-test"))
+    if y_test is not None and model.task == "classification" and y_test.ndim != 1 and \
+            not (y_test.ndim == 2 and y_test.shape[1] == 1):
+        from .errors import InputError
+
+        raise InputError(f"--y-test: expected one class label per test point (shape (m,) or (m, 1)), got shape "
+                         f"{tuple(y_test.shape)}. Fix: pass the label column, not one-hot scores "
+                         f"(np.argmax(Y, axis=1)).")
     cols = model._target(args.target)
     scores = model.scores(X)[:, cols]
     if model.task == "classification":
@@ -1063,30 +1110,56 @@ def cmd_table(argv: list[str]) -> int:
 # --------------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit status (0 ok, 1 error, 2 usage, 3 plan does not fit)."""
+    """Run the CLI; returns the exit status (0 ok, 1 error, 2 usage, 3 plan does not fit, 130 interrupted).
+
+    Every command ends in one line ``kernelfit CMD: error: ...`` for anything that goes wrong at run
+    time (bad data, a file that cannot be written, memory, Ctrl-C), never a traceback; ``--debug``
+    (anywhere on the line) or ``KERNELFIT_DEBUG=1`` shows the traceback instead.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "table":  # the table has its own parser; hand it everything after
-        return cmd_table(argv[1:])
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    sub = args.subparser  # errors name the subcommand's usage line
+    debug = "--debug" in argv or os.environ.get("KERNELFIT_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    command, args = (argv[0] if argv else "?"), None
     try:
-        if args.command == "solve":
-            return cmd_solve(args, sub)
-        if args.command == "plan":
-            return cmd_plan(args, sub)
-        if args.command == "data":
-            return cmd_data(args, sub)
-        if args.command == "predict":
-            return cmd_predict(args, sub)
-    except KernelfitError as e:
-        _eprint(f"kernelfit {args.command}: error ({type(e).__name__}): {e}")
-        return EXIT_ERROR
-    except FileExistsError as e:  # --out appeared while solving
-        _eprint(f"kernelfit {args.command}: error: {e}")
-        return EXIT_ERROR
-    parser.error(f"unknown command {args.command!r}")
-    return EXIT_USAGE
+        if argv and argv[0] == "table":  # the table has its own parser; hand it everything after
+            return cmd_table(argv[1:])
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        command, sub = args.command, args.subparser  # errors name the subcommand's usage line
+        run = {"solve": cmd_solve, "plan": cmd_plan, "data": cmd_data, "predict": cmd_predict}.get(args.command)
+        if run is None:
+            parser.error(f"unknown command {args.command!r}")
+        return run(args, sub)
+    except SystemExit:
+        raise
+    except BaseException as e:
+        if debug:
+            raise
+        return _report_failure(command, args, e)
+
+
+def _report_failure(command: str, args, e: BaseException) -> int:
+    """One line on stderr for a failure at run time, and its exit status."""
+    prefix = f"kernelfit {command}: "
+    if isinstance(e, KeyboardInterrupt):
+        where = getattr(args, "checkpoint_dir", None) if args is not None else None
+        hint = (f"; the panels finished so far are saved in {where}: rerun the same command with --resume to "
+                f"continue" if where is not None else "; nothing was written")
+        _eprint(f"{prefix}interrupted{hint}")
+        return EXIT_INTERRUPTED
+    if isinstance(e, KernelfitError):
+        _eprint(f"{prefix}error ({type(e).__name__}): {e}")
+    elif isinstance(e, OSError):
+        what = f"{e.strerror} ({e.filename})" if e.strerror and e.filename else (e.strerror or str(e))
+        _eprint(f"{prefix}error: {what}. Fix: check the path, its permissions and the free disk space, then rerun"
+                f" (files written so far are complete: every result is written atomically)")
+    elif isinstance(e, MemoryError):
+        _eprint(f"{prefix}error: ran out of memory. Fix: check what fits with 'kernelfit plan' (same sizes), and "
+                f"use a smaller --n-train or --mode float32")
+    else:
+        _eprint(f"{prefix}internal error ({type(e).__name__}): {e}. This is a bug: rerun with --debug for the "
+                f"traceback and report it")
+    return EXIT_ERROR
 
 
 if __name__ == "__main__":

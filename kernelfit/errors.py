@@ -48,3 +48,7 @@ class ChecksumError(DataError):
 
 class ModelFileError(DataError):
     """A model file is missing, corrupt, of another format version, or cannot be rebuilt."""
+
+
+class OutputError(KernelfitError, OSError):
+    """The work finished but a result file could not be written; the message says what was kept and where."""
