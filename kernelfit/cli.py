@@ -345,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the JSON record here (atomically) instead of stdout")
     o.add_argument("--overwrite", action="store_true", help="allow replacing an existing --out file")
     o.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    _add_threads_arg(o)
     o.add_argument("--force-memory", action="store_true",
                    help="run even when the memory plan says the solve does not fit")
     _add_gram_model_cluster_args(s)
@@ -439,7 +440,14 @@ def _add_predict_parser(sub) -> None:
     p.add_argument("--out", type=Path, default=None, metavar="PRED.npy|.csv|.json",
                    help="write predictions here (atomically); default: JSON on stdout")
     p.add_argument("--overwrite", action="store_true", help="allow replacing an existing --out file")
+    _add_threads_arg(p)
     p.set_defaults(subparser=p)
+
+
+def _add_threads_arg(p) -> None:
+    p.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                   help="use at most N threads (BLAS, torch, element-wise passes; default: all cores). On a "
+                        "shared or busy machine --threads 1 can be several times faster")
 
 
 # --------------------------------------------------------------------------------------------
@@ -1129,7 +1137,10 @@ def main(argv: list[str] | None = None) -> int:
         run = {"solve": cmd_solve, "plan": cmd_plan, "data": cmd_data, "predict": cmd_predict}.get(args.command)
         if run is None:
             parser.error(f"unknown command {args.command!r}")
-        return run(args, sub)
+        from .parallel import limit_threads
+
+        with limit_threads(getattr(args, "threads", None)):
+            return run(args, sub)
     except SystemExit:
         raise
     except BaseException as e:

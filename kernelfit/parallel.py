@@ -11,6 +11,7 @@ import functools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 _POOL_WORKERS = max(1, min(8, os.cpu_count() or 1))
 _pool = ThreadPoolExecutor(max_workers=_POOL_WORKERS, thread_name_prefix="kernelfit-ew")
@@ -68,3 +69,54 @@ def parallel_tasks(fn, items, workers: int) -> None:
         return
     with blas_controller().limit(limits=1, user_api="blas"):
         list(_task_pool(workers).map(fn, items))
+
+
+_THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+@contextmanager
+def limit_threads(n: int | None):
+    """Run the enclosed work on at most ``n`` threads: BLAS / OpenMP (threadpoolctl, on every library
+    loaded now), torch's intra-op pool, the element-wise pool, and (through the environment) any
+    library or worker process started inside. Everything is restored on exit. ``None`` changes nothing.
+
+    For a shared machine: on 2 busy cores a solve left on all threads runs several times slower than
+    on one, because BLAS threads spin while they wait for a core."""
+    global _POOL_WORKERS, _pool
+    if n is None:
+        yield
+        return
+    n = int(n)
+    if n < 1:
+        raise ValueError(f"threads: expected a positive integer, got {n}")
+    import numpy  # noqa: F401  (load both BLAS libraries first, so that the limit reaches them)
+    import scipy.linalg  # noqa: F401
+
+    saved_env = {k: os.environ.get(k) for k in _THREAD_ENV}
+    saved_pool = (_POOL_WORKERS, _pool)
+    os.environ.update({k: str(n) for k in _THREAD_ENV})
+    _POOL_WORKERS, _pool = min(_POOL_WORKERS, n), ThreadPoolExecutor(max_workers=min(_POOL_WORKERS, n),
+                                                                     thread_name_prefix="kernelfit-ew")
+    torch_threads = None
+    try:
+        import torch
+
+        torch_threads = torch.get_num_threads()
+        torch.set_num_threads(n)
+    except ImportError:
+        pass
+    try:
+        with blas_controller().limit(limits=n):
+            yield
+    finally:
+        _pool.shutdown(wait=False)
+        _POOL_WORKERS, _pool = saved_pool
+        if torch_threads is not None:
+            import torch
+
+            torch.set_num_threads(torch_threads)
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -150,3 +150,25 @@ def test_subprocess_interrupt_prints_one_line():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 130
     assert proc.stderr.strip() == "kernelfit plan: interrupted; nothing was written"
+
+
+def test_threads_limits_blas_torch_and_the_pool_then_restores(monkeypatch, capsys, blas_thread_counts):
+    import torch
+
+    from kernelfit import parallel
+
+    seen = {}
+
+    def spy(args, parser):
+        seen["blas"] = blas_thread_counts()
+        seen["torch"] = torch.get_num_threads()
+        seen["pool"] = parallel._POOL_WORKERS
+        return 0
+
+    before = (blas_thread_counts(), torch.get_num_threads(), parallel._POOL_WORKERS)
+    monkeypatch.setattr(cli, "cmd_solve", spy)
+    assert main(["solve", "--threads", "1"]) == 0
+    assert set(seen["blas"]) == {1} and seen["torch"] == 1 and seen["pool"] == 1
+    assert (blas_thread_counts(), torch.get_num_threads(), parallel._POOL_WORKERS) == before
+    assert "positive integer" in _usage_error(["solve", "--threads", "0"], capsys)
+    assert "positive integer" in _usage_error(["predict", "--model", "m", "--x-test", "x", "--threads", "-2"], capsys)
