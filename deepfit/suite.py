@@ -147,7 +147,7 @@ def measure_all(model: nn.Module, X: torch.Tensor, y: torch.Tensor, options: Mea
     if _state(model) != before:  # a measure must never leave the caller's model changed
         raise RuntimeError("internal error: a measure changed the model's mode or requires_grad flags")
     return dict(margin=margin, measures=measures, not_applicable=skipped, layers=norms["layers"],
-                maxpool_lipschitz=norms["maxpool_lipschitz"], chain=norms["chain"], n_samples=int(X.shape[0]),
+                pool_lipschitz=norms["pool_lipschitz"], chain=norms["chain"], n_samples=int(X.shape[0]),
                 n_parameters=int(n_params), options=dataclasses.asdict(opts), time_s=time.perf_counter() - t0)
 
 
