@@ -271,3 +271,13 @@ def test_argument_errors_exit_2_with_a_clear_message(tmp_path, capsys, argv, nee
 def test_debug_shows_the_traceback(tmp_path):
     with pytest.raises(InputError, match="Valid models"):
         main(["train", "--model", "resnet", "--out", str(tmp_path / "r.jsonl"), "--debug"])
+
+
+def test_report_out_that_cannot_be_written_is_refused_before_training(tmp_path, capsys, monkeypatch):
+    import deepfit.report as R
+
+    def boom(*a, **k):
+        raise AssertionError("the report ran before its --out was checked")
+    monkeypatch.setattr(R, "run_report", boom)
+    assert main(["report", "--preset", "quick", "--out", "/proc/deepfit-report"]) == 2
+    assert "cannot create files" in capsys.readouterr().err
