@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from kernelfit.errors import InputError, KernelfitError
@@ -37,6 +38,41 @@ def _csv(cast):
             return [cast(t) for t in str(text).split(",") if t.strip() != ""]
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}") from None
+    return parse
+
+
+def _positive_int(flag: str):
+    def parse(text):
+        try:
+            v = int(text)
+        except ValueError:
+            v = 0
+        if v < 1:
+            raise argparse.ArgumentTypeError(f"{flag} expects a positive integer, got {text!r}. Fix: e.g. {flag} 4.")
+        return v
+    return parse
+
+
+def _device(allow_list: bool):
+    """--device: 'auto' or torch device names (a comma list where runs are dealt to several devices)."""
+    def parse(text):
+        text = str(text).strip()
+        if text == "auto":
+            return text
+        names = [t.strip() for t in text.split(",") if t.strip()]
+        if not names or (len(names) > 1 and not allow_list):
+            raise argparse.ArgumentTypeError(
+                f"expected one device such as cpu, cuda or cuda:1 (or auto), got {text!r}"
+                + ("" if allow_list else "; a comma list is for `deepfit sweep` / `table1`") + ".")
+        import torch
+        for name in names:
+            try:
+                torch.device(name)
+            except (RuntimeError, ValueError):
+                raise argparse.ArgumentTypeError(
+                    f"unknown device {name!r}; expected auto, cpu, cuda or cuda:N"
+                    + (" (comma-separated for several)" if allow_list else "") + ".") from None
+        return ",".join(names)
     return parse
 
 
@@ -83,14 +119,15 @@ def _add_config_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     g.add_argument("--max-steps", type=int, default=None, help="SGD-step budget (default: none)")
 
 
-def _add_exec_args(p: argparse.ArgumentParser) -> None:
+def _add_exec_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     g = p.add_argument_group("execution (does not change the result)")
     g.add_argument("--out", required=True, help="results file (JSON lines; appended)")
     g.add_argument("--data-dir", default=None, help="directory with the data sets (default: kernelfit's resolution)")
     g.add_argument("--download", action="store_true",
                    help="fetch a missing data set from its canonical source into the data directory")
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:0,cuda:1 (sweeps deal runs round-robin)")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (per worker)")
+    g.add_argument("--device", type=_device(allow_list=sweep), default="auto",
+                   help="auto | cpu | cuda | cuda:N" + (" | cuda:0,cuda:1 (runs are dealt round-robin)" if sweep else ""))
+    g.add_argument("--threads", type=_positive_int("--threads"), default=None, help="torch CPU threads (per worker)")
     g.add_argument("--checkpoint-dir", default=None,
                    help="save a checkpoint every epoch here and resume from it (refuses other configs)")
     g.add_argument("--quiet", action="store_true", help="no per-epoch log lines")
@@ -108,6 +145,40 @@ def _config_from_args(a, **over):
     )
     fields.update(over)
     return TrainConfig(**fields)
+
+
+def _check_results_file(path) -> None:
+    """--out of train/sweep/table1: a JSON-lines file that is appended to (an existing one is kept and
+    extended). Refused before any work when it is a directory or when nothing can be written there."""
+    from pathlib import Path
+
+    from kernelfit.results import check_writable_dir
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise InputError(f"--out {path} is a directory; expected a results file such as {p / 'runs.jsonl'}.")
+    if p.exists():
+        try:   # opened for appending and closed again: nothing is written
+            os.close(os.open(str(p), os.O_WRONLY | os.O_APPEND))
+        except OSError as e:
+            raise InputError(f"--out {path} cannot be appended to ({e.strerror or e}). "
+                             "Fix: make it writable or choose another results file.") from None
+    else:
+        check_writable_dir(p.parent if str(p.parent) else Path("."), "--out", shown=p)
+
+
+def _preflight(a, allow_list: bool = False) -> None:
+    """Every output place and the device, checked before data is read or anything is trained."""
+    from kernelfit.results import check_writable_dir
+
+    from .experiments import _available_devices
+    from .train import resolve_device
+    _check_results_file(a.out)
+    if a.checkpoint_dir is not None:
+        check_writable_dir(a.checkpoint_dir, "--checkpoint-dir")
+    if getattr(a, "plot_dir", None):
+        check_writable_dir(a.plot_dir, "--plot-dir")
+    for d in (_available_devices(a.device) if allow_list else [a.device]):
+        resolve_device(d)   # a CUDA device on a machine without CUDA is refused here
 
 
 def _log(a):
@@ -135,6 +206,7 @@ def cmd_train(a) -> int:
     from .experiments import read_results, run_one
     from .train import config_hash
     cfg = _config_from_args(a)
+    _preflight(a)
     run_id = config_hash(cfg)
     done = [r for r in read_results(a.out) if isinstance(r, dict) and r.get("run_id") == run_id]
     if done:  # the same configuration gives the same result: do not append it twice
@@ -161,6 +233,7 @@ def cmd_sweep(a) -> int:
     if not configs:
         raise InputError("sweep: nothing to run; give --ps (e.g. 0,0.2,0.4,0.6,0.8,1) and/or --variants "
                          "(e.g. true,random-labels,shuffled-pixels,random-pixels,gaussian).")
+    _preflight(a, allow_list=True)
     run_sweep(configs, out=a.out, workers=a.workers, device=a.device, threads=a.threads, data_dir=a.data_dir,
               checkpoint_dir=a.checkpoint_dir, dask_address=a.dask, experiment="sweep", verbose=not a.quiet,
               download=a.download,
@@ -179,6 +252,7 @@ def cmd_table1(a) -> int:
     from .experiments import format_table1, read_results, run_sweep, table1_configs, table1_rows
     base = _config_from_args(a)
     grid = table1_configs(base, a.models)
+    _preflight(a, allow_list=True)
     run_sweep([c for _, c in grid], out=a.out, workers=a.workers, device=a.device, threads=a.threads,
               data_dir=a.data_dir, checkpoint_dir=a.checkpoint_dir, dask_address=a.dask, experiment="table1",
               download=a.download,
@@ -204,6 +278,8 @@ def cmd_plot(a) -> int:
         recs = [r for r in recs if r["config"]["model"] == a.model]
     if not recs:
         raise InputError(f"no run records in {a.results!r}" + (f" for model {a.model!r}" if a.model else "") + ".")
+    from kernelfit.results import check_writable_dir
+    check_writable_dir(a.outdir, "--outdir")
     for path in plot_all(recs, a.outdir, prefix=a.prefix):
         print(f"wrote {path}")
     return 0
@@ -224,11 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="corruption sweep / variant comparison, in parallel")
     _add_config_args(p, sweep=True)
-    _add_exec_args(p)
+    _add_exec_args(p, sweep=True)
     p.add_argument("--ps", type=_csv(float), default=None, help="corruption levels, e.g. 0,0.2,0.4,0.6,0.8,1")
     p.add_argument("--variants", type=_csv(str), default=None, help="data variants, e.g. true,random-labels,gaussian")
     p.add_argument("--seeds", type=_csv(int), default=[0], help="seeds (each sets init and randomization seed)")
-    p.add_argument("--workers", type=int, default=None, help="parallel runs (default: one per GPU, else 1)")
+    p.add_argument("--workers", type=_positive_int("--workers"), default=None,
+                   help="parallel runs (default: one per GPU, else 1)")
     p.add_argument("--dask", default=None, help="dask scheduler address, or 'local' for a local cluster")
     p.add_argument("--plot-dir", default=None, help="write Fig. 1a/1b/1c PNGs here after the sweep")
     p.add_argument("--plot-prefix", default="deepfit")
@@ -236,9 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("table1", help="the paper's Table 1 grid")
     _add_config_args(p, sweep=True)
-    _add_exec_args(p)
+    _add_exec_args(p, sweep=True)
     p.add_argument("--models", type=_csv(str), default=None, help="restrict to these models")
-    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--workers", type=_positive_int("--workers"), default=None)
     p.add_argument("--dask", default=None)
     p.set_defaults(func=cmd_table1)
 
@@ -258,17 +335,45 @@ def build_parser() -> argparse.ArgumentParser:
     # Hook: further subcommands (the measures/report side) register themselves here.
     for mod_name in _EXTENSIONS:
         importlib.import_module(mod_name).register_cli(sub)
+    for p in sub.choices.values():
+        p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     return parser
 
 
+def _interrupted(a) -> str:
+    """Where an interrupted command left its work (what rerunning it does)."""
+    ckdir = getattr(a, "checkpoint_dir", None)
+    if a.command == "train":
+        if ckdir is None:
+            return "interrupted; nothing of the run was kept (pass --checkpoint-dir DIR to make a run resumable)"
+        from .train import checkpoint_path
+        path = checkpoint_path(ckdir, _config_from_args(a))
+        if path.exists():
+            return f"interrupted; the checkpoint {path} holds the last finished epoch: rerunning the same command resumes"
+        return f"interrupted before the first epoch finished; no checkpoint in {ckdir} yet"
+    if a.command in ("sweep", "table1"):
+        done = f"runs that finished are in {a.out} and are skipped when the same command is rerun"
+        if ckdir is not None:
+            return f"interrupted; {done}; unfinished runs resume from their checkpoints in {ckdir}"
+        return f"interrupted; {done}; unfinished runs start over (pass --checkpoint-dir DIR to make them resumable)"
+    return "interrupted; nothing was written"
+
+
 def main(argv=None) -> int:
+    """Exit status: 0 ok, 1 error, 2 bad arguments or input (argparse errors, InputError)."""
     parser = build_parser()
     a = parser.parse_args(argv)
     try:
         return int(a.func(a) or 0)
-    except (KernelfitError, FileExistsError) as e:
-        print(f"deepfit {a.command}: error: {e}", file=sys.stderr)
-        return 2
+    except (KernelfitError, OSError, KeyboardInterrupt) as e:
+        if getattr(a, "debug", False):
+            raise
+        if isinstance(e, KeyboardInterrupt):
+            print(f"deepfit {a.command}: error: {_interrupted(a)}", file=sys.stderr)
+            return 1
+        msg = " ".join(str(e).split()) or type(e).__name__   # one line
+        print(f"deepfit {a.command}: error: {msg}", file=sys.stderr)
+        return 2 if isinstance(e, (InputError, FileExistsError)) else 1
 
 
 if __name__ == "__main__":

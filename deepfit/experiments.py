@@ -112,7 +112,15 @@ def run_one(
     record["threads"] = torch.get_num_threads()
     record["provenance"] = prov
     if out is not None:
-        _append(out, record)
+        try:
+            _append(out, record)
+        except OSError as e:
+            from .train import checkpoint_path
+            kept = (f"the finished run's checkpoint {str(checkpoint_path(checkpoint_dir, config))!r} is kept: rerun the "
+                    "same command to append the record without training again" if checkpoint_dir is not None
+                    else "the trained weights were not saved (pass --checkpoint-dir to keep them)")
+            raise OSError(e.errno, f"run {record['run_id']} finished, but its record could not be appended to {str(out)!r} "
+                                   f"({e.strerror or e}); the file keeps its earlier records; {kept}") from None
     return record
 
 

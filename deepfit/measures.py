@@ -27,9 +27,13 @@ Conventions
   the autograd graph of one forward pass; on branched networks (concatenation, residual addition,
   shared layers) or with other operations between layers (e.g. LocalResponseNorm) the product over
   all layers is neither the paper's quantity nor a bound, so those measures are not computed and
-  the reason is returned. An overlapping max pool can enlarge distances (Lipschitz constant up to
-  ``sqrt(max number of windows covering one input)``, 2 for 3x3 windows of stride 2); the spectral
-  measures multiply by that factor (Bartlett et al.'s ``rho_i``), so they stay Lipschitz bounds.
+  the reason is returned. Pools can enlarge distances: an overlapping max pool has Lipschitz
+  constant ``sqrt(max number of windows covering one input)`` (2 for 3x3 windows of stride 2), an
+  average pool its operator norm, which exceeds 1 for an adaptive pool that upsamples or a divisor
+  below the window size (``count_include_pad=False``, ``divisor_override``). The spectral measures
+  multiply by each pool's constant (Bartlett et al.'s ``rho_i``), so they stay Lipschitz bounds. A
+  discontinuous activation (``nn.Threshold`` with value != threshold, ``nn.Hardshrink``) has no
+  Lipschitz constant: the product measures are refused with the module named.
 * Path norms (``kind="path"``) count every path from an input unit or a bias (a constant-1 unit)
   to an output unit through the dense operator each layer applies, on any DAG of the supported
   layers. Average pools are edges of weight ``1/window``, raised to the power p like every other
@@ -536,14 +540,17 @@ def path_norm(model: nn.Module, example, p: int = 1, *, fold_bn: bool = True) ->
 # The computation graph: is the network a chain of layers? (product measures need one)
 # --------------------------------------------------------------------------------------------
 
-# Autograd nodes allowed between two consecutive layers of a chain, each 1-Lipschitz in l2 except
-# max pooling (accounted for by its window overlap). Anything else (a LocalResponseNorm, a scaling,
-# a softmax) has a Lipschitz constant the per-layer products do not include.
+# Autograd nodes allowed between two consecutive layers of a chain: 1-Lipschitz in l2 (ReLU, reshapes),
+# or pools, whose Lipschitz constants (:func:`_pool_lipschitz`) multiply the product measures.
+# Thresholds pass only when made by an ``nn.Threshold`` whose value equals its threshold (otherwise the
+# function jumps and has no Lipschitz constant). Anything else (a LocalResponseNorm, a scaling, a
+# softmax) has a Lipschitz constant the per-layer products do not include.
 _CHAIN_OPS = {"ReluBackward0", "ReluBackward1", "ThresholdBackward0", "ThresholdBackward1",
               "MaxPool2DWithIndicesBackward0", "AvgPool2DBackward0", "AdaptiveAvgPool2DBackward0", "MeanBackward1",
               "ViewBackward0", "ReshapeAliasBackward0", "UnsafeViewBackward0", "CloneBackward0", "AddBackward0",
-              "AddBackward1", "CatBackward0"}
+              "AddBackward1", "CatBackward0", "SqueezeBackward0", "SqueezeBackward1", "UnsqueezeBackward0"}
 _POOL_OPS = {"AvgPool2DBackward0", "AdaptiveAvgPool2DBackward0", "MeanBackward1", "MaxPool2DWithIndicesBackward0"}
+_THRESHOLD_OPS = {"ThresholdBackward0", "ThresholdBackward1"}
 
 
 @dataclass
@@ -552,15 +559,16 @@ class GraphInfo:
 
     ``chain``: the layers form one path (each layer's input depends on the previous layer only,
     through 1-Lipschitz element-wise or pooling ops); ``reason`` says why not otherwise.
-    ``maxpool_lipschitz``: per max pool on the chain, ``sqrt(max number of windows covering one
-    input)``, its Lipschitz constant bound in l2 (1 when windows do not overlap).
+    ``pool_lipschitz``: per pool on the chain, its Lipschitz constant in l2 (:func:`_pool_lipschitz`):
+    ``sqrt(max number of windows covering one input)`` for a max pool (1 when windows do not overlap),
+    the operator norm for the linear pools (average, adaptive average, mean).
     ``functional_pools``: pooling ops not made by an nn pooling module; ``other_ops``: autograd ops
     outside the supported set (for example the pieces of a LocalResponseNorm).
     """
 
     chain: bool
     reason: str
-    maxpool_lipschitz: list
+    pool_lipschitz: list
     functional_pools: list
     other_ops: list
 
@@ -589,6 +597,87 @@ def _maxpool_coverage(node) -> int:
     return int(counts[0, 0, ph:ph + h, pw:pw + w].max())
 
 
+_DENSE_POOL_LIMIT = 4096  # inputs per channel up to which a pool's matrix is built and decomposed densely
+
+
+def _linear_map_norm(fn: Callable, h: int, w: int) -> float:
+    """Operator norm of a linear map acting alike on every channel of (h, w) planes (a pooling op).
+
+    Every channel is pooled by the same map independently, so the norm is that of the one-channel
+    map: its matrix (built from the h*w unit inputs) by SVD, or ARPACK's Lanczos on larger planes.
+    """
+    n = h * w
+    if n <= _DENSE_POOL_LIMIT:
+        cols = fn(torch.eye(n, dtype=torch.float64).reshape(n, 1, h, w)).reshape(n, -1)  # row i = A e_i
+        return float(torch.linalg.matrix_norm(cols, ord=2))
+    from scipy.sparse.linalg import LinearOperator, svds
+
+    out_n = int(fn(torch.zeros(1, 1, h, w, dtype=torch.float64)).numel())
+
+    def mv(v):
+        return fn(torch.as_tensor(np.ascontiguousarray(v)).reshape(1, 1, h, w)).reshape(-1).numpy()
+
+    def rmv(u):
+        x = torch.zeros(1, 1, h, w, dtype=torch.float64, requires_grad=True)
+        with torch.enable_grad():
+            (g,) = torch.autograd.grad(fn(x), x, grad_outputs=torch.as_tensor(np.ascontiguousarray(u)).reshape(
+                fn(x).shape))
+        return g.reshape(-1).numpy()
+
+    op = LinearOperator((out_n, n), matvec=mv, rmatvec=rmv, dtype=np.float64)
+    return float(svds(op, k=1, tol=1e-10, return_singular_vectors=False, random_state=np.random.default_rng(0))[0])
+
+
+def _pool_lipschitz(node, target: str) -> dict:
+    """The l2 Lipschitz constant of the pooling op behind autograd node ``node`` (raises InputError
+    when it cannot be read off). Average pools are linear: their constant is their operator norm,
+    which exceeds 1 when windows overlap unevenly (an adaptive pool that upsamples feeds one input to
+    several outputs) or the divisor is smaller than the window (count_include_pad=False at a border,
+    divisor_override)."""
+    kind = type(node).__name__
+    if kind == "MaxPool2DWithIndicesBackward0":
+        return dict(op="max-pool", before=target, kernel=list(node._saved_kernel_size),
+                    stride=list(node._saved_stride) or list(node._saved_kernel_size),
+                    factor=math.sqrt(_maxpool_coverage(node)))
+    if kind == "MeanBackward1":   # each output is the mean of N inputs, disjoint between outputs
+        sizes = list(node._saved_self_sym_sizes)
+        dims = [d % len(sizes) for d in node._saved_dim] if len(node._saved_dim) else list(range(len(sizes)))
+        n = math.prod(int(sizes[d]) for d in dims)
+        return dict(op="mean", before=target, dims=dims, factor=1.0 / math.sqrt(n))
+    h, w = (int(v) for v in node._saved_self.shape[-2:])
+    if kind == "AvgPool2DBackward0":
+        k = tuple(node._saved_kernel_size)
+        st = tuple(node._saved_stride) or k
+        pad, ceil = tuple(node._saved_padding), bool(node._saved_ceil_mode)
+        cip, div = bool(node._saved_count_include_pad), node._saved_divisor_override
+
+        def fn(x):
+            return F.avg_pool2d(x, k, st, pad, ceil, cip, div)
+        info = dict(op="avg-pool", kernel=list(k), stride=list(st), padding=list(pad), count_include_pad=cip,
+                    divisor_override=div)
+    else:  # AdaptiveAvgPool2DBackward0
+        meta = getattr(node, "_input_metadata", None)
+        if not meta:
+            raise InputError(f"cannot read the output size of the adaptive average pool before {target} from this "
+                             "torch version, so its Lipschitz constant is unknown. Fix: use nn.AvgPool2d.")
+        out_hw = tuple(int(v) for v in meta[0].shape[-2:])
+
+        def fn(x):
+            return F.adaptive_avg_pool2d(x, out_hw)
+        info = dict(op="adaptive-avg-pool", output_size=list(out_hw))
+    return dict(info, before=target, input_size=[h, w], factor=_linear_map_norm(fn, h, w))
+
+
+def _discontinuity(mod: nn.Module) -> str | None:
+    """Why ``mod`` is a discontinuous activation (it then has no Lipschitz constant), or None."""
+    if isinstance(mod, nn.Threshold) and float(mod.value) != float(mod.threshold):
+        return (f"jumps by {abs(float(mod.value) - float(mod.threshold)):g} at x = {float(mod.threshold):g} "
+                "(value != threshold)")
+    if isinstance(mod, nn.Hardshrink) and float(mod.lambd) > 0:
+        return f"jumps by {float(mod.lambd):g} at x = +-{float(mod.lambd):g}"
+    return None
+
+
 def analyse_graph(model: nn.Module, example) -> GraphInfo:
     """Walk the autograd graph of one forward pass (on a copy: the caller's model is untouched)."""
     net = copy.deepcopy(model).eval()
@@ -599,6 +688,8 @@ def analyse_graph(model: nn.Module, example) -> GraphInfo:
     inputs: list = []
     keep: list = []
     pool_nodes: set[int] = set()
+    continuous_thresholds: set[int] = set()   # nodes of nn.Threshold(t, value=t), i.e. max(x, t)
+    jumps: list[str] = []
     handles = []
 
     def layer_hook(name):
@@ -613,11 +704,24 @@ def analyse_graph(model: nn.Module, example) -> GraphInfo:
         pool_nodes.add(id(out.grad_fn))
         keep.append(out.grad_fn)
 
+    def activation_hook(name):
+        def fn(mod, inp, out):
+            why = _discontinuity(mod)
+            if why is not None:
+                jumps.append(f"the activation {name!r} ({mod!r}) is discontinuous: it {why}, so no Lipschitz "
+                             "constant bounds it and a product of per-layer norms bounds nothing")
+            elif isinstance(mod, nn.Threshold):
+                continuous_thresholds.add(id(out.grad_fn))
+                keep.append(out.grad_fn)
+        return fn
+
     for name, mod in net.named_modules():
         if isinstance(mod, _LINEAR_TYPES):
             handles.append(mod.register_forward_hook(layer_hook(name)))
         elif isinstance(mod, (nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.MaxPool2d)):
             handles.append(mod.register_forward_hook(pool_hook))
+        elif isinstance(mod, (nn.Threshold, nn.Hardshrink)):
+            handles.append(mod.register_forward_hook(activation_hook(name)))
     x = _as_example(net, example).detach().clone().requires_grad_(True)
     try:
         with torch.enable_grad():
@@ -626,7 +730,7 @@ def analyse_graph(model: nn.Module, example) -> GraphInfo:
         for h in handles:
             h.remove()
 
-    reasons: list[str] = []
+    reasons: list[str] = list(dict.fromkeys(jumps))
     lipschitz: list = []
     functional: list[str] = []
     other: list[str] = []
@@ -658,10 +762,15 @@ def analyse_graph(model: nn.Module, example) -> GraphInfo:
                 reasons.append(f"the input of {target} passes through {kind}, whose Lipschitz constant is not accounted for")
             elif len(live) > 1:
                 reasons.append(f"the input of {target} joins branches ({kind} of tensors that both depend on the input)")
-            if kind == "MaxPool2DWithIndicesBackward0":
-                lipschitz.append(dict(before=target, kernel=list(node._saved_kernel_size),
-                                      stride=list(node._saved_stride) or list(node._saved_kernel_size),
-                                      factor=math.sqrt(_maxpool_coverage(node))))
+            elif kind in _THRESHOLD_OPS and id(node) not in continuous_thresholds and not jumps:
+                reasons.append(f"the input of {target} passes through a threshold (F.threshold or a discontinuous "
+                               "activation) that may jump, so it has no Lipschitz constant. Fix: nn.ReLU, or "
+                               "nn.Threshold(t, t)")
+            if kind in _POOL_OPS:
+                try:
+                    lipschitz.append(_pool_lipschitz(node, target))
+                except InputError as e:
+                    reasons.append(str(e))
             stack.extend(live)
         return sources
 
@@ -683,7 +792,7 @@ def analyse_graph(model: nn.Module, example) -> GraphInfo:
     return GraphInfo(
         chain=not reasons,
         reason="; ".join(reasons[:3]) + (f" (and {len(reasons) - 3} more)" if len(reasons) > 3 else ""),
-        maxpool_lipschitz=lipschitz,
+        pool_lipschitz=lipschitz,
         functional_pools=functional,
         other_ops=sorted(set(other)),
     )
@@ -750,16 +859,16 @@ MEASURES: dict[str, Measure] = {
                        "path", 2, _SQUARED.format(what="sqrt(sum_paths prod w^2)", const="prod_i 4 h_i")),
     "spectral": Measure(_spectral, "Neyshabur et al. 2017; Bartlett et al. 2017",
                         "product over layers of the operator (spectral) norm, convs on their true input shape, times the "
-                        "Lipschitz bound sqrt(max window overlap) of each overlapping max pool",
+                        "Lipschitz constant of each pool (max: sqrt(max window overlap); average: its operator norm)",
                         "product", 2, _SQUARED.format(what="prod_i ||W_i||_2", const="prod_i h_i")),
     "spectral-complexity": Measure(_bartlett, "Bartlett, Foster, Telgarsky 2017",
                                    "prod rho_i ||A_i||_2 * (sum (||A_i^T||_{2,1} / ||A_i||_2)^(2/3))^(3/2), reference "
-                                   "matrices 0, rho_i the max-pool Lipschitz bounds",
+                                   "matrices 0, rho_i the Lipschitz constants of the pools",
                                    "product", 1, "Bartlett et al. 2017, Fig. 1: margin-normalised spectral complexity "
                                    "R_A / margin (not squared)"),
     "neyshabur2018": Measure(_neyshabur2018, "Neyshabur, Bhojanapalli, Srebro 2018",
                              "prod ||W_i||_2 * sqrt(sum ||W_i||_F^2 / ||W_i||_2^2) (PAC-Bayes spectral bound), times the "
-                             "max-pool Lipschitz bounds",
+                             "pools' Lipschitz constants",
                              "product", 2, "Neyshabur et al. 2018, Thm. 1: the bound's complexity term "
                              "prod ||W_i||_2^2 sum ||W_i||_F^2/||W_i||_2^2 / margin^2; constants (B^2 d^2 h ln(dh)) dropped"),
 }
@@ -779,7 +888,7 @@ def compute_norm_measures(model: nn.Module, X: torch.Tensor, y: torch.Tensor, *,
 
     Returns ``{"margin", "margin_percentile", "measures": {name: {"value", "normalized", "capacity",
     "convention", "paper", "exact"}}, "not_applicable": {name: reason}, "layers": [...],
-    "maxpool_lipschitz": [...]}``. ``normalized`` is ``value / margin`` and ``capacity`` is
+    "pool_lipschitz": [...]}``. ``normalized`` is ``value / margin`` and ``capacity`` is
     ``normalized ** power`` (the quantity the paper plots); both are ``nan`` when the margin is
     <= 0 (the network does not fit that percentile of the training set). Product measures need a
     chain of layers (:func:`analyse_graph`); on other wirings they are listed in
@@ -815,7 +924,7 @@ def compute_norm_measures(model: nn.Module, X: torch.Tensor, y: torch.Tensor, *,
     gamma = margin(folded, X, y, percentile)
     need_stats = any(MEASURES[n].kind == "product" and n not in skipped for n in names)
     stats = layer_statistics(folded, example, seed=seed, fold_bn=False) if need_stats else []
-    lip = _prod(m["factor"] for m in graph.maxpool_lipschitz)
+    lip = _prod(m["factor"] for m in graph.pool_lipschitz)
     out = {}
     for n in names:
         if n in skipped:
@@ -831,7 +940,7 @@ def compute_norm_measures(model: nn.Module, X: torch.Tensor, y: torch.Tensor, *,
             v["note"] = (f"normalized and capacity are undefined: the margin ({gamma:.4g}) is <= 0, so the network "
                          f"misclassifies at least {percentile:g}% of the training set")
     return dict(margin=gamma, margin_percentile=percentile, measures=out, not_applicable=skipped, layers=stats,
-                maxpool_lipschitz=graph.maxpool_lipschitz, chain=graph.chain)
+                pool_lipschitz=graph.pool_lipschitz, chain=graph.chain)
 
 
 # --------------------------------------------------------------------------------------------

@@ -569,8 +569,10 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         "cpu-mnist (the defaults below), paper-cifar (paper scale, a GPU job)")
     p.add_argument("--out", default=None, help="output directory (default ./report_<dataset>_<model>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report in --out")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    from .cli import _device, _positive_int
+    p.add_argument("--device", type=_device(allow_list=False), default="auto", help="auto | cpu | cuda (default auto)")
+    p.add_argument("--threads", type=_positive_int("--threads"), default=None,
+                   help="torch intra-op threads (default: torch's choice)")
     g = p.add_argument_group("data")
     opt(g, "--dataset", "mnist | mnist-subset | cifar10")
     opt(g, "--data-dir", "directory with the data sets", shown="kernelfit's resolution")
@@ -637,6 +639,12 @@ def _run_args(args: argparse.Namespace, argv) -> int:
     out = Path(args.out) if args.out else Path(f"report_{opts.dataset}_{opts.model}")
     if (out / "report.json").exists() and not args.overwrite:
         print(f"deepfit report: error: {out / 'report.json'} exists. Fix: pass --overwrite or another --out.", file=sys.stderr)
+        return 2
+    from kernelfit.results import check_writable_dir
+    try:
+        check_writable_dir(out, "--out")   # before hours of training, not after
+    except InputError as e:
+        print(f"deepfit report: error: {e}", file=sys.stderr)
         return 2
     out.mkdir(parents=True, exist_ok=True)
     if args.threads:

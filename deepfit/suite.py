@@ -147,7 +147,7 @@ def measure_all(model: nn.Module, X: torch.Tensor, y: torch.Tensor, options: Mea
     if _state(model) != before:  # a measure must never leave the caller's model changed
         raise RuntimeError("internal error: a measure changed the model's mode or requires_grad flags")
     return dict(margin=margin, measures=measures, not_applicable=skipped, layers=norms["layers"],
-                maxpool_lipschitz=norms["maxpool_lipschitz"], chain=norms["chain"], n_samples=int(X.shape[0]),
+                pool_lipschitz=norms["pool_lipschitz"], chain=norms["chain"], n_samples=int(X.shape[0]),
                 n_parameters=int(n_params), options=dataclasses.asdict(opts), time_s=time.perf_counter() - t0)
 
 
@@ -159,14 +159,14 @@ def read_checkpoint(path) -> tuple[dict, "object"]:
     """A ``deepfit train`` checkpoint file and its :class:`deepfit.train.TrainConfig`."""
     from pathlib import Path
 
-    from .train import TrainConfig
+    from .train import TrainConfig, load_torch_file
 
     p = Path(path).expanduser()
     if not p.is_file():
         raise InputError(f"checkpoint {str(p)!r} does not exist. Fix: pass a <run id>.pt file written by "
                          "`deepfit train --checkpoint-dir DIR`.")
-    ckpt = torch.load(p, map_location="cpu", weights_only=False)
-    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
+    ckpt = load_torch_file(p, "checkpoint")   # weights only: a file that needs pickle is refused, never run
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict) or not isinstance(ckpt.get("model"), dict):
         raise InputError(f"{str(p)!r} is not a deepfit training checkpoint (expected the keys 'config' and 'model'). "
                          "Fix: pass a file from `deepfit train --checkpoint-dir DIR`, or call measure_all() from Python.")
     return ckpt, TrainConfig.from_dict(ckpt["config"])
@@ -229,7 +229,9 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--download", action="store_true", help="fetch a missing data set from its canonical source")
     p.add_argument("--groups", default=",".join(GROUPS), help=f"comma-separated subset of {','.join(GROUPS)} (default all)")
     p.add_argument("--out", default=None, help="also write the JSON here (default: standard output only)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    from .cli import _positive_int
+    p.add_argument("--threads", type=_positive_int("--threads"), default=None,
+                   help="torch CPU threads (default: torch's choice)")
     g = p.add_argument_group("measure settings (see MeasureOptions)")
     for f in dataclasses.fields(MeasureOptions):
         flag = "--" + f.name.replace("_", "-")
@@ -261,13 +263,15 @@ def _float_list(text: str) -> tuple[float, ...]:
 
 
 def _run(a) -> int:
-    from kernelfit.results import dumps, provenance, write_json_atomic
+    from kernelfit.results import check_output_file, dumps, provenance, write_json_atomic
 
     from .data import prepare_data
 
     groups = [g.strip() for g in a.groups.split(",") if g.strip()]
     kw = {f.name: getattr(a, f.name) for f in dataclasses.fields(MeasureOptions) if getattr(a, f.name) is not None}
     opts = MeasureOptions(**kw).validated()
+    if a.out:   # replaced as before, but refused now if it is a directory or cannot be written
+        check_output_file(a.out, "--out", overwrite=True)
     ckpt, cfg = read_checkpoint(a.checkpoint)   # bad input fails here, before any data is read
     if a.data == "config":
         data = prepare_data(cfg, data_dir=a.data_dir, download=a.download)
@@ -283,9 +287,13 @@ def _run(a) -> int:
     res = measure_all(model, X, data.y_train, opts, groups=groups)
     res = dict(checkpoint=str(a.checkpoint), config=cfg.to_dict(), data=dict(data.info), **res,
                provenance=provenance(["deepfit", "measure", *sys.argv[2:]]))
+    print(dumps(res), flush=True)   # first, so that a failing --out write loses nothing
     if a.out:
-        write_json_atomic(a.out, res, overwrite=True)
-    print(dumps(res))
+        try:
+            write_json_atomic(a.out, res, overwrite=True)
+        except OSError as e:
+            raise OSError(e.errno, f"could not write --out {a.out} ({e.strerror or e}); the measures were printed "
+                                   "to standard output above, and --out was left as it was") from None
     return 0
 
 

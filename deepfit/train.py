@@ -26,16 +26,21 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from kernelfit.errors import InputError
+from kernelfit.errors import InputError, KernelfitError, ModelFileError
 from kernelfit.results import atomic_file
 
 from .models import MODELS, build_model, count_parameters
 
-__all__ = ["TrainConfig", "TrainResult", "config_hash", "lr_at_epoch", "train", "resolve_device", "CheckpointMismatchError"]
+__all__ = ["TrainConfig", "TrainResult", "config_hash", "lr_at_epoch", "train", "resolve_device", "CheckpointMismatchError",
+           "TrainingDivergedError", "load_torch_file"]
 
 
 class CheckpointMismatchError(InputError):
     """A checkpoint belongs to a different configuration; resuming from it would mix two runs."""
+
+
+class TrainingDivergedError(KernelfitError):
+    """The training loss became NaN or infinite; the run is stopped and not recorded."""
 
 
 @dataclass(frozen=True)
@@ -172,6 +177,50 @@ def _save_atomic(obj: Any, path: Path) -> None:
         torch.save(obj, fh)
 
 
+_HOW_TO_SAVE = ("Fix: save plain tensors, e.g. torch.save(model.state_dict(), path), or use a checkpoint written by "
+                "`deepfit train --checkpoint-dir DIR`")
+
+
+def load_torch_file(path: str | os.PathLike, what: str = "checkpoint") -> Any:
+    """``torch.load(path, weights_only=True)``: tensors, dicts, lists and numbers only, never code.
+
+    A file that needs pickle (an arbitrary Python object, which loading would have to run) and a
+    corrupt or truncated file are refused with one line (:class:`ModelFileError`) naming what was found.
+    """
+    import pickle
+    import re
+    import warnings
+
+    try:
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of foreign files
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        text = str(e)
+        if "Weights only load failed" not in text:
+            raise _corrupt(path, what, e) from None
+        glob = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        if glob:
+            found = f"a pickled Python object ({glob.group(1)})"
+        else:
+            op = re.search(r"Unsupported operand (\d+)", text)
+            found = ("pickle instruction " + op.group(1) if op else "a pickle instruction") + \
+                " that a plain tensor file never holds (a pickled object, or not a torch file at all)"
+        raise ModelFileError(
+            f"refusing to load {what} {str(path)!r}: it holds {found}; rebuilding it would need full unpickling, "
+            f"which can run any code, so nothing was loaded. {_HOW_TO_SAVE}."
+        ) from None
+    except (RuntimeError, EOFError, ValueError, KeyError, IndexError, TypeError, AttributeError, MemoryError) as e:
+        raise _corrupt(path, what, e) from None
+
+
+def _corrupt(path, what: str, e: BaseException) -> ModelFileError:
+    text = str(e).strip()
+    reason = text.split(". ")[0].splitlines()[0] if text else f"{type(e).__name__}: the file ends early"
+    return ModelFileError(f"{what} {str(path)!r} is corrupt, truncated or not a torch file ({reason[:160]}). "
+                          f"{_HOW_TO_SAVE}.")
+
+
 def checkpoint_path(checkpoint_dir: str | os.PathLike, config: TrainConfig) -> Path:
     return Path(checkpoint_dir).expanduser() / f"{config_hash(config)}.pt"
 
@@ -179,7 +228,11 @@ def checkpoint_path(checkpoint_dir: str | os.PathLike, config: TrainConfig) -> P
 def _load_checkpoint(path: Path, config: TrainConfig) -> dict | None:
     if not path.exists():
         return None
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = load_torch_file(path, "checkpoint")
+    if not isinstance(ckpt, dict) or not {"config_hash", "model", "optimizer", "epoch"} <= set(ckpt):
+        raise ModelFileError(f"{str(path)!r} in --checkpoint-dir is not a deepfit training checkpoint (expected a dict "
+                             "with config_hash, model, optimizer, epoch). Nothing was deleted. Fix: move it away or "
+                             "use another --checkpoint-dir.")
     want = config_hash(config)
     if ckpt.get("config_hash") != want:
         theirs = ckpt.get("config", {})
@@ -266,16 +319,28 @@ def train(
         ckpt_file = checkpoint_path(checkpoint_dir, config) if checkpoint_dir is not None else None
         resumed_from = None
         if ckpt_file is not None:
+            from kernelfit.results import check_free_space
+
+            # weights + momentum buffers, twice: the old checkpoint stays until the new one is complete
+            state_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+            check_free_space(ckpt_file.parent, 2 * (2 * state_bytes + (1 << 20)), "--checkpoint-dir", "a checkpoint")
             ckpt = _load_checkpoint(ckpt_file, config)
             if ckpt is not None:
-                model.load_state_dict(ckpt["model"])
-                opt.load_state_dict(ckpt["optimizer"])
-                gen.set_state(ckpt["gen_state"])
-                torch.set_rng_state(ckpt["torch_rng"])
-                if dev.type == "cuda" and ckpt.get("cuda_rng") is not None:
-                    torch.cuda.set_rng_state(ckpt["cuda_rng"], dev)
-                history = ckpt["history"]
-                start_epoch, step, train_time = ckpt["epoch"], ckpt["step"], ckpt["train_time_s"]
+                try:
+                    model.load_state_dict(ckpt["model"])
+                    opt.load_state_dict(ckpt["optimizer"])
+                    gen.set_state(ckpt["gen_state"])
+                    torch.set_rng_state(ckpt["torch_rng"])
+                    if dev.type == "cuda" and ckpt.get("cuda_rng") is not None:
+                        torch.cuda.set_rng_state(ckpt["cuda_rng"], dev)
+                    history = list(ckpt["history"])
+                    start_epoch, step, train_time = int(ckpt["epoch"]), int(ckpt["step"]), float(ckpt["train_time_s"])
+                except (KeyError, RuntimeError, TypeError, ValueError) as e:
+                    raise ModelFileError(
+                        f"checkpoint {str(ckpt_file)!r} matches this configuration but cannot be resumed "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else 'missing field'}). "
+                        "Nothing was deleted. Fix: move it away to start over, or use another --checkpoint-dir."
+                    ) from None
                 resumed_from = start_epoch
                 if log:
                     log(f"[{run_id}] resumed from {ckpt_file} at epoch {start_epoch}, step {step}")
@@ -289,6 +354,8 @@ def train(
             model.train()
             perm = torch.randperm(n, generator=gen).to(dev)
             loss_sum = torch.zeros((), device=dev)
+            # First step of the epoch whose loss was NaN/inf (-1: none); kept on the device, so no sync per step.
+            bad_step = torch.full((), -1, dtype=torch.long, device=dev)
             seen = 0
             _sync(dev)
             t0 = time.perf_counter()
@@ -303,9 +370,19 @@ def train(
                 loss.backward()
                 opt.step()
                 loss_sum += loss.detach() * idx.numel()
+                bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step + 1, bad_step)
                 seen += idx.numel()
                 step += 1
             _sync(dev)
+            if int(bad_step) >= 0:  # before the checkpoint: the last one saved stays the last finite state
+                raise TrainingDivergedError(
+                    f"run {run_id}: the training loss became {float(loss_sum):g} (not finite) at epoch {epoch + 1}, "
+                    f"SGD step {int(bad_step)} (learning rate {lr:g}); the weights diverged, so the run was stopped "
+                    "and not recorded. Fix: a lower learning rate (--lr, e.g. "
+                    f"{config.initial_lr / 10:g}), or batch norm / weight decay."
+                    + (f" The checkpoint {str(ckpt_file)!r} keeps the last finite epoch." if ckpt_file is not None
+                       and ckpt_file.exists() else "")
+                )
             train_time += time.perf_counter() - t0
             # Evaluation excluded from training time. Train accuracy is measured on the
             # un-augmented training set in eval mode (what "fits the training set" means).

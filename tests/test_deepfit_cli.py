@@ -135,8 +135,10 @@ def test_missing_dataset_says_where_it_looked_and_hints_at_real_options(tmp_path
     extra = ["--ps", "0"] if command == "sweep" else []
     rc = main([command, "--dataset", "cifar10", "--data-dir", str(tmp_path / "nowhere"), *extra,
                "--out", str(tmp_path / "x.jsonl"), "--quiet"])
-    assert rc == 2
+    assert rc == 1   # a DataError: not an argument error (2), but still one line, no traceback
     err = capsys.readouterr().err
+    errors = [ln for ln in err.splitlines() if ": error: " in ln]
+    assert len(errors) == 1 and "Traceback" not in err
     assert str(tmp_path / "nowhere") in err
     sub = build_parser()._subparsers._group_actions[0].choices[command]
     known = {o for act in sub._actions for o in act.option_strings}
