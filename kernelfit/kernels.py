@@ -42,10 +42,11 @@ def check_bandwidth(bandwidth) -> float:
             "Pass e.g. bandwidth=5.0 or bandwidth='median' to use the median heuristic."
         )
     two_s2 = 2.0 * value * value
-    if not (0.0 < two_s2 < math.inf) or not (1.0 / value < math.inf):
+    scale = 1.0 / two_s2 if two_s2 > 0 else math.inf
+    if not (0.0 < scale < math.inf):
         raise InputError(
             f"bandwidth {value!r} is outside what float64 can use: 2 sigma^2 = {two_s2!r}, so the Gaussian "
-            f"scale 1 / (2 sigma^2) is {'infinite' if two_s2 == 0 else 'zero'} and every kernel value would be "
+            f"scale 1 / (2 sigma^2) is {'infinite' if scale == math.inf else 'zero'} and every kernel value would be "
             f"NaN, 0 or 1. Use a sigma between 1e-150 and 1e150 on the data's scale, e.g. bandwidth='median' "
             f"(--bandwidth median)."
         )
