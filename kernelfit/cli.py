@@ -55,15 +55,19 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_DOES_NOT_FIT, EXIT_INTERRUPTED = 0, 1, 2, 
 def _bandwidth(text: str):
     if text.strip().lower() == "median":
         return "median"
+    from .errors import InputError
+    from .kernels import check_bandwidth
+
     try:
-        value = float(text)
+        float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected a positive number (sigma, e.g. 5.0 for MNIST pixels / 255) or 'median', "
             f"got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0 or 'median', got {text!r}")
-    return value
+    try:
+        return check_bandwidth(text)   # the one check: finite, > 0, 1 / (2 sigma^2) finite and nonzero
+    except InputError as e:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0 or 'median', got {text!r}: {e}") from None
 
 
 def _positive_int(text: str) -> int:
@@ -205,20 +209,28 @@ def _check_data_source(parser, args) -> dict | None:
     return None
 
 
-def _user_shape(user: dict) -> dict:
-    """d, classes and split sizes of a user's arrays, read from their headers (labels are read)."""
+def _user_shape(user: dict, task: str = "classification") -> dict:
+    """d, classes (regression: target columns) and split sizes of a user's arrays, read from their
+    headers (labels are read, and checked: finite; for classification, class indices 0..k-1)."""
     import numpy as np
 
     from .data import open_array, peek_arrays
+    from .solve import check_finite_targets, infer_num_classes
 
     shapes = peek_arrays(**user)
     specs = {k: (f"{user['data']}:{k}" if user["data"] is not None else user[k]) for k in shapes}
-    k = 0
+    labels = []
     for key in ("y_train", "y_test"):
         if key in shapes:
-            y = np.asarray(open_array(specs[key], what=f"--{key.replace('_', '-')}")[...])
-            if y.size and np.issubdtype(y.dtype, np.number):
-                k = max(k, int(np.nanmax(y)) + 1)
+            flag = f"--{key.replace('_', '-')}"
+            y = np.asarray(open_array(specs[key], what=flag)[...])
+            if np.issubdtype(y.dtype, np.number):
+                check_finite_targets(y, flag)
+                labels.append((y, flag))
+    if task == "regression":
+        k = max((int(np.prod(y.shape[1:], dtype=np.int64)) for y, _ in labels), default=1)
+    else:
+        k = infer_num_classes(*labels)
     x = shapes["x_train"][0]
     return {"d": int(np.prod(x[1:], dtype=np.int64)), "image_shape": x[1:], "num_classes": max(k, 1), "n_train": x[0],
             "n_test": shapes["x_test"][0][0] if "x_test" in shapes else 0}
@@ -630,7 +642,7 @@ def cmd_solve(args, parser) -> int:
 
         _check_dir_path(parser, args.cache_dir or default_cache_dir(), "--cache-dir")
     user = _check_data_source(parser, args)
-    shape = DATASET_SHAPES[args.dataset] if user is None else _user_shape(user)
+    shape = DATASET_SHAPES[args.dataset] if user is None else _user_shape(user, getattr(args, "task", "classification"))
     what = args.dataset if user is None else "your arrays"
     if args.features == "randconv":
         _check_randconv_options(parser, args)
@@ -865,8 +877,11 @@ def _read_targets(spec: str, what: str):
     import numpy as np
 
     from .data.arrays import open_array
+    from .solve import check_finite_targets
 
-    return np.asarray(open_array(spec, what=what))
+    y = np.asarray(open_array(spec, what=what))
+    check_finite_targets(y, what)   # before the Gram is read: names the first NaN / inf row
+    return y
 
 
 def cmd_solve_gram(args, parser) -> int:
@@ -890,8 +905,6 @@ def cmd_solve_gram(args, parser) -> int:
                      f"(default) or float32 (half the memory)")
     _check_out_path(parser, args.out, args.overwrite)
 
-    import numpy as np
-
     from .results import PhaseTimer, peak_rss_bytes
     from .solve import SolveOptions, run_gram_interpolation
 
@@ -901,10 +914,9 @@ def cmd_solve_gram(args, parser) -> int:
         yt = None if args.y_test is None else _read_targets(args.y_test, "--y-test")
         num_classes = None
         if args.task == "classification":
-            from .solve import check_labels
+            from .solve import check_labels, infer_num_classes
 
-            top = max(int(np.max(y)) if y.size else 0, int(np.max(yt)) if yt is not None and yt.size else 0)
-            num_classes = top + 1
+            num_classes = infer_num_classes((y, "--y-train"), (yt, "--y-test"))
             check_labels(y, num_classes, "--y-train")
     options = SolveOptions(mode=args.mode, jitter=args.jitter, block_size=args.block_size,
                            progress=not args.no_progress, force_memory=args.force_memory, device=args.device,
@@ -1015,7 +1027,7 @@ def cmd_plan(args, parser) -> int:
     from .linalg.memory import plan_solve
 
     user = _check_data_source(parser, args)
-    shape = DATASET_SHAPES[args.dataset] if user is None else _user_shape(user)
+    shape = DATASET_SHAPES[args.dataset] if user is None else _user_shape(user, getattr(args, "task", "classification"))
     n = args.n_train or shape["n_train"]
     n_test = shape["n_test"] if args.n_test is None else args.n_test
     d = args.dim or shape["d"]

@@ -40,6 +40,18 @@ def _solver():
     return SolveOptions, fit_interpolant
 
 
+def _check_finite_y(y) -> None:
+    """NaN / inf targets: an InputError naming the first bad row (sklearn's own check names none)."""
+    from .solve import check_finite_targets
+
+    try:
+        arr = np.asarray(y)
+    except (TypeError, ValueError):   # ragged input: left to sklearn's validation
+        return
+    if arr.ndim >= 1 and len(arr):
+        check_finite_targets(arr, "y")
+
+
 class _KernelInterpolationBase(BaseEstimator):
     """Shared parameters, validation and solve for the classifier and the regressor."""
 
@@ -65,10 +77,13 @@ class _KernelInterpolationBase(BaseEstimator):
             if bw != "median":
                 raise InputError(f"bandwidth must be a positive number or the string 'median'; "
                                  f"got {bw!r}. Pass e.g. bandwidth=5.0 or bandwidth='median'.")
-        elif (isinstance(bw, (bool, np.bool_)) or not isinstance(bw, numbers.Real)
-              or not math.isfinite(float(bw)) or float(bw) <= 0):
+        elif isinstance(bw, (bool, np.bool_)) or not isinstance(bw, numbers.Real):
             raise InputError(f"bandwidth must be a finite number > 0 or 'median'; got {bw!r}. "
                              f"Pass e.g. bandwidth=5.0 (for pixels / 255 on MNIST) or 'median'.")
+        else:
+            from .kernels import check_bandwidth
+
+            check_bandwidth(bw)   # the one check (also: 1 / (2 sigma^2) finite and nonzero)
         j = self.jitter
         if (isinstance(j, (bool, np.bool_)) or not isinstance(j, numbers.Real)
                 or not math.isfinite(float(j)) or float(j) < 0):
@@ -223,6 +238,7 @@ class KernelInterpolator(ClassifierMixin, _KernelInterpolationBase):
     """
 
     def fit(self, X, y):
+        _check_finite_y(y)
         X, y = validate_data(self, X, y, dtype=[np.float64, np.float32], y_numeric=False,
                              multi_output=False)
         y = column_or_1d(y, warn=True)
@@ -255,6 +271,7 @@ class KernelInterpolationRegressor(MultiOutputMixin, RegressorMixin, _KernelInte
     """
 
     def fit(self, X, y):
+        _check_finite_y(y)
         X, y = validate_data(self, X, y, dtype=[np.float64, np.float32], y_numeric=True,
                              multi_output=True)
         y = np.asarray(y, dtype=np.float64)

@@ -24,7 +24,11 @@ def _parallel_rows(tile: np.ndarray, fn) -> None:
 
 
 def check_bandwidth(bandwidth) -> float:
-    """Validate a bandwidth (sigma): a finite number > 0."""
+    """Validate a bandwidth (sigma): a finite number > 0 whose kernel scales 1 / (2 sigma^2) and
+    1 / sigma are finite and nonzero in float64 (1e-300 or 1e300 would turn every kernel value into
+    NaN, 0 or 1). The one check used by the CLI, ``SolveOptions``, the estimators and the table."""
+    if isinstance(bandwidth, (bool, np.bool_)):
+        raise InputError(f"bandwidth must be a positive number or 'median'; got {bandwidth!r}.")
     try:
         value = float(bandwidth)
     except (TypeError, ValueError):
@@ -36,6 +40,15 @@ def check_bandwidth(bandwidth) -> float:
         raise InputError(
             f"bandwidth must be a finite number > 0; got {value!r}. "
             "Pass e.g. bandwidth=5.0 or bandwidth='median' to use the median heuristic."
+        )
+    two_s2 = 2.0 * value * value
+    scale = 1.0 / two_s2 if two_s2 > 0 else math.inf
+    if not (0.0 < scale < math.inf):
+        raise InputError(
+            f"bandwidth {value!r} is outside what float64 can use: 2 sigma^2 = {two_s2!r}, so the Gaussian "
+            f"scale 1 / (2 sigma^2) is {'infinite' if scale == math.inf else 'zero'} and every kernel value would be "
+            f"NaN, 0 or 1. Use a sigma between 1e-150 and 1e150 on the data's scale, e.g. bandwidth='median' "
+            f"(--bandwidth median)."
         )
     return value
 
@@ -183,3 +196,100 @@ def median_bandwidth(X, max_points: int = 2000, seed: int = 0) -> float:
     if median <= 0:
         raise InputError("the median pairwise distance is 0 (all sampled points identical); pass an explicit bandwidth.")
     return median
+
+
+# --------------------------------------------------------------------------------------------
+# checks that the kernel matrix of the data is usable, before any O(n^2) work
+# --------------------------------------------------------------------------------------------
+
+def _log2_max_sq_norm(X, center=None, chunk: int = 4096) -> float:
+    """log2 of max_i |x_i - center|^2, computed without overflow (row blocks scaled by their max |x|)."""
+    X = np.asarray(X)
+    best = -math.inf
+    for a in range(0, X.shape[0], chunk):
+        B = np.asarray(X[a : a + chunk], dtype=np.float64)
+        if center is not None:
+            B = B - center
+        m = float(np.max(np.abs(B))) if B.size else 0.0
+        if m > 0:
+            best = max(best, 2.0 * math.log2(m) + math.log2(float(np.max(np.einsum("ij,ij->i", B / m, B / m)))))
+    return best
+
+
+def check_distance_scale(X, kernel: str, bandwidth: float, what: str = "X", center=None) -> None:
+    """Refuse points whose squared distances (or Gaussian exponents) overflow a working dtype.
+
+    The kernel code forms |x|^2 + |z|^2 - 2 x.z (and, Gaussian, those terms times 1 / (2 sigma^2)):
+    in float64 from the points as given (residuals, predictions), in float32 from the points centred
+    on the training mean (``center``, default X's mean: float32 Grams and prediction tiles). Each
+    term is at most 4 max |x|^2 (times the scale); past the dtype's largest number they become inf and
+    the Gram NaN, and the solve would end in a record of NaN/null. Checked here instead, in O(n d).
+    ``bandwidth`` None (not known yet, e.g. the median of the training points): distances only."""
+    scale = 1.0 / (2.0 * bandwidth * bandwidth) if kernel == "gaussian" and bandwidth is not None else 1.0
+    X = np.asarray(X)
+    if center is None:
+        with np.errstate(over="ignore", invalid="ignore"):
+            center = X.mean(axis=0, dtype=np.float64)
+    for dtype, c, how in ((np.float64, None, "as given"), (np.float32, center, "centred on the training mean")):
+        limit = math.log2(float(np.finfo(dtype).max))
+        r2 = _log2_max_sq_norm(X, c)
+        worst = r2 + 2.0 + max(0.0, math.log2(scale))   # 4 |x|^2, and 4 |x|^2 / (2 sigma^2) for the Gaussian
+        if worst >= limit:
+            raise InputError(
+                f"{what}: the features are too large for the kernel computations in {np.dtype(dtype).name}: the "
+                f"largest squared norm of a point ({how}) is about 2^{r2:.0f} = {2.0 ** min(r2, 1023):.3g}, so "
+                f"squared distances{' divided by 2 sigma^2' if scale > 1 else ''} (up to 4x that) overflow "
+                f"{np.dtype(dtype).name} (largest number {float(np.finfo(dtype).max):.3g}) and the Gram would be "
+                f"inf/NaN. Scale the features first (e.g. divide by their largest absolute value, or standardize "
+                f"each column) and pass --bandwidth median (bandwidth='median').")
+
+
+# kernel values of every sampled pair below this: the Gram is numerically the identity; all above
+# 1 - this: numerically all ones (rank one).
+TRIVIAL_KERNEL_TOL = 1e-12
+
+
+def check_kernel_informative(sqd: np.ndarray, kernel: str, bandwidth: float, what: str = "X") -> None:
+    """Refuse a bandwidth that makes the Gram numerically the identity or all ones.
+
+    ``sqd``: a square block of squared distances among sampled training points (``median_sample``);
+    its distinct pairs (i < j) are checked. If every off-diagonal kernel value is below 1e-12, the
+    bandwidth is far below the data's scale (e.g. raw 0-255 pixels with sigma 5): the interpolant
+    fits the training labels with residual 0 and predicts ~0 everywhere else (chance-level test error).
+    If every value is within 1e-12 of 1, sigma is far above the scale and K is rank one in float64.
+    Either way the result would be silently wrong; the message names the sampled median distance."""
+    iu = np.triu_indices(len(sqd), k=1)
+    d2 = np.maximum(np.asarray(sqd, dtype=np.float64)[iu], 0.0)
+    if d2.size == 0:
+        return
+    with np.errstate(over="ignore"):
+        expo = d2 / (2.0 * bandwidth * bandwidth) if kernel == "gaussian" else np.sqrt(d2) / bandwidth
+    k_max, k_min = math.exp(-float(expo.min())), math.exp(-float(expo.max()))
+    if k_max >= TRIVIAL_KERNEL_TOL and k_min <= 1.0 - TRIVIAL_KERNEL_TOL:
+        return
+    median = float(np.median(np.sqrt(d2)))
+    fix = (f"Fix: --bandwidth median (bandwidth='median'), a sigma near that distance (e.g. {median:.3g}), "
+           f"or scale the data (e.g. pixels / 255, for which sigma = 5 suits MNIST).")
+    if k_max < TRIVIAL_KERNEL_TOL:
+        raise InputError(
+            f"{what}: with bandwidth sigma = {bandwidth:g} the kernel matrix is numerically the identity: on "
+            f"{d2.size} sampled pairs of training points the largest off-diagonal kernel value is {k_max:.2g} "
+            f"(< {TRIVIAL_KERNEL_TOL:g}), because sigma is far below the data's scale (median pairwise distance "
+            f"{median:.4g}). The interpolant would fit the training targets with residual 0 and predict ~0 "
+            f"everywhere else (chance-level test error). {fix}")
+    raise InputError(
+        f"{what}: with bandwidth sigma = {bandwidth:g} the kernel matrix is numerically all ones: on {d2.size} "
+        f"sampled pairs of training points every kernel value is within {TRIVIAL_KERNEL_TOL:g} of 1 (smallest "
+        f"{k_min:.15g}), because sigma is far above the data's scale (median pairwise distance {median:.4g}), "
+        f"so K is rank one in float64 and the solve is meaningless. {fix}")
+
+
+def check_kernel_on_data(X, kernel: str, bandwidth: float, what: str = "X", max_points: int = 512,
+                         seed: int = 0) -> None:
+    """``check_distance_scale`` and ``check_kernel_informative`` on a seeded sample of up to
+    ``max_points`` training points (O(max_points^2 d): 0.4 GFLOP at 512 points and d = 784)."""
+    check_distance_scale(X, kernel, bandwidth, what)
+    idx = median_sample(len(X), max_points, seed)
+    S = np.asarray(X[idx] if len(idx) < len(X) else X, dtype=np.float64)
+    S = S - S.mean(axis=0)   # centred: the GEMM expansion of distances cancels less
+    check_kernel_informative(squared_distances(S, S), kernel, bandwidth, what)

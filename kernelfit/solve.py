@@ -25,7 +25,7 @@ import numpy as np
 
 from .errors import InputError, MemoryPlanError
 from .gram import GridProducts, KernelOperator, argmax_exact_scores, build_gram_panels
-from .kernels import check_bandwidth, check_kernel, median_bandwidth
+from .kernels import check_bandwidth, check_distance_scale, check_kernel, check_kernel_on_data, median_bandwidth
 from .linalg.memory import FACTOR_DTYPE, MODES, plan_solve, require_fits
 from .linalg.mixed import solve_refined
 from .linalg.refine import check_refine_tol, float64_level_threshold
@@ -96,15 +96,63 @@ def check_targets(Y, n) -> np.ndarray:
         raise InputError(f"expected targets Y as (n,) or (n, k); got shape {Y.shape}.")
     if Y.shape[0] != n:
         raise InputError(f"X has {n} rows but Y has {Y.shape[0]}; they must match.")
-    if not np.isfinite(Y).all():
-        raise InputError("targets Y contain NaN or inf; clean them first.")
+    check_finite_targets(Y, "targets Y")
     return Y
+
+
+def check_finite_targets(y, what: str = "targets") -> None:
+    """Refuse NaN / inf targets, naming the first bad row (a NaN target would poison alpha silently)."""
+    y = np.asarray(y)
+    if not np.issubdtype(y.dtype, np.number) or np.issubdtype(y.dtype, np.integer):
+        return
+    bad = ~np.isfinite(y)
+    if bad.any():
+        rows = np.flatnonzero(bad.reshape(len(y), -1).any(axis=1)) if y.ndim else np.array([0])
+        raise InputError(f"{what} contain NaN or inf in {len(rows)} row(s), the first at index {int(rows[0])} "
+                         f"(value {y.reshape(len(y), -1)[rows[0]].tolist() if y.ndim else y.item()}); targets must be "
+                         f"finite numbers. Remove or fix those rows first.")
+
+
+def infer_num_classes(*labels) -> int:
+    """Number of one-hot columns for integer class labels 0..k-1, from (labels, what) pairs: max + 1.
+
+    Labels must be finite, integral and >= 0. Labels whose largest value is far above their number
+    of distinct values (e.g. 3 values up to 1e9) are not class indices: a one-hot matrix of max + 1
+    columns would be absurd, so this refuses and says how to remap them (or to use regression)."""
+    values, top = [], -1
+    for y, what in labels:
+        if y is None:
+            continue
+        y = np.asarray(y)
+        if y.size == 0:
+            continue
+        if not np.issubdtype(y.dtype, np.number) or np.issubdtype(y.dtype, np.complexfloating):
+            raise InputError(f"{what}: class labels must be integers 0..k-1; got dtype {y.dtype}.")
+        check_finite_targets(y, what)
+        if y.ndim != 1 or not np.all(y == np.round(y)) or y.min() < 0:
+            raise InputError(f"{what}: classification needs 1-D integer class labels 0..k-1; got shape {y.shape}"
+                             f"{'' if y.ndim != 1 else f' with values in [{y.min():g}, {y.max():g}]'}. For real-valued "
+                             f"targets use --task regression (task='regression').")
+        values.append(np.unique(y))
+        top = max(top, int(y.max()))
+    if top < 0:
+        return 1
+    distinct = len(np.unique(np.concatenate(values)))
+    k = top + 1
+    if k > 4 * distinct + 100:
+        raise InputError(f"the class labels hold {distinct} distinct values but the largest is {top}: as class indices "
+                         f"0..{top} they would need {k} one-hot columns. Remap them to 0..{distinct - 1} "
+                         f"(np.unique(y, return_inverse=True)), or, for real-valued targets, use --task regression "
+                         f"(task='regression').")
+    return k
 
 
 def check_labels(y, num_classes, name="y") -> np.ndarray:
     y = np.asarray(y)
     if y.ndim != 1:
         raise InputError(f"expected {name} as 1-D integer labels; got shape {y.shape}.")
+    if np.issubdtype(y.dtype, np.number):
+        check_finite_targets(y, name)
     if not (np.issubdtype(y.dtype, np.integer) or (np.issubdtype(y.dtype, np.floating) and np.all(y == np.round(y)))):
         raise InputError(f"{name} must hold integer class labels; got dtype {y.dtype}.")
     y = y.astype(np.int64)
@@ -203,6 +251,7 @@ def fit_interpolant(X, Y, options: SolveOptions = SolveOptions(), n_test: int = 
     Y = check_targets(Y, n)
     check_refine_tol(options.refine_tol, n)
     bandwidth = resolve_bandwidth(X, options.bandwidth)
+    check_kernel_on_data(X, options.kernel, bandwidth, "the training points")   # O(n d): before the Gram
     X64 = np.ascontiguousarray(X, dtype=np.float64)
     high = KernelOperator(X64, options.kernel, bandwidth, np.float64)   # finds an integer grid, if any
     plan = plan_solve(n, d, Y.shape[1], options.mode, n_test=n_test, block=options.block_size,
@@ -230,19 +279,53 @@ def fit_interpolant(X, Y, options: SolveOptions = SolveOptions(), n_test: int = 
         "refinement": refinement, "factorization": factor_info, "memory_plan": plan.to_dict(),
         "peak_rss_bytes": _peak_rss(),
     }
-    if options.mode == "mixed" and refinement["float64_level"] and options.refine_tol is not None \
-            and not refinement["tol_reached"]:
-        warnings.warn(f"refine_tol = {options.refine_tol:.3g} was not reached: the float64-level solution has "
-                      f"relative residual {refinement['relative_residuals'][-1]:.3g} (backward error "
-                      f"{refinement['backward_error']:.2e}), which is what float64 can reach for this K.",
-                      RuntimeWarning, stacklevel=2)
-    if options.mode == "mixed" and not (refinement["float64_level"] or refinement["tol_reached"]):
-        warnings.warn(f"mixed-precision refinement did not reach float64 level "
-                      f"(backward error {refinement['backward_error']:.2e} > {float64_level_threshold(n):.1e}; "
-                      f"{refinement['stop_reason']}; {refinement.get('fallback_skipped') or 'no float64 fallback'}). "
-                      f"K is likely ill-conditioned: use a small jitter.", RuntimeWarning, stacklevel=2)
+    _warn_residual(stats, options.mode, options.refine_tol)
     return Interpolant(X_fit=X64, alpha=alpha, Y=Y, kernel=options.kernel, bandwidth=bandwidth, mode=options.mode,
                        train_scores=train_scores, stats=stats, operator=high)
+
+
+# Relative residual above which a backward-stable solve is still worth a warning: past sqrt(eps) the
+# training targets are no longer reproduced to half of float64's digits.
+_RESIDUAL_WARN = 1e-8
+
+
+def _warn_residual(stats: dict, mode: str, refine_tol=None) -> None:
+    """Say so (a RuntimeWarning and ``stats["residual_warning"]``) when a float64 or mixed solve ends
+    with a relative residual above float64 level: never a result that looks exact and is not.
+
+    A backward-stable solve with a large relative residual means K itself is nearly singular (float64
+    cannot do better): near-duplicate points with different labels, or a bandwidth too large for the
+    data. A solve that is not even backward stable stalled in the low-precision refinement."""
+    rf = stats["refinement"]
+    rel = float(stats["residual_relative"])
+    threshold = float64_level_threshold(int(stats["n"]))
+    level = rf.get("float64_level", rel <= threshold)
+    backward = rf.get("backward_error", float("nan"))
+    message = None
+    if mode == "mixed" and level and refine_tol is not None and not rf.get("tol_reached"):
+        message = (f"refine_tol = {refine_tol:.3g} was not reached: the float64-level solution has relative residual "
+                   f"{rel:.3g} (backward error {backward:.2e}), which is what float64 can reach for this K.")
+    elif mode in ("mixed", "float64") and not (level or rf.get("tol_reached")):
+        stable = rf.get("backward_stable", backward <= threshold)
+        if stable and rel <= _RESIDUAL_WARN:
+            # backward stable and the targets reproduced to ~8 digits: float64's best for this K (the
+            # record's float64_level says false); a warning on every ill-conditioned but sound run would
+            # teach users to ignore it
+            return
+        if stable:
+            why = (f"the solve is backward stable (backward error {backward:.2e}): K is too ill-conditioned "
+                   f"for float64 to do better")
+        else:
+            why = (f"the refinement stalled at backward error {backward:.2e} > {threshold:.1e} "
+                   f"({rf.get('fallback_skipped') or 'no float64 fallback'})")
+        message = (f"the solve did not reach float64 level: relative residual ||Y - K alpha|| / ||Y|| = {rel:.3g} "
+                   f"(float64 level: <= {threshold:.1e}; {rf.get('stop_reason') or 'direct solve'}); {why}. "
+                   f"Near-duplicate points with different labels, or a bandwidth too large for the data, make K "
+                   f"ill-conditioned: the training targets are interpolated only to that residual. Add a small "
+                   f"ridge (--jitter 1e-8, jitter=1e-8), remove near-duplicates, or use a smaller bandwidth.")
+    if message is not None:
+        stats["residual_warning"] = message
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def on_cpu(options: SolveOptions) -> bool:
@@ -477,6 +560,7 @@ def fit_precomputed(G, Y, options: SolveOptions = SolveOptions(mode="float64"), 
         "refinement": refinement, "factorization": factor_info, "memory_plan": plan.to_dict(),
         "gram": {**gram_source_info(source, G), "checks": checks}, "peak_rss_bytes": _peak_rss(),
     }
+    _warn_residual(stats, mode)
     return PrecomputedInterpolant(X_fit=None, alpha=alpha, Y=Y, kernel="precomputed", bandwidth=float("nan"),
                                   mode=mode, train_scores=train_scores, stats=stats)
 
@@ -497,6 +581,7 @@ def fit_distributed(X, Y, options: SolveOptions = SolveOptions(), client=None) -
     Y = check_targets(Y, n)
     plan = plan_solve(n, d, Y.shape[1], options.mode, block=options.block_size)
     bandwidth = resolve_bandwidth(X, options.bandwidth)
+    check_kernel_on_data(X, options.kernel, bandwidth, "the training points")
     fdt = FACTOR_DTYPE[options.mode]
     X64 = np.ascontiguousarray(X, dtype=np.float64)
     jitter = float(options.jitter)
@@ -521,6 +606,7 @@ def fit_distributed(X, Y, options: SolveOptions = SolveOptions(), client=None) -
         "factorization": _dask_factor_info(client, n, plan.block),
         "memory_plan": plan.to_dict(), "peak_rss_bytes": _peak_rss(),
     }
+    _warn_residual(stats, options.mode, options.refine_tol)
     return Interpolant(X_fit=X64, alpha=alpha, Y=Y, kernel=options.kernel, bandwidth=bandwidth, mode=options.mode,
                        train_scores=train_scores, stats=stats)
 
@@ -574,8 +660,7 @@ def _test_targets(y_test, m: int | None, task: str, num_classes, k: int):
         if y_test.ndim not in (1, 2) or (y_test.ndim == 2 and y_test.shape[1] != k) or (y_test.ndim == 1 and k != 1):
             raise InputError(f"y_test has shape {y_test.shape}; expected ({m},) or ({m}, {k}) like the training "
                              f"targets.")
-        if not np.isfinite(y_test).all():
-            raise InputError("y_test contains NaN or inf; clean it first.")
+        check_finite_targets(y_test, "y_test")
     if len(y_test) != m:
         raise InputError(f"the test set has {m} rows but y_test has {len(y_test)}.")
     return y_test
@@ -663,6 +748,9 @@ def run_interpolation(X_train, label_sets: dict, X_test, y_test, num_classes: in
                            Y.shape[1] // len(sets))
     options.validated()
     check_distinct(X_train, options.jitter, "X_train")
+    if X_test is not None:   # float32 prediction tiles centre the test points on the training mean
+        check_distance_scale(X_test, options.kernel, None if options.bandwidth == "median" else options.bandwidth,
+                             "X_test", center=np.asarray(X_train).mean(axis=0, dtype=np.float64))
     prov = _provenance()
 
     if client is None:

@@ -36,7 +36,15 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
-from .kernels import median_bandwidth, median_of_pairs, median_sample, squared_distances
+from .kernels import (
+    check_bandwidth,
+    check_kernel_informative,
+    check_kernel_on_data,
+    median_bandwidth,
+    median_of_pairs,
+    median_sample,
+    squared_distances,
+)
 
 __all__ = ["PAPER", "ROWS", "main", "run_table", "markdown_table"]
 
@@ -63,20 +71,21 @@ DEFAULT_LAMBDAS = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
 
 
 # ------------------------------------------------------------------------------------- helpers
-def _parse_bandwidth(text: str) -> tuple[str, float]:
+def _parse_bandwidth(text: str, flag: str = "bandwidth") -> tuple[str, float]:
     """'5' -> ('abs', 5.0); '0.5*median' / 'median' -> ('median', factor)."""
     t = str(text).replace(" ", "")
     if t == "median":
         return "median", 1.0
-    if t.endswith("*median"):
-        return "median", float(t[: -len("*median")])
+    kind, number = ("median", t[: -len("*median")]) if t.endswith("*median") else ("abs", t)
     try:
-        v = float(t)
+        v = float(number)
     except ValueError:
-        raise InputError(f"bandwidth must be a number or 'F*median' (e.g. 0.5*median); got {text!r}.") from None
-    if not v > 0:
-        raise InputError(f"bandwidth must be > 0; got {text!r}.")
-    return "abs", v
+        raise InputError(f"{flag} must be a number or 'F*median' (e.g. 0.5*median); got {text!r}.") from None
+    try:
+        check_bandwidth(v)   # finite, > 0, 1 / (2 sigma^2) finite and nonzero (a factor: the same range)
+    except InputError as e:
+        raise InputError(f"{flag} {text!r}: {e}") from None
+    return kind, v
 
 
 def _median_distance_from_sqd(D: np.ndarray, max_points: int = 2000, seed: int = 0) -> float:
@@ -84,17 +93,24 @@ def _median_distance_from_sqd(D: np.ndarray, max_points: int = 2000, seed: int =
     return median_of_pairs(D[np.ix_(idx, idx)])
 
 
-def _median_distance_from_gram(G, diag: np.ndarray, max_points: int = 2000, seed: int = 0) -> float:
-    """The same sample and median as ``_median_distance_from_sqd`` of the Gram's squared distances,
-    without building the n x n distance matrix. ``G``: a dense Gram or its ``SymmetricPanels``."""
+def _sampled_sqd_from_gram(G, diag: np.ndarray, max_points: int = 2000, seed: int = 0) -> np.ndarray:
+    """Squared feature distances among the seeded sample of ``median_sample`` (the sample of
+    ``_median_distance_from_sqd``), from a Gram without building the n x n distance matrix.
+    ``G``: a dense Gram or its ``SymmetricPanels``."""
     idx = median_sample(len(diag), max_points, seed)
     d = diag[idx]
     sub = G[np.ix_(idx, idx)] if isinstance(G, np.ndarray) else G.submatrix(idx)
-    return median_of_pairs(d[:, None] + d[None, :] - 2.0 * sub)
+    return d[:, None] + d[None, :] - 2.0 * sub
+
+
+def _median_distance_from_gram(G, diag: np.ndarray, max_points: int = 2000, seed: int = 0) -> float:
+    """The same sample and median as ``_median_distance_from_sqd`` of the Gram's squared distances."""
+    return median_of_pairs(_sampled_sqd_from_gram(G, diag, max_points, seed))
 
 
 def _resolve_sigma(spec: tuple[str, float], median: float) -> float:
-    return spec[1] if spec[0] == "abs" else spec[1] * median
+    sigma = spec[1] if spec[0] == "abs" else spec[1] * median
+    return check_bandwidth(sigma)
 
 
 def _random_labels(ds, seed: int) -> np.ndarray:
@@ -106,7 +122,41 @@ def _random_labels(ds, seed: int) -> np.ndarray:
     return rds.y_train
 
 
-def _load(name: str, data_dir, n_train: int | None, n_test: int | None, seed: int):
+def _split_sizes(name: str) -> tuple[int, int]:
+    """(training, test) examples of a registered dataset or a user's .npz, from headers (no data read)."""
+    from .data import DATASETS, REGISTRY, peek_arrays
+
+    if name in DATASETS:
+        return REGISTRY[name].n_train, REGISTRY[name].n_test
+    shapes = peek_arrays(data=name)
+    if "x_test" not in shapes or shapes["x_test"][0][0] == 0:
+        raise InputError(f"{name}: the table needs a test split; add x_test and y_test to the .npz.")
+    return shapes["x_train"][0][0], shapes["x_test"][0][0]
+
+
+def _check_size(flag: str, n: int | None, full: int, split: str, name: str) -> None:
+    if n is not None and n > full:
+        raise InputError(f"{flag} {n} exceeds the {full} {split} examples of {name}; use at most {full} "
+                         f"(= the whole split).")
+
+
+def check_sizes(rows, args) -> None:
+    """Every row's --n-train-* and --n-test against its data's split sizes, before any row runs:
+    asking for more examples than there are is an error, never silently the whole split."""
+    seen = set()
+    for row in rows:
+        mnist = row.startswith("mnist")
+        name = args.mnist_data if mnist else args.cifar_data
+        flag = "--n-train-mnist" if mnist else "--n-train-cifar"
+        if (name, flag) in seen:
+            continue
+        seen.add((name, flag))
+        full_train, full_test = _split_sizes(name)
+        _check_size(flag, args.n_train_mnist if mnist else args.n_train_cifar, full_train, "training", name)
+        _check_size("--n-test", args.n_test, full_test, "test", name)
+
+
+def _load(name: str, data_dir, n_train: int | None, n_test: int | None, seed: int, flag: str = "--n-train"):
     """A registered dataset by name, or a user's .npz (x_train, y_train, x_test, y_test) by path."""
     from .data import DATASETS, load_arrays, load_dataset
 
@@ -116,8 +166,10 @@ def _load(name: str, data_dir, n_train: int | None, n_test: int | None, seed: in
         ds = load_arrays(data=name)
         if len(ds.y_test) == 0:
             raise InputError(f"{name}: the table needs a test split; add x_test and y_test to the .npz.")
-    full_train = n_train is None or n_train >= len(ds.y_train)
-    full_test = n_test is None or n_test >= len(ds.y_test)
+    _check_size(flag, n_train, len(ds.y_train), "training", name)   # the data found may differ from its header
+    _check_size("--n-test", n_test, len(ds.y_test), "test", name)
+    full_train = n_train is None or n_train == len(ds.y_train)
+    full_test = n_test is None or n_test == len(ds.y_test)
     if not (full_train and full_test):
         ds = ds.subset(None if full_train else n_train, None if full_test else n_test, seed=seed)
     return ds
@@ -221,7 +273,11 @@ def _cholesky_rows_panels(g, sigma_spec, label_sets, y_test, k, seed, device=Non
 
     P64 = g.train
     d = g.train_diag
-    median = _median_distance_from_gram(P64, d, seed=seed)   # the same seeded sample as the dense path
+    sqd = _sampled_sqd_from_gram(P64, d, seed=seed)   # the same seeded sample as the dense path
+    median = median_of_pairs(sqd)
+    if kernel != "linear":
+        check_kernel_informative(sqd, "gaussian", _resolve_sigma(sigma_spec, median), "the random-conv features")
+    del sqd
     if kernel == "linear":
         sigma = None
         for P in P64.panels:
@@ -270,12 +326,12 @@ def run_row(row: str, args) -> dict:
     n_train = args.n_train_mnist if is_mnist else args.n_train_cifar
     n_test = args.n_test
     source = args.mnist_data if is_mnist else args.cifar_data
-    ds = _load(source, args.data_dir, n_train, n_test, args.seed)
+    ds = _load(source, args.data_dir, n_train, n_test, args.seed, "--n-train-mnist" if is_mnist else "--n-train-cifar")
     k = ds.num_classes
     label_sets = {"true": ds.y_train}
     if not args.no_random_labels:
         label_sets["random"] = _random_labels(ds, args.seed)
-    bw = _parse_bandwidth(getattr(args, f"bandwidth_{row.replace('-', '_')}"))
+    bw = _parse_bandwidth(getattr(args, f"bandwidth_{row.replace('-', '_')}"), f"--bandwidth-{row}")
     from .data import describe
 
     default_name = {"mnist": "MNIST", "cifar10": "CIFAR-10 (JPEG q75 copy)"}
@@ -307,7 +363,11 @@ def run_row(row: str, args) -> dict:
                            "kernel_on_features": kernel}
         if use_eigh:
             t = time.perf_counter()
-            median = _median_distance_from_gram(g.train, g.train_diag, seed=args.seed)
+            sqd = _sampled_sqd_from_gram(g.train, g.train_diag, seed=args.seed)
+            median = median_of_pairs(sqd)
+            if kernel != "linear":   # K = I or all ones: refused before the eigendecomposition
+                check_kernel_informative(sqd, "gaussian", _resolve_sigma(bw, median), f"{row} features")
+            del sqd
             if kernel == "linear":   # no distance matrices: the median is recorded only
                 sigma = None
                 K, Kt = _linear_from_gram_inplace(g.train, g.n_features), _linear_from_gram_inplace(g.cross, g.n_features)
@@ -334,6 +394,7 @@ def run_row(row: str, args) -> dict:
 
         median = median_bandwidth(Ftr, seed=args.seed)
         sigma = _resolve_sigma(bw, median)
+        check_kernel_on_data(Ftr, "gaussian", sigma, f"{row} features", seed=args.seed)   # before the Gram
         if use_eigh:
             t = time.perf_counter()
             Dtr, Dte = _sqd(Ftr, Ftr), _sqd(Fte, Ftr)
@@ -431,34 +492,35 @@ def build_parser() -> argparse.ArgumentParser:
                          "your .npz with x_train, y_train, x_test, y_test (default mnist)")
     ap.add_argument("--cifar-data", default="cifar10", metavar="NAME|FILE.npz",
                     help="data of the cifar-* rows, likewise (default cifar10)")
-    ap.add_argument("--n-train-mnist", type=int, default=5000, help="MNIST training points (60000 = full)")
-    ap.add_argument("--n-train-cifar", type=int, default=5000, help="CIFAR-10 training points (50000 = full)")
-    ap.add_argument("--n-test", type=int, default=2000, help="test points per dataset (10000 = full)")
-    from .cli import add_feature_map_args
+    from .cli import _nonneg_float, _nonneg_int, _positive_int, add_feature_map_args
+
+    ap.add_argument("--n-train-mnist", type=_positive_int, default=5000, help="MNIST training points (60000 = full)")
+    ap.add_argument("--n-train-cifar", type=_positive_int, default=5000, help="CIFAR-10 training points (50000 = full)")
+    ap.add_argument("--n-test", type=_positive_int, default=2000, help="test points per dataset (10000 = full)")
 
     add_feature_map_args(ap)   # the same feature options (and defaults) as kernelfit solve --features
     ap.add_argument("--bandwidth-mnist-pixels", default="5")
     ap.add_argument("--bandwidth-mnist-gabor", default="0.5*median")
     ap.add_argument("--bandwidth-cifar-pixels", default="0.5*median")
     ap.add_argument("--bandwidth-cifar-randconv", default="0.5*median")
-    ap.add_argument("--lambdas", type=float, nargs="+", default=list(DEFAULT_LAMBDAS),
+    ap.add_argument("--lambdas", type=_nonneg_float, nargs="+", default=list(DEFAULT_LAMBDAS),
                     help="ridge path (0 = interpolant); lambda chosen by leave-one-out error")
-    ap.add_argument("--eigh-max-n", type=int, default=12000,
+    ap.add_argument("--eigh-max-n", type=_nonneg_int, default=12000,
                     help="largest n for the dense eigh path (~32 n^2 bytes); above it: tiled Cholesky, no ridge")
     ap.add_argument("--mode", default="mixed", choices=("mixed", "float32", "float64"),
                     help="precision of the tiled Cholesky (large n only)")
-    ap.add_argument("--max-refine", type=int, default=10, help="mixed mode: at most this many refinement steps")
+    ap.add_argument("--max-refine", type=_nonneg_int, default=10, help="mixed mode: at most this many refinement steps")
     ap.add_argument("--progress", action="store_true", help="progress bars on stderr (large n)")
     ap.add_argument("--device", default=None,
                     help="torch device for random-conv features + Grams and the large-n Cholesky (e.g. cuda); "
                          "default: CPU")
     ap.add_argument("--no-random-labels", action="store_true")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=_nonneg_int, default=0)
     ap.add_argument("--cache-dir", default=None,
                     help="cache root for features and random-conv Grams (default: $KERNELFIT_CACHE or the user cache dir)")
     ap.add_argument("--no-gram-cache", action="store_true",
                     help="do not save / reuse the accumulated random-conv Gram (n^2/2 x 8 bytes + test block on disk)")
-    ap.add_argument("--gram-checkpoint-minutes", type=float, default=30.0,
+    ap.add_argument("--gram-checkpoint-minutes", type=_nonneg_float, default=30.0,
                     help="with the Gram cache, save the unfinished random-conv Gram this often so that an interrupted "
                          "run continues where it stopped when rerun (0: never; default 30)")
     ap.add_argument("--out-dir", default=".",
@@ -474,11 +536,11 @@ def run_table(args, argv=None) -> dict:
     bad = [r for r in rows if r not in ROWS]
     if bad:
         raise InputError(f"unknown rows {bad}; expected a comma list among {', '.join(ROWS)}.")
-    if any(lm < 0 for lm in args.lambdas) or 0.0 not in args.lambdas:
+    if 0.0 not in args.lambdas:   # each one >= 0: checked by the parser's type
         raise InputError("--lambdas must be >= 0 and include 0 (the interpolant).")
-    if args.gram_checkpoint_minutes < 0:
-        raise InputError(f"--gram-checkpoint-minutes must be >= 0 (0 turns checkpoints off); got "
-                         f"{args.gram_checkpoint_minutes}.")
+    for row in rows:   # every row's bandwidth and sizes, before the first row runs
+        _parse_bandwidth(getattr(args, f"bandwidth_{row.replace('-', '_')}"), f"--bandwidth-{row}")
+    check_sizes(rows, args)
     from .results import machine_info, provenance
 
     record = {"kind": "kernelfit.table", "command": "kernelfit table " + " ".join(argv or []),

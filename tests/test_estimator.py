@@ -32,10 +32,18 @@ _DEFAULT_FAILS = ["check_classifiers_train", "check_fit_idempotent",
                   "check_fit_check_is_fitted", "check_n_features_in"]
 
 
+_IDENTITY_GRAM = ("check_regressor_multioutput fits 10-D points whose median distance is ~4: with "
+                  "bandwidth=0.3 every off-diagonal kernel value is below 1e-12 (K = I, chance-level "
+                  "predictions), so fit refuses with an InputError naming the median distance and "
+                  "bandwidth='median'. The default estimator passes this check.")
+
+
 def _expected_failed_checks(est) -> dict[str, str]:
     failed = {"check_positive_only_tag_during_fit": _DUPLICATES}
     if est.mode != "float64":
         failed.update({name: _ILL_CONDITIONED for name in _DEFAULT_FAILS})
+    elif est.bandwidth == 0.3 and isinstance(est, KernelInterpolationRegressor):
+        failed["check_regressor_multioutput"] = _IDENTITY_GRAM
     return failed
 
 

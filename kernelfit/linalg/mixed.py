@@ -110,7 +110,7 @@ def solve_refined(build_gram: Callable, factor_gram: Callable, apply_high: Calla
 
     try:
         X, R, report = attempt(dtype, int(max_refine))
-        reason = None if report["float64_level"] or report["tol_reached"] else (
+        reason = None if report["backward_stable"] or report["tol_reached"] else (
             f"{np.dtype(dtype).name} refinement stopped at backward error {report['backward_error']:.2e} "
             f"({report['stop_reason']})")
     except NotPositiveDefiniteError as exc:
