@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,6 +70,7 @@ def test_data_is_found_in_the_trees_ignored_folder(tmp_path, monkeypatch):
 
 
 @pytest.mark.data
+@pytest.mark.slow   # ~30 s: three configurations, each in its own process, after the CPU test cases
 def test_device_check_dry_run_on_cpu(shared_data_dir, tmp_path):
     out_dir = tmp_path / "out"
     out = _run("device_check.py", "--device", "cpu", "--n", 400, "--n-test", 100, "--ooc-n", 500, "--block", 64,
@@ -186,3 +188,76 @@ def test_tf32_row_reports_the_tf32_attempt_not_the_float64_fallback(shared_data_
         assert rec["fallback"] is None and rec["factor_dtype"] == "float32" and "fallback_factor" not in rec
     assert rec["residual_relative"] < 1e-12      # float64 level either way, from an independent float64 residual
 
+
+
+# -- device check 2 (deepfit): the packed CIFAR-10 copy and the dry run ---------------------------
+
+def _tiny_image_folder_archive(path, per_class=(3, 2)):
+    """train/<class>/k.jpg and test/<class>/k.jpg, 32x32 RGB, one colour per class and image."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    from kernelfit.data.registry import CIFAR10_CLASSES
+
+    with tarfile.open(path, "w:gz") as tf:
+        for split, count in zip(("train", "test"), per_class):
+            for c, name in enumerate(CIFAR10_CLASSES):
+                for k in range(count):
+                    buf = io.BytesIO()
+                    Image.new("RGB", (32, 32), (20 * c, 40 * k, 200 - 15 * c)).save(buf, "JPEG", quality=75)
+                    info = tarfile.TarInfo(f"cifar10/{split}/{name}/{k:04d}.jpg")
+                    info.size = buf.tell()
+                    buf.seek(0)
+                    tf.addfile(info, buf)
+
+
+def test_packed_cifar10_decodes_to_what_the_image_folder_reader_reads(tmp_path):
+    from prep_cifar10_npz import load_packed, main
+
+    from kernelfit.data.image_folder import read_image_folder
+    from kernelfit.data.registry import CIFAR10_CLASSES
+
+    archive = tmp_path / "c.tar.gz"
+    _tiny_image_folder_archive(archive)
+    out = tmp_path / "runs" / "c.npz"
+    assert main(["--src", str(archive), "--out", str(out)]) == 0
+    xtr, ytr, xte, yte, classes = load_packed(out)
+    ref = read_image_folder(archive, classes=CIFAR10_CLASSES, cache=False)
+    np.testing.assert_array_equal(xtr, ref[0])
+    np.testing.assert_array_equal(ytr, ref[1])
+    np.testing.assert_array_equal(xte, ref[2])
+    np.testing.assert_array_equal(yte, ref[3])
+    assert classes == CIFAR10_CLASSES
+    with np.load(out, allow_pickle=False) as z:        # plain arrays only
+        assert set(z.files) >= {"train_jpeg", "train_offsets", "y_train", "classes"}
+    with pytest.raises(SystemExit, match="already exists; pass --overwrite"):   # never overwrites silently
+        main(["--src", str(archive), "--out", str(out)])
+
+
+@pytest.mark.slow   # ~15 s on 2 busy cores: six trainings of one epoch
+def test_deepfit_device_check_dry_run_on_cpu(tmp_path):
+    from prep_cifar10_npz import main as prep
+
+    archive, packed, out_dir = tmp_path / "c.tar.gz", tmp_path / "c.npz", tmp_path / "out"
+    _tiny_image_folder_archive(archive, per_class=(4, 2))
+    assert prep(["--src", str(archive), "--out", str(packed)]) == 0
+    out = _run("device_check_deepfit.py", "--device", "cpu", "--max-epochs", 1, "--data", packed, "--out", out_dir,
+               "--timeout", 120, timeout=180)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    files = sorted(p.name for p in out_dir.iterdir())
+    assert files == ["deepfit.log", "deepfit_runs.jsonl", "environment.json", "summary.md"]
+    recs = [json.loads(line) for line in (out_dir / "deepfit_runs.jsonl").read_text().splitlines()]
+    assert [(r["model"], r["labels"]) for r in recs] == [(m, lab) for m in ("mlp-1x512", "alexnet-small", "inception-small")
+                                                         for lab in ("true", "random")]
+    from deepfit.experiments import PAPER_TABLE1
+
+    paper = {(m, lab): (tr, te) for m, a, w, lab, tr, te in PAPER_TABLE1 if not a and not w}
+    for r in recs:
+        assert r["status"] == "ok" and r["epochs"] == 1 and r["n_train"] == 40
+        assert (r["paper_train_acc"], r["paper_test_acc"]) == paper[(r["model"], r["labels"])]
+        assert r["samples_per_s"] == pytest.approx(40 / r["train_time_s"])
+        assert r["config"]["variant"] == ("random-labels" if r["labels"] == "random" else "true")
+    table = (out_dir / "summary.md").read_text()
+    assert out.stdout.rstrip().endswith(table.rstrip()) and table.count("\n| ") == len(recs) + 1
