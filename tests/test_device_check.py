@@ -261,3 +261,46 @@ def test_deepfit_device_check_dry_run_on_cpu(tmp_path):
         assert r["config"]["variant"] == ("random-labels" if r["labels"] == "random" else "true")
     table = (out_dir / "summary.md").read_text()
     assert out.stdout.rstrip().endswith(table.rstrip()) and table.count("\n| ") == len(recs) + 1
+
+
+# -- the device strategy of the plan -------------------------------------------------------------
+
+@pytest.mark.parametrize("profile,n,tf32,expected", [
+    ("h200", 60000, False, "float64-resident"),     # FP64 ~ FP32 on Hopper, 60k float64 (~14 GiB) fits
+    ("h200", 200000, False, "mixed-resident"),      # float64 Gram 149 GB > 0.9 x 141 GB; float32 75 GB fits
+    ("h200", 300000, False, "float64-out-of-core"),  # neither fits: float64 slabs, one host solve
+    ("rtx4090", 60000, False, "mixed-resident"),    # FP64 at 1/64 of FP32: float32 factor + refinement
+    ("rtx4090", 100000, False, "mixed-out-of-core"),
+    ("h200", 60000, True, "mixed-resident"),        # TF32 only when asked: a float32 factor
+])
+def test_device_strategy_follows_rates_and_memory(profile, n, tf32, expected):
+    from kernelfit.linalg.strategy import choose_device_strategy, named_profile
+
+    ds = choose_device_strategy(n, 784, 10, named_profile(profile), tf32=tf32)
+    assert ds["strategy"] == expected and ds["tf32"] is tf32
+    assert ds["factor_dtype"] == ("float64" if expected.startswith("float64") else "float32")
+    # the memory judgement against the closed form: lower-triangle Gram n^2/2 x 8 bytes plus working tiles
+    gram64 = n * n / 2 * 8
+    assert gram64 <= ds["float64_resident_bytes"] <= gram64 * 1.15 + 3 * 2**30   # + a 2048-row product tile, points
+
+
+def test_plan_reports_the_device_strategy_for_a_named_gpu_and_refuses_a_missing_one(capsys):
+    from kernelfit import cli
+
+    assert cli.main(["plan", "--dataset", "mnist", "--device-profile", "h200"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["device_strategy"]["strategy"] == "float64-resident"
+    assert cli.main(["plan", "--dataset", "mnist", "--device-profile", "h200", "--tf32"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["device_strategy"]["tf32"] is True and "TF32" in captured.err
+    assert cli.main(["plan", "--dataset", "mnist", "--device-memory-gib", "24", "--float64-tflops", "1",
+                     "--float32-tflops", "80"]) == 0
+    assert json.loads(capsys.readouterr().out)["device_strategy"]["strategy"] == "mixed-resident"
+    import torch
+
+    if not torch.cuda.is_available():
+        assert cli.main(["plan", "--dataset", "mnist", "--device", "cuda"]) == 1
+        assert "--device-profile" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["plan", "--dataset", "mnist", "--device-memory-gib", "24"])      # rates missing
+    assert "missing --float64-tflops, --float32-tflops" in capsys.readouterr().err
