@@ -1,13 +1,23 @@
 """GPU (and CPU) benchmark of the tiled Cholesky on MNIST Gaussian-kernel Grams: in-core float64 /
-float32 / mixed / mixed with a TF32 factor, out-of-core float32 / mixed, with the library's own dense
-Cholesky (torch / cupy) on the same matrix in the same run as the reference. Prints one JSON line
-per configuration, success or error (a failing configuration is recorded and the next one runs;
-the exit status is 1 when any failed). Out-of-core runs use a device budget that cuts the Gram into
-at least ``--ooc-slabs`` slabs (else 90% of free memory often holds it all and nothing streams);
-each record says how many slabs ran.
+float32 / mixed / mixed with a TF32 factor, out-of-core float64 / float32 / mixed, with the library's
+own dense Cholesky (torch / cupy) on the same matrix in the same run as the reference. Prints one
+JSON line per configuration, success or error, emitted before any cleanup (a failing configuration
+is recorded and the next one runs; the exit status is 1 when any failed). A cleanup that fails (a
+sticky CUDA error: every later call on that context fails) sends the remaining configurations to
+fresh processes; ``--isolate`` runs every configuration in its own process from the start.
+Out-of-core runs use a device budget that cuts the Gram into at least ``--ooc-slabs`` slabs (else
+90% of free memory often holds it all and nothing streams); each record says how many slabs ran.
+Each out-of-core mode builds its own Gram (20-40 GB of host panels at n = 100,000): ask for one.
+
+The reference (``torch.linalg.cholesky``; cupy's too when installed and n^2 < 2^31, the limit of
+cuSOLVER's 32-bit API that cupy calls) runs once per (n, dtype) after warm-up calls that create the
+handles and compile the kernels, so first-call costs are not timed; later configurations of the
+same (n, dtype) carry its numbers. A mixed-TF32 row reports the TF32 attempt's own factor (time,
+TFLOP/s); when refinement could not reach float64 level and the float64 re-factorization ran, that
+factor is reported separately (``fallback_factor``), and ``fallback`` / ``factor_dtype`` say so.
 
 GPU (the prepared run is benchmarks/device_check.py, which calls this script; see docs/gpu.md):
-    python benchmarks/gpu_cholesky.py --device cuda --n 60000 --modes float32 mixed mixed-tf32 --ooc-n 100000
+    python benchmarks/gpu_cholesky.py --device cuda --n 60000 --modes float64 mixed-tf32 --ooc-n 100000 --isolate
 CPU (small, CI-like; exercises every code path on torch-CPU):
     python benchmarks/gpu_cholesky.py --device cpu --n 2000 --n-test 1000 --ooc-n 3000 --ooc-budget-mib 8
 
@@ -28,6 +38,7 @@ import argparse
 import gc
 import json
 import os
+import subprocess
 import sys
 import time
 import traceback
@@ -45,18 +56,13 @@ from kernelfit.linalg.mixed import solve_refined  # noqa: E402
 from kernelfit.linalg.outofcore import TorchDevice, budget_for_slabs, build_gram_panels_device  # noqa: E402
 from kernelfit.linalg.refine import float64_level_threshold  # noqa: E402
 from kernelfit.linalg.resident import solve_resident  # noqa: E402
+from kernelfit.linalg.strategy import measure_gemm_tflops, profile_for_name  # noqa: E402
 from kernelfit.linalg.tiled import cho_solve, cholesky_flops, choose_block  # noqa: E402
 
-# Vendor datasheet dense peaks (TFLOP/s); float64 = FP64 tensor core, float32 = FP32 (non-tensor).
-NOMINAL_PEAK_TFLOPS = {
-    "H100 80GB HBM3": {"float64": 67.0, "float32": 67.0},
-    "H100 PCIe": {"float64": 51.0, "float32": 51.0},
-    "H200": {"float64": 67.0, "float32": 67.0},
-    "A100": {"float64": 19.5, "float32": 19.5},
-}
 SIGMA = 5.0   # GUIDE: Gaussian kernel, sigma = 5 on pixels / 255
 MODES = ("float64", "float32", "mixed", "mixed-tf32")   # mixed-tf32: float32 factor on TF32 tensor cores
 DATA_FOLDER_IN_TREE = ROOT / "runs" / "data"             # git-ignored (/runs/): travels with a copied tree
+CUSOLVER_32BIT_LIMIT = 2**31    # cupy.linalg.cholesky calls cuSOLVER's 32-bit potrf: n^2 elements must stay below
 
 
 def find_data_dir(explicit=None) -> Path:
@@ -79,10 +85,10 @@ def release_device_memory(device):
     """Hand cached blocks back to the driver between configurations (torch's cache, cupy's pool), so
     each one starts from the same free memory and the reference checks see what is really free."""
     gc.collect()
+    sync(device)            # raises after a sticky CUDA error: the caller records that, see main()
     if device.type == "cuda":
         import torch
 
-        torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
     cupy = sys.modules.get("cupy")
     if cupy is not None:
@@ -128,26 +134,13 @@ def sync(device):
 
 def gemm_tflops(device, dtype, m):
     """Measured GEMM rate on this device (the practical peak the factorization is compared with)."""
-    import torch
-
-    a = torch.randn(m, m, dtype=dtype, device=device)
-    b = torch.randn(m, m, dtype=dtype, device=device)
-    with bt.tf32_disabled():
-        a @ b
-        sync(device)
-        reps, t = 0, time.perf_counter()
-        while reps < 3 or time.perf_counter() - t < 1.0:
-            a @ b
-            reps += 1
-        sync(device)
-    return 2.0 * m**3 * reps / (time.perf_counter() - t) / 1e12
+    return measure_gemm_tflops(device, dtype, m, seconds=1.0)
 
 
 def nominal_peak(device_name, dtype_name):
-    for key, peaks in NOMINAL_PEAK_TFLOPS.items():
-        if key in (device_name or ""):
-            return peaks[dtype_name]
-    return None
+    """The datasheet's dense rate (kernelfit.linalg.strategy.DEVICE_PROFILES) for this GPU, or None."""
+    prof = profile_for_name(device_name) if device_name else None
+    return None if prof is None else getattr(prof, f"{dtype_name}_tflops", None)
 
 
 def load_mnist(data_dir, n, n_test, seed):
@@ -176,9 +169,34 @@ def one_hot(y):
     return Y
 
 
+def warm_up_references(dtype, device):
+    """First calls create the cuSOLVER / cuBLAS handles and (cupy) compile kernels with NVRTC: make
+    them on a small matrix so the timed reference calls do not pay them."""
+    import torch
+
+    A = torch.eye(256, dtype=dtype, device=device) * 2.0
+    torch.linalg.cholesky_ex(A)
+    sync(device)
+    cupy = _cupy()
+    if cupy is not None and device.type == "cuda":
+        with cupy.cuda.Device(device.index or 0):
+            cupy.linalg.cholesky(cupy.from_dlpack(A))
+            cupy.cuda.Device().synchronize()
+
+
+def _cupy():
+    try:
+        import cupy
+
+        return cupy
+    except ImportError:
+        return None
+
+
 def reference_cholesky(Xd, dtype, device, n, args):
-    """The library's own dense Cholesky (torch.linalg.cholesky; cupy's too when installed) on the
-    same Gram, timed in the same run. Returns (record, dense L on host or None)."""
+    """The library's own dense Cholesky (torch.linalg.cholesky; cupy's too when installed and n^2 <
+    2^31) on the same Gram, timed in the same run after warm-up calls. Returns (record, dense L on
+    host or None)."""
     import torch
 
     need = n * n * torch.empty((), dtype=dtype).element_size()
@@ -191,8 +209,9 @@ def reference_cholesky(Xd, dtype, device, n, args):
     for a in range(0, n, rows):
         bt.gram_tile_into(K[a : a + rows], Xd[a : a + rows], Xd, sq[a : a + rows], sq, "gaussian", SIGMA)
     K.fill_diagonal_(1.0)
+    warm_up_references(dtype, device)
     sync(device)
-    rec = {}
+    rec = {"dtype": str(dtype).replace("torch.", "")}
     t = time.perf_counter()
     L, info = torch.linalg.cholesky_ex(K)
     sync(device)
@@ -201,9 +220,14 @@ def reference_cholesky(Xd, dtype, device, n, args):
     Lh = L.cpu().numpy() if n <= args.compare_max_n else None
     del L, info
     release_device_memory(device)         # torch's factor leaves the cache; cupy needs the memory
+    cupy = _cupy()
     try:
-        import cupy
-
+        if cupy is None:
+            raise ImportError
+        if device.type != "cuda":
+            raise ValueError("cupy runs on CUDA devices only")
+        if n * n >= CUSOLVER_32BIT_LIMIT:
+            raise OverflowError(f"n^2 = {n * n:,} >= 2^31: cupy calls cuSOLVER's 32-bit potrf, which cannot index it")
         with cupy.cuda.Device(device.index or 0):
             Kc = cupy.from_dlpack(K)
             cupy.cuda.Device().synchronize()
@@ -215,6 +239,8 @@ def reference_cholesky(Xd, dtype, device, n, args):
             del Lc, Kc
     except ImportError:
         rec["cupy.linalg.cholesky"] = "cupy not installed"
+    except (ValueError, OverflowError) as exc:
+        rec["cupy.linalg.cholesky"] = f"skipped: {exc}"
     except Exception as exc:   # a cupy failure must not cost the configuration
         rec["cupy.linalg.cholesky"] = f"error: {type(exc).__name__}: {exc}"
     del K
@@ -247,12 +273,17 @@ def run_config(mode, n, ooc, args, device, base):
     Xte64 = torch.from_numpy(Xte).to(device)
     Xd = X64.to(tdt)
 
+    key = reference_key(n, fdt)
     if args.no_reference:
         ref, Lref = {"skipped": "--no-reference"}, None
     elif n > args.reference_max_n:
         ref, Lref = {"skipped": f"n > --reference-max-n {args.reference_max_n}"}, None
+    elif key in REFERENCES:          # computed once per (n, dtype), by an earlier configuration
+        ref, Lref = json.loads(json.dumps(REFERENCES[key][0])), REFERENCES[key][1]
+        ref["computed_in"] = "an earlier configuration of this run"
     else:
         ref, Lref = reference_cholesky(Xd, tdt, device, n, args)
+        REFERENCES[key] = (ref, Lref)
     del Xd
     rec["reference"] = ref
 
@@ -277,7 +308,7 @@ def run_config(mode, n, ooc, args, device, base):
         sol = solve_resident(Xtr, Y, kernel="gaussian", bandwidth=SIGMA, dtype=fdt, device=device, block=block,
                              max_refine=10 if mode.startswith("mixed") else 0, tf32=tf32,
                              fallback_float64=mode.startswith("mixed"), rows=args.product_rows)
-        alpha, finfo, report = sol.alpha, sol.factors[-1], sol.report
+        alpha, factors, report = sol.alpha, sol.factors, sol.report
         rec["pipeline"] = "resident"
         rec["refinement"] = report
         rec["fallback"] = report["fallback"]
@@ -295,7 +326,6 @@ def run_config(mode, n, ooc, args, device, base):
         alpha, _, report, factors = solve_refined(build, lambda G: factor(G, **fkw).to_dict(), apply_high, Y,
                                                   dtype=np.float32, max_refine=10, scale_diagonal=True,
                                                   fallback=None if ooc else (lambda: None), timings=timings)
-        finfo = factors[-1]
         rec["refinement"] = report
         rec["fallback"] = report["fallback"]
         rec["factor_dtype"] = report["factor_dtype"]
@@ -307,29 +337,30 @@ def run_config(mode, n, ooc, args, device, base):
         rec["pipeline"] = "host panels"
         G = build(fdt)
         rec["phases_s"]["gram"] = t_gram[0]
-        fi = factor(G, **fkw)
-        finfo = fi.to_dict()
-        rec["phases_s"]["factor_total"] = finfo["timings_s"]["factor"]
+        factors = [factor(G, **fkw).to_dict()]
+        rec["phases_s"]["factor_total"] = factors[0]["timings_s"]["factor"]
         t = time.perf_counter()
         alpha = cho_solve(G, Y.astype(fdt)).astype(np.float64)
         rec["phases_s"]["solve_host"] = time.perf_counter() - t
         rec["factor_dtype"] = np.dtype(fdt).name
         Lh_first = G if Lref is not None else None
-    ts = finfo["timings_s"]
-    compute = ts["factor"] - ts.get("to_device", 0.0) - ts.get("to_host", 0.0)
-    rec["phases_s"]["factor_compute"] = compute
-    rec["factor"] = {k: finfo[k] for k in ("backend", "device", "path", "bytes_moved", "device_memory", "tf32",
-                                           "notes")}
-    rec["factor"]["timings_s"] = ts
-    rec["slabs"] = finfo["device_memory"].get("slabs", 1 if not ooc else None)   # how many really ran
-    rec["tflops"] = cholesky_flops(n) / max(compute, 1e-12) / 1e12
-    peak_name = "float64" if rec["factor_dtype"] == "float64" else "float32"
-    rec["fraction_of_measured_gemm_peak"] = rec["tflops"] / base["gemm_tflops"][peak_name]
+    # The row's factor is the first attempt (the TF32 one for mixed-tf32), with its own time and rate;
+    # a float64 re-factorization after it is reported apart, never under the attempt's label.
+    attempt = factors[0]
+    rec.update(describe_factor(attempt, n, ooc))
+    rec["phases_s"]["factor_compute"] = rec.pop("compute_s")
+    rec["attempt_dtype"] = attempt["dtype"] + ("+tf32" if attempt["tf32"] else "")
+    rec.setdefault("fallback", None)
+    if len(factors) > 1:
+        fb = describe_factor(factors[-1], n, ooc)
+        rec["fallback_factor"] = {"dtype": factors[-1]["dtype"], "compute_s": fb["compute_s"], "tflops": fb["tflops"],
+                                  "timings_s": factors[-1]["timings_s"]}
+    peak_name = "tf32" if attempt["tf32"] else attempt["dtype"]
+    measured = base["gemm_tflops"].get(peak_name)
+    rec["fraction_of_measured_gemm_peak"] = rec["tflops"] / measured if measured else None
     nom = nominal_peak(base["machine"].get("gpu"), peak_name)
     rec["fraction_of_nominal_peak"] = rec["tflops"] / nom if nom else None
-    for r in ref.values():
-        if isinstance(r, dict) and "tflops" in r:
-            r["ours_over_reference_speed"] = rec["tflops"] / r["tflops"]
+    attach_reference_ratios(rec)
     if Lh_first is not None:
         rec["reference"]["max_abs_diff_L_vs_torch"] = float(np.max(np.abs(Lh_first.to_dense(False) - Lref)))
 
@@ -354,31 +385,110 @@ def run_config(mode, n, ooc, args, device, base):
     return rec
 
 
+REFERENCES = {}   # (n, dtype) -> (reference record, dense host L or None): each computed once per run
+
+
+def reference_key(n, fdt):
+    return f"{n}:{np.dtype(fdt).name}"
+
+
+def describe_factor(info, n, ooc):
+    """The factor columns of a record: compute seconds (transfers excluded), TFLOP/s, slabs."""
+    ts = info["timings_s"]
+    compute = ts["factor"] - ts.get("to_device", 0.0) - ts.get("to_host", 0.0)
+    out = {"factor": {k: info[k] for k in ("backend", "device", "path", "dtype", "bytes_moved", "device_memory",
+                                           "tf32", "notes")}, "compute_s": compute,
+           "tflops": cholesky_flops(n) / max(compute, 1e-12) / 1e12,
+           "slabs": info["device_memory"].get("slabs", 1 if not ooc else None)}   # how many really ran
+    out["factor"]["timings_s"] = ts
+    return out
+
+
+def attach_reference_ratios(rec):
+    for r in (rec.get("reference") or {}).values():
+        if isinstance(r, dict) and "tflops" in r and rec.get("tflops"):
+            r["ours_over_reference_speed"] = rec["tflops"] / r["tflops"]
+
+
 def guarded(mode, n, ooc, args, device, base):
-    """run_config, or an error record: every configuration ends in a record, and the next one runs
-    on a device whose memory this one has handed back."""
+    """run_config, or an error record: every configuration ends in a record. The device memory is
+    handed back by the caller only after the record is out (cleanup can raise, see main())."""
     t = time.perf_counter()
     try:
         rec = run_config(mode, n, ooc, args, device, base)
     except Exception as exc:
-        rec = dict(base, kind="gpu_cholesky", mode=mode, n=n, path="out-of-core" if ooc else "in-core",
-                   status="error", error=f"{type(exc).__name__}: {exc}",
-                   traceback=traceback.format_exc(limit=6)[-3000:])
-    finally:
-        release_device_memory(device)
+        rec = error_record(base, mode, n, ooc, f"{type(exc).__name__}: {exc}", traceback.format_exc(limit=6)[-3000:])
     rec["wall_s"] = time.perf_counter() - t
     return rec
 
 
-def main(argv=None):
+def error_record(base, mode, n, ooc, error, tb=None):
+    rec = dict(base, kind="gpu_cholesky", mode=mode, n=n, path="out-of-core" if ooc else "in-core", status="error",
+               error=error)
+    if tb:
+        rec["traceback"] = tb
+    return rec
+
+
+def child_command(args, mode, n, ooc):
+    """This script for one configuration in a fresh process (a fresh CUDA context), with the
+    references already computed in this run passed along so none is computed twice."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--one-config", f"{mode}:{n}:{'ooc' if ooc else 'in'}",
+           "--device", args.device, "--backend", args.backend, "--n-test", args.n_test, "--ooc-slabs", args.ooc_slabs,
+           "--reference-max-n", args.reference_max_n, "--pipeline", args.pipeline, "--product-rows", args.product_rows,
+           "--compare-max-n", args.compare_max_n, "--seed", args.seed, "--data", args.data]
+    cmd += ["--ooc-budget-mib", args.ooc_budget_mib] if args.ooc_budget_mib else []
+    cmd += ["--block", args.block] if args.block else []
+    cmd += ["--no-reference"] if args.no_reference else []
+    for key, (ref, _) in REFERENCES.items():
+        cmd += ["--reference-json", key + "=" + json.dumps(ref)]
+    return [str(c) for c in cmd]
+
+
+def run_child(args, mode, n, ooc, seconds, base):
+    """One configuration in a child process: its record, or an error record saying how it ended."""
+    t = time.perf_counter()
+    proc = subprocess.Popen(child_command(args, mode, n, ooc), stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)   # its own process group: a timeout ends all of it
+    try:
+        out, _ = proc.communicate(timeout=None if seconds is None else max(1.0, seconds))
+        timed_out = False
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        out, _ = proc.communicate()
+        timed_out = True
+    recs = [json.loads(ln) for ln in out.splitlines() if ln.startswith('{"')]
+    if recs:
+        rec = recs[-1]
+    else:
+        why = "killed at --timeout" if timed_out else f"exited with status {proc.returncode}"
+        rec = error_record(base, mode, n, ooc, f"child process {why} before writing its record (stderr is in the log)")
+        rec["wall_s"] = time.perf_counter() - t
+    rec["isolated"] = True
+    ref = rec.get("reference") or {}
+    if "torch.linalg.cholesky" in ref and "computed_in" not in ref:
+        REFERENCES[reference_key(n, np.float64 if mode == "float64" else np.float32)] = (strip_ratios(ref), None)
+    return rec
+
+
+def strip_ratios(ref):
+    ref = json.loads(json.dumps(ref))
+    for r in ref.values():
+        if isinstance(r, dict):
+            r.pop("ours_over_reference_speed", None)
+    return ref
+
+
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda", help="torch device: cuda, cuda:1, cpu")
     p.add_argument("--backend", default="torch", choices=["torch", "numpy", "cupy"])
     p.add_argument("--n", type=int, default=60000, help="in-core training points")
     p.add_argument("--n-test", type=int, default=10000)
-    p.add_argument("--modes", nargs="+", default=["float64", "float32", "mixed"], choices=MODES)
-    p.add_argument("--ooc-n", type=int, nargs="*", default=[100000, 150000], help="out-of-core sizes ([] = skip)")
-    p.add_argument("--ooc-modes", nargs="+", default=["float32", "mixed"], choices=MODES)
+    p.add_argument("--modes", nargs="*", default=["float64", "mixed-tf32"], choices=MODES, help="in-core modes")
+    p.add_argument("--ooc-n", type=int, nargs="*", default=[100000], help="out-of-core sizes ([] = skip)")
+    p.add_argument("--ooc-modes", nargs="+", default=["float64"], choices=MODES,
+                   help="out-of-core modes (each builds its own Gram; default float64: one host solve, no refinement)")
     p.add_argument("--ooc-budget-mib", type=int, default=None,
                    help="device budget for out-of-core (default: the largest that gives --ooc-slabs slabs)")
     p.add_argument("--ooc-slabs", type=int, default=3, help="out-of-core runs stream at least this many slabs")
@@ -395,9 +505,68 @@ def main(argv=None):
     p.add_argument("--data", default=None, help="folder with mnist.npz (default: $KERNELFIT_DATA, <repo>/runs/data, "
                                                 "<repo>/../shared/data)")
     p.add_argument("--out", default=None, help="also append the JSON lines to this file")
-    args = p.parse_args(argv)
-    args.data = find_data_dir(args.data)
+    p.add_argument("--isolate", action="store_true",
+                   help="run each configuration in its own process (a fresh CUDA context each; a few seconds more each)")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="seconds for all configurations; those not started by then get a record saying so")
+    p.add_argument("--one-config", default=None, help=argparse.SUPPRESS)            # MODE:N:in|ooc, for --isolate
+    p.add_argument("--reference-json", action="append", default=[], help=argparse.SUPPRESS)   # KEY=JSON
+    return p
 
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    args.data = find_data_dir(args.data)
+    t0 = time.perf_counter()
+    deadline = t0 + args.timeout if args.timeout else None
+    for item in args.reference_json:
+        key, _, text = item.partition("=")
+        REFERENCES[key] = (json.loads(text), None)
+    if args.one_config:
+        mode, n, where = args.one_config.split(":")
+        configs = [(mode, int(n), where == "ooc")]
+    else:
+        configs = [(mode, args.n, False) for mode in args.modes]
+        configs += [(mode, n, True) for n in args.ooc_n for mode in args.ooc_modes]
+    failed = 0
+    isolate = args.isolate and not args.one_config
+    base = device = None
+    light = {"device": args.device, "argv": sys.argv[1:]}
+    for mode, n, ooc in configs:
+        left = None if deadline is None else deadline - time.perf_counter()
+        if left is not None and left <= 0:
+            rec = error_record(light, mode, n, ooc, f"not run: --timeout {args.timeout:.0f} s reached")
+        elif isolate:
+            rec = run_child(args, mode, n, ooc, left, base or light)
+        else:
+            if base is None:
+                try:
+                    device, base = setup(args)
+                except Exception as exc:   # no usable device in this process: say so for this configuration
+                    rec = error_record(light, mode, n, ooc, f"setup failed: {type(exc).__name__}: {exc}",
+                                       traceback.format_exc(limit=6)[-3000:])
+                    failed += 1
+                    emit(rec, args.out)
+                    isolate = not args.one_config
+                    continue
+            rec = guarded(mode, n, ooc, args, device, base)
+        failed += rec["status"] != "ok"
+        emit(rec, args.out)          # the record is out before any cleanup that could raise
+        if not isolate and device is not None:
+            try:
+                release_device_memory(device)
+            except Exception as exc:   # a sticky CUDA error: this process's context is unusable from now on
+                isolate = not args.one_config
+                print(f"[gpu_cholesky] cleanup after {mode} n={n} failed ({type(exc).__name__}: {exc}); "
+                      f"{'the remaining configurations run in fresh processes' if isolate else 'stopping'}",
+                      file=sys.stderr, flush=True)
+                if not isolate:
+                    break
+    return 1 if failed else 0
+
+
+def setup(args):
+    """The torch device and the fields every record of this process shares (machine, GEMM rates)."""
     torch = bt.require_torch()
     device = bt.resolve_device(args.device)
     m = 8192 if device.type == "cuda" else 1024
@@ -405,14 +574,7 @@ def main(argv=None):
             "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     base["gemm_tflops"] = {"float64": gemm_tflops(device, torch.float64, m),
                            "float32": gemm_tflops(device, torch.float32, m)}
-    configs = [(mode, args.n, False) for mode in args.modes]
-    configs += [(mode, n, True) for n in args.ooc_n for mode in args.ooc_modes]
-    failed = 0
-    for mode, n, ooc in configs:
-        rec = guarded(mode, n, ooc, args, device, base)
-        failed += rec["status"] != "ok"
-        emit(rec, args.out)
-    return 1 if failed else 0
+    return device, base
 
 
 if __name__ == "__main__":

@@ -379,10 +379,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="feature dimension (default: the dataset's, e.g. 784 for MNIST)")
     p.add_argument("--num-outputs", type=_positive_int, default=None, metavar="K",
                    help="right-hand sides (default: the number of classes)")
-    p.add_argument("--mode", choices=MODES, default="mixed")
+    p.add_argument("--mode", choices=MODES, default=None,
+                   help="mixed (default on the host), float32, float64; with a device the default lets the device "
+                        "strategy choose")
     p.add_argument("--block-size", type=_positive_int, default=None, metavar="B")
     p.add_argument("--available-gib", type=_nonneg_float, default=None, metavar="GIB",
                    help="plan for this much free memory instead of what is free now")
+    g = p.add_argument_group("device strategy (docs/gpu.md): which precision and path a GPU solve should take")
+    g.add_argument("--device", default=None, metavar="cuda[:N]",
+                   help="plan for this CUDA device: its free memory, its rates from the table (or measured)")
+    g.add_argument("--device-profile", default=None, metavar="NAME",
+                   help="plan for a named GPU without having one: h200, h100, h100-pcie, a100, v100, l4, rtx4090")
+    g.add_argument("--device-memory-gib", type=_nonneg_float, default=None, metavar="GIB",
+                   help="the device's memory (overrides the profile's; with both rates below: a device of your own)")
+    g.add_argument("--float64-tflops", type=_nonneg_float, default=None, metavar="R", help="its float64 GEMM rate")
+    g.add_argument("--float32-tflops", type=_nonneg_float, default=None, metavar="R", help="its float32 GEMM rate")
+    g.add_argument("--measure", action="store_true", help="with --device: measure the GEMM rates (~2 s)")
+    g.add_argument("--tf32", action="store_true",
+                   help="plan a TF32 float32 factor (refined in float64; may fall back to float64, reported)")
     p.set_defaults(subparser=p)
 
     # -- data ---------------------------------------------------------------------------------
@@ -1033,13 +1047,63 @@ def cmd_plan(args, parser) -> int:
     d = args.dim or shape["d"]
     k = args.num_outputs or shape["num_classes"]
     available = None if args.available_gib is None else int(args.available_gib * 2**30)
-    plan = plan_solve(n, d, k, args.mode, n_test=n_test, block=args.block_size, available=available,
+    device = _plan_device_profile(args, parser)   # checked before any planning
+    plan = plan_solve(n, d, k, args.mode or "mixed", n_test=n_test, block=args.block_size, available=available,
                       grid_products=_pixel_grid_products(args, user, d) and not args.dim)
-    _eprint(plan.summary())
+    out = plan.to_dict()
+    fits = plan.fits
+    if device is not None:
+        from .linalg.strategy import choose_device_strategy
+
+        ds = choose_device_strategy(n, d, k, device, mode=args.mode, tf32=args.tf32, block=args.block_size)
+        out["device_strategy"] = ds
+        # resident: the host holds only the data and n x k blocks; out of core it holds the Gram panels
+        fits = ds["resident"] or plan.fits
+        _eprint(f"device {device.name} ({device.source}): {ds['strategy']}"
+                f"{' with TF32 factor GEMMs' if ds['tf32'] else ''}, {ds['factor_dtype']} factor; {ds['reason']}")
+    else:
+        _eprint(plan.summary())
     from .results import dumps
 
-    sys.stdout.write(dumps(plan.to_dict()) + "\n")
-    return EXIT_OK if plan.fits else EXIT_DOES_NOT_FIT
+    sys.stdout.write(dumps(out) + "\n")
+    return EXIT_OK if fits else EXIT_DOES_NOT_FIT
+
+
+def _plan_device_profile(args, parser):
+    """The DeviceProfile that ``plan`` plans for (None: no device strategy asked for)."""
+    from .linalg.strategy import DeviceProfile, live_profile, named_profile
+
+    given = (args.device_memory_gib, args.float64_tflops, args.float32_tflops)
+    if args.tf32 and args.mode in ("float32", "float64"):
+        parser.error(f"--tf32 plans a TF32 float32 factor refined in float64; --mode {args.mode} has none. "
+                     "Use --mode mixed or leave --mode out.")
+    if args.device is None and args.device_profile is None and all(v is None for v in given):
+        if args.tf32 or args.measure:
+            parser.error("--tf32 / --measure belong to a device strategy: add --device cuda or --device-profile NAME.")
+        return None
+    if args.device is not None and args.device_profile is not None:
+        parser.error("give --device (a GPU here) or --device-profile (a named GPU), not both.")
+    if args.mode == "float32":
+        parser.error("--mode float32 has float32 accuracy only and is no device strategy; use mixed, float64 or leave "
+                     "--mode out so that the device's rates choose.")
+    if args.device is not None:
+        prof = live_profile(args.device, measure=args.measure)
+    elif args.device_profile is not None:
+        prof = named_profile(args.device_profile)
+    else:
+        missing = [f for f, v in zip(("--device-memory-gib", "--float64-tflops", "--float32-tflops"), given) if v is None]
+        if missing:
+            parser.error(f"a device of your own needs its memory and both rates; missing {', '.join(missing)} "
+                         "(or name one: --device-profile h200).")
+        return DeviceProfile("given", int(args.device_memory_gib * 2**30), args.float64_tflops, args.float32_tflops)
+    over = {"memory_bytes": None if args.device_memory_gib is None else int(args.device_memory_gib * 2**30),
+            "float64_tflops": args.float64_tflops, "float32_tflops": args.float32_tflops}
+    over = {key: v for key, v in over.items() if v is not None}
+    if over:
+        from dataclasses import replace
+
+        prof = replace(prof, **over, source=prof.source + " with given overrides")
+    return prof
 
 
 def _found_files(name: str, root: Path) -> list[str]:

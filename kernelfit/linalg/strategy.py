@@ -27,6 +27,9 @@ precision (float32 then has float32 accuracy only).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
 
 STORED = "stored-float64-gram"
 RECOMPUTED = "recomputed-float64"
@@ -98,3 +101,183 @@ def choose_strategy(mode: str, n: int, fits: Callable[[str], bool], forced: str 
                                "float64 residuals from the stored products, no GEMM per pass")
     return RECOMPUTED, ("a stored float64 Gram plus its float32 copy (n^2/2 x 12 bytes) does not fit: "
                         "float32 Gram and factor only, float64 residuals recomputed from the data")
+
+
+# --------------------------------------------------------------------------------------------
+# Device strategy: which precision a GPU solve should run in, from the device's rates and memory
+# --------------------------------------------------------------------------------------------
+#
+# On GPUs whose float64 GEMM rate is within ~2x of float32 (Hopper: FP64 tensor cores at ~67 TFLOP/s
+# against ~67 plain FP32), a float32 factor saves memory but no time, and its float64 refinement
+# passes cost extra: float64 throughout is the fastest exact solve where it fits. Where float64 is
+# much slower (consumer and inference GPUs: 1/32 - 1/64 of float32) the float32 factor plus float64
+# refinement is faster. TF32 factors are never chosen unasked: on the Gaussian kernel of MNIST their
+# refinement diverges from n ~ 10k, so they end in a float64 re-factorization (reported as such).
+
+DEVICE_STRATEGIES = ("float64-resident", "mixed-resident", "float64-out-of-core", "mixed-out-of-core")
+# float64 runs throughout when float32 GEMMs are at most this many times faster than float64 ones
+FLOAT64_RATE_RATIO = 2.0
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """A GPU's memory and dense GEMM rates (TFLOP/s). ``source`` says where the numbers come from:
+    the vendor's datasheet (``table``), a measurement on the device (``measured``) or the caller."""
+
+    name: str
+    memory_bytes: int
+    float64_tflops: float
+    float32_tflops: float
+    tf32_tflops: float | None = None
+    source: str = "given"
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "memory_gib": round(self.memory_bytes / 2**30, 1)}
+
+
+_GB = 10**9
+# Vendor datasheet dense rates (no sparsity): float64 = FP64 tensor core where there is one, float32
+# = plain FP32, tf32 = TF32 tensor core. Keys are matched as lower-case substrings of the CUDA name,
+# the most specific first (so "NVIDIA H100 PCIe" is not taken for the SXM part).
+DEVICE_PROFILES = {
+    "h200": DeviceProfile("H200", 141 * _GB, 67.0, 67.0, 495.0, "table"),
+    "h100-pcie": DeviceProfile("H100 PCIe", 80 * _GB, 51.0, 51.0, 378.0, "table"),
+    "h100": DeviceProfile("H100 SXM", 80 * _GB, 67.0, 67.0, 495.0, "table"),
+    "a100": DeviceProfile("A100 80GB", 80 * _GB, 19.5, 19.5, 156.0, "table"),
+    "v100": DeviceProfile("V100 32GB", 32 * _GB, 7.8, 15.7, None, "table"),
+    "l4": DeviceProfile("L4", 24 * _GB, 0.49, 30.3, 60.0, "table"),
+    "rtx4090": DeviceProfile("RTX 4090", 24 * _GB, 1.29, 82.6, 82.6, "table"),
+}
+_CUDA_NAME_KEYS = (("h200", "h200"), ("h100 pcie", "h100-pcie"), ("h100", "h100"), ("a100", "a100"),
+                   ("v100", "v100"), (" l4", "l4"), ("4090", "rtx4090"))
+
+
+def profile_for_name(cuda_name: str) -> DeviceProfile | None:
+    """The table's profile for a CUDA device name ("NVIDIA H200", "NVIDIA H100 80GB HBM3"), or None."""
+    low = " " + (cuda_name or "").lower()
+    for sub, key in _CUDA_NAME_KEYS:
+        if sub in low:
+            return DEVICE_PROFILES[key]
+    return None
+
+
+def named_profile(name: str) -> DeviceProfile:
+    from ..errors import InputError
+
+    key = name.strip().lower().replace(" ", "-").replace("_", "-")
+    if key not in DEVICE_PROFILES:
+        raise InputError(f"unknown device profile {name!r}; expected one of {', '.join(DEVICE_PROFILES)}, or give "
+                         "the device's memory and rates (--device-memory-gib, --float64-tflops, --float32-tflops).")
+    return DEVICE_PROFILES[key]
+
+
+def measure_gemm_tflops(device, dtype, m: int = 8192, seconds: float = 0.5) -> float:
+    """A dense m x m GEMM rate on a torch device (TF32 off), after one warm-up product."""
+    import time
+
+    from .backend_torch import require_torch, tf32_disabled
+
+    torch = require_torch()
+    a = torch.randn(m, m, dtype=dtype, device=device)
+    b = torch.randn(m, m, dtype=dtype, device=device)
+
+    def sync():
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
+
+    with tf32_disabled():
+        a @ b
+        sync()
+        reps, t = 0, time.perf_counter()
+        while reps < 3 or time.perf_counter() - t < seconds:
+            a @ b
+            reps += 1
+        sync()
+    return 2.0 * m**3 * reps / (time.perf_counter() - t) / 1e12
+
+
+def live_profile(device="cuda", measure: bool = False) -> DeviceProfile:
+    """The profile of a CUDA device seen by torch: its free memory, and the table's rates for its
+    name (``measure=True``, or a name the table lacks: float64 / float32 GEMMs measured, ~2 s)."""
+    from ..errors import InputError
+    from .backend import free_device_bytes
+    from .backend_torch import require_torch, resolve_device
+
+    torch = require_torch()
+    if not str(device).startswith("cuda"):
+        raise InputError(f"a device strategy needs a CUDA device, got {str(device)!r}. On a machine without one, "
+                         f"plan for a named GPU: --device-profile {{{','.join(DEVICE_PROFILES)}}}.")
+    if not torch.cuda.is_available():
+        raise InputError(f"device {str(device)!r} asked for, but torch sees no CUDA GPU here. Plan for a named GPU "
+                         f"instead: --device-profile {{{','.join(DEVICE_PROFILES)}}} (or --device-memory-gib with "
+                         "--float64-tflops and --float32-tflops).")
+    dev = resolve_device(device)
+    name = torch.cuda.get_device_name(dev)
+    free = free_device_bytes(dev)
+    known = profile_for_name(name)
+    if known is not None and not measure:
+        return DeviceProfile(name, free, known.float64_tflops, known.float32_tflops, known.tf32_tflops,
+                             "table rates, free memory measured")
+    r64 = measure_gemm_tflops(dev, torch.float64, 4096)
+    r32 = measure_gemm_tflops(dev, torch.float32, 4096)
+    return DeviceProfile(name, free, round(r64, 2), round(r32, 2), None, "measured")
+
+
+def choose_device_strategy(n: int, d: int, k: int, profile: DeviceProfile, mode: str | None = None,
+                           tf32: bool = False, block: int | None = None) -> dict:
+    """How a solve of n points should run on a GPU described by ``profile``: a dict with
+    ``strategy`` (one of DEVICE_STRATEGIES), ``factor_dtype``, ``tf32``, ``reason`` and the resident
+    bytes it was judged by. ``mode`` None / "auto" chooses; "float64" or "mixed" is kept (the
+    path, resident or out-of-core, still follows the memory). ``tf32`` asks for TF32 factor GEMMs:
+    a float32 factor then, whose result is reported with its own factor record and any float64
+    fallback named as such."""
+    from ..errors import InputError
+    from .factor import DEVICE_SAFETY
+    from .resident import resident_bytes
+    from .tiled import choose_block
+
+    mode = "auto" if mode in (None, "auto") else mode
+    if mode not in ("auto", "float64", "mixed"):
+        raise InputError(f"device mode {mode!r} is not a device strategy; expected auto, float64 or mixed "
+                         "(a float32-only solve has float32 accuracy: run it without a device strategy).")
+    if tf32 and mode == "float64":
+        raise InputError("TF32 applies to a float32 factor; with mode float64 there is none. Use mode mixed with TF32, "
+                         "or drop TF32.")
+    block = choose_block(n, block)
+    usable = int(DEVICE_SAFETY * profile.memory_bytes)
+    need64 = resident_bytes(n, d, k, block, np.float64)
+    need32 = resident_bytes(n, d, k, block, np.float32)
+    ratio = profile.float32_tflops / max(profile.float64_tflops, 1e-9)
+    fast64 = ratio <= FLOAT64_RATE_RATIO
+    rates = (f"float32 / float64 GEMM rate {profile.float32_tflops:g} / {profile.float64_tflops:g} TFLOP/s "
+             f"= {ratio:.2g}x")
+    mem = f"resident float64 {need64 / 2**30:.1f} GiB, float32 {need32 / 2**30:.1f} GiB, usable {usable / 2**30:.1f} GiB"
+    if tf32 or mode == "mixed":
+        resident = need32 <= usable
+        why = ("TF32 factor asked for: its refinement may not converge (the Gaussian MNIST Gram diverges from "
+               "n ~ 10k), in which case the float64 re-factorization runs and is reported as a fallback, never under "
+               "the TF32 label" if tf32 else "mode mixed asked for")
+        strategy = "mixed-resident" if resident else "mixed-out-of-core"
+    elif mode == "float64" or fast64:
+        if need64 <= usable:
+            strategy = "float64-resident"
+            why = ("mode float64 asked for" if mode == "float64" else
+                   f"{rates} <= {FLOAT64_RATE_RATIO:g}x: a float32 factor saves no time, float64 throughout is the "
+                   "fastest exact solve where it fits")
+        elif mode != "float64" and need32 <= usable:
+            strategy = "mixed-resident"
+            why = "the float64 Gram does not fit on the device, the float32 one does: float32 factor + float64 refinement"
+        else:
+            strategy = "float64-out-of-core"
+            why = ("mode float64 asked for, and the Gram does not fit resident" if mode == "float64" else
+                   f"no resident Gram fits; {rates}: float64 slabs (one host solve) rather than a float32 factor "
+                   "whose refinement passes each read the whole factor on the host")
+    else:
+        strategy = "mixed-resident" if need32 <= usable else "mixed-out-of-core"
+        why = (f"{rates} > {FLOAT64_RATE_RATIO:g}x: a float32 factor with float64 refinement is faster than float64 "
+               "throughout")
+    fdt = "float64" if strategy.startswith("float64") else "float32"
+    return {"strategy": strategy, "factor_dtype": fdt, "tf32": bool(tf32), "reason": f"{why} ({mem})",
+            "resident": strategy.endswith("resident"), "block": block, "float64_resident_bytes": need64,
+            "float32_resident_bytes": need32, "usable_bytes": usable, "rate_ratio_float32_over_float64": round(ratio, 3),
+            "device": profile.to_dict()}
