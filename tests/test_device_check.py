@@ -304,3 +304,19 @@ def test_plan_reports_the_device_strategy_for_a_named_gpu_and_refuses_a_missing_
     with pytest.raises(SystemExit):
         cli.main(["plan", "--dataset", "mnist", "--device-memory-gib", "24"])      # rates missing
     assert "missing --float64-tflops, --float32-tflops" in capsys.readouterr().err
+
+
+def test_deepfit_device_check_dry_run_one_model_fast(tmp_path):
+    """The default-run counterpart of the slow dry run: one model, both label sets, records + summary."""
+    from prep_cifar10_npz import main as prep
+
+    archive, packed, out_dir = tmp_path / "c.tar.gz", tmp_path / "c.npz", tmp_path / "out"
+    _tiny_image_folder_archive(archive, per_class=(4, 2))
+    assert prep(["--src", str(archive), "--out", str(packed)]) == 0
+    out = _run("device_check_deepfit.py", "--device", "cpu", "--max-epochs", 1, "--models", "mlp-1x512",
+               "--data", packed, "--out", out_dir, "--timeout", 120, timeout=180)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    recs = [json.loads(line) for line in (out_dir / "deepfit_runs.jsonl").read_text().splitlines()]
+    assert [(r["model"], r["labels"], r["status"]) for r in recs] == [("mlp-1x512", "true", "ok"),
+                                                                      ("mlp-1x512", "random", "ok")]
+    assert (out_dir / "summary.md").read_text().rstrip() in out.stdout
