@@ -105,10 +105,11 @@ def checkpoint_files(manifest: dict) -> list[str]:
     return [f for st in manifest["stages"].values() for f in st["files"]]
 
 
-def remove_checkpoint(directory, flag: str = "checkpoint_dir") -> list[str]:
+def remove_checkpoint(directory, flag: str = "checkpoint_dir", owned: OwnedDir | None = None) -> list[str]:
     """Remove what the manifest lists (all stages), the manifest, our marker and lock; the directory
-    when that leaves it empty and we created it. Returns the entries left (files we did not write)."""
-    own = owned_dir(directory, flag)
+    when that leaves it empty and we created it. Returns the entries left (files we did not write).
+    ``owned``: the caller's claim of the directory (its lock is the one given up)."""
+    own = owned if owned is not None else owned_dir(directory, flag)
     m = read_manifest(directory, flag)
     return own.remove((checkpoint_files(m) if m else []) + [MANIFEST])
 
