@@ -113,14 +113,16 @@ def _release(key: str, remove_file: bool = False) -> None:
 class OwnedDir:
     """A directory kernelfit writes into. ``names``: a regex of the file names the owner writes there
     (matched whole); they, the marker and the lock are the only names whose orphan temporaries are
-    ever removed. ``adopt``: adopt an unmarked directory whose entries all match ``names`` (caches)."""
+    ever removed. ``adopt``: adopt an unmarked directory whose entries all match ``names`` (caches).
+    ``temporaries``: a regex of the owner's other temporary file names (cleaned like atomic_file's)."""
 
-    def __init__(self, path, kind: str, flag: str, names: str, adopt: bool = False):
+    def __init__(self, path, kind: str, flag: str, names: str, adopt: bool = False, temporaries: str | None = None):
         self.path = Path(path).expanduser()
         self.kind, self.flag, self.adopt = kind, flag, adopt
         self.names = re.compile(names)
         own = f"(?:{names}|{re.escape(MARKER)})"
-        self.tmp = re.compile(rf"\.{own}{_MKSTEMP_TAIL}")
+        # atomic_file's temporaries of our names, and any other temporary naming of the owner's
+        self.tmp = re.compile(rf"\.{own}{_MKSTEMP_TAIL}" + (f"|{temporaries}" if temporaries else ""))
         self._key = None
         self._finalizer = None
 
