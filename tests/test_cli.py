@@ -364,15 +364,16 @@ def test_cleanup_after_success_removes_exactly_our_files(tmp_path, capsys, monke
             "L_00003.npy": b"user file named like an old panel", "float64.L_00099.npy": b"named like ours, not listed"}
 
     def user_writes_meanwhile(*a, **k):
+        ck.mkdir(exist_ok=True)
         for name, content in late.items():
             (ck / name).write_bytes(content)
         return real(*a, **k)
 
     monkeypatch.setattr(kernelfit.solve, "run_interpolation", user_writes_meanwhile)
     assert main(_CK_BASE + ["--checkpoint-dir", str(ck), "--out", str(tmp_path / "r.json")]) == 0
+    assert {p.name: p.read_bytes() for p in ck.iterdir()} == late
     err = capsys.readouterr().err
     assert "removed the checkpoint" in err and "holds files kernelfit did not write" in err
-    assert {p.name: p.read_bytes() for p in ck.iterdir()} == late
     # a fresh directory with nothing else in it is removed with the checkpoint
     monkeypatch.setattr(kernelfit.solve, "run_interpolation", real)
     assert main(_CK_BASE + ["--checkpoint-dir", str(tmp_path / "ck2"), "--out", str(tmp_path / "r2.json")]) == 0
