@@ -1,10 +1,15 @@
 """Checkpoint / resume for long factorizations.
 
-A checkpoint directory holds ``manifest.json`` (n, block, dtype, a sha256 of the *input* panels and
-of the caller's config, the last finished panel, the strategy) and one ``.npy`` file per finished
-factor panel, written once each. Every file is written to a temporary name, fsynced and moved into
-place with ``os.replace``; the manifest is replaced last, so a crash at any moment leaves the
-previous consistent checkpoint.
+A checkpoint directory is one kernelfit owns (``kernelfit.storage``: our marker file, a lock holding
+the PID of the run using it). It holds ``manifest.json``: a run id and one *stage* per factorization
+(default name: the factor dtype, so mixed precision's float32 attempt and its float64 fallback each
+have their own), each with n, block, dtype, a sha256 of the *input* panels and of the caller's config,
+the last finished panel, the strategy, and the blake2b of every panel file it lists
+(``<stage>.L_<panel>.npy``, written once each; ``<stage>.T<generation>_<panel>.npy`` for the
+'trailing' strategy). Every file is written to a temporary name, fsynced and moved into place with
+``os.replace``; the manifest is replaced last, so a crash at any moment leaves the previous consistent
+checkpoint. Resume checks each panel's checksum (a file of another run is refused, never mixed in);
+cleanup removes exactly the files the manifest lists.
 
 What a resumable state is depends on the algorithm:
 
@@ -21,7 +26,7 @@ What a resumable state is depends on the algorithm:
     checkpoint writes up to n^2/2 numbers (7.2 GB at n = 60,000 float32), so checkpoint every k
     panels (``every``); over a run that is ~(panels / k) / 3 x the Gram size written.
 
-Resume refuses a checkpoint whose n, block, dtype, input hash or config hash differ.
+Resume refuses a stage whose n, block, dtype, input hash or config hash differ.
 """
 
 from __future__ import annotations
