@@ -511,30 +511,71 @@ def _check_dir_path(parser: argparse.ArgumentParser, directory, flag: str) -> No
         parser.error(str(e))
 
 
-def _check_checkpoint_dir(parser: argparse.ArgumentParser, directory: Path | None, resume: bool) -> None:
+def _check_checkpoint_dir(parser: argparse.ArgumentParser, directory: Path | None, resume: bool,
+                          n: int | None = None, block: int | None = None, dtype: str | None = None):
     """--resume continues a checkpoint that exists; without it a checkpoint is never silently reused
-    or overwritten. Both checked before any work."""
+    or overwritten; a directory kernelfit did not write is never written into. Writability and free
+    space for the planned panels are checked too; then the directory is claimed (marker, lock held
+    by this run, which a second run sees with our PID). Returns the claimed directory: hold it."""
     if directory is None:
-        return
-    manifest = directory / "manifest.json"
-    if resume and not manifest.is_file():
-        what = "does not exist" if not directory.exists() else "holds no checkpoint (no manifest.json)"
+        return None
+    from .errors import InputError
+    from .linalg.checkpoint import MANIFEST, checkpoint_bytes, owned_dir, read_manifest
+    from .results import check_free_space, check_writable_dir
+    from .storage import MARKER
+
+    own = owned_dir(directory, "--checkpoint-dir")
+    try:
+        own.check()
+    except InputError as e:
+        hint = (f" (A checkpoint directory kernelfit wrote carries {MARKER}; for such a directory, pass --resume "
+                f"to continue it.)" if (directory / MANIFEST).exists() else "")
+        parser.error(f"{e}{hint}")
+    manifest = read_manifest(directory, "--checkpoint-dir") if own.marker_path.is_file() else None
+    if resume and manifest is None:
+        what = "does not exist" if not directory.exists() else f"holds no checkpoint (no {MANIFEST})"
         parser.error(f"--resume: --checkpoint-dir {directory} {what}; nothing to resume. Fix: name the "
                      f"directory the interrupted run saved to, or drop --resume to start afresh.")
-    if not resume and manifest.is_file():
+    if not resume and manifest is not None:
         parser.error(f"--checkpoint-dir {directory} already holds a checkpoint; pass --resume to continue it, "
                      f"or choose an empty directory (or delete this one) to start afresh.")
-
-
-def _remove_checkpoint(directory: Path) -> None:
-    """Delete the files a checkpoint consists of (and the directory when that leaves it empty)."""
-    for pattern in ("L_*.npy", "T*_*.npy", "manifest.json"):
-        for f in directory.glob(pattern):
-            f.unlink()
+    done = 0
+    if resume and n is not None:
+        stages = manifest["stages"]
+        if not any(st["n"] == n and st["block"] == block for st in stages.values()):
+            have = "; ".join(f"{k}: n = {st['n']}, block {st['block']}" for k, st in stages.items()) or "no stages"
+            parser.error(f"--resume: the checkpoint in {directory} is of another problem ({have}); this run has "
+                         f"n = {n}, block {block}. Fix: pass the options of the interrupted run, or drop --resume "
+                         f"and use a new directory.")
+        done = sum(f["bytes"] for f in stages.get(str(dtype), {"files": {}})["files"].values()
+                   if isinstance(f.get("bytes"), int))
     try:
-        directory.rmdir()
-    except OSError:  # the user keeps other files there
-        pass
+        check_writable_dir(directory, "--checkpoint-dir")
+        if n is not None:
+            check_free_space(directory, checkpoint_bytes(n, block, dtype) - done, "--checkpoint-dir",
+                             f"the checkpoint ({dtype} factor panels, n = {n})")
+    except InputError as e:
+        parser.error(str(e))
+    return own.claim()
+
+
+def _remove_checkpoint(directory: Path, held=None, keep: bool = False) -> None:
+    """After the result is written: delete exactly the files the checkpoint's manifest lists (and our
+    marker and lock, and the directory when that leaves it empty and we created it); never a file
+    kernelfit did not write. ``keep``: only release the directory."""
+    from .linalg.checkpoint import remove_checkpoint
+
+    if keep:
+        if held is not None:
+            held.release()
+        return
+    try:
+        left = remove_checkpoint(directory, "--checkpoint-dir", owned=held)
+    except KernelfitError as e:   # e.g. a manifest damaged meanwhile: keep everything, say why
+        _eprint(f"kept the checkpoint in {directory}: {e}")
+        return
+    extra = f"; the directory stays: it also holds files kernelfit did not write ({', '.join(left[:5])})" if left else ""
+    _eprint(f"removed the checkpoint in {directory} (keep it with --keep-checkpoint){extra}")
 
 
 def _gabor_config(args):
@@ -644,7 +685,6 @@ def cmd_solve(args, parser) -> int:
         parser.error("--variant corrupt needs --corrupt-p P (the probability of replacing a label)")
     if args.resume and args.checkpoint_dir is None:
         parser.error("--resume needs --checkpoint-dir DIR (the directory the interrupted run saved its panels to)")
-    _check_checkpoint_dir(parser, args.checkpoint_dir, args.resume)
     if args.corrupt_p is not None and args.variant != "corrupt":
         parser.error(f"--corrupt-p applies only to --variant corrupt (got --variant {args.variant})")
     if args.corrupt_test and args.variant not in LABEL_VARIANTS:
@@ -684,6 +724,7 @@ def cmd_solve(args, parser) -> int:
         from .linalg.memory import require_fits
 
         require_fits(plan, cli=True)  # raises MemoryPlanError with the numbers and the flags
+    held = _check_checkpoint_dir(parser, args.checkpoint_dir, args.resume, n_train, plan.block, plan.factor_dtype)
 
     # --- then the work ---
     import numpy as np
@@ -750,9 +791,8 @@ def cmd_solve(args, parser) -> int:
 
     _print_summary(record)
     _emit_record(args, record)
-    if args.checkpoint_dir is not None and not args.keep_checkpoint:
-        _remove_checkpoint(args.checkpoint_dir)   # the result is written: the panels are no longer needed
-        _eprint(f"removed the checkpoint in {args.checkpoint_dir} (keep it with --keep-checkpoint)")
+    if args.checkpoint_dir is not None:   # the result is written: the panels are no longer needed
+        _remove_checkpoint(args.checkpoint_dir, held, keep=args.keep_checkpoint)
     return EXIT_OK
 
 

@@ -52,3 +52,11 @@ class ModelFileError(DataError):
 
 class OutputError(KernelfitError, OSError):
     """The work finished but a result file could not be written; the message says what was kept and where."""
+
+
+class StorageError(KernelfitError, OSError):
+    """A directory kernelfit writes to (checkpoints, caches) is in use by another run, full, or holds a
+    corrupt manifest. ``errno`` is kept (ENOSPC, EBUSY, ...); the message is the whole text."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)

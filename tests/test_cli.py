@@ -328,3 +328,96 @@ def test_resume_of_a_missing_checkpoint_and_reuse_without_resume_are_refused_in_
     err = capsys.readouterr().err
     assert ei.value.code == 2 and "pass --resume" in err and "resume=True" not in err
     assert (ck / "manifest.json").read_text() == "{}"   # nothing saved is touched
+
+
+# ------------------------------------------------------------------ issue 24: checkpoint directories we own
+_CK_BASE = ["solve", "--n-train", "300", "--n-test", "20", "--bandwidth", "5", "--block-size", "64", "--no-progress"]
+_USER_FILES = {"Train_X.npy": b"user train", "L_labels_backup.npy": b"user labels", "T1_2.npy": b"user T",
+               "manifest.json": b'{"owner": "someone else"}'}
+
+
+def test_checkpoint_dir_with_files_we_did_not_write_is_refused_before_work(tmp_path, capsys, monkeypatch):
+    import kernelfit.solve
+
+    ck = tmp_path / "data"
+    ck.mkdir()
+    for name, content in _USER_FILES.items():
+        (ck / name).write_bytes(content)
+    monkeypatch.setattr(kernelfit.solve, "run_interpolation", lambda *a, **k: pytest.fail("work started"))
+    for extra in ([], ["--resume"]):
+        with pytest.raises(SystemExit) as ei:
+            main(_CK_BASE + ["--checkpoint-dir", str(ck), "--out", str(tmp_path / "r.json")] + extra)
+        err = capsys.readouterr().err
+        assert ei.value.code == 2
+        assert "kernelfit did not write it" in err and "Train_X.npy" in err and "choose an empty or new directory" in err
+    assert {p.name: p.read_bytes() for p in ck.iterdir()} == _USER_FILES   # nothing written, nothing deleted
+
+
+def test_cleanup_after_success_removes_exactly_our_files(tmp_path, capsys, monkeypatch):
+    """User files placed in the checkpoint directory while the run works (named like ours too) stay;
+    the panels, manifest, marker and lock go. Today's glob-based cleanup deleted L_*.npy and T*_*.npy."""
+    import kernelfit.solve
+
+    ck = tmp_path / "ck"
+    real = kernelfit.solve.run_interpolation
+    late = {**{k: v for k, v in _USER_FILES.items() if k != "manifest.json"},
+            "L_00003.npy": b"user file named like an old panel", "float64.L_00099.npy": b"named like ours, not listed"}
+
+    def user_writes_meanwhile(*a, **k):
+        ck.mkdir(exist_ok=True)
+        for name, content in late.items():
+            (ck / name).write_bytes(content)
+        return real(*a, **k)
+
+    monkeypatch.setattr(kernelfit.solve, "run_interpolation", user_writes_meanwhile)
+    assert main(_CK_BASE + ["--checkpoint-dir", str(ck), "--out", str(tmp_path / "r.json")]) == 0
+    assert {p.name: p.read_bytes() for p in ck.iterdir()} == late
+    err = capsys.readouterr().err
+    assert "removed the checkpoint" in err and "holds files kernelfit did not write" in err
+    # a fresh directory with nothing else in it is removed with the checkpoint
+    monkeypatch.setattr(kernelfit.solve, "run_interpolation", real)
+    assert main(_CK_BASE + ["--checkpoint-dir", str(tmp_path / "ck2"), "--out", str(tmp_path / "r2.json")]) == 0
+    assert not (tmp_path / "ck2").exists()
+
+
+def test_checkpoint_dir_in_use_by_another_process_is_refused_naming_its_pid(tmp_path, capsys, monkeypatch):
+    import kernelfit.solve
+
+    script = ("import sys\nfrom kernelfit.linalg.checkpoint import owned_dir\nheld = owned_dir(sys.argv[1]).claim()\n"
+              "print('locked', flush=True)\nsys.stdin.read()\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    holder = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "ck")], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env=env)
+    monkeypatch.setattr(kernelfit.solve, "run_interpolation", lambda *a, **k: pytest.fail("work started"))
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert main(_CK_BASE + ["--checkpoint-dir", str(tmp_path / "ck")]) == 1
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    err = capsys.readouterr().err
+    assert f"in use by another kernelfit run (PID {holder.pid})" in err and "Traceback" not in err
+
+
+def test_corrupt_checkpoint_manifest_on_resume_is_a_one_line_error(tmp_path, capsys):
+    ck = tmp_path / "ck"
+    assert main(_CK_BASE + ["--checkpoint-dir", str(ck), "--keep-checkpoint", "--out", str(tmp_path / "a.json")]) == 0
+    (ck / "manifest.json").write_text('{"format": "kernelfit.cholesky-checkpoint/2", "stages": [')
+    capsys.readouterr()
+    assert main(_CK_BASE + ["--checkpoint-dir", str(ck), "--resume", "--out", str(tmp_path / "b.json")]) == 1
+    err = capsys.readouterr().err
+    assert "manifest.json is not a readable kernelfit checkpoint manifest" in err and "Traceback" not in err
+    assert not (tmp_path / "b.json").exists()
+
+
+def test_checkpoint_free_space_is_checked_before_work(tmp_path, capsys, monkeypatch):
+    import kernelfit.results
+    import kernelfit.solve
+
+    monkeypatch.setattr(kernelfit.results, "free_bytes", lambda d: 4096)
+    monkeypatch.setattr(kernelfit.solve, "run_interpolation", lambda *a, **k: pytest.fail("work started"))
+    with pytest.raises(SystemExit) as ei:
+        main(_CK_BASE + ["--checkpoint-dir", str(tmp_path / "ck")])
+    err = capsys.readouterr().err
+    assert ei.value.code == 2 and "--checkpoint-dir" in err and "needs" in err and "are free" in err
+    assert not (tmp_path / "ck").exists()

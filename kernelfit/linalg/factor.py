@@ -202,10 +202,7 @@ def factor(G: SymmetricPanels, *, backend: str = "auto", device=None, out_of_cor
             start = ckpt.resume(G, backend="numpy", apply_updates=not on_device)
             info.timings_s["resume"] = time.perf_counter() - t
         else:
-            if ckpt.read_manifest() is not None:
-                raise InputError(f"{checkpoint_dir} already holds a checkpoint; pass resume=True to continue it, "
-                                 f"or use an empty directory.")
-            ckpt.begin(G)
+            ckpt.begin(G)   # refuses a directory holding another run's checkpoint, or this stage already
         info.resumed_from_panel = start
 
     def hook(j):
@@ -223,29 +220,33 @@ def factor(G: SymmetricPanels, *, backend: str = "auto", device=None, out_of_cor
 
         ctx = tf32_enabled()
     t0 = time.perf_counter()
-    with ctx:
-        if start >= len(G.panels):
-            info.notes.append("checkpoint was complete; nothing to factor")
-        elif path == "out-of-core":
-            from .outofcore import cholesky_out_of_core
+    try:
+        with ctx:
+            if start >= len(G.panels):
+                info.notes.append("checkpoint was complete; nothing to factor")
+            elif path == "out-of-core":
+                from .outofcore import cholesky_out_of_core
 
-            stats = {}
-            cholesky_out_of_core(G, device="numpy" if be_name == "numpy" else dev_name,
-                                 budget_bytes=plan.usable_bytes, progress=progress, jitter=jitter,
-                                 start_panel=start, on_panel_done=hook, stats_out=stats)
-            info.bytes_moved = {"h2d": stats["h2d_bytes"], "d2h": stats["d2h_bytes"]}
-            info.device_memory.update(peak_bytes=stats["peak_device_bytes"], budget_bytes=stats["budget_bytes"],
-                                      stream_buffers=stats["buffers"], slabs=stats["slabs"], pinned=stats["pinned"])
-            info.timings_s.update({f"ooc_{k}": v for k, v in stats["timings_s"].items()})
-        else:
-            _factor_in_core(G, be_name, dev_name, start, hook, progress, jitter, info, in_place,
-                            needs_host_copy=ckpt is not None or on_panel_done is not None,
-                            pending_updates=ckpt is not None and ckpt.pending_updates)
+                stats = {}
+                cholesky_out_of_core(G, device="numpy" if be_name == "numpy" else dev_name,
+                                     budget_bytes=plan.usable_bytes, progress=progress, jitter=jitter,
+                                     start_panel=start, on_panel_done=hook, stats_out=stats)
+                info.bytes_moved = {"h2d": stats["h2d_bytes"], "d2h": stats["d2h_bytes"]}
+                info.device_memory.update(peak_bytes=stats["peak_device_bytes"], budget_bytes=stats["budget_bytes"],
+                                          stream_buffers=stats["buffers"], slabs=stats["slabs"], pinned=stats["pinned"])
+                info.timings_s.update({f"ooc_{k}": v for k, v in stats["timings_s"].items()})
+            else:
+                _factor_in_core(G, be_name, dev_name, start, hook, progress, jitter, info, in_place,
+                                needs_host_copy=ckpt is not None or on_panel_done is not None,
+                                pending_updates=ckpt is not None and ckpt.pending_updates)
+    finally:
+        if ckpt is not None:
+            ckpt.close()   # the directory's lock
     info.timings_s["factor"] = time.perf_counter() - t0
     remaining = (1.0 - G.starts[start] / G.n) ** 3 if start < len(G.panels) else 0.0   # flops left after resume
     info.tflops = cholesky_flops(G.n) * remaining / max(info.timings_s["factor"], 1e-12) / 1e12
     if ckpt is not None:
-        info.checkpoint = {"dir": str(ckpt.dir), "every": ckpt.every, "strategy": ckpt.strategy,
+        info.checkpoint = {"dir": str(ckpt.dir), "stage": ckpt.stage, "every": ckpt.every, "strategy": ckpt.strategy,
                            "algorithm": ckpt.algorithm, "saves": ckpt.saves, "bytes_written": ckpt.bytes_written}
     return info
 
