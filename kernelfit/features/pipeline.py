@@ -82,6 +82,13 @@ def randconv_gram(ds, cfg, *, panels: bool, cache_dir=None, use_cache: bool = Tr
                          "layout": "panels" if panels else "dense"})
         meta = {"features": cfg.to_dict(), "dataset": label}
         g = cache.load(key)
+        if g is None or not g.complete:   # hours of features must not end in a full disk: refuse before
+            from ..results import check_free_space
+
+            n, m = len(ds.x_train), len(ds.x_test)
+            train = n * (n + 1) // 2 if panels else n * n
+            # float64 sums, plus the previous checkpoint kept on disk until a new one is complete
+            check_free_space(cache.dir, 2 * 8 * (train + m * n), "--cache-dir", "the feature Gram and its checkpoint")
         info = {"dir": str(cache.dir), "key": key, "hit": g is not None and g.complete,
                 "resumed_from_filters": None if g is None or g.complete else g.filters_done}
         if g is not None and not g.complete:
