@@ -10,6 +10,7 @@ import os
 import re
 import tarfile
 import warnings
+import zipfile
 import zlib
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from kernelfit.errors import DataError, InputError, KernelfitError, MemoryPlanEr
 from kernelfit.results import atomic_file
 
 from .arrays import sha256_file as _sha256_file
+from .bounds import read_npz_member
 from .npz import _KERAS_KEYS
 from .paths import default_cache_dir
 
@@ -201,11 +203,14 @@ def _image_folder_key(path: Path, classes) -> str:
 
 def _load_cache(cache_file: Path, key: str):
     try:
-        with np.load(cache_file, allow_pickle=False) as z:
-            if str(z["key"]) != key or str(z["version"]) != _CACHE_VERSION:
+        with zipfile.ZipFile(cache_file) as zf:   # members sized from their headers (bounds.read_npz_member)
+            def z(name):
+                return read_npz_member(zf, name, cache_file)
+
+            if str(z("key")) != key or str(z("version")) != _CACHE_VERSION:
                 raise ValueError("key/version mismatch")
-            x_tr, y_tr, x_te, y_te = (z[k] for k in _KERAS_KEYS)  # zip CRC checked on full read
-            classes = tuple(str(c) for c in z["classes"])
+            x_tr, y_tr, x_te, y_te = (z(k) for k in _KERAS_KEYS)  # zip CRC checked on full read
+            classes = tuple(str(c) for c in z("classes"))
         if (x_tr.dtype != np.uint8 or x_te.dtype != np.uint8 or len(x_tr) != len(y_tr)
                 or len(x_te) != len(y_te) or x_tr.shape[1:] != x_te.shape[1:]
                 or y_tr.min() < 0 or y_te.min() < 0 or max(y_tr.max(), y_te.max()) >= len(classes)):
