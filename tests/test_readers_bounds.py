@@ -165,8 +165,8 @@ _MEASURE = textwrap.dedent("""
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     from kernelfit import data as D
-    from kernelfit.linalg.memory import available_bytes
-    available_bytes()
+    from kernelfit.data.bounds import memory_limit
+    memory_limit()
     import PIL.Image, tarfile, gzip, zipfile   # warm every import the readers use
     reader, path, warm = sys.argv[1], sys.argv[2], sys.argv[3]
     fn = {"idx": D.read_idx, "cifar": D.read_cifar10_batches,
@@ -212,11 +212,11 @@ def test_idx_header_larger_than_the_stream_can_hold_is_refused_before_allocating
     p.write_bytes(gzip.compress(struct.pack(">BBBBIII", 0, 0, 8, 3, 2**21, 64, 64)))
     with pytest.raises(DataError, match=r"can hold at most .*DEFLATE expands at most 1032:1"):
         D.read_idx(p)
-    # a plausible size that exceeds the memory available: MemoryPlanError before reading
+    # a plausible size beyond the machine's memory: MemoryPlanError before reading
     p2 = tmp_path / "big.gz"
     p2.write_bytes(gzip.compress(struct.pack(">BBBBII", 0, 0, 8, 2, 1000, 1000) + bytes(10**6)))
-    monkeypatch.setattr("kernelfit.linalg.memory.available_bytes", lambda: 10**5)
-    with pytest.raises(MemoryPlanError, match=r"needs 0.00 GiB \(1000000 bytes\) by its header"):
+    monkeypatch.setattr("kernelfit.data.bounds.memory_limit", lambda: 10**5)
+    with pytest.raises(MemoryPlanError, match=r"needs 0.00 GiB \(1000000 bytes\) by its header, more than this machine's"):
         D.read_idx(p2)
 
 
@@ -309,10 +309,10 @@ def test_npz_member_header_is_checked_before_inflating(tmp_path, monkeypatch):
     _npz_with_member(p2, "x", header + bytes(16), file_size=len(header) + 2**31)
     with pytest.raises(DataError, match="DEFLATE expands at most"):
         D.open_array(f"{p2}:x")
-    # a consistent member larger than the memory available
+    # a consistent member larger than the machine's memory
     p3 = tmp_path / "big.npz"
     np.savez_compressed(p3, x=np.zeros(10**6))
-    monkeypatch.setattr("kernelfit.linalg.memory.available_bytes", lambda: 10**6)
+    monkeypatch.setattr("kernelfit.data.bounds.memory_limit", lambda: 10**6)
     with pytest.raises(MemoryPlanError, match=r"array 'x' \(shape \(1000000,\), float64\) needs"):
         D.open_array(f"{p3}:x")
 

@@ -6,7 +6,7 @@ it looks: a 300-byte tar.gz can expand to gigabytes. Every reader of a compresse
 * takes the decompressed size from the format's header (IDX dimensions, an .npy header inside an
   .npz member, a tar member's size) and refuses it before reading when it exceeds what the
   compressed bytes can possibly hold (``check_ratio``: DEFLATE expands at most ~1032:1) or the
-  memory available (``check_memory``);
+  machine's memory (``check_memory``; the solve's memory plan, checked before loading, is the finer bound);
 * then reads exactly that many bytes into a preallocated buffer (``read_exact``), never "everything
   the stream yields", and checks that nothing follows.
 
@@ -24,7 +24,7 @@ import numpy as np
 
 from kernelfit.errors import DataError, MemoryPlanError
 
-__all__ = ["DEFLATE_MAX_RATIO", "check_memory", "check_ratio", "npz_members", "read_exact", "read_npz_member"]
+__all__ = ["DEFLATE_MAX_RATIO", "check_memory", "check_ratio", "memory_limit", "npz_members", "read_exact", "read_npz_member"]
 
 # DEFLATE (gzip, zip) emits at least ~2 bits per 258-byte match: no stream expands more than ~1032:1
 DEFLATE_MAX_RATIO = 1032
@@ -37,17 +37,23 @@ def _gib(b: float) -> str:
     return f"{b / 2**30:.2f} GiB"
 
 
-def check_memory(nbytes: int, source, what: str) -> None:
-    """Refuse to allocate ``nbytes`` for ``what`` of ``source`` when they exceed the available memory."""
-    from kernelfit.linalg.memory import SAFETY, available_bytes
+def memory_limit() -> int:
+    """Bytes of memory this machine has (physical RAM): no reader allocates more, whatever the plan
+    (``--force-memory`` overrides the plan, which counts what is *available*, not this)."""
+    import psutil
 
-    available = available_bytes()
-    if nbytes > SAFETY * available:
+    return int(psutil.virtual_memory().total)
+
+
+def check_memory(nbytes: int, source, what: str) -> None:
+    """Refuse to allocate ``nbytes`` for ``what`` of ``source`` beyond the machine's memory."""
+    limit = memory_limit()
+    if nbytes > limit:
         raise MemoryPlanError(
-            f"{source}: {what} needs {_gib(nbytes)} ({nbytes} bytes) by its header, more than the "
-            f"{_gib(available)} of memory available; nothing was read. If the file is not meant to be that "
-            f"large it is corrupt or hostile (a decompression bomb); otherwise use a machine with more memory "
-            f"or an uncompressed .npy / HDF5 file, which is read by memory map.")
+            f"{source}: {what} needs {_gib(nbytes)} ({nbytes} bytes) by its header, more than this machine's "
+            f"{_gib(limit)} of memory; nothing was read. If the file is not meant to be that large it is corrupt "
+            f"or hostile (a decompression bomb); otherwise use a machine with more memory or an uncompressed "
+            f".npy / HDF5 file, which is read by memory map.")
 
 
 def check_ratio(nbytes: int, compressed: int, source, what: str) -> None:

@@ -47,7 +47,7 @@ def read_idx(path) -> np.ndarray:
     the data length; returns a writable native-endian array of shape ``dims``.
     The data size the header's dimensions imply is checked before any data is read: against the
     file size (plain), against what the compressed bytes can expand to (gzip), and against the
-    memory available; then exactly that many bytes are read, streamed (never "all the stream holds").
+    machine's memory; then exactly that many bytes are read, streamed (never "all the stream holds").
     Raises ``DataError`` naming the file when it is missing, truncated or malformed
     (``MemoryPlanError`` when its data cannot fit in memory).
     """

@@ -20,7 +20,7 @@ from kernelfit.errors import DataError, InputError, KernelfitError, MemoryPlanEr
 from kernelfit.results import atomic_file
 
 from .arrays import sha256_file as _sha256_file
-from .bounds import read_npz_member
+from .bounds import memory_limit, read_npz_member
 from .npz import _KERAS_KEYS
 from .paths import default_cache_dir
 
@@ -131,11 +131,9 @@ def _decode(data: bytes, name: str, first=None):
 
 
 def _decode_image_folder(path: Path, classes):
-    from kernelfit.linalg.memory import SAFETY, available_bytes
-
     per_split: dict[str, dict[str, list]] = {"train": {}, "test": {}}
     first_shape = first_name = first = None
-    budget, held = SAFETY * available_bytes(), 0
+    budget, held = memory_limit(), 0
     for split, cls, fname, data, name in _iter_image_folder(path):
         img = _decode(data, name, first)
         if first_shape is None:
@@ -154,7 +152,7 @@ def _decode_image_folder(path: Path, classes):
         if 2 * held > budget:   # the decoded images, then their stacked copy
             raise MemoryPlanError(
                 f"{path}: the decoded images reach {2 * held / 2**30:.2f} GiB (images and their stacked copy) "
-                f"at {name}, more than the {budget / 2**30:.2f} GiB of memory available; stopped decoding. "
+                f"at {name}, more than this machine's {budget / 2**30:.2f} GiB of memory; stopped decoding. "
                 f"Fix: use fewer or smaller images, or a machine with more memory.")
         per_split[split].setdefault(cls, []).append((_natural_key(fname), img))
     if not per_split["train"]:
