@@ -11,9 +11,12 @@ metadata  ``kernelfit`` = JSON: format, format_version, kernel, bandwidth, mode,
           with checksums), provenance; ``sha256`` = digest of that JSON and of every tensor's bytes.
 
 ``load_model`` refuses a file that is not a kernelfit model, has another format version, fails its
-checksum (corrupt or edited), or whose preprocessing this version cannot rebuild, each with a
-``ModelFileError`` saying which. ``SavedModel.predict`` streams the inputs in row blocks (a memory map
-is never read whole) and gives exactly the scores ``Interpolant.predict`` gives in the fitting process.
+checksum (corrupt or edited), holds fields that cannot describe a model (``_check_fields``: a
+non-finite or non-positive bandwidth, non-finite alpha, a class list that does not match alpha's
+columns, nested or mistyped JSON; a checksum recomputed after tampering does not make them valid),
+or whose preprocessing this version cannot rebuild, each with a ``ModelFileError`` saying which.
+``SavedModel.predict`` streams the inputs in row blocks (a memory map is never read whole) and gives
+exactly the scores ``Interpolant.predict`` gives in the fitting process.
 """
 
 from __future__ import annotations
@@ -228,6 +231,101 @@ class SavedModel:
         return s[:, 0] if s.shape[1] == 1 else s
 
 
+_SCALAR = (str, int, float, bool, type(None))
+_MODES = ("float64", "float32", "mixed")
+
+
+def _short(v) -> str:
+    """A JSON value for a message, cut short (a hostile file may nest it deeply or make it huge)."""
+    try:
+        text = json.dumps(v)
+    except (TypeError, ValueError, RecursionError):
+        text = type(v).__name__
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_fields(meta, tensors: dict, path) -> None:
+    """Everything ``SavedModel`` and ``Interpolant`` rely on, checked on the values themselves (the
+    checksum only says the file is as written, not that what was written is a model)."""
+    from .kernels import KERNELS
+
+    def bad(what: str) -> ModelFileError:
+        return ModelFileError(f"{path}: invalid model file: {what}. The file was not written by kernelfit's "
+                              f"save_model or was edited; nothing was loaded. Fix: write it again with --save-model.")
+
+    if not isinstance(meta, dict):
+        raise bad(f"the metadata is a JSON {type(meta).__name__}, expected an object")
+    for key, kinds in (("kernel", str), ("mode", str), ("task", str), ("targets", dict), ("n_train", int)):
+        if not isinstance(meta.get(key), kinds) or isinstance(meta.get(key), bool):
+            raise bad(f"field {key!r} is {_short(meta.get(key))}, expected a {kinds.__name__}")
+    for key in ("preprocessing", "fit"):
+        if meta.get(key) is not None and not isinstance(meta[key], dict):
+            raise bad(f"field {key!r} is a {type(meta[key]).__name__}, expected an object or null")
+    for key in ("fit", "preprocessing"):
+        nested = [k for k, v in (meta.get(key) or {}).items() if not isinstance(v, _SCALAR)]
+        if nested:
+            raise bad(f"field {key!r} holds nested structures under {nested}; only numbers, strings and null belong there")
+    kernel, precomputed = meta["kernel"], meta["kernel"] == "precomputed"
+    if kernel not in (*KERNELS, "precomputed"):
+        raise bad(f"kernel {kernel!r} is not one of {', '.join((*KERNELS, 'precomputed'))}")
+    if meta["mode"] not in _MODES:
+        raise bad(f"mode {meta['mode']!r} is not one of {', '.join(_MODES)}")
+    if meta["task"] not in ("classification", "regression"):
+        raise bad(f"task {meta['task']!r} is neither 'classification' nor 'regression'")
+    jitter = meta.get("jitter", 0.0)
+    if not _is_number(jitter) or not np.isfinite(jitter) or jitter < 0:
+        raise bad(f"jitter is {jitter!r}, expected a finite number >= 0")
+    if not precomputed:
+        bw = meta.get("bandwidth")
+        if not _is_number(bw) or not np.isfinite(bw) or bw <= 0:
+            raise bad(f"bandwidth is {bw!r}, expected a finite number > 0")
+    # tensors: float, 2-D, finite, shapes agreeing with each other and with the metadata
+    for name in ("alpha", "y", "train_scores", *(() if precomputed else ("x_train",))):
+        t = tensors.get(name)
+        if t is None:
+            what = f"tensor {name!r} is missing" + (f" for a {kernel!r} kernel model" if name == "x_train" else "")
+            raise ModelFileError(f"{path}: {what}; the file is not a complete kernelfit model.")
+        if t.dtype.kind != "f" or t.ndim != 2:
+            raise bad(f"tensor {name!r} is {t.dtype} of shape {t.shape}, expected a 2-D float array")
+        if not np.all(np.isfinite(t)):
+            r, c = (int(v) for v in np.argwhere(~np.isfinite(t))[0])
+            raise bad(f"tensor {name!r} holds NaN or inf (first at [{r}, {c}] = {t[r, c]})")
+    n, k = tensors["alpha"].shape
+    for name in ("y", "train_scores"):
+        if tensors[name].shape != (n, k):
+            raise bad(f"tensor {name!r} has shape {tensors[name].shape}, alpha {(n, k)}; they must agree")
+    if meta["n_train"] != n:
+        raise bad(f"n_train is {meta['n_train']} but alpha has {n} rows")
+    if not precomputed:
+        x = tensors["x_train"]
+        if x.shape[0] != n or (meta.get("n_features") is not None and meta["n_features"] != x.shape[1]):
+            raise bad(f"x_train has shape {x.shape}, but alpha has {n} rows and n_features is {meta.get('n_features')}")
+    if not meta["targets"]:
+        raise bad("no target sets")
+    for name, cols in meta["targets"].items():
+        ok = isinstance(cols, list) and len(cols) == 2 and all(_is_number(c) and int(c) == c for c in cols)
+        if not ok or not 0 <= cols[0] < cols[1] <= k:
+            raise bad(f"target set {name!r} has columns {_short(cols)}, expected [start, stop] with "
+                      f"0 <= start < stop <= {k} (alpha's columns)")
+    if meta["task"] == "classification":
+        classes, num = meta.get("classes"), meta.get("num_classes")
+        if not isinstance(classes, list) or not all(isinstance(c, _SCALAR) and c is not None for c in classes):
+            raise bad(f"classes is {_short(classes)}, expected a flat list of labels")
+        if not _is_number(num) or num != len(classes) or len({json.dumps(c) for c in classes}) != len(classes):
+            raise bad(f"num_classes is {num!r} for {len(classes)} classes; they must agree and be distinct")
+        widths = sorted({c[1] - c[0] for c in meta["targets"].values()})
+        if widths != [len(classes)]:
+            raise bad(f"the class list has {len(classes)} classes but the target sets have {widths} alpha columns")
+        names = meta.get("class_names")
+        if names is not None and (not isinstance(names, list) or len(names) != len(classes)
+                                  or not all(isinstance(c, str) for c in names)):
+            raise bad(f"class_names is {_short(names)}, expected {len(classes)} strings or null")
+
+
 def load_model(path) -> SavedModel:
     """Read and verify a model file written by ``save_model``."""
     _require_safetensors()
@@ -252,28 +350,28 @@ def load_model(path) -> SavedModel:
     meta_json = header["kernelfit"]
     try:
         meta = json.loads(meta_json)
-    except json.JSONDecodeError as exc:
-        raise ModelFileError(f"{path}: the model metadata is not valid JSON ({exc}); the file is corrupt.") from None
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise ModelFileError(f"{path}: the model metadata is not valid JSON ({type(exc).__name__}: {str(exc)[:200]}); "
+                             f"the file is corrupt.") from None
+    if not isinstance(meta, dict):
+        raise ModelFileError(f"{path}: the model metadata is a JSON {type(meta).__name__}, expected an object; "
+                             f"the file is not a kernelfit model.")
     if meta.get("format") != FORMAT:
-        raise ModelFileError(f"{path}: metadata format is {meta.get('format')!r}, expected {FORMAT!r}.")
+        raise ModelFileError(f"{path}: metadata format is {_short(meta.get('format'))}, expected {FORMAT!r}.")
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ModelFileError(f"{path} is a kernelfit model of format version {meta.get('format_version')!r}; this "
-                             f"kernelfit reads version {FORMAT_VERSION}. Fix: load it with the kernelfit version "
+        raise ModelFileError(f"{path} is a kernelfit model of format version {_short(meta.get('format_version'))}; "
+                             f"this kernelfit reads version {FORMAT_VERSION}. Fix: load it with the kernelfit version "
                              f"that wrote it (see its provenance) or refit.")
     found = _digest(meta_json, tensors)
     if found != header.get("sha256"):
         raise ModelFileError(f"{path}: checksum mismatch (stored sha256 {header.get('sha256')}, computed {found}); "
                              f"the file is corrupt or was modified. Fix: write it again with --save-model.")
-    for name in ("alpha", "y", "train_scores"):
-        if name not in tensors:
-            raise ModelFileError(f"{path}: tensor {name!r} is missing; the file is not a complete kernelfit model.")
+    _check_fields(meta, tensors, path)
     common = {"alpha": tensors["alpha"], "Y": tensors["y"], "mode": meta["mode"], "train_scores": tensors["train_scores"],
               "stats": {"jitter": meta.get("jitter", 0.0), **(meta.get("fit") or {})}}
     if meta["kernel"] == "precomputed":
         interp = PrecomputedInterpolant(X_fit=None, kernel="precomputed", bandwidth=float("nan"), **common)
     else:
-        if "x_train" not in tensors:
-            raise ModelFileError(f"{path}: tensor 'x_train' is missing for a {meta['kernel']!r} kernel model.")
         interp = Interpolant(X_fit=tensors["x_train"], kernel=meta["kernel"], bandwidth=float(meta["bandwidth"]),
                              **common)
     return SavedModel(interp, meta, path)

@@ -237,3 +237,68 @@ def test_registry_describes_every_named_dataset():
         if name != "mnist-subset":
             assert info.base_url.startswith("http") and info.files
             assert all(f.md5 and len(f.md5) == 32 for f in info.files)
+
+
+class _EndlessResponse:
+    """A hostile server's body: zeros without end (no Content-Length, or a false one); counts bytes read."""
+
+    def __init__(self, content_length=None):
+        self.headers = {} if content_length is None else {"Content-Length": str(content_length)}
+        self.sent = 0
+
+    LIMIT = 64 * 2**20   # the test's own guard: code without a cap would otherwise fill the disk
+
+    def read(self, n=-1):
+        n = 1 << 20 if n is None or n < 0 else n
+        if self.sent + n > self.LIMIT:
+            raise AssertionError(f"read {self.sent + n} bytes of an endless response: no size cap")
+        self.sent += n
+        return b"\0" * n
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.mark.parametrize("content_length", [None, 1900])   # none, or one that lies
+def test_download_stops_at_the_registered_size(tmp_path, monkeypatch, content_length):
+    blob = b"the registered file" * 100
+    monkeypatch.setitem(D.REMOTE_FILES, "cifar10", (remote(D.CIFAR10_ARCHIVE, blob),))
+    responses = []
+
+    def fake_urlopen(req, timeout=None):
+        responses.append(_EndlessResponse(content_length))
+        return responses[-1]
+
+    monkeypatch.setattr("urllib.request.urlopen", fake_urlopen)
+    with pytest.raises(DataError, match=rf"sends more than {len(blob)} bytes, more than the {len(blob)} bytes the "
+                                        r"registry records .* stopped and discarded"):
+        D.download("cifar10", data_dir=tmp_path / "d", base_url="http://hostile.invalid/")
+    assert responses[0].sent <= len(blob) + 1      # one byte past the size, not the endless stream
+    assert list((tmp_path / "d").iterdir()) == []  # no partial or temporary file left
+
+
+def test_download_refuses_a_content_length_beyond_the_registered_size(tmp_path, monkeypatch):
+    blob = b"x" * 1000
+    monkeypatch.setitem(D.REMOTE_FILES, "cifar10", (remote(D.CIFAR10_ARCHIVE, blob),))
+    resp = _EndlessResponse(content_length=10**12)
+    monkeypatch.setattr("urllib.request.urlopen", lambda req, timeout=None: resp)
+    with pytest.raises(DataError, match="sends Content-Length 1000000000000, more than the 1000 bytes"):
+        D.download("cifar10", data_dir=tmp_path / "d", base_url="http://hostile.invalid/")
+    assert resp.sent == 0 and list((tmp_path / "d").iterdir()) == []
+
+
+def test_download_of_unrecorded_size_is_capped(tmp_path, monkeypatch):
+    import sys
+
+    dl = sys.modules["kernelfit.data.download"]   # the module (kernelfit.data.download is also the function)
+    blob = b"y" * 100
+    monkeypatch.setitem(D.REMOTE_FILES, "cifar10", (remote(D.CIFAR10_ARCHIVE, blob, size=None, sha256=None),))
+    monkeypatch.setattr(dl, "UNKNOWN_SIZE_CAP", 3 * 2**20)
+    resp = _EndlessResponse()
+    monkeypatch.setattr("urllib.request.urlopen", lambda req, timeout=None: resp)
+    with pytest.raises(DataError, match=r"more than 3145728 bytes \(the cap for a file of unrecorded size\)"):
+        D.download("cifar10", data_dir=tmp_path / "d", base_url="http://hostile.invalid/")
+    assert resp.sent <= 3 * 2**20 + 1

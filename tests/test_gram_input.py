@@ -329,3 +329,38 @@ def test_memory_refusal_from_the_header_before_any_pass(tmp_path, monkeypatch):
     monkeypatch.setattr("kernelfit.data.gram.check_gram", no_pass)
     with pytest.raises(MemoryPlanError, match="would not fit"):
         fit_precomputed(str(tmp_path / "big.npy"), np.ones(4000), SolveOptions(mode="float64"))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nonfinite_test_gram_is_refused_before_the_solve(problem, tmp_path, monkeypatch, bad):
+    Kt = problem["Kt"].copy()
+    Kt[137, :] = np.nan      # a whole NaN row was predicted as class 0 (argmax of NaN scores)
+    Kt[137, 5] = bad
+    np.save(tmp_path / "Kt.npy", Kt)
+    import kernelfit.solve as S
+
+    solved = []
+    monkeypatch.setattr(S, "fit_precomputed", lambda *a, **k: solved.append(1))
+    y = (problem["Y"][:, 0] > 0).astype(np.int64)
+    with pytest.raises(InputError, match=r"--gram-test: K_test\[137, 0\] = nan is not finite \(1500 such entries "
+                                         r"in rows 0\.\.199\)"):
+        run_gram_interpolation(str(problem["dir"] / "G.npy"), {"true": y}, str(tmp_path / "Kt.npy"),
+                               (problem["Yt"][:, 0] > 0).astype(np.int64), 2, SolveOptions(mode="float64"))
+    assert solved == []
+    # a single entry, found by the pass whatever its position
+    Kt2 = problem["Kt"].copy()
+    Kt2[199, 1499] = bad
+    with pytest.raises(InputError, match=rf"K_test\[199, 1499\] = {bad} is not finite \(1 such entries"):
+        check_test_gram(Kt2, 1500)
+
+
+def test_predict_and_matmul_check_every_block_they_read(problem):
+    model = fit_precomputed(problem["G"][:300, :300], problem["Y"][:300], SolveOptions(mode="float64"))
+    Kt = problem["Kt"][:, :300].copy()
+    Kt[42, 7] = np.nan
+    with pytest.raises(InputError, match=r"K_test\[42, 7\] = nan is not finite"):
+        model.predict(Kt)
+    with pytest.raises(InputError, match=r"G\[42, 7\] = nan is not finite"):
+        gram_matmul(Kt, np.ones((300, 1)), rows=16)
+    np.testing.assert_allclose(gram_matmul(problem["Kt"][:, :300], np.eye(300)[:, :3]), problem["Kt"][:, :3],
+                               rtol=0, atol=0)

@@ -229,3 +229,87 @@ def test_model_of_a_users_arrays_predicts_on_the_values_as_stored(tmp_path, caps
     alpha = np.linalg.solve(K, np.eye(2)[y[:250]])
     ref = np.argmax(np.exp(-cdist(X[250:], X[:250], "sqeuclidean") / (2 * 60.0**2)) @ alpha, 1)
     np.testing.assert_array_equal(pred, ref)
+
+
+def _write_tampered(path, src, meta_json=None, tensors_update=None, **meta_update):
+    """Rewrite ``src`` with edited metadata / tensors and a *recomputed* checksum, as a tamperer would."""
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    from kernelfit.model import _digest
+
+    with safe_open(str(src), framework="np") as f:
+        header = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    if meta_json is None:
+        meta = json.loads(header["kernelfit"])
+        meta.update(meta_update)
+        meta_json = json.dumps(meta, sort_keys=True)     # allow_nan: NaN / Infinity as Python writes them
+    tensors.update(tensors_update or {})
+    save_file(tensors, str(path), metadata={"kernelfit": meta_json, "sha256": _digest(meta_json, tensors)})
+    return path
+
+
+def _bad_alpha(model, value):
+    a = np.array(model.alpha, dtype=np.float64)
+    a[3, 1] = value
+    return {"alpha": a}
+
+
+@pytest.mark.parametrize("edit, match", [
+    ({"bandwidth": float("nan")}, r"bandwidth is nan, expected a finite number > 0"),
+    ({"bandwidth": float("inf")}, r"bandwidth is inf"),
+    ({"bandwidth": 0.0}, r"bandwidth is 0.0"),
+    ({"bandwidth": -2.0}, r"bandwidth is -2.0"),
+    ({"bandwidth": "5"}, r"bandwidth is '5'"),
+    ({"jitter": float("nan")}, r"jitter is nan"),
+    ({"classes": [0, 1, 2], "num_classes": 3}, r"class list has 3 classes but the target sets have \[2\] alpha columns"),
+    ({"num_classes": 7}, r"num_classes is 7 for 2 classes"),
+    ({"classes": [[0], {"a": 1}]}, r"classes is \[\[0\], \{\"a\": 1\}\], expected a flat list"),
+    ({"classes": [1, 1]}, r"must agree and be distinct"),
+    ({"targets": {"true": [[0, 1], 2]}}, r"target set 'true' has columns \[\[0, 1\], 2\]"),
+    ({"targets": {"true": [0, 9]}}, r"target set 'true' has columns \[0, 9\], expected .* <= 2"),
+    ({"kernel": {"name": ["gaussian"]}}, r"field 'kernel' is \{\"name\": \[\"gaussian\"\]\}, expected a str"),
+    ({"kernel": "sigmoid"}, r"kernel 'sigmoid' is not one of gaussian, laplacian, precomputed"),
+    ({"mode": None}, r"field 'mode' is null"),
+    ({"fit": {"residual_max_abs": {"deep": [1, [2]]}}}, r"field 'fit' holds nested structures under \['residual_max_abs'\]"),
+    ({"preprocessing": ["pixels"]}, r"field 'preprocessing' is a list"),
+    ({"n_train": 3}, r"n_train is 3 but alpha has 50 rows"),
+    ("alpha-nan", r"tensor 'alpha' holds NaN or inf \(first at \[3, 1\] = nan\)"),
+    ("alpha-inf", r"tensor 'alpha' holds NaN or inf \(first at \[3, 1\] = inf\)"),
+    ("alpha-int", r"tensor 'alpha' is int64 of shape \(50, 2\), expected a 2-D float array"),
+    ("json-list", r"metadata is a JSON list, expected an object"),
+    ("json-deep", r"metadata is not valid JSON \(RecursionError"),
+])
+def test_tampered_fields_with_a_recomputed_checksum_are_refused(tmp_path, capsys, edit, match):
+    _, model = _fit(n=50)
+    good = save_model(tmp_path / "m.safetensors", model, task="classification")
+    bad = tmp_path / "bad.safetensors"
+    if isinstance(edit, dict):
+        _write_tampered(bad, good, **edit)
+    elif edit.startswith("alpha-"):
+        kind = edit.split("-")[1]
+        update = {"alpha": np.asarray(model.alpha).astype(np.int64)} if kind == "int" else \
+            _bad_alpha(model, {"nan": np.nan, "inf": np.inf}[kind])
+        _write_tampered(bad, good, tensors_update=update)
+    else:
+        meta_json = '["kernelfit.model", 1]' if edit == "json-list" else "[" * 100_000 + "]" * 100_000
+        _write_tampered(bad, good, meta_json=meta_json)
+    with pytest.raises(ModelFileError, match=match):
+        load_model(bad)
+    # the command line says it in one line, without a traceback
+    np.save(tmp_path / "x.npy", np.zeros((2, 6)))
+    rc = main(["predict", "--model", str(bad), "--x-test", str(tmp_path / "x.npy")])
+    err = capsys.readouterr().err
+    assert rc != 0 and "Traceback" not in err, err
+    assert "error" in err and any(m in err for m in ("invalid model file", "not valid JSON", "expected an object")), err
+
+
+def test_untampered_models_still_load(tmp_path):
+    # classes of any flat kind, class names, several target sets: all valid
+    _, model = _fit(n=50, k=4)
+    p = save_model(tmp_path / "m.safetensors", model, targets={"true": (0, 2), "random": (2, 4)},
+                   classes=["cat", "dog"], class_names=["Cat", "Dog"])
+    loaded = load_model(p)
+    assert list(loaded.classes) == ["cat", "dog"] and set(loaded.targets) == {"true", "random"}
+    assert loaded.predict(np.zeros((3, 6)), target="random").shape == (3,)

@@ -396,3 +396,59 @@ def test_cli_regression_on_a_users_npy_pair_matches_kernel_ridge(tmp_path, capsy
     kr = KernelRidge(alpha=1e-10, kernel="rbf", gamma=1 / (2 * 2.0**2)).fit(X[:200], t[:200])
     rmse = float(np.sqrt(np.mean((kr.predict(X[200:]) - t[200:]) ** 2)))
     assert res["test_rmse"] == pytest.approx(rmse, rel=1e-5)
+
+
+# ------------------------------------------------------------------------------ labels -> classes
+
+def test_classes_come_from_the_distinct_labels_not_the_largest(tmp_path):
+    import tracemalloc
+
+    X, y, Xt, yt = _toy()
+    values = np.array([3, 7, 5_000_000])     # one huge label: 3 classes, not 5,000,001
+    np.save(tmp_path / "X.npy", X)
+    np.save(tmp_path / "y.npy", values[y])
+    np.save(tmp_path / "Xt.npy", Xt)
+    np.save(tmp_path / "yt.npy", values[yt])
+    specs = {k: str(tmp_path / f"{n}.npy") for k, n in
+             (("x_train", "X"), ("y_train", "y"), ("x_test", "Xt"), ("y_test", "yt"))}
+    tracemalloc.start()
+    ds = D.load_arrays(**specs)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 2**20, peak            # one name per integer up to 5e6 took ~300 MB
+    assert ds.classes == ("3", "7", "5000000") and ds.num_classes == 3
+    np.testing.assert_array_equal(np.array(ds.classes, dtype=np.int64)[ds.y_train], values[y])
+    np.testing.assert_array_equal(np.array(ds.classes, dtype=np.int64)[ds.y_test], values[yt])
+    assert D.peek_outputs(**specs) == 3
+    # labels already 0..K-1 are kept as they are
+    np.save(tmp_path / "d.npy", y)
+    dense = D.load_arrays(x_train=specs["x_train"], y_train=str(tmp_path / "d.npy"))
+    assert dense.classes == ("0", "1", "2") and np.array_equal(dense.y_train, y)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (np.nan, r"1 class label\(s\) are NaN or inf \(first at row 4: nan\)"),
+    (np.inf, r"NaN or inf \(first at row 4: inf\)"),
+    (2.5, r"non-integer floats \(dtype float64; first at row 4: 2.5\)"),
+    (-1.0, r"must be >= 0, found -1.0 \(row 4\)"),
+])
+def test_bad_class_labels_are_refused_naming_the_row(tmp_path, bad, match):
+    X, y, *_ = _toy()
+    yf = y.astype(np.float64)
+    yf[4] = bad
+    np.savez(tmp_path / "b.npz", x_train=X, y_train=yf)
+    with pytest.raises(InputError, match=match):
+        D.load_arrays(data=tmp_path / "b.npz")
+    with pytest.raises(InputError, match=match):
+        D.peek_outputs(data=tmp_path / "b.npz")
+
+
+def test_regression_targets_are_never_counted_as_classes(tmp_path):
+    X, *_ = _toy()
+    t = 1e9 + np.arange(len(X), dtype=np.float64)     # targets near 1e9: one output, not 2e9 classes
+    np.savez(tmp_path / "r.npz", x_train=X, y_train=t)
+    assert D.peek_outputs(data=tmp_path / "r.npz", task="regression") == 1
+    ds = D.load_arrays(data=tmp_path / "r.npz", task="regression")
+    assert ds.classes is None and np.array_equal(ds.y_train, t)
+    np.savez(tmp_path / "r2.npz", x_train=X, y_train=np.stack([t, -t], 1))
+    assert D.peek_outputs(data=tmp_path / "r2.npz", task="regression") == 2

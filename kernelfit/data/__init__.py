@@ -48,7 +48,7 @@ from .registry import (
     load_dataset,
     normalize_name,
 )
-from .user import load_arrays, peek_arrays
+from .user import load_arrays, peek_arrays, peek_outputs
 
 __all__ = [
     "BASE_URLS", "CIFAR10_ARCHIVE", "CIFAR10_BATCH_DIR", "CIFAR10_CLASSES", "DATASETS",
@@ -56,6 +56,6 @@ __all__ = [
     "MNIST_IDX_FILES", "MNIST_NPZ", "REGISTRY", "REMOTE_FILES", "Dataset", "DatasetInfo", "RemoteFile",
     "_image_folder_candidates", "_resolve_with_origin", "_search_dirs",
     "default_cache_dir", "describe", "download", "load_arrays", "load_dataset", "normalize_name",
-    "open_array", "parse_spec", "peek_arrays", "read_cifar10_batches", "read_idx", "read_image_folder",
+    "open_array", "parse_spec", "peek_arrays", "peek_outputs", "read_cifar10_batches", "read_idx", "read_image_folder",
     "read_keras_npz", "resolve_data_dir", "sha256_file", "to_features",
 ]

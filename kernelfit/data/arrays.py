@@ -16,11 +16,16 @@ file (or every file of a zarr directory store, in sorted order) for provenance r
 from __future__ import annotations
 
 import hashlib
+import os
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 
 from kernelfit.errors import DataError, InputError
+
+from .bounds import npz_members, read_npz_member
 
 __all__ = ["ArraySpec", "open_array", "parse_spec", "sha256_file"]
 
@@ -122,32 +127,10 @@ def open_array(spec, *, what: str = "array"):
             raise DataError(f"{what}: {s.path} could not be memory-mapped ({exc}). Object arrays are "
                             f"not supported; save a numeric array.") from None
     if kind == "npz":
-        with np.load(s.path, allow_pickle=False) as z:
-            if not s.member:
-                if len(z.files) == 1:
-                    return z[z.files[0]]
-                raise InputError(f"{what}: {s.path} holds several arrays ({_members_hint(z.files)}); "
-                                 f"name one as {s.path}:NAME.")
-            if s.member not in z.files:
-                raise InputError(f"{what}: {s.path} has no array {s.member!r}; it holds "
-                                 f"{_members_hint(z.files)}.")
-            return z[s.member]
+        return _open_npz_member(s, what)
     if kind == "hdf5":
-        h5py = _require("h5py", "hdf5")
-        f = h5py.File(s.path, "r")
-        datasets = []
-        f.visititems(lambda name, obj: datasets.append("/" + name) if isinstance(obj, h5py.Dataset) else None)
-        member = s.member
-        if member is None:
-            if len(datasets) != 1:
-                f.close()
-                raise InputError(f"{what}: {s.path} holds {len(datasets)} datasets "
-                                 f"({_members_hint(datasets)}); name one as {s.path}:/NAME.")
-            member = datasets[0]
-        if member not in f or not isinstance(f[member], h5py.Dataset):
-            f.close()
-            raise InputError(f"{what}: {s.path} has no dataset {member!r}; it holds {_members_hint(datasets)}.")
-        return f[member]
+        return _open_hdf5(s, what)
+    _check_store_inside(s.path, what)
     zarr = _require("zarr", "zarr")
     node = zarr.open(str(s.path), mode="r")
     if s.member and s.member.strip("/"):
@@ -162,6 +145,107 @@ def open_array(spec, *, what: str = "array"):
         raise InputError(f"{what}: {s.path} is a zarr group; name an array in it as {s.path}:/NAME "
                          f"(it holds {_members_hint(names)}).")
     return node
+
+
+def _open_npz_member(s: ArraySpec, what: str) -> np.ndarray:
+    # read through bounds.read_npz_member: size and dtype from the member's .npy header before inflating
+    try:
+        with zipfile.ZipFile(s.path) as zf:
+            names = list(npz_members(zf))
+            member = s.member
+            if not member:
+                if len(names) != 1:
+                    raise InputError(f"{what}: {s.path} holds several arrays ({_members_hint(names)}); "
+                                     f"name one as {s.path}:NAME.")
+                member = names[0]
+            if member not in names:
+                raise InputError(f"{what}: {s.path} has no array {member!r}; it holds {_members_hint(names)}.")
+            return read_npz_member(zf, member, f"{what} {s.path}")
+    except (zipfile.BadZipFile, zlib.error) as e:
+        raise DataError(f"{what}: {s.path} is not a readable .npz archive (corrupt or truncated?): {e}") from None
+
+
+def _hdf5_refusal(f, member: str, h5py) -> str | None:
+    """Why reading dataset ``member`` of the open file ``f`` would read another file, or None.
+
+    External links and soft links are resolved one path component at a time (an external link names
+    another file; a soft link may lead to one); the dataset itself must keep its bytes in this file
+    (no external raw storage, no virtual dataset mapping other files' datasets).
+    """
+    parts = [p for p in member.split("/") if p]
+    path, hops = "", 0
+    while parts:
+        name = parts.pop(0)
+        group = f[path or "/"]
+        if not isinstance(group, h5py.Group):
+            return None
+        link = group.get(name, getlink=True)
+        if isinstance(link, h5py.ExternalLink):
+            return f"{path}/{name} is an external link to {link.filename}:{link.path}"
+        if isinstance(link, h5py.SoftLink):
+            hops += 1
+            if hops > 32:
+                return f"{path}/{name}: soft links nest more than 32 deep (a cycle?)"
+            target = link.path
+            parts = [p for p in target.split("/") if p] + parts
+            path = "" if target.startswith("/") else path
+            continue
+        if link is None:
+            return None    # no such member: the caller says what the file holds
+        if not isinstance(link, h5py.HardLink):
+            return f"{path}/{name} is a {type(link).__name__} (a user-defined link)"
+        path = f"{path}/{name}"
+    obj = f[path or "/"]
+    if not isinstance(obj, h5py.Dataset):
+        return None
+    if obj.is_virtual:
+        sources = sorted({src.file_name for src in obj.virtual_sources()})
+        return f"{path} is a virtual dataset mapping data from {', '.join(sources) or 'other datasets'}"
+    if obj.external:
+        files = sorted({str(e[0]) for e in obj.external})
+        return f"{path} keeps its raw data in external file(s) {', '.join(files)}"
+    return None
+
+
+def _open_hdf5(s: ArraySpec, what: str):
+    h5py = _require("h5py", "hdf5")
+    f = h5py.File(s.path, "r")
+    try:
+        datasets = []
+        f.visititems(lambda name, obj: datasets.append("/" + name) if isinstance(obj, h5py.Dataset) else None)
+        member = s.member
+        if member is None:
+            if len(datasets) != 1:
+                raise InputError(f"{what}: {s.path} holds {len(datasets)} datasets "
+                                 f"({_members_hint(datasets)}); name one as {s.path}:/NAME.")
+            member = datasets[0]
+        why = _hdf5_refusal(f, member, h5py)   # before `member in f`, which would follow an external link
+        if why is not None:
+            raise DataError(f"{what}: {s.path}:{member} refused: {why}. Reading it would read a file other than "
+                            f"the one given (local file disclosure), so kernelfit reads only datasets stored "
+                            f"inside the file. Fix: copy the data into a regular dataset, e.g. "
+                            f"h5py: f2.create_dataset(name, data=f[name][...]).")
+        if member not in f or not isinstance(f[member], h5py.Dataset):
+            raise InputError(f"{what}: {s.path} has no dataset {member!r}; it holds {_members_hint(datasets)}.")
+        return f[member]
+    except BaseException:
+        f.close()
+        raise
+
+
+def _check_store_inside(root: Path, what: str) -> None:
+    """Refuse a directory store holding a symlink that resolves outside it (it would read that file)."""
+    top = root.resolve()
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=False):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            if p.is_symlink():
+                target = p.resolve()
+                if target != top and top not in target.parents:
+                    raise DataError(
+                        f"{what}: {root} holds {p.relative_to(top)}, a symbolic link to {target} outside the store; "
+                        f"reading it would read a file other than the store given (local file disclosure). "
+                        f"Fix: replace the link by a copy of the data inside the store.")
 
 
 def sha256_file(path, chunk: int = 1 << 20) -> str:

@@ -16,6 +16,17 @@ CIFAR10_BATCH_DIR = "cifar-10-batches-py"
 CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
 _CIFAR10_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 _CIFAR10_TEST_BATCH = "test_batch"
+# a canonical batch is 31,035,704 bytes (test_batch 31,035,526); anything much larger is not one and is
+# refused from its size (tar header or stat) before a byte of it is read or inflated
+BATCH_MAX_BYTES = 2 * 31_035_704
+
+
+def _check_batch_size(size: int, source: str) -> None:
+    if size > BATCH_MAX_BYTES:
+        raise DataError(f"{source}: {size} bytes, but a CIFAR-10 python batch is ~31 MB (at most {BATCH_MAX_BYTES} "
+                        f"accepted); this is not a CIFAR-10 batch (or the archive is hostile) and was not read. "
+                        f"Fix: download the canonical cifar-10-python.tar.gz again (--download).")
+
 
 def _numpy_reconstruct():
     return np.zeros(1).__reduce__()[0]
@@ -105,6 +116,7 @@ def read_cifar10_batches(path):
         for name in wanted:
             f = d / name
             if f.is_file():
+                _check_batch_size(f.stat().st_size, str(f))
                 blobs[name] = (f.read_bytes(), str(f))
         where = str(d)
     elif path.is_file():
@@ -113,7 +125,10 @@ def read_cifar10_batches(path):
                 for m in tf:
                     base = PurePosixPath(m.name).name
                     if m.isfile() and base in wanted and base not in blobs:
+                        _check_batch_size(m.size, f"{path}:{m.name}")
                         blobs[base] = (tf.extractfile(m).read(), f"{path}:{m.name}")
+        except DataError:
+            raise
         except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
             raise DataError(f"{path}: cannot read the CIFAR-10 archive (corrupt or truncated?): {e}. "
                             f"Delete it and download it again (--download).") from e

@@ -18,6 +18,11 @@ from .registry import REGISTRY, RemoteFile, normalize_name
 
 log = logging.getLogger(__name__)
 
+# bytes accepted for a file whose size the registry does not record (md5-only sources); with a recorded
+# size, a byte past it already proves the file is not the registered one
+UNKNOWN_SIZE_CAP = 1 << 30
+_CHUNK = 1 << 20
+
 
 #: canonical base URLs and expected files, from the registry (``download(..., base_url=...)``
 #: overrides the URL for mirrors)
@@ -50,19 +55,36 @@ def _verify(path: Path, rf: RemoteFile) -> bool:
     return True
 
 
+def _too_large(url: str, dest: Path, rf: RemoteFile, cap: int, seen: str) -> DataError:
+    expected = f"the {rf.size} bytes the registry records" if rf.size is not None else f"{cap} bytes (the cap for a " \
+        f"file of unrecorded size)"
+    return DataError(f"{url} sends {seen}, more than {expected} for {dest.name}; the download was stopped and "
+                     f"discarded, nothing was written to {dest}. The server does not serve the registered file. "
+                     f"Fix: use --base-url with a trusted mirror, or place a verified copy at {dest}.")
+
+
 def _fetch(url: str, dest: Path, rf: RemoteFile, timeout: float, progress: bool) -> None:
-    """Stream url to dest; dest appears (atomically) only once every checksum matches."""
+    """Stream url to dest; dest appears (atomically) only once every checksum matches. At most the
+    registry's recorded size (``UNKNOWN_SIZE_CAP`` when it records none) is read: a server sending
+    more cannot fill the disk."""
     sha, md5, n = hashlib.sha256(), hashlib.md5(usedforsecurity=False), 0
+    cap = rf.size if rf.size is not None else UNKNOWN_SIZE_CAP
     bar = None
     try:
         req = urllib.request.Request(url, headers={"User-Agent": "kernelfit-data/1"})
         with atomic_file(dest, "wb") as out, urllib.request.urlopen(req, timeout=timeout) as resp:
+            total = resp.headers.get("Content-Length")
+            total = int(total) if total and total.strip().isdigit() else None
+            if total is not None and total > cap:
+                raise _too_large(url, dest, rf, cap, f"Content-Length {total}")
             if progress:
                 from ..progress import progress_bar
 
-                total = resp.headers.get("Content-Length")
-                bar = progress_bar(total=int(total) if total else rf.size, desc=dest.name, unit="B")
-            while chunk := resp.read(1 << 20):
+                bar = progress_bar(total=total or rf.size, desc=dest.name, unit="B")
+            # one byte past the cap is enough to know the file is wrong
+            while chunk := resp.read(min(_CHUNK, cap + 1 - n)):
+                if n + len(chunk) > cap:
+                    raise _too_large(url, dest, rf, cap, f"more than {cap} bytes")
                 out.write(chunk)
                 sha.update(chunk)
                 md5.update(chunk)
@@ -127,6 +149,10 @@ def _download(name, data_dir=None, base_url=None, *, force=False, timeout=60.0, 
                 continue
             log.warning("%s exists but its checksum does not match; downloading it again", dest)
         url = base + rf.filename
+        if rf.size is not None:
+            from kernelfit.results import check_free_space
+
+            check_free_space(target, rf.size, "--data-dir", f"downloading {rf.filename}")
         log.info("downloading %s -> %s", url, dest)
         _fetch(url, dest, rf, timeout, progress)
     return target

@@ -182,8 +182,18 @@ def check_gram(G, *, what: str = "--gram", jitter: float = 0.0, seed: int = 0,
     return summary
 
 
-def check_test_gram(K_test, n: int, *, what: str = "--gram-test") -> None:
-    """A test Gram is m x n: one row per test point, one column per training point."""
+def _refuse_nonfinite(rows: np.ndarray, r0: int, what: str, name: str) -> None:
+    if not np.all(np.isfinite(rows)):
+        r, c = _first_bad(~np.isfinite(rows))
+        raise InputError(f"{what}: {name}[{r0 + r}, {c}] = {rows[r, c]} is not finite ({int((~np.isfinite(rows)).sum())} "
+                         f"such entries in rows {r0}..{r0 + len(rows) - 1}); a Gram matrix must hold finite numbers, "
+                         f"and a NaN row would be predicted as an arbitrary class. Fix: recompute or clean the "
+                         f"matrix (or drop those test points).")
+
+
+def check_test_gram(K_test, n: int, *, what: str = "--gram-test", values: bool = True) -> None:
+    """A test Gram is m x n: one row per test point, one column per training point; with ``values``,
+    one pass over its rows (block by block, pages released) refuses NaN / inf before any solve."""
     shape = tuple(K_test.shape)
     if len(shape) != 2:
         raise InputError(f"{what}: expected a 2-D test Gram (m test points x n = {n} training points); "
@@ -195,6 +205,10 @@ def check_test_gram(K_test, n: int, *, what: str = "--gram-test") -> None:
     if shape[0] == 0:
         raise InputError(f"{what}: the test Gram has 0 rows; drop it or pass at least one test point.")
     _check_dtype(K_test, what)
+    if values:
+        for a, e in row_blocks(shape[0], _row_span(K_test)):
+            _refuse_nonfinite(np.asarray(K_test[a:e], dtype=np.float64), a, what, "K_test")
+            release_pages(K_test)
 
 
 def read_gram_panels(G, dtype=np.float64, block: int | None = None, *, what: str = "--gram") -> SymmetricPanels:
@@ -222,13 +236,16 @@ def read_gram_panels(G, dtype=np.float64, block: int | None = None, *, what: str
     return out
 
 
-def gram_matmul(G, V, rows: int | None = None) -> np.ndarray:
-    """G @ V in float64 for any (m x n) array-like G, streamed in row blocks (about 4 MiB each)."""
+def gram_matmul(G, V, rows: int | None = None, *, what: str = "Gram") -> np.ndarray:
+    """G @ V in float64 for any (m x n) array-like G, streamed in row blocks (about 4 MiB each); every
+    block is checked for NaN / inf as it is read (InputError naming the entry)."""
     V = np.asarray(V, dtype=np.float64)
     m, n = G.shape
     out = np.empty((m, V.shape[1]), dtype=np.float64)
     blocks = row_blocks(m, n * 8) if rows is None else [(a, min(a + rows, m)) for a in range(0, m, rows)]
     for a, e in blocks:
-        np.matmul(np.asarray(G[a:e], dtype=np.float64), V, out=out[a:e])
+        block = np.asarray(G[a:e], dtype=np.float64)
+        _refuse_nonfinite(block, a, what, "G")
+        np.matmul(block, V, out=out[a:e])
         release_pages(G)
     return out

@@ -10,15 +10,17 @@ import os
 import re
 import tarfile
 import warnings
+import zipfile
 import zlib
 from pathlib import Path
 
 import numpy as np
 
-from kernelfit.errors import DataError, InputError, KernelfitError
+from kernelfit.errors import DataError, InputError, KernelfitError, MemoryPlanError
 from kernelfit.results import atomic_file
 
 from .arrays import sha256_file as _sha256_file
+from .bounds import memory_limit, read_npz_member
 from .npz import _KERAS_KEYS
 from .paths import default_cache_dir
 
@@ -28,6 +30,17 @@ log = logging.getLogger(__name__)
 _IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
 _GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
 _CACHE_VERSION = "imgfolder-v1"
+# bounds checked before an image is read or decoded (a tar member's size or a file's stat; the pixel
+# size from the image header): a few-KB file can otherwise decode to gigabytes
+IMAGE_FILE_MAX_BYTES = 64 * 2**20
+IMAGE_MAX_PIXELS = 89_478_485   # Pillow's own MAX_IMAGE_PIXELS, as a hard limit instead of a warning
+
+
+def _check_file_size(size: int, name: str) -> None:
+    if size > IMAGE_FILE_MAX_BYTES:
+        raise DataError(f"{name}: {size} bytes; an image file of an image folder may hold at most "
+                        f"{IMAGE_FILE_MAX_BYTES} ({IMAGE_FILE_MAX_BYTES >> 20} MiB). It was not read. Fix: remove it "
+                        f"(or, for genuinely huge images, save the arrays as .npy and pass --x-train/--y-train).")
 
 
 def _natural_key(name: str):
@@ -64,6 +77,7 @@ def _iter_image_folder(path: Path):
             for cdir in sorted(p for p in sdir.iterdir() if p.is_dir()):
                 for f in sorted(cdir.iterdir()):
                     if f.is_file() and _is_image_name(f.name):
+                        _check_file_size(f.stat().st_size, str(f))
                         yield split, cdir.name, f.name, f.read_bytes(), str(f)
         return
     try:
@@ -82,6 +96,7 @@ def _iter_image_folder(path: Path):
                         f"{path}: image folder archive has two roots, {'/'.join(prefix) or '.'} and "
                         f"{'/'.join(sp[0]) or '.'}; expected one train/ and test/ pair."
                     )
+                _check_file_size(m.size, f"{path}:{m.name}")   # from the tar header, before inflating
                 yield sp[1], sp[2], sp[3], tf.extractfile(m).read(), f"{path}:{m.name}"
     except KernelfitError:
         raise
@@ -89,27 +104,41 @@ def _iter_image_folder(path: Path):
         raise DataError(f"{path}: cannot read the image archive (corrupt or truncated?): {e}") from e
 
 
-def _decode(data: bytes, name: str):
+def _decode(data: bytes, name: str, first=None):
+    """Decode one image; its pixel size (from the header) is checked before any pixel is decoded:
+    at most ``IMAGE_MAX_PIXELS``, and equal to the first image's (``first`` = (size, name))."""
     from PIL import Image  # Pillow comes with matplotlib / scikit-image
 
     try:
         with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+            if w * h > IMAGE_MAX_PIXELS:
+                raise DataError(f"{name}: {w} x {h} pixels by its header, more than the {IMAGE_MAX_PIXELS} an "
+                                f"image of an image folder may have; not decoded (a decompression bomb, or an "
+                                f"image far too large for a kernel's features). Fix: resize the images.")
+            if first is not None and (w, h) != first[0]:
+                raise DataError(f"{name}: image of {w} x {h} pixels but {first[1]} has {first[0][0]} x "
+                                f"{first[0][1]}; all images must have the same size (resize them first).")
             im.load()
             mode = "L" if im.mode in _GRAY_MODES else "RGB"
             if im.mode != mode:
                 im = im.convert(mode)
             return np.asarray(im, dtype=np.uint8)
+    except KernelfitError:
+        raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise DataError(f"{name}: cannot decode image (corrupt or truncated?): {e}") from e
 
 
 def _decode_image_folder(path: Path, classes):
     per_split: dict[str, dict[str, list]] = {"train": {}, "test": {}}
-    first_shape = first_name = None
+    first_shape = first_name = first = None
+    budget, held = memory_limit(), 0
     for split, cls, fname, data, name in _iter_image_folder(path):
-        img = _decode(data, name)
+        img = _decode(data, name, first)
         if first_shape is None:
             first_shape, first_name = img.shape, name
+            first = ((img.shape[1], img.shape[0]), name)
         elif img.shape != first_shape:
             if img.ndim == 2 and len(first_shape) == 3 and img.shape == first_shape[:2]:
                 img = np.repeat(img[:, :, None], 3, axis=2)  # a gray image among color ones
@@ -119,6 +148,12 @@ def _decode_image_folder(path: Path, classes):
                     f"all images must have the same size and number of channels (resize or "
                     f"convert them first)."
                 )
+        held += img.nbytes
+        if 2 * held > budget:   # the decoded images, then their stacked copy
+            raise MemoryPlanError(
+                f"{path}: the decoded images reach {2 * held / 2**30:.2f} GiB (images and their stacked copy) "
+                f"at {name}, more than this machine's {budget / 2**30:.2f} GiB of memory; stopped decoding. "
+                f"Fix: use fewer or smaller images, or a machine with more memory.")
         per_split[split].setdefault(cls, []).append((_natural_key(fname), img))
     if not per_split["train"]:
         raise DataError(f"{path}: no images found under train/<class>/ (image extensions: "
@@ -166,11 +201,14 @@ def _image_folder_key(path: Path, classes) -> str:
 
 def _load_cache(cache_file: Path, key: str):
     try:
-        with np.load(cache_file, allow_pickle=False) as z:
-            if str(z["key"]) != key or str(z["version"]) != _CACHE_VERSION:
+        with zipfile.ZipFile(cache_file) as zf:   # members sized from their headers (bounds.read_npz_member)
+            def z(name):
+                return read_npz_member(zf, name, cache_file)
+
+            if str(z("key")) != key or str(z("version")) != _CACHE_VERSION:
                 raise ValueError("key/version mismatch")
-            x_tr, y_tr, x_te, y_te = (z[k] for k in _KERAS_KEYS)  # zip CRC checked on full read
-            classes = tuple(str(c) for c in z["classes"])
+            x_tr, y_tr, x_te, y_te = (z(k) for k in _KERAS_KEYS)  # zip CRC checked on full read
+            classes = tuple(str(c) for c in z("classes"))
         if (x_tr.dtype != np.uint8 or x_te.dtype != np.uint8 or len(x_tr) != len(y_tr)
                 or len(x_te) != len(y_te) or x_tr.shape[1:] != x_te.shape[1:]
                 or y_tr.min() < 0 or y_te.min() < 0 or max(y_tr.max(), y_te.max()) >= len(classes)):

@@ -10,6 +10,8 @@ import numpy as np
 
 from kernelfit.errors import DataError, KernelfitError
 
+from .bounds import npz_members, read_npz_member
+
 _KERAS_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
 
@@ -21,21 +23,27 @@ def read_keras_npz(path):
     """
     path = Path(path)
     try:
-        with np.load(path, allow_pickle=False) as z:
-            if not isinstance(z, np.lib.npyio.NpzFile):
-                raise DataError(f"{path}: expected an .npz archive with {_KERAS_KEYS}, found a single .npy array.")
-            missing = [k for k in _KERAS_KEYS if k not in z.files]
+        with zipfile.ZipFile(path) as zf:
+            names = npz_members(zf)
+            missing = [k for k in _KERAS_KEYS if k not in names]
             if missing:
                 raise DataError(
                     f"{path}: not a Keras-layout dataset: missing arrays {missing}; expected "
-                    f"{list(_KERAS_KEYS)}, found {sorted(z.files)}."
+                    f"{list(_KERAS_KEYS)}, found {sorted(names)}."
                 )
-            arrays = [z[k] for k in _KERAS_KEYS]
+            # each member's size and dtype come from its .npy header before it is inflated
+            arrays = [read_npz_member(zf, k, path) for k in _KERAS_KEYS]
     except KernelfitError:
         raise
     except FileNotFoundError as e:
         raise DataError(f"{path}: file not found.") from e
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, KeyError) as e:
+    except zipfile.BadZipFile as e:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+        single = " (a single .npy array)" if head.startswith(b"\x93NUMPY") else ""
+        raise DataError(f"{path}: expected an .npz archive with {_KERAS_KEYS}, found first bytes {head!r}{single}: "
+                        f"{e}") from e
+    except (OSError, ValueError, EOFError, zlib.error, KeyError) as e:
         raise DataError(f"{path}: cannot read .npz (corrupt or truncated?): {e}") from e
     x_tr, y_tr, x_te, y_te = arrays
     x_tr = _as_uint8_images(x_tr, path, "x_train")

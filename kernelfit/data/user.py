@@ -6,7 +6,9 @@
                                                               ``F.h5:/dset``, ``S.zarr:/arr``
 
 Features are used as stored (``Dataset.scale = 1``): no division by 255. Class labels must be
-integers >= 0 (label k is class ``str(k)``); ``task="regression"`` keeps float targets.
+finite integers >= 0; the classes are the distinct label values (``np.unique``), named ``str(value)``,
+and the dataset's labels index them (labels 0..K-1 are kept as they are). ``task="regression"``
+keeps float targets (never counted as classes).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from kernelfit.errors import DataError, InputError
 from .arrays import open_array, parse_spec
 from .dataset import Dataset
 
-__all__ = ["load_arrays", "peek_arrays"]
+__all__ = ["load_arrays", "peek_arrays", "peek_outputs"]
 
 _NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 TASKS = ("classification", "regression")
@@ -102,7 +104,8 @@ def _materialize(a) -> np.ndarray:
     return a if isinstance(a, np.ndarray) else np.asarray(a[...])
 
 
-def _labels(y: np.ndarray, what: str) -> np.ndarray:
+def _labels(y, what: str) -> np.ndarray:
+    """Validated class labels (1-D, integer-valued, finite, >= 0), in their own dtype."""
     y = np.asarray(y)
     if y.ndim == 2 and y.shape[1] == 1:
         y = y[:, 0]
@@ -110,15 +113,54 @@ def _labels(y: np.ndarray, what: str) -> np.ndarray:
         raise InputError(f"{what}: class labels must be 1-D (N,), got shape {y.shape}. For multi-output "
                          f"real targets use task='regression' (--task regression).")
     if np.issubdtype(y.dtype, np.floating):
-        if not np.isfinite(y).all() or not np.all(y == np.round(y)):
-            raise InputError(f"{what}: class labels must be integers, got non-integer floats (dtype "
-                             f"{y.dtype}). For real targets use task='regression' (--task regression).")
+        bad = ~np.isfinite(y)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise InputError(f"{what}: {int(bad.sum())} class label(s) are NaN or inf (first at row {i}: {y[i].item()}); "
+                             f"class labels must be finite integers. Fix: drop or relabel those rows.")
+        frac = y != np.round(y)
+        if frac.any():
+            i = int(np.flatnonzero(frac)[0])
+            raise InputError(f"{what}: class labels must be integers, got non-integer floats (dtype {y.dtype}; "
+                             f"first at row {i}: {y[i].item()!r}). For real targets use task='regression' "
+                             f"(--task regression).")
     elif y.dtype == bool or not np.issubdtype(y.dtype, np.integer):
         raise InputError(f"{what}: class labels must be integers >= 0, got dtype {y.dtype}. Map class names "
                          f"to 0..K-1 first, e.g. numpy.unique(y, return_inverse=True)[1].")
-    if y.min() < 0:
-        raise InputError(f"{what}: class labels must be >= 0, found {int(y.min())}.")
-    return y.astype(np.int64)
+    if len(y) and y.min() < 0:
+        raise InputError(f"{what}: class labels must be >= 0, found {y.min().item()!r} (row {int(np.argmin(y))}).")
+    return y
+
+
+def _class_name(v) -> str:
+    return str(int(v))
+
+
+def _classes(y_train: np.ndarray, y_test: np.ndarray):
+    """(classes, y_train, y_test): the distinct label values (``np.unique``, never 0..max label) and the
+    labels as indices into them. Labels already 0..K-1 stay as they are; a label of 10**9 among a few
+    others makes a few classes, not 10**9."""
+    values, inverse = np.unique(np.concatenate([y_train, y_test]), return_inverse=True)
+    classes = tuple(_class_name(v) for v in values)
+    if len(values) and values[0] == 0 and values[-1] == len(values) - 1:   # already 0..K-1
+        return classes, y_train.astype(np.int64), y_test.astype(np.int64)
+    inverse = inverse.reshape(-1).astype(np.int64)
+    return classes, inverse[:len(y_train)], inverse[len(y_train):]
+
+
+def peek_outputs(data=None, x_train=None, y_train=None, x_test=None, y_test=None, *,
+                 task: str = "classification") -> int:
+    """Columns of the right-hand side a user's arrays make, for planning: the number of distinct class
+    labels (train and test, labels validated and read) or, for ``task="regression"``, the number of
+    target columns (from the header; targets are never counted as classes)."""
+    if task not in TASKS:
+        raise InputError(f"task must be one of {TASKS}, got {task!r}.")
+    arrays = _open_all(_specs(data, x_train, y_train, x_test, y_test))
+    y = arrays["y_train"]
+    if task == "regression":
+        return 1 if len(y.shape) == 1 else int(np.prod(y.shape[1:], dtype=np.int64))
+    labels = [_labels(_materialize(arrays[k]), k) for k in ("y_train", "y_test") if k in arrays]
+    return len(np.unique(np.concatenate(labels)))
 
 
 def load_arrays(data=None, x_train=None, y_train=None, x_test=None, y_test=None, *,
@@ -141,9 +183,9 @@ def load_arrays(data=None, x_train=None, y_train=None, x_test=None, y_test=None,
         x_te = np.empty((0, *x_tr.shape[1:]), dtype=x_tr.dtype)
         y_te = np.empty((0, *y_tr.shape[1:]), dtype=y_tr.dtype)
     if task == "classification":
-        y_tr, y_te = _labels(y_tr, "y_train"), _labels(y_te, "y_test") if len(y_te) else np.empty(0, np.int64)
-        k = int(max(y_tr.max(), y_te.max() if len(y_te) else 0)) + 1
-        classes = tuple(str(i) for i in range(k))
+        y_tr = _labels(y_tr, "y_train")
+        y_te = _labels(y_te, "y_test") if len(y_te) else np.empty(0, y_tr.dtype)
+        classes, y_tr, y_te = _classes(y_tr, y_te)
     else:
         classes = None
     files = sorted({str(parse_spec(s).path) for s in specs.values() if s is not None})
