@@ -210,27 +210,14 @@ def _check_data_source(parser, args) -> dict | None:
 
 
 def _user_shape(user: dict, task: str = "classification") -> dict:
-    """d, classes (regression: target columns) and split sizes of a user's arrays, read from their
-    headers (labels are read, and checked: finite; for classification, class indices 0..k-1)."""
+    """d, classes (regression: target columns) and split sizes of a user's arrays, for planning: from their
+    headers, and for classification the distinct labels (read and checked, as the loader will count them)."""
     import numpy as np
 
-    from .data import open_array, peek_arrays
-    from .solve import check_finite_targets, infer_num_classes
+    from .data import peek_arrays, peek_outputs
 
     shapes = peek_arrays(**user)
-    specs = {k: (f"{user['data']}:{k}" if user["data"] is not None else user[k]) for k in shapes}
-    labels = []
-    for key in ("y_train", "y_test"):
-        if key in shapes:
-            flag = f"--{key.replace('_', '-')}"
-            y = np.asarray(open_array(specs[key], what=flag)[...])
-            if np.issubdtype(y.dtype, np.number):
-                check_finite_targets(y, flag)
-                labels.append((y, flag))
-    if task == "regression":
-        k = max((int(np.prod(y.shape[1:], dtype=np.int64)) for y, _ in labels), default=1)
-    else:
-        k = infer_num_classes(*labels)
+    k = peek_outputs(**user, task=task)
     x = shapes["x_train"][0]
     return {"d": int(np.prod(x[1:], dtype=np.int64)), "image_shape": x[1:], "num_classes": max(k, 1), "n_train": x[0],
             "n_test": shapes["x_test"][0][0] if "x_test" in shapes else 0}
@@ -785,7 +772,10 @@ def cmd_solve(args, parser) -> int:
             _save_model_if_asked(args, record, model, cluster,
                                  preprocessing={"kind": "pixels", "dtype": np.dtype(fdtype).name,
                                                 "scale": float(ds.scale)},
-                                 class_names=ds.classes)
+                                 class_names=ds.classes,
+                                 # a user's labels are indices into their distinct values: predict those values
+                                 classes=None if user is None or args.task != "classification"
+                                 else [int(c) for c in ds.classes])
     record["cli_timings_s"] = timer.as_dict()
     record["cli_peak_rss_bytes"] = peak_rss_bytes()
 
@@ -905,7 +895,7 @@ def _with_cluster(args, run):
         return run(cluster.client), info
 
 
-def _save_model_if_asked(args, record, model, cluster, preprocessing=None, class_names=None) -> None:
+def _save_model_if_asked(args, record, model, cluster, preprocessing=None, class_names=None, classes=None) -> None:
     """Write --save-model (before the record, which then names the model file and its sha256)."""
     if cluster is not None:
         record["cluster"] = cluster
@@ -917,7 +907,8 @@ def _save_model_if_asked(args, record, model, cluster, preprocessing=None, class
     data = record.get("dataset") or {k: record.get("stats", {}).get(k) for k in ("gram",)}
     try:
         path = save_model(args.save_model, model, task=record["task"], targets=record["target_columns"],
-                          num_classes=record.get("num_classes"), class_names=class_names, preprocessing=preprocessing,
+                          num_classes=record.get("num_classes"), classes=classes, class_names=class_names,
+                          preprocessing=preprocessing,
                           data=data, provenance=record.get("provenance"), overwrite=args.overwrite)
     except OSError as e:  # the solve is done: keep the record, say the model was not written, fail at the end
         record["model"] = {"path": None, "error": f"could not write --save-model {args.save_model} "
@@ -1030,7 +1021,8 @@ def cmd_predict(args, parser) -> int:
         X = open_array(f"{args.data}:x_test", what="--data")
         if args.y_test is None:
             with np.load(args.data, allow_pickle=False) as z:
-                y_test = z["y_test"] if "y_test" in z.files else None
+                has_labels = "y_test" in z.files
+            y_test = np.asarray(open_array(f"{args.data}:y_test", what="--data")) if has_labels else None
     else:
         X = open_array(args.x_test or args.gram_test, what="--x-test" if args.x_test else "--gram-test")
     if args.y_test is not None:

@@ -172,3 +172,25 @@ def test_threads_limits_blas_torch_and_the_pool_then_restores(monkeypatch, capsy
     assert (blas_thread_counts(), torch.get_num_threads(), parallel._POOL_WORKERS) == before
     assert "positive integer" in _usage_error(["solve", "--threads", "0"], capsys)
     assert "positive integer" in _usage_error(["predict", "--model", "m", "--x-test", "x", "--threads", "-2"], capsys)
+
+
+def test_sparse_user_labels_plan_solve_and_predict_their_own_values(tmp_path, capsys):
+    """Labels {3, 7, 5_000_000}: three classes (not five million), and a saved model predicts the user's
+    label values, not the indices 0..2 the solve uses internally."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    centers = {3: 0.0, 7: 3.0, 5_000_000: 6.0}
+    y = np.repeat(list(centers), 20)
+    x = np.array([centers[v] for v in y])[:, None] + rng.normal(scale=0.3, size=(len(y), 2))
+    data = tmp_path / "d.npz"
+    np.savez(data, x_train=x, y_train=y, x_test=x[::3], y_test=y[::3])
+    model, out = tmp_path / "m.safetensors", tmp_path / "r.json"
+    assert main(["solve", "--data", str(data), "--bandwidth", "1", "--no-progress", "--out", str(out),
+                 "--save-model", str(model)]) == 0
+    rec = json.loads(out.read_text())
+    assert rec["num_classes"] == 3 and rec["results"]["true"]["test_error"] == 0.0
+    capsys.readouterr()
+    assert main(["predict", "--model", str(model), "--data", str(data)]) == 0
+    pred = json.loads(capsys.readouterr().out)
+    assert pred["predictions"] == [int(v) for v in y[::3]] and pred["test_error"] == 0.0
