@@ -24,7 +24,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from kernelfit.errors import InputError
+from kernelfit.errors import InputError, ModelFileError
 
 from . import hessian as H
 from . import measures as M
@@ -165,7 +165,19 @@ def read_checkpoint(path) -> tuple[dict, "object"]:
     if not p.is_file():
         raise InputError(f"checkpoint {str(p)!r} does not exist. Fix: pass a <run id>.pt file written by "
                          "`deepfit train --checkpoint-dir DIR`.")
-    ckpt = load_torch_file(p, "checkpoint")   # weights only: a file that needs pickle is refused, never run
+    from .usermodel import WHOLE_MODEL_FIX, _zip_names
+
+    if any("/code/__torch__/" in n or n.endswith("/archive_format") for n in _zip_names(p)):
+        raise InputError(f"{str(p)!r} is a TorchScript / torch.export archive, not a deepfit checkpoint; the measures need "
+                         "the network's Python modules. Fix: --model-def your_file.py:YourClass --weights "
+                         f"{str(p)!r} --dataset NAME (the archive's weights are read without unpickling).")
+    try:
+        ckpt = load_torch_file(p, "checkpoint")   # weights only: a file that needs pickle is refused, never run
+    except ModelFileError as e:
+        if "pickled Python object (" not in str(e):
+            raise
+        raise ModelFileError(f"{e} A whole model saved with torch.save(model) is such a file; for a network of your own: "
+                             f"{WHOLE_MODEL_FIX.removeprefix('Fix: ')}.") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict) or not isinstance(ckpt.get("model"), dict):
         raise InputError(f"{str(p)!r} is not a deepfit training checkpoint (expected the keys 'config' and 'model'). "
                          "Fix: pass a file from `deepfit train --checkpoint-dir DIR`, or call measure_all() from Python.")
@@ -200,7 +212,7 @@ def _checkpoint_classes(ckpt: dict) -> int:
     return int(mats[-1].shape[0])
 
 
-def _user_arrays(spec_x: str, spec_y: str, cfg, num_classes: int):
+def _user_arrays(spec_x: str, spec_y: str, cfg, num_classes: int | None):
     """User arrays -> tensors preprocessed as the checkpoint's training data was (NCHW float32)."""
     import numpy as np
 
@@ -212,24 +224,45 @@ def _user_arrays(spec_x: str, spec_y: str, cfg, num_classes: int):
     y = np.array(open_array(spec_y, what="labels")).reshape(-1)
     if len(y) != len(x):
         raise InputError(f"--data has {len(x)} images but --labels has {len(y)} labels. Fix: give one label per image.")
+    if num_classes is None:
+        num_classes = int(y.max()) + 1 if len(y) else 0
     return prepare_arrays(x, y.astype(np.int64), x[:0], y[:0].astype(np.int64), num_classes,
                           preprocess=cfg.preprocess, crop=cfg.crop, info={"images": spec_x, "labels": spec_y})
 
 
 def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    from .cli import _crop, _positive_int
+    from .data import PREPROCESS_MODES
     d = MeasureOptions()
     p = argparse.ArgumentParser(prog="deepfit measure", add_help=add_help,
                                 description="Every applicable complexity measure of a trained network, as JSON.")
-    p.add_argument("--checkpoint", required=True, help="a <run id>.pt file from `deepfit train --checkpoint-dir DIR`")
+    src = p.add_argument_group("the network: --checkpoint, or your own --model-def with --weights")
+    src.add_argument("--checkpoint", default=None, help="a <run id>.pt file from `deepfit train --checkpoint-dir DIR`")
+    src.add_argument("--model-def", default=None,
+                     help="your network's definition: FILE.py:ClassName or package.module:factory (called with "
+                          "--model-kwargs), with --weights")
+    src.add_argument("--model-kwargs", default=None, help="JSON object of keyword arguments for --model-def")
+    src.add_argument("--weights", default=None,
+                     help="trained weights for --model-def: a torch.save(model.state_dict()) file, .safetensors, or "
+                          "a TorchScript / torch.export .pt2 archive (read without unpickling)")
+    ud = p.add_argument_group("data for --model-def (a checkpoint brings its own configuration)")
+    ud.add_argument("--dataset", default=None, help="data set the network was trained on, e.g. mnist, fashion-mnist, "
+                                                    "cifar10, mnist-subset (or --data FILE --labels FILE)")
+    ud.add_argument("--n-train", type=_positive_int("--n-train"), default=None,
+                    help="measure on a stratified subset of this many training images (default: all)")
+    ud.add_argument("--data-seed", type=int, default=0, help="seed of the subset draw (default 0)")
+    ud.add_argument("--preprocess", default=None, choices=PREPROCESS_MODES,
+                    help="how the images are fed to the network: scale = pixels / 255 (default), normalize = /255 then "
+                         "per-channel standardization, whiten = per-image whitening (deepfit train's default)")
+    ud.add_argument("--crop", type=_crop, default=None, help="centre crop size, or 'none' (default: no crop)")
     p.add_argument("--data", default="config",
-                   help="'config' (default): the training set the checkpoint's configuration describes (same subset "
-                        "and randomized labels); or an image array FILE[:member] (N,H,W[,C]), with --labels")
+                   help="'config' (default): the training set the checkpoint's configuration (or --dataset) describes; "
+                        "or an image array FILE[:member] (N,H,W[,C]), with --labels")
     p.add_argument("--labels", default=None, help="integer labels FILE[:member] for --data FILE")
     p.add_argument("--data-dir", default=None, help="directory with the data sets (default: kernelfit's resolution)")
     p.add_argument("--download", action="store_true", help="fetch a missing data set from its canonical source")
     p.add_argument("--groups", default=",".join(GROUPS), help=f"comma-separated subset of {','.join(GROUPS)} (default all)")
     p.add_argument("--out", default=None, help="also write the JSON here (default: standard output only)")
-    from .cli import _positive_int
     p.add_argument("--threads", type=_positive_int("--threads"), default=None,
                    help="torch CPU threads (default: torch's choice)")
     g = p.add_argument_group("measure settings (see MeasureOptions)")
@@ -262,30 +295,87 @@ def _float_list(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 1e-3,1e-2, got {text!r}") from None
 
 
-def _run(a) -> int:
-    from kernelfit.results import check_output_file, dumps, provenance, write_json_atomic
+def _checkpoint_model_and_data(a):
+    from .data import prepare_data
+
+    extra = [f for f in ("weights", "model_kwargs", "dataset", "n_train", "preprocess", "crop") if getattr(a, f) is not None]
+    if a.checkpoint is None:
+        raise InputError("deepfit measure needs a network: --checkpoint CKPT (from `deepfit train --checkpoint-dir`) or "
+                         "--model-def FILE.py:ClassName --weights WEIGHTS --dataset NAME for a network of your own.")
+    if extra:
+        raise InputError(f"--{extra[0].replace('_', '-')} applies to --model-def; a --checkpoint brings its own model and "
+                         "data configuration. Fix: drop it, or measure your own network with --model-def.")
+    ckpt, cfg = read_checkpoint(a.checkpoint)   # bad input fails here, before any data is read
+    if a.data == "config":
+        data = prepare_data(cfg, data_dir=a.data_dir, download=a.download)
+    else:
+        data = _user_arrays(a.data, a.labels, cfg, _checkpoint_classes(ckpt))
+    if a.threads:
+        torch.set_num_threads(int(a.threads))
+    model, _ = load_checkpoint_model(a.checkpoint, data.input_shape, data.num_classes)
+    return cfg, data, model
+
+
+def _user_model_and_data(a):
+    """--model-def/--weights and the data set it is measured on; every mismatch refused before measuring."""
+    from types import SimpleNamespace
 
     from .data import prepare_data
+    from .usermodel import build_user_model
+
+    if a.checkpoint is not None:
+        raise InputError("give either --checkpoint or --model-def, not both.")
+    if a.weights is None:
+        raise InputError("--model-def needs --weights FILE: save them with torch.save(model.state_dict(), 'weights.pt').")
+    if a.dataset is None and a.data == "config":
+        raise InputError("--model-def needs the data the network is measured on: --dataset NAME (e.g. mnist, cifar10, "
+                         "mnist-subset) or --data FILE[:member] --labels FILE[:member].")
+    model, source = build_user_model(a.model_def, a.weights, a.model_kwargs)
+    cfg = SimpleNamespace(dataset=a.dataset, n_train=a.n_train, n_test=None, data_seed=a.data_seed, variant="true",
+                          p=0.0, corrupt_test=False, preprocess=a.preprocess or "scale", crop=a.crop, augment=False)
+    if a.data == "config":
+        data = prepare_data(cfg, data_dir=a.data_dir, download=a.download)
+    else:
+        data = _user_arrays(a.data, a.labels, cfg, None)
+    if a.threads:
+        torch.set_num_threads(int(a.threads))
+    p0 = next(iter(model.parameters()), None)
+    X = data.x_train if p0 is None else data.x_train.to(p0.dtype)
+    data.x_train = X
+    try:
+        with torch.no_grad():
+            out = model(X[:2])
+    except Exception as e:
+        raise InputError(f"the --model-def network fails on the data's images of shape {tuple(X.shape[1:])} "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]}). Fix: --crop / --preprocess, or a first "
+                         "layer such as nn.Flatten() that takes (N, C, H, W) images.") from e
+    k = int(data.y_train.max()) + 1
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] < max(k, 2):
+        raise InputError(f"the --model-def network must return logits of shape (N, classes >= {max(k, 2)}) for these "
+                         f"labels; it returned {tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}.")
+    return model, source, cfg, data
+
+
+def _run(a) -> int:
+    from kernelfit.results import check_output_file, dumps, provenance, write_json_atomic
 
     groups = [g.strip() for g in a.groups.split(",") if g.strip()]
     kw = {f.name: getattr(a, f.name) for f in dataclasses.fields(MeasureOptions) if getattr(a, f.name) is not None}
     opts = MeasureOptions(**kw).validated()
     if a.out:   # replaced as before, but refused now if it is a directory or cannot be written
         check_output_file(a.out, "--out", overwrite=True)
-    ckpt, cfg = read_checkpoint(a.checkpoint)   # bad input fails here, before any data is read
-    if a.data == "config":
-        data = prepare_data(cfg, data_dir=a.data_dir, download=a.download)
-    elif a.labels is None:
+    if a.data != "config" and a.labels is None:
         raise InputError("--data FILE needs --labels FILE[:member] (integer class labels, one per image).")
+    if a.model_def is not None:
+        model, source, cfg, data = _user_model_and_data(a)
+        head = dict(model=source)
     else:
-        data = _user_arrays(a.data, a.labels, cfg, _checkpoint_classes(ckpt))
-    if a.threads:
-        torch.set_num_threads(int(a.threads))
-    model, _ = load_checkpoint_model(a.checkpoint, data.input_shape, data.num_classes)
+        cfg, data, model = _checkpoint_model_and_data(a)
+        head = dict(checkpoint=str(a.checkpoint), config=cfg.to_dict())
     X = getattr(data, "x_train_eval", None)   # un-augmented training images
     X = data.x_train if X is None else X
     res = measure_all(model, X, data.y_train, opts, groups=groups)
-    res = dict(checkpoint=str(a.checkpoint), config=cfg.to_dict(), data=dict(data.info), **res,
+    res = dict(head, data=dict(data.info), **res,
                provenance=provenance(["deepfit", "measure", *sys.argv[2:]]))
     print(dumps(res), flush=True)   # first, so that a failing --out write loses nothing
     if a.out:
