@@ -19,7 +19,7 @@ import dataclasses
 import sys
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -45,12 +45,14 @@ class MeasureOptions:
     (sigma_i = alpha (10 |w_i| + 1)), ``pac_samples`` noise draws per alpha, KL read off at
     expected sharpness ``pac_target``. Hessian: ``hessian_k`` top eigenvalues (0 skips every
     Hessian measure), ``hessian_samples`` Hutchinson probes, ``basin_directions`` random directions,
-    ``basin_delta`` loss rise that bounds the basin. ``seed`` seeds every random choice.
+    ``basin_delta`` loss rise that bounds the basin. ``seed`` seeds every random choice. ``fold_bn``:
+    take sharpness, PAC-Bayes and the Hessian on the batch-norm-folded parameters instead of the
+    model's own (the norm measures always fold, where folding is possible).
     """
 
     percentile: float = 5.0
     sharpness_eps: float = 5e-4
-    sharpness_steps: int = 10
+    sharpness_steps: int = M.SHARPNESS_STEPS
     pac_alphas: tuple[float, ...] = (1e-4, 1e-3, 3e-3, 6e-3, 1e-2, 1.5e-2, 2e-2, 3e-2, 5e-2)
     pac_samples: int = 5
     pac_target: float = 0.1
@@ -60,6 +62,7 @@ class MeasureOptions:
     basin_delta: float = 0.1
     batch_size: int = 1024
     seed: int = 0
+    fold_bn: bool = False
 
     def validated(self) -> "MeasureOptions":
         if self.pac_samples < 2 or self.hessian_samples < 2 or self.basin_directions < 2:
@@ -78,77 +81,119 @@ def _state(model: nn.Module):
 
 
 def measure_all(model: nn.Module, X: torch.Tensor, y: torch.Tensor, options: MeasureOptions = MeasureOptions(), *,
-                groups: Sequence[str] = GROUPS) -> dict:
+                groups: Sequence[str] = GROUPS, log: Callable[[str], None] | None = None) -> dict:
     """Every applicable measure of ``model`` on its training set ``(X, y)``; see the module docstring.
 
-    ``groups``: a subset of :data:`GROUPS` to compute. Returns ``{"margin", "measures", "not_applicable",
-    "layers", "options", "n_samples", "n_parameters", "time_s"}``.
+    ``groups``: a subset of :data:`GROUPS` to compute. Each measure is computed on its own: one that
+    does not apply (or fails on bad input) is listed in ``not_applicable`` with the reason and never
+    drops another. ``log``: called with a progress line when each phase starts and ends (the CLI
+    prints them on standard error). Returns ``{"margin", "measures", "not_applicable", "layers",
+    "options", "n_samples", "n_parameters", "second_order_parameters", "time_s"}``.
     """
     opts = options.validated()
     bad = [g for g in groups if g not in GROUPS]
     if bad:
         raise InputError(f"unknown measure group(s) {bad}; expected a subset of {list(GROUPS)}.")
     M._check_xy(X, y)
+    say = log or (lambda s: None)
     before = _state(model)
     t0 = time.perf_counter()
     seed = opts.seed
     measures: dict = {}
     skipped: dict[str, str] = {}
-    norms = M.compute_norm_measures(model, X, y, percentile=opts.percentile, seed=seed)
+
+    def phase(name, fn):
+        """Run one phase; an InputError (the measure does not apply) is recorded, not raised."""
+        t = time.perf_counter()
+        say(f"measure: {name} ...")
+        try:
+            out = fn()
+        except InputError as e:
+            skipped[name] = str(e)
+            say(f"measure: {name} not applicable ({time.perf_counter() - t:.1f} s)")
+            return None
+        say(f"measure: {name} done ({time.perf_counter() - t:.1f} s)")
+        return out
+
+    norms = None
+    if "norms" in groups:
+        norms = phase("norms", lambda: M.compute_norm_measures(model, X, y, percentile=opts.percentile, seed=seed))
+    if norms is None:   # the margin alone needs only the logits
+        norms = dict(margin=M.margin(model, X, y, opts.percentile), measures={}, not_applicable={}, layers=[],
+                     pool_lipschitz=[], chain=None)
     margin = dict(value=norms["margin"], percentile=opts.percentile,
                   definition=f"{opts.percentile:g}th percentile of f_y(x) - max_(j != y) f_j(x) over the training set")
     if "norms" in groups:
         measures.update(norms["measures"])
         skipped.update(norms["not_applicable"])
+    n_own = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    params_note = ("batch norm folded into the Linear/Conv2d before it (fold_bn=True)" if opts.fold_bn else
+                   f"the model's own {n_own} trainable parameters (batch norm not folded; fold_bn=True folds it)")
     if "sharpness" in groups:
-        sh = M.sharpness(model, X, y, eps=opts.sharpness_eps, steps=opts.sharpness_steps, seed=seed,
-                         batch_size=opts.batch_size)
-        measures["sharpness"] = dict(
-            {k: v for k, v in sh.items() if k != "loss_history"}, paper="Neyshabur et al. 2017 (Sec. 3)",
-            convention="(max_{|nu_i| <= eps(|w_i|+1)} L(w+nu) - L(w)) / (1 + L(w)), cross-entropy on the training set; "
-                       "the max is the best point of a projected gradient ascent, so the value is a lower bound of it")
+        sh = phase("sharpness", lambda: M.sharpness(model, X, y, eps=opts.sharpness_eps, steps=opts.sharpness_steps,
+                                                    seed=seed, batch_size=opts.batch_size, fold_bn=opts.fold_bn))
+        if sh is not None:
+            measures["sharpness"] = dict(
+                {k: v for k, v in sh.items() if k != "loss_history"}, parameters=params_note,
+                paper="Neyshabur et al. 2017 (Sec. 3)",
+                convention="(max_{|nu_i| <= eps(|w_i|+1)} L(w+nu) - L(w)) / (1 + L(w)), cross-entropy on the training "
+                           "set; the max is the best point of a projected gradient ascent, so the value is a lower "
+                           "bound of it")
     if "pac-bayes" in groups:
-        rows = M.pac_bayes_sweep(model, X, y, opts.pac_alphas, n_samples=opts.pac_samples, seed=seed,
-                                 batch_size=opts.batch_size)
-        measures["pac-bayes"] = dict(
-            sweep=rows, at_target=M.pac_bayes_at_sharpness(rows, opts.pac_target), paper="Neyshabur et al. 2017, Fig. 2",
-            convention="expected sharpness E_nu L(w+nu) - L(w) (estimate, stderr, n_samples) against "
-                       "KL = sum w_i^2 / (2 sigma_i^2), sigma_i = alpha (10|w_i| + 1); at_target: the KL where the "
-                       f"expected sharpness reaches {opts.pac_target:g}")
-    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        rows = phase("pac-bayes", lambda: M.pac_bayes_sweep(model, X, y, opts.pac_alphas, n_samples=opts.pac_samples,
+                                                            seed=seed, batch_size=opts.batch_size, fold_bn=opts.fold_bn))
+        if rows is not None:
+            measures["pac-bayes"] = dict(
+                sweep=rows, at_target=M.pac_bayes_at_sharpness(rows, opts.pac_target), parameters=params_note,
+                paper="Neyshabur et al. 2017, Fig. 2",
+                convention="expected sharpness E_nu L(w+nu) - L(w) (estimate, stderr, n_samples; "
+                           "expected_sharpness_ci95 from Student-t quantiles with n_samples - 1 degrees of freedom) "
+                           "against KL = sum w_i^2 / (2 sigma_i^2), sigma_i = alpha (10|w_i| + 1); at_target: the KL "
+                           f"where the expected sharpness reaches {opts.pac_target:g}")
+    n_params = n_own
     if "hessian" in groups and opts.hessian_k > 0:
-        folded = M.fold_batchnorm(model, X[:1])
-        op = H.HessianOperator(folded, X, y, batch_size=opts.batch_size)
-        if op.dim <= opts.hessian_k:
-            skipped["hessian"] = (f"the model has {op.dim} trainable parameters; the top {opts.hessian_k} eigenvalues "
-                                  "need more. Fix: a smaller hessian_k.")
-        else:
+        def hess():
+            net = M.fold_batchnorm(model, X[:1]) if opts.fold_bn else model
+            op = H.HessianOperator(net, X, y, batch_size=opts.batch_size)
+            if op.dim <= opts.hessian_k:
+                raise InputError(f"the model has {op.dim} trainable parameters; the top {opts.hessian_k} eigenvalues "
+                                 "need more. Fix: a smaller hessian_k.")
             paper = "Wu, Zhu, E 2017"
+            out = {}
             eigs = H.top_eigenvalues(op, k=opts.hessian_k, seed=seed, tol=1e-4)
-            measures["hessian-top-eigenvalues"] = dict(
+            out["hessian-top-eigenvalues"] = dict(
                 value=[e["value"] for e in eigs], residual=[e["residual"] for e in eigs], paper=paper,
                 convention="largest eigenvalues of the Hessian of the mean training cross-entropy (Lanczos); "
                            "some eigenvalue lies within each residual")
+            say("measure: hessian: top eigenvalues done; trace and Frobenius norm ...")
             trace = H.hessian_trace(op, opts.hessian_samples, seed=seed)
-            measures["hessian-trace"] = dict(zip(("value", "stderr", "n_samples"), trace),
-                                             paper=paper, convention="tr H, Hutchinson estimate with Rademacher probes")
-            measures["hessian-frobenius"] = dict(
+            out["hessian-trace"] = dict(zip(("value", "stderr", "n_samples"), trace),
+                                        paper=paper, convention="tr H, Hutchinson estimate with Rademacher probes")
+            out["hessian-frobenius"] = dict(
                 zip(("value", "stderr", "n_samples"), H.hessian_frobenius(op, opts.hessian_samples, seed=seed + 1)),
                 paper=paper, convention="||H||_F, from E||Hz||^2 with Rademacher z (Wu et al.'s Hessian norm)")
-            measures["basin-volume-spectrum"] = dict(
+            out["basin-volume-spectrum"] = dict(
                 H.basin_volume_from_spectrum(eigs, opts.basin_delta), paper=paper,
                 convention="log volume of {nu: nu^T H nu / 2 <= delta} in the top-k eigenspace (larger = flatter)")
+            say("measure: hessian: basin radius along random directions ...")
             br = H.basin_volume_random_directions(op, opts.basin_directions, delta=opts.basin_delta, seed=seed,
                                                   bisection_steps=20)
-            measures["basin-volume-random"] = dict(
+            out["basin-volume-random"] = dict(
                 br, paper=paper, convention="(estimate, stderr, n) of the radius where the loss first rises by delta "
                                             "along random unit directions, and the Jensen lower bound of the log volume")
-            n_params = op.dim
+            for v in out.values():
+                v["parameters"] = params_note
+            return out, op.dim
+        got = phase("hessian", hess)
+        if got is not None:
+            measures.update(got[0])
+            n_params = got[1]
     if _state(model) != before:  # a measure must never leave the caller's model changed
         raise RuntimeError("internal error: a measure changed the model's mode or requires_grad flags")
     return dict(margin=margin, measures=measures, not_applicable=skipped, layers=norms["layers"],
                 pool_lipschitz=norms["pool_lipschitz"], chain=norms["chain"], n_samples=int(X.shape[0]),
-                n_parameters=int(n_params), options=dataclasses.asdict(opts), time_s=time.perf_counter() - t0)
+                n_parameters=int(n_params), second_order_parameters=params_note, options=dataclasses.asdict(opts),
+                time_s=time.perf_counter() - t0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -263,13 +308,16 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--download", action="store_true", help="fetch a missing data set from its canonical source")
     p.add_argument("--groups", default=",".join(GROUPS), help=f"comma-separated subset of {','.join(GROUPS)} (default all)")
     p.add_argument("--out", default=None, help="also write the JSON here (default: standard output only)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on standard error")
     p.add_argument("--threads", type=_positive_int("--threads"), default=None,
                    help="torch CPU threads (default: torch's choice)")
     g = p.add_argument_group("measure settings (see MeasureOptions)")
     for f in dataclasses.fields(MeasureOptions):
         flag = "--" + f.name.replace("_", "-")
         default = getattr(d, f.name)
-        if isinstance(default, tuple):
+        if isinstance(default, bool):
+            g.add_argument(flag, action="store_true", default=None, help=f"{_HELP[f.name]}")
+        elif isinstance(default, tuple):
             g.add_argument(flag, type=_float_list, default=None,
                            help=f"{_HELP[f.name]} (default {','.join(f'{v:g}' for v in default)})")
         else:
@@ -285,6 +333,7 @@ _HELP = dict(
     hessian_k="top Hessian eigenvalues (0 skips every Hessian measure)", hessian_samples="Hutchinson probes",
     basin_directions="random directions for the basin radius", basin_delta="loss rise that bounds the basin",
     batch_size="samples per forward pass", seed="seed of every random choice",
+    fold_bn="sharpness, PAC-Bayes and Hessian on batch-norm-folded parameters (default: the model's own)",
 )
 
 
@@ -374,7 +423,8 @@ def _run(a) -> int:
         head = dict(checkpoint=str(a.checkpoint), config=cfg.to_dict())
     X = getattr(data, "x_train_eval", None)   # un-augmented training images
     X = data.x_train if X is None else X
-    res = measure_all(model, X, data.y_train, opts, groups=groups)
+    res = measure_all(model, X, data.y_train, opts, groups=groups,
+                      log=None if a.quiet else (lambda line: print(line, file=sys.stderr, flush=True)))
     res = dict(head, data=dict(data.info), **res,
                provenance=provenance(["deepfit", "measure", *sys.argv[2:]]))
     print(dumps(res), flush=True)   # first, so that a failing --out write loses nothing
