@@ -413,9 +413,25 @@ def conv_operator_norm(conv: nn.Conv2d, input_shape: tuple, *, seed: int = 0, to
 
 @torch.no_grad()
 def _conv_l21(conv: nn.Conv2d, input_shape: tuple) -> float:
-    """(2,1) norm of the dense conv operator's transpose: sum over output units of row 2-norms."""
-    ones = torch.ones((1,) + tuple(input_shape), dtype=conv.weight.dtype, device=conv.weight.device)
-    sq = conv._conv_forward(ones, conv.weight ** 2, None)  # row norm^2 counts only in-bounds taps
+    """(2,1) norm of the dense conv operator's transpose: sum over output units of row 2-norms.
+
+    Zero padding: a row holds each in-bounds tap once (``conv(ones, W^2)``). Reflect / replicate /
+    circular padding map several taps of one window to the same input pixel, whose entry in the row is
+    then the *sum* of those taps: the taps' input indices come from padding an image of pixel indices
+    the way the layer pads, and ``row^2 = sum_ci W[c, ci]^T M_p W[c, ci]`` with ``M_p[t, t'] = 1`` when
+    taps t, t' of window p read the same pixel.
+    """
+    if conv.padding_mode == "zeros":
+        ones = torch.ones((1,) + tuple(input_shape), dtype=conv.weight.dtype, device=conv.weight.device)
+        sq = conv._conv_forward(ones, conv.weight ** 2, None)  # row norm^2 counts only in-bounds taps
+        return float(sq.clamp_min(0).sqrt().sum())
+    h, w = input_shape[1:]
+    idx = torch.arange(h * w, dtype=torch.float64).reshape(1, 1, h, w)
+    idx = F.pad(idx, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
+    taps = F.unfold(idx, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)[0].long()   # (K, P)
+    same = (taps.T[:, :, None] == taps.T[:, None, :]).double()                                    # (P, K, K)
+    W = conv.weight.detach().double().flatten(2)                                                   # (Cout, Cin/g, K)
+    sq = torch.einsum("cik,pkl,cil->cp", W, same, W)
     return float(sq.clamp_min(0).sqrt().sum())
 
 

@@ -188,3 +188,17 @@ def test_one_refusal_never_makes_measure_all_raise():
     res = measure_all(Odd().double(), X, y, CHEAP)
     assert set(M.MEASURES) <= set(res["not_applicable"])
     assert {"sharpness", "pac-bayes", "hessian-trace"} <= set(res["measures"])
+
+
+@pytest.mark.parametrize("mode", ["zeros", "reflect", "replicate", "circular"])
+@pytest.mark.parametrize("kw", [dict(kernel_size=3, padding=1), dict(kernel_size=3, padding=2, stride=2, dilation=2),
+                                dict(kernel_size=(3, 2), padding=(1, 1), groups=2)])
+def test_conv_l21_on_the_true_operator_taps(mode, kw):
+    torch.manual_seed(0)
+    if mode == "reflect" and kw.get("padding") == 2:
+        kw = dict(kw, padding=1)
+    conv = nn.Conv2d(2, 4, padding_mode=mode, bias=False, **kw).double()
+    shape = (2, 5, 6)
+    J = torch.autograd.functional.jacobian(lambda v: conv(v.reshape((1,) + shape)).reshape(-1),
+                                           torch.zeros(math.prod(shape), dtype=torch.float64))   # dense operator
+    assert M._conv_l21(conv, shape) == pytest.approx(float(J.norm(dim=1).sum()), rel=1e-12)
