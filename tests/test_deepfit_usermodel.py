@@ -157,3 +157,15 @@ def test_user_model_errors_are_one_clear_line(user_net, tmp_path, capsys, argv, 
     argv = [a.replace("DIR", str(d)).replace("W", str(d / "weights.pt")) if a in ("W",) or "DIR" in a else a for a in argv]
     assert main(["measure", *argv]) == 2
     assert needle in _one_line(capsys.readouterr().err)
+
+
+def test_measure_prints_progress_lines_on_stderr_and_quiet_silences_them(user_net, capsys):
+    d, *_ = user_net
+    argv = ["measure", "--model-def", f"{d / 'mynet.py'}:Net", "--model-kwargs", '{"width": 12}', "--weights",
+            str(d / "weights.pt"), "--dataset", "mnist-subset", "--n-train", "100", *CHEAP]
+    assert main(argv) == 0
+    err = capsys.readouterr().err.splitlines()
+    for phase in ("norms", "sharpness", "pac-bayes", "hessian"):
+        assert f"measure: {phase} ..." in err and any(ln.startswith(f"measure: {phase} done (") for ln in err), err
+    assert main([*argv, "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
