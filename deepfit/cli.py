@@ -223,13 +223,14 @@ def cmd_train(a) -> int:
 
 
 def cmd_sweep(a) -> int:
-    from .experiments import corruption_sweep_configs, read_results, run_sweep, variant_configs
+    from .experiments import corruption_sweep_configs, read_results, run_sweep, unique_configs, variant_configs
     base = _config_from_args(a)
     configs = []
     if a.ps:
         configs += corruption_sweep_configs(base, a.ps, a.seeds)
     if a.variants:
         configs += variant_configs(base, a.variants, a.seeds)
+    configs = unique_configs(configs)   # corrupt p=0 is the true run: trained once
     if not configs:
         raise InputError("sweep: nothing to run; give --ps (e.g. 0,0.2,0.4,0.6,0.8,1) and/or --variants "
                          "(e.g. true,random-labels,shuffled-pixels,random-pixels,gaussian).")

@@ -21,7 +21,7 @@ from kernelfit.errors import InputError
 __all__ = ["PreparedData", "to_nchw", "center_crop", "per_image_whiten", "prepare_data", "prepare_arrays",
            "PREPROCESS_MODES"]
 
-PREPROCESS_MODES = ("whiten", "normalize")
+PREPROCESS_MODES = ("whiten", "normalize", "scale")  # scale: pixels / 255 (deepfit measure only)
 
 
 def to_nchw(x) -> torch.Tensor:
@@ -84,6 +84,8 @@ class PreparedData:
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:
         if self.preprocess == "whiten":
             return per_image_whiten(x)
+        if self.preprocess == "scale":
+            return x / 255.0
         mean = self.channel_mean.to(x.device).view(1, -1, 1, 1)
         std = self.channel_std.to(x.device).view(1, -1, 1, 1)
         return (x / 255.0 - mean) / std

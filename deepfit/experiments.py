@@ -19,7 +19,7 @@ from kernelfit.errors import InputError
 from .train import TrainConfig, config_hash, train
 
 __all__ = [
-    "run_one", "run_sweep", "finished_run_ids", "corruption_sweep_configs", "variant_configs",
+    "run_one", "run_sweep", "finished_run_ids", "corruption_sweep_configs", "variant_configs", "unique_configs",
     "table1_configs", "PAPER_TABLE1", "table1_rows", "format_table1", "read_results",
 ]
 
@@ -258,6 +258,20 @@ def corruption_sweep_configs(base: TrainConfig, ps: Iterable[float], seeds: Iter
     """Fig. 1b/1c: label corruption level p (variant "corrupt") x seeds."""
     return [base.replace(variant="corrupt", p=p, seed=int(s), data_seed=int(s))
             for p in _parse_floats(ps) for s in seeds]
+
+
+def unique_configs(configs: Iterable[TrainConfig]) -> list[TrainConfig]:
+    """One config per distinct run: ``corrupt`` with p = 0 corrupts nothing, so it is the ``true`` run
+    (same data, same config hash); repeated configs are kept once, in first-seen order."""
+    out, seen = [], set()
+    for c in configs:
+        if c.variant == "corrupt" and float(c.p) == 0.0:
+            c = c.replace(variant="true", p=0.0)
+        h = config_hash(c)
+        if h not in seen:
+            seen.add(h)
+            out.append(c)
+    return out
 
 
 def variant_configs(base: TrainConfig, variants: Iterable[str], seeds: Iterable[int] = (0,)) -> list[TrainConfig]:

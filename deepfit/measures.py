@@ -4,14 +4,17 @@ The measures follow Neyshabur, Bhojanapalli, McAllester and Srebro, "Exploring g
 deep learning" (NeurIPS 2017), with the spectral bounds of Bartlett, Foster and Telgarsky (2017)
 and Neyshabur, Bhojanapalli and Srebro (ICLR 2018). They work on any ``nn.Module`` built from
 ``Linear``, ``Conv2d``, ``ReLU`` (module or ``torch.relu``), ``MaxPool2d``/``AvgPool2d``/
-``AdaptiveAvgPool2d``, ``BatchNorm1d/2d`` (directly after a Linear/Conv2d), ``Flatten``,
+``AdaptiveAvgPool2d``, ``BatchNorm1d/2d`` (folded when directly after a Linear/Conv2d, else an affine
+layer of its own), LeakyReLU/ELU/Tanh/GELU/Sigmoid/Softplus (product measures), ``Flatten``, ``Unflatten``,
 ``Dropout`` and ``Identity``; path norms in any wiring where branches are concatenated or added,
 per-layer products on chains of layers (see Conventions).
 
 Conventions
 -----------
-* Batch norm is folded into the preceding Linear/Conv2d (eval-mode statistics) before anything is
-  measured: :func:`fold_batchnorm`. Every measure works on a copy in eval mode; the caller's model
+* Batch norm is folded into the preceding Linear/Conv2d (eval-mode statistics) before the norms are
+  measured (:func:`fold_batchnorm`); one that cannot be folded is an affine layer with operator norm
+  ``max |gamma / sqrt(var + eps)|``. Sharpness and PAC-Bayes perturb the model's own parameters.
+  Every measure works on a copy in eval mode; the caller's model
   keeps its mode, weights and ``requires_grad`` flags.
 * Every norm measure is a per-layer statistic folded by an operator (product or sum), registered
   in :data:`MEASURES` as ``name -> Measure(function, paper, description, kind, power, convention)``.
@@ -86,10 +89,11 @@ __all__ = [
 ]
 
 _LINEAR_TYPES = (nn.Linear, nn.Conv2d)
+SHARPNESS_STEPS = 10  # the one default number of projected-ascent steps (sharpness() and MeasureOptions)
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)
 # Modules that are the identity or positively homogeneous and monotone on non-negative inputs,
 # so a forward pass with |W| on a non-negative input sums path products exactly.
-_PATH_SAFE = (nn.ReLU, nn.Flatten, nn.Dropout, nn.Identity, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
+_PATH_SAFE = (nn.ReLU, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Identity, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
               nn.Sequential, nn.ModuleList, nn.MaxPool2d)
 
 
@@ -167,12 +171,14 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, attr, new)
 
 
-def fold_batchnorm(model: nn.Module, example) -> nn.Module:
+def fold_batchnorm(model: nn.Module, example, strict: bool = False) -> nn.Module:
     """Deep copy of ``model`` (eval mode) with each BatchNorm folded into the Linear/Conv2d before it.
 
     ``W' = W * g / sqrt(var + eps)`` per output channel and ``b' = (b - mean) * g / sqrt(var + eps) + beta``;
     the BatchNorm module becomes ``nn.Identity``. Outputs in eval mode are unchanged (up to
-    rounding). A BatchNorm whose input is not the output of a Linear/Conv2d raises InputError.
+    rounding). A BatchNorm that cannot be folded (its input is not the output of one Linear/Conv2d,
+    e.g. it follows a ReLU, or it is shared) stays in place: the measures treat it as an affine layer
+    of its own (operator norm ``max |gamma / sqrt(var + eps)|``). ``strict=True`` raises InputError instead.
     """
     model = copy.deepcopy(model).eval()
     producers: dict[int, str] = {}
@@ -207,21 +213,25 @@ def fold_batchnorm(model: nn.Module, example) -> nn.Module:
     finally:
         for h in handles:
             h.remove()
-    if problems:
+    if strict and problems:
         raise InputError(
             f"cannot fold batch norm layer(s) {problems}: their input is not the output of a Linear/Conv2d layer. "
             "Fix: place BatchNorm directly after a Linear or Conv2d layer, or measure a network without it."
         )
-    if len({bn for _, bn in pairs}) != len(pairs) or len({src for src, _ in pairs}) != len(pairs):
+    once = [(src, bn) for src, bn in pairs if [b for _, b in pairs].count(bn) == 1
+            and [s_ for s_, _ in pairs].count(src) == 1 and bn not in problems]
+    if strict and len(once) != len(pairs):
         raise InputError(
             "a batch norm layer is used more than once or two batch norms follow one layer; "
             "folding is only defined for one BatchNorm per Linear/Conv2d. Fix: use distinct modules."
         )
     with torch.no_grad():
-        for src, bn_name in pairs:
+        for src, bn_name in once:
             lin = model.get_submodule(src)
             bn = model.get_submodule(bn_name)
             if bn.running_mean is None or bn.running_var is None:
+                if not strict:
+                    continue   # no fixed affine map to fold; the measures refuse what needs one
                 raise InputError(
                     f"batch norm {bn_name!r} has no running statistics (track_running_stats=False), so eval-mode "
                     "folding is undefined. Fix: build it with track_running_stats=True."
@@ -403,9 +413,25 @@ def conv_operator_norm(conv: nn.Conv2d, input_shape: tuple, *, seed: int = 0, to
 
 @torch.no_grad()
 def _conv_l21(conv: nn.Conv2d, input_shape: tuple) -> float:
-    """(2,1) norm of the dense conv operator's transpose: sum over output units of row 2-norms."""
-    ones = torch.ones((1,) + tuple(input_shape), dtype=conv.weight.dtype, device=conv.weight.device)
-    sq = conv._conv_forward(ones, conv.weight ** 2, None)  # row norm^2 counts only in-bounds taps
+    """(2,1) norm of the dense conv operator's transpose: sum over output units of row 2-norms.
+
+    Zero padding: a row holds each in-bounds tap once (``conv(ones, W^2)``). Reflect / replicate /
+    circular padding map several taps of one window to the same input pixel, whose entry in the row is
+    then the *sum* of those taps: the taps' input indices come from padding an image of pixel indices
+    the way the layer pads, and ``row^2 = sum_ci W[c, ci]^T M_p W[c, ci]`` with ``M_p[t, t'] = 1`` when
+    taps t, t' of window p read the same pixel.
+    """
+    if conv.padding_mode == "zeros":
+        ones = torch.ones((1,) + tuple(input_shape), dtype=conv.weight.dtype, device=conv.weight.device)
+        sq = conv._conv_forward(ones, conv.weight ** 2, None)  # row norm^2 counts only in-bounds taps
+        return float(sq.clamp_min(0).sqrt().sum())
+    h, w = input_shape[1:]
+    idx = torch.arange(h * w, dtype=torch.float64).reshape(1, 1, h, w)
+    idx = F.pad(idx, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
+    taps = F.unfold(idx, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)[0].long()   # (K, P)
+    same = (taps.T[:, :, None] == taps.T[:, None, :]).double()                                    # (P, K, K)
+    W = conv.weight.detach().double().flatten(2)                                                   # (Cout, Cin/g, K)
+    sq = torch.einsum("cik,pkl,cil->cp", W, same, W)
     return float(sq.clamp_min(0).sqrt().sum())
 
 
@@ -486,6 +512,35 @@ class _PoweredAvgPool(nn.Module):
         return self.pool(x) * self._edge_weight(x) ** (self.p - 1)
 
 
+def _bn_affine(bn: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode batch norm as ``scale * x + shift`` per channel (InputError without running statistics)."""
+    if bn.running_mean is None or bn.running_var is None:
+        raise InputError(f"batch norm {name!r} has no running statistics (track_running_stats=False): it normalises "
+                         "with each batch's statistics, so it is not a fixed map and has no norm. Fix: build it with "
+                         "track_running_stats=True.")
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    shift = -bn.running_mean * scale
+    if bn.weight is not None:
+        scale, shift = scale * bn.weight, shift * bn.weight
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    return scale.detach(), shift.detach()
+
+
+class _PathAffine(nn.Module):
+    """An unfolded batch norm for path sums: edge weights ``|scale|^p`` and a bias path ``|shift|^p`` per channel."""
+
+    def __init__(self, bn: nn.Module, name: str, p: int):
+        super().__init__()
+        scale, shift = _bn_affine(bn, name)
+        self.register_buffer("scale", scale.abs() ** p)
+        self.register_buffer("shift", shift.abs() ** p)
+
+    def forward(self, x):
+        view = (1, -1) + (1,) * (x.dim() - 2)
+        return x * self.scale.view(view) + self.shift.view(view)
+
+
 @torch.no_grad()
 def path_norm(model: nn.Module, example, p: int = 1, *, fold_bn: bool = True) -> tuple[float, bool]:
     """l_p path norm ``(sum_paths prod_edges |w_e|^p)^(1/p)``; returns ``(value, exact)``.
@@ -506,20 +561,26 @@ def path_norm(model: nn.Module, example, p: int = 1, *, fold_bn: bool = True) ->
                 f"{name!r} is a {type(mod).__name__}. Fix: measure a network without it."
             )
     net = fold_batchnorm(model, example) if fold_bn else copy.deepcopy(model).eval()
-    if fold_bn is False and any(isinstance(m, _BN_TYPES) for m in net.modules()):
-        raise InputError("path_norm(fold_bn=False) got a network that still has BatchNorm layers. Fix: fold_bn=True.")
     graph = analyse_graph(net, example)
+    for name, mod in list(net.named_modules()):   # batch norms that could not be folded: affine layers of their own
+        if isinstance(mod, _BN_TYPES):
+            _set_submodule(net, name, _PathAffine(mod, name, p))
     if graph.other_ops:
         raise InputError(
             f"path norms need a network of Linear/Conv2d layers, ReLU, pooling, reshapes, concatenation and addition; "
             f"this one also computes {', '.join(graph.other_ops)}. Fix: measure a network without those operations."
         )
-    functional = [k for k in graph.functional_pools if p != 1 or k.startswith("MaxPool")]
+    acts = sorted({e["op"] for e in graph.pool_lipschitz if e["op"] in _ACTIVATION_NAMES})
+    if acts:
+        raise InputError(f"path norms sum over the paths of a ReLU network (positively homogeneous activations); this "
+                         f"one applies {', '.join(acts)}. The product measures (spectral, ...) include their Lipschitz "
+                         "constants instead.")
+    functional = [k for k in graph.functional_pools if p != 1 or k.startswith("MaxPool") or k in _BN_OPS]
     if functional:
         raise InputError(
-            f"the network pools with functional calls ({', '.join(sorted(set(functional)))}) instead of nn.MaxPool2d / "
-            f"nn.AvgPool2d / nn.AdaptiveAvgPool2d modules, so their path weights cannot be set (max pools become sums, "
-            f"average-pool edges 1/k become (1/k)^p). Fix: use the pooling modules."
+            f"the network pools or normalises with functional calls ({', '.join(sorted(set(functional)))}) instead of "
+            f"nn.MaxPool2d / nn.AvgPool2d / nn.AdaptiveAvgPool2d / nn.BatchNorm modules, so their path weights cannot be "
+            f"set (max pools become sums, average-pool edges 1/k become (1/k)^p). Fix: use the modules."
         )
     exact = True
     for name, mod in list(net.named_modules()):
@@ -549,6 +610,13 @@ _CHAIN_OPS = {"ReluBackward0", "ReluBackward1", "ThresholdBackward0", "Threshold
               "MaxPool2DWithIndicesBackward0", "AvgPool2DBackward0", "AdaptiveAvgPool2DBackward0", "MeanBackward1",
               "ViewBackward0", "ReshapeAliasBackward0", "UnsafeViewBackward0", "CloneBackward0", "AddBackward0",
               "AddBackward1", "CatBackward0", "SqueezeBackward0", "SqueezeBackward1", "UnsqueezeBackward0"}
+# Activations with a known Lipschitz constant (sup |f'|, :func:`_activation_lipschitz`), and the eval-mode
+# batch norm that could not be folded (a per-channel affine map, norm max |gamma / sqrt(var + eps)|).
+_ACTIVATION_OPS = {"LeakyReluBackward0", "EluBackward0", "CeluBackward0", "TanhBackward0", "GeluBackward0",
+                   "SigmoidBackward0", "SoftplusBackward0", "HardtanhBackward0"}
+_BN_OPS = {"NativeBatchNormBackward0", "CudnnBatchNormBackward0"}
+_ACTIVATION_NAMES = {"leaky-relu", "elu", "celu", "tanh", "gelu", "sigmoid", "softplus", "hardtanh"}
+_CHAIN_OPS |= _ACTIVATION_OPS | _BN_OPS
 _POOL_OPS = {"AvgPool2DBackward0", "AdaptiveAvgPool2DBackward0", "MeanBackward1", "MaxPool2DWithIndicesBackward0"}
 _THRESHOLD_OPS = {"ThresholdBackward0", "ThresholdBackward1"}
 
@@ -668,6 +736,67 @@ def _pool_lipschitz(node, target: str) -> dict:
     return dict(info, before=target, input_size=[h, w], factor=_linear_map_norm(fn, h, w))
 
 
+_GELU_LIPSCHITZ: dict[str, float] = {}
+
+
+def gelu_lipschitz(approximate: str = "none") -> float:
+    """``sup |GELU'(x)|``. Exact GELU: ``GELU'' = phi(x) (2 - x^2)`` vanishes at ``x = +-sqrt(2)``, so the sup is
+    ``Phi(sqrt 2) + sqrt(2) phi(sqrt 2) = 1.12890...`` (the value at -sqrt(2), -0.1289, is smaller in size).
+    The tanh approximation: the derivative (autograd, float64) on a grid of step 1e-4 over [-8, 8], refined
+    by a bounded scalar search around the best grid point; computed once and cached."""
+    if approximate not in _GELU_LIPSCHITZ:
+        if approximate == "none":
+            from scipy.stats import norm
+            r2 = math.sqrt(2.0)
+            _GELU_LIPSCHITZ[approximate] = float(norm.cdf(r2) + r2 * norm.pdf(r2))
+        else:
+            from scipy.optimize import minimize_scalar
+
+            def d(x):
+                t = torch.as_tensor(x, dtype=torch.float64).reshape(-1).requires_grad_(True)
+                (g,) = torch.autograd.grad(F.gelu(t, approximate=approximate).sum(), t)
+                return g.abs()
+            grid = torch.arange(-8.0, 8.0, 1e-4, dtype=torch.float64)
+            with torch.enable_grad():
+                x0 = float(grid[int(d(grid).argmax())])
+                best = minimize_scalar(lambda x: -float(d([x])[0]), bounds=(x0 - 1e-3, x0 + 1e-3), method="bounded",
+                                       options=dict(xatol=1e-12))
+            _GELU_LIPSCHITZ[approximate] = float(-best.fun)
+    return _GELU_LIPSCHITZ[approximate]
+
+
+def _activation_lipschitz(node, target: str) -> dict:
+    """``sup |f'|`` of the activation behind autograd node ``node`` (its l2 Lipschitz constant, element-wise)."""
+    kind = type(node).__name__
+    if kind == "LeakyReluBackward0":
+        slope = float(node._saved_negative_slope)
+        return dict(op="leaky-relu", negative_slope=slope, before=target, factor=max(1.0, abs(slope)))
+    if kind == "EluBackward0":   # scale * (x if x > 0 else alpha (exp(input_scale x) - 1)): ELU, SELU
+        a, sc, isc = float(node._saved_alpha), float(node._saved_scale), float(node._saved_input_scale)
+        return dict(op="elu", alpha=a, scale=sc, input_scale=isc, before=target, factor=abs(sc) * max(1.0, abs(a * isc)))
+    if kind == "CeluBackward0":  # derivative exp(x / alpha) <= 1 below 0
+        return dict(op="celu", alpha=float(node._saved_alpha), before=target, factor=1.0)
+    if kind == "GeluBackward0":
+        ap = str(node._saved_approximate)
+        return dict(op="gelu", approximate=ap, before=target, factor=gelu_lipschitz(ap))
+    if kind == "SigmoidBackward0":
+        return dict(op="sigmoid", before=target, factor=0.25)
+    name = {"TanhBackward0": "tanh", "SoftplusBackward0": "softplus", "HardtanhBackward0": "hardtanh"}[kind]
+    return dict(op=name, before=target, factor=1.0)
+
+
+def _bn_lipschitz(node, target: str) -> dict:
+    """Operator norm of an eval-mode batch norm that was not folded: ``max |gamma / sqrt(running_var + eps)|``."""
+    if bool(getattr(node, "_saved_training", False)) or node._saved_running_var is None:
+        raise InputError(f"a batch norm before {target} normalises with the batch's own statistics "
+                         "(track_running_stats=False), so it is not a fixed map and has no Lipschitz constant. Fix: "
+                         "build it with track_running_stats=True.")
+    scale = torch.rsqrt(node._saved_running_var.double() + float(node._saved_eps))
+    if node._saved_weight is not None:
+        scale = scale * node._saved_weight.double()
+    return dict(op="batch-norm", before=target, factor=float(scale.abs().max()))
+
+
 def _discontinuity(mod: nn.Module) -> str | None:
     """Why ``mod`` is a discontinuous activation (it then has no Lipschitz constant), or None."""
     if isinstance(mod, nn.Threshold) and float(mod.value) != float(mod.threshold):
@@ -718,7 +847,7 @@ def analyse_graph(model: nn.Module, example) -> GraphInfo:
     for name, mod in net.named_modules():
         if isinstance(mod, _LINEAR_TYPES):
             handles.append(mod.register_forward_hook(layer_hook(name)))
-        elif isinstance(mod, (nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.MaxPool2d)):
+        elif isinstance(mod, (nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.MaxPool2d) + _BN_TYPES):
             handles.append(mod.register_forward_hook(pool_hook))
         elif isinstance(mod, (nn.Threshold, nn.Hardshrink)):
             handles.append(mod.register_forward_hook(activation_hook(name)))
@@ -753,7 +882,7 @@ def analyse_graph(model: nn.Module, example) -> GraphInfo:
             if kind == "AccumulateGrad":
                 sources.add("input")
                 continue
-            if kind in _POOL_OPS and id(node) not in pool_nodes and id(node) not in seen_functional:
+            if (kind in _POOL_OPS or kind in _BN_OPS) and id(node) not in pool_nodes and id(node) not in seen_functional:
                 seen_functional.add(id(node))
                 functional.append(kind)
             live = [f for f, _ in node.next_functions if f is not None]
@@ -766,9 +895,11 @@ def analyse_graph(model: nn.Module, example) -> GraphInfo:
                 reasons.append(f"the input of {target} passes through a threshold (F.threshold or a discontinuous "
                                "activation) that may jump, so it has no Lipschitz constant. Fix: nn.ReLU, or "
                                "nn.Threshold(t, t)")
-            if kind in _POOL_OPS:
+            if kind in _POOL_OPS or kind in _ACTIVATION_OPS or kind in _BN_OPS:
                 try:
-                    lipschitz.append(_pool_lipschitz(node, target))
+                    lipschitz.append(_pool_lipschitz(node, target) if kind in _POOL_OPS else
+                                     _activation_lipschitz(node, target) if kind in _ACTIVATION_OPS else
+                                     _bn_lipschitz(node, target))
                 except InputError as e:
                     reasons.append(str(e))
             stack.extend(live)
@@ -910,20 +1041,28 @@ def compute_norm_measures(model: nn.Module, X: torch.Tensor, y: torch.Tensor, *,
                 skipped[n] = _not_a_chain(graph.reason)
         if explicit and skipped:
             raise InputError(f"cannot compute {', '.join(skipped)}: {_not_a_chain(graph.reason)}")
-    paths, exact = {}, True
-    if any(MEASURES[n].kind == "path" for n in names):
+    paths, exacts = {}, {}
+    for n in names:   # each path norm on its own: l1 stays when l2 is refused (e.g. functional average pools)
+        if MEASURES[n].kind != "path":
+            continue
+        p = int(n[1])
         try:
-            for p in (1, 2):
-                paths[p], exact = path_norm(folded, example, p, fold_bn=False)
+            paths[p], exacts[p] = path_norm(folded, example, p, fold_bn=False)
+        except InputError as e:
+            if explicit:
+                raise
+            skipped[n] = str(e)
+    gamma = margin(folded, X, y, percentile)
+    stats = []
+    if any(MEASURES[n].kind == "product" and n not in skipped for n in names):
+        try:
+            stats = layer_statistics(folded, example, seed=seed, fold_bn=False)
         except InputError as e:
             if explicit:
                 raise
             for n in names:
-                if MEASURES[n].kind == "path":
-                    skipped[n] = str(e)
-    gamma = margin(folded, X, y, percentile)
-    need_stats = any(MEASURES[n].kind == "product" and n not in skipped for n in names)
-    stats = layer_statistics(folded, example, seed=seed, fold_bn=False) if need_stats else []
+                if MEASURES[n].kind == "product":
+                    skipped.setdefault(n, str(e))
     lip = _prod(m["factor"] for m in graph.pool_lipschitz)
     out = {}
     for n in names:
@@ -934,7 +1073,7 @@ def compute_norm_measures(model: nn.Module, X: torch.Tensor, y: torch.Tensor, *,
         normalized = (v / gamma) if gamma > 0 else float("nan")
         out[n] = dict(value=v, normalized=normalized, capacity=normalized ** m.power, power=m.power,
                       convention=m.convention, paper=m.paper, description=m.description,
-                      exact=(exact if m.kind == "path" else True))
+                      exact=(exacts[int(n[1])] if m.kind == "path" else True))
     if gamma <= 0:
         for v in out.values():
             v["note"] = (f"normalized and capacity are undefined: the margin ({gamma:.4g}) is <= 0, so the network "
@@ -962,15 +1101,16 @@ def _params(model):
     return {k: v.detach().clone() for k, v in model.named_parameters()}
 
 
-def sharpness(model: nn.Module, X: torch.Tensor, y: torch.Tensor, *, eps: float = 5e-4, steps: int = 20,
-              step_frac: float = 0.25, seed: int = 0, batch_size: int = 2048, fold_bn: bool = True) -> dict:
+def sharpness(model: nn.Module, X: torch.Tensor, y: torch.Tensor, *, eps: float = 5e-4, steps: int = SHARPNESS_STEPS,
+              step_frac: float = 0.25, seed: int = 0, batch_size: int = 2048, fold_bn: bool = False) -> dict:
     """Max sharpness in the box ``|nu_i| <= eps (|w_i| + 1)`` by projected gradient *ascent*.
 
     Starting from a uniform random point in the box (seeded), each step moves every coordinate by
     ``step_frac`` of its box half-width in the direction of the sign of the gradient of the loss
     (increasing it) and clips back into the box. Returns ``value = (max_loss - loss) / (1 + loss)``
     with the loss (mean cross-entropy over X, y), the largest loss found, and ``max_box_violation``
-    (<= 0 means the perturbation stayed in the box).
+    (<= 0 means the perturbation stayed in the box). The box is around the model's own parameters;
+    ``fold_bn=True`` takes it around the batch-norm-folded parameters instead.
     """
     _check_xy(X, y)
     if eps <= 0 or steps < 1:
@@ -1007,6 +1147,14 @@ def sharpness(model: nn.Module, X: torch.Tensor, y: torch.Tensor, *, eps: float 
                 loss_history=history, max_box_violation=violation)
 
 
+def _t_interval(d: np.ndarray, level: float = 0.95) -> list[float]:
+    """Two-sided Student-t interval for the mean of the samples d (n - 1 degrees of freedom)."""
+    from scipy.stats import t as student_t
+    n = len(d)
+    half = float(student_t.ppf(0.5 + level / 2, n - 1)) * float(d.std(ddof=1)) / math.sqrt(n)
+    return [float(d.mean()) - half, float(d.mean()) + half]
+
+
 def pac_bayes_noise(params: dict, alpha: float, generator: torch.Generator) -> dict:
     """Gaussian noise with per-parameter standard deviation ``sigma_i = alpha (10 |w_i| + 1)``.
 
@@ -1030,12 +1178,15 @@ def pac_bayes_kl(params: dict, alpha: float) -> float:
 
 
 def pac_bayes_sweep(model: nn.Module, X: torch.Tensor, y: torch.Tensor, alphas: Sequence[float], *,
-                    n_samples: int = 10, seed: int = 0, batch_size: int = 2048, fold_bn: bool = True,
+                    n_samples: int = 10, seed: int = 0, batch_size: int = 2048, fold_bn: bool = False,
                     delta: float = 0.05) -> list[dict]:
     """Expected sharpness ``E_nu[L(w + nu)] - L(w)`` vs the KL term for each alpha (Neyshabur Fig. 2).
 
     Each entry: ``alpha, kl, expected_sharpness=(estimate, stderr, n_samples)``, ``loss`` and
-    ``bound_term = sqrt((KL + ln(2m/delta)) / (2(m-1)))`` (McAllester's PAC-Bayes term, m = n).
+    ``bound_term = sqrt((KL + ln(2m/delta)) / (2(m-1)))`` (McAllester's PAC-Bayes term, m = n), and
+    ``expected_sharpness_ci95``: the 95% Student-t interval of the mean (n_samples - 1 degrees of
+    freedom; with 5 samples +-2.78 stderr, where +-2 stderr would cover about 88%). The noise is
+    added to the model's own parameters (``fold_bn=True``: to the batch-norm-folded ones).
     """
     _check_xy(X, y)
     if n_samples < 2:
@@ -1057,6 +1208,7 @@ def pac_bayes_sweep(model: nn.Module, X: torch.Tensor, y: torch.Tensor, alphas: 
             kl = pac_bayes_kl(w, float(a))
             rows.append(dict(alpha=float(a), kl=kl, loss=loss0,
                              expected_sharpness=(float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d))), len(d)),
+                             expected_sharpness_ci95=_t_interval(d),
                              bound_term=math.sqrt((kl + math.log(2 * m / delta)) / (2 * max(m - 1, 1)))))
     return rows
 

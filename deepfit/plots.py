@@ -79,14 +79,14 @@ def plot_loss_curves(records: Sequence[dict], path, model: str | None = None) ->
 
 
 def _by_model_p(records):
-    # A model's "corrupt" runs form its curve; "true"/"random-labels" runs stand in for p = 0 / 1
-    # only for models that have no "corrupt" runs at all (so variant comparisons do not double-count).
-    has_corrupt = {r["config"]["model"] for r in records if r["config"]["variant"] == "corrupt"}
+    # A model's "corrupt" runs form its curve. The "true" run is its p = 0 point (a sweep trains corrupt
+    # p=0 as the true run); "random-labels" stands in for p = 1 only where no corrupt p = 1 run exists.
+    has_p1 = {r["config"]["model"] for r in records if r["config"]["variant"] == "corrupt" and float(r["config"]["p"]) == 1}
     groups: dict[str, dict[float, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
         p = _p_of(r)
         m = r["config"]["model"]
-        if p is not None and (r["config"]["variant"] == "corrupt" or m not in has_corrupt):
+        if p is not None and (r["config"]["variant"] != "random-labels" or m not in has_p1):
             groups[m][p].append(r)
     return groups
 

@@ -143,8 +143,8 @@ def _resolve_bandwidth(opts: ReportOptions):
     return opts.bandwidth
 
 
-def _network_measures(model, X, y, opts: ReportOptions) -> dict:
-    return measure_all(model, X, y, opts.measure_options())
+def _network_measures(model, X, y, opts: ReportOptions, log=None) -> dict:
+    return measure_all(model, X, y, opts.measure_options(), log=log)
 
 
 def _kernel_run(x_train, y_train, x_test, y_test, k: int, opts: ReportOptions) -> dict:
@@ -172,6 +172,7 @@ def _one_run(tag: str, x_tr, y_tr, x_te, y_te, k: int, opts: ReportOptions, devi
                       batch_norm=opts.batch_norm, width=opts.width, lr=opts.lr, lr_decay=opts.lr_decay,
                       momentum=opts.momentum, batch_size=opts.batch_size, seed=opts.seed,
                       target_train_acc=1.0, max_epochs=opts.max_epochs)
+    log(f"[report] {tag}: training {opts.model} on {len(y_tr)} images ...")
     res = train(cfg, data, device=device)
     rec = res.record
     log(f"[report] {tag}: trained {rec['epochs']} epochs, train acc {rec['final_train_acc']:.4f}, "
@@ -179,15 +180,17 @@ def _one_run(tag: str, x_tr, y_tr, x_te, y_te, k: int, opts: ReportOptions, devi
     dev = next(res.model.parameters()).device
     X = data.x_train.to(dev)
     y = data.y_train.to(dev)
-    net = _network_measures(res.model, X, y, opts)
+    net = _network_measures(res.model, X, y, opts, log=lambda line: log(f"[report] {tag}: {line}"))
     out = dict(tag=tag, n_train=int(len(y_tr)),
                network=dict(run_id=rec["run_id"], epochs=rec["epochs"], fitted=rec["fitted"],
                             train_acc=rec["final_train_acc"], test_acc=rec["final_test_acc"],
                             train_time_s=rec["train_time_s"], model_params=rec["model_params"], measures=net))
     if opts.run_kernel:
+        log(f"[report] {tag}: kernel interpolant ...")
         out["kernel"] = _kernel_run(x_tr, y_tr, x_te, y_te, k, opts)
     m = out["network"]["measures"]
-    log(f"[report] {tag}: margin {m['margin']['value']:.3g}, sharpness {m['measures']['sharpness']['value']:.3g}"
+    sharp = m["measures"].get("sharpness", {}).get("value", float("nan"))
+    log(f"[report] {tag}: margin {m['margin']['value']:.3g}, sharpness {sharp:.3g}"
         + (f", kernel RKHS norm {out['kernel']['rkhs_norm']:.4g}" if opts.run_kernel else "")
         + f" (measures {m['time_s']:.1f}s)")
     return out

@@ -80,8 +80,8 @@ def test_sweep_runs_in_parallel_skips_finished_and_plots(tmp_path, capsys):
             "--max-epochs", "2", "--workers", "2", "--out", str(out), "--plot-dir", str(plots), *TINY]
     assert main(args) == 0
     recs = _lines(out)
-    assert sorted((r["config"]["variant"], r["config"]["p"]) for r in recs) == [
-        ("corrupt", 0.0), ("corrupt", 0.5), ("corrupt", 1.0), ("gaussian", 0.0)]
+    assert sorted((r["config"]["variant"], r["config"]["p"]) for r in recs) == [   # corrupt p=0 is the true run
+        ("corrupt", 0.5), ("corrupt", 1.0), ("gaussian", 0.0), ("true", 0.0)]
     assert all(r["experiment"] == "sweep" and r["threads"] == 1 for r in recs)
     for name in ("deepfit_fig1a_loss_curves.png", "deepfit_fig1b_steps_to_fit.png", "deepfit_fig1c_test_error.png"):
         assert (plots / name).stat().st_size > 1000
@@ -89,6 +89,24 @@ def test_sweep_runs_in_parallel_skips_finished_and_plots(tmp_path, capsys):
     assert main(args) == 0
     assert "4 already in" in capsys.readouterr().err
     assert len(_lines(out)) == 4
+
+
+def test_sweep_trains_corrupt_p0_and_true_as_one_run(tmp_path, capsys):
+    from deepfit.train import TrainConfig, config_hash
+    out = tmp_path / "s.jsonl"
+    assert main(["sweep", "--model", "mlp2", "--width", "16", "--ps", "0,1", "--variants", "true", "--max-epochs", "1",
+                 "--out", str(out), *TINY]) == 0
+    recs = _lines(out)
+    assert sorted((r["config"]["variant"], r["config"]["p"]) for r in recs) == [("corrupt", 1.0), ("true", 0.0)]
+    true = [r for r in recs if r["config"]["variant"] == "true"][0]
+    assert true["run_id"] == config_hash(TrainConfig(**true["config"]))
+    # corrupt p=0 and true give the same training data (kernelfit.randomize): one run is the right answer
+    from kernelfit.data import load_dataset
+    from kernelfit.randomize import Randomization, apply_randomization
+    ds = load_dataset("mnist-subset").subset(128, 64, seed=0)
+    a, _ = apply_randomization(ds, Randomization("corrupt", p=0.0, seed=0))
+    b, _ = apply_randomization(ds, Randomization("true", seed=0))
+    assert (a.y_train == b.y_train).all() and (a.x_train == b.x_train).all()
 
 
 @pytest.mark.slow

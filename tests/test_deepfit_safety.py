@@ -78,9 +78,9 @@ def test_resuming_from_a_malicious_checkpoint_dir_is_refused(tmp_path, capsys, c
     argv = [command, *TINY, "--max-epochs", "1", "--out", str(out), "--checkpoint-dir", str(ck)]
     if command == "sweep":
         argv += ["--ps", "0"]
-        from deepfit.experiments import corruption_sweep_configs
+        from deepfit.experiments import corruption_sweep_configs, unique_configs
         base = cli._config_from_args(build_parser().parse_args(argv))
-        (cfg,) = corruption_sweep_configs(base, [0.0], [0])
+        (cfg,) = unique_configs(corruption_sweep_configs(base, [0.0], [0]))   # p=0 is the true run
         evil = checkpoint_path(ck, cfg)
     else:
         evil = ck / f"{_run_id(argv)}.pt"

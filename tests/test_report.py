@@ -75,7 +75,7 @@ def test_register_cli_adds_report_subcommand(tmp_path, capsys):
     assert "sizes must be" in capsys.readouterr().err
 
 
-def test_report_end_to_end_tiny(tmp_path, monkeypatch):
+def test_report_end_to_end_tiny(tmp_path, monkeypatch, capsys):
     from matplotlib.figure import Figure
 
     panels = {}
@@ -94,6 +94,9 @@ def test_report_end_to_end_tiny(tmp_path, monkeypatch):
             "--hessian-k", "1", "--hessian-samples", "2", "--basin-directions", "2", "--sharpness-steps", "3",
             "--threads", "1", "--out", str(out)]
     assert R.main(argv) == 0
+    err = capsys.readouterr().err   # a progress line when each phase of each run starts and ends
+    for phase in ("training mlp2 on 60 images ...", "measure: norms ...", "measure: hessian done (", "kernel interpolant ..."):
+        assert f"[report] true-60: {phase}" in err, err
     res = json.loads((out / "report.json").read_text())
     assert [r["tag"] for r in res["runs"]] == ["true-60", "random-60", "true-120", "random-120"]
     assert [r["n_random"] for r in res["mixing"]] == [0, 60]  # one mixing level still has its 0-random baseline
