@@ -52,10 +52,65 @@ def _check_finite_y(y) -> None:
         check_finite_targets(arr, "y")
 
 
+# jitter="auto": exact first, then the smallest ridge of this ladder that factors. The Gaussian and
+# Laplacian kernels have k(x, x) = 1, so these are relative to the diagonal (as GPyTorch's retries).
+JITTER_LADDER = (1e-10, 1e-8, 1e-6, 1e-4)
+
+
+def _solve_with_jitter_ladder(solve):
+    """(model, jitter): ``solve(0.0)``, or on a matrix that is not positive definite the first ladder
+    value that factors, with a warning that says the fit is then a ridge, not an exact interpolant."""
+    import warnings
+
+    from .errors import NotPositiveDefiniteError
+
+    try:
+        return solve(0.0), 0.0
+    except NotPositiveDefiniteError as first:
+        failure = first
+    for jitter in JITTER_LADDER:
+        try:
+            model = solve(jitter)
+        except NotPositiveDefiniteError as e:
+            failure = e
+            continue
+        warnings.warn(f"the kernel matrix is not positive definite in this precision ({failure.dtype}, leading "
+                      f"minor {failure.minor} of {failure.n}); fitted with jitter = {jitter:g} on the diagonal "
+                      f"(the smallest of {JITTER_LADDER} that factors), so the training targets are fitted up to "
+                      f"that ridge, not exactly. Pass jitter=0 to get an error instead, or mode='float64'.",
+                      RuntimeWarning, stacklevel=4)
+        return model, jitter
+    raise failure
+
+
+def _merge_duplicates(X: np.ndarray, Y: np.ndarray):
+    """(X, Y, merged): equal rows of X with equal targets kept once (they are one interpolation
+    condition); equal rows with different targets cannot be interpolated: an InputError naming them."""
+    from .data.rows import find_duplicate_rows
+
+    if find_duplicate_rows(X) is None:   # the common case: one hashing pass, no copy
+        return X, Y, 0
+    _, first, inverse = np.unique(X, axis=0, return_index=True, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    rep = first[inverse]                         # for each row, the first row equal to it
+    clash = np.flatnonzero(np.any(Y != Y[rep], axis=1))
+    if clash.size:
+        i = int(clash[0])
+        raise InputError(f"X rows {int(rep[i])} and {i} are equal but their targets differ; no function "
+                         f"interpolates both. Fix: remove or relabel the conflicting rows, or fit a ridge "
+                         f"(e.g. jitter=1e-6), which then fits neither exactly.")
+    keep = np.sort(first)
+    import warnings
+
+    warnings.warn(f"merged {len(X) - len(keep)} duplicate row(s) of X that have the same targets (each is one "
+                  f"interpolation condition); X_fit_ holds the {len(keep)} distinct rows.", RuntimeWarning, stacklevel=4)
+    return X[keep], Y[keep], int(len(X) - len(keep))
+
+
 class _KernelInterpolationBase(BaseEstimator):
     """Shared parameters, validation and solve for the classifier and the regressor."""
 
-    def __init__(self, kernel="gaussian", bandwidth="median", mode="mixed", jitter=0.0,
+    def __init__(self, kernel="gaussian", bandwidth="median", mode="mixed", jitter="auto",
                  block_size=None, max_refine=10):
         self.kernel = kernel
         self.bandwidth = bandwidth
@@ -85,9 +140,13 @@ class _KernelInterpolationBase(BaseEstimator):
 
             check_bandwidth(bw)   # the one check (also: 1 / (2 sigma^2) finite and nonzero)
         j = self.jitter
-        if (isinstance(j, (bool, np.bool_)) or not isinstance(j, numbers.Real)
+        if isinstance(j, str):
+            if j != "auto":
+                raise InputError(f"jitter must be 'auto', or a finite number >= 0; got {j!r}. Use 'auto' (exact, "
+                                 f"with the smallest ridge that factors if needed), 0 for exact or error, or e.g. 1e-8.")
+        elif (isinstance(j, (bool, np.bool_)) or not isinstance(j, numbers.Real)
                 or not math.isfinite(float(j)) or float(j) < 0):
-            raise InputError(f"jitter must be a finite number >= 0; got {j!r}. Use 0 for exact "
+            raise InputError(f"jitter must be 'auto' or a finite number >= 0; got {j!r}. Use 0 for exact "
                              f"interpolation or a tiny ridge such as 1e-8.")
         b = self.block_size
         if b is not None and (isinstance(b, (bool, np.bool_)) or not isinstance(b, numbers.Integral)
@@ -109,20 +168,33 @@ class _KernelInterpolationBase(BaseEstimator):
             )
         from .solve import check_distinct
 
-        # duplicates make K singular: found by hashing the rows, before the O(n^3) solve
-        check_distinct(X, float(self.jitter), "X")
+        auto = isinstance(self.jitter, str)
+        merged = 0
+        if auto:   # equal rows with equal targets are one point; with different targets, say so
+            X, Y, merged = _merge_duplicates(X, Y)
+        else:      # duplicates make K singular: found by hashing the rows, before the O(n^3) solve
+            check_distinct(X, float(self.jitter), "X")
         SolveOptions, fit_interpolant = _solver()
         bw = self.bandwidth if isinstance(self.bandwidth, str) else float(self.bandwidth)
-        opts = SolveOptions(kernel=self.kernel, bandwidth=bw, mode=self.mode,
-                            jitter=float(self.jitter), block_size=self.block_size,
-                            max_refine=int(self.max_refine), progress=False)
-        model = fit_interpolant(X, np.ascontiguousarray(Y, dtype=np.float64), opts)
+        Y = np.ascontiguousarray(Y, dtype=np.float64)
+
+        def solve(jitter: float):
+            opts = SolveOptions(kernel=self.kernel, bandwidth=bw, mode=self.mode, jitter=jitter,
+                                block_size=self.block_size, max_refine=int(self.max_refine), progress=False)
+            return fit_interpolant(X, Y, opts)
+
+        if not auto:
+            model, used = solve(float(self.jitter)), float(self.jitter)
+        else:
+            model, used = _solve_with_jitter_ladder(solve)
         self.model_ = model
+        self.jitter_ = used
         self.X_fit_ = model.X_fit  # the solver's float64 copy (no second copy of X is kept)
         self.dual_coef_ = np.asarray(model.alpha)
         self.bandwidth_ = float(model.bandwidth)
         self.rkhs_norm_ = float(model.rkhs_norm)
         self.fit_stats_ = dict(getattr(model, "stats", {}) or {})
+        self.fit_stats_.update(jitter=used, jitter_rule="auto" if auto else "given", merged_duplicates=merged)
         return self
 
     def _fit_precomputed(self, K: np.ndarray, Y: np.ndarray):
@@ -131,15 +203,22 @@ class _KernelInterpolationBase(BaseEstimator):
         from .solve import SolveOptions, fit_precomputed
 
         mode = "float64" if self.mode == "mixed" else self.mode
-        opts = SolveOptions(mode=mode, jitter=float(self.jitter), block_size=self.block_size, progress=False)
-        model = fit_precomputed(K, np.ascontiguousarray(Y, dtype=np.float64), opts,
-                                what="K (kernel='precomputed')")
+        Y = np.ascontiguousarray(Y, dtype=np.float64)
+
+        def solve(jitter: float):
+            opts = SolveOptions(mode=mode, jitter=jitter, block_size=self.block_size, progress=False)
+            return fit_precomputed(K, Y, opts, what="K (kernel='precomputed')")
+
+        auto = isinstance(self.jitter, str)
+        model, used = _solve_with_jitter_ladder(solve) if auto else (solve(float(self.jitter)), float(self.jitter))
         self.model_ = model
+        self.jitter_ = used
         self.X_fit_ = None
         self.dual_coef_ = np.asarray(model.alpha)
         self.bandwidth_ = None
         self.rkhs_norm_ = float(model.rkhs_norm)
         self.fit_stats_ = dict(model.stats)
+        self.fit_stats_.update(jitter=used, jitter_rule="auto" if auto else "given", merged_duplicates=0)
         return self
 
     def _scores(self, X) -> np.ndarray:
@@ -219,8 +298,11 @@ class KernelInterpolator(ClassifierMixin, _KernelInterpolationBase):
     mode : {"mixed", "float32", "float64"}, default="mixed"
         Precision of the solve. "mixed" factors in float32 and refines residuals in float64 (with
         kernel="precomputed", which has no kernel function to refine with, "mixed" solves in float64).
-    jitter : float >= 0, default=0.0
-        Ridge added to the diagonal. 0 means exact interpolation (distinct points required).
+    jitter : "auto" or float >= 0, default="auto"
+        Ridge added to the diagonal. "auto": exact interpolation, with equal rows of equal targets
+        merged (equal rows with different targets are an error); if the kernel matrix does not factor
+        in the chosen precision, the smallest ridge of ``JITTER_LADDER`` that does, with a warning
+        (the value used is ``jitter_`` and ``fit_stats_["jitter"]``). 0: exact or an error.
     block_size : int or None, default=None
         Tile size of the blocked factorization (None: automatic).
     max_refine : int >= 0, default=10

@@ -39,10 +39,15 @@ _IDENTITY_GRAM = ("check_regressor_multioutput fits 10-D points whose median dis
 
 
 def _expected_failed_checks(est) -> dict[str, str]:
-    failed = {"check_positive_only_tag_during_fit": _DUPLICATES}
-    if est.mode != "float64":
-        failed.update({name: _ILL_CONDITIONED for name in _DEFAULT_FAILS})
-    elif est.bandwidth == 0.3 and isinstance(est, KernelInterpolationRegressor):
+    # with jitter="auto" (the default) duplicates with equal labels are merged and a Gram that does not
+    # factor gets the smallest ridge that does (with a warning): those checks pass; jitter=0 keeps
+    # exact-or-error and fails them for the reasons above
+    failed = {}
+    if est.jitter == 0:
+        failed["check_positive_only_tag_during_fit"] = _DUPLICATES
+        if est.mode != "float64":
+            failed.update({name: _ILL_CONDITIONED for name in _DEFAULT_FAILS})
+    if est.bandwidth == 0.3 and isinstance(est, KernelInterpolationRegressor):
         failed["check_regressor_multioutput"] = _IDENTITY_GRAM
     return failed
 
@@ -219,7 +224,7 @@ def test_duplicate_points_clear_error_and_jitter_fix():
     X, y = _data(n=20, d=3)
     X[5] = X[2]
     with pytest.raises(InputError, match="duplicate"):
-        KernelInterpolator(bandwidth=1.0).fit(X, y)
+        KernelInterpolator(bandwidth=1.0, jitter=0).fit(X, y)   # exact or an error (the default merges or says why)
     y[5] = y[2]
     est = KernelInterpolator(bandwidth=1.0, jitter=1e-8, mode="float64").fit(X, y)
     # with a ridge the reference is KernelRidge(alpha=jitter)
@@ -228,7 +233,7 @@ def test_duplicate_points_clear_error_and_jitter_fix():
 
 
 @parametrize_with_checks(
-    [KernelInterpolator(), KernelInterpolationRegressor(),
+    [KernelInterpolator(), KernelInterpolationRegressor(), KernelInterpolator(jitter=0),
      # well-conditioned on the checks' 2-D data: a bandwidth below the blob spread, float64
      KernelInterpolator(mode="float64", bandwidth=0.3),
      KernelInterpolationRegressor(mode="float64", bandwidth=0.3)],
@@ -246,7 +251,7 @@ def test_ill_conditioned_default_fails_loudly_and_float64_small_bandwidth_works(
 
     X, y = make_blobs(n_samples=100, n_features=2, random_state=0)
     with pytest.raises(NotPositiveDefiniteError, match="jitter"):
-        KernelInterpolator().fit(X, y)
+        KernelInterpolator(jitter=0).fit(X, y)   # exact or an error (the default jitter="auto" warns and fits)
     est = KernelInterpolator(mode="float64", bandwidth=0.3).fit(X, y)
     np.testing.assert_array_equal(est.predict(X), y)
     ref, _ = _gaussian_reference(X, np.eye(3)[y], X[:10] + 0.05, 0.3)
@@ -328,3 +333,49 @@ def test_estimators_save_and_load_model_files(tmp_path):
     np.testing.assert_array_equal(reg2.predict(Xt), reg.predict(Xt))
     with pytest.raises(InputError, match="holds a regression model"):
         KernelInterpolator.from_model(tmp_path / "reg.safetensors")
+
+
+# -- jitter="auto" (the default): scikit-learn's toy data sets fit out of the box ------------------
+
+def test_default_estimator_fits_sklearn_toy_data_sets():
+    import warnings
+
+    from sklearn.datasets import load_digits, load_iris, make_blobs
+
+    from kernelfit.errors import NotPositiveDefiniteError
+
+    X, y = make_blobs(200, random_state=0)            # K does not factor even in float64 at the median bandwidth
+    with pytest.raises(NotPositiveDefiniteError):
+        KernelInterpolator(jitter=0.0).fit(X, y)
+    with pytest.warns(RuntimeWarning, match="fitted with jitter = 1e-"):
+        est = KernelInterpolator().fit(X, y)
+    assert est.jitter_ > 0 and est.fit_stats_["jitter"] == est.jitter_ and est.fit_stats_["jitter_rule"] == "auto"
+    # the ridge actually used: alpha solves (K + jitter I) alpha = Y, residual recomputed with scipy's cdist
+    from scipy.spatial.distance import cdist
+
+    K = np.exp(-cdist(X, X, "sqeuclidean") / (2 * est.bandwidth_**2)) + est.jitter_ * np.eye(len(X))
+    Y = np.eye(3)[y]
+    # (alpha ~ 1e8 here: recomputing K @ alpha loses ~1e-5 to rounding; a wrong ridge or alpha is O(1) off)
+    assert np.linalg.norm(K @ est.dual_coef_ - Y) / np.linalg.norm(Y) < 1e-4
+
+    X, y = load_iris(return_X_y=True)                 # holds one duplicated row with equal labels
+    with pytest.warns(RuntimeWarning, match="merged 1 duplicate"):
+        est = KernelInterpolator().fit(X, y)
+    assert est.fit_stats_["merged_duplicates"] == 1 and len(est.X_fit_) == len(X) - 1
+    assert np.all(est.predict(X) == y)                # still interpolates every training point
+
+    X, y = load_digits(return_X_y=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                # distinct, well conditioned: exact, no warning
+        est = KernelInterpolator().fit(X, y)
+    assert est.jitter_ == 0.0 and np.all(est.predict(X) == y)
+
+
+def test_auto_jitter_refuses_equal_rows_with_different_targets():
+    X = np.array([[0.0, 1.0], [1.0, 0.0], [0.0, 1.0], [2.0, 2.0]])
+    with pytest.raises(InputError, match="rows 0 and 2 are equal but their targets differ"):
+        KernelInterpolator().fit(X, [0, 1, 1, 0])
+    with pytest.raises(InputError, match="rows 0 and 2 are equal but their targets differ"):
+        KernelInterpolationRegressor().fit(X, [0.5, 1.0, 0.25, 2.0])
+    with pytest.raises(InputError, match="'auto'"):
+        KernelInterpolator(jitter="tiny").fit(X, [0, 1, 0, 1])
