@@ -483,7 +483,7 @@ def _check_out_path(parser: argparse.ArgumentParser, out: Path | None, overwrite
     try:
         check_output_file(out, flag, overwrite=overwrite, example=example)
     except KernelfitError as e:
-        parser.error(str(e))
+        _refuse(parser, str(e))
 
 
 def _check_dir_path(parser: argparse.ArgumentParser, directory, flag: str) -> None:
@@ -495,7 +495,13 @@ def _check_dir_path(parser: argparse.ArgumentParser, directory, flag: str) -> No
     try:
         check_writable_dir(Path(directory), flag)
     except KernelfitError as e:
-        parser.error(str(e))
+        _refuse(parser, str(e))
+
+
+def _refuse(parser: argparse.ArgumentParser, message: str) -> None:
+    """A refusal of well-formed arguments (an existing --out, an unwritable place): one line and exit 2,
+    without the usage dump that argparse prints for a malformed command line."""
+    parser.exit(EXIT_USAGE, f"{parser.prog}: error: {message}\n")
 
 
 def _check_checkpoint_dir(parser: argparse.ArgumentParser, directory: Path | None, resume: bool,
@@ -982,7 +988,9 @@ def cmd_solve_gram(args, parser) -> int:
     return EXIT_OK
 
 
-def _write_predictions(out: Path, values, payload: dict, overwrite: bool) -> None:
+def _write_predictions(out: Path, values, payload: dict, overwrite: bool, labels=None) -> None:
+    """Predictions to .json (the payload), .npy (the array) or .csv (a header, the row index, the
+    prediction or one column per score, and the true label when it was given)."""
     import numpy as np
 
     from .results import atomic_file, write_json_atomic
@@ -995,9 +1003,20 @@ def _write_predictions(out: Path, values, payload: dict, overwrite: bool) -> Non
     with atomic_file(out, "wb") as fh:
         if out.suffix.lower() == ".npy":
             np.save(fh, values, allow_pickle=False)
-        else:
-            fmt = "%d" if np.issubdtype(values.dtype, np.integer) else "%.17g"
-            np.savetxt(fh, values.reshape(len(values), -1), fmt=fmt, delimiter=",")
+            return
+        table = values.reshape(len(values), -1)
+        names = ["prediction"] if table.shape[1] == 1 else [f"{'score' if 'scores' in payload else 'prediction'}_{j}"
+                                                           for j in range(table.shape[1])]
+        columns = [np.arange(len(table))[:, None], table]
+        if labels is not None:
+            names.append("label")
+            columns.append(np.asarray(labels).reshape(len(table), -1))
+        header = ",".join(["index", *names])
+        integer = all(np.issubdtype(c.dtype, np.integer) for c in columns)
+        fmt = "%d" if integer else ["%d", *(["%d" if np.issubdtype(table.dtype, np.integer) else "%.17g"] * table.shape[1]),
+                                    *(["%.17g"] if labels is not None else [])]
+        np.savetxt(fh, np.hstack([c.astype(np.float64) if not integer else c for c in columns]), fmt=fmt,
+                   delimiter=",", header=header, comments="")
 
 
 def cmd_predict(args, parser) -> int:
@@ -1064,7 +1083,7 @@ def cmd_predict(args, parser) -> int:
 
         sys.stdout.write(dumps(payload) + "\n")
     else:
-        _write_predictions(args.out, np.asarray(values), payload, args.overwrite)
+        _write_predictions(args.out, np.asarray(values), payload, args.overwrite, labels=y_test)
         _eprint(f"wrote {args.out}")
     return EXIT_OK
 

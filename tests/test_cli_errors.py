@@ -194,3 +194,34 @@ def test_sparse_user_labels_plan_solve_and_predict_their_own_values(tmp_path, ca
     assert main(["predict", "--model", str(model), "--data", str(data)]) == 0
     pred = json.loads(capsys.readouterr().out)
     assert pred["predictions"] == [int(v) for v in y[::3]] and pred["test_error"] == 0.0
+
+
+def test_prediction_csv_has_a_header_index_and_labels(tmp_path, capsys):
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(30, 3))
+    y = (x[:, 0] > 0).astype(np.int64)
+    data = tmp_path / "d.npz"
+    np.savez(data, x_train=x, y_train=y, x_test=x[:7], y_test=y[:7])
+    model = tmp_path / "m.safetensors"
+    assert main(["solve", "--data", str(data), "--bandwidth", "1", "--no-progress", "--out", str(tmp_path / "r.json"),
+                 "--save-model", str(model)]) == 0
+    out = tmp_path / "pred.csv"
+    assert main(["predict", "--model", str(model), "--data", str(data), "--out", str(out)]) == 0
+    lines = out.read_text().splitlines()
+    assert lines[0] == "index,prediction,label" and lines[1:] == [f"{i},{v},{v}" for i, v in enumerate(y[:7])]
+    scores = tmp_path / "scores.csv"
+    assert main(["predict", "--model", str(model), "--data", str(data), "--scores", "--out", str(scores)]) == 0
+    head, *rows = scores.read_text().splitlines()
+    assert head == "index,score_0,score_1,label" and len(rows) == 7
+    table = np.loadtxt(scores, delimiter=",", skiprows=1)
+    assert np.array_equal(np.argmax(table[:, 1:3], axis=1), y[:7]) and np.array_equal(table[:, 0], np.arange(7))
+
+
+def test_existing_out_is_one_line_without_the_usage_dump(tmp_path, capsys):
+    out = tmp_path / "same.json"
+    out.write_text("{}")
+    err = _usage_error([*SMALL, "--out", str(out)], capsys)
+    assert err.strip().splitlines() == [f"kernelfit solve: error: --out {out} already exists; pass --overwrite to "
+                                        f"replace it, or choose a new path"]

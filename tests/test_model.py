@@ -144,7 +144,11 @@ def test_cli_save_model_and_predict_equal_in_process(tmp_path, capsys):
     assert payload["test_error"] == pytest.approx(rec["results"]["true"]["test_error"])
     assert main(["predict", "--model", str(model_path), "--x-test", str(tmp_path / "x_test.npy"),
                  "--out", str(tmp_path / "pred.csv")]) == 0
-    np.testing.assert_array_equal(np.loadtxt(tmp_path / "pred.csv", dtype=int), np.argmax(expected, axis=1))
+    csv = (tmp_path / "pred.csv").read_text().splitlines()
+    assert csv[0] == "index,prediction"   # a header, then the row index beside each prediction
+    table = np.loadtxt(tmp_path / "pred.csv", dtype=int, delimiter=",", skiprows=1)
+    np.testing.assert_array_equal(table[:, 0], np.arange(len(expected)))
+    np.testing.assert_array_equal(table[:, 1], np.argmax(expected, axis=1))
     # a model with two target sets: --target picks one
     capsys.readouterr()
     m2 = tmp_path / "m2.safetensors"
