@@ -25,6 +25,7 @@ import importlib
 import os
 import sys
 
+from kernelfit.cli import DATASET_NAMES as _DATASETS  # the named datasets kernelfit.data reads
 from kernelfit.errors import InputError, KernelfitError
 
 # The place for further subcommands: list a module here that defines ``register_cli(subparsers)``;
@@ -88,7 +89,8 @@ def _crop(text):
 def _add_config_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     g = p.add_argument_group("run configuration (changes the result; hashed into the run id)")
     g.add_argument("--model", default="mlp-1x512", help="model name (see `deepfit models`); default mlp-1x512")
-    g.add_argument("--dataset", default="cifar10", help="cifar10 | mnist | mnist-subset (default cifar10)")
+    g.add_argument("--dataset", default="cifar10",
+                   help=f"{' | '.join(_DATASETS)} (default cifar10; the data directory: --data-dir or $KERNELFIT_DATA)")
     if not sweep:
         g.add_argument("--variant", default="true",
                        help="true | corrupt | random-labels | shuffled-pixels | random-pixels | gaussian")
@@ -323,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("table", help="print the Table 1 comparison from a results file")
     p.add_argument("--results", required=True)
     p.add_argument("--models", type=_csv(str), default=None)
-    p.add_argument("--dataset", default="cifar10")
+    p.add_argument("--dataset", default="cifar10", help=f"{' | '.join(_DATASETS)} (default cifar10)")
     p.set_defaults(func=cmd_table)
 
     p = sub.add_parser("plot", help="Fig. 1a/1b/1c from a results file")
