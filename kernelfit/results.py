@@ -435,6 +435,18 @@ def read_jsonl(path: str | os.PathLike) -> list[Any]:
 PROBE_PREFIX = ".kernelfit-probe-"
 
 
+def format_gib(b: float) -> str:
+    """Bytes in GiB with two decimals, whatever the size (memory plans, read limits)."""
+    return f"{b / 2**30:.2f} GiB"
+
+
+def format_bytes(b: float) -> str:
+    """Bytes for messages: GiB from 1 GiB, MiB below (so two different small sizes never print alike)."""
+    if b >= 2**30:
+        return f"{b / 2**30:.2f} GiB"
+    return f"{b / 2**20:.1f} MiB" if b >= 2**20 else f"{int(b)} bytes"
+
+
 def existing_ancestor(path: str | os.PathLike) -> Path:
     """The nearest existing directory at or above ``path`` (where it would be created)."""
     p = Path(path).expanduser().absolute()

@@ -1,6 +1,6 @@
 """Directories kernelfit owns: checkpoint directories and feature / Gram cache directories.
 
-Rules (issue 24: never touch what we did not write):
+Rules (never touch what we did not write):
 
 * A directory we write into carries our marker file ``.kernelfit-owned.json`` (its kind, and whether
   we created the directory). A non-empty directory without it is refused before any work, with what
@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError, StorageError
-from .results import atomic_file, check_free_space, free_bytes
+from .results import atomic_file, check_free_space, format_bytes, free_bytes
 
 __all__ = ["StorageError", "OwnedDir", "MARKER", "LOCK", "HashingWriter", "save_npy", "file_digest",
            "create_npy_memmap", "preallocate"]
@@ -40,10 +40,6 @@ __all__ = ["StorageError", "OwnedDir", "MARKER", "LOCK", "HashingWriter", "save_
 MARKER = ".kernelfit-owned.json"
 LOCK = ".kernelfit-lock"
 _MKSTEMP_TAIL = r"\.[a-z0-9_]{8}\.tmp"     # tempfile.mkstemp's 8 random characters + our suffix
-
-
-def _gib(b: int) -> str:
-    return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
 
 
 # ------------------------------------------------------------------------------------------- locks
@@ -225,7 +221,7 @@ class HashingWriter:
 
     def __init__(self, fh):
         self.fh = fh
-        self.h = hashlib.blake2b(digest_size=32)
+        self.h = _hasher("blake2b")
         self.nbytes = 0
 
     def write(self, b) -> int:
@@ -245,8 +241,14 @@ def save_npy(path, arr: np.ndarray) -> tuple[str, int]:
     return w.hexdigest(), w.nbytes
 
 
-def file_digest(path) -> str:
-    h = hashlib.blake2b(digest_size=32)
+def _hasher(algorithm: str):
+    return hashlib.blake2b(digest_size=32) if algorithm == "blake2b" else hashlib.new(algorithm)
+
+
+def file_digest(path, algorithm: str = "blake2b") -> str:
+    """Hex digest of a file's bytes, read in 16 MiB chunks (blake2b-256 for checkpoints; the feature
+    cache records sha256)."""
+    h = _hasher(algorithm)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 24), b""):
             h.update(chunk)
@@ -264,8 +266,8 @@ def preallocate(fd: int, offset: int, length: int, directory, flag: str, what: s
             check_free_space(directory, length, flag, what)
             return
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise StorageError(e.errno, f"{flag} {directory}: {what} needs {_gib(length)} but only "
-                                        f"{_gib(free_bytes(directory))} are free (nothing was written). Fix: free "
+            raise StorageError(e.errno, f"{flag} {directory}: {what} needs {format_bytes(length)} but only "
+                                        f"{format_bytes(free_bytes(directory))} are free (nothing was written). Fix: free "
                                         f"space or choose a directory on a larger disk.") from None
         raise
 

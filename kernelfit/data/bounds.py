@@ -23,6 +23,7 @@ import zlib
 import numpy as np
 
 from kernelfit.errors import DataError, MemoryPlanError
+from kernelfit.results import format_gib
 
 __all__ = ["DEFLATE_MAX_RATIO", "check_memory", "check_ratio", "memory_limit", "npz_members", "read_exact", "read_npz_member"]
 
@@ -31,10 +32,6 @@ DEFLATE_MAX_RATIO = 1032
 # what may sit beside the data in a compressed file (headers, trailers) without holding data
 _SLACK = 1 << 16
 _CHUNK = 1 << 20
-
-
-def _gib(b: float) -> str:
-    return f"{b / 2**30:.2f} GiB"
 
 
 def memory_limit() -> int:
@@ -50,8 +47,8 @@ def check_memory(nbytes: int, source, what: str) -> None:
     limit = memory_limit()
     if nbytes > limit:
         raise MemoryPlanError(
-            f"{source}: {what} needs {_gib(nbytes)} ({nbytes} bytes) by its header, more than this machine's "
-            f"{_gib(limit)} of memory; nothing was read. If the file is not meant to be that large it is corrupt "
+            f"{source}: {what} needs {format_gib(nbytes)} ({nbytes} bytes) by its header, more than this machine's "
+            f"{format_gib(limit)} of memory; nothing was read. If the file is not meant to be that large it is corrupt "
             f"or hostile (a decompression bomb); otherwise use a machine with more memory or an uncompressed "
             f".npy / HDF5 file, which is read by memory map.")
 
@@ -124,14 +121,8 @@ def read_npz_member(zf: zipfile.ZipFile, name: str, source) -> np.ndarray:
             if info.compress_type != zipfile.ZIP_STORED:
                 check_ratio(info.file_size, info.compress_size, source, f"array {name!r}")
             check_memory(nbytes, source, f"array {name!r} (shape {tuple(shape)}, {dtype})")
-            arr = np.empty(count, dtype=dtype)
-            view = memoryview(arr.view(np.uint8).reshape(-1)) if nbytes else None
-            got = 0
-            while got < nbytes:
-                n = fh.readinto(view[got:got + _CHUNK])
-                if not n:
-                    raise DataError(f"{source}: array {name!r} is truncated ({got} of {nbytes} bytes).")
-                got += n
+            # a bytearray is writable, so the array made on it needs no copy
+            arr = np.frombuffer(read_exact(fh, nbytes, source, f"array {name!r}"), dtype=dtype, count=count)
             fh.read(1)   # reach the entry's end: zipfile checks its CRC there
     except (zipfile.BadZipFile, zlib.error, EOFError) as e:
         raise DataError(f"{source}: cannot read array {name!r} (corrupt or truncated .npz?): {e}") from None

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..errors import MemoryPlanError
+from ..results import format_gib
 from .strategy import GRID_PRODUCTS, RESIDUAL_SOURCE, STORED, choose_strategy, factor_dtype_name
 from .tiled import SymmetricPanels, choose_block
 
@@ -23,10 +24,6 @@ def available_bytes() -> int:
     import psutil
 
     return int(psutil.virtual_memory().available)
-
-
-def _gib(b: float) -> str:
-    return f"{b / 2**30:.2f} GiB"
 
 
 @dataclass
@@ -58,9 +55,10 @@ class MemoryPlan:
     def summary(self) -> str:
         return (f"n={self.n} d={self.d} k={self.k} mode={self.mode}, strategy {self.strategy} "
                 f"({self.factor_dtype} factor, block {self.block}; {self.strategy_reason}): "
-                f"Gram {_gib(self.gram_bytes)} + data {_gib(self.data_bytes)} + vectors {_gib(self.vectors_bytes)} + "
-                f"workspace {_gib(self.workspace_bytes)} + baseline {_gib(self.baseline_bytes)} = "
-                f"{_gib(self.total_bytes)} needed; {_gib(self.available_bytes)} available -> "
+                f"Gram {format_gib(self.gram_bytes)} + data {format_gib(self.data_bytes)} + "
+                f"vectors {format_gib(self.vectors_bytes)} + "
+                f"workspace {format_gib(self.workspace_bytes)} + baseline {format_gib(self.baseline_bytes)} = "
+                f"{format_gib(self.total_bytes)} needed; {format_gib(self.available_bytes)} available -> "
                 f"{'fits' if self.fits else 'does NOT fit'}")
 
 

@@ -39,14 +39,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from ..errors import InputError, MemoryPlanError, NotPositiveDefiniteError
+from ..results import format_bytes
 from .tiled import SymmetricPanels, _panel_flops, cholesky_inplace, choose_block
-
-
-def _gib(b) -> str:
-    # small sizes in MiB so two different numbers never print alike
-    if b >= 2**30:
-        return f"{b / 2**30:.2f} GiB"
-    return f"{b / 2**20:.1f} MiB" if b >= 2**20 else f"{int(b)} bytes"
 
 
 class WorkingSet:
@@ -64,8 +58,8 @@ class WorkingSet:
     def alloc(self, dev, shape, dtype):
         nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
         if self.current + nbytes > self.budget:
-            raise MemoryPlanError(f"out-of-core working set would exceed its device budget: {_gib(self.current)} in "
-                                  f"use + {_gib(nbytes)} requested > {_gib(self.budget)}.")
+            raise MemoryPlanError(f"out-of-core working set would exceed its device budget: {format_bytes(self.current)} in "
+                                  f"use + {format_bytes(nbytes)} requested > {format_bytes(self.budget)}.")
         buf = dev.empty(shape, dtype)
         self.current += nbytes
         self.peak = max(self.peak, self.current)
@@ -233,7 +227,7 @@ class TorchDevice:
         except Exception as exc:   # cudaHostAlloc refused (locked-memory limit, no memory): pageable copies
             self._staging = []
             warnings.warn(f"could not allocate {STAGING_SLOTS} pinned host staging buffers of "
-                          f"{_gib(max_elements * np.dtype(dtype).itemsize)} ({exc}); host<->device copies fall back "
+                          f"{format_bytes(max_elements * np.dtype(dtype).itemsize)} ({exc}); host<->device copies fall back "
                           f"to pageable memory (synchronous, slower).", RuntimeWarning, stacklevel=3)
         self.pinned = bool(self._staging)
         return self.pinned
@@ -378,8 +372,8 @@ def plan_slabs(n: int, block: int, itemsize: int, budget: int, workspace: int = 
     need1 = min_budget_bytes(n, block, itemsize, workspace, buffers=1)
     if budget < need1:
         raise MemoryPlanError(
-            f"device budget {_gib(budget)} is too small for out-of-core Cholesky with n={n}, block={block} "
-            f"({itemsize}-byte numbers): one panel + one streamed panel + workspace need {_gib(need1)}. "
+            f"device budget {format_bytes(budget)} is too small for out-of-core Cholesky with n={n}, block={block} "
+            f"({itemsize}-byte numbers): one panel + one streamed panel + workspace need {format_bytes(need1)}. "
             f"Use a smaller block (panel bytes = n x block x {itemsize}) or a larger device_memory_budget.")
     buffers = 2 if budget >= min_budget_bytes(n, block, itemsize, workspace, buffers=2) else 1
     slabs = []
@@ -425,7 +419,7 @@ def budget_for_slabs(n: int, block: int, itemsize: int, slabs: int, workspace: i
     hi = SymmetricPanels.nbytes_for(n, block, np.dtype(f"f{itemsize}")) + workspace
     if len(plan_slabs(n, block, itemsize, lo, workspace).slabs) < slabs:
         raise MemoryPlanError(f"n={n}, block={block} cannot be cut into {slabs} slabs (even the smallest budget, "
-                              f"{_gib(lo)}, gives fewer); use a smaller block or fewer slabs.")
+                              f"{format_bytes(lo)}, gives fewer); use a smaller block or fewer slabs.")
     while hi - lo > max(1, itemsize * block):    # slab counts only fall as the budget grows
         mid = (lo + hi) // 2
         if len(plan_slabs(n, block, itemsize, mid, workspace).slabs) >= slabs:
