@@ -145,18 +145,18 @@ def test_a_kill_during_a_gram_checkpoint_rewrite_keeps_the_previous_checkpoint(t
     cache = GramCache(tmp_path)
     key = cache.key({"what": "kill"})
     cache.save(key, first)
-    real, calls = cache_mod._file_sha256, []
+    real, calls = cache_mod.file_digest, []
 
-    def killed_on_second_part(path):
+    def killed_on_second_part(path, algorithm="blake2b"):
         calls.append(path)
         if len(calls) == 2:
             raise _Killed
-        return real(path)
+        return real(path, algorithm)
 
-    monkeypatch.setattr(cache_mod, "_file_sha256", killed_on_second_part)
+    monkeypatch.setattr(cache_mod, "file_digest", killed_on_second_part)
     with pytest.raises(_Killed):
         cache.save(key, second)
-    monkeypatch.setattr(cache_mod, "_file_sha256", real)
+    monkeypatch.setattr(cache_mod, "file_digest", real)
     (tmp_path / "grams" / f"{key}.g9").mkdir()          # what a real kill leaves: an unfinished directory
     (tmp_path / "grams" / f"{key}.g9" / "train.npy").write_bytes(b"half")
     del cache   # the run ends (its lock goes with it)

@@ -36,7 +36,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..results import atomic_file
-from ..storage import OwnedDir, StorageError, create_npy_memmap
+from ..storage import OwnedDir, StorageError, create_npy_memmap, file_digest
 
 __all__ = ["FeatureCache", "GramCache", "default_cache_dir", "hash_array", "config_hash", "cached_transform",
            "StaleCacheWarning"]
@@ -73,14 +73,6 @@ def hash_array(x: np.ndarray, chunk_rows: int = 4096) -> str:
 def config_hash(config: Any) -> str:
     d = config.to_dict() if hasattr(config, "to_dict") else config
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 _KEY = r"[0-9a-f]{32}"
@@ -134,7 +126,7 @@ class FeatureCache:
                 problem = "metadata key/version mismatch"
             elif shape is not None and tuple(meta["shape"]) != tuple(shape):
                 problem = f"shape {tuple(meta['shape'])} != expected {tuple(shape)}"
-            elif _file_sha256(npy) != meta["sha256"]:
+            elif file_digest(npy, "sha256") != meta["sha256"]:
                 problem = "content hash mismatch (file modified or truncated)"
             else:
                 arr = np.load(npy, mmap_mode="r" if mmap else None, allow_pickle=False)
@@ -170,7 +162,7 @@ class FeatureCache:
             fill(mm)
             mm.flush()
             del mm
-            digest = _file_sha256(tmp)
+            digest = file_digest(tmp, "sha256")
             meta = {"key": key, "version": FORMAT_VERSION, "shape": list(shape),
                     "dtype": np.dtype(np.float32).str, "sha256": digest, **(meta_extra or {})}
             os.replace(tmp, npy)
@@ -316,7 +308,7 @@ class GramCache:
                     pos += a.size
                 mm.flush()
                 del mm
-                files[name] = {"sha256": _file_sha256(path), "shape": list(arrays[0].shape) if len(arrays) == 1
+                files[name] = {"sha256": file_digest(path, "sha256"), "shape": list(arrays[0].shape) if len(arrays) == 1
                                else [total]}
             meta = {"key": key, "version": FORMAT_VERSION, "dir": new.name, "layout": "panels" if panels else "dense",
                     "n": int(len(g.train_diag)), "block": int(g.train.block) if panels else None,
@@ -363,7 +355,7 @@ class GramCache:
                         problem = f"metadata lists an unknown part {name!r}"
                         break
                     path = self._part(key, name, meta)
-                    if _file_sha256(path) != info["sha256"]:
+                    if file_digest(path, "sha256") != info["sha256"]:
                         problem = f"content hash mismatch in {path.name} (file modified or truncated)"
                         break
                     arrays[name] = np.load(path, allow_pickle=False).reshape(info["shape"])
