@@ -50,6 +50,18 @@ FILES = ("environment.json", "pytest_gpu.log", "pytest_gpu.xml", "gpu_cholesky.j
          "summary.md")
 
 
+def fresh_out_dir(out, files) -> Path:
+    """The output folder, created, with this check's own files of an earlier run in it removed (a fresh
+    record; nothing else there is touched)."""
+    if not out:
+        raise SystemExit("no output folder: pass --out DIR or set $OUT.")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in files:
+        (out / name).unlink(missing_ok=True)
+    return out
+
+
 def child_env(data_dir: Path | None) -> dict:
     env = dict(os.environ, PYTHONUNBUFFERED="1", MPLBACKEND="Agg")
     if data_dir is not None:
@@ -197,14 +209,9 @@ def main(argv=None) -> int:
     p.add_argument("--ooc-slabs", type=int, default=3)
     p.add_argument("--block", type=int, default=None, help="panel width (default: automatic for each n)")
     args = p.parse_args(argv)
-    if not args.out:
-        raise SystemExit("no output folder: pass --out DIR or set $OUT.")
+    out = fresh_out_dir(args.out, FILES)
     os.environ["PYTHONUNBUFFERED"] = "1"
     t0 = time.perf_counter()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for name in FILES:   # a fresh record: nothing left from an earlier check in the same folder
-        (out / name).unlink(missing_ok=True)
 
     info = environment(args.device)
     (out / "environment.json").write_text(json.dumps(info, indent=2) + "\n")

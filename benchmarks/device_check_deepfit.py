@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from device_check import child_env, environment, run_logged  # noqa: E402
+from device_check import child_env, environment, fresh_out_dir, run_logged  # noqa: E402
 
 DEFAULT_DATA = ROOT / "runs" / "data" / "cifar10-jpeg.npz"
 MODELS = ("mlp-1x512", "alexnet-small", "inception-small")
@@ -177,13 +177,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.worker:
         return run_all(args)
-    if not args.out:
-        raise SystemExit("no output folder: pass --out DIR or set $OUT.")
+    out = fresh_out_dir(args.out, FILES)
     t0 = time.perf_counter()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for name in FILES:   # a fresh record: nothing left from an earlier check in the same folder
-        (out / name).unlink(missing_ok=True)
     info = environment(args.device)
     gpu = ", ".join(g["name"] for g in info.get("gpus", [])) or f"{args.device} (no CUDA GPU)"
     records, note = [], ""

@@ -805,15 +805,15 @@ def _emit_record(args, record: dict) -> None:
             sys.stdout.write(dumps(record) + "\n")
             sys.stdout.flush()
             raise OutputError(f"could not write --out {args.out} ({e.strerror or e}); nothing was written "
-                                   f"there, and the full record was printed on stdout instead. Fix: free space "
-                                   f"or choose another path, and save stdout next time (> result.json).") from None
+                              f"there, and the full record was printed on stdout instead. Fix: free space "
+                              f"or choose another path, and save stdout next time (> result.json).") from None
     else:
         sys.stdout.write(dumps(record) + "\n")
         sys.stdout.flush()
     failed = (record.get("model") or {}).get("error")
     if failed:
         raise OutputError(f"{failed}; the record was written without it. Fix: free space or choose another "
-                               f"path, and rerun.")
+                          f"path, and rerun.")
 
 
 def _print_summary(record: dict) -> None:
