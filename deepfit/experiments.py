@@ -10,7 +10,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import multiprocessing as mp
 import os
-import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -138,7 +137,9 @@ def _worker_task(args: dict) -> dict:
     config = TrainConfig.from_dict(args["config"])
     if _WORKER_DEVICE is not None:
         args = {**args, "device": _WORKER_DEVICE}
-    log = (lambda s: print(s, file=sys.stderr, flush=True)) if args.get("verbose") else None
+    from kernelfit.progress import get_logger
+
+    log = get_logger("deepfit").info if args.get("verbose") else None
     rec = run_one(config, out=args["out"], data_dir=args.get("data_dir"), device=args.get("device", "auto"),
                   checkpoint_dir=args.get("checkpoint_dir"), threads=args.get("threads"),
                   experiment=args.get("experiment", "sweep"), log=log, download=args.get("download", False))
