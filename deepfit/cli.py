@@ -201,15 +201,23 @@ def cmd_sweep(a) -> int:
 
 
 def cmd_table1(a) -> int:
-    from .experiments import format_table1, read_results, run_sweep, table1_configs, table1_rows
+    from .experiments import format_table1, read_results, run_sweep, table1_configs, table1_incomparable, table1_rows
+
     base = _config_from_args(a)
     grid = table1_configs(base, a.models)
     _preflight(a, allow_list=True)
+    why = table1_incomparable(base)
+    warning = (f"these numbers cannot be compared with the paper's Table 1: {', '.join(why)}; the records say "
+               "paper_comparable=false") if why else None
+    if warning:
+        get_logger("deepfit").warning(warning)
     run_sweep([c for _, c in grid], out=a.out, workers=a.workers, device=a.device, threads=a.threads,
               data_dir=a.data_dir, checkpoint_dir=a.checkpoint_dir, dask_address=a.dask, experiment="table1",
               download=a.download,
               verbose=a.verbose - a.quiet >= 0, log=_log(a))
     print(format_table1(table1_rows(read_results(a.out), a.models, dataset=base.dataset)))
+    if warning:   # again below the table, where it is read
+        get_logger("deepfit").warning(warning)
     return 0
 
 

@@ -87,8 +87,9 @@ def measure_all(model: nn.Module, X: torch.Tensor, y: torch.Tensor, options: Mea
 
     ``groups``: a subset of :data:`GROUPS` to compute. Each measure is computed on its own: one that
     does not apply (or fails on bad input) is listed in ``not_applicable`` with the reason and never
-    drops another. ``log``: called with a progress line when each phase starts and ends (the CLI
-    prints them on standard error). Returns ``{"margin", "measures", "not_applicable", "layers",
+    drops another. ``log``: called with a progress line when each phase starts and ends (default: the
+    ``deepfit.suite`` logger at info level; see :func:`kernelfit.progress.set_verbosity`).
+    Returns ``{"margin", "measures", "not_applicable", "layers",
     "options", "n_samples", "n_parameters", "second_order_parameters", "time_s"}``.
     """
     opts = options.validated()
@@ -96,7 +97,7 @@ def measure_all(model: nn.Module, X: torch.Tensor, y: torch.Tensor, options: Mea
     if bad:
         raise InputError(f"unknown measure group(s) {bad}; expected a subset of {list(GROUPS)}.")
     M._check_xy(X, y)
-    say = log or (lambda s: None)
+    say = log or get_logger("deepfit.suite").info   # a line when each measure starts and ends
     before = _state(model)
     t0 = time.perf_counter()
     seed = opts.seed
