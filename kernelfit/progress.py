@@ -46,9 +46,15 @@ class _StderrHandler(logging.Handler):
 
 
 class _Formatter(logging.Formatter):
+    """``[kernelfit] text`` as kernelfit's lines always read; deepfit's info lines carry their own tag
+    (``[report] ...``, ``measure: ...``, ``[run id] epoch ...``) and stay as they were; a warning or error
+    always names its package and level."""
+
     def format(self, record: logging.LogRecord) -> str:
         root = record.name.split(".", 1)[0]
-        level = "" if record.levelno == logging.INFO else f"{record.levelname.lower()}: "
+        level = "" if record.levelno in (logging.INFO, logging.DEBUG) else f"{record.levelname.lower()}: "
+        if root == "deepfit" and not level:
+            return record.getMessage()
         return f"[{root}] {level}{record.getMessage()}"
 
 
