@@ -25,65 +25,15 @@ import importlib
 import os
 import sys
 
-from kernelfit.cli import DATASET_NAMES as _DATASETS  # the named datasets kernelfit.data reads
+from kernelfit.catalog import DATASET_NAMES as _DATASETS  # the named datasets kernelfit.data reads
 from kernelfit.errors import InputError, KernelfitError
+from kernelfit.progress import get_logger, set_verbosity
+
+from .args import add_verbosity_flags, crop_arg, csv_of, device_arg, positive_int
 
 # The place for further subcommands: list a module here that defines ``register_cli(subparsers)``;
 # each parser it adds sets ``func=callable(args) -> int`` via set_defaults.
 _EXTENSIONS: tuple[str, ...] = ("deepfit.report", "deepfit.suite")
-
-
-def _csv(cast):
-    def parse(text):
-        try:
-            return [cast(t) for t in str(text).split(",") if t.strip() != ""]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}") from None
-    return parse
-
-
-def _positive_int(flag: str):
-    def parse(text):
-        try:
-            v = int(text)
-        except ValueError:
-            v = 0
-        if v < 1:
-            raise argparse.ArgumentTypeError(f"{flag} expects a positive integer, got {text!r}. Fix: e.g. {flag} 4.")
-        return v
-    return parse
-
-
-def _device(allow_list: bool):
-    """--device: 'auto' or torch device names (a comma list where runs are dealt to several devices)."""
-    def parse(text):
-        text = str(text).strip()
-        if text == "auto":
-            return text
-        names = [t.strip() for t in text.split(",") if t.strip()]
-        if not names or (len(names) > 1 and not allow_list):
-            raise argparse.ArgumentTypeError(
-                f"expected one device such as cpu, cuda or cuda:1 (or auto), got {text!r}"
-                + ("" if allow_list else "; a comma list is for `deepfit sweep` / `table1`") + ".")
-        import torch
-        for name in names:
-            try:
-                torch.device(name)
-            except (RuntimeError, ValueError):
-                raise argparse.ArgumentTypeError(
-                    f"unknown device {name!r}; expected auto, cpu, cuda or cuda:N"
-                    + (" (comma-separated for several)" if allow_list else "") + ".") from None
-        return ",".join(names)
-    return parse
-
-
-def _crop(text):
-    if str(text).lower() in ("none", "no", "0"):
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--crop expects an integer or 'none', got {text!r}") from None
 
 
 def _add_config_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
@@ -102,7 +52,7 @@ def _add_config_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     g.add_argument("--n-test", type=int, default=None, help="... and this many test images")
     g.add_argument("--preprocess", default="whiten", choices=("whiten", "normalize"),
                    help="whiten: per-image whitening (paper); normalize: /255 + per-channel standardization")
-    g.add_argument("--crop", type=_crop, default=28, help="centre crop size (paper: 28) or 'none'")
+    g.add_argument("--crop", type=crop_arg, default=28, help="centre crop size (paper: 28) or 'none'")
     g.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, default=None,
                    help="add/remove batch norm where the model supports it (default: the model's own)")
     g.add_argument("--dropout", type=float, default=None, help="dropout probability (default: none)")
@@ -127,12 +77,11 @@ def _add_exec_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     g.add_argument("--data-dir", default=None, help="directory with the data sets (default: kernelfit's resolution)")
     g.add_argument("--download", action="store_true",
                    help="fetch a missing data set from its canonical source into the data directory")
-    g.add_argument("--device", type=_device(allow_list=sweep), default="auto",
+    g.add_argument("--device", type=device_arg(allow_list=sweep), default="auto",
                    help="auto | cpu | cuda | cuda:N" + (" | cuda:0,cuda:1 (runs are dealt round-robin)" if sweep else ""))
-    g.add_argument("--threads", type=_positive_int("--threads"), default=None, help="torch CPU threads (per worker)")
+    g.add_argument("--threads", type=positive_int("--threads"), default=None, help="torch CPU threads (per worker)")
     g.add_argument("--checkpoint-dir", default=None,
                    help="save a checkpoint every epoch here and resume from it (refuses other configs)")
-    g.add_argument("--quiet", action="store_true", help="no per-epoch log lines")
 
 
 def _config_from_args(a, **over):
@@ -184,7 +133,8 @@ def _preflight(a, allow_list: bool = False) -> None:
 
 
 def _log(a):
-    return None if a.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    """Per-epoch and per-run lines: the ``deepfit`` logger at info level (-q hides them)."""
+    return get_logger("deepfit").info
 
 
 # --------------------------------------------------------------------------------------------
@@ -238,9 +188,8 @@ def cmd_sweep(a) -> int:
                          "(e.g. true,random-labels,shuffled-pixels,random-pixels,gaussian).")
     _preflight(a, allow_list=True)
     run_sweep(configs, out=a.out, workers=a.workers, device=a.device, threads=a.threads, data_dir=a.data_dir,
-              checkpoint_dir=a.checkpoint_dir, dask_address=a.dask, experiment="sweep", verbose=not a.quiet,
-              download=a.download,
-              log=lambda s: print(s, file=sys.stderr, flush=True))
+              checkpoint_dir=a.checkpoint_dir, dask_address=a.dask, experiment="sweep", verbose=a.verbose - a.quiet >= 0,
+              download=a.download, log=_log(a))
     if a.plot_dir:
         from .plots import plot_all
         from .train import config_hash
@@ -252,15 +201,23 @@ def cmd_sweep(a) -> int:
 
 
 def cmd_table1(a) -> int:
-    from .experiments import format_table1, read_results, run_sweep, table1_configs, table1_rows
+    from .experiments import format_table1, read_results, run_sweep, table1_configs, table1_incomparable, table1_rows
+
     base = _config_from_args(a)
     grid = table1_configs(base, a.models)
     _preflight(a, allow_list=True)
+    why = table1_incomparable(base)
+    warning = (f"these numbers cannot be compared with the paper's Table 1: {', '.join(why)}; the records say "
+               "paper_comparable=false") if why else None
+    if warning:
+        get_logger("deepfit").warning(warning)
     run_sweep([c for _, c in grid], out=a.out, workers=a.workers, device=a.device, threads=a.threads,
               data_dir=a.data_dir, checkpoint_dir=a.checkpoint_dir, dask_address=a.dask, experiment="table1",
               download=a.download,
-              verbose=not a.quiet, log=lambda s: print(s, file=sys.stderr, flush=True))
+              verbose=a.verbose - a.quiet >= 0, log=_log(a))
     print(format_table1(table1_rows(read_results(a.out), a.models, dataset=base.dataset)))
+    if warning:   # again below the table, where it is read
+        get_logger("deepfit").warning(warning)
     return 0
 
 
@@ -304,10 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="corruption sweep / variant comparison, in parallel")
     _add_config_args(p, sweep=True)
     _add_exec_args(p, sweep=True)
-    p.add_argument("--ps", type=_csv(float), default=None, help="corruption levels, e.g. 0,0.2,0.4,0.6,0.8,1")
-    p.add_argument("--variants", type=_csv(str), default=None, help="data variants, e.g. true,random-labels,gaussian")
-    p.add_argument("--seeds", type=_csv(int), default=[0], help="seeds (each sets init and randomization seed)")
-    p.add_argument("--workers", type=_positive_int("--workers"), default=None,
+    p.add_argument("--ps", type=csv_of(float), default=None, help="corruption levels, e.g. 0,0.2,0.4,0.6,0.8,1")
+    p.add_argument("--variants", type=csv_of(str), default=None, help="data variants, e.g. true,random-labels,gaussian")
+    p.add_argument("--seeds", type=csv_of(int), default=[0], help="seeds (each sets init and randomization seed)")
+    p.add_argument("--workers", type=positive_int("--workers"), default=None,
                    help="parallel runs (default: one per GPU, else 1)")
     p.add_argument("--dask", default=None, help="dask scheduler address, or 'local' for a local cluster")
     p.add_argument("--plot-dir", default=None, help="write Fig. 1a/1b/1c PNGs here after the sweep")
@@ -317,14 +274,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("table1", help="the paper's Table 1 grid")
     _add_config_args(p, sweep=True)
     _add_exec_args(p, sweep=True)
-    p.add_argument("--models", type=_csv(str), default=None, help="restrict to these models")
-    p.add_argument("--workers", type=_positive_int("--workers"), default=None)
+    p.add_argument("--models", type=csv_of(str), default=None, help="restrict to these models")
+    p.add_argument("--workers", type=positive_int("--workers"), default=None)
     p.add_argument("--dask", default=None)
     p.set_defaults(func=cmd_table1)
 
     p = sub.add_parser("table", help="print the Table 1 comparison from a results file")
     p.add_argument("--results", required=True)
-    p.add_argument("--models", type=_csv(str), default=None)
+    p.add_argument("--models", type=csv_of(str), default=None)
     p.add_argument("--dataset", default="cifar10", help=f"{' | '.join(_DATASETS)} (default cifar10)")
     p.set_defaults(func=cmd_table)
 
@@ -340,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
         importlib.import_module(mod_name).register_cli(sub)
     for p in sub.choices.values():
         p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+        if "--verbose" not in p._option_string_actions:   # report's own parser already has them
+            add_verbosity_flags(p)
     return parser
 
 
@@ -366,6 +325,7 @@ def main(argv=None) -> int:
     """Exit status: 0 ok, 1 error, 2 bad arguments or input (argparse errors, InputError)."""
     parser = build_parser()
     a = parser.parse_args(argv)
+    set_verbosity(a.verbose - a.quiet)
     try:
         return int(a.func(a) or 0)
     except (KernelfitError, OSError, KeyboardInterrupt) as e:

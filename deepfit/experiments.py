@@ -10,7 +10,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import multiprocessing as mp
 import os
-import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -20,7 +19,7 @@ from .train import TrainConfig, config_hash, train
 
 __all__ = [
     "run_one", "run_sweep", "finished_run_ids", "corruption_sweep_configs", "variant_configs", "unique_configs",
-    "table1_configs", "PAPER_TABLE1", "table1_rows", "format_table1", "read_results",
+    "table1_configs", "PAPER_TABLE1", "table1_rows", "format_table1", "read_results", "table1_incomparable",
 ]
 
 # Zhang et al. (2017), Table 1, CIFAR-10: (model, random crop, weight decay, labels) ->
@@ -46,6 +45,26 @@ PAPER_TABLE1: list[tuple[str, bool, bool, str, float, float]] = [
     ("mlp-1x512", False, False, "true", 100.0, 50.51),
     ("mlp-1x512", False, False, "random", 99.34, 10.61),
 ]
+
+# The paper's setting (Zhang et al. 2017, Sec. 2 and Appendix A): all of CIFAR-10, whitened, centre-cropped to 28.
+PAPER_TABLE1_SETTING = dict(dataset="cifar10", n_train=50000, n_test=10000, preprocess="whiten", crop=28)
+
+
+def table1_incomparable(config: TrainConfig) -> list[str]:
+    """Why a Table 1 run's numbers cannot be set beside the paper's (empty: the paper's data setting)."""
+    s = PAPER_TABLE1_SETTING
+    why = []
+    if config.dataset != s["dataset"]:
+        why.append(f"dataset {config.dataset} (paper: {s['dataset']})")
+    for name in ("n_train", "n_test"):
+        v = getattr(config, name)
+        if v is not None and int(v) < s[name]:
+            why.append(f"{name} {v} (paper: {s[name]})")
+    for name in ("preprocess", "crop"):
+        if getattr(config, name) != s[name]:
+            why.append(f"{name} {getattr(config, name)} (paper: {s[name]})")
+    return why
+
 
 # The paper does not state its weight-decay coefficient; this is the value the grid uses here.
 TABLE1_WEIGHT_DECAY = 5e-4
@@ -109,6 +128,11 @@ def run_one(
     result = train(config, data, device=device, checkpoint_dir=checkpoint_dir, log=log)
     record = dict(result.record)
     record["experiment"] = experiment
+    if experiment == "table1":   # the record says whether it can stand beside the paper's Table 1
+        why = table1_incomparable(config)
+        record["paper_comparable"] = not why
+        if why:
+            record["not_comparable_because"] = why
     record["threads"] = torch.get_num_threads()
     record["provenance"] = prov
     if out is not None:
@@ -138,7 +162,9 @@ def _worker_task(args: dict) -> dict:
     config = TrainConfig.from_dict(args["config"])
     if _WORKER_DEVICE is not None:
         args = {**args, "device": _WORKER_DEVICE}
-    log = (lambda s: print(s, file=sys.stderr, flush=True)) if args.get("verbose") else None
+    from kernelfit.progress import get_logger
+
+    log = get_logger("deepfit").info if args.get("verbose") else None
     rec = run_one(config, out=args["out"], data_dir=args.get("data_dir"), device=args.get("device", "auto"),
                   checkpoint_dir=args.get("checkpoint_dir"), threads=args.get("threads"),
                   experiment=args.get("experiment", "sweep"), log=log, download=args.get("download", False))
@@ -189,7 +215,12 @@ def run_sweep(
             unique.append(c)
     done = finished_run_ids(out)
     todo = [c for c in unique if config_hash(c) not in done]
-    log(f"sweep: {len(unique)} runs, {len(unique) - len(todo)} already in {out}, {len(todo)} to run")
+    summary = f"sweep: {len(unique)} runs, {len(unique) - len(todo)} already in {out}, {len(todo)} to run"
+    if len(todo) < len(unique):   # runs asked for are not run: said even with -q
+        from kernelfit.progress import get_logger
+        get_logger("deepfit.experiments").warning(summary + " (the finished ones are skipped)")
+    else:
+        log(summary)
     if not todo:
         return []
     devices = _available_devices(device)

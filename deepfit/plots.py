@@ -2,7 +2,9 @@
 
 * :func:`plot_loss_curves` (Fig. 1a): mean training loss per epoch vs. SGD step, one curve per data variant.
 * :func:`plot_steps_to_fit` (Fig. 1b): steps to reach the target training accuracy vs. label corruption p
-  (runs that did not fit are drawn hollow at the steps they ran, and labelled so).
+  (the line joins fitted runs only; runs that did not fit are an "x" at the steps they ran, with a legend entry).
+
+Every axis shows plain numbers (no "x 1e3" multiplier or offset text) and every figure has a legend.
 * :func:`plot_test_error` (Fig. 1c): test error at the end of training (and the best along the way,
   the early-stopping view) vs. label corruption p.
 
@@ -39,7 +41,16 @@ def _p_of(rec: dict) -> float | None:
     return None
 
 
+def _plain(ax) -> None:
+    """Tick labels as the numbers themselves: no scientific multiplier, no offset text such as "+0.004"."""
+    for axis in ("x", "y"):
+        if (ax.get_xscale() if axis == "x" else ax.get_yscale()) == "linear":
+            ax.ticklabel_format(axis=axis, style="plain", useOffset=False)
+
+
 def _save(plt, fig, path) -> Path:
+    for ax in fig.axes:
+        _plain(ax)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -70,8 +81,8 @@ def plot_loss_curves(records: Sequence[dict], path, model: str | None = None) ->
         if len({(x["config"].get("lr"), x["config"].get("lr_decay")) for x in recs}) > 1:
             label += f" (lr x{r['config'].get('lr_decay'):g}/epoch)"
         # Only measured points: one per epoch, at the step count reached by its end.
-        ax.plot([e["step"] / 1000 for e in h], [e["train_loss"] for e in h], ".-", label=label)
-    ax.set_xlabel("thousand SGD steps")
+        ax.plot([e["step"] for e in h], [e["train_loss"] for e in h], ".-", label=label)
+    ax.set_xlabel("SGD steps")
     ax.set_ylabel("average training loss")
     ax.set_title(_title(recs, "Fig. 1a: learning curves"), fontsize=9)
     ax.legend(fontsize=7)
@@ -92,22 +103,22 @@ def _by_model_p(records):
 
 
 def plot_steps_to_fit(records: Sequence[dict], path) -> Path:
-    """Fig. 1b: steps to fit (mean over seeds) vs. corruption p; hollow = did not fit (steps run)."""
+    """Fig. 1b: steps to fit (mean over seeds) vs. corruption p; "x" = never fitted (the steps it ran), off the line."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
     for model, by_p in sorted(_by_model_p(records).items()):
         ps = sorted(by_p)
         steps = [np.mean([r["steps_to_fit"] if r["fitted"] else r["steps"] for r in by_p[p]]) for p in ps]
         fitted = [all(r["fitted"] for r in by_p[p]) for p in ps]
-        line, = ax.plot(ps, [s / 1000 for s in steps], "-", label=model)
-        ax.scatter([p for p, f in zip(ps, fitted) if f], [s / 1000 for s, f in zip(steps, fitted) if f],
-                   color=line.get_color(), zorder=3)
+        # the line joins the fitted runs only: a run that never fitted has no "steps to fit" to join
+        fit_ps = [p for p, f in zip(ps, fitted) if f]
+        line, = ax.plot(fit_ps, [s for s, f in zip(steps, fitted) if f], "o-", label=f"{model}: fitted", zorder=3)
         nf = [(p, s) for p, s, f in zip(ps, steps, fitted) if not f]
         if nf:
-            ax.scatter([p for p, _ in nf], [s / 1000 for _, s in nf], facecolors="none",
-                       edgecolors=line.get_color(), zorder=3, label=f"{model}: not fitted (steps run)")
+            ax.plot([p for p, _ in nf], [s for _, s in nf], "x", linestyle="none", markersize=9, markeredgewidth=2,
+                    color=line.get_color(), zorder=3, label=f"{model}: never fitted (steps run)")
     ax.set_xlabel("label corruption p")
-    ax.set_ylabel("thousand steps to reach target train accuracy")
+    ax.set_ylabel("SGD steps to reach target train accuracy")
     ax.set_title(_title(records, "Fig. 1b: convergence slowdown"), fontsize=9)
     ax.legend(fontsize=7)
     return _save(plt, fig, path)

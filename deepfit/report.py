@@ -26,76 +26,96 @@ from __future__ import annotations
 import argparse
 import base64
 import dataclasses
-import html
 import json
+import logging
 import math
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
 from kernelfit.errors import InputError, KernelfitError
+from kernelfit.progress import Heartbeat, get_logger
+from kernelfit.solve import SolveOptions
 
 from . import measures as M
 from .suite import MeasureOptions, measure_all
+from .train import TrainConfig
 
-_MD = MeasureOptions()  # the measure settings' defaults live there
+__all__ = ["ReportOptions", "REPORT_TRAIN", "REPORT_SOLVE", "run_report", "make_plots", "write_html",
+           "ratio_table_markdown", "main", "PRESETS"]
 
-__all__ = ["ReportOptions", "run_report", "make_plots", "write_html", "ratio_table_markdown", "main", "PRESETS"]
+# The report's network and kernel, where they differ on purpose from TrainConfig's / SolveOptions' defaults
+# (those reproduce Zhang et al.'s CIFAR-10 runs and kernelfit's solve): a small MLP on MNIST pixels / 255,
+# trained to 100% training accuracy (300 epochs at most, lr 0.05 decaying 2% per epoch), measured on 1000
+# test images; the exact float64 interpolant with the "auto" bandwidth (5 for MNIST pixels / 255, the
+# median otherwise; resolved by the report, as no other caller knows the data set).
+REPORT_TRAIN = TrainConfig(model="mlp2", dataset="mnist", n_test=1000, preprocess="normalize", crop=None, width=512,
+                           lr=0.05, lr_decay=0.98, max_epochs=300)
+REPORT_SOLVE = SolveOptions(kernel="gaussian", bandwidth="auto", mode="float64", jitter=0.0)
 
 
 @dataclass(frozen=True)
 class ReportOptions:
-    """Everything that changes the report's numbers.
+    """Everything that changes the report's numbers: report-only fields plus the three option sets it composes.
 
-    Data: ``dataset`` ("mnist", "mnist-subset", "cifar10"), ``data_dir``, ``sizes`` (training
-    subset sizes; nested prefixes of one seeded permutation), ``n_test``, ``preprocess``
-    ("normalize" | "whiten"), ``crop`` (None = none), ``data_seed`` (permutation and random labels).
-    Mixing experiment: ``mix_true`` true-label samples plus each of ``mix_random`` random-label
-    samples (empty = skip). Network: ``model``, ``width``, ``batch_norm``, SGD ``lr``, ``lr_decay``,
-    ``momentum``, ``batch_size``, ``max_epochs`` (trains to 100% training accuracy or this budget),
-    ``seed``. Measures: ``sharpness_eps``, ``sharpness_steps``, ``pac_alphas``, ``pac_samples``,
-    ``pac_target`` (expected-sharpness level at which the KL is read off), ``hessian_k`` (top
-    eigenvalues; 0 skips all Hessian measures), ``hessian_samples`` (Hutchinson probes),
-    ``basin_directions``, ``basin_delta``. Kernel: ``kernel``, ``bandwidth`` (a number, "median",
-    or "auto" = 5.0 for MNIST pixels / 255, median otherwise), ``kernel_mode``; ``run_kernel``.
+    Report-only: ``sizes`` (training subset sizes; nested prefixes of one seeded permutation),
+    ``mix_true`` true-label samples plus each of ``mix_random`` random-label samples in the mixing
+    experiment (empty = skip), ``data_dir``, ``run_kernel``.
+
+    ``train`` (:class:`deepfit.train.TrainConfig`, default :data:`REPORT_TRAIN`): the data set
+    (``dataset``, ``n_test``, ``preprocess``, ``crop``, ``data_seed``: permutation and random labels)
+    and the network (``model``, ``width``, ``batch_norm``, SGD ``lr``, ``lr_decay``, ``momentum``,
+    ``batch_size``, ``max_epochs``, ``target_train_acc``, ``seed``). The report sets ``n_train`` and
+    the labels of each run itself, so ``n_train`` must stay None and ``variant`` "true".
+
+    ``measure`` (:class:`deepfit.suite.MeasureOptions`, its defaults): margin percentile, sharpness,
+    PAC-Bayes, Hessian and basin settings, ``seed``.
+
+    ``solve`` (:class:`kernelfit.solve.SolveOptions`, default :data:`REPORT_SOLVE`): the kernel
+    interpolant; its ``bandwidth`` may also be "auto" (5.0 for MNIST pixels / 255, median otherwise).
+
+    :meth:`quick` is the cheapest documented configuration, :meth:`paper_cifar` the paper-scale one.
     """
 
-    dataset: str = "mnist"
-    data_dir: str | None = None
     sizes: tuple[int, ...] = (500, 1000, 2000)
-    n_test: int = 1000
-    preprocess: str = "normalize"
-    crop: int | None = None
-    data_seed: int = 0
     mix_true: int = 1000
     mix_random: tuple[int, ...] = (0, 250, 500, 1000)
-    model: str = "mlp2"
-    width: int | None = 512
-    batch_norm: bool | None = None
-    lr: float = 0.05
-    lr_decay: float = 0.98
-    momentum: float = 0.9
-    batch_size: int = 128
-    max_epochs: int = 300
-    seed: int = 0
-    sharpness_eps: float = _MD.sharpness_eps
-    sharpness_steps: int = _MD.sharpness_steps
-    pac_alphas: tuple[float, ...] = _MD.pac_alphas
-    pac_samples: int = _MD.pac_samples
-    pac_target: float = _MD.pac_target
-    hessian_k: int = _MD.hessian_k
-    hessian_samples: int = _MD.hessian_samples
-    basin_directions: int = _MD.basin_directions
-    basin_delta: float = _MD.basin_delta
-    kernel: str = "gaussian"
-    bandwidth: float | str = "auto"
-    kernel_mode: str = "float64"
+    data_dir: str | None = None
     run_kernel: bool = True
+    train: TrainConfig = REPORT_TRAIN
+    measure: MeasureOptions = MeasureOptions()
+    solve: SolveOptions = REPORT_SOLVE
+
+    @classmethod
+    def quick(cls) -> "ReportOptions":
+        """A first look in about a minute on 2 CPU cores: the bundled MNIST subset, 250/500 samples, a 128-unit
+        MLP (100 epochs at most), 500 test images, fewer steps and samples for the stochastic measures."""
+        return cls(sizes=(250, 500), mix_true=250, mix_random=(250,),
+                   train=dataclasses.replace(REPORT_TRAIN, dataset="mnist-subset", n_test=500, width=128, max_epochs=100),
+                   measure=MeasureOptions(sharpness_steps=5, pac_alphas=(1e-3, 1e-2, 3e-2, 1e-1), pac_samples=4,
+                                          hessian_k=2, hessian_samples=6, basin_directions=6))
+
+    @classmethod
+    def paper_cifar(cls) -> "ReportOptions":
+        """Neyshabur et al. 2017's scale: VGG on CIFAR-10 subsets up to 50K, 10K true + random mixing (a GPU job)."""
+        return cls(sizes=(5000, 10000, 20000, 30000, 40000, 50000), mix_true=10000,
+                   mix_random=(0, 5000, 10000, 20000, 30000, 40000),
+                   train=dataclasses.replace(REPORT_TRAIN, dataset="cifar10", model="vgg-cifar", width=64, n_test=10000,
+                                             lr=0.01, lr_decay=0.98, max_epochs=300),
+                   measure=MeasureOptions(hessian_k=3, pac_samples=5),
+                   solve=dataclasses.replace(REPORT_SOLVE, mode="mixed", bandwidth="median"))
+
+    def kernel_options(self) -> SolveOptions:
+        """:attr:`solve` with the "auto" bandwidth resolved for :attr:`train`'s data set."""
+        bw = self.solve.bandwidth
+        if bw == "auto":
+            bw = 5.0 if self.train.dataset.startswith("mnist") else "median"
+        return dataclasses.replace(self.solve, bandwidth=bw)
 
     def validated(self) -> "ReportOptions":
         if not self.sizes or any(int(s) < 10 for s in self.sizes):
@@ -104,32 +124,22 @@ class ReportOptions:
             )
         if any(int(r) < 0 for r in self.mix_random) or (self.mix_random and int(self.mix_true) < 10):
             raise InputError(f"mix_true must be >= 10 and mix_random >= 0, got {self.mix_true!r} and {self.mix_random!r}.")
-        if self.preprocess not in ("normalize", "whiten"):
-            raise InputError(f"preprocess must be 'normalize' or 'whiten', got {self.preprocess!r}.")
-        if self.kernel_mode not in ("float64", "float32", "mixed"):
-            raise InputError(f"kernel_mode must be float64, float32 or mixed, got {self.kernel_mode!r}.")
-        if not (isinstance(self.bandwidth, (int, float)) and self.bandwidth > 0) and self.bandwidth not in ("auto", "median"):
-            raise InputError(f"bandwidth must be a positive number, 'median' or 'auto', got {self.bandwidth!r}.")
-        self.measure_options().validated()
+        if self.train.n_train is not None or self.train.variant != "true":
+            raise InputError(f"the report chooses each run's training set and labels itself, but train has n_train="
+                             f"{self.train.n_train!r}, variant={self.train.variant!r}. Fix: leave them at None and 'true' "
+                             "and set sizes / mix_true / mix_random instead.")
+        self.kernel_options().validated()
+        self.measure.validated()
         return self
 
-    def measure_options(self) -> MeasureOptions:
-        names = {f.name for f in dataclasses.fields(MeasureOptions)}
-        return MeasureOptions(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
 
+_log = get_logger("deepfit.report")
 
-PRESETS: dict[str, dict[str, Any]] = {
-    # the cheapest documented configuration: a first look in about a minute on 2 CPU cores
-    "quick": dict(dataset="mnist-subset", sizes=(250, 500), n_test=500, mix_true=250, mix_random=(250,), width=128,
-                  max_epochs=100, sharpness_steps=5, pac_alphas=(1e-3, 1e-2, 3e-2, 1e-1), pac_samples=4,
-                  hessian_k=2, hessian_samples=6, basin_directions=6),
-    # reduced scale for a 2-core CPU (the default)
-    "cpu-mnist": {},
-    # paper-scale rows (Neyshabur et al. 2017: VGG on CIFAR-10 subsets, 10K true + random mixing): GPU job
-    "paper-cifar": dict(dataset="cifar10", model="vgg-cifar", width=64, sizes=(5000, 10000, 20000, 30000, 40000, 50000),
-                        mix_true=10000, mix_random=(0, 5000, 10000, 20000, 30000, 40000), n_test=10000,
-                        lr=0.01, lr_decay=0.98, max_epochs=300, kernel_mode="mixed", bandwidth="median",
-                        hessian_k=3, pac_samples=5),
+# Presets: each a ReportOptions constructor; flags given on the command line then override its fields.
+PRESETS: dict[str, Callable[[], ReportOptions]] = {
+    "quick": ReportOptions.quick,
+    "cpu-mnist": ReportOptions,   # the defaults: reduced scale for a 2-core CPU
+    "paper-cifar": ReportOptions.paper_cifar,
 }
 
 
@@ -137,69 +147,65 @@ PRESETS: dict[str, dict[str, Any]] = {
 # one run: train + measure + kernel
 # --------------------------------------------------------------------------------------------
 
-def _resolve_bandwidth(opts: ReportOptions):
-    if opts.bandwidth == "auto":
-        return 5.0 if opts.dataset.startswith("mnist") else "median"
-    return opts.bandwidth
-
-
-def _network_measures(model, X, y, opts: ReportOptions, log=None) -> dict:
-    return measure_all(model, X, y, opts.measure_options(), log=log)
-
-
 def _kernel_run(x_train, y_train, x_test, y_test, k: int, opts: ReportOptions) -> dict:
     from kernelfit.data import to_features
-    from kernelfit.solve import SolveOptions, fit_interpolant, one_hot
+    from kernelfit.solve import fit_interpolant, one_hot
 
     t0 = time.perf_counter()
     Xf = to_features(x_train, np.float64)
-    interp = fit_interpolant(Xf, one_hot(y_train, k), SolveOptions(kernel=opts.kernel, bandwidth=_resolve_bandwidth(opts),
-                                                                  mode=opts.kernel_mode, jitter=0.0))
+    interp = fit_interpolant(Xf, one_hot(y_train, k), opts.kernel_options())
     scores = interp.predict(to_features(x_test, np.float64))
     return dict(rkhs_norm=interp.rkhs_norm, test_error=float(np.mean(scores.argmax(1) != y_test)),
                 bandwidth=interp.bandwidth, mode=interp.mode, residual_relative=interp.stats["residual_relative"],
                 time_s=time.perf_counter() - t0)
 
 
-def _one_run(tag: str, x_tr, y_tr, x_te, y_te, k: int, opts: ReportOptions, device, log) -> dict:
+def _one_run(tag: str, x_tr, y_tr, x_te, y_te, k: int, opts: ReportOptions, device) -> dict:
     from deepfit.data import prepare_arrays
-    from deepfit.train import TrainConfig, train
+    from deepfit.train import train
 
-    data = prepare_arrays(x_tr, y_tr, x_te, y_te, k, preprocess=opts.preprocess, crop=opts.crop,
+    t = opts.train
+    say = lambda line: _log.info(f"[report] {tag}: {line}")  # noqa: E731
+    data = prepare_arrays(x_tr, y_tr, x_te, y_te, k, preprocess=t.preprocess, crop=t.crop,
                           info={"report_run": tag, "n_train": int(len(y_tr))})
-    cfg = TrainConfig(model=opts.model, dataset=opts.dataset, variant="true", data_seed=opts.data_seed,
-                      n_train=int(len(y_tr)), n_test=int(len(y_te)), preprocess=opts.preprocess, crop=opts.crop,
-                      batch_norm=opts.batch_norm, width=opts.width, lr=opts.lr, lr_decay=opts.lr_decay,
-                      momentum=opts.momentum, batch_size=opts.batch_size, seed=opts.seed,
-                      target_train_acc=1.0, max_epochs=opts.max_epochs)
-    log(f"[report] {tag}: training {opts.model} on {len(y_tr)} images ...")
-    res = train(cfg, data, device=device)
+    cfg = dataclasses.replace(t, n_train=int(len(y_tr)), n_test=int(len(y_te)))
+    say(f"training {t.model} on {len(y_tr)} images ...")
+    beat = Heartbeat(_log)   # the per-epoch lines: all of them at -v, one every few seconds otherwise
+
+    def epoch_line(line):
+        if _log.isEnabledFor(logging.DEBUG):
+            _log.debug(f"[report] {tag}: {line}")
+        else:
+            beat.tick(f"[report] {tag}: {line}")
+
+    res = train(cfg, data, device=device, log=epoch_line)
     rec = res.record
-    log(f"[report] {tag}: trained {rec['epochs']} epochs, train acc {rec['final_train_acc']:.4f}, "
+    say(f"trained {rec['epochs']} epochs, train acc {rec['final_train_acc']:.4f}, "
         f"test acc {rec['final_test_acc']:.4f} ({rec['train_time_s']:.1f}s)")
     dev = next(res.model.parameters()).device
     X = data.x_train.to(dev)
     y = data.y_train.to(dev)
-    net = _network_measures(res.model, X, y, opts, log=lambda line: log(f"[report] {tag}: {line}"))
+    net = measure_all(res.model, X, y, opts.measure, log=say)
     out = dict(tag=tag, n_train=int(len(y_tr)),
                network=dict(run_id=rec["run_id"], epochs=rec["epochs"], fitted=rec["fitted"],
                             train_acc=rec["final_train_acc"], test_acc=rec["final_test_acc"],
                             train_time_s=rec["train_time_s"], model_params=rec["model_params"], measures=net))
     if opts.run_kernel:
-        log(f"[report] {tag}: kernel interpolant ...")
+        say("kernel interpolant ...")
         out["kernel"] = _kernel_run(x_tr, y_tr, x_te, y_te, k, opts)
     m = out["network"]["measures"]
     sharp = m["measures"].get("sharpness", {}).get("value", float("nan"))
-    log(f"[report] {tag}: margin {m['margin']['value']:.3g}, sharpness {sharp:.3g}"
+    say(f"margin {m['margin']['value']:.3g}, sharpness {sharp:.3g}"
         + (f", kernel RKHS norm {out['kernel']['rkhs_norm']:.4g}" if opts.run_kernel else "")
         + f" (measures {m['time_s']:.1f}s)")
     return out
 
 
-def run_report(opts: ReportOptions = ReportOptions(), *, device: str = "auto",
-               log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
-               download: bool = False) -> dict:
+def run_report(opts: ReportOptions = ReportOptions(), *, device: str = "auto", download: bool = False) -> dict:
     """Train, solve and measure every configuration; return the JSON-able result.
+
+    Progress lines go to the ``deepfit`` logger (:func:`kernelfit.progress.set_verbosity`): one when each
+    run starts, trains, is measured (per measure) and solved, and a count of the runs done.
 
     ``download``: fetch a missing data set from its canonical source (kernelfit.data.download).
     """
@@ -209,27 +215,31 @@ def run_report(opts: ReportOptions = ReportOptions(), *, device: str = "auto",
 
     opts = opts.validated()
     dev = resolve_device(device)
-    ds = load_dataset(opts.dataset, data_dir=opts.data_dir, download=download)
+    ds = load_dataset(opts.train.dataset, data_dir=opts.data_dir, download=download)
     k = ds.num_classes
     need = max(max(opts.sizes), (opts.mix_true + max(opts.mix_random)) if opts.mix_random else 0)
     if need > len(ds.y_train):
-        raise InputError(f"the report needs {need} training examples but {opts.dataset!r} has {len(ds.y_train)}. "
+        raise InputError(f"the report needs {need} training examples but {opts.train.dataset!r} has {len(ds.y_train)}. "
                          "Fix: use smaller --sizes / --mix-random, or a larger dataset (e.g. --dataset mnist with --data-dir).")
-    if opts.n_test > len(ds.y_test):
+    n_test = len(ds.y_test) if opts.train.n_test is None else opts.train.n_test
+    if n_test > len(ds.y_test):
         raise InputError(
-            f"n_test={opts.n_test} but {opts.dataset!r} has {len(ds.y_test)} test examples. Fix: --n-test {len(ds.y_test)}."
+            f"n_test={n_test} but {opts.train.dataset!r} has {len(ds.y_test)} test examples. Fix: --n-test {len(ds.y_test)}."
         )
-    rng_perm, rng_lab, rng_test = (np.random.default_rng(s) for s in np.random.SeedSequence(opts.data_seed).spawn(3))
+    rng_perm, rng_lab, rng_test = (np.random.default_rng(s) for s in np.random.SeedSequence(opts.train.data_seed).spawn(3))
     perm = rng_perm.permutation(len(ds.y_train))[:need]
     x_all, y_true = ds.x_train[perm], ds.y_train[perm]
     y_rand = random_labels(y_true, k, rng_lab)  # one draw: nested subsets share their random labels
-    te = np.sort(rng_test.permutation(len(ds.y_test))[:opts.n_test])
+    te = np.sort(rng_test.permutation(len(ds.y_test))[:n_test])
     x_te, y_te = ds.x_test[te], ds.y_test[te]
     t0 = time.perf_counter()
+    n_runs = 2 * len(opts.sizes) + len(set(opts.mix_random) - {0})
+    _log.info(f"[report] {n_runs} runs of {opts.train.model} on {ds.name} (sizes {list(opts.sizes)}), device {dev}")
     runs = []
     for n in opts.sizes:
         for lab, yy in (("true", y_true), ("random", y_rand)):
-            r = _one_run(f"{lab}-{n}", x_all[:n], yy[:n], x_te, y_te, k, opts, dev, log)
+            r = _one_run(f"{lab}-{n}", x_all[:n], yy[:n], x_te, y_te, k, opts, dev)
+            _log.info(f"[report] run {len(runs) + 1} of {n_runs} done ({time.perf_counter() - t0:.0f} s)")
             r.update(labels=lab, experiment="size")
             runs.append(r)
     mixing = []
@@ -241,7 +251,8 @@ def run_report(opts: ReportOptions = ReportOptions(), *, device: str = "auto",
             r = dict(reuse, experiment="mixing", n_random=0, reused_from=reuse["tag"])
         else:
             yy = np.concatenate([y_true[:opts.mix_true], y_rand[opts.mix_true:n]])
-            r = _one_run(f"mix-{opts.mix_true}+{r_extra}", x_all[:n], yy, x_te, y_te, k, opts, dev, log)
+            r = _one_run(f"mix-{opts.mix_true}+{r_extra}", x_all[:n], yy, x_te, y_te, k, opts, dev)
+            _log.info(f"[report] mixing run +{r_extra} done ({time.perf_counter() - t0:.0f} s)")
             r.update(labels="mixed", experiment="mixing", n_random=int(r_extra))
         mixing.append(r)
     # Theorem 1 of Zhang et al. on the largest random-label subset: the 2n + d network fits it exactly
@@ -252,7 +263,7 @@ def run_report(opts: ReportOptions = ReportOptions(), *, device: str = "auto",
     nmax = max(opts.sizes)
     Xf = to_features(x_all[:nmax], np.float64)
     try:
-        expr = verify_fit(build_interpolating_network(Xf, y_rand[:nmax], seed=opts.seed), Xf, y_rand[:nmax])
+        expr = verify_fit(build_interpolating_network(Xf, y_rand[:nmax], seed=opts.train.seed), Xf, y_rand[:nmax])
     except InputError as e:  # duplicate images make the construction impossible; say so in the report
         expr = dict(error=str(e))
     result = dict(options=dataclasses.asdict(opts), device=str(dev), dataset=dict(name=ds.name, source=ds.source, num_classes=k),
@@ -392,11 +403,11 @@ def make_plots(result: dict, out_dir: Path) -> dict[str, Path]:
         allv = [v for v in (scalar_measures(r)[name][0] for r in runs) if math.isfinite(v)]
         _style_axis(ax, name, allv or [1.0])
         ax.set_xlabel("training-set size")
+        ax.legend(fontsize=7)   # on every panel: a panel read alone still says which curve is which
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=8)
     fig.suptitle(f"Measures vs training-set size, true vs random labels ({result['dataset']['name']}, "
-                 f"{result['options']['model']})")
+                 f"{result['options']['train']['model']})")
     fig.tight_layout()
     paths["fig1"] = out_dir / "fig1_measures_vs_size.png"
     fig.savefig(paths["fig1"], dpi=72)
@@ -438,9 +449,11 @@ def make_plots(result: dict, out_dir: Path) -> dict[str, Path]:
         for ax, name in zip(axes.flat, names_m):
             vals = [scalar_measures(r)[name] for r in mix]
             ax.errorbar(xs, [v[0] for v in vals], yerr=[0.0 if math.isnan(v[1]) else v[1] for v in vals],
-                        marker="o", color="tab:purple", capsize=3)
+                        marker="o", color="tab:purple", capsize=3,
+                        label=f"{result['options']['mix_true']} true + n random labels")
             _style_axis(ax, name, [v[0] for v in vals if math.isfinite(v[0])] or [1.0])
             ax.set_xlabel("# random-label samples added")
+            ax.legend(fontsize=7)
         for ax in list(axes.flat)[len(names_m):]:
             ax.axis("off")
         fig.suptitle(f"Mixing: {result['options']['mix_true']} true samples + a growing set of random-label samples")
@@ -452,73 +465,82 @@ def make_plots(result: dict, out_dir: Path) -> dict[str, Path]:
 
 
 def _fmt(v) -> str:
-    if isinstance(v, (tuple, list)) and len(v) >= 2:
-        return f"{_fmt(v[0])} &plusmn; {_fmt(v[1])}" if math.isfinite(v[1]) else _fmt(v[0])
+    """One table cell as plain text (the template escapes it)."""
+    if isinstance(v, (tuple, list)) and len(v) >= 2 and all(isinstance(x, (int, float)) for x in v[:2]):
+        return f"{_fmt(v[0])} \u00b1 {_fmt(v[1])}" if math.isfinite(v[1]) else _fmt(v[0])
+    if isinstance(v, bool) or v is None:
+        return str(v)
     if isinstance(v, float):
-        if not math.isfinite(v):
-            return "nan"
-        return f"{v:.4g}"
-    return html.escape(str(v))
+        return f"{v:.4g}" if math.isfinite(v) else "nan"
+    return str(v)
+
+
+def flatten(d, prefix: str = "") -> list[tuple[str, str]]:
+    """A nested JSON value as ``(dotted key, text)`` rows: how the report shows options, provenance and
+    expressivity as tables instead of a JSON dump. Lists of numbers or strings stay one cell."""
+    if isinstance(d, dict):
+        rows = []
+        for k, v in d.items():
+            rows += flatten(v, f"{prefix}.{k}" if prefix else str(k))
+        return rows
+    if isinstance(d, (list, tuple)) and any(isinstance(x, (dict, list, tuple)) for x in d):
+        rows = []
+        for i, v in enumerate(d):
+            rows += flatten(v, f"{prefix}[{i}]")
+        return rows
+    if isinstance(d, (list, tuple)):
+        return [(prefix, ", ".join(_fmt(x) for x in d) or "(none)")]
+    return [(prefix, _fmt(d))]
+
+
+def _template():
+    from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
+
+    env = Environment(loader=PackageLoader("deepfit", "templates"), autoescape=select_autoescape(["html", "j2"]),
+                      undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    return env.get_template("report.html.j2")
 
 
 def write_html(result: dict, figures: dict[str, Path], path: Path) -> Path:
-    """A self-contained HTML page: options, figures (base64 PNG), per-run tables, ratios."""
-    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>deepfit report</title>",
-             "<style>body{font-family:sans-serif;max-width:1300px;margin:auto}table{border-collapse:collapse;font-size:12px}"
-             "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}th{background:#eee}img{max-width:100%}</style>",
-             "</head><body>"]
+    """A self-contained HTML page (deepfit/templates/report.html.j2; images as base64 PNG): the figures, the
+    per-run tables, the ratios, and the expressivity check, options and provenance as key / value tables."""
     o = result["options"]
-    parts.append("<h1>Kernel vs network: complexity measures on true and random labels</h1>")
-    parts.append(
-        f"<p>Dataset <b>{html.escape(result['dataset']['name'])}</b>"
-        + (" (CIFAR-10 (JPEG q75 copy) when read from the shared data)" if result["dataset"]["name"].startswith("cifar") else "")
-        + f", model <b>{html.escape(o['model'])}</b> (width {o['width']}), device {html.escape(result['device'])}, "
-        f"total time {result['total_time_s']:.0f} s. Norm measures are shown as their paper's capacity: "
-        f"(measure / margin)^2 for Neyshabur et al. 2017/2018 (their Fig. 1 and Thm. 1, architecture-only "
-        f"constants dropped), measure / margin for Bartlett et al.'s spectral complexity; the margin is the 5th "
-        f"percentile of f_y(x) - max_j f_j(x) over the training set. Sharpness: max over the box "
-        f"|nu_i| &lt;= {o['sharpness_eps']} (|w_i|+1) by "
-        f"projected gradient ascent, (max loss - loss)/(1 + loss). PAC-Bayes KL read off at expected sharpness "
-        f"&lt;= {o['pac_target']}. Kernel: {html.escape(o['kernel'])} interpolant, RKHS norm of the one-hot fit.</p>"
-    )
-    for key, title in (("fig1", "Figure 1: measures vs training-set size"), ("fig2", "Figure 2: PAC-Bayes"),
-                       ("fig3", "Figure 3: mixing true and random labels")):
-        if key in figures:
-            b64 = base64.b64encode(Path(figures[key]).read_bytes()).decode()
-            parts.append(f"<h2>{title}</h2><img alt='{key}' src='data:image/png;base64,{b64}'>")
+    tr, me, so = o["train"], o["measure"], o["solve"]
     names = list(scalar_measures(result["runs"][0]).keys())
 
-    def table(runs, first_cols):
-        heads = first_cols + ["train acc", "epochs"] + names
-        rows = ["<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in heads) + "</tr>"]
+    def run_table(title, runs, mixing):
+        head = ["run", "n"] + (["n random"] if mixing else []) + ["fitted", "train acc", "epochs"] + names
+        rows = []
         for r in runs:
             sm = scalar_measures(r)
-            lead = [r["tag"], r["n_train"]] + ([r.get("n_random", "")] if "n random" in first_cols else [])
-            cells = lead + [r["network"]["train_acc"], r["network"]["epochs"]]
-            rows.append("<tr>" + "".join(f"<td>{_fmt(v)}</td>" for v in cells)
-                        + "".join(f"<td>{_fmt(sm[n])}</td>" for n in names) + "</tr>")
-        rows.append("</table>")
-        return "".join(rows)
+            lead = [r["tag"], r["n_train"]] + ([r.get("n_random", "")] if mixing else [])
+            rows.append([_fmt(v) for v in lead + [r["network"]["fitted"], r["network"]["train_acc"], r["network"]["epochs"]]]
+                        + [_fmt(sm[n]) for n in names])
+        return dict(title=title, head=head, rows=rows, note="value \u00b1 standard error where the measure is a "
+                                                           "stochastic estimate")
 
-    parts.append("<h2>Runs: true vs random labels</h2>" + table(result["runs"], ["run", "n"]))
+    tables = [run_table("Runs: true vs random labels", result["runs"], False)]
     if result.get("ratios"):
-        parts.append("<h2>Ratio random / true</h2><table><tr><th>measure</th>"
-                     + "".join(f"<th>n = {n}</th>" for n in result["ratios"]) + "</tr>")
-        for name in names:
-            parts.append(f"<tr><td style='text-align:left'>{html.escape(name)}</td>"
-                         + "".join(f"<td>{_fmt(ratio.get(name, float('nan')))}</td>" for ratio in result["ratios"].values())
-                         + "</tr>")
-        parts.append("</table>")
+        ratios = result["ratios"]
+        tables.append(dict(title="Ratio random / true", note="", head=["measure", "y axis"] + [f"n = {n}" for n in ratios],
+                           rows=[[n, _Y_LABELS.get(n, n)] + [_fmt(r.get(n, float("nan"))) for r in ratios.values()]
+                                 for n in names]))
     if result.get("mixing"):
-        parts.append("<h2>Mixing experiment</h2>" + table(result["mixing"], ["run", "n", "n random"]))
-    e = result.get("expressivity", {})
-    parts.append("<h2>Finite-sample expressivity (Zhang et al., Theorem 1)</h2><p>"
-                 + html.escape(json.dumps(e)) + "</p>")
-    settings = json.dumps({"options": o, "provenance": result.get("provenance")}, indent=1, default=str)
-    parts.append("<h2>Options and provenance</h2><pre>" + html.escape(settings) + "</pre>")
-    parts.append("</body></html>")
+        tables.append(run_table("Mixing experiment", result["mixing"], True))
+    for title, value in (("Finite-sample expressivity (Zhang et al., Theorem 1)", result.get("expressivity", {})),
+                         ("Options", o), ("Provenance", result.get("provenance") or {})):
+        tables.append(dict(title=title, note="", head=["key", "value"], rows=[list(kv) for kv in flatten(value)]))
+    figs = [dict(key=key, title=title, b64=base64.b64encode(Path(figures[key]).read_bytes()).decode())
+            for key, title in (("fig1", "Figure 1: measures vs training-set size"), ("fig2", "Figure 2: PAC-Bayes"),
+                               ("fig3", "Figure 3: mixing true and random labels")) if key in figures]
+    ds = result["dataset"]["name"]
+    page = _template().render(
+        dataset=ds, dataset_note="CIFAR-10 (JPEG q75 copy) when read from the shared data" if ds.startswith("cifar") else "",
+        model=tr["model"], width=tr["width"], device=result["device"], total_time_s=result["total_time_s"],
+        percentile=_fmt(me["percentile"]), sharpness_eps=_fmt(me["sharpness_eps"]), pac_target=_fmt(me["pac_target"]),
+        kernel=so["kernel"], figures=figs, tables=tables)
     path = Path(path)
-    path.write_text("".join(parts), encoding="utf-8")
+    path.write_text(page, encoding="utf-8")
     return path
 
 
@@ -555,64 +577,97 @@ def _default_text(v) -> str:
     return "none" if v is None else (f"{v:g}" if isinstance(v, float) else str(v))
 
 
+def _get(opts: ReportOptions, path: str):
+    obj = opts
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _with(opts: ReportOptions, path: str, value) -> ReportOptions:
+    """``opts`` with the field at ``path`` ("sizes", "train.lr", ...) replaced by ``value``."""
+    head, _, rest = path.partition(".")
+    if not rest:
+        return dataclasses.replace(opts, **{head: value})
+    return dataclasses.replace(opts, **{head: dataclasses.replace(getattr(opts, head), **{rest: value})})
+
+
+# flag -> the ReportOptions field(s) it sets (--seed seeds both the network and every measure)
+_FLAG_FIELDS: dict[str, tuple[str, ...]] = {}
+
+
 def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """The ``deepfit report`` options; each help line names its default once (the cpu-mnist values)."""
     p = argparse.ArgumentParser(prog="deepfit report", description=__doc__.split("\n")[0], add_help=add_help)
     d = ReportOptions()
 
-    def opt(group, flag, help_text="", **kw):
-        field = flag[2:].replace("-", "_")
-        default = getattr(d, kw.pop("field", field), None)
-        shown = kw.pop("shown", _default_text(default))
+    def opt(group, flag, path, help_text="", **kw):
+        paths = (path,) if isinstance(path, str) else tuple(path)
+        dest = flag[2:].replace("-", "_")
+        _FLAG_FIELDS[dest] = paths
+        shown = kw.pop("shown", None) or _default_text(_get(d, paths[0]))
         kw.setdefault("default", None)  # None = not given: the preset or ReportOptions decides
-        group.add_argument(flag, help=(help_text + " " if help_text else "") + f"(default {shown})", **kw)
+        group.add_argument(flag, dest=dest, help=(help_text + " " if help_text else "") + f"(default {shown})", **kw)
 
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="start from a preset, then apply the flags given: quick (about a minute on 2 CPU cores), "
-                        "cpu-mnist (the defaults below), paper-cifar (paper scale, a GPU job)")
+                   help="start from a preset, then apply the flags given: quick (ReportOptions.quick(): about a minute "
+                        "on 2 CPU cores), cpu-mnist (the defaults below), paper-cifar (paper scale, a GPU job)")
     p.add_argument("--out", default=None, help="output directory (default ./report_<dataset>_<model>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report in --out")
-    from .cli import _device, _positive_int
-    p.add_argument("--device", type=_device(allow_list=False), default="auto", help="auto | cpu | cuda (default auto)")
-    p.add_argument("--threads", type=_positive_int("--threads"), default=None,
+    from .args import add_verbosity_flags, device_arg, positive_int
+    p.add_argument("--device", type=device_arg(allow_list=False), default="auto", help="auto | cpu | cuda (default auto)")
+    p.add_argument("--threads", type=positive_int("--threads"), default=None,
                    help="torch intra-op threads (default: torch's choice)")
+    add_verbosity_flags(p)
     g = p.add_argument_group("data")
-    opt(g, "--dataset", "mnist | mnist-subset | cifar10")
-    opt(g, "--data-dir", "directory with the data sets", shown="kernelfit's resolution")
+    opt(g, "--dataset", "train.dataset", "mnist | mnist-subset | cifar10")
+    opt(g, "--data-dir", "data_dir", "directory with the data sets", shown="kernelfit's resolution")
     g.add_argument("--download", action="store_true", help="fetch a missing data set from its canonical source")
-    opt(g, "--sizes", "training subset sizes", type=_ints)
-    opt(g, "--n-test", "test images", type=int)
-    opt(g, "--preprocess", "", choices=["normalize", "whiten"])
-    opt(g, "--crop", "centre crop size", type=int)
-    opt(g, "--data-seed", "seed of the subset permutation and the random labels", type=int)
-    opt(g, "--mix-true", "true-label samples in the mixing experiment (paper 10000)", type=int)
-    opt(g, "--mix-random", "random-label samples added to them; the 0 baseline is always included; "
-                           "'' skips mixing", type=_ints)
+    opt(g, "--sizes", "sizes", "training subset sizes", type=_ints)
+    opt(g, "--n-test", "train.n_test", "test images", type=int)
+    opt(g, "--preprocess", "train.preprocess", "", choices=["normalize", "whiten"])
+    opt(g, "--crop", "train.crop", "centre crop size", type=int)
+    opt(g, "--data-seed", "train.data_seed", "seed of the subset permutation and the random labels", type=int)
+    opt(g, "--mix-true", "mix_true", "true-label samples in the mixing experiment (paper 10000)", type=int)
+    opt(g, "--mix-random", "mix_random", "random-label samples added to them; the 0 baseline is always included; "
+                                         "'' skips mixing", type=_ints)
     g = p.add_argument_group("network")
-    opt(g, "--model", "a deepfit.models name")
-    opt(g, "--width", "", type=int)
-    opt(g, "--batch-norm", "add batch norm where the model supports it", action="store_const", const=True,
-        shown="the model's own")
-    opt(g, "--lr", "initial SGD learning rate", type=float)
-    opt(g, "--lr-decay", "learning-rate factor per epoch", type=float)
-    opt(g, "--batch-size", "", type=int)
-    opt(g, "--max-epochs", "trains to 100%% training accuracy or this many epochs", type=int)
-    opt(g, "--seed", "seed of init, batch order and every measure", type=int)
+    opt(g, "--model", "train.model", "a deepfit.models name")
+    opt(g, "--width", "train.width", "", type=int)
+    opt(g, "--batch-norm", "train.batch_norm", "add batch norm where the model supports it", action="store_const",
+        const=True, shown="the model's own")
+    opt(g, "--lr", "train.lr", "initial SGD learning rate", type=float)
+    opt(g, "--lr-decay", "train.lr_decay", "learning-rate factor per epoch", type=float)
+    opt(g, "--batch-size", "train.batch_size", "", type=int)
+    opt(g, "--max-epochs", "train.max_epochs", "trains to 100%% training accuracy or this many epochs", type=int)
+    opt(g, "--seed", ("train.seed", "measure.seed"), "seed of init, batch order and every measure", type=int)
     g = p.add_argument_group("measures")
-    opt(g, "--sharpness-eps", "sharpness box half-width eps (|w|+1)", type=float)
-    opt(g, "--sharpness-steps", "projected gradient ascent steps", type=int)
-    opt(g, "--pac-alphas", "PAC-Bayes noise scales alpha", type=_floats)
-    opt(g, "--pac-samples", "noise draws per alpha", type=int)
-    opt(g, "--pac-target", "expected sharpness at which the PAC-Bayes KL is read off", type=float)
-    opt(g, "--hessian-k", "top Hessian eigenvalues (0: skip the Hessian measures)", type=int)
-    opt(g, "--hessian-samples", "Hutchinson probes", type=int)
-    opt(g, "--basin-directions", "random directions for the basin radius", type=int)
+    opt(g, "--sharpness-eps", "measure.sharpness_eps", "sharpness box half-width eps (|w|+1)", type=float)
+    opt(g, "--sharpness-steps", "measure.sharpness_steps", "projected gradient ascent steps", type=int)
+    opt(g, "--pac-alphas", "measure.pac_alphas", "PAC-Bayes noise scales alpha", type=_floats)
+    opt(g, "--pac-samples", "measure.pac_samples", "noise draws per alpha", type=int)
+    opt(g, "--pac-target", "measure.pac_target", "expected sharpness at which the PAC-Bayes KL is read off", type=float)
+    opt(g, "--hessian-k", "measure.hessian_k", "top Hessian eigenvalues (0: skip the Hessian measures)", type=int)
+    opt(g, "--hessian-samples", "measure.hessian_samples", "Hutchinson probes", type=int)
+    opt(g, "--basin-directions", "measure.basin_directions", "random directions for the basin radius", type=int)
     g = p.add_argument_group("kernel")
-    opt(g, "--bandwidth", "a number, median, or auto (5 for MNIST pixels / 255, median otherwise)", type=_bandwidth)
-    opt(g, "--kernel-mode", "", choices=["float64", "float32", "mixed"])
-    opt(g, "--no-kernel", "skip the kernel interpolant", dest="run_kernel", action="store_const", const=False,
-        field="run_kernel", shown="the kernel runs")
+    opt(g, "--bandwidth", "solve.bandwidth", "a number, median, or auto (5 for MNIST pixels / 255, median otherwise)",
+        type=_bandwidth)
+    opt(g, "--kernel-mode", "solve.mode", "", choices=["float64", "float32", "mixed"])
+    opt(g, "--no-kernel", "run_kernel", "skip the kernel interpolant", action="store_const", const=False,
+        shown="the kernel runs")
     return p
+
+
+def options_from_args(args: argparse.Namespace) -> ReportOptions:
+    """The preset's ReportOptions (default: cpu-mnist) with every flag given applied; validated."""
+    opts = PRESETS[args.preset or "cpu-mnist"]()
+    for dest, paths in _FLAG_FIELDS.items():
+        v = getattr(args, dest, None)
+        if v is not None:
+            for path in paths:
+                opts = _with(opts, path, v)
+    return opts.validated()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -629,17 +684,16 @@ def register_cli(subparsers) -> None:
 
 
 def _run_args(args: argparse.Namespace, argv) -> int:
+    from kernelfit.progress import set_verbosity
     from kernelfit.results import provenance, write_json_atomic
 
-    fields = {f.name for f in dataclasses.fields(ReportOptions)}
-    kw = dict(PRESETS[args.preset]) if args.preset else {}
-    kw.update({k: v for k, v in vars(args).items() if k in fields and v is not None})
+    set_verbosity(args.verbose - args.quiet)
     try:
-        opts = ReportOptions(**kw).validated()
+        opts = options_from_args(args)
     except InputError as e:
         print(f"deepfit report: error: {e}", file=sys.stderr)
         return 2
-    out = Path(args.out) if args.out else Path(f"report_{opts.dataset}_{opts.model}")
+    out = Path(args.out) if args.out else Path(f"report_{opts.train.dataset}_{opts.train.model}")
     if (out / "report.json").exists() and not args.overwrite:
         print(f"deepfit report: error: {out / 'report.json'} exists. Fix: pass --overwrite or another --out.", file=sys.stderr)
         return 2

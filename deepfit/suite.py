@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from kernelfit.errors import InputError, ModelFileError
+from kernelfit.progress import get_logger
 
 from . import hessian as H
 from . import measures as M
@@ -86,8 +87,9 @@ def measure_all(model: nn.Module, X: torch.Tensor, y: torch.Tensor, options: Mea
 
     ``groups``: a subset of :data:`GROUPS` to compute. Each measure is computed on its own: one that
     does not apply (or fails on bad input) is listed in ``not_applicable`` with the reason and never
-    drops another. ``log``: called with a progress line when each phase starts and ends (the CLI
-    prints them on standard error). Returns ``{"margin", "measures", "not_applicable", "layers",
+    drops another. ``log``: called with a progress line when each phase starts and ends (default: the
+    ``deepfit.suite`` logger at info level; see :func:`kernelfit.progress.set_verbosity`).
+    Returns ``{"margin", "measures", "not_applicable", "layers",
     "options", "n_samples", "n_parameters", "second_order_parameters", "time_s"}``.
     """
     opts = options.validated()
@@ -95,7 +97,7 @@ def measure_all(model: nn.Module, X: torch.Tensor, y: torch.Tensor, options: Mea
     if bad:
         raise InputError(f"unknown measure group(s) {bad}; expected a subset of {list(GROUPS)}.")
     M._check_xy(X, y)
-    say = log or (lambda s: None)
+    say = log or get_logger("deepfit.suite").info   # a line when each measure starts and ends
     before = _state(model)
     t0 = time.perf_counter()
     seed = opts.seed
@@ -210,9 +212,9 @@ def read_checkpoint(path) -> tuple[dict, "object"]:
     if not p.is_file():
         raise InputError(f"checkpoint {str(p)!r} does not exist. Fix: pass a <run id>.pt file written by "
                          "`deepfit train --checkpoint-dir DIR`.")
-    from .usermodel import WHOLE_MODEL_FIX, _zip_names
+    from .usermodel import WHOLE_MODEL_FIX, zip_member_names
 
-    if any("/code/__torch__/" in n or n.endswith("/archive_format") for n in _zip_names(p)):
+    if any("/code/__torch__/" in n or n.endswith("/archive_format") for n in zip_member_names(p)):
         raise InputError(f"{str(p)!r} is a TorchScript / torch.export archive, not a deepfit checkpoint; the measures need "
                          "the network's Python modules. Fix: --model-def your_file.py:YourClass --weights "
                          f"{str(p)!r} --dataset NAME (the archive's weights are read without unpickling).")
@@ -276,7 +278,7 @@ def _user_arrays(spec_x: str, spec_y: str, cfg, num_classes: int | None):
 
 
 def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    from .cli import _crop, _positive_int
+    from .args import crop_arg, positive_int
     from .data import PREPROCESS_MODES
     d = MeasureOptions()
     p = argparse.ArgumentParser(prog="deepfit measure", add_help=add_help,
@@ -293,13 +295,13 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     ud = p.add_argument_group("data for --model-def (a checkpoint brings its own configuration)")
     ud.add_argument("--dataset", default=None, help="data set the network was trained on, e.g. mnist, fashion-mnist, "
                                                     "cifar10, mnist-subset (or --data FILE --labels FILE)")
-    ud.add_argument("--n-train", type=_positive_int("--n-train"), default=None,
+    ud.add_argument("--n-train", type=positive_int("--n-train"), default=None,
                     help="measure on a stratified subset of this many training images (default: all)")
     ud.add_argument("--data-seed", type=int, default=0, help="seed of the subset draw (default 0)")
     ud.add_argument("--preprocess", default=None, choices=PREPROCESS_MODES,
                     help="how the images are fed to the network: scale = pixels / 255 (default), normalize = /255 then "
                          "per-channel standardization, whiten = per-image whitening (deepfit train's default)")
-    ud.add_argument("--crop", type=_crop, default=None, help="centre crop size, or 'none' (default: no crop)")
+    ud.add_argument("--crop", type=crop_arg, default=None, help="centre crop size, or 'none' (default: no crop)")
     p.add_argument("--data", default="config",
                    help="'config' (default): the training set the checkpoint's configuration (or --dataset) describes; "
                         "or an image array FILE[:member] (N,H,W[,C]), with --labels")
@@ -308,8 +310,7 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--download", action="store_true", help="fetch a missing data set from its canonical source")
     p.add_argument("--groups", default=",".join(GROUPS), help=f"comma-separated subset of {','.join(GROUPS)} (default all)")
     p.add_argument("--out", default=None, help="also write the JSON here (default: standard output only)")
-    p.add_argument("--quiet", action="store_true", help="no progress lines on standard error")
-    p.add_argument("--threads", type=_positive_int("--threads"), default=None,
+    p.add_argument("--threads", type=positive_int("--threads"), default=None,
                    help="torch CPU threads (default: torch's choice)")
     g = p.add_argument_group("measure settings (see MeasureOptions)")
     for f in dataclasses.fields(MeasureOptions):
@@ -423,8 +424,7 @@ def _run(a) -> int:
         head = dict(checkpoint=str(a.checkpoint), config=cfg.to_dict())
     X = getattr(data, "x_train_eval", None)   # un-augmented training images
     X = data.x_train if X is None else X
-    res = measure_all(model, X, data.y_train, opts, groups=groups,
-                      log=None if a.quiet else (lambda line: print(line, file=sys.stderr, flush=True)))
+    res = measure_all(model, X, data.y_train, opts, groups=groups, log=get_logger("deepfit.suite").info)
     res = dict(head, data=dict(data.info), **res,
                provenance=provenance(["deepfit", "measure", *sys.argv[2:]]))
     print(dumps(res), flush=True)   # first, so that a failing --out write loses nothing

@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from kernelfit.errors import InputError, ModelFileError
 
-__all__ = ["load_model_def", "load_weights", "build_user_model", "WHOLE_MODEL_FIX"]
+__all__ = ["load_model_def", "load_weights", "build_user_model", "zip_member_names", "WHOLE_MODEL_FIX"]
 
 WHOLE_MODEL_FIX = ("Fix: save the weights only, torch.save(model.state_dict(), 'weights.pt'), and measure with "
                    "`deepfit measure --model-def your_file.py:YourClass --weights weights.pt --dataset NAME`")
@@ -83,7 +83,7 @@ def load_model_def(spec: str, kwargs_json: str | None = None) -> nn.Module:
     return model
 
 
-def _zip_names(path: Path) -> list[str]:
+def zip_member_names(path: Path) -> list[str]:
     try:
         with zipfile.ZipFile(path) as z:
             return z.namelist()
@@ -126,7 +126,7 @@ def load_weights(path) -> tuple[dict, str]:
     if not p.is_file():
         raise InputError(f"--weights {str(p)!r} does not exist. Fix: save torch.save(model.state_dict(), PATH) and "
                          "pass PATH.")
-    names = _zip_names(p)
+    names = zip_member_names(p)
     if p.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file

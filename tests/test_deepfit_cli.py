@@ -174,3 +174,18 @@ def test_table1_full_grid_tiny(tmp_path, capsys):
     from deepfit.experiments import read_results, table1_rows
     rows = table1_rows(read_results(out), dataset="mnist-subset")
     assert len(rows) == 19 and all(r["train_acc"] is not None for r in rows)
+
+
+def test_table1_at_toy_sizes_warns_once_per_place_and_records_it(tmp_path, capsys):
+    from deepfit.experiments import table1_incomparable
+    from deepfit.train import TrainConfig
+
+    assert table1_incomparable(TrainConfig(dataset="cifar10")) == []   # the paper's setting: all of CIFAR-10, whiten, crop 28
+    out = tmp_path / "t.jsonl"
+    assert main(["table1", "--models", "mlp-1x512", "--max-epochs", "1", "--crop", "none", "--out", str(out), *TINY]) == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if "cannot be compared with the paper" in line]
+    assert len(err) == 2 and err[0] == err[1] and err[0].startswith("[deepfit] warning: ")
+    assert "dataset mnist-subset (paper: cifar10)" in err[0] and "crop None (paper: 28)" in err[0]
+    recs = _lines(out)
+    assert all(r["paper_comparable"] is False and "dataset mnist-subset (paper: cifar10)" in r["not_comparable_because"]
+               for r in recs)

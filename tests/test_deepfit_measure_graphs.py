@@ -8,14 +8,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from deepfit_nets import gen as _gen
+from deepfit_nets import identity_around, jacobian_norm
 
 from deepfit import hessian as Hs
 from deepfit import measures as M
 from kernelfit.errors import InputError
-
-
-def _gen(seed):
-    return torch.Generator().manual_seed(seed)
 
 
 def _randomize(net, seed):
@@ -125,23 +123,17 @@ def test_registry_inception_product_measures_not_applicable_path_norms_are():
 def test_overlapping_maxpool_spectral_measure_bounds_the_jacobian():
     # identity 1x1 conv -> max pool 3x3 / stride 2 on 5x5 -> identity linear: the centre pixel is in all
     # four windows, so at an input whose maximum sits there the Jacobian has a column of four ones (norm 2)
-    conv = nn.Conv2d(1, 1, 1, bias=False).double()
-    lin = nn.Linear(4, 4, bias=False).double()
-    with torch.no_grad():
-        conv.weight.fill_(1.0)
-        lin.weight.copy_(torch.eye(4, dtype=torch.float64))
-    chain = nn.Sequential(conv, nn.MaxPool2d(3, stride=2), nn.Flatten(), lin)
+    chain = identity_around(nn.MaxPool2d(3, stride=2), 4)
     x = torch.zeros(1, 1, 5, 5, dtype=torch.float64)
     x[0, 0, 2, 2] = 10.0
-    jac = torch.autograd.functional.jacobian(chain, x).reshape(4, 25)
-    lipschitz = float(torch.linalg.matrix_norm(jac, ord=2))
+    lipschitz = jacobian_norm(chain, x)
     assert lipschitz == pytest.approx(2.0)
     X = torch.cat([x, -x])
     y = torch.tensor([0, 1])
     res = M.compute_norm_measures(chain, X, y, names=["spectral"])
     assert res["measures"]["spectral"]["value"] >= lipschitz * (1 - 1e-9)
     # non-overlapping windows keep factor 1
-    chain2 = nn.Sequential(conv, nn.MaxPool2d(2), nn.Flatten(), lin)
+    chain2 = identity_around(nn.MaxPool2d(2), 4)
     assert M.compute_norm_measures(chain2, torch.cat([x[..., :4, :4], -x[..., :4, :4]]), y,
                                    names=["spectral"])["measures"]["spectral"]["value"] == pytest.approx(1.0)
 

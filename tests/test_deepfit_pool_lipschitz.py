@@ -7,20 +7,12 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from deepfit_nets import gen as _gen
+from deepfit_nets import identity_around
+from deepfit_nets import jacobian_norm as _jacobian_norm
 
 from deepfit import measures as M
 from kernelfit.errors import InputError
-
-
-def _gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
-def _jacobian_norm(fn, x):
-    """Largest singular value of the Jacobian of ``fn`` at ``x`` (dense, float64)."""
-    jac = torch.autograd.functional.jacobian(fn, x)
-    return float(torch.linalg.matrix_norm(jac.reshape(-1, x.numel()), ord=2))
-
 
 # (pool, input shape of the pool without the batch dim); 1-d pools see (C, L)
 LINEAR_POOLS = [
@@ -90,12 +82,7 @@ def test_global_mean_factor_is_its_operator_norm():
 
 def test_spectral_measure_bounds_a_net_with_an_upsampling_pool():
     # identity layers around AdaptiveAvgPool2d(12) on 4x4: the network's Lipschitz constant is the pool's (3)
-    conv = nn.Conv2d(1, 1, 1, bias=False).double()
-    lin = nn.Linear(144, 144, bias=False).double()
-    with torch.no_grad():
-        conv.weight.fill_(1.0)
-        lin.weight.copy_(torch.eye(144, dtype=torch.float64))
-    net = nn.Sequential(conv, nn.AdaptiveAvgPool2d(12), nn.Flatten(), lin)
+    net = identity_around(nn.AdaptiveAvgPool2d(12), 144)
     X = torch.randn(4, 1, 4, 4, generator=_gen(1), dtype=torch.float64)
     lipschitz = _jacobian_norm(net, X[:1])
     assert lipschitz == pytest.approx(3.0)

@@ -111,6 +111,11 @@ def read_cifar10_batches(path):
     path = Path(path)
     wanted = (*_CIFAR10_TRAIN_BATCHES, _CIFAR10_TEST_BATCH)
     blobs: dict[str, tuple[bytes, str]] = {}
+    from ..progress import progress_bar
+
+    # read + decode of each of the 6 batches: a line every few seconds (a .tar.gz takes tens of seconds)
+    bar = progress_bar(total=2 * len(wanted), desc=f"CIFAR-10 read + decode ({path})", unit=" steps",
+                       logger="kernelfit.data")
     if path.is_dir():
         d = path / CIFAR10_BATCH_DIR if (path / CIFAR10_BATCH_DIR).is_dir() else path
         for name in wanted:
@@ -118,6 +123,7 @@ def read_cifar10_batches(path):
             if f.is_file():
                 _check_batch_size(f.stat().st_size, str(f))
                 blobs[name] = (f.read_bytes(), str(f))
+                bar.update(1)
         where = str(d)
     elif path.is_file():
         try:
@@ -127,6 +133,7 @@ def read_cifar10_batches(path):
                     if m.isfile() and base in wanted and base not in blobs:
                         _check_batch_size(m.size, f"{path}:{m.name}")
                         blobs[base] = (tf.extractfile(m).read(), f"{path}:{m.name}")
+                        bar.update(1)
         except DataError:
             raise
         except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
@@ -139,9 +146,14 @@ def read_cifar10_batches(path):
     if missing:
         raise DataError(f"{where}: incomplete CIFAR-10 python batches: missing {missing} "
                         f"(expected {list(wanted)}).")
-    parts = [_parse_batch(*blobs[n]) for n in _CIFAR10_TRAIN_BATCHES]
+    parts = []
+    for n in _CIFAR10_TRAIN_BATCHES:
+        parts.append(_parse_batch(*blobs[n]))
+        bar.update(1)
     x_tr = np.ascontiguousarray(np.concatenate([p[0] for p in parts]))
     y_tr = np.concatenate([p[1] for p in parts])
     x_te, y_te = _parse_batch(*blobs[_CIFAR10_TEST_BATCH])
+    bar.update(1)
+    bar.close()
     return x_tr, y_tr, np.ascontiguousarray(x_te), y_te
 

@@ -274,8 +274,17 @@ class GaborBank:
             out = np.empty((n, d), dtype=np.float32)
         elif out.shape != (n, d):
             raise InputError(f"out has shape {out.shape}, expected {(n, d)}.")
+        from ..progress import progress_bar
+
+        # a line every few seconds when the images take more than one block (a full data set: minutes on a CPU)
+        bar = progress_bar(total=n, desc=f"Gabor features ({self.n_filters} filters)", unit="img",
+                           enabled=n > block_size, logger="kernelfit.features")
         for sl, block in self.iter_blocks(x, block_size=block_size, workers=workers):
             out[sl] = block
+            if bar is not None:
+                bar.update(sl.stop - sl.start)
+        if bar is not None:
+            bar.close()
         return out
 
 

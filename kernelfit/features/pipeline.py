@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import sys
 import time
 
 import numpy as np
@@ -69,11 +68,24 @@ def randconv_gram(ds, cfg, *, panels: bool, cache_dir=None, use_cache: bool = Tr
     entry is reused, an unfinished checkpoint is continued, and the finished Gram is saved before any
     solve (hours of features survive a crash there).
     """
+    from ..progress import Heartbeat, get_logger
     from .cache import GramCache, hash_array
     from .randconv import RandConvFeatures
 
+    log = get_logger("kernelfit.features")
+
+    def say(text):
+        log.info(text if log_prefix == "[kernelfit]" else f"{log_prefix} {text}")
+
     timings = {} if timings is None else timings
+    t0 = time.perf_counter()
+    say(f"random-conv features: fitting {cfg.n_filters} filters on {len(ds.x_train)} images ...")
     fmap = RandConvFeatures(cfg).fit(ds.x_train)
+    if progress is None:   # a line every few seconds of the feature + Gram pass (hours on a CPU at full size)
+        beat = Heartbeat(log)
+
+        def progress(done, total):
+            beat.tick(f"random-conv features + Gram: {done} of {total} features ({time.perf_counter() - t0:.0f} s)")
     cache = GramCache(cache_dir) if use_cache else None
     g = checkpoint = info = None
     if cache is not None:
@@ -92,16 +104,15 @@ def randconv_gram(ds, cfg, *, panels: bool, cache_dir=None, use_cache: bool = Tr
         info = {"dir": str(cache.dir), "key": key, "hit": g is not None and g.complete,
                 "resumed_from_filters": None if g is None or g.complete else g.filters_done}
         if g is not None and not g.complete:
-            print(f"{log_prefix} continuing the feature Gram checkpoint {key} after {g.filters_done} of "
-                  f"{cfg.n_filters} filters", file=sys.stderr, flush=True)
+            say(f"continuing the feature Gram checkpoint {key} after {g.filters_done} of {cfg.n_filters} filters")
 
         def checkpoint(partial):   # hours of features on a CPU survive an interruption
             t_save = time.perf_counter()
             cache.save(key, partial, meta)
             timings["gram_checkpoints_s"] = timings.get("gram_checkpoints_s", 0.0) + time.perf_counter() - t_save
-            print(f"{log_prefix} feature Gram checkpoint: {partial.filters_done} of {cfg.n_filters} filters "
-                  f"({cache.dir}, key {key})", file=sys.stderr, flush=True)
+            say(f"feature Gram checkpoint: {partial.filters_done} of {cfg.n_filters} filters ({cache.dir}, key {key})")
     if g is None or not g.complete:
+        say(f"random-conv features + Gram of {len(ds.x_train)} + {len(ds.x_test)} images ...")
         g = fmap.accumulate_gram(ds.x_train, ds.x_test, filter_block=filter_block, standardize=True,
                                  panels=panels, device=device, progress=progress,
                                  checkpoint=checkpoint if checkpoint_minutes > 0 else None,
@@ -110,5 +121,6 @@ def randconv_gram(ds, cfg, *, panels: bool, cache_dir=None, use_cache: bool = Tr
             t_save = time.perf_counter()
             cache.save(key, g, meta)
             timings["gram_cache_save_s"] = time.perf_counter() - t_save
-            print(f"{log_prefix} saved the feature Gram to {cache.dir} (key {key})", file=sys.stderr, flush=True)
+            say(f"saved the feature Gram to {cache.dir} (key {key})")
+    say(f"random-conv features + Gram: done in {time.perf_counter() - t0:.1f} s")
     return g, fmap, info
