@@ -110,3 +110,17 @@ def test_deepfit_quiet_flag_silences_progress_lines(capsys):
         assert main(["models", "-v", "-v"]) == 0 and get_verbosity() == 2
     finally:
         set_verbosity(0)
+
+
+def test_image_folder_decode_is_announced_from_start_to_end(tmp_path, records, monkeypatch):
+    # the CIFAR-10 JPEG copy is an image folder: its decode must not be a silent minute
+    from test_data import write_image_folder
+
+    from kernelfit.data.image_folder import read_image_folder
+
+    monkeypatch.setenv("KERNELFIT_CACHE", str(tmp_path / "cache"))
+    write_image_folder(tmp_path / "imgs", ["a", "b"], 3, 2)
+    read_image_folder(tmp_path / "imgs")
+    lines = _messages(records, "kernelfit.data")
+    assert any("decode images" in m and "started" in m for m in lines), lines
+    assert any("decode images" in m and "done" in m for m in lines), lines

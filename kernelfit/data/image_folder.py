@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from kernelfit.errors import DataError, InputError, KernelfitError, MemoryPlanError
+from kernelfit.progress import progress_bar
 from kernelfit.results import atomic_file
 
 from .arrays import sha256_file as _sha256_file
@@ -132,10 +133,21 @@ def _decode(data: bytes, name: str, first=None):
 
 def _decode_image_folder(path: Path, classes):
     per_split: dict[str, dict[str, list]] = {"train": {}, "test": {}}
-    first_shape = first_name = first = None
     budget, held = memory_limit(), 0
+    # decoding 60,000 JPEGs takes tens of seconds: say so while it runs
+    bar = progress_bar(total=None, desc=f"decode images ({path})", unit="img", logger="kernelfit.data")
+    try:
+        per_split = _decode_all(path, bar, per_split, budget, held)
+    finally:
+        bar.close()
+    return _stack_splits(path, classes, per_split)
+
+
+def _decode_all(path: Path, bar, per_split, budget: int, held: int):
+    first_shape = first_name = first = None
     for split, cls, fname, data, name in _iter_image_folder(path):
         img = _decode(data, name, first)
+        bar.update(1)
         if first_shape is None:
             first_shape, first_name = img.shape, name
             first = ((img.shape[1], img.shape[0]), name)
@@ -155,6 +167,10 @@ def _decode_image_folder(path: Path, classes):
                 f"at {name}, more than this machine's {budget / 2**30:.2f} GiB of memory; stopped decoding. "
                 f"Fix: use fewer or smaller images, or a machine with more memory.")
         per_split[split].setdefault(cls, []).append((_natural_key(fname), img))
+    return per_split
+
+
+def _stack_splits(path: Path, classes, per_split):
     if not per_split["train"]:
         raise DataError(f"{path}: no images found under train/<class>/ (image extensions: "
                         f"{sorted(_IMAGE_EXTS)}).")
