@@ -25,7 +25,7 @@ import importlib
 import os
 import sys
 
-from kernelfit.cli import DATASET_NAMES as _DATASETS  # the named datasets kernelfit.data reads
+from kernelfit.catalog import DATASET_NAMES as _DATASETS  # the named datasets kernelfit.data reads
 from kernelfit.errors import InputError, KernelfitError
 
 # The place for further subcommands: list a module here that defines ``register_cli(subparsers)``;
