@@ -369,6 +369,79 @@ def _cholesky_rows_panels(g, sigma_spec, label_sets, y_test, k, seed, device=Non
 
 
 # ------------------------------------------------------------------------------------- rows
+def _randconv_row(row, opts, ds, rec, bw, label_sets, lambdas, use_eigh, timings, t):
+    """cifar-randconv: the standardized random-conv Gram, accumulated block by block (cached)."""
+    from .features.pipeline import randconv_gram
+    from .features.randconv import RandConvConfig
+
+    k = ds.num_classes
+    cfg = RandConvConfig(n_filters=opts.filters, patch_size=opts.patch_size, filters=opts.filter_kind,
+                         bias=opts.randconv_bias, pool_grid=opts.randconv_pool_grid,
+                         zca_eps=opts.randconv_zca_eps, seed=opts.seed)
+    g, fmap, cache_info = randconv_gram(
+        ds, cfg, panels=not use_eigh, cache_dir=None if opts.no_gram_cache else opts.cache_dir,
+        use_cache=not opts.no_gram_cache, filter_block=opts.filter_block, device=opts.device,
+        progress=_progress(opts, "features + Gram"), checkpoint_minutes=opts.gram_checkpoint_minutes,
+        timings=timings, label=rec["dataset"], log_prefix="[table]")
+    if cache_info is not None:
+        rec["gram_cache"] = cache_info
+    timings["features_and_gram_s"] = time.perf_counter() - t
+    kernel = opts.randconv_kernel
+    rec["features"] = {**cfg.to_dict(), "n_features": fmap.n_features, "standardized": True,
+                       "kernel_on_features": kernel}
+    if use_eigh:
+        t = time.perf_counter()
+        sqd = _sampled_sqd_from_gram(g.train, g.train_diag, seed=opts.seed)
+        median = median_of_pairs(sqd)
+        if kernel != "linear":   # K = I or all ones: refused before the eigendecomposition
+            check_kernel_informative(sqd, "gaussian", _resolve_sigma(bw, median), f"{row} features")
+        del sqd
+        if kernel == "linear":   # no distance matrices: the median is recorded only
+            sigma = None
+            K, Kt = _linear_from_gram_inplace(g.train, g.n_features), _linear_from_gram_inplace(g.cross, g.n_features)
+        else:
+            sigma = _resolve_sigma(bw, median)
+            Dtr, Dte = g.squared_distances()
+            K, Kt = _gaussian(Dtr, Dte, sigma)
+            del Dtr, Dte
+        del g
+        res, info = _eigh_rows(K, Kt, label_sets, ds.y_test, lambdas, k, t_gram=time.perf_counter() - t)
+    else:
+        res, info, sigma, median = _cholesky_rows_panels(g, bw, label_sets, ds.y_test, k, opts.seed,
+                                                         device=opts.device, max_refine=opts.max_refine,
+                                                         kernel=kernel)
+    return res, info, sigma, median
+
+
+def _feature_row(row, opts, ds, rec, bw, label_sets, lambdas, use_eigh, timings, t):
+    """pixels / Gabor rows: explicit features, then eigh (small n) or the tiled Cholesky."""
+    from .features.gabor import GaborConfig
+    from .features.pipeline import dataset_features
+
+    k = ds.num_classes
+    gcfg = GaborConfig(frequencies=tuple(opts.gabor_frequencies), n_orientations=opts.gabor_orientations,
+                       pool=opts.gabor_pool)
+    Ftr, Fte, rec["features"] = dataset_features(ds, "gabor" if row.endswith("gabor") else "pixels",
+                                                 gabor=gcfg, cache_dir=opts.cache_dir)
+    timings["features_s"] = time.perf_counter() - t
+
+    median = median_bandwidth(Ftr, seed=opts.seed)
+    sigma = _resolve_sigma(bw, median)
+    check_kernel_on_data(Ftr, "gaussian", sigma, f"{row} features", seed=opts.seed)   # before the Gram
+    if use_eigh:
+        t = time.perf_counter()
+        Dtr, Dte = _sqd(Ftr, Ftr), _sqd(Fte, Ftr)
+        timings["distances_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        K, Kt = _gaussian(Dtr, Dte, sigma)
+        del Dtr, Dte
+        res, info = _eigh_rows(K, Kt, label_sets, ds.y_test, lambdas, k, t_gram=time.perf_counter() - t)
+    else:
+        res, info = _cholesky_rows_features(Ftr, Fte, sigma, label_sets, ds.y_test, k, opts.mode,
+                                            opts.max_refine, opts.progress, device=opts.device)
+    return res, info, sigma, median
+
+
 def run_row(row: str, opts) -> dict:
     t_row = time.perf_counter()
     is_mnist = row.startswith("mnist")
@@ -376,7 +449,6 @@ def run_row(row: str, opts) -> dict:
     n_test = opts.n_test
     source = opts.mnist_data if is_mnist else opts.cifar_data
     ds = _load(source, opts.data_dir, n_train, n_test, opts.seed, "--n-train-mnist" if is_mnist else "--n-train-cifar")
-    k = ds.num_classes
     label_sets = {"true": ds.y_train}
     if not opts.no_random_labels:
         label_sets["random"] = _random_labels(ds, opts.seed)
@@ -392,69 +464,8 @@ def run_row(row: str, opts) -> dict:
     use_eigh = n <= opts.eigh_max_n
 
     t = time.perf_counter()
-    if row == "cifar-randconv":
-        from .features.pipeline import randconv_gram
-        from .features.randconv import RandConvConfig
-
-        cfg = RandConvConfig(n_filters=opts.filters, patch_size=opts.patch_size, filters=opts.filter_kind,
-                             bias=opts.randconv_bias, pool_grid=opts.randconv_pool_grid,
-                             zca_eps=opts.randconv_zca_eps, seed=opts.seed)
-        g, fmap, cache_info = randconv_gram(
-            ds, cfg, panels=not use_eigh, cache_dir=None if opts.no_gram_cache else opts.cache_dir,
-            use_cache=not opts.no_gram_cache, filter_block=opts.filter_block, device=opts.device,
-            progress=_progress(opts, "features + Gram"), checkpoint_minutes=opts.gram_checkpoint_minutes,
-            timings=timings, label=rec["dataset"], log_prefix="[table]")
-        if cache_info is not None:
-            rec["gram_cache"] = cache_info
-        timings["features_and_gram_s"] = time.perf_counter() - t
-        kernel = opts.randconv_kernel
-        rec["features"] = {**cfg.to_dict(), "n_features": fmap.n_features, "standardized": True,
-                           "kernel_on_features": kernel}
-        if use_eigh:
-            t = time.perf_counter()
-            sqd = _sampled_sqd_from_gram(g.train, g.train_diag, seed=opts.seed)
-            median = median_of_pairs(sqd)
-            if kernel != "linear":   # K = I or all ones: refused before the eigendecomposition
-                check_kernel_informative(sqd, "gaussian", _resolve_sigma(bw, median), f"{row} features")
-            del sqd
-            if kernel == "linear":   # no distance matrices: the median is recorded only
-                sigma = None
-                K, Kt = _linear_from_gram_inplace(g.train, g.n_features), _linear_from_gram_inplace(g.cross, g.n_features)
-            else:
-                sigma = _resolve_sigma(bw, median)
-                Dtr, Dte = g.squared_distances()
-                K, Kt = _gaussian(Dtr, Dte, sigma)
-                del Dtr, Dte
-            del g
-            res, info = _eigh_rows(K, Kt, label_sets, ds.y_test, lambdas, k, t_gram=time.perf_counter() - t)
-        else:
-            res, info, sigma, median = _cholesky_rows_panels(g, bw, label_sets, ds.y_test, k, opts.seed,
-                                                             device=opts.device, max_refine=opts.max_refine,
-                                                             kernel=kernel)
-    else:
-        from .features.gabor import GaborConfig
-        from .features.pipeline import dataset_features
-
-        gcfg = GaborConfig(frequencies=tuple(opts.gabor_frequencies), n_orientations=opts.gabor_orientations,
-                           pool=opts.gabor_pool)
-        Ftr, Fte, rec["features"] = dataset_features(ds, "gabor" if row.endswith("gabor") else "pixels",
-                                                     gabor=gcfg, cache_dir=opts.cache_dir)
-        timings["features_s"] = time.perf_counter() - t
-
-        median = median_bandwidth(Ftr, seed=opts.seed)
-        sigma = _resolve_sigma(bw, median)
-        check_kernel_on_data(Ftr, "gaussian", sigma, f"{row} features", seed=opts.seed)   # before the Gram
-        if use_eigh:
-            t = time.perf_counter()
-            Dtr, Dte = _sqd(Ftr, Ftr), _sqd(Fte, Ftr)
-            timings["distances_s"] = time.perf_counter() - t
-            t = time.perf_counter()
-            K, Kt = _gaussian(Dtr, Dte, sigma)
-            del Dtr, Dte
-            res, info = _eigh_rows(K, Kt, label_sets, ds.y_test, lambdas, k, t_gram=time.perf_counter() - t)
-        else:
-            res, info = _cholesky_rows_features(Ftr, Fte, sigma, label_sets, ds.y_test, k, opts.mode,
-                                                opts.max_refine, opts.progress, device=opts.device)
+    row_fn = _randconv_row if row == "cifar-randconv" else _feature_row
+    res, info, sigma, median = row_fn(row, opts, ds, rec, bw, label_sets, lambdas, use_eigh, timings, t)
     linear = row == "cifar-randconv" and opts.randconv_kernel == "linear"
     rec.update({"kernel": "linear (phi.phi' + 1) / n_features" if linear else "gaussian",
                 "bandwidth": None if linear else float(sigma),
