@@ -42,26 +42,20 @@ def _subcommands(parser: argparse.ArgumentParser) -> list[tuple[str, argparse.Ar
     return out
 
 
-def _walk(prog: str, parser: argparse.ArgumentParser, summary: str = "",
-          replace: dict[str, argparse.ArgumentParser] | None = None
+def _walk(prog: str, parser: argparse.ArgumentParser, summary: str = ""
           ) -> Iterator[tuple[str, argparse.ArgumentParser, str]]:
-    """Depth-first (command, parser, summary); ``replace`` swaps in parsers that a command
-    delegates to (``kernelfit table`` hands its arguments to ``kernelfit.table``)."""
+    """Depth-first (command, parser, summary)."""
     yield prog, parser, summary
     for name, sub, help_ in _subcommands(parser):
-        full = f"{prog} {name}"
-        sub = (replace or {}).get(full, sub)
-        yield from _walk(full, sub, help_, replace)
+        yield from _walk(f"{prog} {name}", sub, help_)
 
 
 def commands() -> list[tuple[str, argparse.ArgumentParser, str]]:
     """Every command of both tools with its parser."""
     from deepfit.cli import build_parser as deepfit_parser
-    from kernelfit import table
     from kernelfit.cli import build_parser as kernelfit_parser
 
-    return [*_walk("kernelfit", kernelfit_parser(), replace={"kernelfit table": table.build_parser()}),
-            *_walk("deepfit", deepfit_parser())]
+    return [*_walk("kernelfit", kernelfit_parser()), *_walk("deepfit", deepfit_parser())]
 
 
 def render() -> str:

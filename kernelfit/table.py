@@ -1,6 +1,6 @@
 """The kernel table of Zhang et al. (2017), Section 5: exact kernel interpolation with better features.
 
-``kernelfit table`` (this module's ``main(argv)``) runs the rows
+``kernelfit table`` (``kernelfit.cli.table``; here :func:`write_table` with a :class:`TableOptions`) runs the rows
 
     mnist-pixels     Gaussian kernel on pixels / 255
     mnist-gabor      Gaussian kernel on Gabor wavelet magnitudes (kernelfit.features.gabor)
@@ -25,16 +25,17 @@ Writes ``<out-dir>/table_<tag>.json`` (full record with provenance) and ``table_
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .catalog import MAX_REFINE
 from .errors import InputError
 from .kernels import (
     check_bandwidth,
@@ -46,7 +47,7 @@ from .kernels import (
     squared_distances,
 )
 
-__all__ = ["PAPER", "ROWS", "main", "run_table", "markdown_table"]
+__all__ = ["PAPER", "ROWS", "TableOptions", "run_table", "write_table", "markdown_table"]
 
 ROWS = ("mnist-pixels", "mnist-gabor", "cifar-pixels", "cifar-randconv")
 
@@ -68,6 +69,54 @@ PAPER = {
 }
 
 DEFAULT_LAMBDAS = (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
+
+
+@dataclass(frozen=True)
+class TableOptions:
+    """What a table run does (``kernelfit table``'s arguments; the record keeps them under ``args``).
+
+    rows: comma list among ``ROWS``; ``*_data``: a registered dataset or a user's .npz; sizes per
+    dataset; the Gabor and random-conv feature maps; one bandwidth per row (sigma, 'median' or
+    'F*median'); the ridge path (must include 0, the interpolant), chosen by leave-one-out error;
+    ``eigh_max_n``: largest n for the dense eigendecomposition, above it the tiled Cholesky (no ridge).
+    """
+
+    rows: str = ",".join(ROWS)
+    data_dir: str | None = None
+    mnist_data: str = "mnist"
+    cifar_data: str = "cifar10"
+    n_train_mnist: int = 5000
+    n_train_cifar: int = 5000
+    n_test: int = 2000
+    gabor_frequencies: tuple[float, ...] = (0.15, 0.25, 0.35)
+    gabor_orientations: int = 8
+    gabor_pool: int = 4
+    filters: int = 1000
+    filter_block: int = 250
+    patch_size: int = 6
+    filter_kind: str = "patches"
+    randconv_bias: float = 0.25
+    randconv_pool_grid: int = 2
+    randconv_zca_eps: float = 0.1
+    randconv_kernel: str = "gaussian"
+    bandwidth_mnist_pixels: str = "5"
+    bandwidth_mnist_gabor: str = "0.5*median"
+    bandwidth_cifar_pixels: str = "0.5*median"
+    bandwidth_cifar_randconv: str = "0.5*median"
+    lambdas: tuple[float, ...] = DEFAULT_LAMBDAS
+    eigh_max_n: int = 12000
+    mode: str = "mixed"
+    max_refine: int = MAX_REFINE
+    progress: bool = False
+    device: str | None = None
+    no_random_labels: bool = False
+    seed: int = 0
+    cache_dir: str | None = None
+    no_gram_cache: bool = False
+    gram_checkpoint_minutes: float = 30.0
+    out_dir: str = "."
+    tag: str | None = None
+    overwrite: bool = False
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -140,20 +189,20 @@ def _check_size(flag: str, n: int | None, full: int, split: str, name: str) -> N
                          f"(= the whole split).")
 
 
-def check_sizes(rows, args) -> None:
+def check_sizes(rows, opts) -> None:
     """Every row's --n-train-* and --n-test against its data's split sizes, before any row runs:
     asking for more examples than there are is an error, never silently the whole split."""
     seen = set()
     for row in rows:
         mnist = row.startswith("mnist")
-        name = args.mnist_data if mnist else args.cifar_data
+        name = opts.mnist_data if mnist else opts.cifar_data
         flag = "--n-train-mnist" if mnist else "--n-train-cifar"
         if (name, flag) in seen:
             continue
         seen.add((name, flag))
         full_train, full_test = _split_sizes(name)
-        _check_size(flag, args.n_train_mnist if mnist else args.n_train_cifar, full_train, "training", name)
-        _check_size("--n-test", args.n_test, full_test, "test", name)
+        _check_size(flag, opts.n_train_mnist if mnist else opts.n_train_cifar, full_train, "training", name)
+        _check_size("--n-test", opts.n_test, full_test, "test", name)
 
 
 def _load(name: str, data_dir, n_train: int | None, n_test: int | None, seed: int, flag: str = "--n-train"):
@@ -320,93 +369,104 @@ def _cholesky_rows_panels(g, sigma_spec, label_sets, y_test, k, seed, device=Non
 
 
 # ------------------------------------------------------------------------------------- rows
-def run_row(row: str, args) -> dict:
+def _randconv_row(row, opts, ds, rec, bw, label_sets, lambdas, use_eigh, timings, t):
+    """cifar-randconv: the standardized random-conv Gram, accumulated block by block (cached)."""
+    from .features.pipeline import randconv_gram
+    from .features.randconv import RandConvConfig
+
+    k = ds.num_classes
+    cfg = RandConvConfig(n_filters=opts.filters, patch_size=opts.patch_size, filters=opts.filter_kind,
+                         bias=opts.randconv_bias, pool_grid=opts.randconv_pool_grid,
+                         zca_eps=opts.randconv_zca_eps, seed=opts.seed)
+    g, fmap, cache_info = randconv_gram(
+        ds, cfg, panels=not use_eigh, cache_dir=None if opts.no_gram_cache else opts.cache_dir,
+        use_cache=not opts.no_gram_cache, filter_block=opts.filter_block, device=opts.device,
+        progress=_progress(opts, "features + Gram"), checkpoint_minutes=opts.gram_checkpoint_minutes,
+        timings=timings, label=rec["dataset"], log_prefix="[table]")
+    if cache_info is not None:
+        rec["gram_cache"] = cache_info
+    timings["features_and_gram_s"] = time.perf_counter() - t
+    kernel = opts.randconv_kernel
+    rec["features"] = {**cfg.to_dict(), "n_features": fmap.n_features, "standardized": True,
+                       "kernel_on_features": kernel}
+    if use_eigh:
+        t = time.perf_counter()
+        sqd = _sampled_sqd_from_gram(g.train, g.train_diag, seed=opts.seed)
+        median = median_of_pairs(sqd)
+        if kernel != "linear":   # K = I or all ones: refused before the eigendecomposition
+            check_kernel_informative(sqd, "gaussian", _resolve_sigma(bw, median), f"{row} features")
+        del sqd
+        if kernel == "linear":   # no distance matrices: the median is recorded only
+            sigma = None
+            K, Kt = _linear_from_gram_inplace(g.train, g.n_features), _linear_from_gram_inplace(g.cross, g.n_features)
+        else:
+            sigma = _resolve_sigma(bw, median)
+            Dtr, Dte = g.squared_distances()
+            K, Kt = _gaussian(Dtr, Dte, sigma)
+            del Dtr, Dte
+        del g
+        res, info = _eigh_rows(K, Kt, label_sets, ds.y_test, lambdas, k, t_gram=time.perf_counter() - t)
+    else:
+        res, info, sigma, median = _cholesky_rows_panels(g, bw, label_sets, ds.y_test, k, opts.seed,
+                                                         device=opts.device, max_refine=opts.max_refine,
+                                                         kernel=kernel)
+    return res, info, sigma, median
+
+
+def _feature_row(row, opts, ds, rec, bw, label_sets, lambdas, use_eigh, timings, t):
+    """pixels / Gabor rows: explicit features, then eigh (small n) or the tiled Cholesky."""
+    from .features.gabor import GaborConfig
+    from .features.pipeline import dataset_features
+
+    k = ds.num_classes
+    gcfg = GaborConfig(frequencies=tuple(opts.gabor_frequencies), n_orientations=opts.gabor_orientations,
+                       pool=opts.gabor_pool)
+    Ftr, Fte, rec["features"] = dataset_features(ds, "gabor" if row.endswith("gabor") else "pixels",
+                                                 gabor=gcfg, cache_dir=opts.cache_dir)
+    timings["features_s"] = time.perf_counter() - t
+
+    median = median_bandwidth(Ftr, seed=opts.seed)
+    sigma = _resolve_sigma(bw, median)
+    check_kernel_on_data(Ftr, "gaussian", sigma, f"{row} features", seed=opts.seed)   # before the Gram
+    if use_eigh:
+        t = time.perf_counter()
+        Dtr, Dte = _sqd(Ftr, Ftr), _sqd(Fte, Ftr)
+        timings["distances_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        K, Kt = _gaussian(Dtr, Dte, sigma)
+        del Dtr, Dte
+        res, info = _eigh_rows(K, Kt, label_sets, ds.y_test, lambdas, k, t_gram=time.perf_counter() - t)
+    else:
+        res, info = _cholesky_rows_features(Ftr, Fte, sigma, label_sets, ds.y_test, k, opts.mode,
+                                            opts.max_refine, opts.progress, device=opts.device)
+    return res, info, sigma, median
+
+
+def run_row(row: str, opts) -> dict:
     t_row = time.perf_counter()
     is_mnist = row.startswith("mnist")
-    n_train = args.n_train_mnist if is_mnist else args.n_train_cifar
-    n_test = args.n_test
-    source = args.mnist_data if is_mnist else args.cifar_data
-    ds = _load(source, args.data_dir, n_train, n_test, args.seed, "--n-train-mnist" if is_mnist else "--n-train-cifar")
-    k = ds.num_classes
+    n_train = opts.n_train_mnist if is_mnist else opts.n_train_cifar
+    n_test = opts.n_test
+    source = opts.mnist_data if is_mnist else opts.cifar_data
+    ds = _load(source, opts.data_dir, n_train, n_test, opts.seed, "--n-train-mnist" if is_mnist else "--n-train-cifar")
     label_sets = {"true": ds.y_train}
-    if not args.no_random_labels:
-        label_sets["random"] = _random_labels(ds, args.seed)
-    bw = _parse_bandwidth(getattr(args, f"bandwidth_{row.replace('-', '_')}"), f"--bandwidth-{row}")
+    if not opts.no_random_labels:
+        label_sets["random"] = _random_labels(ds, opts.seed)
+    bw = _parse_bandwidth(getattr(opts, f"bandwidth_{row.replace('-', '_')}"), f"--bandwidth-{row}")
     from .data import describe
 
     default_name = {"mnist": "MNIST", "cifar10": "CIFAR-10 (JPEG q75 copy)"}
     rec = {"row": row, "dataset": default_name.get(source, ds.name), "data": describe(ds, checksums=False),
            "n_train": int(len(ds.y_train)), "n_test": int(len(ds.y_test)), "paper": PAPER[row]}
     timings = {}
-    lambdas = np.asarray(args.lambdas, dtype=np.float64)
+    lambdas = np.asarray(opts.lambdas, dtype=np.float64)
     n = len(ds.y_train)
-    use_eigh = n <= args.eigh_max_n
+    use_eigh = n <= opts.eigh_max_n
 
     t = time.perf_counter()
-    if row == "cifar-randconv":
-        from .features.pipeline import randconv_gram
-        from .features.randconv import RandConvConfig
-
-        cfg = RandConvConfig(n_filters=args.filters, patch_size=args.patch_size, filters=args.filter_kind,
-                             bias=args.randconv_bias, pool_grid=args.randconv_pool_grid,
-                             zca_eps=args.randconv_zca_eps, seed=args.seed)
-        g, fmap, cache_info = randconv_gram(
-            ds, cfg, panels=not use_eigh, cache_dir=None if args.no_gram_cache else args.cache_dir,
-            use_cache=not args.no_gram_cache, filter_block=args.filter_block, device=args.device,
-            progress=_progress(args, "features + Gram"), checkpoint_minutes=args.gram_checkpoint_minutes,
-            timings=timings, label=rec["dataset"], log_prefix="[table]")
-        if cache_info is not None:
-            rec["gram_cache"] = cache_info
-        timings["features_and_gram_s"] = time.perf_counter() - t
-        kernel = args.randconv_kernel
-        rec["features"] = {**cfg.to_dict(), "n_features": fmap.n_features, "standardized": True,
-                           "kernel_on_features": kernel}
-        if use_eigh:
-            t = time.perf_counter()
-            sqd = _sampled_sqd_from_gram(g.train, g.train_diag, seed=args.seed)
-            median = median_of_pairs(sqd)
-            if kernel != "linear":   # K = I or all ones: refused before the eigendecomposition
-                check_kernel_informative(sqd, "gaussian", _resolve_sigma(bw, median), f"{row} features")
-            del sqd
-            if kernel == "linear":   # no distance matrices: the median is recorded only
-                sigma = None
-                K, Kt = _linear_from_gram_inplace(g.train, g.n_features), _linear_from_gram_inplace(g.cross, g.n_features)
-            else:
-                sigma = _resolve_sigma(bw, median)
-                Dtr, Dte = g.squared_distances()
-                K, Kt = _gaussian(Dtr, Dte, sigma)
-                del Dtr, Dte
-            del g
-            res, info = _eigh_rows(K, Kt, label_sets, ds.y_test, lambdas, k, t_gram=time.perf_counter() - t)
-        else:
-            res, info, sigma, median = _cholesky_rows_panels(g, bw, label_sets, ds.y_test, k, args.seed,
-                                                             device=args.device, max_refine=args.max_refine,
-                                                             kernel=kernel)
-    else:
-        from .features.gabor import GaborConfig
-        from .features.pipeline import dataset_features
-
-        gcfg = GaborConfig(frequencies=tuple(args.gabor_frequencies), n_orientations=args.gabor_orientations,
-                           pool=args.gabor_pool)
-        Ftr, Fte, rec["features"] = dataset_features(ds, "gabor" if row.endswith("gabor") else "pixels",
-                                                     gabor=gcfg, cache_dir=args.cache_dir)
-        timings["features_s"] = time.perf_counter() - t
-
-        median = median_bandwidth(Ftr, seed=args.seed)
-        sigma = _resolve_sigma(bw, median)
-        check_kernel_on_data(Ftr, "gaussian", sigma, f"{row} features", seed=args.seed)   # before the Gram
-        if use_eigh:
-            t = time.perf_counter()
-            Dtr, Dte = _sqd(Ftr, Ftr), _sqd(Fte, Ftr)
-            timings["distances_s"] = time.perf_counter() - t
-            t = time.perf_counter()
-            K, Kt = _gaussian(Dtr, Dte, sigma)
-            del Dtr, Dte
-            res, info = _eigh_rows(K, Kt, label_sets, ds.y_test, lambdas, k, t_gram=time.perf_counter() - t)
-        else:
-            res, info = _cholesky_rows_features(Ftr, Fte, sigma, label_sets, ds.y_test, k, args.mode,
-                                                args.max_refine, args.progress, device=args.device)
-    linear = row == "cifar-randconv" and args.randconv_kernel == "linear"
+    row_fn = _randconv_row if row == "cifar-randconv" else _feature_row
+    res, info, sigma, median = row_fn(row, opts, ds, rec, bw, label_sets, lambdas, use_eigh, timings, t)
+    linear = row == "cifar-randconv" and opts.randconv_kernel == "linear"
     rec.update({"kernel": "linear (phi.phi' + 1) / n_features" if linear else "gaussian",
                 "bandwidth": None if linear else float(sigma),
                 "bandwidth_rule": None if linear else args_bw_text(bw),
@@ -416,9 +476,9 @@ def run_row(row: str, args) -> dict:
     return rec
 
 
-def _progress(args, what):
+def _progress(opts, what):
     """Progress callback (done, total) on stderr when --progress, else None."""
-    if not args.progress:
+    if not opts.progress:
         return None
     from .progress import progress_bar
 
@@ -482,74 +542,25 @@ def markdown_table(record: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-# ------------------------------------------------------------------------------------- CLI
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="kernelfit table", description=(__doc__ or "").split("\n")[0])
-    ap.add_argument("--rows", default=",".join(ROWS), help=f"comma list among {', '.join(ROWS)}")
-    ap.add_argument("--data-dir", default=None, help="directory with mnist.npz / CIFAR-10 (else $KERNELFIT_DATA ...)")
-    ap.add_argument("--mnist-data", default="mnist", metavar="NAME|FILE.npz",
-                    help="data of the mnist-* rows: a registered dataset (mnist, fashion-mnist, kmnist, ...) or "
-                         "your .npz with x_train, y_train, x_test, y_test (default mnist)")
-    ap.add_argument("--cifar-data", default="cifar10", metavar="NAME|FILE.npz",
-                    help="data of the cifar-* rows, likewise (default cifar10)")
-    from .cli import _nonneg_float, _nonneg_int, _positive_int, add_feature_map_args
-
-    ap.add_argument("--n-train-mnist", type=_positive_int, default=5000, help="MNIST training points (60000 = full)")
-    ap.add_argument("--n-train-cifar", type=_positive_int, default=5000, help="CIFAR-10 training points (50000 = full)")
-    ap.add_argument("--n-test", type=_positive_int, default=2000, help="test points per dataset (10000 = full)")
-
-    add_feature_map_args(ap)   # the same feature options (and defaults) as kernelfit solve --features
-    ap.add_argument("--bandwidth-mnist-pixels", default="5")
-    ap.add_argument("--bandwidth-mnist-gabor", default="0.5*median")
-    ap.add_argument("--bandwidth-cifar-pixels", default="0.5*median")
-    ap.add_argument("--bandwidth-cifar-randconv", default="0.5*median")
-    ap.add_argument("--lambdas", type=_nonneg_float, nargs="+", default=list(DEFAULT_LAMBDAS),
-                    help="ridge path (0 = interpolant); lambda chosen by leave-one-out error")
-    ap.add_argument("--eigh-max-n", type=_nonneg_int, default=12000,
-                    help="largest n for the dense eigh path (~32 n^2 bytes); above it: tiled Cholesky, no ridge")
-    ap.add_argument("--mode", default="mixed", choices=("mixed", "float32", "float64"),
-                    help="precision of the tiled Cholesky (large n only)")
-    ap.add_argument("--max-refine", type=_nonneg_int, default=10, help="mixed mode: at most this many refinement steps")
-    ap.add_argument("--progress", action="store_true", help="progress bars on stderr (large n)")
-    ap.add_argument("--device", default=None,
-                    help="torch device for random-conv features + Grams and the large-n Cholesky (e.g. cuda); "
-                         "default: CPU")
-    ap.add_argument("--no-random-labels", action="store_true")
-    ap.add_argument("--seed", type=_nonneg_int, default=0)
-    ap.add_argument("--cache-dir", default=None,
-                    help="cache root for features and random-conv Grams (default: $KERNELFIT_CACHE or the user cache dir)")
-    ap.add_argument("--no-gram-cache", action="store_true",
-                    help="do not save / reuse the accumulated random-conv Gram (n^2/2 x 8 bytes + test block on disk)")
-    ap.add_argument("--gram-checkpoint-minutes", type=_nonneg_float, default=30.0,
-                    help="with the Gram cache, save the unfinished random-conv Gram this often so that an interrupted "
-                         "run continues where it stopped when rerun (0: never; default 30)")
-    ap.add_argument("--out-dir", default=".",
-                    help="where table_<tag>.json / .md are written (default: the current directory)")
-    ap.add_argument("--tag", default=None,
-                    help="file name tag (default: the rows run and their sizes, e.g. mnist-pixels_mnist5000)")
-    ap.add_argument("--overwrite", action="store_true", help="allow replacing existing table_<tag> files")
-    return ap
-
-
-def run_table(args, argv=None) -> dict:
-    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+def run_table(opts, argv=None) -> dict:
+    rows = [r.strip() for r in opts.rows.split(",") if r.strip()]
     bad = [r for r in rows if r not in ROWS]
     if bad:
         raise InputError(f"unknown rows {bad}; expected a comma list among {', '.join(ROWS)}.")
-    if 0.0 not in args.lambdas:   # each one >= 0: checked by the parser's type
+    if 0.0 not in opts.lambdas:   # each one >= 0: checked by the parser's type
         raise InputError("--lambdas must be >= 0 and include 0 (the interpolant).")
     for row in rows:   # every row's bandwidth and sizes, before the first row runs
-        _parse_bandwidth(getattr(args, f"bandwidth_{row.replace('-', '_')}"), f"--bandwidth-{row}")
-    check_sizes(rows, args)
+        _parse_bandwidth(getattr(opts, f"bandwidth_{row.replace('-', '_')}"), f"--bandwidth-{row}")
+    check_sizes(rows, opts)
     from .results import machine_info, provenance
 
     record = {"kind": "kernelfit.table", "command": "kernelfit table " + " ".join(argv or []),
-              "args": {k: v for k, v in vars(args).items()}, "rows": []}
+              "opts": {k: v for k, v in vars(opts).items()}, "rows": []}
     record["machine"] = machine_info()
     record["provenance"] = provenance(argv)   # at the start: the code that runs, not what HEAD is hours later
     for row in rows:
         print(f"[table] running {row} ...", file=sys.stderr, flush=True)
-        r = run_row(row, args)
+        r = run_row(row, opts)
         record["rows"].append(r)
         for name, res in r["results"].items():
             brief = {"row": row, "labels": name, "n_train": r["n_train"], "sigma": r["bandwidth"],
@@ -558,27 +569,27 @@ def run_table(args, argv=None) -> dict:
     return record
 
 
-def default_tag(args) -> str:
+def default_tag(opts) -> str:
     """A table run is named after what it ran: its rows and the sizes that apply to them."""
-    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    rows = [r.strip() for r in opts.rows.split(",") if r.strip()]
     parts = ["-".join(rows)]
     if any(r.startswith("mnist") for r in rows):
-        parts.append(f"mnist{args.n_train_mnist}")
+        parts.append(f"mnist{opts.n_train_mnist}")
     if any(r.startswith("cifar") for r in rows):
-        parts.append(f"cifar{args.n_train_cifar}")
+        parts.append(f"cifar{opts.n_train_cifar}")
     if any("randconv" in r for r in rows):
-        parts.append(f"f{args.filters}")
+        parts.append(f"f{opts.filters}")
     return "_".join(parts)
 
 
-def output_paths(args) -> tuple[Path, Path]:
+def output_paths(opts) -> tuple[Path, Path]:
     """The record and markdown paths; refused before any work when they exist (no --overwrite) or
     cannot be written, so a long run never ends in a refusal."""
-    tag = args.tag or default_tag(args)
-    out = Path(args.out_dir)
+    tag = opts.tag or default_tag(opts)
+    out = Path(opts.out_dir)
     paths = (out / f"table_{tag}.json", out / f"table_{tag}.md")
     existing = [str(p) for p in paths if p.exists()]
-    if existing and not args.overwrite:
+    if existing and not opts.overwrite:
         raise InputError(f"{', '.join(existing)} already exist(s); pass --overwrite to replace, or choose "
                          f"another --out-dir / --tag.")
     ancestor = out
@@ -589,11 +600,11 @@ def output_paths(args) -> tuple[Path, Path]:
     return paths
 
 
-def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    json_path, md_path = output_paths(args)
-    record = run_table(args, argv)
+def write_table(opts: TableOptions, argv=None) -> tuple[dict, str, tuple[Path, Path]]:
+    """Run the table and write ``table_<tag>.json`` (the record) and ``table_<tag>.md`` atomically; the
+    output paths are checked before any row runs. Returns (record, markdown, paths)."""
+    json_path, md_path = output_paths(opts)
+    record = run_table(opts, argv)
     from .results import atomic_file, write_json_atomic
 
     json_path.parent.mkdir(parents=True, exist_ok=True)
@@ -601,10 +612,4 @@ def main(argv=None) -> int:
     write_json_atomic(json_path, record, overwrite=True)
     with atomic_file(md_path, "w") as fh:
         fh.write(md)
-    print(md)
-    print(f"[table] wrote {json_path} and {md_path}", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return record, md, (json_path, md_path)

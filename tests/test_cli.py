@@ -241,18 +241,32 @@ def test_table_delegates_help(capsys):
 
 
 def test_cli_constants_agree_with_library():
-    from kernelfit import data, randomize, solve
+    """The CLI keeps no copies of the vocabularies: they come from kernelfit.catalog, which the library agrees with."""
+    from dataclasses import asdict
+
+    from kernelfit import catalog, data, randomize, solve
     from kernelfit.linalg.memory import MODES
 
-    assert set(cli.VARIANTS) == set(randomize.VARIANTS)
-    assert set(cli.DATASET_NAMES) == set(data.DATASETS)
-    assert set(cli.MODES) == set(MODES)
+    for copy in ("VARIANTS", "DATASET_NAMES", "MODES", "DATASET_SHAPES", "FEATURE_KINDS", "KERNELS", "TASKS"):
+        assert not hasattr(cli, copy), copy
+    assert set(catalog.VARIANTS) == set(randomize.VARIANTS)
+    assert set(catalog.DATASET_NAMES) == set(data.DATASETS)
+    assert set(catalog.MODES) == set(MODES)
     ds = data.load_dataset("mnist-subset")
-    shape = cli.DATASET_SHAPES["mnist-subset"]
+    shape = asdict(catalog.DATASETS["mnist-subset"])
     assert (len(ds.x_train), len(ds.x_test), ds.num_classes) == (
         shape["n_train"], shape["n_test"], shape["num_classes"])
     assert int(np.prod(ds.image_shape)) == shape["d"]
-    assert solve.SolveOptions().mode in cli.MODES
+    assert solve.SolveOptions().mode in catalog.MODES
+
+
+def test_table_parser_defaults_are_table_options_defaults():
+    """`kernelfit table` with no options runs TableOptions() (the feature-map defaults are solve's)."""
+    from kernelfit import table
+    from kernelfit.cli.table import ROW_NAMES, options_from_args
+
+    assert options_from_args(cli.build_parser().parse_args(["table"])) == table.TableOptions()
+    assert ROW_NAMES == table.ROWS
 
 
 def test_no_type_bool_in_parser():

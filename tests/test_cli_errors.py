@@ -91,7 +91,7 @@ def test_record_written_and_failure_reported_when_model_cannot_be_saved(tmp_path
 
 def test_kernelfit_error_oserror_and_interrupt_are_one_line(monkeypatch, capsys, tmp_path):
     def raiser(exc):
-        def run(args, parser):
+        def run(args):
             raise exc
         return run
 
@@ -102,14 +102,14 @@ def test_kernelfit_error_oserror_and_interrupt_are_one_line(monkeypatch, capsys,
              (ZeroDivisionError("oops"), 1, "internal error (ZeroDivisionError): oops"),
              (KeyboardInterrupt(), 130, "interrupted; the panels finished so far are saved in")]
     for exc, code, needle in cases:
-        monkeypatch.setattr(cli, "cmd_solve", raiser(exc))
+        monkeypatch.setattr(cli.solve, "run", raiser(exc))
         rc = main(["solve", "--checkpoint-dir", str(tmp_path / "ck")])
         err = capsys.readouterr().err
         assert rc == code, (exc, err)
         assert needle in err and "Traceback" not in err
         assert len(err.strip().splitlines()) == 1
     # --debug (anywhere) shows the traceback: the exception propagates
-    monkeypatch.setattr(cli, "cmd_solve", raiser(ZeroDivisionError("oops")))
+    monkeypatch.setattr(cli.solve, "run", raiser(ZeroDivisionError("oops")))
     with pytest.raises(ZeroDivisionError):
         main(["solve", "--debug"])
 
@@ -117,10 +117,10 @@ def test_kernelfit_error_oserror_and_interrupt_are_one_line(monkeypatch, capsys,
 def test_table_errors_go_through_the_same_path(monkeypatch, capsys):
     from kernelfit import table
 
-    def boom(argv):
+    def boom(options, argv=None):
         raise InputError("--n-train-mnist 90000 exceeds the 60000 training images")
 
-    monkeypatch.setattr(table, "main", boom)
+    monkeypatch.setattr(table, "run_table", boom)
     rc = main(["table", "--n-train-mnist", "90000"])
     err = capsys.readouterr().err
     assert rc == 1 and err.startswith("kernelfit table: error (InputError): --n-train-mnist 90000")
@@ -144,8 +144,8 @@ def test_predict_refuses_two_column_labels(tmp_path, capsys):
 def test_subprocess_interrupt_prints_one_line():
     # a real SIGINT-like KeyboardInterrupt raised inside the command, seen from outside the process
     code = ("import sys, kernelfit.cli as c\n"
-            "def run(a, p): raise KeyboardInterrupt\n"
-            "c.cmd_plan = run\n"
+            "def run(a): raise KeyboardInterrupt\n"
+            "c.plan.run = run\n"
             "sys.exit(c.main(['plan']))\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 130
@@ -159,14 +159,14 @@ def test_threads_limits_blas_torch_and_the_pool_then_restores(monkeypatch, capsy
 
     seen = {}
 
-    def spy(args, parser):
+    def spy(args):
         seen["blas"] = blas_thread_counts()
         seen["torch"] = torch.get_num_threads()
         seen["pool"] = parallel._POOL_WORKERS
         return 0
 
     before = (blas_thread_counts(), torch.get_num_threads(), parallel._POOL_WORKERS)
-    monkeypatch.setattr(cli, "cmd_solve", spy)
+    monkeypatch.setattr(cli.solve, "run", spy)
     assert main(["solve", "--threads", "1"]) == 0
     assert set(seen["blas"]) == {1} and seen["torch"] == 1 and seen["pool"] == 1
     assert (blas_thread_counts(), torch.get_num_threads(), parallel._POOL_WORKERS) == before

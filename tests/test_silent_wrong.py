@@ -197,7 +197,7 @@ def test_non_finite_targets_name_the_first_bad_row(bad):
 
 
 def test_large_regression_targets_are_not_classes(tmp_path):
-    from kernelfit.cli import _user_shape
+    from kernelfit.cli.sources import user_shape as _user_shape
 
     rng = np.random.default_rng(0)
     y = np.round(1e9 + 1e3 * rng.random(40))            # integral values near 1e9
@@ -240,29 +240,32 @@ def test_cli_gram_targets_with_inf_are_a_one_line_error(tmp_path, capsys):
 ])
 def test_table_refuses_sizes_past_the_data_before_any_row(monkeypatch, tmp_path, argv, match):
     from kernelfit import table
+    from kernelfit.cli import main
 
     monkeypatch.setattr(table, "run_row", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran a row")))
     with pytest.raises(InputError, match=match):
-        table.main(argv + ["--out-dir", str(tmp_path)])
+        main(["--debug", "table", *argv, "--out-dir", str(tmp_path)])
 
 
 def test_table_refuses_sizes_past_a_users_npz(monkeypatch, tmp_path):
     from kernelfit import table
+    from kernelfit.cli import main
 
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "d.npz", x_train=rng.random((30, 8, 8)), y_train=np.arange(30) % 3,
              x_test=rng.random((6, 8, 8)), y_test=np.arange(6) % 3)
     monkeypatch.setattr(table, "run_row", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran a row")))
     with pytest.raises(InputError, match="--n-train-mnist 5000 exceeds the 30 training examples"):
-        table.main(["--rows", "mnist-pixels", "--mnist-data", str(tmp_path / "d.npz"), "--out-dir", str(tmp_path)])
+        main(["--debug", "table", "--rows", "mnist-pixels", "--mnist-data", str(tmp_path / "d.npz"), "--out-dir",
+              str(tmp_path)])
 
 
 @pytest.mark.parametrize("flag,value", [("--n-train-mnist", "0"), ("--n-test", "-3"), ("--eigh-max-n", "x"),
                                         ("--max-refine", "-1"), ("--seed", "-1"), ("--lambdas", "nan"),
                                         ("--gram-checkpoint-minutes", "inf"), ("--filters", "0")])
 def test_table_options_use_the_solve_parsers_validated_types(flag, value, capsys):
-    from kernelfit.table import build_parser
+    from kernelfit.cli import build_parser
 
     with pytest.raises(SystemExit) as e:
-        build_parser().parse_args([flag, value])
+        build_parser().parse_args(["table", flag, value])
     assert e.value.code == 2 and flag in capsys.readouterr().err

@@ -8,8 +8,22 @@ import pytest
 import scipy.linalg
 from scipy.spatial.distance import cdist
 
+from kernelfit.cli import main as cli_main
+from kernelfit.cli.table import options_from_args
 from kernelfit.errors import InputError
-from kernelfit.table import PAPER, _parse_bandwidth, build_parser, main, run_table
+from kernelfit.table import PAPER, _parse_bandwidth, run_table, write_table
+
+
+def _options(argv):
+    """TableOptions of a `kernelfit table` command line, parsed by the kernelfit CLI."""
+    from kernelfit.cli import build_parser
+
+    return options_from_args(build_parser().parse_args(["table", *argv]))
+
+
+def main(argv):
+    """`kernelfit table ARGV` through the CLI, failures raised as they are (--debug)."""
+    return cli_main(["--debug", "table", *argv])
 
 
 def test_parse_bandwidth():
@@ -24,11 +38,11 @@ def test_parse_bandwidth():
 
 def test_bad_rows_and_lambdas():
     with pytest.raises(InputError, match="unknown rows"):
-        run_table(build_parser().parse_args(["--rows", "mnist-hog"]))
+        run_table(_options(["--rows", "mnist-hog"]))
     with pytest.raises(InputError, match="include 0"):
-        run_table(build_parser().parse_args(["--lambdas", "0.1", "1"]))
-    with pytest.raises(SystemExit) as e:   # the parser's validated types (cli._nonneg_float)
-        build_parser().parse_args(["--gram-checkpoint-minutes", "-1"])
+        run_table(_options(["--lambdas", "0.1", "1"]))
+    with pytest.raises(SystemExit) as e:   # the parser's validated types (cli.args.nonneg_float)
+        _options(["--gram-checkpoint-minutes", "-1"])
     assert e.value.code == 2
 
 
@@ -125,7 +139,7 @@ def test_provenance_is_taken_before_the_rows_run(monkeypatch):
         return {"row": row, "results": {}}
 
     monkeypatch.setattr(table, "run_row", fake_row)
-    record = run_table(build_parser().parse_args(["--rows", "mnist-pixels"]))
+    record = run_table(_options(["--rows", "mnist-pixels"]))
     assert state["rows_started"] and record["provenance"]["git"]["sha"] == "before"
 
 
@@ -197,21 +211,21 @@ def test_median_distance_from_gram_equals_the_distance_matrix_route():
 def test_table_output_named_after_rows_and_refused_before_work_when_it_exists(tmp_path, monkeypatch):
     from kernelfit.table import default_tag, output_paths
 
-    args = build_parser().parse_args(["--rows", "mnist-pixels,cifar-randconv", "--n-train-mnist", "300",
+    args = _options(["--rows", "mnist-pixels,cifar-randconv", "--n-train-mnist", "300",
                                       "--n-train-cifar", "200", "--filters", "16", "--out-dir", str(tmp_path)])
     assert default_tag(args) == "mnist-pixels-cifar-randconv_mnist300_cifar200_f16"
     monkeypatch.chdir(tmp_path)
-    here = build_parser().parse_args(["--rows", "mnist-pixels"])
+    here = _options(["--rows", "mnist-pixels"])
     assert output_paths(here)[0] == Path("table_mnist-pixels_mnist" + str(here.n_train_mnist) + ".json")
     json_path, _ = output_paths(args)
     json_path.write_text("{}")
     # main refuses before any row runs (no data dir is given: running a row would fail differently)
     with pytest.raises(InputError, match="--overwrite"):
-        main(["--rows", "mnist-pixels,cifar-randconv", "--n-train-mnist", "300", "--n-test", "10",
-              "--n-train-cifar", "200", "--filters", "16", "--out-dir", str(tmp_path),
-              "--data-dir", str(tmp_path / "missing")])
+        write_table(_options(["--rows", "mnist-pixels,cifar-randconv", "--n-train-mnist", "300", "--n-test", "10",
+                              "--n-train-cifar", "200", "--filters", "16", "--out-dir", str(tmp_path),
+                              "--data-dir", str(tmp_path / "missing")]))
     assert json_path.read_text() == "{}"
-    assert output_paths(build_parser().parse_args(
+    assert output_paths(_options(
         ["--rows", "mnist-pixels,cifar-randconv", "--n-train-mnist", "300", "--n-train-cifar", "200",
          "--filters", "16", "--out-dir", str(tmp_path), "--overwrite"]))[0] == json_path
 

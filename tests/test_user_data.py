@@ -303,10 +303,10 @@ def test_cli_gabor_on_feature_rows_is_refused_before_loading(tmp_path, capsys):
 
 
 def test_cli_feature_kinds_agree_with_the_pipeline():
-    from kernelfit import cli
+    from kernelfit import catalog
     from kernelfit.features.pipeline import FEATURE_KINDS
 
-    assert cli.FEATURE_KINDS == FEATURE_KINDS
+    assert catalog.FEATURE_KINDS == FEATURE_KINDS
 
 
 def test_idx_files_of_another_family_member_are_refused(tmp_path, monkeypatch):
@@ -331,11 +331,13 @@ def test_registry_content_md5_of_mnist_matches_the_real_pixels(shared_data_dir):
 
 
 def test_cli_dataset_table_agrees_with_the_registry():
-    from kernelfit import cli
+    from dataclasses import asdict
 
-    assert cli.DATASET_NAMES == D.DATASETS
+    from kernelfit import catalog
+
+    assert catalog.DATASET_NAMES == D.DATASETS
     for name, info in D.REGISTRY.items():
-        assert cli.DATASET_SHAPES[name] == {"d": info.dim, "num_classes": len(info.classes),
+        assert asdict(catalog.DATASETS[name]) == {"d": info.dim, "num_classes": len(info.classes),
                                             "n_train": info.n_train, "n_test": info.n_test}
 
 
