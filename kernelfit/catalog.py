@@ -9,7 +9,10 @@ by these names.
 
 from __future__ import annotations
 
+import os
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 # Numerical modes of a solve: factor and refine in float64, in float32, or factor in float32 and
 # refine with float64 residuals.
@@ -29,8 +32,32 @@ VARIANTS = ("true", "corrupt", "random-labels", "shuffled-pixels", "random-pixel
 LABEL_VARIANTS = ("corrupt", "random-labels")
 PIXEL_VARIANTS = ("shuffled-pixels", "random-pixels", "gaussian")
 
+# Modes a precomputed Gram can be solved in (mixed needs the kernel function to rebuild float64 products).
+GRAM_MODES = ("float64", "float32")
+
 # Mixed mode: at most this many refinement steps unless the caller says otherwise.
 MAX_REFINE = 10
+
+# The one environment variable naming the cache root (features, random-conv Grams, decoded image
+# folders); KERNELFIT_CACHE_DIR is its old name, still read with a notice.
+CACHE_ENV = "KERNELFIT_CACHE"
+_OLD_CACHE_ENV = "KERNELFIT_CACHE_DIR"
+
+
+def cache_root() -> Path:
+    """The cache root: ``$KERNELFIT_CACHE``, else the deprecated ``$KERNELFIT_CACHE_DIR`` (with a
+    FutureWarning: shown to users by default), else ``$XDG_CACHE_HOME/kernelfit`` or ``~/.cache/kernelfit``.
+    Only the environment is read; nothing is created."""
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env).expanduser()
+    old = os.environ.get(_OLD_CACHE_ENV)
+    if old:
+        warnings.warn(f"${_OLD_CACHE_ENV} is deprecated; set ${CACHE_ENV}={old} instead (one cache root for "
+                      f"features, Grams and decoded image folders).", FutureWarning, stacklevel=2)
+        return Path(old).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "kernelfit"
 
 
 @dataclass(frozen=True)

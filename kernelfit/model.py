@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .catalog import MODES as _MODES
 from .errors import InputError, ModelFileError
 from .solve import Interpolant, PrecomputedInterpolant
 
@@ -232,7 +233,6 @@ class SavedModel:
 
 
 _SCALAR = (str, int, float, bool, type(None))
-_MODES = ("float64", "float32", "mixed")
 
 
 def _short(v) -> str:
