@@ -27,6 +27,14 @@ KERNELS = ("gaussian", "laplacian")
 # Feature maps a kernel can be computed on; randconv gives a Gram, not a feature matrix.
 FEATURE_KINDS = ("pixels", "gabor", "randconv")
 
+# Default bandwidth rule per feature map, shared by `kernelfit table` and `kernelfit solve --features`
+# (kernelfit.validate.bandwidth_rule syntax). Measured by benchmarks/bandwidth_rule.py
+# (benchmarks/results/bandwidth_rule.jsonl; test error, F x median): MNIST 5,000 / 1,000 pixels
+# 0.25: 4.8%, 0.5: 3.5%, 1: 3.5%, 2: 4.5%; Gabor 2.0 / 1.1 / 1.2 / 1.4%; CIFAR-10 2,000 / 1,000
+# pixels 63.3 / 63.0 / 69.2 / 72.5%; randconv 54.5 / 47.0 / 46.2 / 48.9% (0.5 vs 1: 8 of 1,000 test
+# points, within one binomial standard deviation). 0.5 x median is best or tied everywhere.
+DEFAULT_BANDWIDTH = {"pixels": "0.5*median", "gabor": "0.5*median", "randconv": "0.5*median"}
+
 # Randomization variants of Zhang et al. (kernelfit.randomize implements them).
 VARIANTS = ("true", "corrupt", "random-labels", "shuffled-pixels", "random-pixels", "gaussian")
 LABEL_VARIANTS = ("corrupt", "random-labels")

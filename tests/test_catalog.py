@@ -43,3 +43,11 @@ def test_default_is_the_user_cache_dir(clean_env, tmp_path):
     assert _all_roots() == {tmp_path / "home" / ".cache" / "kernelfit"}
     clean_env.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert _all_roots() == {tmp_path / "xdg" / "kernelfit"}
+
+
+def test_default_bandwidth_one_valid_rule_per_feature_map():
+    from kernelfit.catalog import DEFAULT_BANDWIDTH, FEATURE_KINDS
+    from kernelfit.validate import bandwidth_rule
+
+    assert set(DEFAULT_BANDWIDTH) == set(FEATURE_KINDS)
+    assert all(bandwidth_rule(rule).is_median for rule in DEFAULT_BANDWIDTH.values())
