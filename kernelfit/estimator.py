@@ -40,6 +40,12 @@ def _solver():
     return SolveOptions, fit_interpolant
 
 
+def _placement(block_size):
+    from .linalg.options import FactorOptions
+
+    return FactorOptions(block_size=block_size, progress=False)
+
+
 def _check_finite_y(y) -> None:
     """NaN / inf targets: an InputError naming the first bad row (sklearn's own check names none)."""
     from .solve import check_finite_targets
@@ -179,8 +185,8 @@ class _KernelInterpolationBase(BaseEstimator):
         Y = np.ascontiguousarray(Y, dtype=np.float64)
 
         def solve(jitter: float):
-            opts = SolveOptions(kernel=self.kernel, bandwidth=bw, mode=self.mode, jitter=jitter,
-                                block_size=self.block_size, max_refine=int(self.max_refine), progress=False)
+            opts = SolveOptions(kernel=self.kernel, bandwidth=bw, mode=self.mode, jitter=jitter, max_refine=int(self.max_refine),
+                                placement=_placement(self.block_size))
             return fit_interpolant(X, Y, opts)
 
         if not auto:
@@ -206,7 +212,7 @@ class _KernelInterpolationBase(BaseEstimator):
         Y = np.ascontiguousarray(Y, dtype=np.float64)
 
         def solve(jitter: float):
-            opts = SolveOptions(mode=mode, jitter=jitter, block_size=self.block_size, progress=False)
+            opts = SolveOptions(mode=mode, jitter=jitter, placement=_placement(self.block_size))
             return fit_precomputed(K, Y, opts, what="K (kernel='precomputed')")
 
         auto = isinstance(self.jitter, str)

@@ -19,57 +19,59 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from .catalog import GRAM_MODES, KERNELS, MAX_REFINE, MODES, TASKS
 from .errors import InputError, MemoryPlanError
 from .gram import GridProducts, KernelOperator, argmax_exact_scores, build_gram_panels
-from .kernels import check_bandwidth, check_distance_scale, check_kernel, check_kernel_on_data, median_bandwidth
-from .linalg.memory import FACTOR_DTYPE, MODES, plan_solve, require_fits
+from .kernels import check_distance_scale, check_kernel_on_data, median_bandwidth
+from .linalg.memory import FACTOR_DTYPE, plan_solve, require_fits
 from .linalg.mixed import solve_refined
+from .linalg.options import FactorOptions
 from .linalg.refine import check_refine_tol, float64_level_threshold
 from .linalg.strategy import GRID_PRODUCTS, STORED, factor_dtype_name
 from .linalg.tiled import SymmetricPanels, cho_solve, cholesky_flops
+from .results import peak_rss_bytes
+from .validate import bandwidth_rule, check_bandwidth_spec, check_choice, check_int, check_jitter
 
 
 @dataclass(frozen=True)
 class SolveOptions:
-    """What changes the result (kernel, bandwidth, mode, jitter, refinement) and how it runs."""
+    """What changes the result (kernel, bandwidth, mode, jitter, refinement), with where the factor
+    runs kept apart in ``placement`` (``linalg.options.FactorOptions``: backend, device, out-of-core,
+    memory budget, TF32, block size, checkpoints, progress), falkon-style."""
 
     kernel: str = "gaussian"            # "gaussian": exp(-|x-z|^2/(2 s^2)); "laplacian": exp(-|x-z|/s)
-    bandwidth: float | str = "median"   # sigma > 0, or "median" (median pairwise distance of a sample)
+    bandwidth: float | str = "median"   # sigma > 0, "median" (median pairwise distance of a sample) or "F*median"
     mode: str = "mixed"                 # "float64" | "float32" | "mixed"
     strategy: str = "auto"              # mixed: "auto" (fastest that fits) or a name in linalg/strategy.py
     jitter: float = 0.0                 # ridge added to the diagonal; 0 = exact interpolation
-    block_size: int | None = None       # panel width; None picks one from n
-    max_refine: int = 10                # mixed mode: at most this many refinement steps
+    max_refine: int = MAX_REFINE        # mixed mode: at most this many refinement steps
     refine_tol: float | None = None     # mixed mode: stop at this relative residual (None: at float64 level);
                                         # reaching it is accepted as is (no float64 re-factorization)
     fallback_float64: bool = True       # mixed: re-factor in float64 if refinement cannot reach float64
                                         # level (ill-conditioned K) and the float64 Gram fits in memory
-    backend: str = "auto"               # "auto" | "numpy" | "torch" | "cupy" (see linalg/factor.py)
-    device: str | None = None           # None = CPU; "cuda", "cuda:1", ... factors on that GPU
-    out_of_core: bool | str = "auto"    # GPU: stream panels through the device when the Gram does not fit
-    device_memory_budget: int | None = None  # bytes the factorization may use on the device (None: measured)
-    tf32: bool = False                  # CUDA float32 factor GEMMs on TF32 tensor cores (refinement repairs it)
-    checkpoint_dir: str | None = None   # save finished factor panels here; resume=True continues
-    resume: bool = False
-    progress: bool = False              # progress bars on stderr
     force_memory: bool = False          # skip the memory refusal
+    placement: FactorOptions = FactorOptions()
 
     def validated(self) -> "SolveOptions":
-        check_kernel(self.kernel)
-        if self.mode not in MODES:
-            raise InputError(f"unknown mode {self.mode!r}; expected one of {', '.join(MODES)}.")
-        if self.bandwidth != "median":
-            check_bandwidth(self.bandwidth)
-        jitter = float(self.jitter)
-        if not np.isfinite(jitter) or jitter < 0:
-            raise InputError(f"jitter must be a finite number >= 0; got {self.jitter!r}.")
-        if int(self.max_refine) < 0:
-            raise InputError(f"max_refine must be >= 0; got {self.max_refine!r}.")
+        check_choice(self.kernel, KERNELS, "kernel")
+        check_choice(self.mode, MODES, "mode")
+        check_bandwidth_spec(self.bandwidth)
+        check_jitter(self.jitter)
+        check_int(self.max_refine, "max_refine", minimum=0)
+        if not isinstance(self.placement, FactorOptions):
+            raise InputError(f"placement: expected a kernelfit.linalg.options.FactorOptions; found "
+                             f"{type(self.placement).__name__}. Pass placement=FactorOptions(device=..., block_size=...).")
         return self
+
+    def to_record(self) -> dict:
+        """The options as a record (flat, as before: mathematics and placement side by side)."""
+        out = {k: v for k, v in asdict(self).items() if k != "placement"}
+        out.update({k: v for k, v in asdict(self.placement).items() if k != "progress"})
+        return out
 
 
 def check_features(X, name="X") -> np.ndarray:
@@ -167,12 +169,6 @@ def one_hot(y, num_classes) -> np.ndarray:
     return Y
 
 
-def _peak_rss() -> int:
-    import resource
-
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
 @dataclass
 class Interpolant:
     """A fitted interpolant f(x) = sum_i alpha_i k(x, x_i)."""
@@ -240,7 +236,9 @@ def _dask_factor_info(client, n: int, block: int) -> dict:
 
 
 def resolve_bandwidth(X, bandwidth) -> float:
-    return median_bandwidth(X) if bandwidth == "median" else check_bandwidth(bandwidth)
+    """sigma for ``bandwidth`` (a number, 'median' or 'F*median'; ``kernelfit.validate.bandwidth_rule``) on X."""
+    rule = bandwidth_rule(bandwidth)
+    return rule.resolve(median_bandwidth(X) if rule.is_median else None)
 
 
 def fit_interpolant(X, Y, options: SolveOptions = SolveOptions(), n_test: int = 0) -> Interpolant:
@@ -254,7 +252,7 @@ def fit_interpolant(X, Y, options: SolveOptions = SolveOptions(), n_test: int = 
     check_kernel_on_data(X, options.kernel, bandwidth, "the training points")   # O(n d): before the Gram
     X64 = np.ascontiguousarray(X, dtype=np.float64)
     high = KernelOperator(X64, options.kernel, bandwidth, np.float64)   # finds an integer grid, if any
-    plan = plan_solve(n, d, Y.shape[1], options.mode, n_test=n_test, block=options.block_size,
+    plan = plan_solve(n, d, Y.shape[1], options.mode, n_test=n_test, block=options.placement.block_size,
                       strategy=options.strategy, grid_products=on_cpu(options) and GridProducts.applies(high.grid))
     if not options.force_memory:
         require_fits(plan)
@@ -270,14 +268,14 @@ def fit_interpolant(X, Y, options: SolveOptions = SolveOptions(), n_test: int = 
     R = Y - train_scores - options.jitter * alpha  # residual of the system solved, (K + jitter I) alpha = Y
     stats = {
         "n": n, "d": d, "k": Y.shape[1], "kernel": options.kernel, "bandwidth": bandwidth,
-        "bandwidth_rule": "median heuristic" if options.bandwidth == "median" else "given",
+        "bandwidth_rule": bandwidth_rule(options.bandwidth).describe(),
         "mode": options.mode, "factor_dtype": np.dtype(fdt).name, "jitter": float(options.jitter),
         "block_size": plan.block, "strategy": plan.strategy, "strategy_reason": plan.strategy_reason,
         "residual_source": residual_source, "distances": high.distances, "timings_s": timings,
         "factor_gflops": cholesky_flops(n) / max(timings["factor"], 1e-12) / 1e9,
         **residual_stats(R, Y),
         "refinement": refinement, "factorization": factor_info, "memory_plan": plan.to_dict(),
-        "peak_rss_bytes": _peak_rss(),
+        "peak_rss_bytes": peak_rss_bytes(),
     }
     _warn_residual(stats, options.mode, options.refine_tol)
     return Interpolant(X_fit=X64, alpha=alpha, Y=Y, kernel=options.kernel, bandwidth=bandwidth, mode=options.mode,
@@ -329,22 +327,23 @@ def _warn_residual(stats: dict, mode: str, refine_tol=None) -> None:
 
 
 def on_cpu(options: SolveOptions) -> bool:
-    return options.device is None or not str(options.device).startswith("cuda")
+    device = options.placement.device
+    return device is None or not str(device).startswith("cuda")
 
 
 def _build_gram(X64, fdt, bandwidth, block, options: SolveOptions, grid=None) -> SymmetricPanels:
     if grid is not None and np.dtype(fdt) == np.float64 and on_cpu(options):   # exact distances, sgemm rate
-        return build_gram_panels(X64, options.kernel, bandwidth, block, fdt, options.progress, grid=grid)
+        return build_gram_panels(X64, options.kernel, bandwidth, block, fdt, options.placement.progress, grid=grid)
     # Both kernels depend on x - z only, so the Gram is built from centered points: the GEMM expansion
     # |x|^2 + |z|^2 - 2 x.z then cancels far less (float32 loses all digits for data far from 0).
     Xc = (X64 - X64.mean(axis=0)).astype(fdt)
-    if options.device is not None and str(options.device).startswith("cuda"):
+    if not on_cpu(options):
         # tiles computed on the GPU (TF32 off) and written back to host panels one at a time
         from .linalg.outofcore import build_gram_panels_device
 
-        G = build_gram_panels_device(Xc, options.kernel, bandwidth, block, fdt, device=options.device)
+        G = build_gram_panels_device(Xc, options.kernel, bandwidth, block, fdt, device=options.placement.device)
     else:
-        G = build_gram_panels(Xc, options.kernel, bandwidth, block, fdt, options.progress)
+        G = build_gram_panels(Xc, options.kernel, bandwidth, block, fdt, options.placement.progress)
     return G
 
 
@@ -353,14 +352,15 @@ def factor_panels(G: SymmetricPanels, options: SolveOptions) -> dict:
     from .linalg.factor import factor
 
     bar = None
-    if options.progress:
+    if options.placement.progress:
         from .progress import progress_bar
 
         bar = progress_bar(total=cholesky_flops(G.n), desc="cholesky", unit="flop")
     try:
-        info = factor(G, backend=options.backend, device=options.device, out_of_core=options.out_of_core,
-                      device_memory_budget=options.device_memory_budget, tf32=options.tf32,
-                      checkpoint_dir=options.checkpoint_dir, resume=options.resume, progress=bar,
+        p = options.placement   # helper B's factor(G, FactorOptions) takes ``p`` itself
+        info = factor(G, backend=p.backend, device=p.device, out_of_core=p.out_of_core,
+                      device_memory_budget=p.device_memory_budget, tf32=p.tf32,
+                      checkpoint_dir=p.checkpoint_dir, resume=p.resume, progress=bar,
                       jitter=options.jitter)
         return info.to_dict()
     finally:
@@ -380,13 +380,13 @@ def _factor_and_solve(X64, Y, strategy, bandwidth, block, high: KernelOperator, 
     mixed = options.mode == "mixed"   # refined (a float64 factor usually stops after its first residual)
     from .linalg.resident import resident_device, solve_resident
 
-    device = resident_device(options, n, X64.shape[1], Y.shape[1], block, fdt)
+    device = resident_device(options.placement, n, X64.shape[1], Y.shape[1], block, fdt)
     if device is not None:   # the Gram fits on the device: the whole solve stays there
         sol = solve_resident(X64, Y, kernel=options.kernel, bandwidth=bandwidth, dtype=fdt, device=device, block=block,
                              jitter=float(options.jitter), max_refine=int(options.max_refine) if mixed else 0,
-                             tol=options.refine_tol if mixed else None, tf32=bool(options.tf32),
+                             tol=options.refine_tol if mixed else None, tf32=bool(options.placement.tf32),
                              fallback_float64=mixed and options.fallback_float64,
-                             device_memory_budget=options.device_memory_budget)
+                             device_memory_budget=options.placement.device_memory_budget)
         timings.update({k: v for k, v in sol.timings_s.items() if k != "total"})
         info = {**sol.factors[-1], "pipeline": "resident", "device_timings_s": sol.device_timings_s,
                 "resident_memory": sol.memory}
@@ -404,25 +404,25 @@ def _factor_and_solve(X64, Y, strategy, bandwidth, block, high: KernelOperator, 
                                plan=plan64)
 
     build_gram = lambda dt: _build_gram(X64, dt, bandwidth, block, options, high.grid)  # noqa: E731
-    apply_high = lambda V: high.symmetric_matmul(V, progress=options.progress)  # noqa: E731
+    apply_high = lambda V: high.symmetric_matmul(V, progress=options.placement.progress)  # noqa: E731
     if strategy == GRID_PRODUCTS:   # the exact dot products once; the Gram and every residual from them
         t = time.perf_counter()
-        products = GridProducts(high.grid, options.kernel, bandwidth, block, progress=options.progress)
+        products = GridProducts(high.grid, options.kernel, bandwidth, block, progress=options.placement.progress)
         timings["grid_products"] = time.perf_counter() - t
         build_gram = products.gram
-        apply_high = lambda V: products.symmetric_matmul(V, progress=options.progress)  # noqa: E731
+        apply_high = lambda V: products.symmetric_matmul(V, progress=options.placement.progress)  # noqa: E731
     X, R, report, factors = solve_refined(
         build_gram, lambda G: factor_panels(G, options), apply_high, Y, dtype=fdt,
         max_refine=int(options.max_refine) if mixed else 0,   # direct modes: one float64 residual pass
         tol=options.refine_tol if mixed else None, jitter=float(options.jitter),
-        scale_diagonal=bool(options.tf32), fallback=fallback_check if mixed and options.fallback_float64 else None,
+        scale_diagonal=bool(options.placement.tf32), fallback=fallback_check if mixed and options.fallback_float64 else None,
         timings=timings, store_float64_gram=strategy == STORED)
     # training scores f(x_i) = (K alpha)_i, without the ridge term
     return X, Y - R - float(options.jitter) * X, report, factors[-1]
 
 
 def solve_gram(G: SymmetricPanels, Y, jitter: float = 0.0, backend: str = "auto", apply_high=None,
-               max_refine: int = 10):
+               max_refine: int = MAX_REFINE):
     """Solve G alpha = Y for a Gram already in panel storage (e.g. accumulated from feature blocks).
 
     G is overwritten by its factor. With ``apply_high`` (V -> G V in float64) the solution is refined
@@ -483,9 +483,6 @@ class PrecomputedInterpolant(Interpolant):
         return gram_matmul(K_test, self.alpha, rows)
 
 
-GRAM_MODES = ("float64", "float32")
-
-
 def check_gram_mode(mode: str) -> str:
     if mode not in GRAM_MODES:
         why = (" Mixed precision refines with float64 products of the kernel function rebuilt from the "
@@ -518,14 +515,12 @@ def fit_precomputed(G, Y, options: SolveOptions = SolveOptions(mode="float64"), 
     )
 
     mode = check_gram_mode(options.mode)
-    jitter = float(options.jitter)
-    if not np.isfinite(jitter) or jitter < 0:
-        raise InputError(f"jitter must be a finite number >= 0; got {options.jitter!r}.")
+    jitter = check_jitter(options.jitter)
     source = G
     G = open_gram(G, what=what)
     n = check_square(G, what)
     Y = check_targets(Y, n)
-    plan = plan_solve(n, 0, Y.shape[1], mode, n_test=n_test, block=options.block_size)
+    plan = plan_solve(n, 0, Y.shape[1], mode, n_test=n_test, block=options.placement.block_size)
     if not options.force_memory:   # refused from the header alone, before any pass over the matrix
         require_fits(plan)
     checks = check_gram(G, what=what, jitter=jitter)
@@ -558,7 +553,7 @@ def fit_precomputed(G, Y, options: SolveOptions = SolveOptions(mode="float64"), 
         "timings_s": timings, "factor_gflops": cholesky_flops(n) / max(timings.get("factor", 0.0), 1e-12) / 1e9,
         **residual_stats(R, Y),
         "refinement": refinement, "factorization": factor_info, "memory_plan": plan.to_dict(),
-        "gram": {**gram_source_info(source, G), "checks": checks}, "peak_rss_bytes": _peak_rss(),
+        "gram": {**gram_source_info(source, G), "checks": checks}, "peak_rss_bytes": peak_rss_bytes(),
     }
     _warn_residual(stats, mode)
     return PrecomputedInterpolant(X_fit=None, alpha=alpha, Y=Y, kernel="precomputed", bandwidth=float("nan"),
@@ -579,7 +574,7 @@ def fit_distributed(X, Y, options: SolveOptions = SolveOptions(), client=None) -
     X = check_features(X)
     n, d = X.shape
     Y = check_targets(Y, n)
-    plan = plan_solve(n, d, Y.shape[1], options.mode, block=options.block_size)
+    plan = plan_solve(n, d, Y.shape[1], options.mode, block=options.placement.block_size)
     bandwidth = resolve_bandwidth(X, options.bandwidth)
     check_kernel_on_data(X, options.kernel, bandwidth, "the training points")
     fdt = FACTOR_DTYPE[options.mode]
@@ -599,12 +594,12 @@ def fit_distributed(X, Y, options: SolveOptions = SolveOptions(), client=None) -
     train_scores = Y - R - jitter * alpha
     stats = {
         "n": n, "d": d, "k": Y.shape[1], "kernel": options.kernel, "bandwidth": bandwidth,
-        "bandwidth_rule": "median heuristic" if options.bandwidth == "median" else "given",
+        "bandwidth_rule": bandwidth_rule(options.bandwidth).describe(),
         "mode": options.mode, "factor_dtype": np.dtype(fdt).name, "jitter": jitter, "block_size": plan.block,
         "timings_s": timings, **residual_stats(R, Y),
         "refinement": {**report.to_dict(), "factor_dtype": np.dtype(fdt).name, "fallback": None},
         "factorization": _dask_factor_info(client, n, plan.block),
-        "memory_plan": plan.to_dict(), "peak_rss_bytes": _peak_rss(),
+        "memory_plan": plan.to_dict(), "peak_rss_bytes": peak_rss_bytes(),
     }
     _warn_residual(stats, options.mode, options.refine_tol)
     return Interpolant(X_fit=X64, alpha=alpha, Y=Y, kernel=options.kernel, bandwidth=bandwidth, mode=options.mode,
@@ -614,9 +609,6 @@ def fit_distributed(X, Y, options: SolveOptions = SolveOptions(), client=None) -
 # --------------------------------------------------------------------------------------------
 # targets and result records
 # --------------------------------------------------------------------------------------------
-
-TASKS = ("classification", "regression")
-
 
 def classification_errors(scores, y) -> float:
     return float(np.mean(np.argmax(scores, axis=1) != y)) if len(y) else float("nan")
@@ -766,8 +758,8 @@ def run_interpolation(X_train, label_sets: dict, X_test, y_test, num_classes: in
     else:
         test_scores = model.predict(X_test)
     model.stats["timings_s"]["predict"] = time.perf_counter() - t
-    model.stats["peak_rss_bytes"] = _peak_rss()
-    options_record = {k: v for k, v in asdict(replace(options)).items() if k not in ("progress",)}
+    model.stats["peak_rss_bytes"] = peak_rss_bytes()
+    options_record = options.to_record()
     record = _record(model, Y, sets, columns, test_scores, y_test, task, num_classes, options_record,
                      0 if X_test is None else len(X_test), extra, prov)
     return (record, model) if return_model else record
@@ -804,8 +796,8 @@ def run_gram_interpolation(G, label_sets: dict, G_test, y_test, num_classes: int
         from .data.gram import gram_source_info
 
         model.stats["gram_test"] = gram_source_info(G_test, Kt)
-    model.stats["peak_rss_bytes"] = _peak_rss()
-    options_record = {k: v for k, v in asdict(replace(options)).items() if k not in ("progress",)}
+    model.stats["peak_rss_bytes"] = peak_rss_bytes()
+    options_record = options.to_record()
     options_record.update(kernel="precomputed", bandwidth=None)
     record = _record(model, Y, sets, columns, test_scores, y_test, task, num_classes, options_record,
                      0 if Kt is None else Kt.shape[0], extra, prov)

@@ -9,6 +9,7 @@ from sklearn.kernel_ridge import KernelRidge
 from kernelfit.errors import InputError, MemoryPlanError, NotPositiveDefiniteError
 from kernelfit.gram import build_gram_panels
 from kernelfit.linalg.memory import plan_solve, require_fits
+from kernelfit.linalg.options import FactorOptions
 from kernelfit.linalg.refine import float64_level_threshold
 from kernelfit.solve import SolveOptions, fit_interpolant, run_interpolation, solve_gram
 
@@ -32,7 +33,7 @@ def test_solution_matches_kernel_ridge_with_tiny_alpha(mode, strategy, eps):
     tol = min(100 * np.linalg.cond(gaussian(X, X, sigma)) * eps, 5e-3)
     ref = KernelRidge(alpha=1e-10, kernel="rbf", gamma=1 / (2 * sigma**2)).fit(X, Y)
     m = fit_interpolant(X, Y, SolveOptions(bandwidth=sigma, mode=mode, strategy=strategy, jitter=1e-10,
-                                           block_size=64))
+                                           placement=FactorOptions(block_size=64)))
     Xt = np.random.default_rng(9).random((40, X.shape[1]))
     np.testing.assert_allclose(m.alpha, ref.dual_coef_, rtol=0, atol=tol * np.abs(ref.dual_coef_).max())
     np.testing.assert_allclose(m.predict(Xt), ref.predict(Xt), rtol=0, atol=tol * 10 * np.abs(ref.predict(Xt)).max())
@@ -45,8 +46,9 @@ def test_mixed_mode_reaches_float64_direct_residual(strategy):
     K = gaussian(X, X, sigma)
     direct = scipy.linalg.cho_solve(scipy.linalg.cho_factor(K, lower=True), Y)
     direct_rel = np.linalg.norm(K @ direct - Y) / np.linalg.norm(Y)
-    f32 = fit_interpolant(X, Y, SolveOptions(bandwidth=sigma, mode="float32", block_size=64))
-    mixed = fit_interpolant(X, Y, SolveOptions(bandwidth=sigma, mode="mixed", strategy=strategy, block_size=64))
+    f32 = fit_interpolant(X, Y, SolveOptions(bandwidth=sigma, mode="float32", placement=FactorOptions(block_size=64)))
+    mixed = fit_interpolant(X, Y, SolveOptions(bandwidth=sigma, mode="mixed", strategy=strategy,
+                                               placement=FactorOptions(block_size=64)))
     mixed_rel = np.linalg.norm(K @ mixed.alpha - Y) / np.linalg.norm(Y)   # independent residual (dense scipy K)
     f32_rel = np.linalg.norm(K @ f32.alpha - Y) / np.linalg.norm(Y)
     assert f32_rel > 1e3 * direct_rel            # float32 alone is far from float64 accuracy ...
@@ -89,9 +91,9 @@ def test_duplicate_points_raise_typed_error_and_jitter_fixes_it():
     X = np.vstack([X, X[:5]])
     Y = np.vstack([Y, Y[:5]])
     with pytest.raises(NotPositiveDefiniteError) as err:
-        fit_interpolant(X, Y, SolveOptions(bandwidth=1.0, mode="float64", block_size=32))
+        fit_interpolant(X, Y, SolveOptions(bandwidth=1.0, mode="float64", placement=FactorOptions(block_size=32)))
     assert 80 < err.value.minor <= 85
-    m = fit_interpolant(X, Y, SolveOptions(bandwidth=1.0, mode="float64", jitter=1e-6, block_size=32))
+    m = fit_interpolant(X, Y, SolveOptions(bandwidth=1.0, mode="float64", jitter=1e-6, placement=FactorOptions(block_size=32)))
     assert m.stats["jitter"] == 1e-6
 
 
