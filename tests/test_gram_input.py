@@ -22,8 +22,9 @@ from kernelfit.data.gram import (
 )
 from kernelfit.data.rows import find_duplicate_rows
 from kernelfit.errors import InputError, NotPositiveDefiniteError
+from kernelfit.experiment import run_gram_interpolation
 from kernelfit.linalg.options import FactorOptions
-from kernelfit.solve import SolveOptions, fit_precomputed, run_gram_interpolation
+from kernelfit.solve import SolveOptions, fit_precomputed
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

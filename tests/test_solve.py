@@ -7,11 +7,12 @@ from scipy.spatial.distance import cdist
 from sklearn.kernel_ridge import KernelRidge
 
 from kernelfit.errors import InputError, MemoryPlanError, NotPositiveDefiniteError
+from kernelfit.experiment import run_interpolation
 from kernelfit.gram import build_gram_panels
 from kernelfit.linalg.memory import plan_solve, require_fits
 from kernelfit.linalg.options import FactorOptions
 from kernelfit.linalg.refine import float64_level_threshold
-from kernelfit.solve import SolveOptions, fit_interpolant, run_interpolation, solve_gram
+from kernelfit.solve import SolveOptions, fit_interpolant, solve_gram
 
 
 def data(n=300, d=20, k=3, seed=0):
