@@ -277,3 +277,13 @@ def test_duplicate_training_rows_refused_before_the_solve(labels_agree, monkeypa
     monkeypatch.undo()
     rec = run_interpolation(X, {"true": y}, None, None, 3, SolveOptions(bandwidth=1.0, jitter=1e-6))
     assert rec["n_train"] == 120
+
+
+def test_f_times_median_bandwidth_is_f_times_the_median_pairwise_distance():
+    import scipy.spatial.distance
+
+    rng = np.random.default_rng(3)
+    X, Y = rng.standard_normal((60, 4)), rng.standard_normal((60, 2))
+    m = fit_interpolant(X, Y, SolveOptions(bandwidth="0.5*median", mode="float64"))
+    assert m.bandwidth == pytest.approx(0.5 * np.median(scipy.spatial.distance.pdist(X)), rel=1e-12)
+    assert m.stats["bandwidth_rule"] == "0.5 x median heuristic"
