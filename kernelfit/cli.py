@@ -723,10 +723,11 @@ def cmd_solve(args, parser) -> int:
     import numpy as np
 
     from .data import describe
+    from .experiment import run_interpolation
     from .features.pipeline import dataset_features
     from .randomize import Randomization, apply_randomization
     from .results import PhaseTimer, peak_rss_bytes
-    from .solve import SolveOptions, run_interpolation
+    from .solve import SolveOptions
 
     timer = PhaseTimer()
     with timer.phase("load"):
@@ -928,7 +929,7 @@ def _read_targets(spec: str, what: str):
     import numpy as np
 
     from .data.arrays import open_array
-    from .solve import check_finite_targets
+    from .validate import check_finite_targets
 
     y = np.asarray(open_array(spec, what=what))
     check_finite_targets(y, what)   # before the Gram is read: names the first NaN / inf row
@@ -956,8 +957,9 @@ def cmd_solve_gram(args, parser) -> int:
                      f"(default) or float32 (half the memory)")
     _check_out_path(parser, args.out, args.overwrite)
 
+    from .experiment import run_gram_interpolation
     from .results import PhaseTimer, peak_rss_bytes
-    from .solve import SolveOptions, run_gram_interpolation
+    from .solve import SolveOptions
 
     timer = PhaseTimer()
     with timer.phase("load"):
@@ -965,7 +967,7 @@ def cmd_solve_gram(args, parser) -> int:
         yt = None if args.y_test is None else _read_targets(args.y_test, "--y-test")
         num_classes = None
         if args.task == "classification":
-            from .solve import check_labels, infer_num_classes
+            from .experiment import check_labels, infer_num_classes
 
             num_classes = infer_num_classes((y, "--y-train"), (yt, "--y-test"))
             check_labels(y, num_classes, "--y-train")

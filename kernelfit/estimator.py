@@ -48,7 +48,7 @@ def _placement(block_size):
 
 def _check_finite_y(y) -> None:
     """NaN / inf targets: an InputError naming the first bad row (sklearn's own check names none)."""
-    from .solve import check_finite_targets
+    from .validate import check_finite_targets
 
     try:
         arr = np.asarray(y)

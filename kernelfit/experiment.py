@@ -13,24 +13,20 @@ import numpy as np
 
 from .catalog import TASKS
 from .errors import InputError
+from .interpolant import Interpolant
 from .kernels import check_distance_scale
 from .results import peak_rss_bytes
 from .solve import (
-    Interpolant,
     SolveOptions,
     check_distinct,
-    check_features,
-    check_finite_targets,
     check_gram_mode,
-    check_labels,
-    check_targets,
     fit_distributed,
     fit_interpolant,
     fit_precomputed,
     one_hot,
     residual_stats,
 )
-from .validate import bandwidth_rule
+from .validate import bandwidth_rule, check_features, check_finite_targets, check_targets
 
 _DEFAULT_OPTIONS = SolveOptions()
 _GRAM_OPTIONS = SolveOptions(mode="float64")   # a precomputed Gram has no kernel function for "mixed"
@@ -38,6 +34,55 @@ _GRAM_OPTIONS = SolveOptions(mode="float64")   # a precomputed Gram has no kerne
 # --------------------------------------------------------------------------------------------
 # targets and result records
 # --------------------------------------------------------------------------------------------
+
+def infer_num_classes(*labels) -> int:
+    """Number of one-hot columns for integer class labels 0..k-1, from (labels, what) pairs: max + 1.
+
+    Labels must be finite, integral and >= 0. Labels whose largest value is far above their number
+    of distinct values (e.g. 3 values up to 1e9) are not class indices: a one-hot matrix of max + 1
+    columns would be absurd, so this refuses and says how to remap them (or to use regression)."""
+    values, top = [], -1
+    for y, what in labels:
+        if y is None:
+            continue
+        y = np.asarray(y)
+        if y.size == 0:
+            continue
+        if not np.issubdtype(y.dtype, np.number) or np.issubdtype(y.dtype, np.complexfloating):
+            raise InputError(f"{what}: class labels must be integers 0..k-1; got dtype {y.dtype}.")
+        check_finite_targets(y, what)
+        if y.ndim != 1 or not np.all(y == np.round(y)) or y.min() < 0:
+            raise InputError(f"{what}: classification needs 1-D integer class labels 0..k-1; got shape {y.shape}"
+                             f"{'' if y.ndim != 1 else f' with values in [{y.min():g}, {y.max():g}]'}. For real-valued "
+                             f"targets use --task regression (task='regression').")
+        values.append(np.unique(y))
+        top = max(top, int(y.max()))
+    if top < 0:
+        return 1
+    distinct = len(np.unique(np.concatenate(values)))
+    k = top + 1
+    if k > 4 * distinct + 100:
+        raise InputError(f"the class labels hold {distinct} distinct values but the largest is {top}: as class indices "
+                         f"0..{top} they would need {k} one-hot columns. Remap them to 0..{distinct - 1} "
+                         f"(np.unique(y, return_inverse=True)), or, for real-valued targets, use --task regression "
+                         f"(task='regression').")
+    return k
+
+
+def check_labels(y, num_classes, name="y") -> np.ndarray:
+    y = np.asarray(y)
+    if y.ndim != 1:
+        raise InputError(f"expected {name} as 1-D integer labels; got shape {y.shape}.")
+    if np.issubdtype(y.dtype, np.number):
+        check_finite_targets(y, name)
+    if not (np.issubdtype(y.dtype, np.integer) or (np.issubdtype(y.dtype, np.floating) and np.all(y == np.round(y)))):
+        raise InputError(f"{name} must hold integer class labels; got dtype {y.dtype}.")
+    y = y.astype(np.int64)
+    if y.size and (y.min() < 0 or y.max() >= num_classes):
+        raise InputError(f"{name} has labels in [{y.min()}, {y.max()}], outside the class range [0, {num_classes - 1}].")
+    return y
+
+
 
 def classification_errors(scores, y) -> float:
     return float(np.mean(np.argmax(scores, axis=1) != y)) if len(y) else float("nan")

@@ -30,7 +30,7 @@ import numpy as np
 
 from .catalog import MODES as _MODES
 from .errors import InputError, ModelFileError
-from .solve import Interpolant, PrecomputedInterpolant
+from .interpolant import Interpolant, PrecomputedInterpolant
 
 __all__ = [
     "FORMAT",

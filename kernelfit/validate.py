@@ -1,7 +1,8 @@
 """The one validation module: hyper-parameters checked once, the same way everywhere.
 
 Bandwidths (a number, ``'median'`` or ``'F*median'``), jitter (a number >= 0, or ``'auto'`` where the
-caller allows it), probabilities, sizes, bounded floats and named choices. Used by ``SolveOptions``,
+caller allows it), probabilities, sizes, bounded floats, named choices, and the input arrays of a solve
+(features X, targets Y). Used by ``SolveOptions``,
 the estimators (their ``_parameter_checks`` table), the CLI's argument types and deepfit.
 
 numpy-free at import (``--help`` and argument parsing import it); numpy scalars are accepted through
@@ -14,8 +15,12 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .errors import InputError
+
+if TYPE_CHECKING:   # annotations only: numpy is imported inside the array checks
+    import numpy as np
 
 
 def _fail(what: str, expected: str, found, fix: str) -> InputError:
@@ -209,6 +214,59 @@ def check_choice(value, choices, what: str):
     if not isinstance(value, str) or value not in choices:
         raise _fail(what, f"one of {', '.join(map(str, choices))}", value, f"Pass e.g. {what}={choices[0]!r}.")
     return value
+
+
+# --------------------------------------------------------------------------------------------
+# input arrays (numpy imported inside: this module stays numpy-free at import)
+# --------------------------------------------------------------------------------------------
+
+def check_features(X, name="X") -> "np.ndarray":
+    """X as a 2-D, non-empty array of finite real numbers (n_samples, n_features)."""
+    import numpy as np
+
+    X = np.asarray(X)
+    if X.ndim != 2:
+        hint = " Reshape your data using X.reshape(-1, 1) for one feature or X.reshape(len(X), -1) for images." \
+            if X.ndim in (1, 3, 4) else ""
+        raise InputError(f"expected {name} as a 2-D array (n_samples, n_features); got {X.ndim}-D shape {X.shape}.{hint}")
+    if X.shape[0] == 0 or X.shape[1] == 0:
+        raise InputError(f"{name} is empty (shape {X.shape}); need at least one sample and one feature.")
+    if not np.issubdtype(X.dtype, np.number) or np.issubdtype(X.dtype, np.complexfloating):
+        raise InputError(f"{name} must be real numbers; got dtype {X.dtype}.")
+    if not np.isfinite(X).all():
+        bad = int((~np.isfinite(X)).any(axis=1).sum())
+        raise InputError(f"{name} contains NaN or inf in {bad} row(s); clean or impute them first.")
+    return X
+
+
+def check_targets(Y, n) -> "np.ndarray":
+    """Targets as a float64 (n, k) array of finite numbers, one row per sample."""
+    import numpy as np
+
+    Y = np.asarray(Y, dtype=np.float64)
+    if Y.ndim == 1:
+        Y = Y[:, None]
+    if Y.ndim != 2:
+        raise InputError(f"expected targets Y as (n,) or (n, k); got shape {Y.shape}.")
+    if Y.shape[0] != n:
+        raise InputError(f"X has {n} rows but Y has {Y.shape[0]}; they must match.")
+    check_finite_targets(Y, "targets Y")
+    return Y
+
+
+def check_finite_targets(y, what: str = "targets") -> None:
+    """Refuse NaN / inf targets, naming the first bad row (a NaN target would poison alpha silently)."""
+    import numpy as np
+
+    y = np.asarray(y)
+    if not np.issubdtype(y.dtype, np.number) or np.issubdtype(y.dtype, np.integer):
+        return
+    bad = ~np.isfinite(y)
+    if bad.any():
+        rows = np.flatnonzero(bad.reshape(len(y), -1).any(axis=1)) if y.ndim else np.array([0])
+        raise InputError(f"{what} contain NaN or inf in {len(rows)} row(s), the first at index {int(rows[0])} "
+                         f"(value {y.reshape(len(y), -1)[rows[0]].tolist() if y.ndim else y.item()}); targets must be "
+                         f"finite numbers. Remove or fix those rows first.")
 
 
 def check_params(params: dict, checks: dict) -> dict:

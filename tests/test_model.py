@@ -163,13 +163,13 @@ def test_cli_save_model_and_predict_equal_in_process(tmp_path, capsys):
 
 
 def test_cli_output_paths_are_checked_before_the_solve(tmp_path, capsys, monkeypatch):
-    import kernelfit.solve
+    import kernelfit.experiment
 
     def no_solve(*a, **k):
         raise AssertionError("the solve ran before the output paths were checked")
 
-    monkeypatch.setattr(kernelfit.solve, "run_interpolation", no_solve)
-    monkeypatch.setattr(kernelfit.solve, "run_gram_interpolation", no_solve)
+    monkeypatch.setattr(kernelfit.experiment, "run_interpolation", no_solve)
+    monkeypatch.setattr(kernelfit.experiment, "run_gram_interpolation", no_solve)
     blocker = tmp_path / "file"
     blocker.write_text("x")
     existing = tmp_path / "old.safetensors"

@@ -8,11 +8,10 @@ from sklearn.kernel_ridge import KernelRidge
 
 from kernelfit.errors import InputError, MemoryPlanError, NotPositiveDefiniteError
 from kernelfit.experiment import run_interpolation
-from kernelfit.gram import build_gram_panels
 from kernelfit.linalg.memory import plan_solve, require_fits
 from kernelfit.linalg.options import FactorOptions
 from kernelfit.linalg.refine import float64_level_threshold
-from kernelfit.solve import SolveOptions, fit_interpolant, solve_gram
+from kernelfit.solve import SolveOptions, fit_feature_gram, fit_interpolant
 
 
 def data(n=300, d=20, k=3, seed=0):
@@ -70,9 +69,12 @@ def test_refinement_says_so_when_it_cannot_reach_float64():
     A = (Q * np.geomspace(1.0, 1e-9, 120)) @ Q.T
     A = (A + A.T) / 2
     Y = rng.standard_normal((120, 2))
-    G = SymmetricPanels.from_dense(A.astype(np.float32), 32)
-    alpha, info = solve_gram(G, Y, jitter=1e-5, apply_high=lambda V: A @ V, max_refine=4)
-    rep = info["refinement"]
+    # the factor-only shift is a preconditioner, not the ridge of SolveOptions.jitter: driven directly
+    from kernelfit.linalg.factor import factor
+    from kernelfit.linalg.mixed import solve_refined
+    G = SymmetricPanels.from_dense((A + 1e-5 * np.eye(120)).astype(np.float32), 32)
+    alpha, _, rep, _ = solve_refined(lambda dt: G, lambda P: factor(P).to_dict(), lambda V: A @ V, Y,
+                                     dtype=np.float32, max_refine=4)
     assert not rep["float64_level"]
     assert rep["stop_reason"].startswith(("stopped improving", "reached max_refine"))
     assert rep["relative_residuals"][-1] > 1e-12
@@ -160,18 +162,78 @@ def test_run_interpolation_true_and_random_labels_share_one_factorization():
     assert set(rec["stats"]["timings_s"]) >= {"gram", "factor", "solve", "predict"}
 
 
-def test_solve_gram_with_refinement_matches_scipy():
+def feature_gram(X, Xt=None, block=32):
+    """The feature Gram of X (phi = x) as the random-conv pipeline hands it to fit_feature_gram."""
+    from kernelfit.features.randconv import GramBlocks
+    from kernelfit.linalg.tiled import SymmetricPanels
+    return GramBlocks(train=SymmetricPanels.from_dense(X @ X.T, block), train_diag=np.einsum("ij,ij->i", X, X),
+                      cross=None if Xt is None else Xt @ X.T, test_diag=None if Xt is None else np.einsum("ij,ij->i", Xt, Xt),
+                      n_features=X.shape[1])
+
+
+def test_feature_gram_with_refinement_matches_scipy():
     X, Y = data(n=150, d=6)
-    G = build_gram_panels(X, "gaussian", 0.8, block=32, dtype=np.float32)
     K = gaussian(X, X, 0.8)
-    alpha, info = solve_gram(G, Y, apply_high=lambda V: K @ V)
+    model, _ = fit_feature_gram(feature_gram(X), Y, SolveOptions(bandwidth=0.8))
+    alpha = model.alpha
     ref = np.linalg.solve(K, Y)
     np.testing.assert_allclose(alpha, ref, rtol=0, atol=1e-8 * np.abs(ref).max())
-    rep = info["refinement"]
+    rep = model.stats["refinement"]
     assert rep["backward_stable"]   # as good as float64 gets for this K (cond ~ 6e5) ...
     # ... and the float64_level flag says whether the relative residual itself is at float64 level
     rel = np.linalg.norm(K @ alpha - Y) / np.linalg.norm(Y)
     assert rep["float64_level"] == (rel <= float64_level_threshold(len(X)))
+
+
+def test_feature_gram_median_rule_test_scores_and_laplacian_match_scipy():
+    from scipy.spatial.distance import pdist
+    X, Y = data(n=120, d=5)
+    Xt = np.random.default_rng(3).random((30, 5))
+    median = np.median(pdist(X))   # n < 2000: the median heuristic's sample is every point
+    for kernel, metric, scale in (("gaussian", "sqeuclidean", lambda s: 2 * s * s), ("laplacian", "euclidean", lambda s: s)):
+        model, scores = fit_feature_gram(feature_gram(X, Xt), Y, SolveOptions(kernel=kernel, bandwidth="0.5*median"))
+        sigma = 0.5 * median
+        assert model.bandwidth == pytest.approx(sigma, rel=1e-12)
+        assert model.stats["median_distance"] == pytest.approx(median, rel=1e-12)
+        assert model.stats["bandwidth_rule"] == "0.5 x median heuristic"
+        K, Kt = np.exp(-cdist(X, X, metric) / scale(sigma)), np.exp(-cdist(Xt, X, metric) / scale(sigma))
+        ref = np.linalg.solve(K, Y)
+        np.testing.assert_allclose(model.alpha, ref, rtol=0, atol=1e-7 * np.abs(ref).max())
+        np.testing.assert_allclose(model.train_scores, Y, rtol=0, atol=1e-9)
+        # the test block is kept in float32: scores to float32 accuracy of k times |alpha|
+        np.testing.assert_allclose(scores, Kt @ ref, rtol=0, atol=1e-5 * np.abs(ref).sum(axis=0).max())
+
+
+def test_feature_gram_linear_kernel_and_float64_mode_match_numpy():
+    X, Y = data(n=40, d=60)
+    model, scores = fit_feature_gram(feature_gram(X), Y, SolveOptions(mode="float64"), linear=True)
+    ref = np.linalg.solve((X @ X.T + 1.0) / 60, Y)
+    np.testing.assert_allclose(model.alpha, ref, rtol=0, atol=1e-9 * np.abs(ref).max())
+    assert scores is None and model.stats["factor_dtype"] == "float64" and model.stats["bandwidth"] is None
+
+
+def test_feature_gram_refuses_before_overwriting_the_gram():
+    X, Y = data(n=50, d=4)
+    g = feature_gram(X)
+    before = g.train.to_dense().copy()
+    with pytest.raises(InputError, match="numerically the identity"):
+        fit_feature_gram(g, Y, SolveOptions(bandwidth=1e-4))
+    np.testing.assert_array_equal(g.train.to_dense(), before)   # nothing computed is lost
+    g.train = before
+    with pytest.raises(InputError, match="float64 SymmetricPanels"):
+        fit_feature_gram(g, Y)
+    with pytest.raises(InputError, match="X has 50 rows but Y has 3"):
+        fit_feature_gram(feature_gram(X), Y[:3])
+
+
+def test_solve_options_for_features_take_the_catalog_default_bandwidth():
+    from kernelfit.catalog import DEFAULT_BANDWIDTH, FEATURE_KINDS
+    for kind in FEATURE_KINDS:
+        assert SolveOptions.for_features(kind).bandwidth == DEFAULT_BANDWIDTH[kind]
+    assert SolveOptions.for_features("gabor").bandwidth == "0.5*median"
+    assert SolveOptions.for_features("pixels", bandwidth=5.0, mode="float64") == SolveOptions(bandwidth=5.0, mode="float64")
+    with pytest.raises(InputError, match="feature kind: expected one of pixels, gabor, randconv"):
+        SolveOptions.for_features("hog")
 
 
 def test_translation_invariance_in_float32():
