@@ -70,18 +70,20 @@ def main(argv=None) -> int:
                 continue
             t0 = time.perf_counter()
             if kind == "randconv":
-                from kernelfit.table import _cholesky_rows_panels
+                from kernelfit.solve import fit_feature_gram
 
                 cfg = RandConvConfig(seed=args.seed)
                 g, _, _ = randconv_gram(ds, cfg, panels=True, use_cache=False)
                 features_s = time.perf_counter() - t0
                 for F in args.factors:
                     t = time.perf_counter()
-                    res, _, sigma, median = _cholesky_rows_panels(copy.deepcopy(g), ("median", F), {"true": ds.y_train},
-                                                                 ds.y_test, ds.num_classes, args.seed)
+                    model, scores = fit_feature_gram(copy.deepcopy(g), np.eye(ds.num_classes)[ds.y_train],
+                                                     SolveOptions(bandwidth=f"{F}*median"), seed=args.seed)
                     emit({"feature_map": fmap, "n_train": len(ds.y_train), "n_test": len(ds.y_test), "factor": F,
-                          "median": median, "sigma": sigma, "test_error": res["true"]["interp"]["test_error"],
-                          "train_error": res["true"]["interp"]["train_error"], "features_s": features_s,
+                          "median": model.stats["median_distance"], "sigma": model.bandwidth,
+                          "test_error": float(np.mean(np.argmax(scores, 1) != ds.y_test)),
+                          "train_error": float(np.mean(np.argmax(model.train_scores, 1) != ds.y_train)),
+                          "features_s": features_s,
                           "solve_s": time.perf_counter() - t, "features": cfg.to_dict()})
                 continue
             Ftr, Fte, info = dataset_features(ds, kind)
