@@ -39,11 +39,13 @@ def _load(n, n_test, data_dir, seed):
 
 
 def run_kernelfit(args) -> dict:
-    from kernelfit.solve import SolveOptions, run_interpolation
+    from kernelfit.experiment import run_interpolation
+    from kernelfit.linalg.options import FactorOptions
+    from kernelfit.solve import SolveOptions
 
     ds, Xtr, Xte, y_rand = _load(args.n, args.n_test, args.data_dir, args.seed)
-    opts = SolveOptions(kernel="gaussian", bandwidth=args.sigma, mode=args.mode, block_size=args.block,
-                        progress=args.progress)
+    opts = SolveOptions(kernel="gaussian", bandwidth=args.sigma, mode=args.mode,
+                        placement=FactorOptions(block_size=args.block, progress=args.progress))
     t = time.perf_counter()
     rec = run_interpolation(Xtr, {"true": ds.y_train, "random-labels": y_rand}, Xte, ds.y_test, ds.num_classes, opts)
     total = time.perf_counter() - t

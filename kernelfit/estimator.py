@@ -16,20 +16,26 @@ validation happens in ``fit``; fitted attributes end in ``_``; ``predict`` start
 
 from __future__ import annotations
 
-import math
-import numbers
+from contextlib import nullcontext
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin, MultiOutputMixin, RegressorMixin
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
 
+from .catalog import KERNELS, MAX_REFINE, MODES
 from .errors import InputError
+from .validate import (
+    bandwidth_rule,
+    check_bandwidth_spec,
+    check_choice,
+    check_int,
+    check_jitter,
+    check_optional_positive_int,
+    check_params,
+)
 
 __all__ = ["KernelInterpolator", "KernelInterpolationRegressor"]
-
-_KERNELS = ("gaussian", "laplacian", "precomputed")
-_MODES = ("mixed", "float32", "float64")
 
 
 def _solver():
@@ -40,9 +46,15 @@ def _solver():
     return SolveOptions, fit_interpolant
 
 
+def _placement(block_size):
+    from .linalg.options import FactorOptions
+
+    return FactorOptions(block_size=block_size, progress=False)
+
+
 def _check_finite_y(y) -> None:
     """NaN / inf targets: an InputError naming the first bad row (sklearn's own check names none)."""
-    from .solve import check_finite_targets
+    from .validate import check_finite_targets
 
     try:
         arr = np.asarray(y)
@@ -78,7 +90,7 @@ def _solve_with_jitter_ladder(solve):
                       f"minor {failure.minor} of {failure.n}); fitted with jitter = {jitter:g} on the diagonal "
                       f"(the smallest of {JITTER_LADDER} that factors), so the training targets are fitted up to "
                       f"that ridge, not exactly. Pass jitter=0 to get an error instead, or mode='float64'.",
-                      RuntimeWarning, stacklevel=4)
+                      RuntimeWarning, stacklevel=5)
         return model, jitter
     raise failure
 
@@ -103,88 +115,82 @@ def _merge_duplicates(X: np.ndarray, Y: np.ndarray):
     import warnings
 
     warnings.warn(f"merged {len(X) - len(keep)} duplicate row(s) of X that have the same targets (each is one "
-                  f"interpolation condition); X_fit_ holds the {len(keep)} distinct rows.", RuntimeWarning, stacklevel=4)
+                  f"interpolation condition); X_fit_ holds the {len(keep)} distinct rows.", RuntimeWarning, stacklevel=5)
     return X[keep], Y[keep], int(len(X) - len(keep))
 
 
 class _KernelInterpolationBase(BaseEstimator):
     """Shared parameters, validation and solve for the classifier and the regressor."""
 
+    # scikit-learn's ``_parameter_constraints`` idea with kernelfit.validate's checkers: each
+    # hyper-parameter -> checker(value, name); checked in fit (never in __init__), one message style
+    _parameter_checks = {
+        "kernel": lambda v, name: check_choice(v, (*KERNELS, "precomputed"), name),
+        "bandwidth": check_bandwidth_spec,
+        "mode": lambda v, name: check_choice(v, MODES, name),
+        "jitter": lambda v, name: check_jitter(v, name, allow_auto=True),
+        "block_size": check_optional_positive_int,
+        "max_refine": lambda v, name: check_int(v, name, minimum=0),
+        "n_jobs": check_optional_positive_int,
+    }
+
     def __init__(self, kernel="gaussian", bandwidth="median", mode="mixed", jitter="auto",
-                 block_size=None, max_refine=10):
+                 block_size=None, max_refine=MAX_REFINE, n_jobs=None):
         self.kernel = kernel
         self.bandwidth = bandwidth
         self.mode = mode
         self.jitter = jitter
         self.block_size = block_size
         self.max_refine = max_refine
+        self.n_jobs = n_jobs
 
-    # -- validation of hyper-parameters (done in fit, never in __init__) ----------------------
-    def _check_params(self) -> None:
-        if self.kernel not in _KERNELS:
-            raise InputError(f"kernel must be one of {_KERNELS}; got {self.kernel!r}. "
-                             f"Pass e.g. kernel='gaussian'.")
-        if self.mode not in _MODES:
-            raise InputError(f"mode must be one of {_MODES}; got {self.mode!r}. 'mixed' factors "
-                             f"in float32 and refines in float64; 'float64' is the most accurate.")
-        bw = self.bandwidth
-        if isinstance(bw, str):
-            if bw != "median":
-                raise InputError(f"bandwidth must be a positive number or the string 'median'; "
-                                 f"got {bw!r}. Pass e.g. bandwidth=5.0 or bandwidth='median'.")
-        elif isinstance(bw, (bool, np.bool_)) or not isinstance(bw, numbers.Real):
-            raise InputError(f"bandwidth must be a finite number > 0 or 'median'; got {bw!r}. "
-                             f"Pass e.g. bandwidth=5.0 (for pixels / 255 on MNIST) or 'median'.")
-        else:
-            from .kernels import check_bandwidth
+    def _checked_params(self) -> dict:
+        """The hyper-parameters through ``_parameter_checks`` (bandwidth as a float or 'F*median')."""
+        return check_params(self.get_params(deep=False), self._parameter_checks)
 
-            check_bandwidth(bw)   # the one check (also: 1 / (2 sigma^2) finite and nonzero)
-        j = self.jitter
-        if isinstance(j, str):
-            if j != "auto":
-                raise InputError(f"jitter must be 'auto', or a finite number >= 0; got {j!r}. Use 'auto' (exact, "
-                                 f"with the smallest ridge that factors if needed), 0 for exact or error, or e.g. 1e-8.")
-        elif (isinstance(j, (bool, np.bool_)) or not isinstance(j, numbers.Real)
-                or not math.isfinite(float(j)) or float(j) < 0):
-            raise InputError(f"jitter must be 'auto' or a finite number >= 0; got {j!r}. Use 0 for exact "
-                             f"interpolation or a tiny ridge such as 1e-8.")
-        b = self.block_size
-        if b is not None and (isinstance(b, (bool, np.bool_)) or not isinstance(b, numbers.Integral)
-                              or b < 1):
-            raise InputError(f"block_size must be None (automatic) or an integer >= 1; got {b!r}.")
-        r = self.max_refine
-        if isinstance(r, (bool, np.bool_)) or not isinstance(r, numbers.Integral) or r < 0:
-            raise InputError(f"max_refine must be an integer >= 0; got {r!r}.")
+    def _threads(self, n_jobs):
+        """n_jobs threads for BLAS, torch and the kernel pool (``parallel.limit_threads``); None: as is."""
+        if n_jobs is None:
+            return nullcontext()
+        from .parallel import limit_threads
+
+        return limit_threads(n_jobs)
 
     def _fit_targets(self, X: np.ndarray, Y: np.ndarray):
-        """Validate options, solve K alpha = Y and store the fitted attributes."""
-        self._check_params()
-        if self.kernel == "precomputed":
-            return self._fit_precomputed(X, Y)
-        if self.bandwidth == "median" and X.shape[0] < 2:
+        """Validate options, solve K alpha = Y (on ``n_jobs`` threads) and store the fitted attributes."""
+        p = self._checked_params()
+        with self._threads(p["n_jobs"]):
+            if p["kernel"] == "precomputed":
+                self._fit_precomputed(X, Y, p)
+            else:
+                self._fit_points(X, Y, p)
+        self.fit_stats_["n_jobs"] = p["n_jobs"]
+        return self
+
+    def _fit_points(self, X: np.ndarray, Y: np.ndarray, p: dict):
+        if bandwidth_rule(p["bandwidth"]).is_median and X.shape[0] < 2:
             raise InputError(
-                f"bandwidth='median' needs at least 2 samples; got n_samples = {X.shape[0]}. "
+                f"bandwidth={p['bandwidth']!r} needs at least 2 samples; got n_samples = {X.shape[0]}. "
                 f"Pass an explicit bandwidth (e.g. bandwidth=1.0) or more samples."
             )
         from .solve import check_distinct
 
-        auto = isinstance(self.jitter, str)
+        auto = p["jitter"] == "auto"
         merged = 0
         if auto:   # equal rows with equal targets are one point; with different targets, say so
             X, Y, merged = _merge_duplicates(X, Y)
         else:      # duplicates make K singular: found by hashing the rows, before the O(n^3) solve
-            check_distinct(X, float(self.jitter), "X")
+            check_distinct(X, p["jitter"], "X")
         SolveOptions, fit_interpolant = _solver()
-        bw = self.bandwidth if isinstance(self.bandwidth, str) else float(self.bandwidth)
         Y = np.ascontiguousarray(Y, dtype=np.float64)
 
         def solve(jitter: float):
-            opts = SolveOptions(kernel=self.kernel, bandwidth=bw, mode=self.mode, jitter=jitter,
-                                block_size=self.block_size, max_refine=int(self.max_refine), progress=False)
+            opts = SolveOptions(kernel=p["kernel"], bandwidth=p["bandwidth"], mode=p["mode"], jitter=jitter,
+                                max_refine=p["max_refine"], placement=_placement(p["block_size"]))
             return fit_interpolant(X, Y, opts)
 
         if not auto:
-            model, used = solve(float(self.jitter)), float(self.jitter)
+            model, used = solve(p["jitter"]), p["jitter"]
         else:
             model, used = _solve_with_jitter_ladder(solve)
         self.model_ = model
@@ -195,22 +201,21 @@ class _KernelInterpolationBase(BaseEstimator):
         self.rkhs_norm_ = float(model.rkhs_norm)
         self.fit_stats_ = dict(getattr(model, "stats", {}) or {})
         self.fit_stats_.update(jitter=used, jitter_rule="auto" if auto else "given", merged_duplicates=merged)
-        return self
 
-    def _fit_precomputed(self, K: np.ndarray, Y: np.ndarray):
+    def _fit_precomputed(self, K: np.ndarray, Y: np.ndarray, p: dict):
         # A precomputed Gram has no kernel function to rebuild float64 products from, so "mixed"
         # (the default) solves it in float64; "float32" halves the memory at float32 accuracy.
         from .solve import SolveOptions, fit_precomputed
 
-        mode = "float64" if self.mode == "mixed" else self.mode
+        mode = "float64" if p["mode"] == "mixed" else p["mode"]
         Y = np.ascontiguousarray(Y, dtype=np.float64)
 
         def solve(jitter: float):
-            opts = SolveOptions(mode=mode, jitter=jitter, block_size=self.block_size, progress=False)
+            opts = SolveOptions(mode=mode, jitter=jitter, placement=_placement(p["block_size"]))
             return fit_precomputed(K, Y, opts, what="K (kernel='precomputed')")
 
-        auto = isinstance(self.jitter, str)
-        model, used = _solve_with_jitter_ladder(solve) if auto else (solve(float(self.jitter)), float(self.jitter))
+        auto = p["jitter"] == "auto"
+        model, used = _solve_with_jitter_ladder(solve) if auto else (solve(p["jitter"]), p["jitter"])
         self.model_ = model
         self.jitter_ = used
         self.X_fit_ = None
@@ -219,12 +224,12 @@ class _KernelInterpolationBase(BaseEstimator):
         self.rkhs_norm_ = float(model.rkhs_norm)
         self.fit_stats_ = dict(model.stats)
         self.fit_stats_.update(jitter=used, jitter_rule="auto" if auto else "given", merged_duplicates=0)
-        return self
 
     def _scores(self, X) -> np.ndarray:
         check_is_fitted(self)
         X = validate_data(self, X, dtype=[np.float64, np.float32], reset=False)
-        return np.asarray(self.model_.predict(X), dtype=np.float64)
+        with self._threads(check_optional_positive_int(self.n_jobs, "n_jobs")):
+            return np.asarray(self.model_.predict(X), dtype=np.float64)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -292,9 +297,9 @@ class KernelInterpolator(ClassifierMixin, _KernelInterpolationBase):
         gaussian: exp(-|x-z|^2 / (2 sigma^2)); laplacian: exp(-|x-z| / sigma) (Euclidean norm).
         precomputed: ``fit(K, y)`` with the training Gram K (n x n), ``predict(K_test)`` with
         K_test = k(X_test, X_train) (m x n), as in ``sklearn.svm.SVC``; bandwidth is ignored.
-    bandwidth : float > 0 or "median", default="median"
+    bandwidth : float > 0, "median" or "F*median", default="median"
         sigma. "median" uses the median pairwise distance of (a seeded sample of) the training
-        points; the value used is ``bandwidth_``.
+        points, "0.5*median" half of it; the value used is ``bandwidth_``.
     mode : {"mixed", "float32", "float64"}, default="mixed"
         Precision of the solve. "mixed" factors in float32 and refines residuals in float64 (with
         kernel="precomputed", which has no kernel function to refine with, "mixed" solves in float64).
@@ -305,8 +310,12 @@ class KernelInterpolator(ClassifierMixin, _KernelInterpolationBase):
         (the value used is ``jitter_`` and ``fit_stats_["jitter"]``). 0: exact or an error.
     block_size : int or None, default=None
         Tile size of the blocked factorization (None: automatic).
-    max_refine : int >= 0, default=10
+    max_refine : int >= 0, default=10 (``kernelfit.catalog.MAX_REFINE``)
         Maximum iterative-refinement steps in "mixed" mode.
+    n_jobs : int >= 1 or None, default=None
+        Threads for BLAS, torch and kernelfit's kernel pool during fit and predict
+        (``kernelfit.parallel.limit_threads``, threadpoolctl); None leaves the library default.
+        Recorded in ``fit_stats_["n_jobs"]``.
 
     Attributes
     ----------

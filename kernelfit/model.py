@@ -28,8 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .catalog import MODES as _MODES
 from .errors import InputError, ModelFileError
-from .solve import Interpolant, PrecomputedInterpolant
+from .interpolant import Interpolant, PrecomputedInterpolant
 
 __all__ = [
     "FORMAT",
@@ -232,7 +233,6 @@ class SavedModel:
 
 
 _SCALAR = (str, int, float, bool, type(None))
-_MODES = ("float64", "float32", "mixed")
 
 
 def _short(v) -> str:

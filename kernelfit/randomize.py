@@ -30,6 +30,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kernelfit.catalog import LABEL_VARIANTS as _LABEL_VARIANTS
+from kernelfit.catalog import PIXEL_VARIANTS as _PIXEL_VARIANTS
+from kernelfit.catalog import VARIANTS
 from kernelfit.errors import InputError
 
 __all__ = [
@@ -43,9 +46,6 @@ __all__ = [
     "shuffle_pixels",
 ]
 
-VARIANTS = ("true", "corrupt", "random-labels", "shuffled-pixels", "random-pixels", "gaussian")
-_LABEL_VARIANTS = ("corrupt", "random-labels")
-_PIXEL_VARIANTS = ("shuffled-pixels", "random-pixels", "gaussian")
 _CHUNK = 1024  # images per block in random_pixels / moments (bounds temporary memory)
 
 

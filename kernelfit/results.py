@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -35,6 +36,7 @@ __all__ = [
     "check_free_space",
     "free_bytes",
     "peak_rss_bytes",
+    "warn_residual",
     "PhaseTimer",
     "regression_metrics",
 ]
@@ -433,6 +435,49 @@ def read_jsonl(path: str | os.PathLike) -> list[Any]:
 # --------------------------------------------------------------------------------------------
 
 PROBE_PREFIX = ".kernelfit-probe-"
+
+
+# Relative residual above which a backward-stable solve is still worth a warning: past sqrt(eps) the
+# training targets are no longer reproduced to half of float64's digits.
+RESIDUAL_WARN = 1e-8
+
+
+def warn_residual(stats: dict, mode: str, threshold: float, refine_tol=None) -> None:
+    """Say so (a RuntimeWarning and ``stats["residual_warning"]``) when a float64 or mixed solve ends
+    with a relative residual above float64 level: never a result that looks exact and is not.
+
+    A backward-stable solve with a large relative residual means K itself is nearly singular (float64
+    cannot do better): near-duplicate points with different labels, or a bandwidth too large for the
+    data. A solve that is not even backward stable stalled in the low-precision refinement."""
+    rf = stats["refinement"]
+    rel = float(stats["residual_relative"])
+    level = rf.get("float64_level", rel <= threshold)
+    backward = rf.get("backward_error", float("nan"))
+    message = None
+    if mode == "mixed" and level and refine_tol is not None and not rf.get("tol_reached"):
+        message = (f"refine_tol = {refine_tol:.3g} was not reached: the float64-level solution has relative residual "
+                   f"{rel:.3g} (backward error {backward:.2e}), which is what float64 can reach for this K.")
+    elif mode in ("mixed", "float64") and not (level or rf.get("tol_reached")):
+        stable = rf.get("backward_stable", backward <= threshold)
+        if stable and rel <= RESIDUAL_WARN:
+            # backward stable and the targets reproduced to ~8 digits: float64's best for this K (the
+            # record's float64_level says false); a warning on every ill-conditioned but sound run would
+            # teach users to ignore it
+            return
+        if stable:
+            why = (f"the solve is backward stable (backward error {backward:.2e}): K is too ill-conditioned "
+                   f"for float64 to do better")
+        else:
+            why = (f"the refinement stalled at backward error {backward:.2e} > {threshold:.1e} "
+                   f"({rf.get('fallback_skipped') or 'no float64 fallback'})")
+        message = (f"the solve did not reach float64 level: relative residual ||Y - K alpha|| / ||Y|| = {rel:.3g} "
+                   f"(float64 level: <= {threshold:.1e}; {rf.get('stop_reason') or 'direct solve'}); {why}. "
+                   f"Near-duplicate points with different labels, or a bandwidth too large for the data, make K "
+                   f"ill-conditioned: the training targets are interpolated only to that residual. Add a small "
+                   f"ridge (--jitter 1e-8, jitter=1e-8), remove near-duplicates, or use a smaller bandwidth.")
+    if message is not None:
+        stats["residual_warning"] = message
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def format_gib(b: float) -> str:

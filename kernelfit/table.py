@@ -17,7 +17,7 @@ training error and RKHS norm, next to the paper's numbers.
 Two solvers:
 * n <= --eigh-max-n (default 12,000): one dense float64 Gram, one eigendecomposition
   (kernelfit.ridge) gives the interpolant, the whole ridge path and the LOO errors for both label sets;
-* larger n: the lead's tiled Cholesky (kernelfit.solve.run_interpolation / solve_gram) for the
+* larger n: the tiled Cholesky (kernelfit.experiment.run_interpolation / solve.fit_feature_gram) for the
   interpolant only; the ridge columns are then left empty (marked "not run") -- no eigh at that size.
 
 Writes ``<out-dir>/table_<tag>.json`` (full record with provenance) and ``table_<tag>.md``.
@@ -38,7 +38,6 @@ import numpy as np
 from .catalog import MAX_REFINE
 from .errors import InputError
 from .kernels import (
-    check_bandwidth,
     check_kernel_informative,
     check_kernel_on_data,
     median_bandwidth,
@@ -46,6 +45,8 @@ from .kernels import (
     median_sample,
     squared_distances,
 )
+from .solve import linear_from_gram_inplace, sampled_sqd_from_gram
+from .validate import bandwidth_rule
 
 __all__ = ["PAPER", "ROWS", "TableOptions", "run_table", "write_table", "markdown_table"]
 
@@ -120,46 +121,9 @@ class TableOptions:
 
 
 # ------------------------------------------------------------------------------------- helpers
-def _parse_bandwidth(text: str, flag: str = "bandwidth") -> tuple[str, float]:
-    """'5' -> ('abs', 5.0); '0.5*median' / 'median' -> ('median', factor)."""
-    t = str(text).replace(" ", "")
-    if t == "median":
-        return "median", 1.0
-    kind, number = ("median", t[: -len("*median")]) if t.endswith("*median") else ("abs", t)
-    try:
-        v = float(number)
-    except ValueError:
-        raise InputError(f"{flag} must be a number or 'F*median' (e.g. 0.5*median); got {text!r}.") from None
-    try:
-        check_bandwidth(v)   # finite, > 0, 1 / (2 sigma^2) finite and nonzero (a factor: the same range)
-    except InputError as e:
-        raise InputError(f"{flag} {text!r}: {e}") from None
-    return kind, v
-
-
 def _median_distance_from_sqd(D: np.ndarray, max_points: int = 2000, seed: int = 0) -> float:
     idx = median_sample(D.shape[0], max_points, seed)
     return median_of_pairs(D[np.ix_(idx, idx)])
-
-
-def _sampled_sqd_from_gram(G, diag: np.ndarray, max_points: int = 2000, seed: int = 0) -> np.ndarray:
-    """Squared feature distances among the seeded sample of ``median_sample`` (the sample of
-    ``_median_distance_from_sqd``), from a Gram without building the n x n distance matrix.
-    ``G``: a dense Gram or its ``SymmetricPanels``."""
-    idx = median_sample(len(diag), max_points, seed)
-    d = diag[idx]
-    sub = G[np.ix_(idx, idx)] if isinstance(G, np.ndarray) else G.submatrix(idx)
-    return d[:, None] + d[None, :] - 2.0 * sub
-
-
-def _median_distance_from_gram(G, diag: np.ndarray, max_points: int = 2000, seed: int = 0) -> float:
-    """The same sample and median as ``_median_distance_from_sqd`` of the Gram's squared distances."""
-    return median_of_pairs(_sampled_sqd_from_gram(G, diag, max_points, seed))
-
-
-def _resolve_sigma(spec: tuple[str, float], median: float) -> float:
-    sigma = spec[1] if spec[0] == "abs" else spec[1] * median
-    return check_bandwidth(sigma)
 
 
 def _random_labels(ds, seed: int) -> np.ndarray:
@@ -235,18 +199,6 @@ def _gaussian(Dtr, Dte, sigma):
     return np.exp(-Dtr / (2.0 * sigma * sigma)), np.exp(-Dte / (2.0 * sigma * sigma))
 
 
-def _linear_from_gram_inplace(A, n_features: int):
-    """A (a Gram block of standardized features) becomes the linear kernel (phi.phi' + 1) / n_features.
-
-    The features are centred over the training set, so their Gram is singular (G 1 = 0); the constant
-    feature (an intercept) makes it invertible, and dividing by the feature count puts the diagonal
-    near 1, like the Gaussian kernel's, so the same ridge lambdas mean the same thing.
-    """
-    A += 1.0
-    A /= float(n_features)
-    return A
-
-
 def _eigh_rows(K, Kt, label_sets, y_test, lambdas, k, t_gram=0.0):
     """Interpolant + LOO-chosen ridge for every label set, from one eigendecomposition of K (consumed)."""
     from .ridge import EigenRidge
@@ -276,85 +228,40 @@ def _eigh_rows(K, Kt, label_sets, y_test, lambdas, k, t_gram=0.0):
     return out, info
 
 
-def _cholesky_rows_features(Ftr, Fte, sigma, label_sets, y_test, k, mode, max_refine=10, progress=False,
+def _cholesky_rows_features(Ftr, Fte, sigma, label_sets, y_test, k, mode, max_refine=MAX_REFINE, progress=False,
                             device=None):
-    """Interpolant only, with the lead's tiled solver (data too large for eigh)."""
-    from .solve import SolveOptions, run_interpolation
+    """Interpolant only, with the tiled solver (data too large for eigh)."""
+    from .experiment import run_interpolation
+    from .linalg.options import FactorOptions
+    from .solve import SolveOptions
 
     opts = SolveOptions(kernel="gaussian", bandwidth=float(sigma), mode=mode, max_refine=max_refine,
-                        progress=progress, device=device)
+                        placement=FactorOptions(progress=progress, device=device))
     rec = run_interpolation(Ftr, label_sets, Fte, y_test, k, opts)
     out = {}
     for name, r in rec["results"].items():
         out[name] = {"interp": {"test_error": r["test_error"], "train_error": r["train_error"],
                                 "norm": r["rkhs_norm"], "residual_relative": r["residual_relative"]},
                      "ridge": None}
-    info = {"solver": f"kernelfit.solve.run_interpolation (tiled Cholesky, mode={mode})",
+    info = {"solver": f"kernelfit.experiment.run_interpolation (tiled Cholesky, mode={mode})",
             "stats": rec.get("stats")}
     return out, info
 
 
-def _gaussian_from_gram_inplace(A, row_sq, col_sq, sigma):
-    """A (a Gram block g_ij) becomes exp(-(g_ii + g_jj - 2 g_ij) / (2 sigma^2)) in place."""
-    A *= -2.0
-    A += row_sq[:, None]
-    A += col_sq[None, :]
-    np.maximum(A, 0.0, out=A)
-    A *= -1.0 / (2.0 * sigma * sigma)
-    np.exp(A, out=A)
+def feature_gram_rows(g, bw, label_sets, y_test, k, seed, device=None, max_refine=MAX_REFINE,
+                      kernel="gaussian"):
+    """Interpolant only, from a feature Gram accumulated in panel storage (large n, no dense n x n):
+    ``solve.fit_feature_gram`` on every label set at once, as the table's per-label-set rows.
+    Returns (rows, solver info, sigma or None, the sampled median distance)."""
+    from .linalg.options import FactorOptions
+    from .solve import SolveOptions, fit_feature_gram
 
-
-def _cholesky_rows_panels(g, sigma_spec, label_sets, y_test, k, seed, device=None, max_refine=10,
-                          kernel="gaussian"):
-    """Interpolant only, from a feature Gram accumulated in panel storage (large n, no dense n x n).
-
-    The float64 panels of the feature Gram and the test x train block become Gaussian-kernel (or, with
-    ``kernel="linear"``, linear-kernel) blocks in place; a float32 copy is factored (CPU, or ``device``)
-    and the solution refined with float64 residuals ``K @ V`` from the float64 panels
-    (``linalg.mixed.solve_refined``); if that cannot reach float64 level, a float64 copy is factored
-    instead when memory allows. The test block is kept in
-    float32 (predictions only). Memory: n^2/2 x 12 bytes + m x n x 4: 17 GB at n = 50,000, m = 10,000.
-    """
-    from .linalg.factor import factor
-    from .linalg.memory import available_bytes
-    from .linalg.mixed import solve_refined
-    from .linalg.tiled import SymmetricPanels
-
-    P64 = g.train
-    d = g.train_diag
-    sqd = _sampled_sqd_from_gram(P64, d, seed=seed)   # the same seeded sample as the dense path
-    median = median_of_pairs(sqd)
-    if kernel != "linear":
-        check_kernel_informative(sqd, "gaussian", _resolve_sigma(sigma_spec, median), "the random-conv features")
-    del sqd
-    if kernel == "linear":
-        sigma = None
-        for P in P64.panels:
-            _linear_from_gram_inplace(P, g.n_features)
-        _linear_from_gram_inplace(g.cross, g.n_features)
-    else:
-        sigma = _resolve_sigma(sigma_spec, median)
-        for s0, P in zip(P64.starts, P64.panels):
-            _gaussian_from_gram_inplace(P, d[s0:], d[s0 : s0 + P.shape[1]], sigma)
-        _gaussian_from_gram_inplace(g.cross, g.test_diag, d, sigma)
-    Kt = g.cross.astype(np.float32)   # test predictions only: float32 halves the m x n block during the solve
-    g.cross = None
     Y = np.hstack([np.eye(k)[y] for y in label_sets.values()])
-
-    def build(dtype):   # the factor's copy of K (the float64 panels stay for the residuals)
-        return SymmetricPanels(n=P64.n, block=P64.block, panels=[P.astype(dtype) for P in P64.panels])
-
-    def fallback():
-        need, avail = P64.nbytes, available_bytes()
-        return None if need < 0.9 * avail else (
-            f"a float64 copy of the Gram ({need / 2**30:.1f} GiB) would not fit in the {avail / 2**30:.1f} GiB available")
-
-    timings = {}
-    alpha, R, report, factors = solve_refined(build, lambda G: factor(G, device=device).to_dict(),
-                                              P64.symmetric_matmul, Y, dtype=np.float32, max_refine=max_refine,
-                                              fallback=fallback, timings=timings)
-    fit = Y - R
-    scores = np.vstack([Kt[r : r + 2048].astype(np.float64) @ alpha for r in range(0, len(Kt), 2048)])
+    bandwidth = bw.value if bw.kind == "given" else f"{bw.value!r}*median"
+    model, scores = fit_feature_gram(g, Y, SolveOptions(bandwidth=bandwidth, max_refine=max_refine,
+                                                        placement=FactorOptions(device=device)),
+                                     linear=kernel == "linear", seed=seed)
+    fit, alpha, R = model.train_scores, model.alpha, model.Y - model.train_scores
     out = {}
     for i, (name, y) in enumerate(label_sets.items()):
         c = slice(i * k, (i + 1) * k)
@@ -363,12 +270,11 @@ def _cholesky_rows_panels(g, sigma_spec, label_sets, y_test, k, seed, device=Non
                                 "norm": float(np.sqrt(max(np.sum(alpha[:, c] * fit[:, c]), 0.0))),
                                 "residual_relative": float(np.linalg.norm(R[:, c]) / np.linalg.norm(Y[:, c]))},
                      "ridge": None}
-    return out, {"solver": "kernelfit.linalg.mixed.solve_refined (tiled Cholesky float32 + float64 refinement, "
-                           "panels)", "factorization": factors[-1], "refinement": report, "timings_s": timings}, \
-        sigma, median
+    st = model.stats
+    info = {"solver": st["solver"], "factorization": st["factorization"], "refinement": st["refinement"],
+            "timings_s": st["timings_s"]}
+    return out, info, st["bandwidth"], st["median_distance"]
 
-
-# ------------------------------------------------------------------------------------- rows
 def _randconv_row(row, opts, ds, rec, bw, label_sets, lambdas, use_eigh, timings, t):
     """cifar-randconv: the standardized random-conv Gram, accumulated block by block (cached)."""
     from .features.pipeline import randconv_gram
@@ -391,23 +297,23 @@ def _randconv_row(row, opts, ds, rec, bw, label_sets, lambdas, use_eigh, timings
                        "kernel_on_features": kernel}
     if use_eigh:
         t = time.perf_counter()
-        sqd = _sampled_sqd_from_gram(g.train, g.train_diag, seed=opts.seed)
+        sqd = sampled_sqd_from_gram(g.train, g.train_diag, seed=opts.seed)
         median = median_of_pairs(sqd)
         if kernel != "linear":   # K = I or all ones: refused before the eigendecomposition
-            check_kernel_informative(sqd, "gaussian", _resolve_sigma(bw, median), f"{row} features")
+            check_kernel_informative(sqd, "gaussian", bw.resolve(median), f"{row} features")
         del sqd
         if kernel == "linear":   # no distance matrices: the median is recorded only
             sigma = None
-            K, Kt = _linear_from_gram_inplace(g.train, g.n_features), _linear_from_gram_inplace(g.cross, g.n_features)
+            K, Kt = linear_from_gram_inplace(g.train, g.n_features), linear_from_gram_inplace(g.cross, g.n_features)
         else:
-            sigma = _resolve_sigma(bw, median)
+            sigma = bw.resolve(median)
             Dtr, Dte = g.squared_distances()
             K, Kt = _gaussian(Dtr, Dte, sigma)
             del Dtr, Dte
         del g
         res, info = _eigh_rows(K, Kt, label_sets, ds.y_test, lambdas, k, t_gram=time.perf_counter() - t)
     else:
-        res, info, sigma, median = _cholesky_rows_panels(g, bw, label_sets, ds.y_test, k, opts.seed,
+        res, info, sigma, median = feature_gram_rows(g, bw, label_sets, ds.y_test, k, opts.seed,
                                                          device=opts.device, max_refine=opts.max_refine,
                                                          kernel=kernel)
     return res, info, sigma, median
@@ -426,7 +332,7 @@ def _feature_row(row, opts, ds, rec, bw, label_sets, lambdas, use_eigh, timings,
     timings["features_s"] = time.perf_counter() - t
 
     median = median_bandwidth(Ftr, seed=opts.seed)
-    sigma = _resolve_sigma(bw, median)
+    sigma = bw.resolve(median)
     check_kernel_on_data(Ftr, "gaussian", sigma, f"{row} features", seed=opts.seed)   # before the Gram
     if use_eigh:
         t = time.perf_counter()
@@ -452,7 +358,7 @@ def run_row(row: str, opts) -> dict:
     label_sets = {"true": ds.y_train}
     if not opts.no_random_labels:
         label_sets["random"] = _random_labels(ds, opts.seed)
-    bw = _parse_bandwidth(getattr(opts, f"bandwidth_{row.replace('-', '_')}"), f"--bandwidth-{row}")
+    bw = bandwidth_rule(getattr(opts, f"bandwidth_{row.replace('-', '_')}"), f"--bandwidth-{row}")
     from .data import describe
 
     default_name = {"mnist": "MNIST", "cifar10": "CIFAR-10 (JPEG q75 copy)"}
@@ -495,7 +401,7 @@ def _progress(opts, what):
 
 
 def args_bw_text(bw) -> str:
-    return f"{bw[1]:g}" if bw[0] == "abs" else f"{bw[1]:g} x median pairwise distance"
+    return f"{bw.value:g}" if bw.kind == "given" else f"{bw.value:g} x median pairwise distance"
 
 
 # ------------------------------------------------------------------------------------- output
@@ -550,7 +456,7 @@ def run_table(opts, argv=None) -> dict:
     if 0.0 not in opts.lambdas:   # each one >= 0: checked by the parser's type
         raise InputError("--lambdas must be >= 0 and include 0 (the interpolant).")
     for row in rows:   # every row's bandwidth and sizes, before the first row runs
-        _parse_bandwidth(getattr(opts, f"bandwidth_{row.replace('-', '_')}"), f"--bandwidth-{row}")
+        bandwidth_rule(getattr(opts, f"bandwidth_{row.replace('-', '_')}"), f"--bandwidth-{row}")
     check_sizes(rows, opts)
     from .results import machine_info, provenance
 

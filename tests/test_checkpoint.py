@@ -311,6 +311,7 @@ def test_float64_fallback_checkpoints_its_own_stage_and_resumes(tmp_path, monkey
     import warnings
 
     from kernelfit.linalg import checkpoint as ck
+    from kernelfit.linalg.options import FactorOptions
     from kernelfit.solve import SolveOptions, fit_interpolant
 
     rng = np.random.default_rng(0)
@@ -319,8 +320,8 @@ def test_float64_fallback_checkpoints_its_own_stage_and_resumes(tmp_path, monkey
     ref = scipy.linalg.cho_solve(scipy.linalg.cho_factor(K, lower=True), Y)
     # max_refine=0: the float32 attempt (one residual pass) never reaches float64 level, whatever BLAS
     # rounding this machine gives, so the fallback always runs; force_memory: whatever memory is free now
-    opts = dict(bandwidth=0.3, mode="mixed", strategy=strategy, block_size=32, checkpoint_dir=str(tmp_path / "ck"),
-                force_memory=True, max_refine=0)
+    opts = dict(bandwidth=0.3, mode="mixed", strategy=strategy, force_memory=True, max_refine=0)
+    place = dict(block_size=32, checkpoint_dir=str(tmp_path / "ck"))
 
     real_hook = ck.Checkpointer.hook
 
@@ -333,7 +334,7 @@ def test_float64_fallback_checkpoints_its_own_stage_and_resumes(tmp_path, monkey
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(Crash):
-            fit_interpolant(X, Y, SolveOptions(**opts))
+            fit_interpolant(X, Y, SolveOptions(**opts, placement=FactorOptions(**place)))
     m = json.loads((tmp_path / "ck" / "manifest.json").read_text())["stages"]
     # the float32 stage holds what its attempt finished (all panels, or those before its breakdown)
     assert m["float32"]["last_finished_panel"] >= 0 and m["float32"]["dtype"] == "float32"
@@ -341,7 +342,7 @@ def test_float64_fallback_checkpoints_its_own_stage_and_resumes(tmp_path, monkey
     monkeypatch.setattr(ck.Checkpointer, "hook", real_hook)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        fit = fit_interpolant(X, Y, SolveOptions(**opts, resume=True))
+        fit = fit_interpolant(X, Y, SolveOptions(**opts, placement=FactorOptions(**place, resume=True)))
     st = fit.stats
     assert st["factor_dtype"] == "float64" and "re-factored in float64" in st["refinement"]["fallback"]
     assert st["factorization"]["resumed_from_panel"] == 5 and st["factorization"]["checkpoint"]["stage"] == "float64"
@@ -350,6 +351,7 @@ def test_float64_fallback_checkpoints_its_own_stage_and_resumes(tmp_path, monkey
     # "already holds a checkpoint" after the whole float32 attempt)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        fresh = fit_interpolant(X, Y, SolveOptions(**{**opts, "checkpoint_dir": str(tmp_path / "ck2")}))
+        fresh = fit_interpolant(X, Y, SolveOptions(**opts,
+                                                   placement=FactorOptions(**{**place, "checkpoint_dir": str(tmp_path / "ck2")})))
     assert fresh.stats["factor_dtype"] == "float64"
     np.testing.assert_allclose(fresh.alpha, ref, rtol=1e-6, atol=1e-6 * np.abs(ref).max())

@@ -351,13 +351,13 @@ _USER_FILES = {"Train_X.npy": b"user train", "L_labels_backup.npy": b"user label
 
 
 def test_checkpoint_dir_with_files_we_did_not_write_is_refused_before_work(tmp_path, capsys, monkeypatch):
-    import kernelfit.solve
+    import kernelfit.experiment
 
     ck = tmp_path / "data"
     ck.mkdir()
     for name, content in _USER_FILES.items():
         (ck / name).write_bytes(content)
-    monkeypatch.setattr(kernelfit.solve, "run_interpolation", lambda *a, **k: pytest.fail("work started"))
+    monkeypatch.setattr(kernelfit.experiment, "run_interpolation", lambda *a, **k: pytest.fail("work started"))
     for extra in ([], ["--resume"]):
         with pytest.raises(SystemExit) as ei:
             main(_CK_BASE + ["--checkpoint-dir", str(ck), "--out", str(tmp_path / "r.json")] + extra)
@@ -370,10 +370,10 @@ def test_checkpoint_dir_with_files_we_did_not_write_is_refused_before_work(tmp_p
 def test_cleanup_after_success_removes_exactly_our_files(tmp_path, capsys, monkeypatch):
     """User files placed in the checkpoint directory while the run works (named like ours too) stay;
     the panels, manifest, marker and lock go. Today's glob-based cleanup deleted L_*.npy and T*_*.npy."""
-    import kernelfit.solve
+    import kernelfit.experiment
 
     ck = tmp_path / "ck"
-    real = kernelfit.solve.run_interpolation
+    real = kernelfit.experiment.run_interpolation
     late = {**{k: v for k, v in _USER_FILES.items() if k != "manifest.json"},
             "L_00003.npy": b"user file named like an old panel", "float64.L_00099.npy": b"named like ours, not listed"}
 
@@ -383,26 +383,26 @@ def test_cleanup_after_success_removes_exactly_our_files(tmp_path, capsys, monke
             (ck / name).write_bytes(content)
         return real(*a, **k)
 
-    monkeypatch.setattr(kernelfit.solve, "run_interpolation", user_writes_meanwhile)
+    monkeypatch.setattr(kernelfit.experiment, "run_interpolation", user_writes_meanwhile)
     assert main(_CK_BASE + ["--checkpoint-dir", str(ck), "--out", str(tmp_path / "r.json")]) == 0
     assert {p.name: p.read_bytes() for p in ck.iterdir()} == late
     err = capsys.readouterr().err
     assert "removed the checkpoint" in err and "holds files kernelfit did not write" in err
     # a fresh directory with nothing else in it is removed with the checkpoint
-    monkeypatch.setattr(kernelfit.solve, "run_interpolation", real)
+    monkeypatch.setattr(kernelfit.experiment, "run_interpolation", real)
     assert main(_CK_BASE + ["--checkpoint-dir", str(tmp_path / "ck2"), "--out", str(tmp_path / "r2.json")]) == 0
     assert not (tmp_path / "ck2").exists()
 
 
 def test_checkpoint_dir_in_use_by_another_process_is_refused_naming_its_pid(tmp_path, capsys, monkeypatch):
-    import kernelfit.solve
+    import kernelfit.experiment
 
     script = ("import sys\nfrom kernelfit.linalg.checkpoint import owned_dir\nheld = owned_dir(sys.argv[1]).claim()\n"
               "print('locked', flush=True)\nsys.stdin.read()\n")
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     holder = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "ck")], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True, env=env)
-    monkeypatch.setattr(kernelfit.solve, "run_interpolation", lambda *a, **k: pytest.fail("work started"))
+    monkeypatch.setattr(kernelfit.experiment, "run_interpolation", lambda *a, **k: pytest.fail("work started"))
     try:
         assert holder.stdout.readline().strip() == "locked"
         assert main(_CK_BASE + ["--checkpoint-dir", str(tmp_path / "ck")]) == 1
@@ -425,11 +425,11 @@ def test_corrupt_checkpoint_manifest_on_resume_is_a_one_line_error(tmp_path, cap
 
 
 def test_checkpoint_free_space_is_checked_before_work(tmp_path, capsys, monkeypatch):
+    import kernelfit.experiment
     import kernelfit.results
-    import kernelfit.solve
 
     monkeypatch.setattr(kernelfit.results, "free_bytes", lambda d: 4096)
-    monkeypatch.setattr(kernelfit.solve, "run_interpolation", lambda *a, **k: pytest.fail("work started"))
+    monkeypatch.setattr(kernelfit.experiment, "run_interpolation", lambda *a, **k: pytest.fail("work started"))
     with pytest.raises(SystemExit) as ei:
         main(_CK_BASE + ["--checkpoint-dir", str(tmp_path / "ck")])
     err = capsys.readouterr().err

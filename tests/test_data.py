@@ -23,13 +23,14 @@ from kernelfit.errors import DataError, InputError
 PIL = pytest.importorskip("PIL")
 from PIL import Image  # noqa: E402
 
-_USER_CACHE_ENV = os.environ.get("KERNELFIT_CACHE_DIR")
+_USER_CACHE_ENV = os.environ.get("KERNELFIT_CACHE")
 
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Unit tests never touch the user's cache or data dir."""
-    monkeypatch.setenv("KERNELFIT_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+    monkeypatch.setenv("KERNELFIT_CACHE", str(tmp_path_factory.mktemp("cache")))
+    monkeypatch.delenv("KERNELFIT_CACHE_DIR", raising=False)
     monkeypatch.delenv("KERNELFIT_DATA", raising=False)
 
 
@@ -465,7 +466,7 @@ def test_read_image_folder_errors(tmp_path):
 
 def test_read_image_folder_cache_hit_and_corrupt_cache_rebuilt(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
-    monkeypatch.setenv("KERNELFIT_CACHE_DIR", str(cache))
+    monkeypatch.setenv("KERNELFIT_CACHE", str(cache))
     root = tmp_path / "src"
     write_image_folder(root, ["a", "b"], 3, 2)
     tar = make_tar(root, tmp_path / "folder.tar.gz", ".")
@@ -638,9 +639,9 @@ def test_real_cifar10_jpeg_archive(shared_data_dir, monkeypatch):
         pytest.skip(f"{archive} not present")
     # use the real user cache (decode once per machine), not the per-test one
     if _USER_CACHE_ENV is None:
-        monkeypatch.delenv("KERNELFIT_CACHE_DIR")
+        monkeypatch.delenv("KERNELFIT_CACHE")
     else:
-        monkeypatch.setenv("KERNELFIT_CACHE_DIR", _USER_CACHE_ENV)
+        monkeypatch.setenv("KERNELFIT_CACHE", _USER_CACHE_ENV)
     t0 = time.perf_counter()
     ds = D.load_dataset("cifar10", data_dir=shared_data_dir)
     t1 = time.perf_counter()

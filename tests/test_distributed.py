@@ -99,12 +99,13 @@ def test_scheduler_address_option(client):
 # --- the solve pipeline and the CLI on the cluster ----------------------------------------------
 
 def test_fit_distributed_matches_single_process(client):
+    from kernelfit.linalg.options import FactorOptions
     from kernelfit.solve import SolveOptions, fit_distributed, fit_interpolant
 
     rng = np.random.default_rng(7)
     X, Y = rng.random((500, 6)), rng.standard_normal((500, 2))
     for mode in ("mixed", "float64"):
-        opts = SolveOptions(bandwidth=0.7, mode=mode, block_size=128)
+        opts = SolveOptions(bandwidth=0.7, mode=mode, placement=FactorOptions(block_size=128))
         single = fit_interpolant(X, Y, opts)
         dist = fit_distributed(X, Y, opts, client)
         np.testing.assert_allclose(dist.alpha, single.alpha, rtol=1e-8, atol=1e-8 * np.abs(single.alpha).max())
@@ -114,12 +115,14 @@ def test_fit_distributed_matches_single_process(client):
 
 
 def test_gram_file_tiles_read_on_workers(client, tmp_path):
+    from kernelfit.linalg.options import FactorOptions
     from kernelfit.solve import SolveOptions, fit_precomputed
 
     _, K, B = gaussian_problem(n=400, seed=3)
     np.save(tmp_path / "G.npy", K)
-    single = fit_precomputed(str(tmp_path / "G.npy"), B, SolveOptions(mode="float64", block_size=96))
-    dist = fit_precomputed(str(tmp_path / "G.npy"), B, SolveOptions(mode="float64", block_size=96), client=client)
+    single = fit_precomputed(str(tmp_path / "G.npy"), B, SolveOptions(mode="float64", placement=FactorOptions(block_size=96)))
+    dist = fit_precomputed(str(tmp_path / "G.npy"), B, SolveOptions(mode="float64",
+                                                                    placement=FactorOptions(block_size=96)), client=client)
     np.testing.assert_allclose(dist.alpha, scipy.linalg.cho_solve(scipy.linalg.cho_factor(K), B), rtol=1e-7, atol=1e-7)
     np.testing.assert_allclose(dist.alpha, single.alpha, rtol=1e-9, atol=1e-9)
     with pytest.raises(InputError, match="pass it as a path"):

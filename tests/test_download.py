@@ -55,7 +55,8 @@ def server(tmp_path, monkeypatch):
 @pytest.fixture(autouse=True)
 def _isolated(tmp_path_factory, monkeypatch):
     monkeypatch.delenv("KERNELFIT_DATA", raising=False)
-    monkeypatch.setenv("KERNELFIT_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+    monkeypatch.setenv("KERNELFIT_CACHE", str(tmp_path_factory.mktemp("cache")))
+    monkeypatch.delenv("KERNELFIT_CACHE_DIR", raising=False)
 
 
 def idx_gz(arr: np.ndarray) -> bytes:

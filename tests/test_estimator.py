@@ -379,3 +379,56 @@ def test_auto_jitter_refuses_equal_rows_with_different_targets():
         KernelInterpolationRegressor().fit(X, [0.5, 1.0, 0.25, 2.0])
     with pytest.raises(InputError, match="'auto'"):
         KernelInterpolator(jitter="tiny").fit(X, [0, 1, 0, 1])
+
+
+@pytest.mark.parametrize("kernel", ["gaussian", "precomputed"])
+def test_n_jobs_limits_blas_threads_inside_fit_and_is_recorded(monkeypatch, blas_thread_counts, kernel):
+    from threadpoolctl import threadpool_limits
+
+    import kernelfit.solve
+
+    seen = []
+    for name in ("fit_interpolant", "fit_precomputed"):   # the hook: the solve the estimator calls
+        real = getattr(kernelfit.solve, name)
+        monkeypatch.setattr(kernelfit.solve, name, lambda *a, real=real, **k: seen.append(blas_thread_counts()) or real(*a, **k))
+    X, y = _data(n=40)
+    if kernel == "precomputed":
+        X = np.exp(-cdist(X, X, "sqeuclidean") / 2.0)
+    with threadpool_limits(limits=3):   # a known outside setting, so that the limit inside is seen
+        assert set(blas_thread_counts()) == {3}
+        est = KernelInterpolator(kernel=kernel, bandwidth=1.0, n_jobs=2).fit(X, y)
+        assert seen and set(seen[-1]) == {2}
+        assert set(blas_thread_counts()) == {3}   # restored after fit
+        KernelInterpolator(kernel=kernel, bandwidth=1.0).fit(X, y)   # n_jobs=None: the library default, untouched
+        assert set(seen[-1]) == {3}
+    assert est.fit_stats_["n_jobs"] == 2
+
+
+@pytest.mark.parametrize("bad", [0, -3, 1.5, "2x", True])
+def test_bad_n_jobs_is_refused_with_the_validate_message(bad):
+    X, y = _data(n=10, d=2)
+    est = KernelInterpolator(n_jobs=bad)
+    assert est.get_params()["n_jobs"] is bad   # __init__ stores anything (sklearn contract)
+    with pytest.raises(InputError, match=r"n_jobs: expected an integer >= 1; found .*Pass a whole number >= 1"):
+        est.fit(X, y)
+
+
+@pytest.mark.parametrize("param,value,expected", [
+    ("kernel", "rbf", "kernel: expected one of gaussian, laplacian, precomputed; found 'rbf'"),
+    ("mode", "float16", "mode: expected one of mixed, float32, float64"),
+    ("bandwidth", "2*mean", "bandwidth: expected a finite number > 0 \\(sigma\\), 'median', or 'F\\*median'"),
+    ("jitter", "tiny", "jitter: expected a finite number >= 0 or 'auto'"),
+    ("block_size", 0, "block_size: expected an integer >= 1"),
+    ("max_refine", 2.5, "max_refine: expected an integer >= 0")])
+def test_parameters_are_checked_by_the_one_validation_module(param, value, expected):
+    X, y = _data(n=10, d=2)
+    with pytest.raises(InputError, match=expected):
+        KernelInterpolationRegressor(**{param: value}).fit(X, y.astype(float))
+
+
+def test_f_times_median_bandwidth_is_accepted():
+    from scipy.spatial.distance import pdist
+
+    X, y = _data(n=30, d=3)
+    est = KernelInterpolator(bandwidth="0.5*median", mode="float64").fit(X, y)
+    assert est.bandwidth_ == pytest.approx(0.5 * np.median(pdist(X)), rel=1e-12)

@@ -22,7 +22,9 @@ from kernelfit.data.gram import (
 )
 from kernelfit.data.rows import find_duplicate_rows
 from kernelfit.errors import InputError, NotPositiveDefiniteError
-from kernelfit.solve import SolveOptions, fit_precomputed, run_gram_interpolation
+from kernelfit.experiment import run_gram_interpolation
+from kernelfit.linalg.options import FactorOptions
+from kernelfit.solve import SolveOptions, fit_precomputed
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -58,7 +60,8 @@ def test_gram_solve_matches_scipy_cho_solve_on_arccos_kernel(problem):
     G, Y = problem["G"], problem["Y"]
     ref = scipy.linalg.cho_solve(scipy.linalg.cho_factor(G, lower=True), Y)
     cond = np.linalg.cond(G)
-    model = fit_precomputed(str(problem["dir"] / "G.npy"), Y, SolveOptions(mode="float64", block_size=256))
+    model = fit_precomputed(str(problem["dir"] / "G.npy"), Y, SolveOptions(mode="float64",
+                                                                           placement=FactorOptions(block_size=256)))
     # forward error of a backward-stable solve: ~ cond(G) eps relative to |alpha|
     tol = 100 * cond * np.finfo(np.float64).eps * np.abs(ref).max()
     np.testing.assert_allclose(model.alpha, ref, rtol=0, atol=tol)
@@ -147,14 +150,14 @@ def test_nan_off_diagonal_is_found_before_the_factorization():
     G = _good(n=300)
     G[250, 100] = np.inf      # the lower triangle, which the panels read
     with pytest.raises(InputError, match=r"G\[250, 100\] = inf is not finite"):
-        fit_precomputed(G, np.ones(300), SolveOptions(mode="float64", block_size=64))
+        fit_precomputed(G, np.ones(300), SolveOptions(mode="float64", placement=FactorOptions(block_size=64)))
 
 
 def test_not_positive_definite_names_the_leading_minor():
     G = _good(n=50)
     G[30, 30] = 1e-3          # positive diagonal, symmetric, but the 31st leading minor is negative
     with pytest.raises(NotPositiveDefiniteError) as exc:
-        fit_precomputed(G, np.ones(50), SolveOptions(mode="float64", block_size=16))
+        fit_precomputed(G, np.ones(50), SolveOptions(mode="float64", placement=FactorOptions(block_size=16)))
     # independent reference: the first leading minor with a negative determinant
     minors = [np.linalg.slogdet(G[:k, :k]) for k in range(1, 51)]
     first = next(k for k, (sign, _) in enumerate(minors, start=1) if sign <= 0)
@@ -274,6 +277,7 @@ _RSS_SCRIPT = r"""
 import json, sys
 import numpy as np
 from kernelfit.linalg.tiled import SymmetricPanels, choose_block
+from kernelfit.linalg.options import FactorOptions
 from kernelfit.solve import SolveOptions, fit_precomputed
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from kernelfit.cli import main
 from kernelfit.errors import InputError, ModelFileError
+from kernelfit.linalg.options import FactorOptions
 from kernelfit.model import FORMAT_VERSION, load_model, save_model
 from kernelfit.solve import SolveOptions, fit_interpolant, fit_precomputed
 
@@ -18,7 +19,7 @@ def _fit(n=300, d=6, k=2, seed=0):
     rng = np.random.default_rng(seed)
     X = rng.random((n, d))
     Y = rng.standard_normal((n, k))
-    return X, fit_interpolant(X, Y, SolveOptions(bandwidth=0.8, mode="mixed", block_size=128))
+    return X, fit_interpolant(X, Y, SolveOptions(bandwidth=0.8, mode="mixed", placement=FactorOptions(block_size=128)))
 
 
 def test_saved_model_predicts_exactly_what_the_fitted_one_does(tmp_path):
@@ -162,13 +163,13 @@ def test_cli_save_model_and_predict_equal_in_process(tmp_path, capsys):
 
 
 def test_cli_output_paths_are_checked_before_the_solve(tmp_path, capsys, monkeypatch):
-    import kernelfit.solve
+    import kernelfit.experiment
 
     def no_solve(*a, **k):
         raise AssertionError("the solve ran before the output paths were checked")
 
-    monkeypatch.setattr(kernelfit.solve, "run_interpolation", no_solve)
-    monkeypatch.setattr(kernelfit.solve, "run_gram_interpolation", no_solve)
+    monkeypatch.setattr(kernelfit.experiment, "run_interpolation", no_solve)
+    monkeypatch.setattr(kernelfit.experiment, "run_gram_interpolation", no_solve)
     blocker = tmp_path / "file"
     blocker.write_text("x")
     existing = tmp_path / "old.safetensors"

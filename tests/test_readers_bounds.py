@@ -30,7 +30,8 @@ SECRET = b"TOPSECRET-" * 64   # 640 bytes no reader may return
 
 @pytest.fixture(autouse=True)
 def _isolated(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("KERNELFIT_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+    monkeypatch.setenv("KERNELFIT_CACHE", str(tmp_path_factory.mktemp("cache")))
+    monkeypatch.delenv("KERNELFIT_CACHE_DIR", raising=False)
     monkeypatch.delenv("KERNELFIT_DATA", raising=False)
 
 

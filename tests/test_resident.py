@@ -81,6 +81,7 @@ def test_phase_timer_sums_named_phases():
 
 
 def test_fit_interpolant_takes_the_resident_path_for_a_separate_device():
+    from kernelfit.linalg.options import FactorOptions
     from kernelfit.solve import SolveOptions, fit_interpolant
 
     X, Y, Xt = _problem(n=150, seed=3)
@@ -88,12 +89,13 @@ def test_fit_interpolant_takes_the_resident_path_for_a_separate_device():
     bw = 0.8
     K = np.exp(-cdist(X, X, "sqeuclidean") / (2 * bw * bw))
     ref = scipy.linalg.solve(K, Y, assume_a="pos")
-    res = fit_interpolant(X, Y, SolveOptions(bandwidth=bw, device="cpu", device_memory_budget=10**9))
+    res = fit_interpolant(X, Y, SolveOptions(bandwidth=bw, placement=FactorOptions(device="cpu", device_memory_budget=10**9)))
     fac = res.stats["factorization"]
     assert fac["pipeline"] == "resident" and fac["bytes_moved"]["h2d"] == 0
     np.testing.assert_allclose(res.alpha, ref, rtol=1e-8, atol=1e-8 * np.abs(ref).max())
     np.testing.assert_allclose(res.train_scores, K @ res.alpha, atol=1e-10)
     assert res.stats["residual_max_abs"] < 1e-9 and res.stats["timings_s"]["factor"] > 0
-    host = fit_interpolant(X, Y, SolveOptions(bandwidth=bw, device="cpu"))     # no budget: host panels in place
+    host = fit_interpolant(X, Y, SolveOptions(bandwidth=bw,
+                                              placement=FactorOptions(device="cpu")))     # no budget: host panels in place
     assert "pipeline" not in host.stats["factorization"]
     np.testing.assert_allclose(host.alpha, res.alpha, rtol=1e-8, atol=1e-10)

@@ -10,9 +10,10 @@ import pytest
 from scipy.spatial.distance import cdist, pdist
 
 from kernelfit.errors import InputError
+from kernelfit.experiment import infer_num_classes, run_interpolation
 from kernelfit.kernels import check_bandwidth, check_kernel_on_data
 from kernelfit.linalg.refine import float64_level_threshold
-from kernelfit.solve import SolveOptions, fit_interpolant, infer_num_classes, run_interpolation
+from kernelfit.solve import SolveOptions, fit_interpolant
 
 
 def _no_gram(monkeypatch):

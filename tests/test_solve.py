@@ -7,10 +7,11 @@ from scipy.spatial.distance import cdist
 from sklearn.kernel_ridge import KernelRidge
 
 from kernelfit.errors import InputError, MemoryPlanError, NotPositiveDefiniteError
-from kernelfit.gram import build_gram_panels
+from kernelfit.experiment import run_interpolation
 from kernelfit.linalg.memory import plan_solve, require_fits
+from kernelfit.linalg.options import FactorOptions
 from kernelfit.linalg.refine import float64_level_threshold
-from kernelfit.solve import SolveOptions, fit_interpolant, run_interpolation, solve_gram
+from kernelfit.solve import SolveOptions, fit_feature_gram, fit_interpolant
 
 
 def data(n=300, d=20, k=3, seed=0):
@@ -32,7 +33,7 @@ def test_solution_matches_kernel_ridge_with_tiny_alpha(mode, strategy, eps):
     tol = min(100 * np.linalg.cond(gaussian(X, X, sigma)) * eps, 5e-3)
     ref = KernelRidge(alpha=1e-10, kernel="rbf", gamma=1 / (2 * sigma**2)).fit(X, Y)
     m = fit_interpolant(X, Y, SolveOptions(bandwidth=sigma, mode=mode, strategy=strategy, jitter=1e-10,
-                                           block_size=64))
+                                           placement=FactorOptions(block_size=64)))
     Xt = np.random.default_rng(9).random((40, X.shape[1]))
     np.testing.assert_allclose(m.alpha, ref.dual_coef_, rtol=0, atol=tol * np.abs(ref.dual_coef_).max())
     np.testing.assert_allclose(m.predict(Xt), ref.predict(Xt), rtol=0, atol=tol * 10 * np.abs(ref.predict(Xt)).max())
@@ -45,8 +46,9 @@ def test_mixed_mode_reaches_float64_direct_residual(strategy):
     K = gaussian(X, X, sigma)
     direct = scipy.linalg.cho_solve(scipy.linalg.cho_factor(K, lower=True), Y)
     direct_rel = np.linalg.norm(K @ direct - Y) / np.linalg.norm(Y)
-    f32 = fit_interpolant(X, Y, SolveOptions(bandwidth=sigma, mode="float32", block_size=64))
-    mixed = fit_interpolant(X, Y, SolveOptions(bandwidth=sigma, mode="mixed", strategy=strategy, block_size=64))
+    f32 = fit_interpolant(X, Y, SolveOptions(bandwidth=sigma, mode="float32", placement=FactorOptions(block_size=64)))
+    mixed = fit_interpolant(X, Y, SolveOptions(bandwidth=sigma, mode="mixed", strategy=strategy,
+                                               placement=FactorOptions(block_size=64)))
     mixed_rel = np.linalg.norm(K @ mixed.alpha - Y) / np.linalg.norm(Y)   # independent residual (dense scipy K)
     f32_rel = np.linalg.norm(K @ f32.alpha - Y) / np.linalg.norm(Y)
     assert f32_rel > 1e3 * direct_rel            # float32 alone is far from float64 accuracy ...
@@ -67,9 +69,12 @@ def test_refinement_says_so_when_it_cannot_reach_float64():
     A = (Q * np.geomspace(1.0, 1e-9, 120)) @ Q.T
     A = (A + A.T) / 2
     Y = rng.standard_normal((120, 2))
-    G = SymmetricPanels.from_dense(A.astype(np.float32), 32)
-    alpha, info = solve_gram(G, Y, jitter=1e-5, apply_high=lambda V: A @ V, max_refine=4)
-    rep = info["refinement"]
+    # the factor-only shift is a preconditioner, not the ridge of SolveOptions.jitter: driven directly
+    from kernelfit.linalg.factor import factor
+    from kernelfit.linalg.mixed import solve_refined
+    G = SymmetricPanels.from_dense((A + 1e-5 * np.eye(120)).astype(np.float32), 32)
+    alpha, _, rep, _ = solve_refined(lambda dt: G, lambda P: factor(P).to_dict(), lambda V: A @ V, Y,
+                                     dtype=np.float32, max_refine=4)
     assert not rep["float64_level"]
     assert rep["stop_reason"].startswith(("stopped improving", "reached max_refine"))
     assert rep["relative_residuals"][-1] > 1e-12
@@ -89,9 +94,9 @@ def test_duplicate_points_raise_typed_error_and_jitter_fixes_it():
     X = np.vstack([X, X[:5]])
     Y = np.vstack([Y, Y[:5]])
     with pytest.raises(NotPositiveDefiniteError) as err:
-        fit_interpolant(X, Y, SolveOptions(bandwidth=1.0, mode="float64", block_size=32))
+        fit_interpolant(X, Y, SolveOptions(bandwidth=1.0, mode="float64", placement=FactorOptions(block_size=32)))
     assert 80 < err.value.minor <= 85
-    m = fit_interpolant(X, Y, SolveOptions(bandwidth=1.0, mode="float64", jitter=1e-6, block_size=32))
+    m = fit_interpolant(X, Y, SolveOptions(bandwidth=1.0, mode="float64", jitter=1e-6, placement=FactorOptions(block_size=32)))
     assert m.stats["jitter"] == 1e-6
 
 
@@ -157,18 +162,78 @@ def test_run_interpolation_true_and_random_labels_share_one_factorization():
     assert set(rec["stats"]["timings_s"]) >= {"gram", "factor", "solve", "predict"}
 
 
-def test_solve_gram_with_refinement_matches_scipy():
+def feature_gram(X, Xt=None, block=32):
+    """The feature Gram of X (phi = x) as the random-conv pipeline hands it to fit_feature_gram."""
+    from kernelfit.features.randconv import GramBlocks
+    from kernelfit.linalg.tiled import SymmetricPanels
+    return GramBlocks(train=SymmetricPanels.from_dense(X @ X.T, block), train_diag=np.einsum("ij,ij->i", X, X),
+                      cross=None if Xt is None else Xt @ X.T, test_diag=None if Xt is None else np.einsum("ij,ij->i", Xt, Xt),
+                      n_features=X.shape[1])
+
+
+def test_feature_gram_with_refinement_matches_scipy():
     X, Y = data(n=150, d=6)
-    G = build_gram_panels(X, "gaussian", 0.8, block=32, dtype=np.float32)
     K = gaussian(X, X, 0.8)
-    alpha, info = solve_gram(G, Y, apply_high=lambda V: K @ V)
+    model, _ = fit_feature_gram(feature_gram(X), Y, SolveOptions(bandwidth=0.8))
+    alpha = model.alpha
     ref = np.linalg.solve(K, Y)
     np.testing.assert_allclose(alpha, ref, rtol=0, atol=1e-8 * np.abs(ref).max())
-    rep = info["refinement"]
+    rep = model.stats["refinement"]
     assert rep["backward_stable"]   # as good as float64 gets for this K (cond ~ 6e5) ...
     # ... and the float64_level flag says whether the relative residual itself is at float64 level
     rel = np.linalg.norm(K @ alpha - Y) / np.linalg.norm(Y)
     assert rep["float64_level"] == (rel <= float64_level_threshold(len(X)))
+
+
+def test_feature_gram_median_rule_test_scores_and_laplacian_match_scipy():
+    from scipy.spatial.distance import pdist
+    X, Y = data(n=120, d=5)
+    Xt = np.random.default_rng(3).random((30, 5))
+    median = np.median(pdist(X))   # n < 2000: the median heuristic's sample is every point
+    for kernel, metric, scale in (("gaussian", "sqeuclidean", lambda s: 2 * s * s), ("laplacian", "euclidean", lambda s: s)):
+        model, scores = fit_feature_gram(feature_gram(X, Xt), Y, SolveOptions(kernel=kernel, bandwidth="0.5*median"))
+        sigma = 0.5 * median
+        assert model.bandwidth == pytest.approx(sigma, rel=1e-12)
+        assert model.stats["median_distance"] == pytest.approx(median, rel=1e-12)
+        assert model.stats["bandwidth_rule"] == "0.5 x median heuristic"
+        K, Kt = np.exp(-cdist(X, X, metric) / scale(sigma)), np.exp(-cdist(Xt, X, metric) / scale(sigma))
+        ref = np.linalg.solve(K, Y)
+        np.testing.assert_allclose(model.alpha, ref, rtol=0, atol=1e-7 * np.abs(ref).max())
+        np.testing.assert_allclose(model.train_scores, Y, rtol=0, atol=1e-9)
+        # the test block is kept in float32: scores to float32 accuracy of k times |alpha|
+        np.testing.assert_allclose(scores, Kt @ ref, rtol=0, atol=1e-5 * np.abs(ref).sum(axis=0).max())
+
+
+def test_feature_gram_linear_kernel_and_float64_mode_match_numpy():
+    X, Y = data(n=40, d=60)
+    model, scores = fit_feature_gram(feature_gram(X), Y, SolveOptions(mode="float64"), linear=True)
+    ref = np.linalg.solve((X @ X.T + 1.0) / 60, Y)
+    np.testing.assert_allclose(model.alpha, ref, rtol=0, atol=1e-9 * np.abs(ref).max())
+    assert scores is None and model.stats["factor_dtype"] == "float64" and model.stats["bandwidth"] is None
+
+
+def test_feature_gram_refuses_before_overwriting_the_gram():
+    X, Y = data(n=50, d=4)
+    g = feature_gram(X)
+    before = g.train.to_dense().copy()
+    with pytest.raises(InputError, match="numerically the identity"):
+        fit_feature_gram(g, Y, SolveOptions(bandwidth=1e-4))
+    np.testing.assert_array_equal(g.train.to_dense(), before)   # nothing computed is lost
+    g.train = before
+    with pytest.raises(InputError, match="float64 SymmetricPanels"):
+        fit_feature_gram(g, Y)
+    with pytest.raises(InputError, match="X has 50 rows but Y has 3"):
+        fit_feature_gram(feature_gram(X), Y[:3])
+
+
+def test_solve_options_for_features_take_the_catalog_default_bandwidth():
+    from kernelfit.catalog import DEFAULT_BANDWIDTH, FEATURE_KINDS
+    for kind in FEATURE_KINDS:
+        assert SolveOptions.for_features(kind).bandwidth == DEFAULT_BANDWIDTH[kind]
+    assert SolveOptions.for_features("gabor").bandwidth == "0.5*median"
+    assert SolveOptions.for_features("pixels", bandwidth=5.0, mode="float64") == SolveOptions(bandwidth=5.0, mode="float64")
+    with pytest.raises(InputError, match="feature kind: expected one of pixels, gabor, randconv"):
+        SolveOptions.for_features("hog")
 
 
 def test_translation_invariance_in_float32():
@@ -274,3 +339,13 @@ def test_duplicate_training_rows_refused_before_the_solve(labels_agree, monkeypa
     monkeypatch.undo()
     rec = run_interpolation(X, {"true": y}, None, None, 3, SolveOptions(bandwidth=1.0, jitter=1e-6))
     assert rec["n_train"] == 120
+
+
+def test_f_times_median_bandwidth_is_f_times_the_median_pairwise_distance():
+    import scipy.spatial.distance
+
+    rng = np.random.default_rng(3)
+    X, Y = rng.standard_normal((60, 4)), rng.standard_normal((60, 2))
+    m = fit_interpolant(X, Y, SolveOptions(bandwidth="0.5*median", mode="float64"))
+    assert m.bandwidth == pytest.approx(0.5 * np.median(scipy.spatial.distance.pdist(X)), rel=1e-12)
+    assert m.stats["bandwidth_rule"] == "0.5 x median heuristic"

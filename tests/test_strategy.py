@@ -12,6 +12,7 @@ from scipy.spatial.distance import cdist
 from kernelfit import cli
 from kernelfit.errors import InputError, MemoryPlanError
 from kernelfit.linalg.memory import plan_solve
+from kernelfit.linalg.options import FactorOptions
 from kernelfit.linalg.refine import float64_level_threshold
 from kernelfit.linalg.strategy import FLOAT64, FLOAT64_THROUGHOUT_MAX_N, RECOMPUTED, STORED
 from kernelfit.solve import SolveOptions, fit_interpolant
@@ -35,7 +36,7 @@ def test_each_strategy_matches_lapack_float64(strategy):
     sigma = 0.5   # cond(K) ~ 1e5: float32 alone is ~1e-3 off
     K, ref = lapack_solve(X, Y, sigma)
     ref_rel = np.linalg.norm(K @ ref - Y) / np.linalg.norm(Y)
-    m = fit_interpolant(X, Y, SolveOptions(bandwidth=sigma, strategy=strategy, block_size=96))
+    m = fit_interpolant(X, Y, SolveOptions(bandwidth=sigma, strategy=strategy, placement=FactorOptions(block_size=96)))
     assert m.stats["strategy"] == strategy
     rel = np.linalg.norm(K @ m.alpha - Y) / np.linalg.norm(Y)   # dense scipy K: independent of the solver
     assert rel <= max(10 * ref_rel, float64_level_threshold(500))
@@ -54,7 +55,7 @@ def test_stored_strategy_never_recomputes_kernel_tiles(monkeypatch):
     monkeypatch.setattr("kernelfit.gram.KernelOperator.symmetric_matmul", boom)
     rng = np.random.default_rng(0)
     X, Y = rng.random((400, 6)), rng.standard_normal((400, 2))
-    m = fit_interpolant(X, Y, SolveOptions(bandwidth=0.5, strategy=STORED, block_size=64))
+    m = fit_interpolant(X, Y, SolveOptions(bandwidth=0.5, strategy=STORED, placement=FactorOptions(block_size=64)))
     assert m.stats["refinement"]["iterations"] >= 1
     assert "float64 Gram built from the data and kept" in m.stats["residual_source"]
 

@@ -11,7 +11,9 @@ from scipy.spatial.distance import cdist
 from kernelfit.cli import main as cli_main
 from kernelfit.cli.table import options_from_args
 from kernelfit.errors import InputError
-from kernelfit.table import PAPER, _parse_bandwidth, run_table, write_table
+from kernelfit.table import PAPER, run_table, write_table
+from kernelfit.validate import BandwidthRule
+from kernelfit.validate import bandwidth_rule as _parse_bandwidth
 
 
 def _options(argv):
@@ -27,9 +29,10 @@ def main(argv):
 
 
 def test_parse_bandwidth():
-    assert _parse_bandwidth("5") == ("abs", 5.0)
-    assert _parse_bandwidth("0.5*median") == ("median", 0.5)
-    assert _parse_bandwidth("median") == ("median", 1.0)
+    # the table's --bandwidth-* values are parsed by the one bandwidth rule (validate.bandwidth_rule)
+    assert _parse_bandwidth("5") == BandwidthRule("given", 5.0)
+    assert _parse_bandwidth("0.5*median") == BandwidthRule("median", 0.5)
+    assert _parse_bandwidth("median") == BandwidthRule("median", 1.0)
     with pytest.raises(InputError, match="median"):
         _parse_bandwidth("wide")
     with pytest.raises(InputError, match="> 0"):
@@ -192,8 +195,13 @@ def test_median_distance_from_gram_equals_the_distance_matrix_route():
     """The linear row reads the median off the Gram without building n x n distances: same sample, same value."""
     from scipy.spatial.distance import pdist
 
+    from kernelfit.kernels import median_of_pairs
     from kernelfit.linalg.tiled import SymmetricPanels
-    from kernelfit.table import _median_distance_from_gram, _median_distance_from_sqd
+    from kernelfit.solve import sampled_sqd_from_gram
+    from kernelfit.table import _median_distance_from_sqd
+
+    def _median_distance_from_gram(G, diag, max_points, seed=0):
+        return median_of_pairs(sampled_sqd_from_gram(G, diag, max_points, seed))
 
     X = np.random.default_rng(3).standard_normal((300, 7))
     G = X @ X.T

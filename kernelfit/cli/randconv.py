@@ -42,7 +42,8 @@ def solve(args, rds, label_sets: dict, y_test, k: int, timings: dict) -> dict:
     (cached like the table's), turned into the kernel in place and solved by the table's panel solver."""
     from ..features.pipeline import randconv_gram
     from ..features.randconv import RandConvConfig
-    from ..table import _cholesky_rows_panels
+    from ..table import feature_gram_rows
+    from ..validate import bandwidth_rule
 
     cfg = RandConvConfig(n_filters=args.filters, patch_size=args.patch_size, filters=args.filter_kind,
                          bias=args.randconv_bias, pool_grid=args.randconv_pool_grid,
@@ -51,9 +52,9 @@ def solve(args, rds, label_sets: dict, y_test, k: int, timings: dict) -> dict:
         rds, cfg, panels=True, cache_dir=args.cache_dir, use_cache=not args.no_gram_cache,
         filter_block=args.filter_block, device=args.device, checkpoint_minutes=args.gram_checkpoint_minutes,
         timings=timings, label=rds.name)
-    spec = ("median", 1.0) if args.bandwidth == "median" else ("abs", float(args.bandwidth))
-    res, info, sigma, median = _cholesky_rows_panels(g, spec, label_sets, y_test, k, args.seed, device=args.device,
-                                                     max_refine=args.max_refine, kernel=args.randconv_kernel)
+    rule = bandwidth_rule(args.bandwidth, "--bandwidth")
+    res, info, sigma, median = feature_gram_rows(g, rule, label_sets, y_test, k, args.seed, device=args.device,
+                                                 max_refine=args.max_refine, kernel=args.randconv_kernel)
     results = {name: {"train_error": r["interp"]["train_error"], "test_error": r["interp"]["test_error"],
                       "rkhs_norm": r["interp"]["norm"], "residual_relative": r["interp"]["residual_relative"]}
                for name, r in res.items()}
@@ -65,5 +66,5 @@ def solve(args, rds, label_sets: dict, y_test, k: int, timings: dict) -> dict:
             "gram_cache": cache_info,
             "stats": {"kernel": "linear (phi.phi' + 1) / n_features" if linear else "gaussian",
                       "bandwidth": None if linear else float(sigma),
-                      "bandwidth_rule": None if linear else ("median heuristic" if spec[0] == "median" else "given"),
+                      "bandwidth_rule": None if linear else rule.describe(),
                       "median_distance": float(median), "mode": "mixed", "solver": info}}

@@ -256,16 +256,21 @@ def _load(args, user):
 
 
 def _options(args):
+    from ..linalg.options import FactorOptions
     from ..solve import SolveOptions
 
-    return SolveOptions(kernel=args.kernel, bandwidth=args.bandwidth, mode=args.mode,
-                        jitter=args.jitter, block_size=args.block_size,
-                        max_refine=args.max_refine, progress=not args.no_progress,
-                        force_memory=args.force_memory, fallback_float64=not args.no_fallback,
-                        device=args.device, tf32=args.tf32,
-                        out_of_core={"auto": "auto", "yes": True, "no": False}[args.out_of_core],
-                        checkpoint_dir=None if args.checkpoint_dir is None else str(args.checkpoint_dir),
-                        resume=args.resume)
+    return SolveOptions(kernel=args.kernel, bandwidth=args.bandwidth, mode=args.mode, jitter=args.jitter,
+                        max_refine=args.max_refine, force_memory=args.force_memory,
+                        fallback_float64=not args.no_fallback, placement=_placement(args, FactorOptions))
+
+
+def _placement(args, FactorOptions):
+    """Where the factorization runs: the CLI's placement flags as a FactorOptions."""
+    return FactorOptions(block_size=args.block_size, progress=not args.no_progress, device=args.device,
+                         tf32=getattr(args, "tf32", False),
+                         out_of_core={"auto": "auto", "yes": True, "no": False}[args.out_of_core],
+                         checkpoint_dir=None if args.checkpoint_dir is None else str(args.checkpoint_dir),
+                         resume=args.resume)
 
 
 def _solve(args, user) -> dict:
@@ -315,7 +320,7 @@ def _interpolate(args, user, ds, arrays, label_sets: dict, extra: dict) -> dict:
     """The kernel solve on features (optionally on a dask cluster), and the model file if asked."""
     import numpy as np
 
-    from ..solve import run_interpolation
+    from ..experiment import run_interpolation
 
     X, Xt, yt, fdtype = arrays
     (record, model), cluster = solve_gram.with_cluster(args, lambda client: run_interpolation(

@@ -50,7 +50,7 @@ def check_source(args) -> None:
     if (args.gram_test is None) != (args.y_test is None):
         refuse(args, "--gram-test and --y-test go together (the test Gram and the test targets)")
     args.mode = args.mode or "float64"
-    from ..solve import GRAM_MODES
+    from ..catalog import GRAM_MODES
 
     if args.mode not in GRAM_MODES:
         refuse(args, f"--mode {args.mode} needs the kernel function: mixed precision refines with float64 kernel "
@@ -63,7 +63,7 @@ def _read_targets(spec: str, what: str):
     import numpy as np
 
     from ..data.arrays import open_array
-    from ..solve import check_finite_targets
+    from ..validate import check_finite_targets
 
     y = np.asarray(open_array(spec, what=what))
     check_finite_targets(y, what)   # before the Gram is read: names the first NaN / inf row
@@ -76,7 +76,7 @@ def _load_targets(args):
     yt = None if args.y_test is None else _read_targets(args.y_test, "--y-test")
     num_classes = None
     if args.task == "classification":
-        from ..solve import check_labels, infer_num_classes
+        from ..experiment import check_labels, infer_num_classes
 
         num_classes = infer_num_classes((y, "--y-train"), (yt, "--y-test"))
         check_labels(y, num_classes, "--y-train")
@@ -85,17 +85,17 @@ def _load_targets(args):
 
 def run(args) -> int:
     """solve --gram: a precomputed training Gram (and optional test Gram) with targets from files."""
+    from ..experiment import run_gram_interpolation
+    from ..linalg.options import FactorOptions
     from ..results import PhaseTimer, peak_rss_bytes
-    from ..solve import SolveOptions, run_gram_interpolation
+    from ..solve import SolveOptions
+    from .solve import _placement
 
     timer = PhaseTimer()
     with timer.phase("load"):
         y, yt, num_classes = _load_targets(args)
-    options = SolveOptions(mode=args.mode, jitter=args.jitter, block_size=args.block_size,
-                           progress=not args.no_progress, force_memory=args.force_memory, device=args.device,
-                           out_of_core={"auto": "auto", "yes": True, "no": False}[args.out_of_core],
-                           checkpoint_dir=None if args.checkpoint_dir is None else str(args.checkpoint_dir),
-                           resume=args.resume)
+    options = SolveOptions(mode=args.mode, jitter=args.jitter, force_memory=args.force_memory,
+                           placement=_placement(args, FactorOptions))
     extra = {"dataset": {"name": "precomputed-gram", "gram": args.gram, "gram_test": args.gram_test,
                          "y_train": args.y_train, "y_test": args.y_test}}
     with timer.phase("solve"):

@@ -245,7 +245,7 @@ def _save_cache(cache_file: Path, key: str, arrays) -> None:
                      version=np.array(_CACHE_VERSION))
     except OSError as e:
         warnings.warn(f"kernelfit: could not write the decoded-image cache {cache_file}: {e}. "
-                      f"Set KERNELFIT_CACHE_DIR to a writable directory to speed up later loads.",
+                      f"Set KERNELFIT_CACHE to a writable directory to speed up later loads.",
                       RuntimeWarning, stacklevel=3)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..catalog import cache_root
+
 
 def _user_cache_root() -> Path:
     xdg = os.environ.get("XDG_CACHE_HOME")
@@ -33,8 +35,7 @@ def resolve_data_dir(data_dir=None) -> Path:
 
 
 def default_cache_dir() -> Path:
-    """Where decoded image folders are cached: ``$KERNELFIT_CACHE_DIR``, else
-    ``$XDG_CACHE_HOME/kernelfit`` or ``~/.cache/kernelfit`` (files go in its ``decoded/``)."""
-    env = os.environ.get("KERNELFIT_CACHE_DIR")
-    return Path(env).expanduser() if env else _user_cache_root()
+    """Where decoded image folders are cached (in its ``decoded/``): the one cache root,
+    ``kernelfit.catalog.cache_root()`` (``$KERNELFIT_CACHE``, else the user cache dir)."""
+    return cache_root()
 

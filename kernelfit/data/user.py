@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kernelfit.catalog import TASKS
 from kernelfit.errors import DataError, InputError
 
 from .arrays import open_array, parse_spec
@@ -25,7 +26,6 @@ from .dataset import Dataset
 __all__ = ["load_arrays", "peek_arrays", "peek_outputs"]
 
 _NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
-TASKS = ("classification", "regression")
 
 
 def _npz_specs(data) -> dict[str, str | None]:

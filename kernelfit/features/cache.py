@@ -34,6 +34,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ..catalog import cache_root
 from ..errors import InputError
 from ..results import atomic_file
 from ..storage import OwnedDir, StorageError, create_npy_memmap, file_digest
@@ -49,12 +50,8 @@ class StaleCacheWarning(UserWarning):
 
 
 def default_cache_dir() -> Path:
-    env = os.environ.get("KERNELFIT_CACHE")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "kernelfit"
+    """The cache root (``kernelfit.catalog.cache_root``: ``$KERNELFIT_CACHE`` or the user cache dir)."""
+    return cache_root()
 
 
 def hash_array(x: np.ndarray, chunk_rows: int = 4096) -> str:
