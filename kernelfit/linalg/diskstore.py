@@ -45,7 +45,10 @@ from .tiled import SymmetricPanels, _panel_flops, cholesky_inplace, choose_block
 
 FLAG = "scratch_dir"
 FILL_CHUNK_BYTES = 64 << 20     # a Gram tile built while filling the store (bounded RAM, large writes)
-OVERHEAD_BYTES = 256 << 20      # resident memory besides the budget: interpreter, numpy/scipy, BLAS buffers
+# Resident memory besides the budget (over the interpreter with numpy/scipy imported): hashing a Gram
+# file in 16 MiB chunks (32 MB peak), OpenBLAS's thread buffers, the read-ahead thread. Measured 32 MB
+# at n = 6,000 on 2 cores (tests/test_disk_outofcore.py checks VmHWM against budget + this).
+OVERHEAD_BYTES = 48 << 20
 _READ_MAX = 1 << 30             # one preadv call reads at most this much (Linux caps a call near 2 GiB)
 
 TileFn = Callable[[slice, slice], np.ndarray]
@@ -117,6 +120,7 @@ class DiskPanels:
         self.owned = owned_dir(self.dir, flag)
         self.manifest = None
         self.stats = DiskStats()
+        self.budget_bytes = 0
 
     # --- opening -------------------------------------------------------------------------------
     @classmethod
@@ -128,6 +132,7 @@ class DiskPanels:
         if n < 1:
             raise InputError(f"a disk store needs n >= 1 points; got {n}.")
         self = cls(directory, n, choose_block(n, block), dtype, source, flag)
+        self.budget_bytes = int(budget_bytes) if budget_bytes else 0
         _check_budget(n, self.block, self.dtype.itemsize, budget_bytes)
         check_writable_dir(self.dir, flag)
         self.owned.claim()
@@ -219,10 +224,13 @@ class DiskPanels:
                                     f"start afresh.")
 
     # --- filling -------------------------------------------------------------------------------
-    def fill(self, tile: TileFn, jitter: float = 0.0, chunk_bytes: int = FILL_CHUNK_BYTES) -> None:
-        """Write the input panels from ``tile(rows, cols)`` (a dense block of the matrix), a few MB
-        at a time; ``jitter`` is added to the diagonal. Continues after the last filled panel."""
+    def fill(self, tile: TileFn, jitter: float = 0.0, chunk_bytes: int | None = None) -> None:
+        """Write the input panels from ``tile(rows, cols)`` (a dense block of the matrix), at most
+        ``chunk_bytes`` at a time (default: 64 MiB, at most a quarter of the RAM budget); ``jitter``
+        is added to the diagonal. Continues after the last filled panel."""
         itemsize = self.dtype.itemsize
+        if chunk_bytes is None:
+            chunk_bytes = min(FILL_CHUNK_BYTES, max(self.budget_bytes // 4, 1))
         t = time.perf_counter()
         for j in range(self.filled, len(self.starts)):
             s, w = self.starts[j], self.widths[j]
@@ -450,25 +458,48 @@ def disk_cho_solve(store: DiskPanels, B: np.ndarray) -> np.ndarray:
     return Z[:, 0] if squeeze else Z
 
 
+def solve_refined_on_disk(store: DiskPanels, apply_high: Callable, Y, *, jitter: float = 0.0, max_refine: int = 10,
+                          tol: float | None = None):
+    """Solve (K + jitter I) X = Y through the factor on disk (K + jitter I, any dtype), refined with
+    float64 residuals ``Y - K X - jitter X`` where ``apply_high(V)`` = K V in float64 is the caller's
+    (the data's kernel, or a stream of the user's Gram file). Returns (X, R, RefinementReport)."""
+    from .refine import check_refine_tol, low_precision_solver, refine, with_row_sums
+
+    Y = np.asarray(Y, dtype=np.float64)
+    apply, k_inf = with_row_sums(apply_high, float(jitter))
+    return refine(low_precision_solver(disk_cho_solve, store), apply, Y, k_inf, max_iter=int(max_refine),
+                  tol=check_refine_tol(tol, Y.shape[0]))
+
+
 def npy_gram_source(path) -> tuple[int, np.dtype, TileFn, dict]:
-    """(n, dtype, tile, source) for a square .npy Gram file, read tile by tile, never whole: each tile
-    maps the file afresh, so no mapping outlives its tile (a long-lived memmap's pages count as RSS).
-    Only the lower triangle is read. ``source`` holds the file's blake2b for the manifest."""
+    """(n, dtype, tile, source) for a square .npy Gram file, read tile by tile, never whole, with one
+    ``pread`` per tile row (a row's column range is contiguous in a C-order file). Not a memmap: the
+    pages a memmap touches (with the kernel's fault-around, 64 KiB per row) count as resident memory,
+    140 MB over a 17 MB budget at n = 6,000. Only the lower triangle is read. ``source`` holds the
+    file's blake2b for the manifest (a resume refuses a changed file)."""
     path = Path(path)
     try:
         A = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as e:
         raise DataError(f"Gram file {path} is not a readable .npy array ({e}). Fix: save it with numpy.save.") from None
-    if A.ndim != 2 or A.shape[0] != A.shape[1] or A.dtype.kind != "f":
-        raise DataError(f"Gram file {path} holds a {A.dtype} array of shape {A.shape}; expected a square 2-D float "
-                        f"matrix (n x n).")
-    n, dt = A.shape[0], A.dtype
+    if A.ndim != 2 or A.shape[0] != A.shape[1] or A.dtype.kind != "f" or not A.flags.c_contiguous:
+        raise DataError(f"Gram file {path} holds a {A.dtype} array of shape {A.shape}"
+                        f"{'' if A.flags.c_contiguous else ' in Fortran order'}; expected a square 2-D float matrix "
+                        f"(n x n, C order, as numpy.save writes it).")
+    n, dt, offset = A.shape[0], A.dtype, A.offset
     del A
+    item = dt.itemsize
 
     def tile(rows: slice, cols: slice) -> np.ndarray:
-        M = np.load(path, mmap_mode="r", allow_pickle=False)
-        out = np.array(M[rows, cols])
-        del M
+        r0, r1, _ = rows.indices(n)
+        c0, c1, _ = cols.indices(n)
+        out = np.empty((r1 - r0, c1 - c0), dtype=dt)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            for i in range(r0, r1):
+                _read_exact(fd, memoryview(out[i - r0]).cast("B"), offset + (i * n + c0) * item)
+        finally:
+            os.close(fd)
         return out
 
     return n, dt, tile, {"kind": "npy", "path": str(path.resolve()), "blake2b": source_hash(path)}
