@@ -249,7 +249,7 @@ def test_scratch_dir_too_small_refused_with_both_sizes(tmp_path, monkeypatch):
     monkeypatch.setattr(results, "free_bytes", lambda d: 1 << 20)
     with pytest.raises(InputError, match=r"needs \d+\.\d+ GiB but only 0\.00 GiB are free"):
         DiskPanels.open(tmp_path / "s", 20000, source={}, budget_bytes=2 << 30, dtype=np.float32)
-    assert not any(p.name.endswith(".npy") for p in (tmp_path / "s").iterdir())
+    assert not (tmp_path / "s").exists()       # refused before any write: not even our marker left
 
 
 def test_budget_too_small_refused(tmp_path):
@@ -337,3 +337,18 @@ def test_plan_slabs_reused_budget_gives_same_slabs_on_resume():
     plan = plan_slabs(N, BLOCK, 8, gram_budget())
     for j0, _ in plan.slabs:
         assert plan_slabs(N, BLOCK, 8, gram_budget(), 0, j0).slabs == [s for s in plan.slabs if s[0] >= j0]
+
+
+@pytest.mark.data
+def test_benchmark_dry_run_prints_both_rates_and_the_ratio(tmp_path, shared_data_dir):
+    out = subprocess.run([sys.executable, "benchmarks/disk_outofcore.py", "--n", "1500", "--budget-fraction", "0.5",
+                          "--scratch-dir", str(tmp_path / "s"), "--data-dir", str(shared_data_dir)],
+                         capture_output=True, text=True, env=os.environ, timeout=600,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr
+    inc, dsk, summary = (json.loads(line) for line in out.stdout.splitlines())
+    assert (inc["part"], dsk["part"], summary["part"]) == ("incore", "disk", "summary")
+    assert dsk["slabs"] >= 2 and dsk["bytes_read"] > 0 and dsk["alpha_rel_diff_vs_incore"] < 1e-2
+    assert summary["factor_rate_ratio"] == pytest.approx(dsk["factor_gflops"] / inc["factor_gflops"])
+    assert summary["sgemm_peak_gflops"] > 0 and "io_wait_s" in summary
+    assert not (tmp_path / "s").exists()          # the benchmark removes its store

@@ -102,6 +102,16 @@ def disk_bytes(n: int, block: int, dtype, budget_bytes: int) -> int:
     return gram + slab + 4096 * len(SymmetricPanels.starts_for(n, block))
 
 
+def disk_block(n: int, dtype, budget_bytes) -> int:
+    """Default panel width of a disk store: the in-core choice, narrowed (in steps of 128) until the
+    two streamed panels (n x block each) take at most a quarter of the RAM budget, so slabs stay
+    several panels wide (disk traffic ~ n^3 / (6 x slab width) numbers)."""
+    block = choose_block(n)
+    per_column = 8 * n * np.dtype(dtype).itemsize
+    fit = (int(budget_bytes or 0) // per_column) // 128 * 128
+    return max(128, min(block, fit)) if n > 128 else block
+
+
 class DiskPanels:
     """Lower-triangle panels of an n x n symmetric matrix in a scratch directory (see module doc).
 
@@ -131,13 +141,16 @@ class DiskPanels:
         n = int(n)
         if n < 1:
             raise InputError(f"a disk store needs n >= 1 points; got {n}.")
-        self = cls(directory, n, choose_block(n, block), dtype, source, flag)
+        self = cls(directory, n, disk_block(n, dtype, budget_bytes) if block is None else choose_block(n, block),
+                   dtype, source, flag)
         self.budget_bytes = int(budget_bytes) if budget_bytes else 0
         _check_budget(n, self.block, self.dtype.itemsize, budget_bytes)
         check_writable_dir(self.dir, flag)
         self.owned.claim()
+        fresh = True
         try:
             m = read_manifest(self.dir, flag)
+            fresh = m is None
             st = None if m is None else m["stages"].get(self.stage)
             if st is not None and not resume:
                 raise InputError(f"{flag} {self.dir} already holds a {self.stage} disk store (run {m['run_id'][:8]}); "
@@ -169,7 +182,10 @@ class DiskPanels:
             else:
                 self._verify_factor_files()
         except BaseException:
-            self.close()
+            if fresh and not (self.dir / MANIFEST).exists():
+                self.owned.remove([])      # refused before any write: leave no marker behind
+            else:
+                self.close()
             raise
         return self
 
@@ -303,7 +319,8 @@ class DiskPanels:
     def commit_slab(self, j0: int, panels: list) -> None:
         """Write factor panels j0.. (atomic files), then the manifest naming them, then remove their
         input files. A failed write (a full disk) keeps every finished slab and says how to resume."""
-        files = dict(self.record["files"])
+        prev = self.record
+        files = dict(prev["files"])
         written = []
         try:
             for j, P in enumerate(panels, start=j0):
@@ -319,8 +336,7 @@ class DiskPanels:
             self.manifest["stages"][self.stage] = record
             self._write_manifest()
         except OSError as e:
-            self.manifest["stages"][self.stage]["files"] = {k: v for k, v in self.record["files"].items()
-                                                            if k not in written}
+            self.manifest["stages"][self.stage] = prev      # as the manifest on disk still says
             for name in written:       # ours and not listed: the store stays as its manifest says
                 (self.dir / name).unlink(missing_ok=True)
             done = self.finished
