@@ -352,3 +352,27 @@ def test_benchmark_dry_run_prints_both_rates_and_the_ratio(tmp_path, shared_data
     assert summary["factor_rate_ratio"] == pytest.approx(dsk["factor_gflops"] / inc["factor_gflops"])
     assert summary["sgemm_peak_gflops"] > 0 and "io_wait_s" in summary
     assert not (tmp_path / "s").exists()          # the benchmark removes its store
+
+
+def test_full_disk_at_the_manifest_keeps_the_previous_state(tmp_path, points, reference, monkeypatch):
+    budget = gram_budget()
+    st = new_store(tmp_path / "s", points, budget)
+    real, calls = st._write_manifest, {"n": 0}
+
+    def manifest_fails():
+        calls["n"] += 1
+        if calls["n"] == 2:          # the second slab's manifest
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real()
+
+    monkeypatch.setattr(st, "_write_manifest", manifest_fails)
+    with pytest.raises(StorageError, match="resume=True"):
+        st.factor(budget)
+    assert st.finished == json.loads((tmp_path / "s" / "manifest.json").read_text())["stages"]["float64"][
+        "last_finished_panel"] + 1 > 0      # memory and disk agree: only the first slab is finished
+    st.close()
+    st = DiskPanels.open(tmp_path / "s", N, source={"kind": "test-gaussian", "seed": 0}, budget_bytes=budget,
+                         block=BLOCK, dtype=np.float64, resume=True)
+    st.factor(budget)
+    assert all(np.array_equal(a, b) for a, b in zip(factor_panels(st), reference))
+    st.close()
