@@ -339,6 +339,7 @@ def test_plan_slabs_reused_budget_gives_same_slabs_on_resume():
         assert plan_slabs(N, BLOCK, 8, gram_budget(), 0, j0).slabs == [s for s in plan.slabs if s[0] >= j0]
 
 
+@pytest.mark.slow      # ~20 s: MNIST loaded by two subprocesses
 @pytest.mark.data
 def test_benchmark_dry_run_prints_both_rates_and_the_ratio(tmp_path, shared_data_dir):
     out = subprocess.run([sys.executable, "benchmarks/disk_outofcore.py", "--n", "1500", "--budget-fraction", "0.5",
@@ -375,4 +376,18 @@ def test_full_disk_at_the_manifest_keeps_the_previous_state(tmp_path, points, re
                          block=BLOCK, dtype=np.float64, resume=True)
     st.factor(budget)
     assert all(np.array_equal(a, b) for a, b in zip(factor_panels(st), reference))
+    st.close()
+
+
+def test_single_stream_buffer_at_the_smallest_budget(tmp_path):
+    from kernelfit.linalg.outofcore import min_budget_bytes
+
+    n = 1200
+    X = gaussian_points(n)  # noqa: F821
+    budget = min_budget_bytes(n, BLOCK, 8, 0, buffers=1)
+    assert plan_slabs(n, BLOCK, 8, budget).buffers == 1
+    st = new_store(tmp_path / "s", X, budget)
+    st.factor(budget)
+    L = scipy.linalg.cholesky(dense_gram(X), lower=True)
+    assert np.abs(to_dense_lower(st) - L).max() <= 1e-10 * np.abs(L).max()
     st.close()

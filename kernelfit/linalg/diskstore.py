@@ -56,7 +56,11 @@ TileFn = Callable[[slice, slice], np.ndarray]
 
 @dataclass
 class DiskStats:
-    """What a disk factorization or solve did: bytes through the disk, seconds waiting on it."""
+    """What a disk factorization or solve did: bytes through the disk, seconds waiting on it.
+
+    ``io_wait_s``: seconds the compute thread sat idle on the disk: slab reads and writes (not
+    overlapped) plus waits for a streamed panel the reader thread had not finished (timings_s
+    'stream_wait'; read-ahead hides the rest), plus the solves' waits for factor panels."""
     strategy: str = "disk"
     budget_bytes: int = 0
     slabs: int = 0
@@ -406,7 +410,7 @@ def left_looking(slow, budget_bytes: int, progress=None, jitter: float = 0.0) ->
     st = slow.stats
     st.budget_bytes, st.slabs, st.first_panel = int(budget_bytes), len(plan.slabs), slow.finished
     timer = st.timings_s
-    for key in ("read_slab", "stream_update", "factor_slab", "write_slab"):
+    for key in ("read_slab", "stream_update", "stream_wait", "factor_slab", "write_slab"):
         timer.setdefault(key, 0.0)
     syrk_update = get_backend("numpy").syrk_update
     t_all = time.perf_counter()
@@ -418,6 +422,7 @@ def left_looking(slow, budget_bytes: int, progress=None, jitter: float = 0.0) ->
             for j, P in zip(range(j0, j1), slab):
                 slow.read_input(j, P)
             timer["read_slab"] += time.perf_counter() - t
+            st.io_wait_s += time.perf_counter() - t
             if j0 > 0:
                 t = time.perf_counter()
                 bufs = [np.empty((n - s0, block), dtype=dtype) for _ in range(plan.buffers)]
@@ -426,6 +431,7 @@ def left_looking(slow, budget_bytes: int, progress=None, jitter: float = 0.0) ->
                     w0 = time.perf_counter()
                     fut.result()
                     st.io_wait_s += time.perf_counter() - w0
+                    timer["stream_wait"] += time.perf_counter() - w0
                     Lk = bufs[k % plan.buffers]
                     if k + 1 < j0 and plan.buffers == 2:    # read k+1 while the GEMMs of k run
                         fut = pool.submit(slow.read_factor_rows, k + 1, s0, bufs[(k + 1) % 2])
@@ -445,6 +451,7 @@ def left_looking(slow, budget_bytes: int, progress=None, jitter: float = 0.0) ->
             t = time.perf_counter()
             slow.commit_slab(j0, slab)
             timer["write_slab"] += time.perf_counter() - t
+            st.io_wait_s += time.perf_counter() - t
             del slab
             if progress is not None:
                 progress.update(sum(_panel_flops(n, slow.starts[j], slow.widths[j]) for j in range(j0, j1)))
