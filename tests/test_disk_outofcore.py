@@ -391,3 +391,25 @@ def test_single_stream_buffer_at_the_smallest_budget(tmp_path):
     L = scipy.linalg.cholesky(dense_gram(X), lower=True)
     assert np.abs(to_dense_lower(st) - L).max() <= 1e-10 * np.abs(L).max()
     st.close()
+
+
+def test_plan_disk_predicts_the_traffic_of_a_run(tmp_path, points, monkeypatch):
+    from kernelfit.linalg.diskstore import plan_disk
+
+    budget = gram_budget()
+    plan = plan_disk(N, np.float64, budget, tmp_path, block=BLOCK)
+    st = new_store(tmp_path / "s", points, budget)
+    st.stats.bytes_read = st.stats.bytes_written = 0      # count the factorization only
+    st.factor(budget)
+    assert (plan.slabs, plan.factor_read_bytes, plan.factor_write_bytes) == (
+        st.stats.slabs, st.stats.bytes_read, st.stats.bytes_written)
+    # brute force: rows s0.. of every earlier panel for each slab, plus every input panel once
+    starts = list(range(0, N, BLOCK))
+    brute = sum(sum((N - starts[j0]) * BLOCK for _ in range(j0)) for j0, _ in plan_slabs(N, BLOCK, 8, budget).slabs)
+    assert plan.factor_read_bytes == (brute + sum((N - s) * min(BLOCK, N - s) for s in starts)) * 8
+    assert plan.fits and plan.ram_bytes > budget
+    import kernelfit.results as results
+
+    monkeypatch.setattr(results, "free_bytes", lambda d: 1 << 20)
+    assert plan_disk(N, np.float64, budget, tmp_path, block=BLOCK).fits is False
+    st.close()

@@ -106,6 +106,48 @@ def disk_bytes(n: int, block: int, dtype, budget_bytes: int) -> int:
     return gram + slab + 4096 * len(SymmetricPanels.starts_for(n, block))
 
 
+@dataclass
+class DiskPlan:
+    """What a disk solve of n points needs, for ``kernelfit plan`` and the record: RAM (the budget
+    plus OVERHEAD_BYTES) and disk bytes, and the factorization's predicted disk traffic."""
+    n: int
+    block: int
+    dtype: str
+    budget_bytes: int
+    ram_bytes: int
+    disk_bytes: int
+    slabs: int
+    factor_read_bytes: int
+    factor_write_bytes: int
+    free_disk_bytes: int | None = None
+    fits: bool | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def plan_disk(n: int, dtype, budget_bytes: int, scratch_dir=None, block: int | None = None) -> DiskPlan:
+    """The disk strategy's numbers for n points with ``budget_bytes`` of RAM (MemoryPlanError when
+    the budget cannot hold a slab); ``fits`` compares disk_bytes with what is free under
+    ``scratch_dir`` (None when no directory is given)."""
+    from ..results import free_bytes
+
+    dtype = np.dtype(dtype)
+    block = disk_block(n, dtype, budget_bytes) if block is None else choose_block(n, block)
+    _check_budget(n, block, dtype.itemsize, budget_bytes)
+    plan = plan_slabs(n, block, dtype.itemsize, int(budget_bytes))
+    starts = SymmetricPanels.starts_for(n, block)
+    gram = SymmetricPanels.nbytes_for(n, block, dtype)
+    # every input panel once, and for each slab rows s0.. of every finished panel
+    streamed = sum(j0 * (n - starts[j0]) * block for j0, _ in plan.slabs) * dtype.itemsize
+    free = free_bytes(scratch_dir) if scratch_dir is not None else None
+    need = disk_bytes(n, block, dtype, budget_bytes)
+    return DiskPlan(n=n, block=block, dtype=dtype.name, budget_bytes=int(budget_bytes),
+                    ram_bytes=int(budget_bytes) + OVERHEAD_BYTES, disk_bytes=need, slabs=len(plan.slabs),
+                    factor_read_bytes=gram + streamed, factor_write_bytes=gram, free_disk_bytes=free,
+                    fits=None if free is None else need <= free)
+
+
 def disk_block(n: int, dtype, budget_bytes) -> int:
     """Default panel width of a disk store: the in-core choice, narrowed (in steps of 128) until the
     two streamed panels (n x block each) take at most a quarter of the RAM budget, so slabs stay
