@@ -18,14 +18,17 @@ import hashlib
 import os
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
+from .errors import DataError
 from .gram import KernelOperator
 from .kernels import kernel_tile
-from .linalg.diskstore import DiskPanels, disk_bytes, npy_gram_source, solve_refined_on_disk
+from .linalg.diskstore import DiskPanels, TileFn, disk_bytes, disk_cho_solve, pread_into
+from .storage import file_digest
 
-__all__ = ["solve_on_disk", "solve_gram_file_on_disk"]
+__all__ = ["solve_on_disk", "solve_gram_file_on_disk", "solve_refined_on_disk", "npy_gram_source"]
 
 
 def _data_tile(X: np.ndarray, kernel: str, bandwidth: float, dtype):
@@ -122,3 +125,50 @@ def _run(scratch_dir, n, source, tile, apply_high, Y, *, dtype, jitter, resume, 
     else:
         store.remove()
     return (alpha[:, 0] if squeeze else alpha), stats
+
+
+def solve_refined_on_disk(store: DiskPanels, apply_high: Callable, Y, *, jitter: float = 0.0, max_refine: int = 10,
+                          tol: float | None = None):
+    """Solve (K + jitter I) X = Y through the factor on disk (K + jitter I, any dtype), refined with
+    float64 residuals ``Y - K X - jitter X`` where ``apply_high(V)`` = K V in float64 is the caller's
+    (the data's kernel, or a stream of the user's Gram file). Returns (X, R, RefinementReport)."""
+    from .linalg.refine import check_refine_tol, low_precision_solver, refine, with_row_sums
+
+    Y = np.asarray(Y, dtype=np.float64)
+    apply, k_inf = with_row_sums(apply_high, float(jitter))
+    return refine(low_precision_solver(disk_cho_solve, store), apply, Y, k_inf, max_iter=int(max_refine),
+                  tol=check_refine_tol(tol, Y.shape[0]))
+
+
+def npy_gram_source(path) -> tuple[int, np.dtype, TileFn, dict]:
+    """(n, dtype, tile, source) for a square .npy Gram file, read tile by tile, never whole, with one
+    ``pread`` per tile row (a row's column range is contiguous in a C-order file). Not a memmap: the
+    pages a memmap touches (with the kernel's fault-around, 64 KiB per row) count as resident memory,
+    140 MB over a 17 MB budget at n = 6,000. Only the lower triangle is read. ``source`` holds the
+    file's blake2b for the manifest (a resume refuses a changed file)."""
+    path = Path(path)
+    try:
+        A = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise DataError(f"Gram file {path} is not a readable .npy array ({e}). Fix: save it with numpy.save.") from None
+    if A.ndim != 2 or A.shape[0] != A.shape[1] or A.dtype.kind != "f" or not A.flags.c_contiguous:
+        raise DataError(f"Gram file {path} holds a {A.dtype} array of shape {A.shape}"
+                        f"{'' if A.flags.c_contiguous else ' in Fortran order'}; expected a square 2-D float matrix "
+                        f"(n x n, C order, as numpy.save writes it).")
+    n, dt, offset = A.shape[0], A.dtype, A.offset
+    del A
+    item = dt.itemsize
+
+    def tile(rows: slice, cols: slice) -> np.ndarray:
+        r0, r1, _ = rows.indices(n)
+        c0, c1, _ = cols.indices(n)
+        out = np.empty((r1 - r0, c1 - c0), dtype=dt)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            for i in range(r0, r1):
+                pread_into(fd, memoryview(out[i - r0]).cast("B"), offset + (i * n + c0) * item)
+        finally:
+            os.close(fd)
+        return out
+
+    return n, dt, tile, {"kind": "npy", "path": str(path.resolve()), "blake2b": file_digest(path)}

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import scipy.linalg
 
+from kernelfit.disk_solve import npy_gram_source, solve_refined_on_disk
 from kernelfit.errors import ChecksumError, InputError, MemoryPlanError, StorageError
 from kernelfit.linalg import diskstore
-from kernelfit.linalg.diskstore import DiskPanels, disk_cho_solve, npy_gram_source, solve_refined_on_disk
+from kernelfit.linalg.diskstore import DiskPanels, disk_cho_solve
 from kernelfit.linalg.outofcore import plan_slabs
 from kernelfit.linalg.tiled import SymmetricPanels
 
@@ -293,7 +294,8 @@ def test_store_in_use_by_another_run_refused_naming_its_pid(tmp_path):
 RSS_SCRIPT = """
 import sys
 import numpy as np
-from kernelfit.linalg.diskstore import DiskPanels, disk_cho_solve, npy_gram_source
+from kernelfit.disk_solve import npy_gram_source
+from kernelfit.linalg.diskstore import DiskPanels, disk_cho_solve
 def rss(field):
     for line in open("/proc/self/status"):
         if line.startswith(field):

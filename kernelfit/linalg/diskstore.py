@@ -74,7 +74,8 @@ class DiskStats:
         return asdict(self)
 
 
-def _read_exact(fd: int, buf: memoryview, offset: int) -> None:
+def pread_into(fd: int, buf: memoryview, offset: int) -> None:
+    """Fill ``buf`` from file offset ``offset`` (plain reads: no mapping outlives the call)."""
     done = 0
     while done < len(buf):
         got = os.preadv(fd, [buf[done : done + _READ_MAX]], offset + done)
@@ -89,11 +90,6 @@ def _npy_header(path: Path) -> int:
         read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         read(f)
         return f.tell()
-
-
-def source_hash(path) -> str:
-    """blake2b of a user's Gram file (recorded in the manifest: a resume refuses a changed file)."""
-    return file_digest(path)
 
 
 def disk_bytes(n: int, block: int, dtype, budget_bytes: int) -> int:
@@ -342,7 +338,7 @@ class DiskPanels:
             offset = _npy_header(self.dir / name)
             h = _hasher("blake2b")
             h.update(os.pread(fd, offset, 0))
-            _read_exact(fd, memoryview(out).cast("B"), offset)
+            pread_into(fd, memoryview(out).cast("B"), offset)
             h.update(memoryview(out).cast("B"))
         finally:
             os.close(fd)
@@ -357,7 +353,7 @@ class DiskPanels:
         fd = os.open(path, os.O_RDONLY)
         try:
             offset = _npy_header(path) + (row0 - self.starts[k]) * self.widths[k] * self.dtype.itemsize
-            _read_exact(fd, memoryview(out).cast("B"), offset)
+            pread_into(fd, memoryview(out).cast("B"), offset)
         finally:
             os.close(fd)
         self.stats.bytes_read += out.nbytes
@@ -521,50 +517,3 @@ def disk_cho_solve(store: DiskPanels, B: np.ndarray) -> np.ndarray:
         with single_blas_thread(Z.shape[1]):
             Z[s : s + w] = scipy.linalg.solve_triangular(P[:w], Z[s : s + w], lower=True, trans="T", check_finite=False)
     return Z[:, 0] if squeeze else Z
-
-
-def solve_refined_on_disk(store: DiskPanels, apply_high: Callable, Y, *, jitter: float = 0.0, max_refine: int = 10,
-                          tol: float | None = None):
-    """Solve (K + jitter I) X = Y through the factor on disk (K + jitter I, any dtype), refined with
-    float64 residuals ``Y - K X - jitter X`` where ``apply_high(V)`` = K V in float64 is the caller's
-    (the data's kernel, or a stream of the user's Gram file). Returns (X, R, RefinementReport)."""
-    from .refine import check_refine_tol, low_precision_solver, refine, with_row_sums
-
-    Y = np.asarray(Y, dtype=np.float64)
-    apply, k_inf = with_row_sums(apply_high, float(jitter))
-    return refine(low_precision_solver(disk_cho_solve, store), apply, Y, k_inf, max_iter=int(max_refine),
-                  tol=check_refine_tol(tol, Y.shape[0]))
-
-
-def npy_gram_source(path) -> tuple[int, np.dtype, TileFn, dict]:
-    """(n, dtype, tile, source) for a square .npy Gram file, read tile by tile, never whole, with one
-    ``pread`` per tile row (a row's column range is contiguous in a C-order file). Not a memmap: the
-    pages a memmap touches (with the kernel's fault-around, 64 KiB per row) count as resident memory,
-    140 MB over a 17 MB budget at n = 6,000. Only the lower triangle is read. ``source`` holds the
-    file's blake2b for the manifest (a resume refuses a changed file)."""
-    path = Path(path)
-    try:
-        A = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise DataError(f"Gram file {path} is not a readable .npy array ({e}). Fix: save it with numpy.save.") from None
-    if A.ndim != 2 or A.shape[0] != A.shape[1] or A.dtype.kind != "f" or not A.flags.c_contiguous:
-        raise DataError(f"Gram file {path} holds a {A.dtype} array of shape {A.shape}"
-                        f"{'' if A.flags.c_contiguous else ' in Fortran order'}; expected a square 2-D float matrix "
-                        f"(n x n, C order, as numpy.save writes it).")
-    n, dt, offset = A.shape[0], A.dtype, A.offset
-    del A
-    item = dt.itemsize
-
-    def tile(rows: slice, cols: slice) -> np.ndarray:
-        r0, r1, _ = rows.indices(n)
-        c0, c1, _ = cols.indices(n)
-        out = np.empty((r1 - r0, c1 - c0), dtype=dt)
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            for i in range(r0, r1):
-                _read_exact(fd, memoryview(out[i - r0]).cast("B"), offset + (i * n + c0) * item)
-        finally:
-            os.close(fd)
-        return out
-
-    return n, dt, tile, {"kind": "npy", "path": str(path.resolve()), "blake2b": source_hash(path)}
