@@ -1,0 +1,162 @@
+"""In-core vs on-disk Cholesky of the same MNIST Gram (issue 28).
+
+Each part runs in its own subprocess (its peak RSS is its own): ``incore`` builds the Gram panels in
+RAM, factors them (``tiled.cholesky_inplace``) and solves; ``disk`` fills a store under
+--scratch-dir tile by tile, factors it left-looking with a RAM budget of --budget-fraction of the
+Gram, and solves streaming the factor. Both measure float32 sgemm peak in the same process. Prints
+JSON lines (one per part, then a summary with the factorization-rate ratio disk / in-core, the
+end-to-end ratio, I/O wait and bytes through the disk), also appended to --out.
+
+    python benchmarks/disk_outofcore.py --n 30000 --scratch-dir /mnt/scratch/kf     # the issue's run
+    python benchmarks/disk_outofcore.py --n 4000 --scratch-dir /tmp/kf-disk          # a dry run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+
+def _features(n, data_dir):
+    from kernelfit.data import load_dataset, to_features
+
+    ds = load_dataset("mnist", data_dir=data_dir)
+    ds = ds.subset(n_train=n if n < len(ds.y_train) else None, n_test=10, seed=0 if n < len(ds.y_train) else None)
+    X = to_features(ds.x_train).astype(np.float64)
+    X -= X.mean(axis=0)          # as kernelfit.solve does: the kernels are translation-invariant
+    Y = np.eye(ds.num_classes)[ds.y_train]
+    return np.ascontiguousarray(X, dtype=np.float32), Y
+
+
+def _sgemm_peak(size=4096, repeats=3) -> float:
+    A = np.random.default_rng(0).standard_normal((size, size)).astype(np.float32)
+    C = A @ A
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        np.matmul(A, A, out=C)
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * size**3 / best / 1e9
+
+
+def _hwm() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def part_incore(args) -> dict:
+    from kernelfit.gram import build_gram_panels
+    from kernelfit.linalg.tiled import cho_solve, cholesky_inplace
+
+    X, Y = _features(args.n, args.data_dir)
+    t0 = time.perf_counter()
+    G = build_gram_panels(X, "gaussian", args.sigma, dtype=np.float32)
+    t1 = time.perf_counter()
+    cholesky_inplace(G)
+    t2 = time.perf_counter()
+    alpha = cho_solve(G, Y.astype(np.float32))
+    t3 = time.perf_counter()
+    np.save(args.alpha_out, alpha)
+    return {"part": "incore", "n": args.n, "block": G.block, "gram_s": t1 - t0, "factor_s": t2 - t1,
+            "solve_s": t3 - t2, "end_to_end_s": t3 - t0, "factor_gflops": args.n**3 / 3 / (t2 - t1) / 1e9,
+            "gram_bytes": G.nbytes, "peak_rss_bytes": _hwm(), "sgemm_peak_gflops": _sgemm_peak()}
+
+
+def part_disk(args) -> dict:
+    from kernelfit.kernels import kernel_tile
+    from kernelfit.linalg.diskstore import DiskPanels, disk_cho_solve
+    from kernelfit.linalg.tiled import SymmetricPanels, choose_block
+
+    X, Y = _features(args.n, args.data_dir)
+    n = args.n
+    budget = int(SymmetricPanels.nbytes_for(n, choose_block(n), np.float32) * args.budget_fraction)
+
+    def tile(rows: slice, cols: slice) -> np.ndarray:
+        T = kernel_tile(X[rows], X[cols], "gaussian", args.sigma, dtype=np.float32)
+        d = np.arange(max(rows.start, cols.start), min(rows.stop, cols.stop))
+        T[d - rows.start, d - cols.start] = 1.0     # k(x, x) = 1 exactly, as build_gram_panels
+        return T
+
+    t0 = time.perf_counter()
+    st = DiskPanels.open(args.scratch_dir, n, source={"kind": "benchmark-mnist", "n": n, "sigma": args.sigma},
+                         budget_bytes=budget, dtype=np.float32)     # block: diskstore.disk_block
+    try:
+        st.fill(tile)
+        t1 = time.perf_counter()
+        stats = st.factor(budget)
+        t2 = time.perf_counter()
+        alpha = disk_cho_solve(st, Y.astype(np.float32))
+        t3 = time.perf_counter()
+        stats = stats.to_dict()
+    finally:
+        st.remove()
+    ref = np.load(args.alpha_out)
+    return {"part": "disk", "n": n, "block": st.block, "budget_bytes": budget, "slabs": stats["slabs"],
+            "gram_s": t1 - t0, "factor_s": t2 - t1, "solve_s": t3 - t2, "end_to_end_s": t3 - t0,
+            "factor_gflops": n**3 / 3 / (t2 - t1) / 1e9, "io_wait_s": stats["io_wait_s"],
+            "bytes_read": stats["bytes_read"], "bytes_written": stats["bytes_written"], "timings_s": stats["timings_s"],
+            "alpha_rel_diff_vs_incore": float(np.linalg.norm(alpha - ref) / np.linalg.norm(ref)),
+            "peak_rss_bytes": _hwm(), "sgemm_peak_gflops": _sgemm_peak()}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=30000)
+    p.add_argument("--sigma", type=float, default=5.0)
+    p.add_argument("--budget-fraction", type=float, default=0.25, help="RAM budget of the disk run, as a fraction of the Gram")
+    p.add_argument("--scratch-dir", required=True, help="an empty or new directory on the disk to measure")
+    p.add_argument("--data-dir", default=os.environ.get("KERNELFIT_DATA"))
+    p.add_argument("--out", help="append the JSON lines to this file")
+    p.add_argument("--part", choices=["incore", "disk"], help=argparse.SUPPRESS)
+    p.add_argument("--alpha-out", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.part:
+        rec = (part_incore if args.part == "incore" else part_disk)(args)
+        print(json.dumps(rec))
+        return 0
+    from kernelfit.results import append_jsonl, check_writable_dir, provenance
+
+    check_writable_dir(args.scratch_dir, "--scratch-dir")
+    tmp = tempfile.mkdtemp(prefix="kf-disk-bench-")     # ours: the in-core alpha the disk part compares with
+    alpha = os.path.join(tmp, "alpha.npy")
+    recs = []
+    try:
+        for part in ("incore", "disk"):
+            cmd = [sys.executable, os.path.abspath(__file__), "--part", part, "--alpha-out", alpha, "--n", str(args.n),
+                   "--sigma", str(args.sigma), "--budget-fraction", str(args.budget_fraction),
+                   "--scratch-dir", args.scratch_dir] + (["--data-dir", args.data_dir] if args.data_dir else [])
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode != 0:
+                sys.stderr.write(out.stderr)
+                return out.returncode
+            recs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    finally:
+        if os.path.exists(alpha):
+            os.unlink(alpha)
+        os.rmdir(tmp)
+    inc, dsk = recs
+    recs.append({"part": "summary", "n": args.n, "sigma": args.sigma, "budget_fraction": args.budget_fraction,
+                 "factor_rate_ratio": dsk["factor_gflops"] / inc["factor_gflops"],
+                 "end_to_end_ratio": inc["end_to_end_s"] / dsk["end_to_end_s"],
+                 "io_wait_s": dsk["io_wait_s"], "bytes_read": dsk["bytes_read"], "bytes_written": dsk["bytes_written"],
+                 "sgemm_peak_gflops": max(inc["sgemm_peak_gflops"], dsk["sgemm_peak_gflops"]),
+                 "provenance": provenance(sys.argv)})
+    for r in recs:
+        print(json.dumps(r))
+        if args.out:
+            append_jsonl(args.out, r)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

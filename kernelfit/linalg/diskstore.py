@@ -1,0 +1,519 @@
+"""A symmetric matrix and its Cholesky factor on disk: exact solves larger than memory (issue 28).
+
+Layout: ``SymmetricPanels``' lower-triangle panels, one ``.npy`` file per panel, in a checkpoint
+directory (``checkpoint.owned_dir``: our marker, a PID lock; ``manifest.json`` in the checkpoint
+format with one stage per factor dtype). The input panels are the stage's generation-0 *trailing*
+files ``<stage>.T00000_<j>.npy``; a finished factor panel is ``<stage>.L_<j>.npy``. So the factor
+on disk *is* the checkpoint: a left-looking factorization never modifies unfinished input panels,
+and a slab's input files are removed only after its factor files and the manifest naming them are
+on disk. A kill at any moment resumes from the last finished slab; with the same RAM budget the
+slabs, hence every GEMM, are the same and the factor is bit-identical.
+
+Every panel file's blake2b is in the manifest: an input panel is checked as it is read for its slab
+(one whole read anyway), a factor panel when a resume opens it. Panels are read with plain
+``preadv`` into reusable buffers (page cache is not RSS; a long-lived memmap's touched pages are),
+so resident memory stays within the RAM budget plus a small overhead.
+
+The slab algorithm (``left_looking``) talks to its slow memory through three calls (``read_input``,
+``read_factor_rows``, ``commit_slab``); ``DiskPanels`` is the disk implementation. The GPU path in
+``outofcore.py`` (host RAM as slow memory, a device as fast memory) shares its slab planning
+(``plan_slabs``) but still has its own loop.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import scipy.linalg
+
+from ..errors import DataError, InputError, MemoryPlanError, NotPositiveDefiniteError, StorageError
+from ..results import atomic_file, check_free_space, check_writable_dir, format_bytes
+from ..storage import _hasher, create_npy_memmap, file_digest, save_npy
+from .backend import get_backend
+from .checkpoint import FORMAT, MANIFEST, owned_dir, read_manifest
+from .outofcore import min_budget_bytes, plan_slabs
+from .tiled import SymmetricPanels, _panel_flops, cholesky_inplace, choose_block, single_blas_thread
+
+FLAG = "scratch_dir"
+FILL_CHUNK_BYTES = 64 << 20     # a Gram tile built while filling the store (bounded RAM, large writes)
+# Resident memory besides the budget (over the interpreter with numpy/scipy imported): hashing a Gram
+# file in 16 MiB chunks (32 MB peak), OpenBLAS's thread buffers, the read-ahead thread. Measured 32 MB
+# at n = 6,000 on 2 cores (tests/test_disk_outofcore.py checks VmHWM against budget + this).
+OVERHEAD_BYTES = 48 << 20
+_READ_MAX = 1 << 30             # one preadv call reads at most this much (Linux caps a call near 2 GiB)
+
+TileFn = Callable[[slice, slice], np.ndarray]
+
+
+@dataclass
+class DiskStats:
+    """What a disk factorization or solve did: bytes through the disk, seconds waiting on it.
+
+    ``io_wait_s``: seconds the compute thread sat idle on the disk: slab reads and writes (not
+    overlapped) plus waits for a streamed panel the reader thread had not finished (timings_s
+    'stream_wait'; read-ahead hides the rest), plus the solves' waits for factor panels."""
+    strategy: str = "disk"
+    budget_bytes: int = 0
+    slabs: int = 0
+    first_panel: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    io_wait_s: float = 0.0
+    timings_s: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def pread_into(fd: int, buf: memoryview, offset: int) -> None:
+    """Fill ``buf`` from file offset ``offset`` (plain reads: no mapping outlives the call)."""
+    done = 0
+    while done < len(buf):
+        got = os.preadv(fd, [buf[done : done + _READ_MAX]], offset + done)
+        if got <= 0:
+            raise DataError(f"unexpected end of file reading {len(buf)} bytes at offset {offset}.")
+        done += got
+
+
+def _npy_header(path: Path) -> int:
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        read(f)
+        return f.tell()
+
+
+def disk_bytes(n: int, block: int, dtype, budget_bytes: int) -> int:
+    """Disk a store needs: the lower panels once, plus one slab's factor files written before its
+    input files are removed."""
+    itemsize = np.dtype(dtype).itemsize
+    gram = SymmetricPanels.nbytes_for(n, block, dtype)
+    slab = max(sum((n - G) * min(block, n - G) * itemsize for G in SymmetricPanels.starts_for(n, block)[j0:j1])
+               for j0, j1 in plan_slabs(n, block, itemsize, int(budget_bytes)).slabs)
+    return gram + slab + 4096 * len(SymmetricPanels.starts_for(n, block))
+
+
+@dataclass
+class DiskPlan:
+    """What a disk solve of n points needs, for ``kernelfit plan`` and the record: RAM (the budget
+    plus OVERHEAD_BYTES) and disk bytes, and the factorization's predicted disk traffic."""
+    n: int
+    block: int
+    dtype: str
+    budget_bytes: int
+    ram_bytes: int
+    disk_bytes: int
+    slabs: int
+    factor_read_bytes: int
+    factor_write_bytes: int
+    free_disk_bytes: int | None = None
+    fits: bool | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def plan_disk(n: int, dtype, budget_bytes: int, scratch_dir=None, block: int | None = None) -> DiskPlan:
+    """The disk strategy's numbers for n points with ``budget_bytes`` of RAM (MemoryPlanError when
+    the budget cannot hold a slab); ``fits`` compares disk_bytes with what is free under
+    ``scratch_dir`` (None when no directory is given)."""
+    from ..results import free_bytes
+
+    dtype = np.dtype(dtype)
+    block = disk_block(n, dtype, budget_bytes) if block is None else choose_block(n, block)
+    _check_budget(n, block, dtype.itemsize, budget_bytes)
+    plan = plan_slabs(n, block, dtype.itemsize, int(budget_bytes))
+    starts = SymmetricPanels.starts_for(n, block)
+    gram = SymmetricPanels.nbytes_for(n, block, dtype)
+    # every input panel once, and for each slab rows s0.. of every finished panel
+    streamed = sum(j0 * (n - starts[j0]) * block for j0, _ in plan.slabs) * dtype.itemsize
+    free = free_bytes(scratch_dir) if scratch_dir is not None else None
+    need = disk_bytes(n, block, dtype, budget_bytes)
+    return DiskPlan(n=n, block=block, dtype=dtype.name, budget_bytes=int(budget_bytes),
+                    ram_bytes=int(budget_bytes) + OVERHEAD_BYTES, disk_bytes=need, slabs=len(plan.slabs),
+                    factor_read_bytes=gram + streamed, factor_write_bytes=gram, free_disk_bytes=free,
+                    fits=None if free is None else need <= free)
+
+
+def disk_block(n: int, dtype, budget_bytes) -> int:
+    """Default panel width of a disk store: the in-core choice, narrowed (in steps of 128) until the
+    two streamed panels (n x block each) take at most a quarter of the RAM budget, so slabs stay
+    several panels wide (disk traffic ~ n^3 / (6 x slab width) numbers)."""
+    block = choose_block(n)
+    per_column = 8 * n * np.dtype(dtype).itemsize
+    fit = (int(budget_bytes or 0) // per_column) // 128 * 128
+    return max(128, min(block, fit)) if n > 128 else block
+
+
+class DiskPanels:
+    """Lower-triangle panels of an n x n symmetric matrix in a scratch directory (see module doc).
+
+    ``open(directory, n, source=..., budget_bytes=...)`` claims the directory (refuses a foreign
+    non-empty one, another run's lock naming its PID, a stage of another input, too little disk);
+    ``fill(tile)`` writes the input; ``factor(budget)`` overwrites it with its Cholesky factor."""
+
+    def __init__(self, directory, n: int, block: int, dtype, source: dict, flag: str = FLAG):
+        self.dir = Path(directory)
+        self.n, self.block, self.dtype = int(n), int(block), np.dtype(dtype)
+        self.flag = flag
+        self.stage = self.dtype.name
+        self.source = source
+        self.starts = SymmetricPanels.starts_for(self.n, self.block)
+        self.widths = [min(self.block, self.n - s) for s in self.starts]
+        self.owned = owned_dir(self.dir, flag)
+        self.manifest = None
+        self.stats = DiskStats()
+        self.budget_bytes = 0
+
+    # --- opening -------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, directory, n: int, *, source: dict, budget_bytes: int, block: int | None = None,
+             dtype=np.float32, resume: bool = False, flag: str = FLAG) -> "DiskPanels":
+        """Claim ``directory`` for this matrix. ``source``: what the input is (JSON; a user's Gram file
+        with its hash), so a resume of another input is refused. Nothing heavy runs before the checks."""
+        n = int(n)
+        if n < 1:
+            raise InputError(f"a disk store needs n >= 1 points; got {n}.")
+        self = cls(directory, n, disk_block(n, dtype, budget_bytes) if block is None else choose_block(n, block),
+                   dtype, source, flag)
+        self.budget_bytes = int(budget_bytes) if budget_bytes else 0
+        _check_budget(n, self.block, self.dtype.itemsize, budget_bytes)
+        check_writable_dir(self.dir, flag)
+        self.owned.claim()
+        fresh = True
+        try:
+            m = read_manifest(self.dir, flag)
+            fresh = m is None
+            st = None if m is None else m["stages"].get(self.stage)
+            if st is not None and not resume:
+                raise InputError(f"{flag} {self.dir} already holds a {self.stage} disk store (run {m['run_id'][:8]}); "
+                                 f"pass resume=True (--resume) to continue it, or use an empty directory.")
+            if st is not None:
+                want = {"n": n, "block": self.block, "dtype": self.dtype.name, "input_sha256": self.input_sha256,
+                        "algorithm": "left-looking", "strategy": "disk"}
+                diffs = [f"{k}: store has {st.get(k)!r}, this run has {v!r}" for k, v in want.items() if st.get(k) != v]
+                if diffs:
+                    raise InputError(f"{flag} {self.dir} holds the store of a different input or factorization ("
+                                     + "; ".join(diffs) + "). The Gram file or the options changed since it was "
+                                     "written; use another directory, or delete this one and start afresh.")
+            if m is None:
+                import uuid
+
+                m = {"format": FORMAT, "run_id": uuid.uuid4().hex, "stages": {}}
+            if st is None:
+                m["stages"][self.stage] = {
+                    "n": n, "block": self.block, "dtype": self.dtype.name, "input_sha256": self.input_sha256,
+                    "config": {"source": source}, "algorithm": "left-looking", "strategy": "disk",
+                    "last_finished_panel": -1, "filled_panels": 0, "panels": len(self.starts),
+                    "trailing_generation": 0, "complete": False, "files": {}}
+            self.manifest = m
+            have = sum(int(r.get("bytes", 0)) for r in self.record["files"].values())
+            need = disk_bytes(n, self.block, self.dtype, budget_bytes) - have
+            check_free_space(self.dir, max(need, 0), flag, f"the disk store (n={n}, {self.dtype.name})")
+            if st is None:
+                self._write_manifest()
+            else:
+                self._verify_factor_files()
+        except BaseException:
+            if fresh and not (self.dir / MANIFEST).exists():
+                self.owned.remove([])      # refused before any write: leave no marker behind
+            else:
+                self.close()
+            raise
+        return self
+
+    @property
+    def input_sha256(self) -> str:
+        blob = json.dumps({"n": self.n, "block": self.block, "dtype": self.dtype.name, "source": self.source},
+                          sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    @property
+    def record(self) -> dict:
+        return self.manifest["stages"][self.stage]
+
+    @property
+    def filled(self) -> int:
+        return int(self.record.get("filled_panels", 0))
+
+    @property
+    def finished(self) -> int:
+        """Panels 0..finished-1 hold the final factor."""
+        return int(self.record["last_finished_panel"]) + 1
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.record["complete"])
+
+    def close(self) -> None:
+        self.owned.release()
+
+    def remove(self) -> list[str]:
+        """Delete the store: exactly the files the manifest lists, the manifest, marker and lock."""
+        files = [f for st in self.manifest["stages"].values() for f in st["files"]] + [MANIFEST]
+        return self.owned.remove(files)
+
+    def _name(self, kind: str, j: int) -> str:
+        return f"{self.stage}.L_{j:05d}.npy" if kind == "L" else f"{self.stage}.T00000_{j:05d}.npy"
+
+    def _write_manifest(self) -> None:
+        with atomic_file(self.dir / MANIFEST, "w") as f:
+            json.dump(self.manifest, f, indent=1, sort_keys=True)
+
+    def _verify_factor_files(self) -> None:
+        from ..errors import ChecksumError
+
+        for name, rec in self.record["files"].items():
+            if ".L_" not in name:
+                continue            # input panels are checked as their slab reads them
+            path = self.dir / name
+            if not path.is_file() or file_digest(path) != rec["blake2b"]:
+                raise ChecksumError(f"{self.flag} {self.dir}: factor panel {name} is missing or does not match the "
+                                    f"checksum in {MANIFEST}; the store is not used. Fix: delete the directory and "
+                                    f"start afresh.")
+
+    # --- filling -------------------------------------------------------------------------------
+    def fill(self, tile: TileFn, jitter: float = 0.0, chunk_bytes: int | None = None) -> None:
+        """Write the input panels from ``tile(rows, cols)`` (a dense block of the matrix), at most
+        ``chunk_bytes`` at a time (default: 64 MiB, at most a quarter of the RAM budget); ``jitter``
+        is added to the diagonal. Continues after the last filled panel."""
+        itemsize = self.dtype.itemsize
+        if chunk_bytes is None:
+            chunk_bytes = min(FILL_CHUNK_BYTES, max(self.budget_bytes // 4, 1))
+        t = time.perf_counter()
+        for j in range(self.filled, len(self.starts)):
+            s, w = self.starts[j], self.widths[j]
+            name = self._name("T", j)
+            mm = create_npy_memmap(self.dir / name, self.dtype, (self.n - s, w), self.flag, f"input panel {j}")
+            offset = mm.offset
+            del mm                       # reserved on disk; written with plain writes below
+            h = _hasher("blake2b")
+            rows = max(1, chunk_bytes // (w * itemsize))
+            with open(self.dir / name, "r+b") as f:
+                h.update(f.read(offset))
+                for r0 in range(s, self.n, rows):
+                    r1 = min(r0 + rows, self.n)
+                    T = np.ascontiguousarray(tile(slice(r0, r1), slice(s, s + w)), dtype=self.dtype)
+                    if T.shape != (r1 - r0, w):
+                        raise InputError(f"tile(rows {r0}:{r1}, cols {s}:{s + w}) returned shape {T.shape}; "
+                                         f"expected {(r1 - r0, w)}.")
+                    if not np.isfinite(T).all():
+                        i, k = np.argwhere(~np.isfinite(T))[0]
+                        raise DataError(f"the matrix has a non-finite entry at ({r0 + i}, {s + k}); a Gram must be "
+                                        f"finite. Fix: check the data or the Gram file.")
+                    if jitter and r0 < s + w:
+                        d = np.arange(r0, min(r1, s + w))
+                        T[d - r0, d - s] += self.dtype.type(jitter)
+                    f.write(T.data)
+                    h.update(T.data)
+                    self.stats.bytes_written += T.nbytes
+                f.flush()
+                os.fsync(f.fileno())
+            self.record["files"][name] = {"blake2b": h.hexdigest(), "bytes": offset + (self.n - s) * w * itemsize}
+            self.record["filled_panels"] = j + 1
+            self._write_manifest()
+        self.stats.timings_s["fill"] = self.stats.timings_s.get("fill", 0.0) + time.perf_counter() - t
+
+    # --- the slow-memory interface of left_looking ---------------------------------------------
+    def read_input(self, j: int, out: np.ndarray) -> None:
+        """Input panel j into ``out``, checked against its manifest checksum."""
+        from ..errors import ChecksumError
+
+        name = self._name("T", j)
+        rec = self.record["files"].get(name)
+        if rec is None:
+            raise StorageError(errno.ENOENT, f"{self.flag} {self.dir}: input panel {name} is not in {MANIFEST} "
+                                             f"(the store was not filled); fill it first.")
+        fd = os.open(self.dir / name, os.O_RDONLY)
+        try:
+            offset = _npy_header(self.dir / name)
+            h = _hasher("blake2b")
+            h.update(os.pread(fd, offset, 0))
+            pread_into(fd, memoryview(out).cast("B"), offset)
+            h.update(memoryview(out).cast("B"))
+        finally:
+            os.close(fd)
+        self.stats.bytes_read += out.nbytes
+        if h.hexdigest() != rec["blake2b"]:
+            raise ChecksumError(f"{self.flag} {self.dir}: input panel {name} does not match the checksum in {MANIFEST} "
+                                f"(modified or truncated); it is never used. Fix: delete the directory and start afresh.")
+
+    def read_factor_rows(self, k: int, row0: int, out: np.ndarray) -> None:
+        """Rows row0.. (absolute) of finished factor panel k into ``out``."""
+        path = self.dir / self._name("L", k)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            offset = _npy_header(path) + (row0 - self.starts[k]) * self.widths[k] * self.dtype.itemsize
+            pread_into(fd, memoryview(out).cast("B"), offset)
+        finally:
+            os.close(fd)
+        self.stats.bytes_read += out.nbytes
+
+    def commit_slab(self, j0: int, panels: list) -> None:
+        """Write factor panels j0.. (atomic files), then the manifest naming them, then remove their
+        input files. A failed write (a full disk) keeps every finished slab and says how to resume."""
+        prev = self.record
+        files = dict(prev["files"])
+        written = []
+        try:
+            for j, P in enumerate(panels, start=j0):
+                name = self._name("L", j)
+                digest, nbytes = save_npy(self.dir / name, P)
+                written.append(name)
+                files[name] = {"blake2b": digest, "bytes": nbytes}
+                self.stats.bytes_written += P.nbytes
+            last = j0 + len(panels) - 1
+            for j in range(j0, last + 1):
+                files.pop(self._name("T", j), None)
+            record = {**self.record, "files": files, "last_finished_panel": last, "complete": last == len(self.starts) - 1}
+            self.manifest["stages"][self.stage] = record
+            self._write_manifest()
+        except OSError as e:
+            self.manifest["stages"][self.stage] = prev      # as the manifest on disk still says
+            for name in written:       # ours and not listed: the store stays as its manifest says
+                (self.dir / name).unlink(missing_ok=True)
+            done = self.finished
+            kept = (f"panels 0..{done - 1} of the factor (finished slabs) are kept" if done else "no factor panel was "
+                    "finished yet; the input panels are kept")
+            raise StorageError(e.errno or errno.EIO, f"could not write factor panel {j} to {self.flag} {self.dir} "
+                                                     f"({e.strerror or e}); {kept} in {MANIFEST}. Fix: free space on "
+                                                     f"that disk and rerun with resume=True (--resume) and the same "
+                                                     f"memory budget to continue from panel {done}.") from None
+        for j in range(j0, j0 + len(panels)):
+            (self.dir / self._name("T", j)).unlink(missing_ok=True)
+
+    # --- factorization and solves --------------------------------------------------------------
+    def factor(self, budget_bytes: int, progress=None, jitter: float = 0.0) -> DiskStats:
+        """Overwrite the input with its Cholesky factor in ``budget_bytes`` of RAM (slabs + read-ahead)."""
+        if self.filled < len(self.starts):
+            raise InputError(f"{self.flag} {self.dir}: only {self.filled} of {len(self.starts)} input panels are "
+                             f"filled; fill the store before factoring it.")
+        left_looking(self, budget_bytes, progress=progress, jitter=jitter)
+        return self.stats
+
+    def iter_factor(self, reverse: bool = False):
+        """(start, panel) of the factor in order (or reverse), each read ahead on a thread into one of
+        two reusable buffers: at most two panels in RAM."""
+        if not self.complete:
+            raise InputError(f"{self.flag} {self.dir}: the factor is not finished ({self.finished} of "
+                             f"{len(self.starts)} panels); run the factorization (resume=True continues it).")
+        order = list(range(len(self.starts)))[::-1 if reverse else 1]
+        bufs = [np.empty(self.n * self.widths[0], dtype=self.dtype) for _ in range(2)]
+
+        def read(i, slot):
+            j = order[i]
+            out = bufs[slot][: (self.n - self.starts[j]) * self.widths[j]].reshape(self.n - self.starts[j], self.widths[j])
+            self.read_factor_rows(j, self.starts[j], out)
+            return out
+
+        with ThreadPoolExecutor(1) as pool:
+            fut = pool.submit(read, 0, 0)
+            for i, j in enumerate(order):
+                t = time.perf_counter()
+                P = fut.result()
+                self.stats.io_wait_s += time.perf_counter() - t
+                if i + 1 < len(order):
+                    fut = pool.submit(read, i + 1, (i + 1) % 2)
+                yield self.starts[j], P
+
+
+def _check_budget(n: int, block: int, itemsize: int, budget_bytes) -> None:
+    need = min_budget_bytes(n, block, itemsize, 0, buffers=1)
+    if budget_bytes is None or int(budget_bytes) < need:
+        raise MemoryPlanError(f"memory budget {format_bytes(int(budget_bytes or 0))} is too small for a disk "
+                              f"factorization with n={n}, block={block} ({itemsize}-byte numbers): one panel and one "
+                              f"streamed panel need {format_bytes(need)}. Fix: a larger --memory-budget or a smaller "
+                              f"block.")
+
+
+def left_looking(slow, budget_bytes: int, progress=None, jitter: float = 0.0) -> None:
+    """Left-looking slab Cholesky over a slow memory ``slow`` (n, block, dtype, starts, widths,
+    finished, stats; read_input(j, out), read_factor_rows(k, row0, out), commit_slab(j0, panels)).
+
+    Per slab (panels j0..j1-1 that fit the budget with two stream buffers): read its input panels;
+    for each finished panel k < j0 subtract L_k L_k^T from the slab, panel k+1 being read on a thread
+    while the GEMMs of k run; factor the slab in RAM (``tiled.cholesky_inplace``); commit it."""
+    n, block, dtype = slow.n, slow.block, slow.dtype
+    _check_budget(n, block, dtype.itemsize, budget_bytes)
+    plan = plan_slabs(n, block, dtype.itemsize, int(budget_bytes), 0, slow.finished)
+    st = slow.stats
+    st.budget_bytes, st.slabs, st.first_panel = int(budget_bytes), len(plan.slabs), slow.finished
+    timer = st.timings_s
+    for key in ("read_slab", "stream_update", "stream_wait", "factor_slab", "write_slab"):
+        timer.setdefault(key, 0.0)
+    syrk_update = get_backend("numpy").syrk_update
+    t_all = time.perf_counter()
+    with ThreadPoolExecutor(1) as pool:
+        for j0, j1 in plan.slabs:
+            s0 = slow.starts[j0]
+            t = time.perf_counter()
+            slab = [np.empty((n - slow.starts[j], slow.widths[j]), dtype=dtype) for j in range(j0, j1)]
+            for j, P in zip(range(j0, j1), slab):
+                slow.read_input(j, P)
+            timer["read_slab"] += time.perf_counter() - t
+            st.io_wait_s += time.perf_counter() - t
+            if j0 > 0:
+                t = time.perf_counter()
+                bufs = [np.empty((n - s0, block), dtype=dtype) for _ in range(plan.buffers)]
+                fut = pool.submit(slow.read_factor_rows, 0, s0, bufs[0])
+                for k in range(j0):
+                    w0 = time.perf_counter()
+                    fut.result()
+                    st.io_wait_s += time.perf_counter() - w0
+                    timer["stream_wait"] += time.perf_counter() - w0
+                    Lk = bufs[k % plan.buffers]
+                    if k + 1 < j0 and plan.buffers == 2:    # read k+1 while the GEMMs of k run
+                        fut = pool.submit(slow.read_factor_rows, k + 1, s0, bufs[(k + 1) % 2])
+                    for i, Pi in zip(range(j0, j1), slab):
+                        off = slow.starts[i] - s0
+                        syrk_update(Pi, Lk[off:], Lk[off : off + Pi.shape[1]])
+                    if k + 1 < j0 and plan.buffers == 1:    # one buffer: read after the GEMMs
+                        fut = pool.submit(slow.read_factor_rows, k + 1, s0, bufs[0])
+                del bufs
+                timer["stream_update"] += time.perf_counter() - t
+            t = time.perf_counter()
+            try:
+                cholesky_inplace(SymmetricPanels(n=n - s0, block=block, panels=slab), jitter=jitter)
+            except NotPositiveDefiniteError as exc:
+                raise NotPositiveDefiniteError(minor=exc.minor + s0, n=n, dtype=str(dtype), jitter=jitter) from None
+            timer["factor_slab"] += time.perf_counter() - t
+            t = time.perf_counter()
+            slow.commit_slab(j0, slab)
+            timer["write_slab"] += time.perf_counter() - t
+            st.io_wait_s += time.perf_counter() - t
+            del slab
+            if progress is not None:
+                progress.update(sum(_panel_flops(n, slow.starts[j], slow.widths[j]) for j in range(j0, j1)))
+    timer["factor_total"] = timer.get("factor_total", 0.0) + time.perf_counter() - t_all
+
+
+def disk_cho_solve(store: DiskPanels, B: np.ndarray) -> np.ndarray:
+    """Solve (L L^T) X = B with the factor on disk: forward substitution reads the panels in order,
+    back substitution in reverse (``tiled.solve_lower`` / ``solve_upper_t`` panel by panel)."""
+    B = np.asarray(B)
+    squeeze = B.ndim == 1
+    Z = np.array(B[:, None] if squeeze else B, dtype=store.dtype, copy=True, order="C")
+    if Z.shape[0] != store.n:
+        raise InputError(f"right-hand side has {Z.shape[0]} rows; the stored factor is {store.n} x {store.n}.")
+    for s, P in store.iter_factor():
+        w = P.shape[1]
+        with single_blas_thread(Z.shape[1]):
+            Z[s : s + w] = scipy.linalg.solve_triangular(P[:w], Z[s : s + w], lower=True, check_finite=False)
+        if P.shape[0] > w:
+            Z[s + w :] -= P[w:] @ Z[s : s + w]
+    for s, P in store.iter_factor(reverse=True):
+        w = P.shape[1]
+        if P.shape[0] > w:
+            Z[s : s + w] -= P[w:].T @ Z[s + w :]
+        with single_blas_thread(Z.shape[1]):
+            Z[s : s + w] = scipy.linalg.solve_triangular(P[:w], Z[s : s + w], lower=True, trans="T", check_finite=False)
+    return Z[:, 0] if squeeze else Z
