@@ -54,10 +54,11 @@ from kernelfit.linalg.backend import free_device_bytes  # noqa: E402
 from kernelfit.linalg.factor import factor  # noqa: E402
 from kernelfit.linalg.mixed import solve_refined  # noqa: E402
 from kernelfit.linalg.outofcore import TorchDevice, budget_for_slabs, build_gram_panels_device  # noqa: E402
+from kernelfit.linalg.panels import cholesky_flops, choose_block  # noqa: E402
 from kernelfit.linalg.refine import float64_level_threshold  # noqa: E402
 from kernelfit.linalg.resident import solve_resident  # noqa: E402
 from kernelfit.linalg.strategy import measure_gemm_tflops, profile_for_name  # noqa: E402
-from kernelfit.linalg.tiled import cho_solve, cholesky_flops, choose_block  # noqa: E402
+from kernelfit.linalg.tiled import cho_solve  # noqa: E402
 
 SIGMA = 5.0   # GUIDE: Gaussian kernel, sigma = 5 on pixels / 255
 MODES = ("float64", "float32", "mixed", "mixed-tf32")   # mixed-tf32: float32 factor on TF32 tensor cores

@@ -17,7 +17,7 @@ from .errors import InputError
 from .grid import IntegerGrid, exact_in_one_gemm, find_integer_grid, finish_from_dots, gaussian_factors, same_grid
 from .grid import kernel_tile_into as grid_kernel_tile_into
 from .kernels import kernel_tile_into, row_norms_sq
-from .linalg.tiled import SymmetricPanels
+from .linalg.panels import SymmetricPanels
 from .parallel import blas_threads, parallel_tasks
 
 # Row-tile size for kernel products: a (rows x n) float64 tile is rows * n * 8 bytes

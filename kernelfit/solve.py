@@ -28,9 +28,10 @@ from .gram import GridProducts, KernelOperator, argmax_exact_scores, build_gram_
 from .kernels import check_bandwidth, check_distance_scale, check_kernel, check_kernel_on_data, median_bandwidth
 from .linalg.memory import FACTOR_DTYPE, MODES, plan_solve, require_fits
 from .linalg.mixed import solve_refined
+from .linalg.panels import SymmetricPanels, cholesky_flops
 from .linalg.refine import check_refine_tol, float64_level_threshold
 from .linalg.strategy import GRID_PRODUCTS, STORED, factor_dtype_name
-from .linalg.tiled import SymmetricPanels, cho_solve, cholesky_flops
+from .linalg.tiled import cho_solve
 
 
 @dataclass(frozen=True)

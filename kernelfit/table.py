@@ -269,7 +269,7 @@ def _cholesky_rows_panels(g, sigma_spec, label_sets, y_test, k, seed, device=Non
     from .linalg.factor import factor
     from .linalg.memory import available_bytes
     from .linalg.mixed import solve_refined
-    from .linalg.tiled import SymmetricPanels
+    from .linalg.panels import SymmetricPanels
 
     P64 = g.train
     d = g.train_diag

@@ -14,7 +14,8 @@ torch = pytest.importorskip("torch")
 from kernelfit.errors import InputError, NotPositiveDefiniteError  # noqa: E402
 from kernelfit.linalg import backend_torch as bt  # noqa: E402
 from kernelfit.linalg.backend import get_backend  # noqa: E402
-from kernelfit.linalg.tiled import SymmetricPanels, cho_solve, cholesky_inplace  # noqa: E402
+from kernelfit.linalg.panels import SymmetricPanels  # noqa: E402
+from kernelfit.linalg.tiled import cho_solve, cholesky_inplace  # noqa: E402
 
 
 def spd(n, seed=0, dtype=np.float64):

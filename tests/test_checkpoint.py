@@ -12,7 +12,8 @@ import scipy.spatial.distance
 from kernelfit.errors import InputError
 from kernelfit.linalg.checkpoint import Checkpointer, input_hash
 from kernelfit.linalg.factor import factor
-from kernelfit.linalg.tiled import SymmetricPanels, cholesky_inplace
+from kernelfit.linalg.panels import SymmetricPanels
+from kernelfit.linalg.tiled import cholesky_inplace
 
 
 def spd(n, seed=0, dtype=np.float64):

@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 
 from kernelfit.linalg.factor import factor  # noqa: E402
 from kernelfit.linalg.outofcore import STAGING_SLOTS, TorchDevice, cholesky_out_of_core, plan_slabs  # noqa: E402
-from kernelfit.linalg.tiled import SymmetricPanels  # noqa: E402
+from kernelfit.linalg.panels import SymmetricPanels  # noqa: E402
 
 
 class FakeEvent:

@@ -167,7 +167,7 @@ def _emulated_tf32_factor(monkeypatch, mantissa_bits):
 def test_tf32_row_reports_the_tf32_attempt_not_the_float64_fallback(shared_data_dir, monkeypatch, bits, falls_back):
     import gpu_cholesky
 
-    from kernelfit.linalg.tiled import cholesky_flops
+    from kernelfit.linalg.panels import cholesky_flops
 
     _emulated_tf32_factor(monkeypatch, bits)
     n = 300

@@ -11,7 +11,8 @@ da = pytest.importorskip("dask.array")
 
 from kernelfit.errors import InputError, NotPositiveDefiniteError  # noqa: E402
 from kernelfit.linalg import distributed as kd  # noqa: E402
-from kernelfit.linalg.tiled import SymmetricPanels, cho_solve, cholesky_inplace  # noqa: E402
+from kernelfit.linalg.panels import SymmetricPanels  # noqa: E402
+from kernelfit.linalg.tiled import cho_solve, cholesky_inplace  # noqa: E402
 
 
 @pytest.fixture(scope="module")

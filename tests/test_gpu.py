@@ -17,7 +17,8 @@ from kernelfit.linalg import backend_torch as bt  # noqa: E402
 from kernelfit.linalg.factor import factor  # noqa: E402
 from kernelfit.linalg.mixed import solve_refined  # noqa: E402
 from kernelfit.linalg.outofcore import TorchDevice, build_gram_panels_device, cholesky_out_of_core, plan_slabs  # noqa: E402
-from kernelfit.linalg.tiled import SymmetricPanels, cholesky_inplace  # noqa: E402
+from kernelfit.linalg.panels import SymmetricPanels  # noqa: E402
+from kernelfit.linalg.tiled import cholesky_inplace  # noqa: E402
 
 CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
                                                                        reason="needs a CUDA GPU (torch sees none)")])

@@ -273,7 +273,7 @@ def test_cli_gram_classification_and_bad_usage(problem, tmp_path, capsys):
 _RSS_SCRIPT = r"""
 import json, sys
 import numpy as np
-from kernelfit.linalg.tiled import SymmetricPanels, choose_block
+from kernelfit.linalg.panels import choose_block, SymmetricPanels
 from kernelfit.solve import SolveOptions, fit_precomputed
 
 

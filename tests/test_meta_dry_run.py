@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 from kernelfit.errors import InputError  # noqa: E402
 from kernelfit.linalg.factor import factor  # noqa: E402
 from kernelfit.linalg.outofcore import TorchDevice, budget_for_slabs, plan_slabs  # noqa: E402
-from kernelfit.linalg.tiled import SymmetricPanels, choose_block  # noqa: E402
+from kernelfit.linalg.panels import SymmetricPanels, choose_block  # noqa: E402
 
 H200_USABLE = int(0.9 * 139 * 2**30)     # 90% of one H200's free memory, as factor() plans it
 

@@ -15,7 +15,7 @@ from kernelfit.linalg.outofcore import (
     min_budget_bytes,
     plan_slabs,
 )
-from kernelfit.linalg.tiled import SymmetricPanels
+from kernelfit.linalg.panels import SymmetricPanels
 
 
 def spd(n, seed=0, dtype=np.float64):

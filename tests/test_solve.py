@@ -61,7 +61,7 @@ def test_mixed_mode_reaches_float64_direct_residual(strategy):
 def test_refinement_says_so_when_it_cannot_reach_float64():
     # Low-precision factor of A + 1e-5 I used to refine A x = y with cond(A) = 1e9: the iteration
     # contracts by ~1 - lambda_min / (lambda_min + 1e-5), i.e. it stalls; the report must say so.
-    from kernelfit.linalg.tiled import SymmetricPanels
+    from kernelfit.linalg.panels import SymmetricPanels
     rng = np.random.default_rng(0)
     Q, _ = np.linalg.qr(rng.standard_normal((120, 120)))
     A = (Q * np.geomspace(1.0, 1e-9, 120)) @ Q.T

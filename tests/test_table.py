@@ -178,7 +178,7 @@ def test_median_distance_from_gram_equals_the_distance_matrix_route():
     """The linear row reads the median off the Gram without building n x n distances: same sample, same value."""
     from scipy.spatial.distance import pdist
 
-    from kernelfit.linalg.tiled import SymmetricPanels
+    from kernelfit.linalg.panels import SymmetricPanels
     from kernelfit.table import _median_distance_from_gram, _median_distance_from_sqd
 
     X = np.random.default_rng(3).standard_normal((300, 7))

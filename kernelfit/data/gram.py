@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import InputError
-from ..linalg.tiled import SymmetricPanels
+from ..linalg.panels import SymmetricPanels
 from .arrays import open_array, parse_spec, sha256_file
 from .rows import find_duplicate_rows, release_pages, row_blocks, row_hash
 

@@ -374,7 +374,7 @@ class RandConvFeatures:
 
         ``standardize``: each feature is centred and scaled by its mean / std over the *training*
         images (test images use the training statistics). ``panels=True`` accumulates the train Gram
-        into the lead solver's ``kernelfit.linalg.tiled.SymmetricPanels`` (lower triangle only).
+        into the lead solver's ``kernelfit.linalg.panels.SymmetricPanels`` (lower triangle only).
         ``device``: torch device for features and Gram products (default CPU); on a GPU the Grams are
         accumulated in device memory and copied to the host once at the end. Results are numpy float64.
 
@@ -433,7 +433,7 @@ class RandConvFeatures:
             return None if state is None else getattr(state, name)
 
         if panels:
-            from ..linalg.tiled import SymmetricPanels
+            from ..linalg.panels import SymmetricPanels
 
             layout = resume.train if resume is not None else SymmetricPanels.empty(n, panel_block, np.float64)
             starts = layout.starts
@@ -491,7 +491,7 @@ class RandConvFeatures:
 
     def _check_resume(self, resume: GramBlocks, n: int, m: int, panels: bool, panel_block) -> int:
         """The filter to continue from; refuses a checkpoint that does not fit this accumulation."""
-        from ..linalg.tiled import SymmetricPanels
+        from ..linalg.panels import SymmetricPanels
 
         F = int(self.config.n_filters)
         found_m = 0 if resume.cross is None else resume.cross.shape[0]

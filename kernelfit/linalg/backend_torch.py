@@ -165,7 +165,7 @@ def panels_to_torch(G, device=None, copy: bool = True):
     """SymmetricPanels of numpy arrays -> SymmetricPanels of torch tensors on ``device``.
     With copy=False on CPU the tensors share memory with the numpy panels."""
     torch = require_torch()
-    from .tiled import SymmetricPanels
+    from .panels import SymmetricPanels
 
     dev = resolve_device(device)
     if dev.type == "cpu" and not copy:
@@ -176,7 +176,7 @@ def panels_to_torch(G, device=None, copy: bool = True):
 
 
 def panels_to_numpy(G):
-    from .tiled import SymmetricPanels
+    from .panels import SymmetricPanels
 
     return SymmetricPanels(n=G.n, block=G.block, panels=[P.detach().cpu().numpy() for P in G.panels])
 

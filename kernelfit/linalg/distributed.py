@@ -27,7 +27,7 @@ from typing import Self
 import numpy as np
 
 from ..errors import InputError, NotPositiveDefiniteError
-from .tiled import SymmetricPanels, choose_block
+from .panels import SymmetricPanels, choose_block
 
 
 def require_distributed():

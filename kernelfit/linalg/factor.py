@@ -26,7 +26,8 @@ import numpy as np
 
 from ..errors import InputError, MemoryPlanError
 from .backend import free_device_bytes
-from .tiled import SymmetricPanels, cholesky_flops, cholesky_inplace
+from .panels import SymmetricPanels, cholesky_flops
+from .tiled import cholesky_inplace
 
 BACKEND_CHOICES = ("auto", "numpy", "torch", "cupy")
 DEVICE_SAFETY = 0.90     # leave 10% of measured free device memory to the allocator / other tensors

@@ -8,8 +8,8 @@ import numpy as np
 
 from ..errors import MemoryPlanError
 from ..results import format_gib
+from .panels import SymmetricPanels, choose_block
 from .strategy import GRID_PRODUCTS, RESIDUAL_SOURCE, STORED, choose_strategy, factor_dtype_name
-from .tiled import SymmetricPanels, choose_block
 
 MODES = ("float64", "float32", "mixed")
 # the factor dtype of the direct modes and of mixed mode's default strategies (MemoryPlan.factor_dtype

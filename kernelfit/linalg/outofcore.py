@@ -40,7 +40,8 @@ import numpy as np
 
 from ..errors import InputError, MemoryPlanError, NotPositiveDefiniteError
 from ..results import format_bytes
-from .tiled import SymmetricPanels, _panel_flops, cholesky_inplace, choose_block
+from .panels import SymmetricPanels, choose_block, panel_flops
+from .tiled import cholesky_inplace
 
 
 class WorkingSet:
@@ -461,7 +462,7 @@ def cholesky_out_of_core(G: SymmetricPanels, device="numpy", budget_bytes: int |
             # every device buffer of a slab dies when _run_slab returns, before the next slab allocates
             _run_slab(G, dev, be, ws, plan, j0, j1, stats, timer, jitter)
             if progress is not None:
-                progress.update(sum(_panel_flops(n, G.starts[j], G.panels[j].shape[1]) for j in range(j0, j1)))
+                progress.update(sum(panel_flops(n, G.starts[j], G.panels[j].shape[1]) for j in range(j0, j1)))
             if on_panel_done is not None:
                 on_panel_done(j1 - 1)
     finally:

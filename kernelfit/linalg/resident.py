@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import InputError, MemoryPlanError
-from .tiled import SymmetricPanels, choose_block
+from .panels import SymmetricPanels, choose_block
 
 PRODUCT_ROWS = 2048   # rows of one k(A, B) tile in the float64 products (rows x n numbers)
 

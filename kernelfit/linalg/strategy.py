@@ -233,8 +233,8 @@ def choose_device_strategy(n: int, d: int, k: int, profile: DeviceProfile, mode:
     fallback named as such."""
     from ..errors import InputError
     from .factor import DEVICE_SAFETY
+    from .panels import choose_block
     from .resident import resident_bytes
-    from .tiled import choose_block
 
     mode = "auto" if mode in (None, "auto") else mode
     if mode not in ("auto", "float64", "mixed"):
