@@ -57,8 +57,8 @@ from kernelfit.linalg.outofcore import TorchDevice, budget_for_slabs, build_gram
 from kernelfit.linalg.panels import cholesky_flops, choose_block  # noqa: E402
 from kernelfit.linalg.refine import float64_level_threshold  # noqa: E402
 from kernelfit.linalg.resident import solve_resident  # noqa: E402
-from kernelfit.linalg.strategy import measure_gemm_tflops, profile_for_name  # noqa: E402
 from kernelfit.linalg.tiled import cho_solve  # noqa: E402
+from kernelfit.planning import measure_gemm_tflops, profile_for_name  # noqa: E402
 
 SIGMA = 5.0   # GUIDE: Gaussian kernel, sigma = 5 on pixels / 255
 MODES = ("float64", "float32", "mixed", "mixed-tf32")   # mixed-tf32: float32 factor on TF32 tensor cores
@@ -139,7 +139,7 @@ def gemm_tflops(device, dtype, m):
 
 
 def nominal_peak(device_name, dtype_name):
-    """The datasheet's dense rate (kernelfit.linalg.strategy.DEVICE_PROFILES) for this GPU, or None."""
+    """The datasheet's dense rate (kernelfit.planning.DEVICE_PROFILES) for this GPU, or None."""
     prof = profile_for_name(device_name) if device_name else None
     return None if prof is None else getattr(prof, f"{dtype_name}_tflops", None)
 

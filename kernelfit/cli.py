@@ -593,7 +593,7 @@ def _require_randconv_fits(args, n: int, m: int) -> None:
     """Feature Gram panels (float64) + test block (float64) + feature blocks + the float32 factor copy."""
     from .errors import MemoryPlanError
     from .features.randconv import RandConvConfig, RandConvFeatures
-    from .linalg.memory import available_bytes
+    from .planning import available_bytes
 
     fmap = RandConvFeatures(RandConvConfig(n_filters=args.filters, patch_size=args.patch_size,
                                            pool_grid=args.randconv_pool_grid))
@@ -657,7 +657,7 @@ def _pixel_grid_products(args, user, d: int) -> bool:
 
 
 def _plan_for(args, n_train: int, n_test: int, k: int, d: int, user=None):
-    from .linalg.memory import plan_solve
+    from .planning import plan_solve
 
     return plan_solve(n_train, d, k, args.mode, n_test=n_test, block=args.block_size,
                       grid_products=_pixel_grid_products(args, user, d))
@@ -714,7 +714,7 @@ def cmd_solve(args, parser) -> int:
     if args.features == "randconv" and not args.force_memory:
         _require_randconv_fits(args, n_train, n_test)
     if not plan.fits and not args.force_memory:
-        from .linalg.memory import require_fits
+        from .planning import require_fits
 
         require_fits(plan, cli=True)  # raises MemoryPlanError with the numbers and the flags
     held = _check_checkpoint_dir(parser, args.checkpoint_dir, args.resume, n_train, plan.block, plan.factor_dtype)
@@ -1089,7 +1089,7 @@ def cmd_predict(args, parser) -> int:
 
 
 def cmd_plan(args, parser) -> int:
-    from .linalg.memory import plan_solve
+    from .planning import plan_solve
 
     user = _check_data_source(parser, args)
     shape = DATASET_SHAPES[args.dataset] if user is None else _user_shape(user, getattr(args, "task", "classification"))
@@ -1104,7 +1104,7 @@ def cmd_plan(args, parser) -> int:
     out = plan.to_dict()
     fits = plan.fits
     if device is not None:
-        from .linalg.strategy import choose_device_strategy
+        from .planning import choose_device_strategy
 
         ds = choose_device_strategy(n, d, k, device, mode=args.mode, tf32=args.tf32, block=args.block_size)
         out["device_strategy"] = ds
@@ -1122,7 +1122,7 @@ def cmd_plan(args, parser) -> int:
 
 def _plan_device_profile(args, parser):
     """The DeviceProfile that ``plan`` plans for (None: no device strategy asked for)."""
-    from .linalg.strategy import DeviceProfile, live_profile, named_profile
+    from .planning import DeviceProfile, live_profile, named_profile
 
     given = (args.device_memory_gib, args.float64_tflops, args.float32_tflops)
     if args.tf32 and args.mode in ("float32", "float64"):

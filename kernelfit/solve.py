@@ -4,7 +4,7 @@ Modes
 -----
 float64  Gram and factor in float64 (n^2/2 x 8 bytes).
 float32  Gram and factor in float32 (n^2/2 x 4 bytes); the answer has float32 accuracy.
-mixed    float64 accuracy by the fastest exact strategy that fits in memory (``linalg.strategy``):
+mixed    float64 accuracy by the fastest exact strategy that fits in memory (``kernelfit.planning``):
          a stored float64 Gram with a float32 factor and refinement; or, where that does not fit,
          a float32 Gram and factor refined with float64 residuals computed tile by tile from the
          data (no float64 Gram stored: float64 accuracy at float32 memory); or float64 throughout
@@ -26,12 +26,11 @@ import numpy as np
 from .errors import InputError, MemoryPlanError
 from .gram import GridProducts, KernelOperator, argmax_exact_scores, build_gram_panels
 from .kernels import check_bandwidth, check_distance_scale, check_kernel, check_kernel_on_data, median_bandwidth
-from .linalg.memory import FACTOR_DTYPE, MODES, plan_solve, require_fits
 from .linalg.mixed import solve_refined
 from .linalg.panels import SymmetricPanels, cholesky_flops
 from .linalg.refine import check_refine_tol, float64_level_threshold
-from .linalg.strategy import GRID_PRODUCTS, STORED, factor_dtype_name
 from .linalg.tiled import cho_solve
+from .planning import FACTOR_DTYPE, GRID_PRODUCTS, MODES, STORED, factor_dtype_name, plan_solve, require_fits
 
 
 @dataclass(frozen=True)

@@ -267,9 +267,9 @@ def _cholesky_rows_panels(g, sigma_spec, label_sets, y_test, k, seed, device=Non
     float32 (predictions only). Memory: n^2/2 x 12 bytes + m x n x 4: 17 GB at n = 50,000, m = 10,000.
     """
     from .linalg.factor import factor
-    from .linalg.memory import available_bytes
     from .linalg.mixed import solve_refined
     from .linalg.panels import SymmetricPanels
+    from .planning import available_bytes
 
     P64 = g.train
     d = g.train_diag

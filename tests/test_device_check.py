@@ -274,7 +274,7 @@ def test_deepfit_device_check_dry_run_on_cpu(tmp_path):
     ("h200", 60000, True, "mixed-resident"),        # TF32 only when asked: a float32 factor
 ])
 def test_device_strategy_follows_rates_and_memory(profile, n, tf32, expected):
-    from kernelfit.linalg.strategy import choose_device_strategy, named_profile
+    from kernelfit.planning import choose_device_strategy, named_profile
 
     ds = choose_device_strategy(n, 784, 10, named_profile(profile), tf32=tf32)
     assert ds["strategy"] == expected and ds["tf32"] is tf32

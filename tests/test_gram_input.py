@@ -321,7 +321,7 @@ def test_memory_refusal_from_the_header_before_any_pass(tmp_path, monkeypatch):
     from kernelfit.errors import MemoryPlanError
 
     np.lib.format.open_memmap(tmp_path / "big.npy", mode="w+", dtype=np.float64, shape=(4000, 4000)).flush()
-    monkeypatch.setattr("kernelfit.linalg.memory.available_bytes", lambda: 64 * 2**20)
+    monkeypatch.setattr("kernelfit.planning.available_bytes", lambda: 64 * 2**20)
 
     def no_pass(*a, **k):
         raise AssertionError("the Gram was read before the memory plan refused it")

@@ -8,8 +8,8 @@ from sklearn.kernel_ridge import KernelRidge
 
 from kernelfit.errors import InputError, MemoryPlanError, NotPositiveDefiniteError
 from kernelfit.gram import build_gram_panels
-from kernelfit.linalg.memory import plan_solve, require_fits
 from kernelfit.linalg.refine import float64_level_threshold
+from kernelfit.planning import plan_solve, require_fits
 from kernelfit.solve import SolveOptions, fit_interpolant, run_interpolation, solve_gram
 
 
@@ -125,7 +125,7 @@ def test_memory_refusal_happens_before_allocation(monkeypatch):
         raise AssertionError("allocated the Gram despite the plan")
 
     monkeypatch.setattr("kernelfit.solve.build_gram_panels", boom)
-    monkeypatch.setattr("kernelfit.linalg.memory.available_bytes", lambda: 10 * 2**20)
+    monkeypatch.setattr("kernelfit.planning.available_bytes", lambda: 10 * 2**20)
     X, Y = data(n=200)
     with pytest.raises(MemoryPlanError, match="would not fit") as err:
         fit_interpolant(X, Y, SolveOptions(bandwidth=1.0))
@@ -209,7 +209,7 @@ def test_mixed_without_fallback_never_returns_silently():
 
 def test_memory_plan_error_names_library_parameters_from_python_and_flags_from_the_cli():
     from kernelfit.errors import MemoryPlanError
-    from kernelfit.linalg.memory import plan_solve, require_fits
+    from kernelfit.planning import plan_solve, require_fits
 
     plan = plan_solve(60000, 784, 10, "float64", available=2**30)
     with pytest.raises(MemoryPlanError) as lib:
