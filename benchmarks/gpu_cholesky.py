@@ -49,14 +49,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from kernelfit.gram_device import build_gram_panels_device, gram_tile_into, kernel_matmul_torch, solve_resident  # noqa: E402
 from kernelfit.linalg import backend_torch as bt  # noqa: E402
 from kernelfit.linalg.backend import free_device_bytes  # noqa: E402
 from kernelfit.linalg.factor import factor  # noqa: E402
 from kernelfit.linalg.mixed import solve_refined  # noqa: E402
-from kernelfit.linalg.outofcore import TorchDevice, budget_for_slabs, build_gram_panels_device  # noqa: E402
+from kernelfit.linalg.outofcore import TorchDevice, budget_for_slabs  # noqa: E402
 from kernelfit.linalg.panels import cholesky_flops, choose_block  # noqa: E402
 from kernelfit.linalg.refine import float64_level_threshold  # noqa: E402
-from kernelfit.linalg.resident import solve_resident  # noqa: E402
 from kernelfit.linalg.tiled import cho_solve  # noqa: E402
 from kernelfit.planning import measure_gemm_tflops, profile_for_name  # noqa: E402
 
@@ -208,7 +208,7 @@ def reference_cholesky(Xd, dtype, device, n, args):
     sq = (Xd * Xd).sum(1)
     rows = 4096
     for a in range(0, n, rows):
-        bt.gram_tile_into(K[a : a + rows], Xd[a : a + rows], Xd, sq[a : a + rows], sq, "gaussian", SIGMA)
+        gram_tile_into(K[a : a + rows], Xd[a : a + rows], Xd, sq[a : a + rows], sq, "gaussian", SIGMA)
     K.fill_diagonal_(1.0)
     warm_up_references(dtype, device)
     sync(device)
@@ -301,7 +301,7 @@ def run_config(mode, n, ooc, args, device, base):
         return G
 
     def apply_high(V):
-        return bt.kernel_matmul_torch(X64, X64, torch.from_numpy(V).to(device), "gaussian", SIGMA,
+        return kernel_matmul_torch(X64, X64, torch.from_numpy(V).to(device), "gaussian", SIGMA,
                                       rows=args.product_rows, exact_diagonal=True).cpu().numpy()
 
     if not ooc and args.pipeline == "resident":
@@ -373,7 +373,7 @@ def run_config(mode, n, ooc, args, device, base):
     rec["residual_max_abs"] = float(np.max(np.abs(R)))
     rec["phases_s"]["residual_float64"] = time.perf_counter() - t
     t = time.perf_counter()
-    test_scores = bt.kernel_matmul_torch(Xte64, X64, torch.from_numpy(alpha).to(device), "gaussian", SIGMA,
+    test_scores = kernel_matmul_torch(Xte64, X64, torch.from_numpy(alpha).to(device), "gaussian", SIGMA,
                                          rows=args.product_rows).cpu().numpy()
     rec["phases_s"]["predict"] = time.perf_counter() - t
     rec["train_error"] = float(np.mean(np.argmax(scores, 1) != ytr))

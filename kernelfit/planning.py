@@ -234,8 +234,8 @@ def choose_device_strategy(n: int, d: int, k: int, profile: DeviceProfile, mode:
     path, resident or out-of-core, still follows the memory). ``tf32`` asks for TF32 factor GEMMs:
     a float32 factor then, whose result is reported with its own factor record and any float64
     fallback named as such."""
+    from .gram_device import resident_bytes
     from .linalg.factor import DEVICE_SAFETY
-    from .linalg.resident import resident_bytes
 
     mode = "auto" if mode in (None, "auto") else mode
     if mode not in ("auto", "float64", "mixed"):

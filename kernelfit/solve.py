@@ -340,7 +340,7 @@ def _build_gram(X64, fdt, bandwidth, block, options: SolveOptions, grid=None) ->
     Xc = (X64 - X64.mean(axis=0)).astype(fdt)
     if options.device is not None and str(options.device).startswith("cuda"):
         # tiles computed on the GPU (TF32 off) and written back to host panels one at a time
-        from .linalg.outofcore import build_gram_panels_device
+        from .gram_device import build_gram_panels_device
 
         G = build_gram_panels_device(Xc, options.kernel, bandwidth, block, fdt, device=options.device)
     else:
@@ -378,7 +378,7 @@ def _factor_and_solve(X64, Y, strategy, bandwidth, block, high: KernelOperator, 
     n = Y.shape[0]
     fdt = np.dtype(factor_dtype_name(strategy))
     mixed = options.mode == "mixed"   # refined (a float64 factor usually stops after its first residual)
-    from .linalg.resident import resident_device, solve_resident
+    from .gram_device import resident_device, solve_resident
 
     device = resident_device(options, n, X64.shape[1], Y.shape[1], block, fdt)
     if device is not None:   # the Gram fits on the device: the whole solve stays there

@@ -13,10 +13,11 @@ from scipy.spatial.distance import cdist
 
 torch = pytest.importorskip("torch")
 
+from kernelfit.gram_device import build_gram_panels_device  # noqa: E402
 from kernelfit.linalg import backend_torch as bt  # noqa: E402
 from kernelfit.linalg.factor import factor  # noqa: E402
 from kernelfit.linalg.mixed import solve_refined  # noqa: E402
-from kernelfit.linalg.outofcore import TorchDevice, build_gram_panels_device, cholesky_out_of_core, plan_slabs  # noqa: E402
+from kernelfit.linalg.outofcore import TorchDevice, cholesky_out_of_core, plan_slabs  # noqa: E402
 from kernelfit.linalg.panels import SymmetricPanels  # noqa: E402
 from kernelfit.linalg.tiled import cholesky_inplace  # noqa: E402
 
@@ -210,7 +211,7 @@ def test_cli_tf32_reaches_the_factor_and_needs_mixed_mode(tmp_path, capsys):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_resident_pipeline_with_tf32_factor_reaches_float64(device):
-    from kernelfit.linalg.resident import solve_resident
+    from kernelfit.gram_device import solve_resident
 
     rng = np.random.default_rng(7)
     n = 2000 if device == "cuda" else 300

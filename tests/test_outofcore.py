@@ -7,9 +7,9 @@ import scipy.linalg
 from scipy.spatial.distance import cdist
 
 from kernelfit.errors import MemoryPlanError, NotPositiveDefiniteError
+from kernelfit.gram_device import build_gram_panels_device
 from kernelfit.linalg.outofcore import (
     WorkingSet,
-    build_gram_panels_device,
     cholesky_out_of_core,
     make_device,
     min_budget_bytes,

@@ -1,4 +1,11 @@
-"""The whole solve on one torch device, for a Gram that fits in its memory.
+"""Kernel matrices built on a torch device, and the whole solve there when the Gram fits.
+
+``gram_tile_into`` / ``kernel_matmul_torch``: kernel tiles and k(A, B) @ V on the device (TF32 off);
+``build_gram_panels_device``: lower-triangle Gram panels computed on the device, kept there or
+copied to host panels. These are the device twins of ``kernelfit.gram``.
+
+The resident solve (``solve_resident``): the whole solve on one torch device, for a Gram that fits
+in its memory.
 
 Gram build, Cholesky factor (optionally with TF32 GEMMs), refinement (triangular solves through the
 factor and float64 K V products from the data) and prediction all run on the device; the n x n
@@ -7,20 +14,100 @@ to ``linalg.refine``, the solution and the scores), a few MB at MNIST scale. The
 project's one factor / refine / fall-back loop, ``linalg.mixed.solve_refined``; the float64
 fallback runs when the float64 Gram fits on the device too, and the report says why otherwise.
 
-Each phase is timed with CUDA events on CUDA (``backend_torch.PhaseTimer``), wall-clock elsewhere.
+Each phase is timed by ``results.PhaseTimer`` (wall clock; the device is synchronized at the end of
+each phase so that queued work is counted in it).
 A Gram that does not fit belongs to the host-panel path (``linalg.factor`` in-core with copies, or
 out-of-core), which ``kernelfit.solve`` uses.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import InputError, MemoryPlanError
-from .panels import SymmetricPanels, choose_block
+from .errors import InputError, MemoryPlanError
+from .linalg.backend import free_device_bytes
+from .linalg.backend_torch import cho_solve_torch, require_torch, resolve_device, tf32_disabled, torch_dtype
+from .linalg.factor import DEVICE_SAFETY
+from .linalg.mixed import solve_refined
+from .linalg.panels import SymmetricPanels, choose_block
+from .results import PhaseTimer
+
+
+def gram_tile_into(out, X, Z, X_sq, Z_sq, kernel: str, bandwidth: float):
+    """k(X, Z) written into ``out`` (torch tensors, same device), TF32 off. Distances clamped at 0."""
+    with tf32_disabled():
+        out.copy_(X @ Z.transpose(0, 1))
+    out.mul_(-2.0).add_(X_sq[:, None]).add_(Z_sq[None, :]).clamp_(min=0.0)
+    if kernel == "gaussian":
+        out.mul_(-1.0 / (2.0 * bandwidth * bandwidth)).exp_()
+    elif kernel == "laplacian":
+        out.sqrt_().mul_(-1.0 / bandwidth).exp_()
+    else:
+        raise InputError(f"unknown kernel {kernel!r}; expected 'gaussian' or 'laplacian'.")
+    return out
+
+
+def kernel_matmul_torch(A, B, V, kernel: str, bandwidth: float, rows: int = 2048, exact_diagonal: bool = False):
+    """k(A, B) @ V on the tensors' device, in their dtype (float64 for residuals), by row tiles of
+    (rows x len(B)); never stores k(A, B). ``exact_diagonal`` (A is B) sets k(x_i, x_i) = 1 as the
+    Gram builders do. TF32 is off inside ``gram_tile_into``."""
+    torch = require_torch()
+    m = A.shape[0]
+    A_sq, B_sq = (A * A).sum(1), (B * B).sum(1)
+    out = torch.empty((m, V.shape[1]), dtype=V.dtype, device=V.device)
+    tile = torch.empty((min(rows, m), B.shape[0]), dtype=A.dtype, device=A.device)
+    for a in range(0, m, rows):
+        e = min(a + rows, m)
+        T = gram_tile_into(tile[: e - a], A[a:e], B, A_sq[a:e], B_sq, kernel, bandwidth)
+        if exact_diagonal:
+            idx = torch.arange(e - a, device=A.device)
+            T[idx, idx + a] = 1.0
+        with tf32_disabled():
+            torch.matmul(T, V, out=out[a:e])
+    return out
+
+
+def build_gram_panels_device(X, kernel: str, bandwidth: float, block: int | None = None, dtype=np.float32,
+                             device="cpu", out: SymmetricPanels | None = None, center: bool = True,
+                             resident: bool = False) -> SymmetricPanels:
+    """Lower-triangle Gram panels computed on a torch device, one panel at a time. By default they
+    are written to host panels (never the whole Gram on the device); ``resident=True`` keeps them on
+    the device instead (a SymmetricPanels of device tensors, for a matrix that fits there). TF32 is
+    off for the distance GEMMs. Points are centered first (in float64; the kernels are
+    translation-invariant), which keeps the float32 |x|^2 + |z|^2 - 2 x.z expansion accurate for
+    data far from the origin, as solve.py does."""
+    torch = require_torch()
+    dev = resolve_device(device)
+    X = np.asarray(X, dtype=np.float64)
+    if center:
+        X = X - X.mean(axis=0)
+    X = np.ascontiguousarray(X, dtype=dtype)
+    n = X.shape[0]
+    if resident:
+        if out is not None:
+            raise InputError("build_gram_panels_device: out= is for host panels; resident=True allocates on the device.")
+        block = choose_block(n, block)
+        G = SymmetricPanels(n=n, block=block, panels=[
+            torch.empty((n - s, min(block, n - s)), dtype=torch_dtype(dtype), device=dev)
+            for s in SymmetricPanels.starts_for(n, block)])
+    else:
+        G = out if out is not None else SymmetricPanels.empty(n, block, dtype)
+    Xd = torch.from_numpy(X).to(dev)
+    sq = (Xd * Xd).sum(1)
+    tile = None if resident else torch.empty((n, G.block), dtype=torch_dtype(dtype), device=dev)
+    for s, P in zip(G.starts, G.panels):
+        w = P.shape[1]
+        T = P if resident else tile[: n - s, :w]
+        gram_tile_into(T, Xd[s:], Xd[s : s + w], sq[s:], sq[s : s + w], kernel, bandwidth)
+        T[torch.arange(w), torch.arange(w)] = 1.0      # k(x, x) = 1 exactly, as in kernelfit.gram
+        if not resident:
+            torch.from_numpy(P).copy_(T)
+    return G
+
 
 PRODUCT_ROWS = 2048   # rows of one k(A, B) tile in the float64 products (rows x n numbers)
 
@@ -43,7 +130,7 @@ class ResidentSolution:
     report: dict                      # solve_refined's report (factor dtype, refinement, fallback)
     factors: list                     # FactorInfo dicts, one per factorization
     timings_s: dict                   # wall-clock per phase (solve_refined's "gram"/"factor"/"solve")
-    device_timings_s: dict            # CUDA-event seconds per phase (wall-clock on a CPU device)
+    device_timings_s: dict            # seconds per phase, the device synchronized at the end of each
     memory: dict = field(default_factory=dict)
     X_fit: object = None              # centered float64 training points on the device
     mean: np.ndarray | None = None
@@ -54,8 +141,6 @@ class ResidentSolution:
     def predict(self, X) -> np.ndarray:
         """k(X, X_fit) @ alpha on the device, float64; returns host scores."""
         import torch
-
-        from .backend_torch import kernel_matmul_torch
 
         dev = self.X_fit.device
         Xt = torch.from_numpy(np.asarray(X, dtype=np.float64) - self.mean).to(dev)
@@ -72,11 +157,7 @@ def solve_resident(X, Y, *, kernel: str, bandwidth: float, dtype, device, block:
     dtype: the factor dtype (float32: refined in float64, ``max_refine`` steps; float64 with
     ``max_refine=0`` is a direct solve). ``tf32``: float32 factor GEMMs on TF32 (CUDA). Raises
     ``MemoryPlanError`` before any device work when the resident solve does not fit."""
-    from .backend import free_device_bytes
-    from .backend_torch import PhaseTimer, cho_solve_torch, kernel_matmul_torch, require_torch, resolve_device
-    from .factor import DEVICE_SAFETY, factor
-    from .mixed import solve_refined
-    from .outofcore import build_gram_panels_device
+    from .linalg.factor import factor  # looked up per call, as before the move (the device checks patch it)
 
     torch = require_torch()
     dev = resolve_device(device)
@@ -98,18 +179,26 @@ def solve_resident(X, Y, *, kernel: str, bandwidth: float, dtype, device, block:
     mean = X64.mean(axis=0)
     Xc = X64 - mean                  # the kernels are translation-invariant; centering keeps float32 accurate
     Xd = torch.from_numpy(Xc).to(dev)
-    timer = PhaseTimer(dev)
+    timer = PhaseTimer()
+
+    @contextlib.contextmanager
+    def phase(name):
+        # results.PhaseTimer is a wall clock: wait for the device's queued work before the phase ends
+        with timer.phase(name):
+            yield
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
 
     def build(dt):
-        with timer.phase("gram"):
+        with phase("gram"):
             return build_gram_panels_device(Xc, kernel, bandwidth, block, dt, dev, center=False, resident=True)
 
     def factor_gram(G):
-        with timer.phase("factor"):
+        with phase("factor"):
             return factor(G, tf32=tf32).to_dict()
 
     def apply_high(V):
-        with timer.phase("refine"):
+        with phase("refine"):
             out = kernel_matmul_torch(Xd, Xd, torch.from_numpy(V).to(dev), kernel, bandwidth, rows=rows,
                                       exact_diagonal=True)
             return out.cpu().numpy()
@@ -117,7 +206,7 @@ def solve_resident(X, Y, *, kernel: str, bandwidth: float, dtype, device, block:
     def solver(L, diag):
         # the Gram has a unit diagonal (k(x, x) = 1) plus the jitter: no diagonal scaling to undo
         def solve_low(R):
-            with timer.phase("refine"):
+            with phase("refine"):
                 scale = float(np.max(np.abs(R))) or 1.0
                 Z = cho_solve_torch(L, torch.from_numpy(R / scale).to(dev, L.panels[0].dtype))
                 return Z.to(torch.float64).cpu().numpy() * scale
@@ -140,7 +229,7 @@ def solve_resident(X, Y, *, kernel: str, bandwidth: float, dtype, device, block:
     if dev.type == "cuda":
         memory["peak_allocated_bytes"] = int(torch.cuda.max_memory_allocated(dev))
     return ResidentSolution(alpha=alpha, residual=R, report=report, factors=factors, timings_s=timings,
-                            device_timings_s=timer.seconds(), memory=memory, X_fit=Xd, mean=mean, kernel=kernel,
+                            device_timings_s=timer.as_dict(), memory=memory, X_fit=Xd, mean=mean, kernel=kernel,
                             bandwidth=float(bandwidth), rows=rows)
 
 
@@ -157,10 +246,6 @@ def resident_device(options, n: int, d: int, k: int, block: int, dtype):
     spec = str(device)
     if not (spec.startswith("cuda") or (spec == "cpu" and options.device_memory_budget is not None)):
         return None
-    from .backend import free_device_bytes
-    from .backend_torch import resolve_device
-    from .factor import DEVICE_SAFETY
-
     dev = resolve_device(device)
     usable = options.device_memory_budget if options.device_memory_budget is not None else \
         DEVICE_SAFETY * free_device_bytes(dev)
