@@ -16,8 +16,8 @@ import numpy as np
 from .errors import InputError
 from .grid import IntegerGrid, exact_in_one_gemm, find_integer_grid, finish_from_dots, gaussian_factors, same_grid
 from .grid import kernel_tile_into as grid_kernel_tile_into
-from .kernels import kernel_tile_into, row_norms_sq
-from .linalg.panels import SymmetricPanels
+from .kernels import kernel_tile, kernel_tile_into, row_norms_sq
+from .linalg.panels import SymmetricPanels, choose_block
 from .parallel import blas_threads, parallel_tasks
 
 # Row-tile size for kernel products: a (rows x n) float64 tile is rows * n * 8 bytes
@@ -69,6 +69,31 @@ def build_gram_panels(X, kernel: str, bandwidth: float, block: int | None = None
     if bar is not None:
         bar.close()
     return G
+
+
+def _gram_tile(Xi, Xj, kernel, bandwidth, diagonal, dtype, jitter=0.0):
+    """One Gram tile k(Xi, Xj), computed on a dask worker (``gram_tiles``)."""
+    T = kernel_tile(Xi, Xj, kernel, bandwidth, dtype=dtype)
+    if diagonal:
+        np.fill_diagonal(T, 1.0 + jitter)   # k(x, x) = 1 exactly, as build_gram_panels does (+ the ridge)
+    return T
+
+
+def gram_tiles(X, kernel: str, bandwidth: float, block: int | None = None, dtype=np.float64, client=None,
+               scheduler_address=None, jitter: float = 0.0):
+    """Gram tiles k(X_i, X_j), i >= j, computed on dask workers from scattered row blocks of X
+    (``jitter`` added to the diagonal): a ``linalg.distributed.TiledMatrix`` for its ``cholesky``."""
+    from .linalg import distributed as kd
+
+    client = kd.get_client(client, scheduler_address)
+    X = np.asarray(X, dtype=np.float64)
+    X = np.ascontiguousarray(X - X.mean(axis=0), dtype=dtype)   # translation-invariant: center for float32
+    n = X.shape[0]
+    block = choose_block(n, block)
+    Xf = client.scatter([X[s : s + block] for s in range(0, n, block)], hash=False)
+    bandwidth, jitter = float(bandwidth), float(jitter)
+    return kd.lower_tiles(_gram_tile, lambda i, j, *_: (Xf[i], Xf[j], kernel, bandwidth, i == j, dtype, jitter),
+                          n, block, dtype, client, name="gram", keepalive=Xf)
 
 
 def _untransposed(outT, row_factors):

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 
 from .errors import InputError, MemoryPlanError
-from .gram import GridProducts, KernelOperator, argmax_exact_scores, build_gram_panels
+from .gram import GridProducts, KernelOperator, argmax_exact_scores, build_gram_panels, gram_tiles
 from .kernels import check_bandwidth, check_distance_scale, check_kernel, check_kernel_on_data, median_bandwidth
 from .linalg.mixed import solve_refined
 from .linalg.panels import SymmetricPanels, cholesky_flops
@@ -513,6 +513,7 @@ def fit_precomputed(G, Y, options: SolveOptions = SolveOptions(mode="float64"), 
         check_square,
         gram_matmul,
         gram_source_info,
+        gram_tiles_from_source,
         open_gram,
         read_gram_panels,
     )
@@ -542,8 +543,8 @@ def fit_precomputed(G, Y, options: SolveOptions = SolveOptions(mode="float64"), 
         from .linalg import distributed as kd
 
         t = time.perf_counter()
-        L = kd.cholesky(kd.gram_tiles_from_source(source, dtype=fdt, block=plan.block, jitter=jitter,
-                                                  client=client))
+        L = kd.cholesky(gram_tiles_from_source(source, dtype=fdt, block=plan.block, jitter=jitter,
+                                               client=client))
         alpha = kd.cho_solve(L, Y).astype(np.float64)
         timings["factor"] = time.perf_counter() - t
         t = time.perf_counter()
@@ -587,8 +588,8 @@ def fit_distributed(X, Y, options: SolveOptions = SolveOptions(), client=None) -
     jitter = float(options.jitter)
     timings = {}
     t = time.perf_counter()
-    L = kd.cholesky(kd.gram_tiles(X64, options.kernel, bandwidth, block=plan.block, dtype=fdt, client=client,
-                                  jitter=jitter))
+    L = kd.cholesky(gram_tiles(X64, options.kernel, bandwidth, block=plan.block, dtype=fdt, client=client,
+                               jitter=jitter))
     high = KernelOperator(X64, options.kernel, bandwidth, np.float64)
     apply, k_inf = with_row_sums(lambda V: high.symmetric_matmul(V), jitter)
 

@@ -10,6 +10,7 @@ distributed = pytest.importorskip("distributed")
 da = pytest.importorskip("dask.array")
 
 from kernelfit.errors import InputError, NotPositiveDefiniteError  # noqa: E402
+from kernelfit.gram import gram_tiles  # noqa: E402
 from kernelfit.linalg import distributed as kd  # noqa: E402
 from kernelfit.linalg.panels import SymmetricPanels  # noqa: E402
 from kernelfit.linalg.tiled import cho_solve, cholesky_inplace  # noqa: E402
@@ -51,7 +52,7 @@ def test_factor_and_solve_match_single_process(client):
 
 def test_gram_built_on_workers_and_dask_array_roundtrip(client):
     X, K, B = gaussian_problem(n=300, seed=1)
-    A = kd.gram_tiles(X, "gaussian", 0.6, block=64, client=client)
+    A = gram_tiles(X, "gaussian", 0.6, block=64, client=client)
     Gd = A.to_panels()
     np.testing.assert_allclose(Gd.to_dense(), K - 1e-6 * np.eye(300), atol=1e-12)
     # dask-array input with square chunks; independent reference: dask.array.linalg.cholesky
