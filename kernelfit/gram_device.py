@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import InputError, MemoryPlanError
+from .kernels import check_kernel
 from .linalg.backend import free_device_bytes
 from .linalg.backend_torch import cho_solve_torch, require_torch, resolve_device, tf32_disabled, torch_dtype
 from .linalg.factor import DEVICE_SAFETY
@@ -39,15 +40,11 @@ from .results import PhaseTimer
 
 def gram_tile_into(out, X, Z, X_sq, Z_sq, kernel: str, bandwidth: float):
     """k(X, Z) written into ``out`` (torch tensors, same device), TF32 off. Distances clamped at 0."""
+    k = check_kernel(kernel)
     with tf32_disabled():
         out.copy_(X @ Z.transpose(0, 1))
     out.mul_(-2.0).add_(X_sq[:, None]).add_(Z_sq[None, :]).clamp_(min=0.0)
-    if kernel == "gaussian":
-        out.mul_(-1.0 / (2.0 * bandwidth * bandwidth)).exp_()
-    elif kernel == "laplacian":
-        out.sqrt_().mul_(-1.0 / bandwidth).exp_()
-    else:
-        raise InputError(f"unknown kernel {kernel!r}; expected 'gaussian' or 'laplacian'.")
+    k.torch_apply_(out, bandwidth)
     return out
 
 
