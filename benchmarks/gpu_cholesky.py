@@ -54,6 +54,7 @@ from kernelfit.linalg import backend_torch as bt  # noqa: E402
 from kernelfit.linalg.backend import free_device_bytes  # noqa: E402
 from kernelfit.linalg.factor import factor  # noqa: E402
 from kernelfit.linalg.mixed import solve_refined  # noqa: E402
+from kernelfit.linalg.options import FactorOptions  # noqa: E402
 from kernelfit.linalg.outofcore import TorchDevice, budget_for_slabs  # noqa: E402
 from kernelfit.linalg.panels import cholesky_flops, choose_block  # noqa: E402
 from kernelfit.linalg.refine import float64_level_threshold  # noqa: E402
@@ -324,7 +325,7 @@ def run_config(mode, n, ooc, args, device, base):
         rec["pipeline"] = "host panels"
         timings = {}
         # the float64 fallback re-factors in core; out of core it would not fit, so it is not offered
-        alpha, _, report, factors = solve_refined(build, lambda G: factor(G, **fkw).to_dict(), apply_high, Y,
+        alpha, _, report, factors = solve_refined(build, lambda G: factor(G, FactorOptions(**fkw)).to_dict(), apply_high, Y,
                                                   dtype=np.float32, max_refine=10, scale_diagonal=True,
                                                   fallback=None if ooc else (lambda: None), timings=timings)
         rec["refinement"] = report
@@ -338,7 +339,7 @@ def run_config(mode, n, ooc, args, device, base):
         rec["pipeline"] = "host panels"
         G = build(fdt)
         rec["phases_s"]["gram"] = t_gram[0]
-        factors = [factor(G, **fkw).to_dict()]
+        factors = [factor(G, FactorOptions(**fkw)).to_dict()]
         rec["phases_s"]["factor_total"] = factors[0]["timings_s"]["factor"]
         t = time.perf_counter()
         alpha = cho_solve(G, Y.astype(fdt)).astype(np.float64)

@@ -34,6 +34,7 @@ from .linalg.backend import free_device_bytes
 from .linalg.backend_torch import cho_solve_torch, require_torch, resolve_device, tf32_disabled, torch_dtype
 from .linalg.factor import DEVICE_SAFETY
 from .linalg.mixed import solve_refined
+from .linalg.options import FactorOptions
 from .linalg.panels import SymmetricPanels, choose_block
 from .results import PhaseTimer
 
@@ -192,7 +193,7 @@ def solve_resident(X, Y, *, kernel: str, bandwidth: float, dtype, device, block:
 
     def factor_gram(G):
         with phase("factor"):
-            return factor(G, tf32=tf32).to_dict()
+            return factor(G, FactorOptions(tf32=tf32)).to_dict()
 
     def apply_high(V):
         with phase("refine"):

@@ -351,6 +351,7 @@ def _build_gram(X64, fdt, bandwidth, block, options: SolveOptions, grid=None) ->
 def factor_panels(G: SymmetricPanels, options: SolveOptions) -> dict:
     """Factor G in place where the options say (CPU, GPU in-core or out-of-core, checkpointed)."""
     from .linalg.factor import factor
+    from .linalg.options import FactorOptions
 
     bar = None
     if options.progress:
@@ -358,10 +359,10 @@ def factor_panels(G: SymmetricPanels, options: SolveOptions) -> dict:
 
         bar = progress_bar(total=cholesky_flops(G.n), desc="cholesky", unit="flop")
     try:
-        info = factor(G, backend=options.backend, device=options.device, out_of_core=options.out_of_core,
-                      device_memory_budget=options.device_memory_budget, tf32=options.tf32,
-                      checkpoint_dir=options.checkpoint_dir, resume=options.resume, progress=bar,
-                      jitter=options.jitter)
+        placement = FactorOptions(backend=options.backend, device=options.device, out_of_core=options.out_of_core,
+                                  device_memory_budget=options.device_memory_budget, tf32=options.tf32,
+                                  checkpoint_dir=options.checkpoint_dir, resume=options.resume)
+        info = factor(G, placement, progress=bar, jitter=options.jitter)
         return info.to_dict()
     finally:
         if bar is not None:
@@ -431,18 +432,19 @@ def solve_gram(G: SymmetricPanels, Y, jitter: float = 0.0, backend: str = "auto"
     preconditioner) and the system refined is the one ``apply_high`` applies. Returns (alpha, info).
     """
     from .linalg.factor import factor
+    from .linalg.options import FactorOptions
 
     Y = check_targets(Y, G.n)
     if jitter:
         G.add_to_diagonal(jitter)
     if apply_high is None:
         t = time.perf_counter()
-        info = {"factorization": factor(G, backend=backend, jitter=jitter).to_dict(),
+        info = {"factorization": factor(G, FactorOptions(backend=backend), jitter=jitter).to_dict(),
                 "factor_s": time.perf_counter() - t}
         return cho_solve(G, Y.astype(G.dtype)).astype(np.float64), info
     timings = {}
     alpha, _, report, factors = solve_refined(
-        lambda dt: G, lambda P: factor(P, backend=backend, jitter=jitter).to_dict(), apply_high, Y,
+        lambda dt: G, lambda P: factor(P, FactorOptions(backend=backend), jitter=jitter).to_dict(), apply_high, Y,
         dtype=G.dtype, max_refine=max_refine, timings=timings)
     return alpha, {"factorization": factors[-1], "factor_s": timings["factor"], "refinement": report}
 

@@ -268,6 +268,7 @@ def _cholesky_rows_panels(g, sigma_spec, label_sets, y_test, k, seed, device=Non
     """
     from .linalg.factor import factor
     from .linalg.mixed import solve_refined
+    from .linalg.options import FactorOptions
     from .linalg.panels import SymmetricPanels
     from .planning import available_bytes
 
@@ -301,7 +302,7 @@ def _cholesky_rows_panels(g, sigma_spec, label_sets, y_test, k, seed, device=Non
             f"a float64 copy of the Gram ({need / 2**30:.1f} GiB) would not fit in the {avail / 2**30:.1f} GiB available")
 
     timings = {}
-    alpha, R, report, factors = solve_refined(build, lambda G: factor(G, device=device).to_dict(),
+    alpha, R, report, factors = solve_refined(build, lambda G: factor(G, FactorOptions(device=device)).to_dict(),
                                               P64.symmetric_matmul, Y, dtype=np.float32, max_refine=max_refine,
                                               fallback=fallback, timings=timings)
     fit = Y - R

@@ -150,9 +150,9 @@ def _emulated_tf32_factor(monkeypatch, mantissa_bits):
     real = kf.factor
     drop = 23 - mantissa_bits
 
-    def fake(G, **kw):
-        info = real(G, **kw)
-        if kw.get("tf32") and str(G.dtype).endswith("float32"):
+    def fake(G, placement=kf.DEFAULT_PLACEMENT, **kw):
+        info = real(G, placement, **kw)
+        if placement.tf32 and str(G.dtype).endswith("float32"):
             for P in G.panels:
                 P.view(torch.int32).add_(1 << (drop - 1)).bitwise_and_(~((1 << drop) - 1))
             info.tf32 = True

@@ -17,6 +17,7 @@ from kernelfit.gram_device import build_gram_panels_device  # noqa: E402
 from kernelfit.linalg import backend_torch as bt  # noqa: E402
 from kernelfit.linalg.factor import factor  # noqa: E402
 from kernelfit.linalg.mixed import solve_refined  # noqa: E402
+from kernelfit.linalg.options import FactorOptions  # noqa: E402
 from kernelfit.linalg.outofcore import TorchDevice, cholesky_out_of_core, plan_slabs  # noqa: E402
 from kernelfit.linalg.panels import SymmetricPanels  # noqa: E402
 from kernelfit.linalg.tiled import cholesky_inplace  # noqa: E402
@@ -43,7 +44,7 @@ def separate_device_budget(device, G):
 def test_in_core_copy_path_matches_lapack(device, dtype, tol):
     A = spd(1000 if device == "cuda" else 300, dtype=dtype)
     G = SymmetricPanels.from_dense(A, 128 if device == "cuda" else 48)
-    info = factor(G, device=device, out_of_core=False, device_memory_budget=separate_device_budget(device, G))
+    info = factor(G, FactorOptions(device=device, out_of_core=False, device_memory_budget=separate_device_budget(device, G)))
     assert info.backend == "torch" and info.device.startswith(device) and info.path == "in-core"
     assert info.bytes_moved == {"h2d": G.nbytes, "d2h": G.nbytes}     # the copy branch ran
     np.testing.assert_allclose(G.to_dense(False), scipy.linalg.cholesky(A.astype(np.float64), lower=True), atol=tol)
@@ -133,7 +134,7 @@ def test_mixed_with_tf32_factor_refines_to_float64(device):
     Y = rng.standard_normal((n, 2))
     op = KernelOperator(X, "gaussian", 0.3, np.float64)
     Xs, _, info, factors = solve_refined(lambda dt: build_gram_panels(X, "gaussian", 0.3, 64, dt),
-                                         lambda G: factor(G, device=device, tf32=True).to_dict(),
+                                         lambda G: factor(G, FactorOptions(device=device, tf32=True)).to_dict(),
                                          op.symmetric_matmul, Y, dtype=np.float32, scale_diagonal=True,
                                          fallback=lambda: None)
     assert factors[0]["tf32"] is (device == "cuda")         # TF32 applies to CUDA float32 factors only
@@ -147,7 +148,7 @@ def test_forced_in_core_too_big_names_both_numbers(device):
 
     G = SymmetricPanels.from_dense(spd(100), 32)
     with pytest.raises(MemoryPlanError, match=f"does not fit on {device}"):
-        factor(G, device=device, out_of_core=False, device_memory_budget=1000)
+        factor(G, FactorOptions(device=device, out_of_core=False, device_memory_budget=1000))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -164,11 +165,11 @@ def test_checkpoint_resume_on_a_separate_device(device, tmp_path):
             raise Crash
 
     with pytest.raises(Crash):
-        factor(G, device=device, out_of_core=False, device_memory_budget=budget, checkpoint_dir=tmp_path,
+        factor(G, FactorOptions(device=device, out_of_core=False, device_memory_budget=budget, checkpoint_dir=tmp_path),
                checkpoint_every=2, on_panel_done=crash)
     G2 = SymmetricPanels.from_dense(A, G.block)
-    info = factor(G2, device=device, out_of_core=False, device_memory_budget=budget, checkpoint_dir=tmp_path,
-                  resume=True, checkpoint_every=2)
+    info = factor(G2, FactorOptions(device=device, out_of_core=False, device_memory_budget=budget, checkpoint_dir=tmp_path,
+                                    resume=True), checkpoint_every=2)
     assert info.resumed_from_panel > 0 and info.bytes_moved["h2d"] == G2.nbytes
     np.testing.assert_allclose(G2.to_dense(False), scipy.linalg.cholesky(A, lower=True), atol=1e-11)
 
@@ -179,7 +180,7 @@ def test_cupy_backend_on_gpu():
     cupy = pytest.importorskip("cupy")
     A = spd(500, seed=4)
     G = SymmetricPanels.from_dense(A, 64)
-    info = factor(G, backend="cupy", out_of_core=False)
+    info = factor(G, FactorOptions(backend="cupy", out_of_core=False))
     assert info.backend == "cupy"
     np.testing.assert_allclose(G.to_dense(False), scipy.linalg.cholesky(A, lower=True), atol=1e-10)
     bad = spd(200, seed=6)
@@ -187,7 +188,7 @@ def test_cupy_backend_on_gpu():
     from kernelfit.errors import NotPositiveDefiniteError
 
     with pytest.raises(NotPositiveDefiniteError) as exc:     # cupy must not return a partial factor silently
-        factor(SymmetricPanels.from_dense(bad, 64), backend="cupy", out_of_core=False)
+        factor(SymmetricPanels.from_dense(bad, 64), FactorOptions(backend="cupy", out_of_core=False))
     assert exc.value.minor == scipy.linalg.lapack.dpotrf(bad, lower=1)[1]
     assert cupy.cuda.runtime.getDeviceCount() >= 1
 
