@@ -49,7 +49,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from kernelfit.gram_device import build_gram_panels_device, gram_tile_into, kernel_matmul_torch, solve_resident  # noqa: E402
+from kernelfit.gram_device import (  # noqa: E402
+    ResidentOptions,
+    build_gram_panels_device,
+    gram_tile_into,
+    kernel_matmul_torch,
+    solve_resident,
+)
 from kernelfit.linalg import backend_torch as bt  # noqa: E402
 from kernelfit.linalg.backend import free_device_bytes  # noqa: E402
 from kernelfit.linalg.factor import factor  # noqa: E402
@@ -307,9 +313,10 @@ def run_config(mode, n, ooc, args, device, base):
 
     if not ooc and args.pipeline == "resident":
         # the Gram fits on the device: Gram, factor, refinement (and below, prediction) stay there
-        sol = solve_resident(Xtr, Y, kernel="gaussian", bandwidth=SIGMA, dtype=fdt, device=device, block=block,
-                             max_refine=10 if mode.startswith("mixed") else 0, tf32=tf32,
-                             fallback_float64=mode.startswith("mixed"), rows=args.product_rows)
+        sol = solve_resident(Xtr, Y, ResidentOptions(kernel="gaussian", bandwidth=SIGMA, dtype=fdt,
+                                                     max_refine=10 if mode.startswith("mixed") else 0,
+                                                     fallback_float64=mode.startswith("mixed"), rows=args.product_rows),
+                             FactorOptions(device=device, block_size=block, tf32=tf32))
         alpha, factors, report = sol.alpha, sol.factors, sol.report
         rec["pipeline"] = "resident"
         rec["refinement"] = report

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .catalog import MAX_REFINE
 from .errors import InputError, MemoryPlanError
 from .kernels import check_kernel
 from .linalg.backend import free_device_bytes
@@ -146,15 +147,31 @@ class ResidentSolution:
         return kernel_matmul_torch(Xt, self.X_fit, A, self.kernel, self.bandwidth, rows=self.rows).cpu().numpy()
 
 
-def solve_resident(X, Y, *, kernel: str, bandwidth: float, dtype, device, block: int | None = None,
-                   jitter: float = 0.0, max_refine: int = 10, tol: float | None = None, tf32: bool = False,
-                   fallback_float64: bool = True, device_memory_budget: int | None = None,
-                   rows: int = PRODUCT_ROWS) -> ResidentSolution:
-    """Solve (K + jitter I) alpha = Y with K = k(X, X) entirely on ``device`` (a torch device).
+@dataclass(frozen=True)
+class ResidentOptions:
+    """What a resident solve computes (where it runs is its ``FactorOptions``)."""
 
-    dtype: the factor dtype (float32: refined in float64, ``max_refine`` steps; float64 with
-    ``max_refine=0`` is a direct solve). ``tf32``: float32 factor GEMMs on TF32 (CUDA). Raises
+    kernel: str = "gaussian"
+    bandwidth: float = 1.0
+    dtype: object = np.float32        # the factor dtype: float32 is refined in float64, float64 is direct
+    jitter: float = 0.0
+    max_refine: int = MAX_REFINE      # 0 with a float64 factor: a direct solve
+    tol: float | None = None
+    fallback_float64: bool = True
+    rows: int = PRODUCT_ROWS          # rows of one float64 product tile
+
+
+def solve_resident(X, Y, options: ResidentOptions, placement: FactorOptions) -> ResidentSolution:
+    """Solve (K + jitter I) alpha = Y with K = k(X, X) entirely on ``placement.device`` (a torch device).
+
+    ``options.dtype``: the factor dtype (float32: refined in float64, ``max_refine`` steps; float64 with
+    ``max_refine=0`` is a direct solve). ``placement.tf32``: float32 factor GEMMs on TF32 (CUDA);
+    ``placement.block_size``, ``placement.device_memory_budget`` as for ``linalg.factor``. Raises
     ``MemoryPlanError`` before any device work when the resident solve does not fit."""
+    kernel, bandwidth, dtype, jitter = options.kernel, options.bandwidth, options.dtype, options.jitter
+    max_refine, tol, fallback_float64, rows = options.max_refine, options.tol, options.fallback_float64, options.rows
+    device, block, tf32 = placement.device, placement.block_size, placement.tf32
+    device_memory_budget = placement.device_memory_budget
     from .linalg.factor import factor  # looked up per call, as before the move (the device checks patch it)
 
     torch = require_torch()

@@ -379,15 +379,18 @@ def _factor_and_solve(X64, Y, strategy, bandwidth, block, high: KernelOperator, 
     n = Y.shape[0]
     fdt = np.dtype(factor_dtype_name(strategy))
     mixed = options.mode == "mixed"   # refined (a float64 factor usually stops after its first residual)
-    from .gram_device import resident_device, solve_resident
+    from .gram_device import ResidentOptions, resident_device, solve_resident
+    from .linalg.options import FactorOptions
 
     device = resident_device(options, n, X64.shape[1], Y.shape[1], block, fdt)
     if device is not None:   # the Gram fits on the device: the whole solve stays there
-        sol = solve_resident(X64, Y, kernel=options.kernel, bandwidth=bandwidth, dtype=fdt, device=device, block=block,
-                             jitter=float(options.jitter), max_refine=int(options.max_refine) if mixed else 0,
-                             tol=options.refine_tol if mixed else None, tf32=bool(options.tf32),
-                             fallback_float64=mixed and options.fallback_float64,
-                             device_memory_budget=options.device_memory_budget)
+        sol = solve_resident(X64, Y, ResidentOptions(kernel=options.kernel, bandwidth=bandwidth, dtype=fdt,
+                                                     jitter=float(options.jitter),
+                                                     max_refine=int(options.max_refine) if mixed else 0,
+                                                     tol=options.refine_tol if mixed else None,
+                                                     fallback_float64=mixed and options.fallback_float64),
+                             FactorOptions(device=device, block_size=block, tf32=bool(options.tf32),
+                                           device_memory_budget=options.device_memory_budget))
         timings.update({k: v for k, v in sol.timings_s.items() if k != "total"})
         info = {**sol.factors[-1], "pipeline": "resident", "device_timings_s": sol.device_timings_s,
                 "resident_memory": sol.memory}

@@ -212,13 +212,13 @@ def test_cli_tf32_reaches_the_factor_and_needs_mixed_mode(tmp_path, capsys):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_resident_pipeline_with_tf32_factor_reaches_float64(device):
-    from kernelfit.gram_device import solve_resident
+    from kernelfit.gram_device import ResidentOptions, solve_resident
 
     rng = np.random.default_rng(7)
     n = 2000 if device == "cuda" else 300
     X, Y = rng.random((n, 30)), rng.standard_normal((n, 3))
-    sol = solve_resident(X, Y, kernel="gaussian", bandwidth=1.0, dtype=np.float32, device=device, tf32=True,
-                         device_memory_budget=None if device == "cuda" else 10**9)
+    sol = solve_resident(X, Y, ResidentOptions(kernel="gaussian", bandwidth=1.0, dtype=np.float32),
+                         FactorOptions(device=device, tf32=True, device_memory_budget=None if device == "cuda" else 10**9))
     K = np.exp(-cdist(X, X, "sqeuclidean") / 2.0)
     assert np.abs(K @ sol.alpha - Y).max() < 1e-9 and sol.report["backward_stable"]
     assert sol.factors[0]["tf32"] is (device == "cuda") and sol.factors[0]["bytes_moved"]["h2d"] == 0
