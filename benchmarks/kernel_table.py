@@ -120,7 +120,7 @@ def tune_randconv(argv) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     from kernelfit.data import load_dataset
-    from kernelfit.features.randconv import RandConvConfig, RandConvFeatures
+    from kernelfit.features.randconv import GramOptions, RandConvConfig, RandConvFeatures
     from kernelfit.results import machine_info
     from kernelfit.table import _linear_from_gram_inplace, _median_distance_from_sqd
 
@@ -148,7 +148,7 @@ def tune_randconv(argv) -> int:
         cfg = RandConvConfig(**{"filters": "patches", "seed": args.seed, **over, "n_filters": args.filters})
         t = time.perf_counter()
         g = RandConvFeatures(cfg).fit(ds.x_train).accumulate_gram(ds.x_train, ds.x_test,
-                                                                  filter_block=args.filter_block)
+                                                                  GramOptions(filter_block=args.filter_block))
         t_feat = time.perf_counter() - t
         base = {"config": text, "n_features": int(g.n_features), "features_s": round(t_feat, 1)}
         t = time.perf_counter()

@@ -70,7 +70,7 @@ def randconv_gram(ds, cfg, *, panels: bool, cache_dir=None, use_cache: bool = Tr
     solve (hours of features survive a crash there).
     """
     from .cache import GramCache, hash_array
-    from .randconv import RandConvFeatures
+    from .randconv import GramOptions, RandConvFeatures
 
     timings = {} if timings is None else timings
     fmap = RandConvFeatures(cfg).fit(ds.x_train)
@@ -102,9 +102,9 @@ def randconv_gram(ds, cfg, *, panels: bool, cache_dir=None, use_cache: bool = Tr
             print(f"{log_prefix} feature Gram checkpoint: {partial.filters_done} of {cfg.n_filters} filters "
                   f"({cache.dir}, key {key})", file=sys.stderr, flush=True)
     if g is None or not g.complete:
-        g = fmap.accumulate_gram(ds.x_train, ds.x_test, filter_block=filter_block, standardize=True,
-                                 panels=panels, device=device, progress=progress,
-                                 checkpoint=checkpoint if checkpoint_minutes > 0 else None,
+        g = fmap.accumulate_gram(ds.x_train, ds.x_test,
+                                 GramOptions(filter_block=filter_block, standardize=True, panels=panels, device=device),
+                                 progress=progress, checkpoint=checkpoint if checkpoint_minutes > 0 else None,
                                  checkpoint_every=60.0 * checkpoint_minutes, resume=g)
         if cache is not None:
             t_save = time.perf_counter()
