@@ -40,7 +40,7 @@ class SolveOptions:
     kernel: str = "gaussian"            # "gaussian": exp(-|x-z|^2/(2 s^2)); "laplacian": exp(-|x-z|/s)
     bandwidth: float | str = "median"   # sigma > 0, or "median" (median pairwise distance of a sample)
     mode: str = "mixed"                 # "float64" | "float32" | "mixed"
-    strategy: str = "auto"              # mixed: "auto" (fastest that fits) or a name in linalg/strategy.py
+    strategy: str = "auto"              # mixed: "auto" (fastest that fits) or a name in kernelfit/planning.py
     jitter: float = 0.0                 # ridge added to the diagonal; 0 = exact interpolation
     block_size: int | None = None       # panel width; None picks one from n
     max_refine: int = 10                # mixed mode: at most this many refinement steps

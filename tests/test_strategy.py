@@ -1,4 +1,4 @@
-"""Solve strategies (linalg/strategy.py): each against LAPACK float64, the choice against mocked
+"""Solve strategies (kernelfit/planning.py): each against LAPACK float64, the choice against mocked
 memory, and the refine_tol contract."""
 
 import json

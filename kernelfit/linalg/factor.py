@@ -44,7 +44,7 @@ def _gib(b) -> str:
 
 @dataclass
 class DevicePlan:
-    """Device-memory plan for one factorization (cf. memory.py for host memory)."""
+    """Device-memory plan for one factorization (cf. kernelfit.planning for host memory)."""
 
     n: int
     block: int

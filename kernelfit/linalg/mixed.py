@@ -64,7 +64,7 @@ def solve_refined(build_gram: Callable, factor_gram: Callable, apply_high: Calla
         why not: a sentence, or a ``MemoryPlanError`` (not raised) whose plan is kept if this must raise.
     timings: accumulates "gram", "factor", "solve" seconds.
     solver(L, d) -> (R -> K^{-1} R in float64) for factors that are not host panels (device-resident
-        ones, see ``linalg.resident``); default ``low_precision_solver(cho_solve, L, d)``.
+        ones, see ``kernelfit.gram_device``); default ``low_precision_solver(cho_solve, L, d)``.
     Returns (X, R = Y - (K + jitter I) X, report dict, list of factor info dicts).
     """
     Y = np.asarray(Y, dtype=np.float64)
