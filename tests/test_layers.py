@@ -100,6 +100,9 @@ def imports_of(name: str, path: Path, modules) -> set[tuple[str, int]]:
         if mod is not None and mod != name:
             found.setdefault(mod, line)
 
+    # a logger's name is not an import, even when it spells a module
+    loggers = {id(a) for n in ast.walk(tree) if isinstance(n, ast.Call) and ast.unparse(n.func).endswith("getLogger")
+               for a in n.args}
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
@@ -116,7 +119,7 @@ def imports_of(name: str, path: Path, modules) -> set[tuple[str, int]]:
                 sub = f"{source}.{alias.name}"
                 add(sub if sub in modules else source, node.lineno)
         elif isinstance(node, ast.Constant) and isinstance(node.value, str) and "." in node.value:
-            if node.value in modules:
+            if node.value in modules and id(node) not in loggers:
                 add(node.value, node.lineno)
     return set(found.items())
 
@@ -218,7 +221,7 @@ def test_checker_sees_cycle_and_unplaced_module_and_never(fake_tree):
     mods = fake_tree({
         "pkg/a.py": "",
         "pkg/sub/c.py": "import pkg.sub.d\n",
-        "pkg/sub/d.py": "X = 'pkg.sub.c'\n",  # a lazy registry entry counts as an import
+        "pkg/sub/d.py": "X = 'pkg.sub.c'\nlog = logging.getLogger('pkg.b')\n",  # a lazy registry entry counts
         "pkg/b.py": "from pkg.sub import c\n",
         "pkg/e.py": "",
     })
@@ -226,6 +229,7 @@ def test_checker_sees_cycle_and_unplaced_module_and_never(fake_tree):
     assert any(p.startswith("import cycle:") and "pkg.sub.c -> pkg.sub.d" in p for p in problems), problems
     assert any(p.startswith("pkg/e.py: not placed") for p in problems), problems
     assert any("pkg/b.py:1 imports pkg.sub.c, which the layers block forbids" in p for p in problems), problems
+    assert not any("pkg.b (layer 2)" in p for p in problems), problems   # the logger name is no import
 
 
 def test_checker_passes_a_clean_tree(fake_tree):
