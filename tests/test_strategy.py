@@ -188,3 +188,11 @@ def test_refine_tol_below_what_this_K_reaches_warns_with_the_reached_residual():
     with pytest.warns(RuntimeWarning, match="was not reached.*what float64 can reach"):
         m = fit_interpolant(X, Y, SolveOptions(bandwidth=0.5, strategy=STORED, refine_tol=6e-15))
     assert not m.stats["refinement"]["tol_reached"] and m.stats["refinement"]["float64_level"]
+
+
+def test_planning_reads_the_modes_from_the_catalog():
+    from kernelfit import catalog, planning
+
+    assert planning.MODES is catalog.MODES
+    with pytest.raises(InputError, match="unknown mode 'fast'; expected one of mixed, float32, float64"):
+        plan_solve(10, 2, mode="fast")
