@@ -26,7 +26,7 @@ mnist.npz there on a machine that has only the working tree), else <repo>/../sha
 
 Per phase (seconds): gram (built on the device; in core it stays there, out of core it is written to
 host panels), factor (compute; transfers separate), solve / refine (float64 residuals on the device),
-predict; in-core records also carry ``device_phases_s`` timed with CUDA events. TFLOP/s =
+predict; in-core records also carry ``device_phases_s`` (wall clock, device synchronized per phase). TFLOP/s =
 (n^3/3) / factor compute time. "fraction of peak" divides by a float32/float64 GEMM rate measured in
 the same run (and by the vendor's nominal dense peak when the GPU name is in NOMINAL_PEAK_TFLOPS).
 For n > 60,000 the training set is MNIST train plus 1-pixel-shifted copies (test error on MNIST test).
@@ -324,7 +324,7 @@ def run_config(mode, n, ooc, args, device, base):
         rec["factor_dtype"] = report["factor_dtype"]
         rec["phases_s"].update(gram=sol.timings_s["gram"], factor_total=sol.timings_s["factor"],
                                refine=sol.timings_s["solve"])
-        rec["device_phases_s"] = sol.device_timings_s      # CUDA events on CUDA
+        rec["device_phases_s"] = sol.device_timings_s      # the device synchronized at the end of each phase
         rec["resident_memory"] = sol.memory
         Lh_first = None
         del sol

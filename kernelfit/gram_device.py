@@ -172,6 +172,11 @@ def solve_resident(X, Y, options: ResidentOptions, placement: FactorOptions) -> 
     max_refine, tol, fallback_float64, rows = options.max_refine, options.tol, options.fallback_float64, options.rows
     device, block, tf32 = placement.device, placement.block_size, placement.tf32
     device_memory_budget = placement.device_memory_budget
+    # the rest of a placement has no meaning here: refuse it rather than ignore it
+    if placement.checkpoint_dir is not None or placement.out_of_core is True or placement.backend not in ("auto", "torch"):
+        raise InputError(f"a resident solve runs on torch with the whole Gram on the device, without checkpoints; got "
+                         f"backend={placement.backend!r}, out_of_core={placement.out_of_core!r}, "
+                         f"checkpoint_dir={placement.checkpoint_dir!r}. Use kernelfit.solve (host panels) for those.")
     from .linalg.factor import factor  # looked up per call, as before the move (the device checks patch it)
 
     torch = require_torch()

@@ -9,7 +9,7 @@ from scipy.spatial.distance import cdist
 
 torch = pytest.importorskip("torch")
 
-from kernelfit.errors import MemoryPlanError  # noqa: E402
+from kernelfit.errors import InputError, MemoryPlanError  # noqa: E402
 from kernelfit.gram_device import ResidentOptions, resident_bytes, solve_resident  # noqa: E402
 from kernelfit.linalg.options import FactorOptions  # noqa: E402
 
@@ -93,3 +93,10 @@ def test_fit_interpolant_takes_the_resident_path_for_a_separate_device():
     host = fit_interpolant(X, Y, SolveOptions(bandwidth=bw, device="cpu"))     # no budget: host panels in place
     assert "pipeline" not in host.stats["factorization"]
     np.testing.assert_allclose(host.alpha, res.alpha, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("placement", [dict(checkpoint_dir="ck"), dict(out_of_core=True), dict(backend="numpy")])
+def test_resident_refuses_a_placement_it_cannot_honour(placement):
+    X, Y, _ = _problem(n=40)
+    with pytest.raises(InputError, match="a resident solve runs on torch with the whole Gram on the device"):
+        solve_resident(X, Y, ResidentOptions(), FactorOptions(device="cpu", device_memory_budget=10**9, **placement))
