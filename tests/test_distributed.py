@@ -166,3 +166,13 @@ def test_cli_gram_on_a_running_scheduler(client, tmp_path, capsys):
     assert rec["cluster"]["workers"] == 2 and not rec["cluster"]["local"]
     assert main([*argv, "--scheduler", "local:0"]) == 1
     assert "local:N with N >= 1" in capsys.readouterr().err
+
+
+def test_lower_tiles_factors_whatever_tiles_it_is_handed(client):
+    # linalg knows no kernels: the caller hands in the tile function (here a copy of a dense matrix's block)
+    _, K, B = gaussian_problem(n=150, seed=5)
+    A = kd.lower_tiles(np.array, lambda i, j, r0, r1, c0, c1: (K[r0:r1, c0:c1],), 150, 32, np.float64, client,
+                       name="given")
+    assert sorted(A.tiles) == [(i, j) for i in range(5) for j in range(i + 1)]
+    L = kd.cholesky(A)
+    np.testing.assert_allclose(L.to_panels().to_dense(False), scipy.linalg.cholesky(K, lower=True), atol=1e-10)
