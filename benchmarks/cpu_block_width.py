@@ -1,7 +1,7 @@
 """Panel width of the tiled float32 Cholesky on a CPU: the same MNIST Gaussian-kernel Gram factored
 with several widths, interleaved over repeats, next to the machine's sgemm peak measured in the same
 run. Prints one JSON line per factorization and a summary line (best time per width, and the width
-``kernelfit.linalg.tiled.choose_block`` picks for this n).
+``kernelfit.linalg.panels.choose_block`` picks for this n).
 
 A wider panel makes each trailing-update GEMM larger (closer to the GEMM peak) but also computes
 more of the upper halves of the diagonal squares, ~1.5 width / n extra flops; this measures where
@@ -25,7 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cpu_peers import gemm_peak, load_mnist  # noqa: E402
 
 from kernelfit.gram import build_gram_panels  # noqa: E402
-from kernelfit.linalg.tiled import cholesky_flops, cholesky_inplace, choose_block, logdet  # noqa: E402
+from kernelfit.linalg.panels import cholesky_flops, choose_block  # noqa: E402
+from kernelfit.linalg.tiled import cholesky_inplace, logdet  # noqa: E402
 
 
 def main(argv=None):

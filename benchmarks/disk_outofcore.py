@@ -75,7 +75,7 @@ def part_incore(args) -> dict:
 def part_disk(args) -> dict:
     from kernelfit.kernels import kernel_tile
     from kernelfit.linalg.diskstore import DiskPanels, disk_cho_solve
-    from kernelfit.linalg.tiled import SymmetricPanels, choose_block
+    from kernelfit.linalg.panels import SymmetricPanels, choose_block
 
     X, Y = _features(args.n, args.data_dir)
     n = args.n

@@ -26,7 +26,7 @@ mnist.npz there on a machine that has only the working tree), else <repo>/../sha
 
 Per phase (seconds): gram (built on the device; in core it stays there, out of core it is written to
 host panels), factor (compute; transfers separate), solve / refine (float64 residuals on the device),
-predict; in-core records also carry ``device_phases_s`` timed with CUDA events. TFLOP/s =
+predict; in-core records also carry ``device_phases_s`` (wall clock, device synchronized per phase). TFLOP/s =
 (n^3/3) / factor compute time. "fraction of peak" divides by a float32/float64 GEMM rate measured in
 the same run (and by the vendor's nominal dense peak when the GPU name is in NOMINAL_PEAK_TFLOPS).
 For n > 60,000 the training set is MNIST train plus 1-pixel-shifted copies (test error on MNIST test).
@@ -49,15 +49,23 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from kernelfit.gram_device import (  # noqa: E402
+    ResidentOptions,
+    build_gram_panels_device,
+    gram_tile_into,
+    kernel_matmul_torch,
+    solve_resident,
+)
 from kernelfit.linalg import backend_torch as bt  # noqa: E402
 from kernelfit.linalg.backend import free_device_bytes  # noqa: E402
 from kernelfit.linalg.factor import factor  # noqa: E402
 from kernelfit.linalg.mixed import solve_refined  # noqa: E402
-from kernelfit.linalg.outofcore import TorchDevice, budget_for_slabs, build_gram_panels_device  # noqa: E402
+from kernelfit.linalg.options import FactorOptions  # noqa: E402
+from kernelfit.linalg.outofcore import TorchDevice, budget_for_slabs  # noqa: E402
+from kernelfit.linalg.panels import cholesky_flops, choose_block  # noqa: E402
 from kernelfit.linalg.refine import float64_level_threshold  # noqa: E402
-from kernelfit.linalg.resident import solve_resident  # noqa: E402
-from kernelfit.linalg.strategy import measure_gemm_tflops, profile_for_name  # noqa: E402
-from kernelfit.linalg.tiled import cho_solve, cholesky_flops, choose_block  # noqa: E402
+from kernelfit.linalg.tiled import cho_solve  # noqa: E402
+from kernelfit.planning import measure_gemm_tflops, profile_for_name  # noqa: E402
 
 SIGMA = 5.0   # GUIDE: Gaussian kernel, sigma = 5 on pixels / 255
 MODES = ("float64", "float32", "mixed", "mixed-tf32")   # mixed-tf32: float32 factor on TF32 tensor cores
@@ -138,7 +146,7 @@ def gemm_tflops(device, dtype, m):
 
 
 def nominal_peak(device_name, dtype_name):
-    """The datasheet's dense rate (kernelfit.linalg.strategy.DEVICE_PROFILES) for this GPU, or None."""
+    """The datasheet's dense rate (kernelfit.planning.DEVICE_PROFILES) for this GPU, or None."""
     prof = profile_for_name(device_name) if device_name else None
     return None if prof is None else getattr(prof, f"{dtype_name}_tflops", None)
 
@@ -207,7 +215,7 @@ def reference_cholesky(Xd, dtype, device, n, args):
     sq = (Xd * Xd).sum(1)
     rows = 4096
     for a in range(0, n, rows):
-        bt.gram_tile_into(K[a : a + rows], Xd[a : a + rows], Xd, sq[a : a + rows], sq, "gaussian", SIGMA)
+        gram_tile_into(K[a : a + rows], Xd[a : a + rows], Xd, sq[a : a + rows], sq, "gaussian", SIGMA)
     K.fill_diagonal_(1.0)
     warm_up_references(dtype, device)
     sync(device)
@@ -300,14 +308,15 @@ def run_config(mode, n, ooc, args, device, base):
         return G
 
     def apply_high(V):
-        return bt.kernel_matmul_torch(X64, X64, torch.from_numpy(V).to(device), "gaussian", SIGMA,
+        return kernel_matmul_torch(X64, X64, torch.from_numpy(V).to(device), "gaussian", SIGMA,
                                       rows=args.product_rows, exact_diagonal=True).cpu().numpy()
 
     if not ooc and args.pipeline == "resident":
         # the Gram fits on the device: Gram, factor, refinement (and below, prediction) stay there
-        sol = solve_resident(Xtr, Y, kernel="gaussian", bandwidth=SIGMA, dtype=fdt, device=device, block=block,
-                             max_refine=10 if mode.startswith("mixed") else 0, tf32=tf32,
-                             fallback_float64=mode.startswith("mixed"), rows=args.product_rows)
+        sol = solve_resident(Xtr, Y, ResidentOptions(kernel="gaussian", bandwidth=SIGMA, dtype=fdt,
+                                                     max_refine=10 if mode.startswith("mixed") else 0,
+                                                     fallback_float64=mode.startswith("mixed"), rows=args.product_rows),
+                             FactorOptions(device=device, block_size=block, tf32=tf32))
         alpha, factors, report = sol.alpha, sol.factors, sol.report
         rec["pipeline"] = "resident"
         rec["refinement"] = report
@@ -315,7 +324,7 @@ def run_config(mode, n, ooc, args, device, base):
         rec["factor_dtype"] = report["factor_dtype"]
         rec["phases_s"].update(gram=sol.timings_s["gram"], factor_total=sol.timings_s["factor"],
                                refine=sol.timings_s["solve"])
-        rec["device_phases_s"] = sol.device_timings_s      # CUDA events on CUDA
+        rec["device_phases_s"] = sol.device_timings_s      # the device synchronized at the end of each phase
         rec["resident_memory"] = sol.memory
         Lh_first = None
         del sol
@@ -323,7 +332,7 @@ def run_config(mode, n, ooc, args, device, base):
         rec["pipeline"] = "host panels"
         timings = {}
         # the float64 fallback re-factors in core; out of core it would not fit, so it is not offered
-        alpha, _, report, factors = solve_refined(build, lambda G: factor(G, **fkw).to_dict(), apply_high, Y,
+        alpha, _, report, factors = solve_refined(build, lambda G: factor(G, FactorOptions(**fkw)).to_dict(), apply_high, Y,
                                                   dtype=np.float32, max_refine=10, scale_diagonal=True,
                                                   fallback=None if ooc else (lambda: None), timings=timings)
         rec["refinement"] = report
@@ -337,7 +346,7 @@ def run_config(mode, n, ooc, args, device, base):
         rec["pipeline"] = "host panels"
         G = build(fdt)
         rec["phases_s"]["gram"] = t_gram[0]
-        factors = [factor(G, **fkw).to_dict()]
+        factors = [factor(G, FactorOptions(**fkw)).to_dict()]
         rec["phases_s"]["factor_total"] = factors[0]["timings_s"]["factor"]
         t = time.perf_counter()
         alpha = cho_solve(G, Y.astype(fdt)).astype(np.float64)
@@ -372,7 +381,7 @@ def run_config(mode, n, ooc, args, device, base):
     rec["residual_max_abs"] = float(np.max(np.abs(R)))
     rec["phases_s"]["residual_float64"] = time.perf_counter() - t
     t = time.perf_counter()
-    test_scores = bt.kernel_matmul_torch(Xte64, X64, torch.from_numpy(alpha).to(device), "gaussian", SIGMA,
+    test_scores = kernel_matmul_torch(Xte64, X64, torch.from_numpy(alpha).to(device), "gaussian", SIGMA,
                                          rows=args.product_rows).cpu().numpy()
     rec["phases_s"]["predict"] = time.perf_counter() - t
     rec["train_error"] = float(np.mean(np.argmax(scores, 1) != ytr))

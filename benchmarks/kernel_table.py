@@ -2,7 +2,7 @@
 
 Subcommands (JSON lines on stdout, machine recorded):
 
-  table        the table itself: same options as ``kernelfit table`` (kernelfit.table.main)
+  table        the table itself: same options as ``kernelfit table`` (kernelfit.cli)
   tune-gabor   pick the Gabor feature config / bandwidth on a subset: for each config and each
                bandwidth factor (x median pairwise feature distance), exact Gaussian-kernel
                interpolation (dense float64 Cholesky, scipy) and its test error; the pixel row runs
@@ -120,9 +120,10 @@ def tune_randconv(argv) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     from kernelfit.data import load_dataset
-    from kernelfit.features.randconv import RandConvConfig, RandConvFeatures
+    from kernelfit.features.randconv import GramOptions, RandConvConfig, RandConvFeatures
     from kernelfit.results import machine_info
-    from kernelfit.table import _linear_from_gram_inplace, _median_distance_from_sqd
+    from kernelfit.solve import linear_from_gram_inplace
+    from kernelfit.table import _median_distance_from_sqd
 
     ds = load_dataset("cifar10", data_dir=args.data_dir)
     if args.validation:   # a stratified sample of the training set, in random order, split in two
@@ -148,13 +149,13 @@ def tune_randconv(argv) -> int:
         cfg = RandConvConfig(**{"filters": "patches", "seed": args.seed, **over, "n_filters": args.filters})
         t = time.perf_counter()
         g = RandConvFeatures(cfg).fit(ds.x_train).accumulate_gram(ds.x_train, ds.x_test,
-                                                                  filter_block=args.filter_block)
+                                                                  GramOptions(filter_block=args.filter_block))
         t_feat = time.perf_counter() - t
         base = {"config": text, "n_features": int(g.n_features), "features_s": round(t_feat, 1)}
         t = time.perf_counter()
         # the table's linear kernel, (phi.phi' + 1) / n_features (the intercept makes the centred Gram invertible)
-        err, norm = _interpolate(_linear_from_gram_inplace(g.train.copy(), g.n_features), Y,
-                                 _linear_from_gram_inplace(g.cross.copy(), g.n_features), ds.y_test)
+        err, norm = _interpolate(linear_from_gram_inplace(g.train.copy(), g.n_features), Y,
+                                 linear_from_gram_inplace(g.cross.copy(), g.n_features), ds.y_test)
         print(json.dumps({**base, "kernel": "linear", "test_error": err, "norm": norm,
                           "solve_s": round(time.perf_counter() - t, 2)}), flush=True)
         Dtr, Dte = g.squared_distances()
@@ -175,9 +176,9 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     cmd, rest = (argv[0], argv[1:]) if argv else ("table", [])
     if cmd == "table":
-        from kernelfit.table import main as table_main
+        from kernelfit.cli import main as cli_main
 
-        return table_main(rest)
+        return cli_main(["table", *rest])
     if cmd == "tune-gabor":
         return tune_gabor(rest)
     if cmd == "tune-randconv":

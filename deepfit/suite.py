@@ -30,7 +30,7 @@ from kernelfit.progress import get_logger
 from . import hessian as H
 from . import measures as M
 
-__all__ = ["MeasureOptions", "measure_all", "GROUPS", "load_checkpoint_model", "read_checkpoint", "register_cli", "main"]
+__all__ = ["MeasureOptions", "measure_all", "GROUPS", "load_checkpoint_model", "read_checkpoint", "register_cli"]
 
 # What measure_all can compute, by group name; the norm measures are the registry's names.
 GROUPS = ("norms", "sharpness", "pac-bayes", "hessian")
@@ -442,12 +442,3 @@ def register_cli(subparsers) -> None:
     p = subparsers.add_parser("measure", parents=[build_parser(add_help=False)], help="measures of a trained checkpoint",
                               description="Every applicable complexity measure of a trained network, as JSON.")
     p.set_defaults(func=_run)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    from .cli import main as cli_main
-    return cli_main(["measure", *(argv if argv is not None else sys.argv[1:])])
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())

@@ -16,8 +16,8 @@ import numpy as np
 from .errors import InputError
 from .grid import IntegerGrid, exact_in_one_gemm, find_integer_grid, finish_from_dots, gaussian_factors, same_grid
 from .grid import kernel_tile_into as grid_kernel_tile_into
-from .kernels import kernel_tile_into, row_norms_sq
-from .linalg.tiled import SymmetricPanels
+from .kernels import KERNELS, check_kernel, kernel_tile, kernel_tile_into, row_norms_sq
+from .linalg.panels import SymmetricPanels, choose_block
 from .parallel import blas_threads, parallel_tasks
 
 # Row-tile size for kernel products: a (rows x n) float64 tile is rows * n * 8 bytes
@@ -69,6 +69,31 @@ def build_gram_panels(X, kernel: str, bandwidth: float, block: int | None = None
     if bar is not None:
         bar.close()
     return G
+
+
+def _gram_tile(Xi, Xj, kernel, bandwidth, diagonal, dtype, jitter=0.0):
+    """One Gram tile k(Xi, Xj), computed on a dask worker (``gram_tiles``)."""
+    T = kernel_tile(Xi, Xj, kernel, bandwidth, dtype=dtype)
+    if diagonal:
+        np.fill_diagonal(T, 1.0 + jitter)   # k(x, x) = 1 exactly, as build_gram_panels does (+ the ridge)
+    return T
+
+
+def gram_tiles(X, kernel: str, bandwidth: float, block: int | None = None, dtype=np.float64, client=None,
+               scheduler_address=None, jitter: float = 0.0):
+    """Gram tiles k(X_i, X_j), i >= j, computed on dask workers from scattered row blocks of X
+    (``jitter`` added to the diagonal): a ``linalg.distributed.TiledMatrix`` for its ``cholesky``."""
+    from .linalg import distributed as kd
+
+    client = kd.get_client(client, scheduler_address)
+    X = np.asarray(X, dtype=np.float64)
+    X = np.ascontiguousarray(X - X.mean(axis=0), dtype=dtype)   # translation-invariant: center for float32
+    n = X.shape[0]
+    block = choose_block(n, block)
+    Xf = client.scatter([X[s : s + block] for s in range(0, n, block)], hash=False)
+    bandwidth, jitter = float(bandwidth), float(jitter)
+    return kd.lower_tiles(_gram_tile, lambda i, j, *_: (Xf[i], Xf[j], kernel, bandwidth, i == j, dtype, jitter),
+                          n, block, dtype, client, name="gram", keepalive=Xf)
 
 
 def _untransposed(outT, row_factors):
@@ -126,7 +151,7 @@ class KernelOperator:
 
     def _factors(self, Ga):
         """Gaussian row factors of A's and B's grids (``grid.gaussian_factors``), or None: plain tiles."""
-        if Ga is None or self.kernel != "gaussian":
+        if Ga is None or not KERNELS[self.kernel].separable:
             return None
         if self._b_factors is None:
             self._b_factors = gaussian_factors(self.grid, self.bandwidth)
@@ -261,7 +286,7 @@ class GridProducts:
         """K @ V in float64 from the stored products (the same values as ``KernelOperator``'s grid pass)."""
         V = np.asarray(V, dtype=np.float64)
         n = self.grid.n
-        f = gaussian_factors(self.grid, self.bandwidth) if self.kernel == "gaussian" else None
+        f = gaussian_factors(self.grid, self.bandwidth) if KERNELS[self.kernel].separable else None
         WT = np.ascontiguousarray((V if f is None else f[:, None] * V).T)    # transposed: see KernelOperator
         outT = np.zeros((V.shape[1], n))
         buf = np.empty((min(self.rows, n), self.D.block))
@@ -302,13 +327,9 @@ def _float32_error_factors(kernel: str, bandwidth: float, d: int):
 
     Rounding to float32 (u = 2^-24) of centered points, norms and the cross-product GEMM moves a
     squared distance by at most c (|x|^2 + |z|^2) with c = 2 gamma(d) + 12 u (``_gamma32``: the bound
-    of a d-term dot product). Gaussian: the exponent moves by c (|x|^2 + |z|^2) / (2 s^2).
-    Laplacian: |sqrt(a) - sqrt(b)| <= sqrt(|a - b|), so it moves by sqrt(c) (|x| + |z|) / s."""
-    u = _U32
-    c = 2.0 * _gamma32(d) + 12.0 * u
-    if kernel == "gaussian":
-        return (lambda sq: sq), c / (2.0 * bandwidth * bandwidth)
-    return np.sqrt, np.sqrt(c) / bandwidth
+    of a d-term dot product); ``Kernel.float32_error`` says what that does to the kernel's value."""
+    c = 2.0 * _gamma32(d) + 12.0 * _U32
+    return check_kernel(kernel).float32_error(c, bandwidth)
 
 
 def argmax_exact_scores(B, alpha, A, kernel: str, bandwidth: float, groups: int,

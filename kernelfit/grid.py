@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .kernels import check_kernel
 from .parallel import parallel_row_blocks
 
 _EXACT_LIMIT = 2**24 - 1      # largest |partial sum| a float32 accumulation holds exactly
@@ -144,12 +145,9 @@ def finish_from_dots(out, dots, a: IntegerGrid, b: IntegerGrid, rows: slice, col
     """Kernel values in the float64 tile ``out`` from exact integer dot products ``dots`` (float32 or
     float64; may be ``out`` itself) of points ``rows`` of ``a`` and ``cols`` of ``b``; see
     ``kernel_tile_into``. Row blocks run in parallel, each block's passes back to back in cache."""
-    from .kernels import check_kernel
-
-    check_kernel(kernel)
-    gaussian = kernel == "gaussian"
-    factored = factored and gaussian
-    s = a.step * a.step / (2.0 * bandwidth * bandwidth) if gaussian else 1.0
+    k = check_kernel(kernel)
+    factored = factored and k.separable
+    s = k.grid_scale(a.step, bandwidth)
     hs_a, hs_b = a.sq[rows] * s, b.sq[cols] * s
 
     def finish(r):
@@ -159,11 +157,7 @@ def finish_from_dots(out, dots, a: IntegerGrid, b: IntegerGrid, rows: slice, col
         if not factored:
             o -= hs_a[r, None]
             o -= hs_b[None, :]
-            if not gaussian:                     # o = -|q - p|^2, exact
-                np.negative(o, out=o)
-                np.sqrt(o, out=o)
-                o *= -a.step / bandwidth
-        np.exp(o, out=o)
+        k.grid_finish(o, a.step, bandwidth)
 
     parallel_row_blocks(out.shape[0], out.size, finish)
     return out

@@ -1,10 +1,15 @@
-"""Kernel functions as pure, in-place-friendly functions of tiles.
+"""Kernel functions as pure, in-place-friendly functions of tiles; one ``Kernel`` object per kind.
 
 A kernel here is a map from squared Euclidean distances to kernel values, applied in place to a tile
-that already holds squared distances. That keeps one place (``squared_distances_into``) for the
-expensive part (one GEMM per tile) and lets the Gram builder, the residual operator and prediction
-share it. Squared distances are clamped at zero: the expansion |x|^2 + |z|^2 - 2 x.z can go slightly
-negative in floating point for (near-)duplicate points.
+that already holds squared distances. Everything that differs between kinds (the numpy and torch
+tiles, the finish of exact integer-grid dot products, the float32 error factor, how the bandwidth
+enters) is a method of that kind's ``Kernel``; ``KERNELS`` maps each name of
+``kernelfit.catalog.KERNELS`` to it. To add a kernel: a subclass here and its name in the catalog.
+
+Working on squared distances keeps one place (``squared_distances_into``) for the expensive part
+(one GEMM per tile) and lets the Gram builder, the residual operator and prediction share it.
+Squared distances are clamped at zero: the expansion |x|^2 + |z|^2 - 2 x.z can go slightly negative
+in floating point for (near-)duplicate points.
 """
 
 from __future__ import annotations
@@ -13,14 +18,155 @@ import math
 
 import numpy as np
 
+from . import catalog
 from .errors import InputError
 from .parallel import parallel_row_blocks
 
-KERNELS = ("gaussian", "laplacian")
 
 def _parallel_rows(tile: np.ndarray, fn) -> None:
     """Apply ``fn(row_block)`` in place to row blocks of ``tile`` on the thread pool."""
     parallel_row_blocks(tile.shape[0], tile.size, lambda rows: fn(tile[rows]))
+
+
+class Kernel:
+    """One kind of kernel k(x, z) = phi(|x - z|^2; sigma). Subclasses define every method."""
+
+    name: str
+    formula: str
+    # k(x, z) = f(x) exp(c x.z) f(z): integer-grid products may be scaled by per-point factors
+    # (``grid.gaussian_factors``) instead of subtracting norms in every tile
+    separable: bool = False
+
+    def exponent(self, d2: np.ndarray, bandwidth: float) -> np.ndarray:
+        """-log k for squared distances ``d2`` (a new array)."""
+        raise NotImplementedError
+
+    def sqdist_scale(self, bandwidth: float) -> float:
+        """The factor squared distances are multiplied by inside the kernel (1 when it takes their root)."""
+        raise NotImplementedError
+
+    def apply_inplace(self, block: np.ndarray, bandwidth: float) -> None:
+        """Squared distances (>= 0) in ``block`` -> kernel values, in place (one row block)."""
+        raise NotImplementedError
+
+    def tile_into(self, out, X, Z, X_sq, Z_sq, bandwidth: float) -> np.ndarray:
+        """k(X, Z) into ``out`` from one GEMM: squared distances, then ``apply_inplace`` by row blocks."""
+        squared_distances_into(out, X, Z, X_sq, Z_sq)
+        _parallel_rows(out, lambda block: self.apply_inplace(block, bandwidth))
+        return out
+
+    def torch_apply_(self, out, bandwidth: float):
+        """The same as ``apply_inplace`` on a torch tensor of clamped squared distances."""
+        raise NotImplementedError
+
+    def grid_scale(self, step: float, bandwidth: float) -> float:
+        """s such that the grid finish starts from 2 s q.p - s |q|^2 - s |p|^2 (``grid.finish_from_dots``)."""
+        raise NotImplementedError
+
+    def grid_finish(self, o: np.ndarray, step: float, bandwidth: float) -> None:
+        """``o`` (float64) holds 2 s q.p - s |q|^2 - s |p|^2 for integer levels q, p of spacing ``step``
+        (without the norms for a separable kernel's factored tiles) -> kernel values, in place."""
+        raise NotImplementedError
+
+    def float32_error(self, c: float, bandwidth: float):
+        """(w, beta): a squared distance moved by at most c (|x|^2 + |z|^2) moves k by at most
+        k * beta * (w(|x|^2) + w(|z|^2)) * e^t (``gram.argmax_exact_scores``)."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"Kernel({self.name!r}: {self.formula})"
+
+
+class Gaussian(Kernel):
+    name = "gaussian"
+    formula = "exp(-|x - z|^2 / (2 sigma^2))"
+    separable = True
+
+    def exponent(self, d2, bandwidth):
+        return d2 / (2.0 * bandwidth * bandwidth)
+
+    def sqdist_scale(self, bandwidth):
+        return 1.0 / (2.0 * bandwidth * bandwidth)
+
+    def apply_inplace(self, block, bandwidth):
+        block *= -1.0 / (2.0 * bandwidth * bandwidth)
+        np.exp(block, out=block)
+
+    def tile_into(self, out, X, Z, X_sq, Z_sq, bandwidth):
+        """The exponent (2 x.z - |x|^2 - |z|^2) / (2 s^2) is formed directly, with X scaled by
+        1 / s^2 before the GEMM (rows x d numbers instead of rows x n), then clamped at <= 0 (the same
+        clamp as squared distances at >= 0) and exponentiated: four passes over the tile instead of
+        the six of distances-then-kernel. Those passes are a third of a tile's time on a 2-core
+        machine."""
+        s = 1.0 / (2.0 * bandwidth * bandwidth)
+        np.matmul(X * out.dtype.type(2.0 * s), Z.T, out=out)
+        hx = (X_sq * s).astype(out.dtype, copy=False)
+        hz = (Z_sq * s).astype(out.dtype, copy=False)
+
+        def finish(rows):
+            block = out[rows]
+            block -= hx[rows, None]
+            block -= hz[None, :]
+            np.minimum(block, 0.0, out=block)
+            np.exp(block, out=block)
+
+        parallel_row_blocks(out.shape[0], out.size, finish)
+        return out
+
+    def torch_apply_(self, out, bandwidth):
+        return out.mul_(-1.0 / (2.0 * bandwidth * bandwidth)).exp_()
+
+    def grid_scale(self, step, bandwidth):
+        return step * step / (2.0 * bandwidth * bandwidth)
+
+    def grid_finish(self, o, step, bandwidth):
+        np.exp(o, out=o)
+
+    def float32_error(self, c, bandwidth):
+        return (lambda sq: sq), c / (2.0 * bandwidth * bandwidth)
+
+
+class Laplacian(Kernel):
+    name = "laplacian"
+    formula = "exp(-|x - z| / sigma)"
+
+    def exponent(self, d2, bandwidth):
+        return np.sqrt(d2) / bandwidth
+
+    def sqdist_scale(self, bandwidth):
+        return 1.0
+
+    def apply_inplace(self, block, bandwidth):
+        np.sqrt(block, out=block)
+        block *= -1.0 / bandwidth
+        np.exp(block, out=block)
+
+    def torch_apply_(self, out, bandwidth):
+        return out.sqrt_().mul_(-1.0 / bandwidth).exp_()
+
+    def grid_scale(self, step, bandwidth):
+        return 1.0
+
+    def grid_finish(self, o, step, bandwidth):
+        np.negative(o, out=o)               # o = |q - p|^2, exact
+        np.sqrt(o, out=o)
+        o *= -step / bandwidth
+        np.exp(o, out=o)
+
+    def float32_error(self, c, bandwidth):
+        # |sqrt(a) - sqrt(b)| <= sqrt(|a - b|)
+        return np.sqrt, np.sqrt(c) / bandwidth
+
+
+def _registry() -> dict[str, Kernel]:
+    kinds = {k.name: k for k in (Gaussian(), Laplacian())}
+    missing = [name for name in catalog.KERNELS if name not in kinds]
+    if missing:
+        raise ImportError(f"kernelfit.catalog.KERNELS names {missing} but kernelfit.kernels defines no Kernel for them")
+    return {name: kinds[name] for name in catalog.KERNELS}
+
+
+KERNELS: dict[str, Kernel] = _registry()
 
 
 def check_bandwidth(bandwidth) -> float:
@@ -53,10 +199,12 @@ def check_bandwidth(bandwidth) -> float:
     return value
 
 
-def check_kernel(kernel: str) -> str:
-    if kernel not in KERNELS:
-        raise InputError(f"unknown kernel {kernel!r}; expected one of {', '.join(KERNELS)}.")
-    return kernel
+def check_kernel(kernel: str) -> Kernel:
+    """The ``Kernel`` of a kernel name; InputError naming the choices for any other name."""
+    try:
+        return KERNELS[kernel]
+    except (KeyError, TypeError):
+        raise InputError(f"unknown kernel {kernel!r}; expected one of {', '.join(KERNELS)}.") from None
 
 
 def row_norms_sq(X: np.ndarray, dtype=None) -> np.ndarray:
@@ -81,56 +229,17 @@ def squared_distances_into(out, X, Z, X_sq, Z_sq) -> np.ndarray:
 
 
 def apply_kernel_inplace(sqdist: np.ndarray, kernel: str, bandwidth: float) -> np.ndarray:
-    """Turn a tile of squared distances into kernel values, in place.
-
-    gaussian:  exp(-d^2 / (2 sigma^2));  laplacian: exp(-d / sigma).
-    """
-    if kernel == "gaussian":
-        scale = -1.0 / (2.0 * bandwidth * bandwidth)
-
-        def fn(block):
-            block *= scale
-            np.exp(block, out=block)
-
-    elif kernel == "laplacian":
-        scale = -1.0 / bandwidth
-
-        def fn(block):
-            np.sqrt(block, out=block)
-            block *= scale
-            np.exp(block, out=block)
-
-    else:
-        check_kernel(kernel)
-    _parallel_rows(sqdist, fn)
+    """Turn a tile of squared distances into kernel values, in place (``Kernel.apply_inplace`` by row
+    blocks on the thread pool)."""
+    k = check_kernel(kernel)
+    _parallel_rows(sqdist, lambda block: k.apply_inplace(block, bandwidth))
     return sqdist
 
 
 def kernel_tile_into(out, X, Z, X_sq, Z_sq, kernel: str, bandwidth: float) -> np.ndarray:
-    """Write k(X, Z) into ``out`` from one GEMM (X_sq, Z_sq: squared row norms in out's dtype).
-
-    Gaussian: the exponent (2 x.z - |x|^2 - |z|^2) / (2 s^2) is formed directly, with X scaled by
-    1 / s^2 before the GEMM (rows x d numbers instead of rows x n), then clamped at <= 0 (the same
-    clamp as squared distances at >= 0) and exponentiated: four passes over the tile instead of
-    the six of distances-then-kernel. Those passes are a third of a tile's time on a 2-core
-    machine. Laplacian needs the distance itself: distances, then ``apply_kernel_inplace``."""
-    if kernel != "gaussian":
-        squared_distances_into(out, X, Z, X_sq, Z_sq)
-        return apply_kernel_inplace(out, kernel, bandwidth)
-    s = 1.0 / (2.0 * bandwidth * bandwidth)
-    np.matmul(X * out.dtype.type(2.0 * s), Z.T, out=out)
-    hx = (X_sq * s).astype(out.dtype, copy=False)
-    hz = (Z_sq * s).astype(out.dtype, copy=False)
-
-    def finish(rows):
-        block = out[rows]
-        block -= hx[rows, None]
-        block -= hz[None, :]
-        np.minimum(block, 0.0, out=block)
-        np.exp(block, out=block)
-
-    parallel_row_blocks(out.shape[0], out.size, finish)
-    return out
+    """Write k(X, Z) into ``out`` from one GEMM (X_sq, Z_sq: squared row norms in out's dtype);
+    ``Kernel.tile_into`` of the kind (the Gaussian forms its exponent directly)."""
+    return check_kernel(kernel).tile_into(out, X, Z, X_sq, Z_sq, bandwidth)
 
 
 def kernel_tile(X, Z, kernel="gaussian", bandwidth=1.0, *, X_sq=None, Z_sq=None, out=None, dtype=None):
@@ -140,10 +249,10 @@ def kernel_tile(X, Z, kernel="gaussian", bandwidth=1.0, *, X_sq=None, Z_sq=None,
     Z = np.ascontiguousarray(Z, dtype=dtype)
     X_sq = row_norms_sq(X) if X_sq is None else X_sq
     Z_sq = row_norms_sq(Z) if Z_sq is None else Z_sq
+    k = check_kernel(kernel)
     if out is None:
         out = np.empty((X.shape[0], Z.shape[0]), dtype=dtype)
-    check_kernel(kernel)
-    return kernel_tile_into(out, X, Z, X_sq, Z_sq, kernel, bandwidth)
+    return k.tile_into(out, X, Z, X_sq, Z_sq, bandwidth)
 
 
 def squared_distances(X, Z) -> np.ndarray:
@@ -225,7 +334,7 @@ def check_distance_scale(X, kernel: str, bandwidth: float, what: str = "X", cent
     term is at most 4 max |x|^2 (times the scale); past the dtype's largest number they become inf and
     the Gram NaN, and the solve would end in a record of NaN/null. Checked here instead, in O(n d).
     ``bandwidth`` None (not known yet, e.g. the median of the training points): distances only."""
-    scale = 1.0 / (2.0 * bandwidth * bandwidth) if kernel == "gaussian" and bandwidth is not None else 1.0
+    scale = check_kernel(kernel).sqdist_scale(bandwidth) if bandwidth is not None else 1.0
     X = np.asarray(X)
     if center is None:
         with np.errstate(over="ignore", invalid="ignore"):
@@ -263,7 +372,7 @@ def check_kernel_informative(sqd: np.ndarray, kernel: str, bandwidth: float, wha
     if d2.size == 0:
         return
     with np.errstate(over="ignore"):
-        expo = d2 / (2.0 * bandwidth * bandwidth) if kernel == "gaussian" else np.sqrt(d2) / bandwidth
+        expo = check_kernel(kernel).exponent(d2, bandwidth)
     k_max, k_min = math.exp(-float(expo.min())), math.exp(-float(expo.max()))
     if k_max >= TRIVIAL_KERNEL_TOL and k_min <= 1.0 - TRIVIAL_KERNEL_TOL:
         return

@@ -6,7 +6,7 @@ Modes
 -----
 float64  Gram and factor in float64 (n^2/2 x 8 bytes).
 float32  Gram and factor in float32 (n^2/2 x 4 bytes); the answer has float32 accuracy.
-mixed    float64 accuracy by the fastest exact strategy that fits in memory (``linalg.strategy``):
+mixed    float64 accuracy by the fastest exact strategy that fits in memory (``kernelfit.planning``):
          a stored float64 Gram with a float32 factor and refinement; or, where that does not fit,
          a float32 Gram and factor refined with float64 residuals computed tile by tile from the
          data (no float64 Gram stored: float64 accuracy at float32 memory); or float64 throughout
@@ -26,7 +26,7 @@ import numpy as np
 
 from .catalog import DEFAULT_BANDWIDTH, FEATURE_KINDS, GRAM_MODES, KERNELS, MAX_REFINE, MODES
 from .errors import InputError, MemoryPlanError
-from .gram import GridProducts, KernelOperator, build_gram_panels
+from .gram import GridProducts, KernelOperator, build_gram_panels, gram_tiles
 from .interpolant import Interpolant, PrecomputedInterpolant
 from .kernels import (
     apply_kernel_inplace,
@@ -36,12 +36,11 @@ from .kernels import (
     median_of_pairs,
     median_sample,
 )
-from .linalg.memory import FACTOR_DTYPE, available_bytes, plan_solve, require_fits
 from .linalg.mixed import solve_refined
 from .linalg.options import FactorOptions
+from .linalg.panels import SymmetricPanels, cholesky_flops
 from .linalg.refine import check_refine_tol, float64_level_threshold
-from .linalg.strategy import GRID_PRODUCTS, STORED, factor_dtype_name
-from .linalg.tiled import SymmetricPanels, cholesky_flops
+from .planning import FACTOR_DTYPE, GRID_PRODUCTS, STORED, available_bytes, factor_dtype_name, plan_solve, require_fits
 from .results import format_gib, peak_rss_bytes, warn_residual
 from .validate import bandwidth_rule, check_bandwidth_spec, check_choice, check_features, check_int, check_jitter, check_targets
 
@@ -55,7 +54,7 @@ class SolveOptions:
     kernel: str = "gaussian"            # "gaussian": exp(-|x-z|^2/(2 s^2)); "laplacian": exp(-|x-z|/s)
     bandwidth: float | str = "median"   # sigma > 0, "median" (median pairwise distance of a sample) or "F*median"
     mode: str = "mixed"                 # "float64" | "float32" | "mixed"
-    strategy: str = "auto"              # mixed: "auto" (fastest that fits) or a name in linalg/strategy.py
+    strategy: str = "auto"              # mixed: "auto" (fastest that fits) or a name in kernelfit/planning.py
     jitter: float = 0.0                 # ridge added to the diagonal; 0 = exact interpolation
     max_refine: int = MAX_REFINE        # mixed mode: at most this many refinement steps
     refine_tol: float | None = None     # mixed mode: stop at this relative residual (None: at float64 level);
@@ -167,7 +166,7 @@ def _build_gram(X64, fdt, bandwidth, block, options: SolveOptions, grid=None) ->
     Xc = (X64 - X64.mean(axis=0)).astype(fdt)
     if not on_cpu(options):
         # tiles computed on the GPU (TF32 off) and written back to host panels one at a time
-        from .linalg.outofcore import build_gram_panels_device
+        from .gram_device import build_gram_panels_device
 
         G = build_gram_panels_device(Xc, options.kernel, bandwidth, block, fdt, device=options.placement.device)
     else:
@@ -185,11 +184,7 @@ def factor_panels(G: SymmetricPanels, options: SolveOptions) -> dict:
 
         bar = progress_bar(total=cholesky_flops(G.n), desc="cholesky", unit="flop")
     try:
-        p = options.placement   # helper B's factor(G, FactorOptions) takes ``p`` itself
-        info = factor(G, backend=p.backend, device=p.device, out_of_core=p.out_of_core,
-                      device_memory_budget=p.device_memory_budget, tf32=p.tf32,
-                      checkpoint_dir=p.checkpoint_dir, resume=p.resume, progress=bar,
-                      jitter=options.jitter)
+        info = factor(G, options.placement, progress=bar, jitter=options.jitter)
         return info.to_dict()
     finally:
         if bar is not None:
@@ -206,15 +201,18 @@ def _factor_and_solve(X64, Y, strategy, bandwidth, block, high: KernelOperator, 
     n = Y.shape[0]
     fdt = np.dtype(factor_dtype_name(strategy))
     mixed = options.mode == "mixed"   # refined (a float64 factor usually stops after its first residual)
-    from .linalg.resident import resident_device, solve_resident
+    from .gram_device import ResidentOptions, resident_device, solve_resident
 
     device = resident_device(options.placement, n, X64.shape[1], Y.shape[1], block, fdt)
     if device is not None:   # the Gram fits on the device: the whole solve stays there
-        sol = solve_resident(X64, Y, kernel=options.kernel, bandwidth=bandwidth, dtype=fdt, device=device, block=block,
-                             jitter=float(options.jitter), max_refine=int(options.max_refine) if mixed else 0,
-                             tol=options.refine_tol if mixed else None, tf32=bool(options.placement.tf32),
-                             fallback_float64=mixed and options.fallback_float64,
-                             device_memory_budget=options.placement.device_memory_budget)
+        p = options.placement
+        sol = solve_resident(X64, Y, ResidentOptions(kernel=options.kernel, bandwidth=bandwidth, dtype=fdt,
+                                                     jitter=float(options.jitter),
+                                                     max_refine=int(options.max_refine) if mixed else 0,
+                                                     tol=options.refine_tol if mixed else None,
+                                                     fallback_float64=mixed and options.fallback_float64),
+                             FactorOptions(device=device, block_size=block, tf32=bool(p.tf32),
+                                           device_memory_budget=p.device_memory_budget))
         timings.update({k: v for k, v in sol.timings_s.items() if k != "total"})
         info = {**sol.factors[-1], "pipeline": "resident", "device_timings_s": sol.device_timings_s,
                 "resident_memory": sol.memory}
@@ -402,6 +400,7 @@ def fit_precomputed(G, Y, options: SolveOptions = SolveOptions(mode="float64"), 
         check_square,
         gram_matmul,
         gram_source_info,
+        gram_tiles_from_source,
         open_gram,
         read_gram_panels,
     )
@@ -429,8 +428,8 @@ def fit_precomputed(G, Y, options: SolveOptions = SolveOptions(mode="float64"), 
         from .linalg import distributed as kd
 
         t = time.perf_counter()
-        L = kd.cholesky(kd.gram_tiles_from_source(source, dtype=fdt, block=plan.block, jitter=jitter,
-                                                  client=client))
+        L = kd.cholesky(gram_tiles_from_source(source, dtype=fdt, block=plan.block, jitter=jitter,
+                                               client=client))
         alpha = kd.cho_solve(L, Y).astype(np.float64)
         timings["factor"] = time.perf_counter() - t
         t = time.perf_counter()
@@ -474,8 +473,8 @@ def fit_distributed(X, Y, options: SolveOptions = SolveOptions(), client=None) -
     jitter = float(options.jitter)
     timings = {}
     t = time.perf_counter()
-    L = kd.cholesky(kd.gram_tiles(X64, options.kernel, bandwidth, block=plan.block, dtype=fdt, client=client,
-                                  jitter=jitter))
+    L = kd.cholesky(gram_tiles(X64, options.kernel, bandwidth, block=plan.block, dtype=fdt, client=client,
+                               jitter=jitter))
     high = KernelOperator(X64, options.kernel, bandwidth, np.float64)
     apply, k_inf = with_row_sums(lambda V: high.symmetric_matmul(V), jitter)
 

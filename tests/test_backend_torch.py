@@ -11,10 +11,12 @@ from scipy.spatial.distance import cdist
 
 torch = pytest.importorskip("torch")
 
+from kernelfit import gram_device as gd  # noqa: E402
 from kernelfit.errors import InputError, NotPositiveDefiniteError  # noqa: E402
 from kernelfit.linalg import backend_torch as bt  # noqa: E402
 from kernelfit.linalg.backend import get_backend  # noqa: E402
-from kernelfit.linalg.tiled import SymmetricPanels, cho_solve, cholesky_inplace  # noqa: E402
+from kernelfit.linalg.panels import SymmetricPanels  # noqa: E402
+from kernelfit.linalg.tiled import cho_solve, cholesky_inplace  # noqa: E402
 
 
 def spd(n, seed=0, dtype=np.float64):
@@ -95,10 +97,10 @@ def test_gram_tile_matches_cdist_and_tf32_restored():
     out = torch.empty(30, 17, dtype=torch.float64)
     Xt, Zt = torch.from_numpy(X), torch.from_numpy(Z)
     before = bt.tf32_matmul_enabled()
-    bt.gram_tile_into(out, Xt, Zt, (Xt * Xt).sum(1), (Zt * Zt).sum(1), "gaussian", 0.7)
+    gd.gram_tile_into(out, Xt, Zt, (Xt * Xt).sum(1), (Zt * Zt).sum(1), "gaussian", 0.7)
     assert bt.tf32_matmul_enabled() == before
     np.testing.assert_allclose(out.numpy(), np.exp(-cdist(X, Z, "sqeuclidean") / (2 * 0.49)), rtol=1e-12)
-    bt.gram_tile_into(out, Xt, Zt, (Xt * Xt).sum(1), (Zt * Zt).sum(1), "laplacian", 0.7)
+    gd.gram_tile_into(out, Xt, Zt, (Xt * Xt).sum(1), (Zt * Zt).sum(1), "laplacian", 0.7)
     np.testing.assert_allclose(out.numpy(), np.exp(-cdist(X, Z) / 0.7), rtol=1e-10, atol=1e-12)
 
 
@@ -297,9 +299,9 @@ def test_kernel_matmul_torch_matches_kernel_operator():
     X, Z, V = rng.random((37, 5)), rng.random((11, 5)), rng.standard_normal((37, 2))
     op = KernelOperator(X, "gaussian", 0.9, np.float64, rows=8)
     Xt = torch.from_numpy(X)
-    got = bt.kernel_matmul_torch(Xt, Xt, torch.from_numpy(V), "gaussian", 0.9, rows=8, exact_diagonal=True)
+    got = gd.kernel_matmul_torch(Xt, Xt, torch.from_numpy(V), "gaussian", 0.9, rows=8, exact_diagonal=True)
     np.testing.assert_allclose(got.numpy(), op.symmetric_matmul(V), rtol=1e-12)
-    got = bt.kernel_matmul_torch(torch.from_numpy(Z), Xt, torch.from_numpy(V), "gaussian", 0.9, rows=4)
+    got = gd.kernel_matmul_torch(torch.from_numpy(Z), Xt, torch.from_numpy(V), "gaussian", 0.9, rows=4)
     np.testing.assert_allclose(got.numpy(), np.exp(-cdist(Z, X, "sqeuclidean") / (2 * 0.81)) @ V, rtol=1e-12)
 
 

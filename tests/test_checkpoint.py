@@ -12,7 +12,9 @@ import scipy.spatial.distance
 from kernelfit.errors import InputError
 from kernelfit.linalg.checkpoint import Checkpointer, input_hash
 from kernelfit.linalg.factor import factor
-from kernelfit.linalg.tiled import SymmetricPanels, cholesky_inplace
+from kernelfit.linalg.options import FactorOptions
+from kernelfit.linalg.panels import SymmetricPanels
+from kernelfit.linalg.tiled import cholesky_inplace
 
 
 def spd(n, seed=0, dtype=np.float64):
@@ -49,13 +51,13 @@ def test_in_core_interrupt_at_60_percent_and_resume_is_bitwise_equal(tmp_path, s
     ref = uninterrupted(A, block)
     G = SymmetricPanels.from_dense(A, block)
     with pytest.raises(Crash):
-        factor(G, checkpoint_dir=tmp_path, checkpoint_every=every, checkpoint_strategy=strategy,
-               on_panel_done=crash_after(0.6, len(G.panels)))
+        factor(G, FactorOptions(checkpoint_dir=tmp_path),
+               checkpoint_every=every, checkpoint_strategy=strategy, on_panel_done=crash_after(0.6, len(G.panels)))
     m = json.loads((tmp_path / "manifest.json").read_text())["stages"][np.dtype(dtype).name]
     assert 0 <= m["last_finished_panel"] < 8 and not m["complete"]
     assert not list(tmp_path.glob("*.tmp"))
     G2 = SymmetricPanels.from_dense(A, block)     # the caller rebuilds the input (a crash lost memory)
-    info = factor(G2, checkpoint_dir=tmp_path, resume=True, checkpoint_every=every, checkpoint_strategy=strategy)
+    info = factor(G2, FactorOptions(checkpoint_dir=tmp_path, resume=True), checkpoint_every=every, checkpoint_strategy=strategy)
     assert info.resumed_from_panel == m["last_finished_panel"] + 1 > 0
     for P, R in zip(G2.panels, ref.panels):
         np.testing.assert_array_equal(P, R)
@@ -70,13 +72,13 @@ def test_out_of_core_interrupt_and_resume_bitwise_equal(tmp_path):
     A = spd(n, seed=2)
     budget = 4 * n * block * 8
     ref = SymmetricPanels.from_dense(A, block)
-    factor(ref, out_of_core=True, device_memory_budget=budget)
+    factor(ref, FactorOptions(out_of_core=True, device_memory_budget=budget))
     G = SymmetricPanels.from_dense(A, block)
     with pytest.raises(Crash):
-        factor(G, out_of_core=True, device_memory_budget=budget, checkpoint_dir=tmp_path,
+        factor(G, FactorOptions(out_of_core=True, device_memory_budget=budget, checkpoint_dir=tmp_path),
                on_panel_done=crash_after(0.6, len(G.panels)))
     G2 = SymmetricPanels.from_dense(A, block)
-    info = factor(G2, out_of_core=True, device_memory_budget=budget, checkpoint_dir=tmp_path, resume=True)
+    info = factor(G2, FactorOptions(out_of_core=True, device_memory_budget=budget, checkpoint_dir=tmp_path, resume=True))
     assert info.path == "out-of-core" and info.resumed_from_panel > 0
     assert info.checkpoint["algorithm"] == "left-looking"
     for P, R in zip(G2.panels, ref.panels):
@@ -88,25 +90,25 @@ def test_resume_refuses_other_input_and_other_block(tmp_path):
     A = spd(60, seed=3)
     G = SymmetricPanels.from_dense(A, 8)
     with pytest.raises(Crash):
-        factor(G, checkpoint_dir=tmp_path, on_panel_done=crash_after(0.5, len(G.panels)))
+        factor(G, FactorOptions(checkpoint_dir=tmp_path), on_panel_done=crash_after(0.5, len(G.panels)))
     B = A.copy()
     B[5, 5] += 1e-9
     with pytest.raises(InputError, match="different factorization.*input_sha256"):
-        factor(SymmetricPanels.from_dense(B, 8), checkpoint_dir=tmp_path, resume=True)
+        factor(SymmetricPanels.from_dense(B, 8), FactorOptions(checkpoint_dir=tmp_path, resume=True))
     with pytest.raises(InputError, match="block: checkpoint has 8, this run has 12"):
-        factor(SymmetricPanels.from_dense(A, 12), checkpoint_dir=tmp_path, resume=True)
+        factor(SymmetricPanels.from_dense(A, 12), FactorOptions(checkpoint_dir=tmp_path, resume=True))
     with pytest.raises(InputError, match="different factorization"):   # jitter is part of the config
-        factor(SymmetricPanels.from_dense(A, 8), checkpoint_dir=tmp_path, resume=True, jitter=1e-6)
+        factor(SymmetricPanels.from_dense(A, 8), FactorOptions(checkpoint_dir=tmp_path, resume=True), jitter=1e-6)
     with pytest.raises(InputError, match="already holds a checkpoint; pass resume=True"):
-        factor(SymmetricPanels.from_dense(A, 8), checkpoint_dir=tmp_path)
+        factor(SymmetricPanels.from_dense(A, 8), FactorOptions(checkpoint_dir=tmp_path))
 
 
 def test_resume_of_complete_checkpoint_does_no_work(tmp_path):
     A = spd(40, seed=4)
     G = SymmetricPanels.from_dense(A, 8)
-    factor(G, checkpoint_dir=tmp_path)
+    factor(G, FactorOptions(checkpoint_dir=tmp_path))
     G2 = SymmetricPanels.from_dense(A, 8)
-    info = factor(G2, checkpoint_dir=tmp_path, resume=True)
+    info = factor(G2, FactorOptions(checkpoint_dir=tmp_path, resume=True))
     assert "nothing to factor" in " ".join(info.notes)
     np.testing.assert_array_equal(G2.to_dense(False), G.to_dense(False))
 
@@ -114,11 +116,11 @@ def test_resume_of_complete_checkpoint_does_no_work(tmp_path):
 def test_checkpoint_every_bounds_saves_and_bytes(tmp_path):
     A = spd(100, seed=5)
     G = SymmetricPanels.from_dense(A, 10)      # 10 panels
-    info = factor(G, checkpoint_dir=tmp_path / "r", checkpoint_every=3)
+    info = factor(G, FactorOptions(checkpoint_dir=tmp_path / "r"), checkpoint_every=3)
     assert info.checkpoint["saves"] == 4        # after panels 2, 5, 8 and the last
     assert info.checkpoint["bytes_written"] == G.nbytes   # each finished panel written exactly once
     G = SymmetricPanels.from_dense(A, 10)
-    info = factor(G, checkpoint_dir=tmp_path / "t", checkpoint_every=3, checkpoint_strategy="trailing")
+    info = factor(G, FactorOptions(checkpoint_dir=tmp_path / "t"), checkpoint_every=3, checkpoint_strategy="trailing")
     assert info.checkpoint["bytes_written"] > G.nbytes    # trailing state costs extra writes
     assert len(list((tmp_path / "t").glob("*.T*.npy"))) == 0  # completed: no stale trailing files
     assert sorted(p.name for p in (tmp_path / "t").glob("*.npy")) == [f"float64.L_{k:05d}.npy" for k in range(10)]
@@ -149,7 +151,7 @@ def test_deferred_updates_resume_on_torch_panels(tmp_path):
     A = spd(90, seed=6)
     G = SymmetricPanels.from_dense(A, 8)
     with pytest.raises(Crash):
-        factor(G, checkpoint_dir=tmp_path, checkpoint_every=1, on_panel_done=crash_after(0.6, len(G.panels)))
+        factor(G, FactorOptions(checkpoint_dir=tmp_path), checkpoint_every=1, on_panel_done=crash_after(0.6, len(G.panels)))
     G2 = SymmetricPanels.from_dense(A, 8)
     ck = Checkpointer(tmp_path, config={"jitter": 0.0})
     start = ck.resume(G2, apply_updates=False)
@@ -171,7 +173,7 @@ def test_trailing_strategy_refused_for_panels_on_a_gpu(tmp_path, monkeypatch):
                         lambda d: type("NoDevice", (), {"workspace_bytes": lambda self, *a: 0})())
     G = SymmetricPanels.from_dense(spd(30), 8)
     with pytest.raises(InputError, match="checkpoint_strategy='trailing' would save stale host copies"):
-        factor(G, device="cuda", checkpoint_dir=tmp_path, checkpoint_strategy="trailing")
+        factor(G, FactorOptions(device="cuda", checkpoint_dir=tmp_path), checkpoint_strategy="trailing")
 
 
 # ------------------------------------------------------------------ issue 24: ownership, checksums, stages
@@ -179,7 +181,7 @@ def _crashed_checkpoint(tmp_path, n=60, block=8, seed=3):
     A = spd(n, seed=seed)
     G = SymmetricPanels.from_dense(A, block)
     with pytest.raises(Crash):
-        factor(G, checkpoint_dir=tmp_path, on_panel_done=crash_after(0.6, len(G.panels)))
+        factor(G, FactorOptions(checkpoint_dir=tmp_path), on_panel_done=crash_after(0.6, len(G.panels)))
     return A
 
 
@@ -192,14 +194,14 @@ def test_a_panel_that_does_not_match_its_checksum_is_refused_never_mixed(tmp_pat
     cholesky_inplace(other)
     np.save(tmp_path / "float64.L_00001.npy", other.panels[1])
     with pytest.raises(ChecksumError, match="L_00001.npy does not match the checksum"):
-        factor(SymmetricPanels.from_dense(A, 8), checkpoint_dir=tmp_path, resume=True)
+        factor(SymmetricPanels.from_dense(A, 8), FactorOptions(checkpoint_dir=tmp_path, resume=True))
     (tmp_path / "float64.L_00002.npy").unlink()
     m = json.loads((tmp_path / "manifest.json").read_text())
     m["stages"]["float64"]["files"]["float64.L_00001.npy"]["blake2b"] = \
         __import__("kernelfit.storage", fromlist=["x"]).file_digest(tmp_path / "float64.L_00001.npy")
     (tmp_path / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(ChecksumError, match="L_00002.npy is missing"):
-        factor(SymmetricPanels.from_dense(A, 8), checkpoint_dir=tmp_path, resume=True)
+        factor(SymmetricPanels.from_dense(A, 8), FactorOptions(checkpoint_dir=tmp_path, resume=True))
 
 
 @pytest.mark.parametrize("text,needle", [("{not json", "not a readable kernelfit checkpoint manifest"),
@@ -217,7 +219,7 @@ def test_corrupt_manifest_is_a_clear_error_and_nothing_is_touched(tmp_path, text
     (tmp_path / "manifest.json").write_text(text)
     before = sorted(p.name for p in tmp_path.iterdir())
     with pytest.raises(StorageError, match=needle) as ei:
-        factor(SymmetricPanels.from_dense(A, 8), checkpoint_dir=tmp_path, resume=True)
+        factor(SymmetricPanels.from_dense(A, 8), FactorOptions(checkpoint_dir=tmp_path, resume=True))
     assert "[Errno" not in str(ei.value) and "delete the directory" in str(ei.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
@@ -242,12 +244,12 @@ def test_enospc_while_saving_a_panel_keeps_the_finished_panels_and_resumes(tmp_p
     monkeypatch.setattr(storage.HashingWriter, "write", full_disk)
     with pytest.raises(StorageError, match=r"float64.L_00004.npy.*No space left.*keeps panels 0..3 .*continue from "
                                            r"panel 4") as ei:
-        factor(SymmetricPanels.from_dense(A, 8), checkpoint_dir=tmp_path, checkpoint_every=1)
+        factor(SymmetricPanels.from_dense(A, 8), FactorOptions(checkpoint_dir=tmp_path), checkpoint_every=1)
     assert ei.value.errno == errno.ENOSPC
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     monkeypatch.setattr(storage.HashingWriter, "write", real)
     G = SymmetricPanels.from_dense(A, 8)
-    info = factor(G, checkpoint_dir=tmp_path, resume=True)
+    info = factor(G, FactorOptions(checkpoint_dir=tmp_path, resume=True))
     assert info.resumed_from_panel == 4
     np.testing.assert_allclose(G.to_dense(False), scipy.linalg.cholesky(A, lower=True), atol=1e-12)
 
@@ -260,7 +262,7 @@ def test_free_space_is_checked_before_the_factorization(tmp_path, monkeypatch):
     G = SymmetricPanels.from_dense(spd(60), 8)
     hook = []
     with pytest.raises(StorageError, match="float64 checkpoint.*needs.*GiB but only"):
-        factor(G, checkpoint_dir=tmp_path, on_panel_done=hook.append)
+        factor(G, FactorOptions(checkpoint_dir=tmp_path), on_panel_done=hook.append)
     assert hook == [] and not (tmp_path / "manifest.json").exists()
 
 
@@ -268,7 +270,7 @@ def test_a_non_empty_directory_we_did_not_write_is_refused(tmp_path):
     (tmp_path / "Train_X.npy").write_bytes(b"user data")
     G = SymmetricPanels.from_dense(spd(30), 8)
     with pytest.raises(InputError, match=r"not empty and kernelfit did not write it.*Train_X.npy.*empty or new"):
-        factor(G, checkpoint_dir=tmp_path)
+        factor(G, FactorOptions(checkpoint_dir=tmp_path))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["Train_X.npy"]
 
 
@@ -295,11 +297,11 @@ def test_two_processes_cannot_share_a_checkpoint_directory(tmp_path):
         assert holder.stdout.readline().strip() == "locked"
         G = SymmetricPanels.from_dense(spd(30), 8)
         with pytest.raises(StorageError, match=f"in use by another kernelfit run \\(PID {holder.pid}\\)"):
-            factor(G, checkpoint_dir=tmp_path / "ck")
+            factor(G, FactorOptions(checkpoint_dir=tmp_path / "ck"))
     finally:
         holder.stdin.close()
         holder.wait(timeout=30)
-    info = factor(SymmetricPanels.from_dense(spd(30), 8), checkpoint_dir=tmp_path / "ck")   # free again
+    info = factor(SymmetricPanels.from_dense(spd(30), 8), FactorOptions(checkpoint_dir=tmp_path / "ck"))   # free again
     assert info.checkpoint["saves"] >= 1
 
 

@@ -147,7 +147,7 @@ def test_out_under_a_file_is_refused(tmp_path, capsys):
 
 
 def test_memory_refusal_before_loading_and_force(monkeypatch, capsys):
-    import kernelfit.linalg.memory as memory
+    import kernelfit.planning as memory
 
     monkeypatch.setattr(memory, "available_bytes", lambda: 1 << 20)  # pretend 1 MiB is free
     called = []
@@ -245,7 +245,7 @@ def test_cli_constants_agree_with_library():
     from dataclasses import asdict
 
     from kernelfit import catalog, data, randomize, solve
-    from kernelfit.linalg.memory import MODES
+    from kernelfit.planning import MODES
 
     for copy in ("VARIANTS", "DATASET_NAMES", "MODES", "DATASET_SHAPES", "FEATURE_KINDS", "KERNELS", "TASKS"):
         assert not hasattr(cli, copy), copy

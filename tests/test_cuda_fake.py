@@ -12,8 +12,9 @@ import scipy.linalg
 torch = pytest.importorskip("torch")
 
 from kernelfit.linalg.factor import factor  # noqa: E402
+from kernelfit.linalg.options import FactorOptions  # noqa: E402
 from kernelfit.linalg.outofcore import STAGING_SLOTS, TorchDevice, cholesky_out_of_core, plan_slabs  # noqa: E402
-from kernelfit.linalg.tiled import SymmetricPanels  # noqa: E402
+from kernelfit.linalg.panels import SymmetricPanels  # noqa: E402
 
 
 class FakeEvent:
@@ -171,7 +172,7 @@ def test_in_core_factor_stages_through_pinned_buffers(monkeypatch):
     monkeypatch.setattr(ooc, "make_device", lambda d: TorchDevice("cpu", cuda_ops=fake))
     A = spd(70, seed=3)
     G = SymmetricPanels.from_dense(A, 16)
-    info = factor(G, backend="torch", device="cpu", out_of_core=False, device_memory_budget=10 * G.nbytes)
+    info = factor(G, FactorOptions(backend="torch", device="cpu", out_of_core=False, device_memory_budget=10 * G.nbytes))
     assert info.device_memory["pinned_staging"] is True and info.bytes_moved["d2h"] == G.nbytes
     np.testing.assert_allclose(G.to_dense(False), scipy.linalg.cholesky(A, lower=True), atol=1e-12)
     assert sum(1 for e in fake.log if e[0] == "copy" and e[1] == "dma") == 2 * len(G.panels)

@@ -150,9 +150,9 @@ def _emulated_tf32_factor(monkeypatch, mantissa_bits):
     real = kf.factor
     drop = 23 - mantissa_bits
 
-    def fake(G, **kw):
-        info = real(G, **kw)
-        if kw.get("tf32") and str(G.dtype).endswith("float32"):
+    def fake(G, placement=kf.DEFAULT_PLACEMENT, **kw):
+        info = real(G, placement, **kw)
+        if placement.tf32 and str(G.dtype).endswith("float32"):
             for P in G.panels:
                 P.view(torch.int32).add_(1 << (drop - 1)).bitwise_and_(~((1 << drop) - 1))
             info.tf32 = True
@@ -167,7 +167,7 @@ def _emulated_tf32_factor(monkeypatch, mantissa_bits):
 def test_tf32_row_reports_the_tf32_attempt_not_the_float64_fallback(shared_data_dir, monkeypatch, bits, falls_back):
     import gpu_cholesky
 
-    from kernelfit.linalg.tiled import cholesky_flops
+    from kernelfit.linalg.panels import cholesky_flops
 
     _emulated_tf32_factor(monkeypatch, bits)
     n = 300
@@ -274,7 +274,7 @@ def test_deepfit_device_check_dry_run_on_cpu(tmp_path):
     ("h200", 60000, True, "mixed-resident"),        # TF32 only when asked: a float32 factor
 ])
 def test_device_strategy_follows_rates_and_memory(profile, n, tf32, expected):
-    from kernelfit.linalg.strategy import choose_device_strategy, named_profile
+    from kernelfit.planning import choose_device_strategy, named_profile
 
     ds = choose_device_strategy(n, 784, 10, named_profile(profile), tf32=tf32)
     assert ds["strategy"] == expected and ds["tf32"] is tf32

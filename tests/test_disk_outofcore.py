@@ -19,7 +19,7 @@ from kernelfit.errors import ChecksumError, InputError, MemoryPlanError, Storage
 from kernelfit.linalg import diskstore
 from kernelfit.linalg.diskstore import DiskPanels, disk_cho_solve
 from kernelfit.linalg.outofcore import plan_slabs
-from kernelfit.linalg.tiled import SymmetricPanels
+from kernelfit.linalg.panels import SymmetricPanels
 
 N, BLOCK, JITTER = 3000, 128, 1e-3
 

@@ -11,7 +11,7 @@ import scipy.linalg
 from kernelfit.disk_solve import solve_gram_file_on_disk, solve_on_disk
 from kernelfit.errors import StorageError
 from kernelfit.linalg import diskstore
-from kernelfit.linalg.tiled import SymmetricPanels
+from kernelfit.linalg.panels import SymmetricPanels
 
 N, SIGMA, JITTER = 2500, 2.0, 1e-2    # cond(K + jitter I) ~ 1e5: float32 refinement converges in a few steps
 

@@ -10,8 +10,10 @@ distributed = pytest.importorskip("distributed")
 da = pytest.importorskip("dask.array")
 
 from kernelfit.errors import InputError, NotPositiveDefiniteError  # noqa: E402
+from kernelfit.gram import gram_tiles  # noqa: E402
 from kernelfit.linalg import distributed as kd  # noqa: E402
-from kernelfit.linalg.tiled import SymmetricPanels, cho_solve, cholesky_inplace  # noqa: E402
+from kernelfit.linalg.panels import SymmetricPanels  # noqa: E402
+from kernelfit.linalg.tiled import cho_solve, cholesky_inplace  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +52,7 @@ def test_factor_and_solve_match_single_process(client):
 
 def test_gram_built_on_workers_and_dask_array_roundtrip(client):
     X, K, B = gaussian_problem(n=300, seed=1)
-    A = kd.gram_tiles(X, "gaussian", 0.6, block=64, client=client)
+    A = gram_tiles(X, "gaussian", 0.6, block=64, client=client)
     Gd = A.to_panels()
     np.testing.assert_allclose(Gd.to_dense(), K - 1e-6 * np.eye(300), atol=1e-12)
     # dask-array input with square chunks; independent reference: dask.array.linalg.cholesky
@@ -167,3 +169,13 @@ def test_cli_gram_on_a_running_scheduler(client, tmp_path, capsys):
     assert rec["cluster"]["workers"] == 2 and not rec["cluster"]["local"]
     assert main([*argv, "--scheduler", "local:0"]) == 1
     assert "local:N with N >= 1" in capsys.readouterr().err
+
+
+def test_lower_tiles_factors_whatever_tiles_it_is_handed(client):
+    # linalg knows no kernels: the caller hands in the tile function (here a copy of a dense matrix's block)
+    _, K, B = gaussian_problem(n=150, seed=5)
+    A = kd.lower_tiles(np.array, lambda i, j, r0, r1, c0, c1: (K[r0:r1, c0:c1],), 150, 32, np.float64, client,
+                       name="given")
+    assert sorted(A.tiles) == [(i, j) for i in range(5) for j in range(i + 1)]
+    L = kd.cholesky(A)
+    np.testing.assert_allclose(L.to_panels().to_dense(False), scipy.linalg.cholesky(K, lower=True), atol=1e-10)

@@ -10,6 +10,7 @@ import pytest
 from kernelfit.errors import InputError
 from kernelfit.features.cache import FeatureCache, StaleCacheWarning, cached_transform, hash_array
 from kernelfit.features.gabor import GaborBank
+from kernelfit.features.randconv import GramOptions
 
 
 class CountingBank(GaborBank):
@@ -92,7 +93,7 @@ def test_gram_cache_roundtrip_and_corruption(tmp_path, panels):
     rng = np.random.default_rng(0)
     imgs = rng.integers(0, 256, (23, 9, 9, 3), dtype=np.uint8)
     fmap = RandConvFeatures(n_filters=5, patch_size=3, n_whitening_patches=500, seed=0).fit(imgs[:17])
-    g = fmap.accumulate_gram(imgs[:17], imgs[17:], filter_block=2, panels=panels, panel_block=5)
+    g = fmap.accumulate_gram(imgs[:17], imgs[17:], GramOptions(filter_block=2, panels=panels, panel_block=5))
     cache = GramCache(tmp_path)
     key = cache.key({"what": "test", "panels": panels})
     assert cache.load(key) is None
@@ -131,7 +132,7 @@ def _partial_grams(n_checkpoints=2):
     imgs = rng.integers(0, 256, (23, 9, 9, 3), dtype=np.uint8)
     fmap = RandConvFeatures(n_filters=6, patch_size=3, n_whitening_patches=500, seed=0).fit(imgs[:17])
     parts = []
-    fmap.accumulate_gram(imgs[:17], imgs[17:], filter_block=2, checkpoint=lambda p: parts.append(
+    fmap.accumulate_gram(imgs[:17], imgs[17:], GramOptions(filter_block=2), checkpoint=lambda p: parts.append(
         __import__("copy").deepcopy(p)), checkpoint_every=0)
     return parts[:n_checkpoints]
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from kernelfit.errors import InputError, MemoryPlanError
-from kernelfit.features.randconv import RandConvFeatures, zca_whitening
+from kernelfit.features.randconv import GramOptions, RandConvFeatures, zca_whitening
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +92,8 @@ def test_block_gram_equals_full_gram(imgs, fmap, standardize, panels):
     if standardize:
         mu, sd = phi[:24].mean(0), phi[:24].std(0)
         phi = np.where(sd > 0, (phi - mu) / np.where(sd > 0, sd, 1), 0.0)
-    g = fmap.accumulate_gram(tr, te, filter_block=2, image_block=5, standardize=standardize,
-                             panels=panels, panel_block=10)
+    g = fmap.accumulate_gram(tr, te, GramOptions(filter_block=2, image_block=5, standardize=standardize, panels=panels,
+                                                 panel_block=10))
     G = g.train.to_dense() if panels else g.train
     scale = np.abs(phi[:24] @ phi[:24].T).max()
     np.testing.assert_allclose(G, phi[:24] @ phi[:24].T, atol=1e-5 * scale)
@@ -132,7 +132,7 @@ def test_bad_inputs(imgs, fmap):
     with pytest.raises(MemoryPlanError, match="accumulate_gram"):
         big.transform(np.zeros((50000, 10, 10, 3), np.uint8))  # 50000 x 256000 float32 = 48 GiB
     with pytest.raises(MemoryPlanError, match="Plan"):
-        fmap.accumulate_gram(imgs, max_bytes=100)
+        fmap.accumulate_gram(imgs, options=GramOptions(max_bytes=100))
 
 
 class _Interrupted(Exception):
@@ -146,7 +146,7 @@ def test_interrupted_gram_accumulation_resumes_from_its_checkpoint(imgs, fmap, t
 
     tr, te = imgs[:24], imgs[24:]
     kw = dict(image_block=5, panels=panels, panel_block=10)
-    full = fmap.accumulate_gram(tr, te, filter_block=2, **kw)
+    full = fmap.accumulate_gram(tr, te, GramOptions(filter_block=2, **kw))
     cache = GramCache(tmp_path)
     key = cache.key({"test": panels})
     saved = []
@@ -158,14 +158,14 @@ def test_interrupted_gram_accumulation_resumes_from_its_checkpoint(imgs, fmap, t
             raise _Interrupted
 
     with pytest.raises(_Interrupted):
-        fmap.accumulate_gram(tr, te, filter_block=2, checkpoint=checkpoint_then_die, checkpoint_every=0, **kw)
+        fmap.accumulate_gram(tr, te, GramOptions(filter_block=2, **kw), checkpoint=checkpoint_then_die, checkpoint_every=0)
     assert saved == [2, 4]                      # after every block (checkpoint_every=0), never after the last
     partial = cache.load(key)
     assert not partial.complete and partial.filters_done == 4
     dense = (lambda t: t.to_dense()) if panels else (lambda t: t)
     calls = []
-    resumed = fmap.accumulate_gram(tr, te, filter_block=2, resume=partial, progress=lambda d, t: calls.append((d, t)),
-                                   **kw)
+    resumed = fmap.accumulate_gram(tr, te, GramOptions(filter_block=2, **kw), resume=partial,
+                                   progress=lambda d, t: calls.append((d, t)))
     assert resumed.complete
     per_filter = fmap.n_features // 7
     assert calls == [(6 * per_filter, fmap.n_features), (7 * per_filter, fmap.n_features)]   # counts from the checkpoint
@@ -176,17 +176,17 @@ def test_interrupted_gram_accumulation_resumes_from_its_checkpoint(imgs, fmap, t
     plan = fmap.gram_plan(24, 6, 2, panels)
     budget = plan["total_bytes"] - plan["gram_bytes"] // 2
     with pytest.raises(MemoryPlanError, match="needs"):
-        fmap.accumulate_gram(tr, te, filter_block=2, max_bytes=budget, **kw)
-    fmap.accumulate_gram(tr, te, filter_block=2, max_bytes=budget, resume=cache.load(key), **kw)
+        fmap.accumulate_gram(tr, te, GramOptions(filter_block=2, max_bytes=budget, **kw))
+    fmap.accumulate_gram(tr, te, GramOptions(filter_block=2, max_bytes=budget, **kw), resume=cache.load(key))
     # cut at another filter: each column is standardized on its own, so only float32 rounding differs
-    again = fmap.accumulate_gram(tr, te, filter_block=3, resume=cache.load(key), **kw)
+    again = fmap.accumulate_gram(tr, te, GramOptions(filter_block=3, **kw), resume=cache.load(key))
     np.testing.assert_allclose(dense(again.train), dense(full.train), rtol=1e-5, atol=1e-5 * np.abs(full.train_diag).max())
 
 
 def test_resume_refuses_a_checkpoint_of_another_accumulation(imgs, fmap, tmp_path):
     tr, te = imgs[:24], imgs[24:]
     parts = []
-    fmap.accumulate_gram(tr, te, filter_block=3, checkpoint=lambda p: parts.append(p.filters_done),
+    fmap.accumulate_gram(tr, te, GramOptions(filter_block=3), checkpoint=lambda p: parts.append(p.filters_done),
                          checkpoint_every=0)
     assert parts == [3, 6]
 
@@ -197,15 +197,15 @@ def test_resume_refuses_a_checkpoint_of_another_accumulation(imgs, fmap, tmp_pat
             got.append(p)
             raise _Interrupted
         with pytest.raises(_Interrupted):
-            fmap.accumulate_gram(tr, te, filter_block=3, checkpoint=grab, checkpoint_every=0, **kw)
+            fmap.accumulate_gram(tr, te, GramOptions(filter_block=3, **kw), checkpoint=grab, checkpoint_every=0)
         return got[0]
 
-    complete = fmap.accumulate_gram(tr, te, filter_block=3)
+    complete = fmap.accumulate_gram(tr, te, GramOptions(filter_block=3))
     with pytest.raises(InputError, match="unfinished"):
         fmap.accumulate_gram(tr, te, resume=complete)
     with pytest.raises(InputError, match="train / .* test images"):
         fmap.accumulate_gram(tr[:20], te, resume=partial())
     with pytest.raises(InputError, match="layout"):
-        fmap.accumulate_gram(tr, te, panels=True, resume=partial())
+        fmap.accumulate_gram(tr, te, GramOptions(panels=True), resume=partial())
     with pytest.raises(InputError, match="panel block"):
-        fmap.accumulate_gram(tr, te, panels=True, panel_block=8, resume=partial(panels=True, panel_block=10))
+        fmap.accumulate_gram(tr, te, GramOptions(panels=True, panel_block=8), resume=partial(panels=True, panel_block=10))

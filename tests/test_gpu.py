@@ -13,11 +13,14 @@ from scipy.spatial.distance import cdist
 
 torch = pytest.importorskip("torch")
 
+from kernelfit.gram_device import build_gram_panels_device  # noqa: E402
 from kernelfit.linalg import backend_torch as bt  # noqa: E402
 from kernelfit.linalg.factor import factor  # noqa: E402
 from kernelfit.linalg.mixed import solve_refined  # noqa: E402
-from kernelfit.linalg.outofcore import TorchDevice, build_gram_panels_device, cholesky_out_of_core, plan_slabs  # noqa: E402
-from kernelfit.linalg.tiled import SymmetricPanels, cholesky_inplace  # noqa: E402
+from kernelfit.linalg.options import FactorOptions  # noqa: E402
+from kernelfit.linalg.outofcore import TorchDevice, cholesky_out_of_core, plan_slabs  # noqa: E402
+from kernelfit.linalg.panels import SymmetricPanels  # noqa: E402
+from kernelfit.linalg.tiled import cholesky_inplace  # noqa: E402
 
 CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
                                                                        reason="needs a CUDA GPU (torch sees none)")])
@@ -41,7 +44,7 @@ def separate_device_budget(device, G):
 def test_in_core_copy_path_matches_lapack(device, dtype, tol):
     A = spd(1000 if device == "cuda" else 300, dtype=dtype)
     G = SymmetricPanels.from_dense(A, 128 if device == "cuda" else 48)
-    info = factor(G, device=device, out_of_core=False, device_memory_budget=separate_device_budget(device, G))
+    info = factor(G, FactorOptions(device=device, out_of_core=False, device_memory_budget=separate_device_budget(device, G)))
     assert info.backend == "torch" and info.device.startswith(device) and info.path == "in-core"
     assert info.bytes_moved == {"h2d": G.nbytes, "d2h": G.nbytes}     # the copy branch ran
     np.testing.assert_allclose(G.to_dense(False), scipy.linalg.cholesky(A.astype(np.float64), lower=True), atol=tol)
@@ -131,7 +134,7 @@ def test_mixed_with_tf32_factor_refines_to_float64(device):
     Y = rng.standard_normal((n, 2))
     op = KernelOperator(X, "gaussian", 0.3, np.float64)
     Xs, _, info, factors = solve_refined(lambda dt: build_gram_panels(X, "gaussian", 0.3, 64, dt),
-                                         lambda G: factor(G, device=device, tf32=True).to_dict(),
+                                         lambda G: factor(G, FactorOptions(device=device, tf32=True)).to_dict(),
                                          op.symmetric_matmul, Y, dtype=np.float32, scale_diagonal=True,
                                          fallback=lambda: None)
     assert factors[0]["tf32"] is (device == "cuda")         # TF32 applies to CUDA float32 factors only
@@ -145,7 +148,7 @@ def test_forced_in_core_too_big_names_both_numbers(device):
 
     G = SymmetricPanels.from_dense(spd(100), 32)
     with pytest.raises(MemoryPlanError, match=f"does not fit on {device}"):
-        factor(G, device=device, out_of_core=False, device_memory_budget=1000)
+        factor(G, FactorOptions(device=device, out_of_core=False, device_memory_budget=1000))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -162,11 +165,11 @@ def test_checkpoint_resume_on_a_separate_device(device, tmp_path):
             raise Crash
 
     with pytest.raises(Crash):
-        factor(G, device=device, out_of_core=False, device_memory_budget=budget, checkpoint_dir=tmp_path,
+        factor(G, FactorOptions(device=device, out_of_core=False, device_memory_budget=budget, checkpoint_dir=tmp_path),
                checkpoint_every=2, on_panel_done=crash)
     G2 = SymmetricPanels.from_dense(A, G.block)
-    info = factor(G2, device=device, out_of_core=False, device_memory_budget=budget, checkpoint_dir=tmp_path,
-                  resume=True, checkpoint_every=2)
+    info = factor(G2, FactorOptions(device=device, out_of_core=False, device_memory_budget=budget, checkpoint_dir=tmp_path,
+                                    resume=True), checkpoint_every=2)
     assert info.resumed_from_panel > 0 and info.bytes_moved["h2d"] == G2.nbytes
     np.testing.assert_allclose(G2.to_dense(False), scipy.linalg.cholesky(A, lower=True), atol=1e-11)
 
@@ -177,7 +180,7 @@ def test_cupy_backend_on_gpu():
     cupy = pytest.importorskip("cupy")
     A = spd(500, seed=4)
     G = SymmetricPanels.from_dense(A, 64)
-    info = factor(G, backend="cupy", out_of_core=False)
+    info = factor(G, FactorOptions(backend="cupy", out_of_core=False))
     assert info.backend == "cupy"
     np.testing.assert_allclose(G.to_dense(False), scipy.linalg.cholesky(A, lower=True), atol=1e-10)
     bad = spd(200, seed=6)
@@ -185,7 +188,7 @@ def test_cupy_backend_on_gpu():
     from kernelfit.errors import NotPositiveDefiniteError
 
     with pytest.raises(NotPositiveDefiniteError) as exc:     # cupy must not return a partial factor silently
-        factor(SymmetricPanels.from_dense(bad, 64), backend="cupy", out_of_core=False)
+        factor(SymmetricPanels.from_dense(bad, 64), FactorOptions(backend="cupy", out_of_core=False))
     assert exc.value.minor == scipy.linalg.lapack.dpotrf(bad, lower=1)[1]
     assert cupy.cuda.runtime.getDeviceCount() >= 1
 
@@ -209,13 +212,13 @@ def test_cli_tf32_reaches_the_factor_and_needs_mixed_mode(tmp_path, capsys):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_resident_pipeline_with_tf32_factor_reaches_float64(device):
-    from kernelfit.linalg.resident import solve_resident
+    from kernelfit.gram_device import ResidentOptions, solve_resident
 
     rng = np.random.default_rng(7)
     n = 2000 if device == "cuda" else 300
     X, Y = rng.random((n, 30)), rng.standard_normal((n, 3))
-    sol = solve_resident(X, Y, kernel="gaussian", bandwidth=1.0, dtype=np.float32, device=device, tf32=True,
-                         device_memory_budget=None if device == "cuda" else 10**9)
+    sol = solve_resident(X, Y, ResidentOptions(kernel="gaussian", bandwidth=1.0, dtype=np.float32),
+                         FactorOptions(device=device, tf32=True, device_memory_budget=None if device == "cuda" else 10**9))
     K = np.exp(-cdist(X, X, "sqeuclidean") / 2.0)
     assert np.abs(K @ sol.alpha - Y).max() < 1e-9 and sol.report["backward_stable"]
     assert sol.factors[0]["tf32"] is (device == "cuda") and sol.factors[0]["bytes_moved"]["h2d"] == 0

@@ -276,7 +276,7 @@ def test_cli_gram_classification_and_bad_usage(problem, tmp_path, capsys):
 _RSS_SCRIPT = r"""
 import json, sys
 import numpy as np
-from kernelfit.linalg.tiled import SymmetricPanels, choose_block
+from kernelfit.linalg.panels import SymmetricPanels, choose_block
 from kernelfit.linalg.options import FactorOptions
 from kernelfit.solve import SolveOptions, fit_precomputed
 
@@ -325,7 +325,7 @@ def test_memory_refusal_from_the_header_before_any_pass(tmp_path, monkeypatch):
     from kernelfit.errors import MemoryPlanError
 
     np.lib.format.open_memmap(tmp_path / "big.npy", mode="w+", dtype=np.float64, shape=(4000, 4000)).flush()
-    monkeypatch.setattr("kernelfit.linalg.memory.available_bytes", lambda: 64 * 2**20)
+    monkeypatch.setattr("kernelfit.planning.available_bytes", lambda: 64 * 2**20)
 
     def no_pass(*a, **k):
         raise AssertionError("the Gram was read before the memory plan refused it")

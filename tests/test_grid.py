@@ -186,8 +186,7 @@ def test_stored_grid_products_give_the_float64_kernel(kernel):
 
 def test_grid_products_strategy_is_chosen_only_for_grids_and_when_the_stored_gram_does_not_fit():
     from kernelfit.errors import InputError
-    from kernelfit.linalg.memory import plan_solve
-    from kernelfit.linalg.strategy import choose_strategy
+    from kernelfit.planning import choose_strategy, plan_solve
 
     # 60,000 x 784 on 24 GiB: the stored float64 Gram does not fit, the grid products do
     assert plan_solve(60000, 784, available=24 * 2**30, grid_products=True).strategy == "stored-grid-products"

@@ -10,8 +10,9 @@ torch = pytest.importorskip("torch")
 
 from kernelfit.errors import InputError  # noqa: E402
 from kernelfit.linalg.factor import factor  # noqa: E402
+from kernelfit.linalg.options import FactorOptions  # noqa: E402
 from kernelfit.linalg.outofcore import TorchDevice, budget_for_slabs, plan_slabs  # noqa: E402
-from kernelfit.linalg.tiled import SymmetricPanels, choose_block  # noqa: E402
+from kernelfit.linalg.panels import SymmetricPanels, choose_block  # noqa: E402
 
 H200_USABLE = int(0.9 * 139 * 2**30)     # 90% of one H200's free memory, as factor() plans it
 
@@ -31,7 +32,7 @@ def test_in_core_plan_and_run_on_meta(n, dtype):
     G = phantom_panels(n, dtype)
     gram = SymmetricPanels.nbytes_for(n, G.block, dtype)
     assert G.nbytes == gram
-    info = factor(G, device="meta", out_of_core="auto", device_memory_budget=H200_USABLE)
+    info = factor(G, FactorOptions(device="meta", out_of_core="auto", device_memory_budget=H200_USABLE))
     assert info.path == "in-core"                       # both sizes fit one H200 in float32 and float64
     assert info.device_memory["in_core_bytes"] <= H200_USABLE
     assert info.bytes_moved == {"h2d": gram, "d2h": gram}
@@ -48,7 +49,7 @@ def test_out_of_core_three_slabs_on_meta(n, dtype):
     plan = plan_slabs(n, G.block, itemsize, budget, workspace)
     assert len(plan.slabs) >= 3 and budget < G.nbytes       # a run that claims out-of-core really streams
     assert len(plan_slabs(n, G.block, itemsize, budget + itemsize * G.block * n, workspace).slabs) <= len(plan.slabs)
-    info = factor(G, device="meta", out_of_core=True, device_memory_budget=budget)
+    info = factor(G, FactorOptions(device="meta", out_of_core=True, device_memory_budget=budget))
     mem = info.device_memory
     assert info.path == "out-of-core" and mem["slabs"] == len(plan.slabs) >= 3
     assert workspace < mem["peak_bytes"] <= mem["budget_bytes"] == budget
@@ -57,7 +58,7 @@ def test_out_of_core_three_slabs_on_meta(n, dtype):
 
 def test_meta_without_a_budget_is_a_clear_error():
     with pytest.raises(InputError, match="device='meta'.*device_memory_budget"):
-        factor(phantom_panels(1000, np.float32), device="meta")
+        factor(phantom_panels(1000, np.float32), FactorOptions(device="meta"))
 
 
 def test_meta_dry_run_refuses_what_would_not_fit():
@@ -65,4 +66,4 @@ def test_meta_dry_run_refuses_what_would_not_fit():
 
     G = phantom_panels(150_000, np.float64)       # 85 GiB: not on a 40 GiB device in core
     with pytest.raises(MemoryPlanError, match="does not fit on meta"):
-        factor(G, device="meta", out_of_core=False, device_memory_budget=40 * 2**30)
+        factor(G, FactorOptions(device="meta", out_of_core=False, device_memory_budget=40 * 2**30))

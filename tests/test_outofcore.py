@@ -7,15 +7,15 @@ import scipy.linalg
 from scipy.spatial.distance import cdist
 
 from kernelfit.errors import MemoryPlanError, NotPositiveDefiniteError
+from kernelfit.gram_device import build_gram_panels_device
 from kernelfit.linalg.outofcore import (
     WorkingSet,
-    build_gram_panels_device,
     cholesky_out_of_core,
     make_device,
     min_budget_bytes,
     plan_slabs,
 )
-from kernelfit.linalg.tiled import SymmetricPanels
+from kernelfit.linalg.panels import SymmetricPanels
 
 
 def spd(n, seed=0, dtype=np.float64):
@@ -143,6 +143,7 @@ def test_gram_on_device_matches_cdist_and_numpy_builder():
 from kernelfit.errors import InputError  # noqa: E402
 from kernelfit.linalg.factor import factor, plan_device_memory  # noqa: E402
 from kernelfit.linalg.mixed import solve_refined  # noqa: E402
+from kernelfit.linalg.options import FactorOptions  # noqa: E402
 
 
 @pytest.mark.parametrize("kwargs,path,backend", [
@@ -158,7 +159,7 @@ def test_factor_paths_match_lapack(kwargs, path, backend):
         pytest.importorskip("torch")
     A = spd(71, seed=7)
     G = SymmetricPanels.from_dense(A, 9)
-    info = factor(G, **kwargs)
+    info = factor(G, FactorOptions(**kwargs))
     assert (info.path, info.backend) == (path, backend)
     np.testing.assert_allclose(G.to_dense(False), scipy.linalg.cholesky(A, lower=True), atol=1e-12)
     d = info.to_dict()
@@ -171,28 +172,28 @@ def test_factor_paths_match_lapack(kwargs, path, backend):
 def test_forced_in_core_too_big_names_both_numbers():
     G = SymmetricPanels.from_dense(spd(50, seed=8), 10)
     with pytest.raises(MemoryPlanError, match=r"out_of_core=False.*needs [0-9]+ bytes.*1000 bytes is usable.*out_of_core=.auto."):
-        factor(G, out_of_core=False, device_memory_budget=1000)
+        factor(G, FactorOptions(out_of_core=False, device_memory_budget=1000))
 
 
 def test_forced_choices_impossible_are_clear():
     G = SymmetricPanels.from_dense(spd(30, seed=9), 10)
     with pytest.raises(InputError, match="unknown backend 'jax'"):
-        factor(G, backend="jax")
+        factor(G, FactorOptions(backend="jax"))
     with pytest.raises(InputError, match="backend='numpy' runs on the CPU"):
-        factor(G, backend="numpy", device="cuda")
+        factor(G, FactorOptions(backend="numpy", device="cuda"))
     with pytest.raises(InputError, match="out_of_core must be"):
-        factor(G, out_of_core="yes")
+        factor(G, FactorOptions(out_of_core="yes"))
     try:
         import cupy  # noqa: F401
     except ImportError:
         with pytest.raises(InputError, match="needs CuPy"):
-            factor(G, backend="cupy")
+            factor(G, FactorOptions(backend="cupy"))
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         with pytest.raises(InputError, match="sees no CUDA GPU"):
-            factor(G, device="cuda")
+            factor(G, FactorOptions(device="cuda"))
     with pytest.raises(MemoryPlanError, match="even the out-of-core path needs"):
-        factor(G, out_of_core=True, device_memory_budget=100)
+        factor(G, FactorOptions(out_of_core=True, device_memory_budget=100))
 
 
 def test_device_plan_numbers():
@@ -215,7 +216,7 @@ def _gram_problem(n, bandwidth, seed=0):
 
 def _solve_mixed(build, apply_high, Y, **kw):
     """float32 factor with unit-diagonal scaling, float64 refinement, float64 fallback allowed."""
-    X, R, info, factors = solve_refined(build, lambda G: factor(G, **kw).to_dict(), apply_high, Y,
+    X, R, info, factors = solve_refined(build, lambda G: factor(G, FactorOptions(**kw)).to_dict(), apply_high, Y,
                                         dtype=np.float32, scale_diagonal=True, fallback=lambda: None)
     np.testing.assert_allclose(R, Y - apply_high(X), rtol=0, atol=1e-12)   # the residual it reports is real
     return X, info, factors
@@ -263,9 +264,9 @@ def test_panels_on_a_torch_device_are_factored_where_they_live():
     assert (info.backend, info.device, info.path) == ("torch", "cpu", "in-core")
     np.testing.assert_allclose(panels_to_numpy(G).to_dense(False), scipy.linalg.cholesky(A, lower=True), atol=1e-12)
     with pytest.raises(InputError, match="panels are torch arrays on cpu but backend='numpy'"):
-        factor(panels_to_torch(SymmetricPanels.from_dense(A, 8), "cpu"), backend="numpy")
+        factor(panels_to_torch(SymmetricPanels.from_dense(A, 8), "cpu"), FactorOptions(backend="numpy"))
     with pytest.raises(InputError, match="out-of-core and checkpoints need host"):
-        factor(panels_to_torch(SymmetricPanels.from_dense(A, 8), "cpu"), out_of_core=True)
+        factor(panels_to_torch(SymmetricPanels.from_dense(A, 8), "cpu"), FactorOptions(out_of_core=True))
     assert isinstance(G.panels[0], torch.Tensor)
 
 

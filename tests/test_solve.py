@@ -8,9 +8,9 @@ from sklearn.kernel_ridge import KernelRidge
 
 from kernelfit.errors import InputError, MemoryPlanError, NotPositiveDefiniteError
 from kernelfit.experiment import run_interpolation
-from kernelfit.linalg.memory import plan_solve, require_fits
 from kernelfit.linalg.options import FactorOptions
 from kernelfit.linalg.refine import float64_level_threshold
+from kernelfit.planning import plan_solve, require_fits
 from kernelfit.solve import SolveOptions, fit_feature_gram, fit_interpolant
 
 
@@ -63,7 +63,7 @@ def test_mixed_mode_reaches_float64_direct_residual(strategy):
 def test_refinement_says_so_when_it_cannot_reach_float64():
     # Low-precision factor of A + 1e-5 I used to refine A x = y with cond(A) = 1e9: the iteration
     # contracts by ~1 - lambda_min / (lambda_min + 1e-5), i.e. it stalls; the report must say so.
-    from kernelfit.linalg.tiled import SymmetricPanels
+    from kernelfit.linalg.panels import SymmetricPanels
     rng = np.random.default_rng(0)
     Q, _ = np.linalg.qr(rng.standard_normal((120, 120)))
     A = (Q * np.geomspace(1.0, 1e-9, 120)) @ Q.T
@@ -130,7 +130,7 @@ def test_memory_refusal_happens_before_allocation(monkeypatch):
         raise AssertionError("allocated the Gram despite the plan")
 
     monkeypatch.setattr("kernelfit.solve.build_gram_panels", boom)
-    monkeypatch.setattr("kernelfit.linalg.memory.available_bytes", lambda: 10 * 2**20)
+    monkeypatch.setattr("kernelfit.planning.available_bytes", lambda: 10 * 2**20)
     X, Y = data(n=200)
     with pytest.raises(MemoryPlanError, match="would not fit") as err:
         fit_interpolant(X, Y, SolveOptions(bandwidth=1.0))
@@ -165,7 +165,7 @@ def test_run_interpolation_true_and_random_labels_share_one_factorization():
 def feature_gram(X, Xt=None, block=32):
     """The feature Gram of X (phi = x) as the random-conv pipeline hands it to fit_feature_gram."""
     from kernelfit.features.randconv import GramBlocks
-    from kernelfit.linalg.tiled import SymmetricPanels
+    from kernelfit.linalg.panels import SymmetricPanels
     return GramBlocks(train=SymmetricPanels.from_dense(X @ X.T, block), train_diag=np.einsum("ij,ij->i", X, X),
                       cross=None if Xt is None else Xt @ X.T, test_diag=None if Xt is None else np.einsum("ij,ij->i", Xt, Xt),
                       n_features=X.shape[1])
@@ -274,7 +274,7 @@ def test_mixed_without_fallback_never_returns_silently():
 
 def test_memory_plan_error_names_library_parameters_from_python_and_flags_from_the_cli():
     from kernelfit.errors import MemoryPlanError
-    from kernelfit.linalg.memory import plan_solve, require_fits
+    from kernelfit.planning import plan_solve, require_fits
 
     plan = plan_solve(60000, 784, 10, "float64", available=2**30)
     with pytest.raises(MemoryPlanError) as lib:

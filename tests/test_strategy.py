@@ -1,4 +1,4 @@
-"""Solve strategies (linalg/strategy.py): each against LAPACK float64, the choice against mocked
+"""Solve strategies (kernelfit/planning.py): each against LAPACK float64, the choice against mocked
 memory, and the refine_tol contract."""
 
 import json
@@ -11,10 +11,9 @@ from scipy.spatial.distance import cdist
 
 from kernelfit import cli
 from kernelfit.errors import InputError, MemoryPlanError
-from kernelfit.linalg.memory import plan_solve
 from kernelfit.linalg.options import FactorOptions
 from kernelfit.linalg.refine import float64_level_threshold
-from kernelfit.linalg.strategy import FLOAT64, FLOAT64_THROUGHOUT_MAX_N, RECOMPUTED, STORED
+from kernelfit.planning import FLOAT64, FLOAT64_THROUGHOUT_MAX_N, RECOMPUTED, STORED, plan_solve
 from kernelfit.solve import SolveOptions, fit_interpolant
 
 GIB = 2**30
@@ -88,11 +87,11 @@ def test_fit_records_the_strategy_chosen_from_measured_memory(monkeypatch):
     X, Y = rng.random((2000, 20)), rng.standard_normal((2000, 2))
     need32 = plan_solve(2000, 20, 2, "mixed", strategy=RECOMPUTED, available=GIB).total_bytes
     # enough for the float32 Gram, 8 MB short of the kept float64 Gram (2000^2/2 x 8 = 16 MB)
-    monkeypatch.setattr("kernelfit.linalg.memory.available_bytes", lambda: int((need32 + 8e6) / 0.92))
+    monkeypatch.setattr("kernelfit.planning.available_bytes", lambda: int((need32 + 8e6) / 0.92))
     m = fit_interpolant(X, Y, SolveOptions(bandwidth=1.0))
     assert m.stats["strategy"] == RECOMPUTED and "does not fit" in m.stats["strategy_reason"]
     assert m.stats["memory_plan"]["strategy"] == RECOMPUTED
-    monkeypatch.setattr("kernelfit.linalg.memory.available_bytes", lambda: 64 * GIB)
+    monkeypatch.setattr("kernelfit.planning.available_bytes", lambda: 64 * GIB)
     m = fit_interpolant(X, Y, SolveOptions(bandwidth=1.0))
     assert m.stats["strategy"] == STORED
 
@@ -102,7 +101,7 @@ def test_forced_strategy_that_does_not_fit_is_refused_before_work(monkeypatch):
         raise AssertionError("allocated the Gram despite the plan")
 
     monkeypatch.setattr("kernelfit.solve.build_gram_panels", boom)
-    monkeypatch.setattr("kernelfit.linalg.memory.available_bytes", lambda: 700 * 2**20)
+    monkeypatch.setattr("kernelfit.planning.available_bytes", lambda: 700 * 2**20)
     rng = np.random.default_rng(0)
     X, Y = rng.random((4000, 5)), rng.standard_normal((4000, 2))
     with pytest.raises(MemoryPlanError, match="stored-float64-gram"):
@@ -190,3 +189,11 @@ def test_refine_tol_below_what_this_K_reaches_warns_with_the_reached_residual():
     with pytest.warns(RuntimeWarning, match="was not reached.*what float64 can reach"):
         m = fit_interpolant(X, Y, SolveOptions(bandwidth=0.5, strategy=STORED, refine_tol=6e-15))
     assert not m.stats["refinement"]["tol_reached"] and m.stats["refinement"]["float64_level"]
+
+
+def test_planning_reads_the_modes_from_the_catalog():
+    from kernelfit import catalog, planning
+
+    assert planning.MODES is catalog.MODES
+    with pytest.raises(InputError, match="unknown mode 'fast'; expected one of mixed, float32, float64"):
+        plan_solve(10, 2, mode="fast")

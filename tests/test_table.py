@@ -196,7 +196,7 @@ def test_median_distance_from_gram_equals_the_distance_matrix_route():
     from scipy.spatial.distance import pdist
 
     from kernelfit.kernels import median_of_pairs
-    from kernelfit.linalg.tiled import SymmetricPanels
+    from kernelfit.linalg.panels import SymmetricPanels
     from kernelfit.solve import sampled_sqd_from_gram
     from kernelfit.table import _median_distance_from_sqd
 

@@ -3,7 +3,8 @@ import pytest
 import scipy.linalg
 
 from kernelfit.errors import InputError, NotPositiveDefiniteError
-from kernelfit.linalg.tiled import SymmetricPanels, cho_solve, cholesky_inplace, logdet
+from kernelfit.linalg.panels import SymmetricPanels
+from kernelfit.linalg.tiled import cho_solve, cholesky_inplace, logdet
 
 
 def spd(n, dtype, seed=0, cond=1e3):

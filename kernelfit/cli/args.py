@@ -104,6 +104,17 @@ def dataset(text: str) -> str:
 
 
 # ------------------------------------------------------------------------------ refusals
+def placement(args):
+    """Where the factorization runs: the placement flags of ``solve`` as a linalg FactorOptions."""
+    from ..linalg.options import FactorOptions
+
+    return FactorOptions(block_size=args.block_size, progress=not args.no_progress, device=args.device,
+                         tf32=getattr(args, "tf32", False),
+                         out_of_core={"auto": "auto", "yes": True, "no": False}[args.out_of_core],
+                         checkpoint_dir=None if args.checkpoint_dir is None else str(args.checkpoint_dir),
+                         resume=args.resume)
+
+
 def eprint(*args) -> None:
     print(*args, file=sys.stderr, flush=True)
 

@@ -49,7 +49,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..linalg.memory import plan_solve
+    from ..planning import plan_solve
 
     user = check_data_source(args)
     shape = data_shape(args, user)
@@ -64,7 +64,7 @@ def run(args) -> int:
     out = plan.to_dict()
     fits = plan.fits
     if device is not None:
-        from ..linalg.strategy import choose_device_strategy
+        from ..planning import choose_device_strategy
 
         ds = choose_device_strategy(n, d, k, device, mode=args.mode, tf32=args.tf32, block=args.block_size)
         out["device_strategy"] = ds
@@ -80,7 +80,7 @@ def run(args) -> int:
 
 def _plan_device_profile(args):
     """The DeviceProfile that ``plan`` plans for (None: no device strategy asked for)."""
-    from ..linalg.strategy import DeviceProfile, live_profile, named_profile
+    from ..planning import DeviceProfile, live_profile, named_profile
 
     given = (args.device_memory_gib, args.float64_tflops, args.float32_tflops)
     if args.tf32 and args.mode in ("float32", "float64"):

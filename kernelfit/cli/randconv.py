@@ -22,7 +22,7 @@ def require_fits(args, n: int, m: int) -> None:
     """Feature Gram panels (float64) + test block (float64) + feature blocks + the float32 factor copy."""
     from ..errors import MemoryPlanError
     from ..features.randconv import RandConvConfig, RandConvFeatures
-    from ..linalg.memory import available_bytes
+    from ..planning import available_bytes
 
     fmap = RandConvFeatures(RandConvConfig(n_filters=args.filters, patch_size=args.patch_size,
                                            pool_grid=args.randconv_pool_grid))

@@ -23,6 +23,7 @@ from .args import (
     device,
     nonneg_float,
     nonneg_int,
+    placement,
     positive_int,
     probability,
     refuse,
@@ -199,7 +200,7 @@ def pixel_grid_products(args, user, d: int) -> bool:
 
 def _plan(args, user) -> tuple[int, object]:
     """Sizes checked against the data, then the memory plan (refused when it does not fit)."""
-    from ..linalg.memory import plan_solve, require_fits
+    from ..planning import plan_solve, require_fits
 
     shape = _feature_shape(args, user, data_shape(args, user))
     what = args.dataset if user is None else "your arrays"
@@ -256,21 +257,11 @@ def _load(args, user):
 
 
 def _options(args):
-    from ..linalg.options import FactorOptions
     from ..solve import SolveOptions
 
     return SolveOptions(kernel=args.kernel, bandwidth=args.bandwidth, mode=args.mode, jitter=args.jitter,
                         max_refine=args.max_refine, force_memory=args.force_memory,
-                        fallback_float64=not args.no_fallback, placement=_placement(args, FactorOptions))
-
-
-def _placement(args, FactorOptions):
-    """Where the factorization runs: the CLI's placement flags as a FactorOptions."""
-    return FactorOptions(block_size=args.block_size, progress=not args.no_progress, device=args.device,
-                         tf32=getattr(args, "tf32", False),
-                         out_of_core={"auto": "auto", "yes": True, "no": False}[args.out_of_core],
-                         checkpoint_dir=None if args.checkpoint_dir is None else str(args.checkpoint_dir),
-                         resume=args.resume)
+                        fallback_float64=not args.no_fallback, placement=placement(args))
 
 
 def _solve(args, user) -> dict:

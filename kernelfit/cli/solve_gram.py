@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..catalog import TASKS
-from .args import EXIT_OK, check_out_path, eprint, refuse
+from .args import EXIT_OK, check_out_path, eprint, placement, refuse
 from .output import emit_record, print_summary
 
 
@@ -86,16 +86,14 @@ def _load_targets(args):
 def run(args) -> int:
     """solve --gram: a precomputed training Gram (and optional test Gram) with targets from files."""
     from ..experiment import run_gram_interpolation
-    from ..linalg.options import FactorOptions
     from ..results import PhaseTimer, peak_rss_bytes
     from ..solve import SolveOptions
-    from .solve import _placement
 
     timer = PhaseTimer()
     with timer.phase("load"):
         y, yt, num_classes = _load_targets(args)
     options = SolveOptions(mode=args.mode, jitter=args.jitter, force_memory=args.force_memory,
-                           placement=_placement(args, FactorOptions))
+                           placement=placement(args))
     extra = {"dataset": {"name": "precomputed-gram", "gram": args.gram, "gram_test": args.gram_test,
                          "y_train": args.y_train, "y_test": args.y_test}}
     with timer.phase("solve"):

@@ -12,7 +12,8 @@ Modules
 ``npz``           Keras-layout .npz
 ``cifar``         CIFAR-10 python batches (restricted unpickling)
 ``image_folder``  ``train/<class>/*``, ``test/<class>/*`` folders or archives (Pillow; decoded cache)
-``download``      canonical sources, sha256 / md5 verification, atomic rename
+``download``      fetching canonical files: sha256 / md5 verification, size cap, atomic rename
+                  (``registry.download(name)`` names the files of a dataset)
 ``paths``         data directory: option > ``$KERNELFIT_DATA`` > ``$XDG_CACHE_HOME/kernelfit``
                   (or ``~/.cache/kernelfit``); decoded cache ``$KERNELFIT_CACHE_DIR``
 
@@ -25,12 +26,13 @@ from __future__ import annotations
 from .arrays import open_array, parse_spec, sha256_file
 from .cifar import CIFAR10_ARCHIVE, CIFAR10_BATCH_DIR, read_cifar10_batches
 from .dataset import Dataset, describe, to_features
-from .download import BASE_URLS, REMOTE_FILES, download
+from .download import RemoteFile
 from .idx import read_idx
 from .image_folder import read_image_folder
 from .npz import read_keras_npz
 from .paths import _resolve_with_origin, default_cache_dir, resolve_data_dir
 from .registry import (
+    BASE_URLS,
     CIFAR10_CLASSES,
     DATASETS,
     FASHION_MNIST_CLASSES,
@@ -41,10 +43,11 @@ from .registry import (
     MNIST_IDX_FILES,
     MNIST_NPZ,
     REGISTRY,
+    REMOTE_FILES,
     DatasetInfo,
-    RemoteFile,
     _image_folder_candidates,
     _search_dirs,
+    download,
     load_dataset,
     normalize_name,
 )

@@ -1,4 +1,7 @@
-"""Download of a registered dataset's canonical files: sha256 / md5 verified, atomic rename."""
+"""Download of canonical files: sha256 / md5 verified, size-capped, atomic rename.
+
+This module knows files, not dataset names: ``registry.download(name)`` hands it the files and base
+URL of a named dataset (so the registry imports this module, never the reverse)."""
 
 from __future__ import annotations
 
@@ -7,14 +10,13 @@ import http.client
 import logging
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
-from kernelfit.errors import ChecksumError, DataError, InputError, KernelfitError
+from kernelfit.errors import ChecksumError, DataError, KernelfitError
 from kernelfit.results import atomic_file
 
 from .arrays import sha256_file as _sha256_file
-from .paths import resolve_data_dir
-from .registry import REGISTRY, RemoteFile, normalize_name
 
 log = logging.getLogger(__name__)
 
@@ -24,10 +26,14 @@ UNKNOWN_SIZE_CAP = 1 << 30
 _CHUNK = 1 << 20
 
 
-#: canonical base URLs and expected files, from the registry (``download(..., base_url=...)``
-#: overrides the URL for mirrors)
-BASE_URLS = {n: i.base_url for n, i in REGISTRY.items() if i.base_url}
-REMOTE_FILES: dict[str, tuple[RemoteFile, ...]] = {n: i.files for n, i in REGISTRY.items() if i.files}
+@dataclass(frozen=True)
+class RemoteFile:
+    """One file of a canonical source: name, size in bytes, sha256 and md5 (either may be None)."""
+
+    filename: str
+    size: int | None
+    sha256: str | None
+    md5: str | None
 
 
 def _checksum_error(algo: str, expected: str, found: str, path: Path, url: str, nbytes: int,
@@ -112,36 +118,17 @@ def _fetch(url: str, dest: Path, rf: RemoteFile, timeout: float, progress: bool)
             bar.close()
 
 
-def download(name: str, data_dir=None, base_url: str | None = None, *, force: bool = False,
-             timeout: float = 60.0, progress: bool = False) -> Path:
-    """Download a dataset's canonical files into the data directory and return that directory.
-
-    ``"mnist"``, ``"fashion-mnist"``, ``"kmnist"``: the four IDX .gz files; ``"cifar10"``:
-    ``cifar-10-python.tar.gz``; from ``REGISTRY[name].base_url``.
-    ``base_url`` replaces the base URL (a mirror holding the same file names; ``file://`` works).
-    Each file goes to a temporary file in the target directory, is checked against its sha256 and
-    md5, then atomically renamed; a mismatch raises ``ChecksumError`` (attributes ``expected``,
-    ``found``, ``path``, ``url``) and leaves no partial file. Files already present with the right
-    checksum are not downloaded again unless ``force=True``. Network failures raise ``DataError``.
-    """
-    return _download(name, data_dir, base_url, force=force, timeout=timeout, progress=progress)
-
-
-def _download(name, data_dir=None, base_url=None, *, force=False, timeout=60.0, progress=False) -> Path:
-    name = normalize_name(name)
-    if name == "mnist-subset":
-        raise InputError("'mnist-subset' ships with kernelfit; there is nothing to download. "
-                         "Use download('mnist') for the full MNIST.")
-    target = resolve_data_dir(data_dir)
+def fetch_files(files, base_url: str, target: Path, *, force: bool = False, timeout: float = 60.0,
+                progress: bool = False) -> Path:
+    """Fetch each ``RemoteFile`` of ``files`` from ``base_url`` into the directory ``target`` (created if
+    needed) and return it. Files already present with the right checksum are kept unless ``force``."""
     try:
         target.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DataError(f"cannot create the data directory {target}: {e}. Choose a writable one with "
                         f"--data-dir or KERNELFIT_DATA.") from e
-    base = base_url if base_url is not None else BASE_URLS[name]
-    if not base.endswith("/"):
-        base += "/"
-    for rf in REMOTE_FILES[name]:
+    base = base_url if base_url.endswith("/") else base_url + "/"
+    for rf in files:
         dest = target / rf.filename
         if dest.is_file() and not force:
             if _verify(dest, rf):
@@ -156,4 +143,3 @@ def _download(name, data_dir=None, base_url=None, *, force=False, timeout=60.0, 
         log.info("downloading %s -> %s", url, dest)
         _fetch(url, dest, rf, timeout, progress)
     return target
-

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import InputError
-from ..linalg.tiled import SymmetricPanels
+from ..linalg.panels import SymmetricPanels, choose_block
 from .arrays import open_array, parse_spec, sha256_file
 from .rows import find_duplicate_rows, release_pages, row_blocks, row_hash
 
@@ -249,3 +249,39 @@ def gram_matmul(G, V, rows: int | None = None, *, what: str = "Gram") -> np.ndar
         np.matmul(block, V, out=out[a:e])
         release_pages(G)
     return out
+
+
+def _source_tile(spec, r0, r1, c0, c1, dtype, diagonal, jitter):
+    """One tile of a Gram file, read on a dask worker (the path must be visible there)."""
+    G = open_array(spec, what="--gram")
+    T = np.array(G[r0:r1, c0:c1], dtype=dtype, order="C")
+    release_pages(G)
+    if not np.all(np.isfinite(T)):
+        i, j = (int(v) for v in np.argwhere(~np.isfinite(T))[0])
+        raise InputError(f"--gram: G[{r0 + i}, {c0 + j}] = {T[i, j]} is not finite; a Gram matrix must hold "
+                         f"finite numbers.")
+    if diagonal and jitter:
+        T[np.arange(T.shape[0]), np.arange(T.shape[0])] += jitter
+    return T
+
+
+def gram_tiles_from_source(spec, dtype=np.float64, block: int | None = None, jitter: float = 0.0, client=None,
+                           scheduler_address=None):
+    """Lower tiles of a Gram file (``G.npy``, ``G.h5:/dset``, ``G.zarr:/arr``) as a distributed
+    ``TiledMatrix``, each tile read by a worker task.
+
+    The file must be on storage every worker sees (a shared file system, or the local disk of a
+    ``LocalCluster``); only the spec travels to the workers, never the matrix.
+    """
+    from ..linalg import distributed as kd
+
+    if not isinstance(spec, (str, bytes)) and not hasattr(spec, "__fspath__"):
+        raise InputError("a distributed Gram solve reads the Gram on the workers: pass it as a path "
+                         "(G.npy, G.h5:/dset, STORE.zarr:/arr) on storage the workers can read, not an array.")
+    client = kd.get_client(client, scheduler_address)
+    spec = str(spec)
+    n = open_array(spec, what="--gram").shape[0]
+    block = choose_block(n, block)
+    dt, jitter = np.dtype(dtype), float(jitter)
+    return kd.lower_tiles(_source_tile, lambda i, j, r0, r1, c0, c1: (spec, r0, r1, c0, c1, dt, i == j, jitter),
+                          n, block, dtype, client, name="gram-file")

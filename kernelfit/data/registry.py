@@ -22,10 +22,11 @@ from kernelfit.errors import ChecksumError, DataError, InputError
 
 from .cifar import CIFAR10_ARCHIVE, CIFAR10_BATCH_DIR, read_cifar10_batches
 from .dataset import Dataset
+from .download import RemoteFile, fetch_files
 from .idx import read_idx
 from .image_folder import read_image_folder
 from .npz import _as_labels, _as_uint8_images, read_keras_npz
-from .paths import _resolve_with_origin
+from .paths import _resolve_with_origin, resolve_data_dir
 
 MNIST_CLASSES: tuple[str, ...] = tuple(str(d) for d in range(10))
 FASHION_MNIST_CLASSES: tuple[str, ...] = (
@@ -45,16 +46,6 @@ IDX_FILES = {
 }
 MNIST_IDX_FILES = IDX_FILES
 MNIST_NPZ = "mnist.npz"
-
-
-@dataclass(frozen=True)
-class RemoteFile:
-    """One file of a canonical source: name, size in bytes, sha256 and md5 (either may be None)."""
-
-    filename: str
-    size: int | None
-    sha256: str | None
-    md5: str | None
 
 
 @dataclass(frozen=True)
@@ -390,8 +381,6 @@ def load_dataset(name: str = "mnist-subset", data_dir=None, download: bool = Fal
                 notes[d] = note
     if not download:
         raise _not_found(name, root, origin, dirs, notes)
-    from .download import _download
-
     try:
         target = _download(name, root)
     except ChecksumError:
@@ -402,3 +391,34 @@ def load_dataset(name: str = "mnist-subset", data_dir=None, download: bool = Fal
     if ds is None:
         raise _not_found(name, root, origin, dirs, notes, extra="Downloaded files were not usable.")
     return ds
+
+
+#: canonical base URLs and expected files, from the registry (``download(..., base_url=...)``
+#: overrides the URL for mirrors)
+BASE_URLS = {n: i.base_url for n, i in REGISTRY.items() if i.base_url}
+REMOTE_FILES: dict[str, tuple[RemoteFile, ...]] = {n: i.files for n, i in REGISTRY.items() if i.files}
+
+
+def download(name: str, data_dir=None, base_url: str | None = None, *, force: bool = False,
+             timeout: float = 60.0, progress: bool = False) -> Path:
+    """Download a dataset's canonical files into the data directory and return that directory.
+
+    ``"mnist"``, ``"fashion-mnist"``, ``"kmnist"``: the four IDX .gz files; ``"cifar10"``:
+    ``cifar-10-python.tar.gz``; from ``REGISTRY[name].base_url``.
+    ``base_url`` replaces the base URL (a mirror holding the same file names; ``file://`` works).
+    Each file goes to a temporary file in the target directory, is checked against its sha256 and
+    md5, then atomically renamed; a mismatch raises ``ChecksumError`` (attributes ``expected``,
+    ``found``, ``path``, ``url``) and leaves no partial file. Files already present with the right
+    checksum are not downloaded again unless ``force=True``. Network failures raise ``DataError``.
+    """
+    return _download(name, data_dir, base_url, force=force, timeout=timeout, progress=progress)
+
+
+def _download(name, data_dir=None, base_url=None, *, force=False, timeout=60.0, progress=False) -> Path:
+    name = normalize_name(name)
+    if name == "mnist-subset":
+        raise InputError("'mnist-subset' ships with kernelfit; there is nothing to download. "
+                         "Use download('mnist') for the full MNIST.")
+    base = base_url if base_url is not None else BASE_URLS[name]
+    return fetch_files(REMOTE_FILES[name], base, resolve_data_dir(data_dir), force=force, timeout=timeout,
+                       progress=progress)

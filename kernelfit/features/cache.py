@@ -329,7 +329,7 @@ class GramCache:
 
     def load(self, key: str):
         """The cached ``GramBlocks`` (in memory, writable), or None when absent or stale (then deleted)."""
-        from ..linalg.tiled import SymmetricPanels
+        from ..linalg.panels import SymmetricPanels
         from .randconv import GramBlocks
 
         if not self.dir.is_dir():

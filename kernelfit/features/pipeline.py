@@ -70,7 +70,7 @@ def randconv_gram(ds, cfg, *, panels: bool, cache_dir=None, use_cache: bool = Tr
     """
     from ..progress import Heartbeat, get_logger
     from .cache import GramCache, hash_array
-    from .randconv import RandConvFeatures
+    from .randconv import GramOptions, RandConvFeatures
 
     log = get_logger("kernelfit.features")
 
@@ -113,9 +113,9 @@ def randconv_gram(ds, cfg, *, panels: bool, cache_dir=None, use_cache: bool = Tr
             say(f"feature Gram checkpoint: {partial.filters_done} of {cfg.n_filters} filters ({cache.dir}, key {key})")
     if g is None or not g.complete:
         say(f"random-conv features + Gram of {len(ds.x_train)} + {len(ds.x_test)} images ...")
-        g = fmap.accumulate_gram(ds.x_train, ds.x_test, filter_block=filter_block, standardize=True,
-                                 panels=panels, device=device, progress=progress,
-                                 checkpoint=checkpoint if checkpoint_minutes > 0 else None,
+        g = fmap.accumulate_gram(ds.x_train, ds.x_test,
+                                 GramOptions(filter_block=filter_block, standardize=True, panels=panels, device=device),
+                                 progress=progress, checkpoint=checkpoint if checkpoint_minutes > 0 else None,
                                  checkpoint_every=60.0 * checkpoint_minutes, resume=g)
         if cache is not None:
             t_save = time.perf_counter()

@@ -135,6 +135,31 @@ class GramBlocks:
         return dtr, dte
 
 
+@dataclass(frozen=True)
+class GramOptions:
+    """How ``RandConvFeatures.accumulate_gram`` accumulates: its layout, limits and device.
+
+    filter_block  filters per block of features (the unit of work and of checkpoints)
+    image_block   images per convolution batch (None: chosen from the memory)
+    standardize   centre and scale each feature by its training mean / std
+    panels        accumulate the train Gram as ``SymmetricPanels`` (lower triangle, half the bytes)
+    panel_block   panel width then (None: ``choose_block``)
+    max_bytes     host bytes allowed (None: 80% of the available memory)
+    device        torch device of the features and products (None: CPU)
+    """
+
+    filter_block: int = 256
+    image_block: int | None = None
+    standardize: bool = True
+    panels: bool = False
+    panel_block: int | None = None
+    max_bytes: int | None = None
+    device: object = None
+
+
+DEFAULT_GRAM_OPTIONS = GramOptions()
+
+
 class RandConvFeatures:
     """Coates & Ng random-convolution feature map. ``fit`` on training images, then blocks."""
 
@@ -365,16 +390,14 @@ class RandConvFeatures:
         return {"gram_bytes": gram, "feature_block_bytes": block, "total_bytes": gram + 2 * block,
                 "n_features": self.n_features, "full_feature_matrix_bytes": (n + m) * self.n_features * 4}
 
-    def accumulate_gram(self, train_images, test_images=None, filter_block: int = 256,
-                        image_block: int | None = None, standardize: bool = True, panels: bool = False,
-                        panel_block: int | None = None, max_bytes: int | None = None,
-                        progress=None, device=None, checkpoint=None, checkpoint_every: float = 1800.0,
+    def accumulate_gram(self, train_images, test_images=None, options: GramOptions = DEFAULT_GRAM_OPTIONS, *,
+                        progress=None, checkpoint=None, checkpoint_every: float = 1800.0,
                         resume: GramBlocks | None = None) -> GramBlocks:
         """Gram matrices of the (optionally standardized) features, one filter block at a time.
 
         ``standardize``: each feature is centred and scaled by its mean / std over the *training*
         images (test images use the training statistics). ``panels=True`` accumulates the train Gram
-        into the lead solver's ``kernelfit.linalg.tiled.SymmetricPanels`` (lower triangle only).
+        into the lead solver's ``kernelfit.linalg.panels.SymmetricPanels`` (lower triangle only).
         ``device``: torch device for features and Gram products (default CPU); on a GPU the Grams are
         accumulated in device memory and copied to the host once at the end. Results are numpy float64.
 
@@ -385,9 +408,13 @@ class RandConvFeatures:
         save it before returning). ``resume=partial`` continues such a checkpoint of the same images and
         configuration (the caller's cache key says so) in place, and ends with the same Gram as an
         uninterrupted run: every feature column is standardized by its own statistics, so where the
-        filter blocks were cut does not matter.
+        filter blocks were cut does not matter. ``options`` (``GramOptions``) holds the layout and the
+        limits; ``progress(done, total)`` is called per filter block.
         """
         import torch
+
+        filter_block, image_block, standardize = options.filter_block, options.image_block, options.standardize
+        panels, panel_block, max_bytes, device = options.panels, options.panel_block, options.max_bytes, options.device
 
         from ..linalg.backend_torch import tf32_disabled
 
@@ -433,7 +460,7 @@ class RandConvFeatures:
             return None if state is None else getattr(state, name)
 
         if panels:
-            from ..linalg.tiled import SymmetricPanels
+            from ..linalg.panels import SymmetricPanels
 
             layout = resume.train if resume is not None else SymmetricPanels.empty(n, panel_block, np.float64)
             starts = layout.starts
@@ -491,7 +518,7 @@ class RandConvFeatures:
 
     def _check_resume(self, resume: GramBlocks, n: int, m: int, panels: bool, panel_block) -> int:
         """The filter to continue from; refuses a checkpoint that does not fit this accumulation."""
-        from ..linalg.tiled import SymmetricPanels
+        from ..linalg.panels import SymmetricPanels
 
         F = int(self.config.n_filters)
         found_m = 0 if resume.cross is None else resume.cross.shape[0]

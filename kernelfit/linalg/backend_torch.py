@@ -165,7 +165,7 @@ def panels_to_torch(G, device=None, copy: bool = True):
     """SymmetricPanels of numpy arrays -> SymmetricPanels of torch tensors on ``device``.
     With copy=False on CPU the tensors share memory with the numpy panels."""
     torch = require_torch()
-    from .tiled import SymmetricPanels
+    from .panels import SymmetricPanels
 
     dev = resolve_device(device)
     if dev.type == "cpu" and not copy:
@@ -176,23 +176,9 @@ def panels_to_torch(G, device=None, copy: bool = True):
 
 
 def panels_to_numpy(G):
-    from .tiled import SymmetricPanels
+    from .panels import SymmetricPanels
 
     return SymmetricPanels(n=G.n, block=G.block, panels=[P.detach().cpu().numpy() for P in G.panels])
-
-
-def gram_tile_into(out, X, Z, X_sq, Z_sq, kernel: str, bandwidth: float):
-    """k(X, Z) written into ``out`` (torch tensors, same device), TF32 off. Distances clamped at 0."""
-    with tf32_disabled():
-        out.copy_(X @ Z.transpose(0, 1))
-    out.mul_(-2.0).add_(X_sq[:, None]).add_(Z_sq[None, :]).clamp_(min=0.0)
-    if kernel == "gaussian":
-        out.mul_(-1.0 / (2.0 * bandwidth * bandwidth)).exp_()
-    elif kernel == "laplacian":
-        out.sqrt_().mul_(-1.0 / bandwidth).exp_()
-    else:
-        raise InputError(f"unknown kernel {kernel!r}; expected 'gaussian' or 'laplacian'.")
-    return out
 
 
 def cho_solve_torch(L, B):
@@ -212,64 +198,3 @@ def cho_solve_torch(L, B):
             Z[s : s + w] -= P[w:].transpose(0, 1) @ Z[s + w :]
         Z[s : s + w] = torch.linalg.solve_triangular(P[:w].transpose(0, 1), Z[s : s + w], upper=True)
     return Z[:, 0] if squeeze else Z
-
-
-def kernel_matmul_torch(A, B, V, kernel: str, bandwidth: float, rows: int = 2048, exact_diagonal: bool = False):
-    """k(A, B) @ V on the tensors' device, in their dtype (float64 for residuals), by row tiles of
-    (rows x len(B)); never stores k(A, B). ``exact_diagonal`` (A is B) sets k(x_i, x_i) = 1 as the
-    Gram builders do. TF32 is off inside ``gram_tile_into``."""
-    torch = require_torch()
-    m = A.shape[0]
-    A_sq, B_sq = (A * A).sum(1), (B * B).sum(1)
-    out = torch.empty((m, V.shape[1]), dtype=V.dtype, device=V.device)
-    tile = torch.empty((min(rows, m), B.shape[0]), dtype=A.dtype, device=A.device)
-    for a in range(0, m, rows):
-        e = min(a + rows, m)
-        T = gram_tile_into(tile[: e - a], A[a:e], B, A_sq[a:e], B_sq, kernel, bandwidth)
-        if exact_diagonal:
-            idx = torch.arange(e - a, device=A.device)
-            T[idx, idx + a] = 1.0
-        with tf32_disabled():
-            torch.matmul(T, V, out=out[a:e])
-    return out
-
-
-class PhaseTimer:
-    """Seconds per named phase on a torch device: CUDA events on the current stream (the GPU's own
-    clock, no host synchronization inside the phases) on CUDA, ``perf_counter`` elsewhere.
-    ``seconds()`` synchronizes once and returns {phase: total seconds}."""
-
-    def __init__(self, device):
-        import time
-
-        self.torch = require_torch()
-        self.device = resolve_device(device)
-        self.cuda = self.device.type == "cuda"
-        self._clock = time.perf_counter
-        self._spans = []
-
-    @contextlib.contextmanager
-    def phase(self, name: str):
-        if self.cuda:
-            start, end = self.torch.cuda.Event(enable_timing=True), self.torch.cuda.Event(enable_timing=True)
-            start.record(self.torch.cuda.current_stream(self.device))
-            try:
-                yield
-            finally:
-                end.record(self.torch.cuda.current_stream(self.device))
-                self._spans.append((name, start, end))
-            return
-        t = self._clock()
-        try:
-            yield
-        finally:
-            self._spans.append((name, t, self._clock()))
-
-    def seconds(self) -> dict:
-        if self.cuda:
-            self.torch.cuda.synchronize(self.device)
-        out = {}
-        for name, a, b in self._spans:
-            dt = a.elapsed_time(b) / 1e3 if self.cuda else b - a
-            out[name] = out.get(name, 0.0) + dt
-        return out

@@ -44,7 +44,7 @@ import numpy as np
 from ..errors import ChecksumError, InputError
 from ..results import atomic_file, check_free_space
 from ..storage import OwnedDir, StorageError, file_digest, save_npy
-from .tiled import SymmetricPanels
+from .panels import SymmetricPanels
 
 FORMAT = "kernelfit.cholesky-checkpoint/2"
 STRATEGIES = ("recompute", "trailing")

@@ -41,7 +41,8 @@ from ..storage import _hasher, create_npy_memmap, file_digest, save_npy
 from .backend import get_backend
 from .checkpoint import FORMAT, MANIFEST, owned_dir, read_manifest
 from .outofcore import min_budget_bytes, plan_slabs
-from .tiled import SymmetricPanels, _panel_flops, cholesky_inplace, choose_block, single_blas_thread
+from .panels import SymmetricPanels, choose_block, panel_flops
+from .tiled import cholesky_inplace, single_blas_thread
 
 FLAG = "scratch_dir"
 FILL_CHUNK_BYTES = 64 << 20     # a Gram tile built while filling the store (bounded RAM, large writes)
@@ -492,7 +493,7 @@ def left_looking(slow, budget_bytes: int, progress=None, jitter: float = 0.0) ->
             st.io_wait_s += time.perf_counter() - t
             del slab
             if progress is not None:
-                progress.update(sum(_panel_flops(n, slow.starts[j], slow.widths[j]) for j in range(j0, j1)))
+                progress.update(sum(panel_flops(n, slow.starts[j], slow.widths[j]) for j in range(j0, j1)))
     timer["factor_total"] = timer.get("factor_total", 0.0) + time.perf_counter() - t_all
 
 

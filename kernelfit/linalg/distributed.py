@@ -11,7 +11,9 @@ Each task runs the same tile kernels as the single-process code (``backend.get_b
 result agrees with ``tiled.cholesky_inplace`` to rounding. Tiles stay on the workers as futures; the
 solves (forward and back substitution by tiles) are task graphs on them too, and only the solution
 comes back. Tiles can be scattered from host panels, taken from a dask array with square chunks,
-or computed on the workers from the data (``gram_tiles``) so the Gram never exists on the driver.
+or computed on the workers by a tile function the caller hands in (``lower_tiles``: kernel tiles
+from the data in ``kernelfit.gram.gram_tiles``, tiles of a Gram file in ``kernelfit.data.gram``), so
+the Gram never exists on the driver.
 
 ``dask.array.linalg.cholesky`` would also work on square chunks, but it factors with scipy on
 whole tiles without our NotPositiveDefinite reporting and backends; the explicit graph keeps one
@@ -27,7 +29,7 @@ from typing import Self
 import numpy as np
 
 from ..errors import InputError, NotPositiveDefiniteError
-from .tiled import SymmetricPanels, choose_block
+from .panels import SymmetricPanels
 
 
 def require_distributed():
@@ -94,32 +96,6 @@ def _update(C, A, B, backend, device):
     C = _to(C, backend, device)
     be.syrk_update(C, _to(A, backend, device), _to(B, backend, device))
     return _back(C)
-
-
-def _gram_tile(Xi, Xj, kernel, bandwidth, diagonal, dtype, jitter=0.0):
-    from ..kernels import kernel_tile
-
-    T = kernel_tile(Xi, Xj, kernel, bandwidth, dtype=dtype)
-    if diagonal:
-        np.fill_diagonal(T, 1.0 + jitter)   # k(x, x) = 1 exactly, as kernelfit.gram does (+ the ridge)
-    return T
-
-
-def _source_tile(spec, r0, r1, c0, c1, dtype, diagonal, jitter):
-    """One tile of a Gram file, read on the worker (the path must be visible there)."""
-    from ..data.arrays import open_array
-    from ..data.rows import release_pages
-
-    G = open_array(spec, what="--gram")
-    T = np.array(G[r0:r1, c0:c1], dtype=dtype, order="C")
-    release_pages(G)
-    if not np.all(np.isfinite(T)):
-        i, j = (int(v) for v in np.argwhere(~np.isfinite(T))[0])
-        raise InputError(f"--gram: G[{r0 + i}, {c0 + j}] = {T[i, j]} is not finite; a Gram matrix must hold "
-                         f"finite numbers.")
-    if diagonal and jitter:
-        T[np.arange(T.shape[0]), np.arange(T.shape[0])] += jitter
-    return T
 
 
 def _fwd_sub(acc, Lik, Zk):
@@ -225,46 +201,19 @@ def from_dask_array(A, client=None, scheduler_address=None) -> TiledMatrix:
     return TiledMatrix(client, dict(zip(keys, futures)), A.shape[0], block, A.dtype)
 
 
-def gram_tiles(X, kernel: str, bandwidth: float, block: int | None = None, dtype=np.float64, client=None,
-               scheduler_address=None, jitter: float = 0.0) -> TiledMatrix:
-    """Gram tiles k(X_i, X_j), i >= j, computed on the workers from scattered row blocks of X
-    (``jitter`` added to the diagonal)."""
-    client = get_client(client, scheduler_address)
-    X = np.asarray(X, dtype=np.float64)
-    X = np.ascontiguousarray(X - X.mean(axis=0), dtype=dtype)   # translation-invariant: center for float32
-    n = X.shape[0]
-    block = choose_block(n, block)
-    st = list(range(0, n, block))
-    Xf = client.scatter([X[s : s + block] for s in st], hash=False)
-    tag = uuid.uuid4().hex[:12]
-    tiles = {(i, j): client.submit(_gram_tile, Xf[i], Xf[j], kernel, float(bandwidth), i == j, dtype,
-                                   float(jitter), key=f"gram-{i}-{j}-{tag}")
-             for i in range(len(st)) for j in range(i + 1)}
-    return TiledMatrix(client, tiles, n, block, dtype, keepalive=Xf)
-
-
-def gram_tiles_from_source(spec, dtype=np.float64, block: int | None = None, jitter: float = 0.0, client=None,
-                           scheduler_address=None) -> TiledMatrix:
-    """Lower tiles of a Gram file (``G.npy``, ``G.h5:/dset``, ``G.zarr:/arr``), each read by a worker task.
-
-    The file must be on storage every worker sees (a shared file system, or the local disk of a
-    ``LocalCluster``); only the spec travels to the workers, never the matrix.
-    """
-    from ..data.arrays import open_array
-
-    if not isinstance(spec, (str, bytes)) and not hasattr(spec, "__fspath__"):
-        raise InputError("a distributed Gram solve reads the Gram on the workers: pass it as a path "
-                         "(G.npy, G.h5:/dset, STORE.zarr:/arr) on storage the workers can read, not an array.")
-    client = get_client(client, scheduler_address)
-    spec = str(spec)
-    n = open_array(spec, what="--gram").shape[0]
-    block = choose_block(n, block)
+def lower_tiles(tile, tile_args, n: int, block: int, dtype, client, name: str = "tile", keepalive=None) -> TiledMatrix:
+    """A TiledMatrix whose lower tiles (i >= j) are computed on the workers: tile (i, j) is
+    ``tile(*tile_args(i, j, r0, r1, c0, c1))`` for rows r0:r1 and columns c0:c1. ``tile`` must be a
+    picklable function (it travels to the workers); ``tile_args`` runs on the driver and may return
+    futures (dask resolves them on the worker). ``keepalive`` holds futures the tiles read from.
+    The caller builds the tiles (kernel tiles from data, tiles read from a Gram file): linalg
+    only lays out and submits them."""
     st = list(range(0, n, block))
     tag = uuid.uuid4().hex[:12]
-    tiles = {(i, j): client.submit(_source_tile, spec, st[i], min(st[i] + block, n), st[j], min(st[j] + block, n),
-                                   np.dtype(dtype), i == j, float(jitter), key=f"gram-file-{i}-{j}-{tag}")
+    tiles = {(i, j): client.submit(tile, *tile_args(i, j, st[i], min(st[i] + block, n), st[j], min(st[j] + block, n)),
+                                   key=f"{name}-{i}-{j}-{tag}")
              for i in range(len(st)) for j in range(i + 1)}
-    return TiledMatrix(client, tiles, n, block, dtype)
+    return TiledMatrix(client, tiles, n, block, dtype, keepalive=keepalive)
 
 
 class Cluster:

@@ -1,6 +1,6 @@
 """One entry point for the Cholesky factorization: backend, device, in-core / out-of-core, checkpoints.
 
-``factor(G, ...)`` overwrites host panels ``G`` (``SymmetricPanels`` of numpy arrays) with their
+``factor(G, placement)`` overwrites host panels ``G`` (``SymmetricPanels`` of numpy arrays) with their
 lower Cholesky factor and returns a ``FactorInfo`` saying what ran where (backend, device, path,
 bytes moved, device memory, timings). The result always ends in ``G`` on the host, so the existing
 solves (``tiled.cho_solve``) and refinement work unchanged.
@@ -26,9 +26,12 @@ import numpy as np
 
 from ..errors import InputError, MemoryPlanError
 from .backend import free_device_bytes
-from .tiled import SymmetricPanels, cholesky_flops, cholesky_inplace
+from .options import FactorOptions
+from .panels import SymmetricPanels, cholesky_flops
+from .tiled import cholesky_inplace
 
 BACKEND_CHOICES = ("auto", "numpy", "torch", "cupy")
+DEFAULT_PLACEMENT = FactorOptions()   # host numpy, in-core when it fits, no checkpoint
 DEVICE_SAFETY = 0.90     # leave 10% of measured free device memory to the allocator / other tensors
 
 
@@ -41,7 +44,7 @@ def _gib(b) -> str:
 
 @dataclass
 class DevicePlan:
-    """Device-memory plan for one factorization (cf. memory.py for host memory)."""
+    """Device-memory plan for one factorization (cf. kernelfit.planning for host memory)."""
 
     n: int
     block: int
@@ -113,16 +116,20 @@ def _resolve_backend(G, backend, device):
     return "cupy", "cuda" if device is None else str(device)
 
 
-def factor(G: SymmetricPanels, *, backend: str = "auto", device=None, out_of_core="auto",
-           device_memory_budget: int | None = None, checkpoint_dir=None, resume: bool = False,
-           checkpoint_every: int | None = None, checkpoint_strategy: str = "recompute", progress=None,
-           jitter: float = 0.0, tf32: bool = False, on_panel_done=None) -> FactorInfo:
+def factor(G: SymmetricPanels, placement: FactorOptions = DEFAULT_PLACEMENT, *, jitter: float = 0.0, progress=None,
+           on_panel_done=None, checkpoint_every: int | None = None, checkpoint_strategy: str = "recompute") -> FactorInfo:
     """Overwrite host panels G with the lower Cholesky factor of the matrix they hold.
 
-    jitter only words the error message (add it to the diagonal before calling, as for
-    ``cholesky_inplace``). ``tf32=True`` lets float32 factor GEMMs use TF32 tensor cores on CUDA
-    (use with mixed-precision refinement). ``on_panel_done(j)`` runs after any checkpoint save.
+    ``placement``: where and how it runs (backend, device, out_of_core, device_memory_budget, tf32,
+    checkpoint_dir, resume; its block_size and progress flag are the caller's: G has its panels and
+    ``progress`` is a bar). ``tf32=True`` lets float32 factor GEMMs use TF32 tensor cores on CUDA
+    (use with mixed-precision refinement). jitter only words the error message (add it to the
+    diagonal before calling, as for ``cholesky_inplace``). ``on_panel_done(j)`` runs after any
+    checkpoint save.
     """
+    backend, device, out_of_core = placement.backend, placement.device, placement.out_of_core
+    device_memory_budget, tf32 = placement.device_memory_budget, placement.tf32
+    checkpoint_dir, resume = placement.checkpoint_dir, placement.resume
     kind = type(G.panels[0]).__module__.split(".")[0]
     if kind in ("torch", "cupy"):
         return _factor_resident(G, kind, backend, device, out_of_core, checkpoint_dir, progress, jitter, on_panel_done,

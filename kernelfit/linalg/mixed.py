@@ -4,7 +4,7 @@ feature Grams (``kernelfit.table``) and the GPU benchmark.
 ``solve_refined`` builds a Gram in the factor dtype, factors it where the caller's ``factor_gram``
 says (CPU, GPU in-core or out-of-core), solves through the factor and refines with float64 residuals
 ``Y - K X`` from ``apply_high``. With ``store_float64_gram`` (the ``stored-float64-gram`` strategy of
-``linalg.strategy``) it builds the Gram once in float64, keeps it, factors a low-precision copy and
+``kernelfit.planning``) it builds the Gram once in float64, keeps it, factors a low-precision copy and
 takes the residuals from the stored Gram: O(n^2 k) per step instead of a kernel rebuild. With a
 low-precision factor that cannot reach float64 level (K too ill-conditioned for float32, or a float32
 breakdown), it re-factors in float64 when the caller's ``fallback`` check allows it, and the report
@@ -64,7 +64,7 @@ def solve_refined(build_gram: Callable, factor_gram: Callable, apply_high: Calla
         why not: a sentence, or a ``MemoryPlanError`` (not raised) whose plan is kept if this must raise.
     timings: accumulates "gram", "factor", "solve" seconds.
     solver(L, d) -> (R -> K^{-1} R in float64) for factors that are not host panels (device-resident
-        ones, see ``linalg.resident``); default ``low_precision_solver(cho_solve, L, d)``.
+        ones, see ``kernelfit.gram_device``); default ``low_precision_solver(cho_solve, L, d)``.
     Returns (X, R = Y - (K + jitter I) X, report dict, list of factor info dicts).
     """
     Y = np.asarray(Y, dtype=np.float64)

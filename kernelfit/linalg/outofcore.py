@@ -40,7 +40,8 @@ import numpy as np
 
 from ..errors import InputError, MemoryPlanError, NotPositiveDefiniteError
 from ..results import format_bytes
-from .tiled import SymmetricPanels, _panel_flops, cholesky_inplace, choose_block
+from .panels import SymmetricPanels, panel_flops
+from .tiled import cholesky_inplace
 
 
 class WorkingSet:
@@ -461,7 +462,7 @@ def cholesky_out_of_core(G: SymmetricPanels, device="numpy", budget_bytes: int |
             # every device buffer of a slab dies when _run_slab returns, before the next slab allocates
             _run_slab(G, dev, be, ws, plan, j0, j1, stats, timer, jitter)
             if progress is not None:
-                progress.update(sum(_panel_flops(n, G.starts[j], G.panels[j].shape[1]) for j in range(j0, j1)))
+                progress.update(sum(panel_flops(n, G.starts[j], G.panels[j].shape[1]) for j in range(j0, j1)))
             if on_panel_done is not None:
                 on_panel_done(j1 - 1)
     finally:
@@ -536,43 +537,3 @@ def _stream_updates(G, dev, be, ws, plan, j0, j1, slab, stats) -> None:
         dev.compute_end(span)
         dev.mark_computed(slot)
     dev.synchronize()
-
-
-def build_gram_panels_device(X, kernel: str, bandwidth: float, block: int | None = None, dtype=np.float32,
-                             device="cpu", out: SymmetricPanels | None = None, center: bool = True,
-                             resident: bool = False) -> SymmetricPanels:
-    """Lower-triangle Gram panels computed on a torch device, one panel at a time. By default they
-    are written to host panels (never the whole Gram on the device); ``resident=True`` keeps them on
-    the device instead (a SymmetricPanels of device tensors, for a matrix that fits there). TF32 is
-    off for the distance GEMMs. Points are centered first (in float64; the kernels are
-    translation-invariant), which keeps the float32 |x|^2 + |z|^2 - 2 x.z expansion accurate for
-    data far from the origin, as solve.py does."""
-    from .backend_torch import gram_tile_into, require_torch, resolve_device, torch_dtype
-
-    torch = require_torch()
-    dev = resolve_device(device)
-    X = np.asarray(X, dtype=np.float64)
-    if center:
-        X = X - X.mean(axis=0)
-    X = np.ascontiguousarray(X, dtype=dtype)
-    n = X.shape[0]
-    if resident:
-        if out is not None:
-            raise InputError("build_gram_panels_device: out= is for host panels; resident=True allocates on the device.")
-        block = choose_block(n, block)
-        G = SymmetricPanels(n=n, block=block, panels=[
-            torch.empty((n - s, min(block, n - s)), dtype=torch_dtype(dtype), device=dev)
-            for s in SymmetricPanels.starts_for(n, block)])
-    else:
-        G = out if out is not None else SymmetricPanels.empty(n, block, dtype)
-    Xd = torch.from_numpy(X).to(dev)
-    sq = (Xd * Xd).sum(1)
-    tile = None if resident else torch.empty((n, G.block), dtype=torch_dtype(dtype), device=dev)
-    for s, P in zip(G.starts, G.panels):
-        w = P.shape[1]
-        T = P if resident else tile[: n - s, :w]
-        gram_tile_into(T, Xd[s:], Xd[s : s + w], sq[s:], sq[s : s + w], kernel, bandwidth)
-        T[torch.arange(w), torch.arange(w)] = 1.0      # k(x, x) = 1 exactly, as in kernelfit.gram
-        if not resident:
-            torch.from_numpy(P).copy_(T)
-    return G
