@@ -96,7 +96,7 @@ def measure_all(model: nn.Module, X: torch.Tensor, y: torch.Tensor, options: Mea
     bad = [g for g in groups if g not in GROUPS]
     if bad:
         raise InputError(f"unknown measure group(s) {bad}; expected a subset of {list(GROUPS)}.")
-    M._check_xy(X, y)
+    M.check_xy(X, y)
     say = log or get_logger("deepfit.suite").info   # a line when each measure starts and ends
     before = _state(model)
     t0 = time.perf_counter()
