@@ -412,7 +412,8 @@ def register_cli(subparsers) -> None:
 
 def _run_args(args: argparse.Namespace, argv) -> int:
     from kernelfit.progress import set_verbosity
-    from kernelfit.results import provenance, write_json_atomic
+    from kernelfit.provenance import provenance
+    from kernelfit.results import write_json_atomic
 
     set_verbosity(args.verbose - args.quiet)
     try:
@@ -424,7 +425,7 @@ def _run_args(args: argparse.Namespace, argv) -> int:
     if (out / "report.json").exists() and not args.overwrite:
         print(f"deepfit report: error: {out / 'report.json'} exists. Fix: pass --overwrite or another --out.", file=sys.stderr)
         return 2
-    from kernelfit.results import check_writable_dir
+    from kernelfit.places import check_writable_dir
     try:
         check_writable_dir(out, "--out")   # before hours of training, not after
     except InputError as e:

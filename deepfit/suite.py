@@ -407,7 +407,9 @@ def _user_model_and_data(a):
 
 
 def _run(a) -> int:
-    from kernelfit.results import check_output_file, dumps, provenance, write_json_atomic
+    from kernelfit.places import check_output_file
+    from kernelfit.provenance import provenance
+    from kernelfit.results import dumps, write_json_atomic
 
     groups = [g.strip() for g in a.groups.split(",") if g.strip()]
     kw = {f.name: getattr(a, f.name) for f in dataclasses.fields(MeasureOptions) if getattr(a, f.name) is not None}
