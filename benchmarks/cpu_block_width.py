@@ -41,7 +41,8 @@ def main(argv=None):
     if not os.path.exists(os.path.join(args.data_dir, "mnist.npz")):
         raise SystemExit(f"no mnist.npz in {args.data_dir}; pass --data-dir DIR (the folder that holds it).")
 
-    from kernelfit.results import append_jsonl, dumps, machine_info, provenance
+    from kernelfit.provenance import machine_info, provenance
+    from kernelfit.results import append_jsonl, dumps
 
     def emit(rec):
         print(dumps(rec, indent=None), flush=True)

@@ -234,7 +234,8 @@ def main(argv=None):
     if args.child:
         return child(args)
 
-    from kernelfit.results import append_jsonl, dumps, machine_info, provenance
+    from kernelfit.provenance import machine_info, provenance
+    from kernelfit.results import append_jsonl, dumps
 
     def emit(rec):
         print(dumps(rec, indent=None), flush=True)

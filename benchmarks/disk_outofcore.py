@@ -124,7 +124,9 @@ def main(argv=None) -> int:
         rec = (part_incore if args.part == "incore" else part_disk)(args)
         print(json.dumps(rec))
         return 0
-    from kernelfit.results import append_jsonl, check_writable_dir, provenance
+    from kernelfit.places import check_writable_dir
+    from kernelfit.provenance import provenance
+    from kernelfit.results import append_jsonl
 
     check_writable_dir(args.scratch_dir, "--scratch-dir")
     tmp = tempfile.mkdtemp(prefix="kf-disk-bench-")     # ours: the in-core alpha the disk part compares with

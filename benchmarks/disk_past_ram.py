@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     from kernelfit.experiment import check_labels, infer_num_classes
     from kernelfit.gram import KernelOperator
     from kernelfit.linalg.panels import cholesky_flops
-    from kernelfit.results import machine_info, provenance
+    from kernelfit.provenance import machine_info, provenance
     from kernelfit.solve import check_distinct
     from kernelfit.validate import check_features
 

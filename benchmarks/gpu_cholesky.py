@@ -116,7 +116,7 @@ def machine(device):
     """kernelfit.results provenance (CPU model, cores, RAM, versions, git) plus the benchmarked GPU."""
     import torch
 
-    from kernelfit.results import provenance
+    from kernelfit.provenance import provenance
 
     prov = provenance()
     info = {**prov["machine"], "versions": prov["versions"], "git": prov["git"], "gpu": None}

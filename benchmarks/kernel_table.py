@@ -61,7 +61,7 @@ def tune_gabor(argv) -> int:
     from kernelfit.data import load_dataset, to_features
     from kernelfit.features.gabor import GaborBank, GaborConfig
     from kernelfit.kernels import median_bandwidth
-    from kernelfit.results import machine_info
+    from kernelfit.provenance import machine_info
 
     ds = load_dataset("mnist", data_dir=args.data_dir).subset(args.n_train, args.n_test, seed=args.seed)
     Y = np.eye(10)[ds.y_train]
@@ -121,7 +121,7 @@ def tune_randconv(argv) -> int:
     args = ap.parse_args(argv)
     from kernelfit.data import load_dataset
     from kernelfit.features.randconv import GramOptions, RandConvConfig, RandConvFeatures
-    from kernelfit.results import machine_info
+    from kernelfit.provenance import machine_info
     from kernelfit.solve import linear_from_gram_inplace
     from kernelfit.table import _median_distance_from_sqd
 

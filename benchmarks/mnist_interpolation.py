@@ -134,7 +134,7 @@ def main(argv=None):
             with open(args.out, "a") as f:
                 f.write(line + "\n")
 
-    from kernelfit.results import provenance
+    from kernelfit.provenance import provenance
 
     emit({"what": "machine", **provenance()})
     records = {}

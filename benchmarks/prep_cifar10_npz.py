@@ -94,7 +94,7 @@ def main(argv=None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = p.parse_args(argv)
     from kernelfit.errors import KernelfitError
-    from kernelfit.results import check_output_file
+    from kernelfit.places import check_output_file
 
     src = Path(args.src) if args.src else default_source()
     out = Path(args.out)

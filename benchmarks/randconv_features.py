@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     import torch
 
     from kernelfit.features.randconv import RandConvConfig, RandConvFeatures
-    from kernelfit.results import machine_info
+    from kernelfit.provenance import machine_info
 
     if args.data_dir:
         from kernelfit.data import load_dataset

@@ -103,7 +103,7 @@ def _check_results_file(path) -> None:
     extended). Refused before any work when it is a directory or when nothing can be written there."""
     from pathlib import Path
 
-    from kernelfit.results import check_writable_dir
+    from kernelfit.places import check_writable_dir
     p = Path(path).expanduser()
     if p.is_dir():
         raise InputError(f"--out {path} is a directory; expected a results file such as {p / 'runs.jsonl'}.")
@@ -119,7 +119,7 @@ def _check_results_file(path) -> None:
 
 def _preflight(a, allow_list: bool = False) -> None:
     """Every output place and the device, checked before data is read or anything is trained."""
-    from kernelfit.results import check_writable_dir
+    from kernelfit.places import check_writable_dir
 
     from .experiments import _available_devices
     from .train import resolve_device
@@ -238,7 +238,7 @@ def cmd_plot(a) -> int:
         recs = [r for r in recs if r["config"]["model"] == a.model]
     if not recs:
         raise InputError(f"no run records in {a.results!r}" + (f" for model {a.model!r}" if a.model else "") + ".")
-    from kernelfit.results import check_writable_dir
+    from kernelfit.places import check_writable_dir
     check_writable_dir(a.outdir, "--outdir")
     for path in plot_all(recs, a.outdir, prefix=a.prefix):
         print(f"wrote {path}")

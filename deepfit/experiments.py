@@ -75,7 +75,7 @@ TABLE1_WEIGHT_DECAY = 5e-4
 # --------------------------------------------------------------------------------------------
 
 def _provenance() -> dict:
-    from kernelfit.results import provenance
+    from kernelfit.provenance import provenance
     return provenance()
 
 

@@ -96,7 +96,7 @@ def measure_all(model: nn.Module, X: torch.Tensor, y: torch.Tensor, options: Mea
     bad = [g for g in groups if g not in GROUPS]
     if bad:
         raise InputError(f"unknown measure group(s) {bad}; expected a subset of {list(GROUPS)}.")
-    M._check_xy(X, y)
+    M.check_xy(X, y)
     say = log or get_logger("deepfit.suite").info   # a line when each measure starts and ends
     before = _state(model)
     t0 = time.perf_counter()
@@ -407,7 +407,9 @@ def _user_model_and_data(a):
 
 
 def _run(a) -> int:
-    from kernelfit.results import check_output_file, dumps, provenance, write_json_atomic
+    from kernelfit.places import check_output_file
+    from kernelfit.provenance import provenance
+    from kernelfit.results import dumps, write_json_atomic
 
     groups = [g.strip() for g in a.groups.split(",") if g.strip()]
     kw = {f.name: getattr(a, f.name) for f in dataclasses.fields(MeasureOptions) if getattr(a, f.name) is not None}

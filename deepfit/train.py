@@ -319,7 +319,7 @@ def train(
         ckpt_file = checkpoint_path(checkpoint_dir, config) if checkpoint_dir is not None else None
         resumed_from = None
         if ckpt_file is not None:
-            from kernelfit.results import check_free_space
+            from kernelfit.places import check_free_space
 
             # weights + momentum buffers, twice: the old checkpoint stays until the new one is complete
             state_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())

@@ -166,7 +166,7 @@ def _results(model: Interpolant, Y, sets, columns, test_scores, y_test, task, ji
 
 def _provenance():
     try:   # before the solve: the record names the code that ran, even if HEAD moves meanwhile
-        from .results import provenance
+        from .provenance import provenance
 
         return provenance()
     except ImportError:  # results.py is optional for library use

@@ -21,6 +21,7 @@ import numpy as np
 from . import catalog
 from .errors import InputError
 from .parallel import parallel_row_blocks
+from .validate import check_bandwidth  # the one bandwidth check (CLI, SolveOptions, estimators, table)
 
 
 def _parallel_rows(tile: np.ndarray, fn) -> None:
@@ -167,36 +168,6 @@ def _registry() -> dict[str, Kernel]:
 
 
 KERNELS: dict[str, Kernel] = _registry()
-
-
-def check_bandwidth(bandwidth) -> float:
-    """Validate a bandwidth (sigma): a finite number > 0 whose kernel scales 1 / (2 sigma^2) and
-    1 / sigma are finite and nonzero in float64 (1e-300 or 1e300 would turn every kernel value into
-    NaN, 0 or 1). The one check used by the CLI, ``SolveOptions``, the estimators and the table."""
-    if isinstance(bandwidth, (bool, np.bool_)):
-        raise InputError(f"bandwidth must be a positive number or 'median'; got {bandwidth!r}.")
-    try:
-        value = float(bandwidth)
-    except (TypeError, ValueError):
-        raise InputError(
-            f"bandwidth must be a positive number or 'median'; got {bandwidth!r}. "
-            "Pass e.g. bandwidth=5.0 (MNIST pixels / 255) or bandwidth='median'."
-        ) from None
-    if not math.isfinite(value) or value <= 0:
-        raise InputError(
-            f"bandwidth must be a finite number > 0; got {value!r}. "
-            "Pass e.g. bandwidth=5.0 or bandwidth='median' to use the median heuristic."
-        )
-    two_s2 = 2.0 * value * value
-    scale = 1.0 / two_s2 if two_s2 > 0 else math.inf
-    if not (0.0 < scale < math.inf):
-        raise InputError(
-            f"bandwidth {value!r} is outside what float64 can use: 2 sigma^2 = {two_s2!r}, so the Gaussian "
-            f"scale 1 / (2 sigma^2) is {'infinite' if scale == math.inf else 'zero'} and every kernel value would be "
-            f"NaN, 0 or 1. Use a sigma between 1e-150 and 1e150 on the data's scale, e.g. bandwidth='median' "
-            f"(--bandwidth median)."
-        )
-    return value
 
 
 def check_kernel(kernel: str) -> Kernel:

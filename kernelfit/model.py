@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .catalog import MODES as _MODES
+from .catalog import KERNELS, MODES, TASKS
 from .errors import InputError, ModelFileError
 from .interpolant import Interpolant, PrecomputedInterpolant
 
@@ -251,8 +251,6 @@ def _is_number(v) -> bool:
 def _check_fields(meta, tensors: dict, path) -> None:
     """Everything ``SavedModel`` and ``Interpolant`` rely on, checked on the values themselves (the
     checksum only says the file is as written, not that what was written is a model)."""
-    from .kernels import KERNELS
-
     def bad(what: str) -> ModelFileError:
         return ModelFileError(f"{path}: invalid model file: {what}. The file was not written by kernelfit's "
                               f"save_model or was edited; nothing was loaded. Fix: write it again with --save-model.")
@@ -272,10 +270,10 @@ def _check_fields(meta, tensors: dict, path) -> None:
     kernel, precomputed = meta["kernel"], meta["kernel"] == "precomputed"
     if kernel not in (*KERNELS, "precomputed"):
         raise bad(f"kernel {kernel!r} is not one of {', '.join((*KERNELS, 'precomputed'))}")
-    if meta["mode"] not in _MODES:
-        raise bad(f"mode {meta['mode']!r} is not one of {', '.join(_MODES)}")
-    if meta["task"] not in ("classification", "regression"):
-        raise bad(f"task {meta['task']!r} is neither 'classification' nor 'regression'")
+    if meta["mode"] not in MODES:
+        raise bad(f"mode {meta['mode']!r} is not one of {', '.join(MODES)}")
+    if meta["task"] not in TASKS:
+        raise bad(f"task {meta['task']!r} is not one of {', '.join(TASKS)}")
     jitter = meta.get("jitter", 0.0)
     if not _is_number(jitter) or not np.isfinite(jitter) or jitter < 0:
         raise bad(f"jitter is {jitter!r}, expected a finite number >= 0")

@@ -1,18 +1,17 @@
-"""Result records: provenance, atomic JSON writing, JSON-lines appends, peak memory, phase timing.
+"""Result records: atomic JSON writing, JSON-lines appends, the residual warning, byte formatting, peak
+memory, phase timing.
 
 This is the one place that defines how a result reaches disk, so every experiment (kernel solves,
-deep-net runs, sweeps) records the same provenance (git SHA, library versions, machine, time,
-command line) and never leaves a half-written or silently overwritten file behind.
+deep-net runs, sweeps) never leaves a half-written or silently overwritten file behind. What ran where
+(git SHA, library versions, machine) is :mod:`kernelfit.provenance`; output places checked before any
+work (writable directory, free space) are :mod:`kernelfit.places`.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import math
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,216 +21,16 @@ from pathlib import Path
 from typing import Any, Iterator
 
 __all__ = [
-    "provenance",
-    "git_info",
-    "library_versions",
-    "machine_info",
     "to_jsonable",
     "dumps",
     "write_json_atomic",
     "append_jsonl",
     "read_jsonl",
-    "check_writable_dir",
-    "check_output_file",
-    "check_free_space",
-    "free_bytes",
     "peak_rss_bytes",
     "warn_residual",
     "PhaseTimer",
     "regression_metrics",
 ]
-
-_PACKAGE_DIR = Path(__file__).resolve().parent
-
-
-# --------------------------------------------------------------------------------------------
-# provenance
-# --------------------------------------------------------------------------------------------
-
-def _run_git(args: list[str], cwd: Path) -> str | None:
-    """Run git; return stripped stdout or None on any failure (no git, not a repo, timeout)."""
-    try:
-        out = subprocess.run(
-            ["git", *args], cwd=str(cwd), capture_output=True, text=True, timeout=10,
-            check=False,
-        )
-    except (OSError, subprocess.SubprocessError, ValueError):
-        return None
-    if out.returncode != 0:
-        return None
-    return out.stdout.strip()
-
-
-def git_info(path: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Git SHA, dirty flag and branch of the repository holding ``path`` (default: this package).
-
-    ``dirty`` is True when tracked files differ from HEAD (untracked files do not count).
-    Outside a git checkout (e.g. an installed wheel) every field is None; never raises.
-    """
-    cwd = Path(path) if path is not None else _PACKAGE_DIR
-    if cwd.is_file():
-        cwd = cwd.parent
-    info: dict[str, Any] = {"sha": None, "dirty": None, "branch": None, "root": None}
-    if not cwd.exists():
-        return info
-    root = _run_git(["rev-parse", "--show-toplevel"], cwd)
-    if not root:
-        return info
-    info["root"] = root
-    info["sha"] = _run_git(["rev-parse", "HEAD"], cwd)
-    branch = _run_git(["rev-parse", "--abbrev-ref", "HEAD"], cwd)
-    info["branch"] = branch or None
-    status = _run_git(["status", "--porcelain", "--untracked-files=no"], cwd)
-    info["dirty"] = None if status is None else bool(status)
-    return info
-
-
-_DISTRIBUTIONS = {"numpy": "numpy", "scipy": "scipy", "torch": "torch", "sklearn": "scikit-learn",
-                  "kernelfit": "kernelfit"}
-
-
-def _version_of(module_name: str) -> str | None:
-    # An already imported module knows its version; otherwise ask the installed metadata so that
-    # recording provenance does not import torch (seconds) into a numpy-only run.
-    mod = sys.modules.get(module_name)
-    if mod is not None and getattr(mod, "__version__", None):
-        return str(mod.__version__)
-    try:
-        from importlib.metadata import PackageNotFoundError, version
-
-        return version(_DISTRIBUTIONS.get(module_name, module_name))
-    except PackageNotFoundError:
-        pass
-    except Exception:
-        pass
-    try:  # a source checkout that is not installed
-        mod = __import__(module_name)
-    except Exception:  # not installed or broken: record absence, never fail a run
-        return None
-    return getattr(mod, "__version__", None)
-
-
-def library_versions() -> dict[str, str | None]:
-    """Versions of python and the numerical libraries (None where a library is absent)."""
-    versions: dict[str, str | None] = {"python": platform.python_version()}
-    for key in _DISTRIBUTIONS:
-        versions[key] = _version_of(key)
-    return versions
-
-
-def _cpu_model() -> str | None:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
-
-
-# Vector extensions that change BLAS / convolution speed by 2-4x between machines with the same
-# model name (the VMs here all say "AMD EPYC" or "Intel Xeon Processor").
-_SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile", "asimd", "sve")
-
-
-def _cpu_details(path: str = "/proc/cpuinfo") -> dict[str, Any]:
-    """CPU family / model numbers and the vector extensions of /proc/cpuinfo (empty where unreadable)."""
-    info: dict[str, Any] = {}
-    try:
-        with open(path, encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                key, _, value = line.partition(":")
-                key = key.strip().lower()
-                if key in ("cpu family", "model") and key.replace(" ", "_") not in info:
-                    info[key.replace(" ", "_")] = value.strip()
-                elif key in ("flags", "features") and "simd" not in info:
-                    have = set(value.split())
-                    info["simd"] = [f for f in _SIMD_FLAGS if f in have]
-                if not line.strip() and info:
-                    break   # the first processor's block is enough
-    except OSError:
-        pass
-    return info
-
-
-def _total_ram_bytes() -> int | None:
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().total)
-    except Exception:
-        pass
-    try:
-        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def _gpu_driver_present() -> bool:
-    # NVIDIA (CUDA) or AMD (ROCm) kernel drivers; without either torch.cuda cannot see a GPU.
-    return os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/kfd")
-
-
-def _gpu_info() -> dict[str, Any] | None:
-    """The CUDA device torch would use, or None. A missing or CPU-only torch means "no GPU"."""
-    if "torch" not in sys.modules and not _gpu_driver_present():
-        return None  # skip importing torch (seconds) on a machine that has no GPU driver
-    try:
-        import torch
-
-        if not torch.cuda.is_available():
-            return None
-        idx = torch.cuda.current_device()
-        props = torch.cuda.get_device_properties(idx)
-        return {
-            "name": torch.cuda.get_device_name(idx),
-            "count": torch.cuda.device_count(),
-            "total_memory_bytes": int(props.total_memory),
-            "cuda": getattr(torch.version, "cuda", None),
-        }
-    except Exception:
-        return None
-
-
-def machine_info() -> dict[str, Any]:
-    """CPU model (+ family / model numbers and vector extensions), cores, RAM, GPU (None without CUDA), host, OS."""
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        usable = os.cpu_count()
-    return {
-        "cpu_model": _cpu_model(),
-        "cpu": _cpu_details(),
-        "logical_cores": os.cpu_count(),
-        "usable_cores": usable,
-        "total_ram_bytes": _total_ram_bytes(),
-        "gpu": _gpu_info(),
-        "hostname": platform.node() or None,
-        "platform": platform.platform(),
-    }
-
-
-def _utc_now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def provenance(argv: list[str] | None = None) -> dict[str, Any]:
-    """Everything needed to say where a result came from. Never raises.
-
-    Keys: ``git`` (sha, dirty, branch, root of the repo this package is imported from, all None
-    outside git), ``versions``, ``machine``, ``timestamp_utc`` (ISO 8601), ``command`` (argv
-    list; ``sys.argv`` unless given), ``cwd``.
-    """
-    return {
-        "git": git_info(),
-        "versions": library_versions(),
-        "machine": machine_info(),
-        "timestamp_utc": _utc_now(),
-        "command": list(sys.argv if argv is None else argv),
-        "cwd": os.getcwd(),
-    }
-
 
 # --------------------------------------------------------------------------------------------
 # JSON
@@ -431,13 +230,9 @@ def read_jsonl(path: str | os.PathLike) -> list[Any]:
 
 
 # --------------------------------------------------------------------------------------------
-# output paths, checked before any work
+# residuals and sizes in messages
 # --------------------------------------------------------------------------------------------
 
-PROBE_PREFIX = ".kernelfit-probe-"
-
-
-# Relative residual above which a backward-stable solve is still worth a warning: past sqrt(eps) the
 # training targets are no longer reproduced to half of float64's digits.
 RESIDUAL_WARN = 1e-8
 
@@ -490,81 +285,6 @@ def format_bytes(b: float) -> str:
     if b >= 2**30:
         return f"{b / 2**30:.2f} GiB"
     return f"{b / 2**20:.1f} MiB" if b >= 2**20 else f"{int(b)} bytes"
-
-
-def existing_ancestor(path: str | os.PathLike) -> Path:
-    """The nearest existing directory at or above ``path`` (where it would be created)."""
-    p = Path(path).expanduser().absolute()
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    return p
-
-
-def check_writable_dir(directory: str | os.PathLike, flag: str, shown: str | os.PathLike | None = None) -> Path:
-    """Prove that files can be created in ``directory`` (or, when it does not exist yet, in the
-    nearest existing directory above it) by creating, writing, fsyncing and deleting a probe file of
-    our own naming. Raises :class:`~kernelfit.errors.InputError` naming ``flag`` otherwise; returns the
-    directory probed. Catches read-only mounts, /proc, permission bits that ``os.access`` misreads
-    (root), and a path component that is a file, before any heavy work."""
-    from .errors import InputError
-
-    directory = Path(directory).expanduser()
-    target = existing_ancestor(directory)
-    directory = shown if shown is not None else directory  # the path as the user gave it, for messages
-    if not target.is_dir():
-        raise InputError(f"{flag} {directory}: {target} is a file, not a directory; expected a directory "
-                         f"that can hold the output. Fix: choose another path.")
-    try:
-        fd, name = tempfile.mkstemp(prefix=PROBE_PREFIX, dir=str(target))
-    except OSError as e:
-        raise InputError(f"{flag} {directory}: cannot create files in {target} ({e.strerror or e}). "
-                         f"Fix: choose a writable directory.") from None
-    try:
-        try:
-            os.write(fd, b"probe\n")
-            os.fsync(fd)
-        except OSError as e:
-            raise InputError(f"{flag} {directory}: cannot write to {target} ({e.strerror or e}; disk full "
-                             f"or read-only?). Fix: free space or choose another directory.") from None
-    finally:
-        os.close(fd)
-        try:
-            os.unlink(name)
-        except OSError:
-            pass
-    return target
-
-
-def check_output_file(path: str | os.PathLike, flag: str, overwrite: bool = False,
-                      example: str = "result.json") -> None:
-    """Refuse an output file path before any work: a directory, an existing file without
-    ``overwrite``, or a place where no file can be created (probed). Raises InputError."""
-    from .errors import InputError
-
-    path = Path(path).expanduser()
-    if path.is_dir():
-        raise InputError(f"{flag} {path} is a directory; expected a file path such as {path / example}")
-    if path.exists() and not overwrite:
-        raise InputError(f"{flag} {path} already exists; pass --overwrite to replace it, or choose a new path")
-    check_writable_dir(path.parent if str(path.parent) else Path("."), flag, shown=path)
-
-
-def free_bytes(directory: str | os.PathLike) -> int:
-    """Bytes free to an unprivileged writer on the filesystem holding ``directory`` (or its nearest
-    existing ancestor)."""
-    st = os.statvfs(str(existing_ancestor(directory)))
-    return int(st.f_bavail) * int(st.f_frsize)
-
-
-def check_free_space(directory: str | os.PathLike, needed: int, flag: str, what: str) -> None:
-    """Refuse, before work, to write ``needed`` bytes of ``what`` where fewer are free."""
-    from .errors import InputError
-
-    free = free_bytes(directory)
-    if needed > free:
-        raise InputError(f"{flag} {directory}: {what} needs {needed / 2**30:.2f} GiB but only "
-                         f"{free / 2**30:.2f} GiB are free on that filesystem. Fix: free space or choose "
-                         f"a directory on a larger disk.")
 
 
 # --------------------------------------------------------------------------------------------

@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError, StorageError
-from .results import atomic_file, check_free_space, format_bytes, free_bytes
+from .places import check_free_space, free_bytes
+from .results import atomic_file, format_bytes
 
 __all__ = ["StorageError", "OwnedDir", "MARKER", "LOCK", "HashingWriter", "save_npy", "file_digest",
            "create_npy_memmap", "preallocate"]

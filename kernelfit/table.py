@@ -458,7 +458,7 @@ def run_table(opts, argv=None) -> dict:
     for row in rows:   # every row's bandwidth and sizes, before the first row runs
         bandwidth_rule(getattr(opts, f"bandwidth_{row.replace('-', '_')}"), f"--bandwidth-{row}")
     check_sizes(rows, opts)
-    from .results import machine_info, provenance
+    from .provenance import machine_info, provenance
 
     record = {"kind": "kernelfit.table", "command": "kernelfit table " + " ".join(argv or []),
               "opts": {k: v for k, v in vars(opts).items()}, "rows": []}

@@ -255,7 +255,7 @@ def test_enospc_while_saving_a_panel_keeps_the_finished_panels_and_resumes(tmp_p
 
 
 def test_free_space_is_checked_before_the_factorization(tmp_path, monkeypatch):
-    import kernelfit.results as results
+    import kernelfit.places as results
     from kernelfit.storage import StorageError
 
     monkeypatch.setattr(results, "free_bytes", lambda d: 1000)

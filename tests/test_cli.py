@@ -426,9 +426,9 @@ def test_corrupt_checkpoint_manifest_on_resume_is_a_one_line_error(tmp_path, cap
 
 def test_checkpoint_free_space_is_checked_before_work(tmp_path, capsys, monkeypatch):
     import kernelfit.experiment
-    import kernelfit.results
+    import kernelfit.places
 
-    monkeypatch.setattr(kernelfit.results, "free_bytes", lambda d: 4096)
+    monkeypatch.setattr(kernelfit.places, "free_bytes", lambda d: 4096)
     monkeypatch.setattr(kernelfit.experiment, "run_interpolation", lambda *a, **k: pytest.fail("work started"))
     with pytest.raises(SystemExit) as ei:
         main(_CK_BASE + ["--checkpoint-dir", str(tmp_path / "ck")])

@@ -13,6 +13,7 @@ from deepfit_nets import identity_around, jacobian_norm
 
 from deepfit import hessian as Hs
 from deepfit import measures as M
+from deepfit.measures.graph import _maxpool_coverage
 from kernelfit.errors import InputError
 
 
@@ -154,7 +155,7 @@ def test_maxpool_window_coverage_vs_brute_force(kw, hw):
             e = torch.full((1, 1, hw, hw), -1.0)
             e[0, 0, i, j] = 1.0
             cover[i, j] = float((pool(e) == 1.0).sum())
-    assert M._maxpool_coverage(out.grad_fn) == int(cover.max())
+    assert _maxpool_coverage(out.grad_fn) == int(cover.max())
 
 
 def _state(net):

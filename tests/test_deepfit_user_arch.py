@@ -14,6 +14,7 @@ from scipy.stats import norm
 from scipy.stats import t as student_t
 
 from deepfit import measures as M
+from deepfit.measures.layers import _conv_l21
 from deepfit.suite import MeasureOptions, measure_all
 
 CHEAP = MeasureOptions(sharpness_steps=2, pac_alphas=(1e-3, 1e-2), pac_samples=5, hessian_k=1, hessian_samples=3,
@@ -201,4 +202,4 @@ def test_conv_l21_on_the_true_operator_taps(mode, kw):
     shape = (2, 5, 6)
     J = torch.autograd.functional.jacobian(lambda v: conv(v.reshape((1,) + shape)).reshape(-1),
                                            torch.zeros(math.prod(shape), dtype=torch.float64))   # dense operator
-    assert M._conv_l21(conv, shape) == pytest.approx(float(J.norm(dim=1).sum()), rel=1e-12)
+    assert _conv_l21(conv, shape) == pytest.approx(float(J.norm(dim=1).sum()), rel=1e-12)

@@ -245,7 +245,7 @@ def test_scratch_dir_under_a_file_refused(tmp_path):
 
 
 def test_scratch_dir_too_small_refused_with_both_sizes(tmp_path, monkeypatch):
-    import kernelfit.results as results
+    import kernelfit.places as results
 
     monkeypatch.setattr(results, "free_bytes", lambda d: 1 << 20)
     with pytest.raises(InputError, match=r"needs \d+\.\d+ GiB but only 0\.00 GiB are free"):
@@ -410,7 +410,7 @@ def test_plan_disk_predicts_the_traffic_of_a_run(tmp_path, points, monkeypatch):
     brute = sum(sum((N - starts[j0]) * BLOCK for _ in range(j0)) for j0, _ in plan_slabs(N, BLOCK, 8, budget).slabs)
     assert plan.factor_read_bytes == (brute + sum((N - s) * min(BLOCK, N - s) for s in starts)) * 8
     assert plan.fits and plan.ram_bytes > budget
-    import kernelfit.results as results
+    import kernelfit.places as results
 
     monkeypatch.setattr(results, "free_bytes", lambda d: 1 << 20)
     assert plan_disk(N, np.float64, budget, tmp_path, block=BLOCK).fits is False

@@ -13,12 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from kernelfit import provenance as prov
 from kernelfit import results
+from kernelfit.provenance import provenance
 from kernelfit.results import (
     PhaseTimer,
     append_jsonl,
     peak_rss_bytes,
-    provenance,
     read_jsonl,
     write_json_atomic,
 )
@@ -66,21 +67,21 @@ def test_cpu_details_name_family_model_and_vector_extensions(tmp_path):
     fake.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n"
                     "model name\t: AMD EPYC\nflags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16 avx512bw\n\n"
                     "processor\t: 1\ncpu family\t: 99\nflags\t\t: fpu\n")
-    assert results._cpu_details(str(fake)) == {"cpu_family": "26", "model": "2",
+    assert prov._cpu_details(str(fake)) == {"cpu_family": "26", "model": "2",
                                                "simd": ["avx2", "fma", "avx512f", "avx512_bf16"]}
-    assert results._cpu_details(str(tmp_path / "missing")) == {}
-    assert "simd" in results.machine_info()["cpu"] or not Path("/proc/cpuinfo").exists()
+    assert prov._cpu_details(str(tmp_path / "missing")) == {}
+    assert "simd" in prov.machine_info()["cpu"] or not Path("/proc/cpuinfo").exists()
 
 
 def test_git_info_outside_git_is_none_and_does_not_crash(tmp_path):
-    info = results.git_info(tmp_path)
+    info = prov.git_info(tmp_path)
     assert info == {"sha": None, "dirty": None, "branch": None, "root": None}
-    assert results.git_info(tmp_path / "does-not-exist")["sha"] is None
+    assert prov.git_info(tmp_path / "does-not-exist")["sha"] is None
 
 
 def test_git_info_without_git_binary(monkeypatch):
     monkeypatch.setenv("PATH", "")
-    assert results.git_info()["sha"] is None
+    assert prov.git_info()["sha"] is None
 
 
 def test_write_json_atomic_roundtrip_numpy(tmp_path):
@@ -165,7 +166,7 @@ def test_append_jsonl_short_write_on_full_disk_is_an_error(tmp_path, monkeypatch
 
 def test_check_writable_dir_probes_and_leaves_nothing(tmp_path):
     from kernelfit.errors import InputError
-    from kernelfit.results import check_output_file, check_writable_dir
+    from kernelfit.places import check_output_file, check_writable_dir
 
     assert check_writable_dir(tmp_path / "new" / "deeper", "--out") == tmp_path  # probed where it would be made
     assert list(tmp_path.iterdir()) == []  # the probe is gone, nothing was created
@@ -183,7 +184,7 @@ def test_check_writable_dir_probes_and_leaves_nothing(tmp_path):
 
 def test_check_free_space_refuses_more_than_free(tmp_path):
     from kernelfit.errors import InputError
-    from kernelfit.results import check_free_space, free_bytes
+    from kernelfit.places import check_free_space, free_bytes
 
     free = free_bytes(tmp_path)
     check_free_space(tmp_path, 1, "--out", "the record")
@@ -236,7 +237,7 @@ def test_phase_timer_records_on_exception_and_total():
 
 def test_provenance_in_fresh_process_outside_repo(tmp_path):
     # Imported from the repo but run from elsewhere: the SHA is still that of the package's repo.
-    code = "import json,kernelfit.results as r; print(json.dumps(r.provenance()['git']))"
+    code = "import json,kernelfit.provenance as r; print(json.dumps(r.provenance()['git']))"
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0, out.stderr
@@ -258,24 +259,24 @@ def test_git_info_dirty_flag_in_a_fresh_repo(tmp_path):
     (tmp_path / "f.txt").write_text("a")
     git("add", "f.txt")
     git("-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-q", "-m", "init")
-    info = results.git_info(tmp_path)
+    info = prov.git_info(tmp_path)
     assert info["sha"] == git("rev-parse", "HEAD") and len(info["sha"]) == 40
     assert info["dirty"] is False
     (tmp_path / "untracked.txt").write_text("x")  # untracked files do not make it dirty
-    assert results.git_info(tmp_path)["dirty"] is False
+    assert prov.git_info(tmp_path)["dirty"] is False
     (tmp_path / "f.txt").write_text("b")
-    assert results.git_info(tmp_path)["dirty"] is True
+    assert prov.git_info(tmp_path)["dirty"] is True
 
 
 def test_versions_match_modules_and_no_torch_import_without_gpu_driver(tmp_path):
     import scipy
     import sklearn
 
-    v = results.library_versions()
+    v = prov.library_versions()
     assert v["scipy"] == scipy.__version__ and v["sklearn"] == sklearn.__version__
-    if results._gpu_driver_present():
+    if prov._gpu_driver_present():
         pytest.skip("a GPU driver is present; torch is imported to name the GPU")
-    code = ("import sys, kernelfit.results as r; p = r.provenance(); "
+    code = ("import sys, kernelfit.provenance as r; p = r.provenance(); "
             "print('torch' in sys.modules, p['machine']['gpu'], p['versions']['torch'] is not None)")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
                          text=True, timeout=60)

@@ -131,7 +131,7 @@ def test_randconv_row_panels_path_matches_eigh_path(shared_data_dir, tmp_path, m
 
 def test_provenance_is_taken_before_the_rows_run(monkeypatch):
     """An hours-long table run records the code it started with, not the HEAD at its end."""
-    import kernelfit.results as results
+    import kernelfit.provenance as results
     import kernelfit.table as table
 
     state = {"rows_started": False}

@@ -131,7 +131,7 @@ def check_out_path(args, out: Path | None, overwrite: bool, flag: str = "--out",
     directory, an existing file without --overwrite, or a place where no file can be created."""
     if out is None:
         return
-    from ..results import check_output_file
+    from ..places import check_output_file
 
     try:
         check_output_file(out, flag, overwrite=overwrite, example=example)
@@ -143,7 +143,7 @@ def check_dir_path(args, directory, flag: str) -> None:
     """The same probe for a directory the command will write into (caches)."""
     if directory is None:
         return
-    from ..results import check_writable_dir
+    from ..places import check_writable_dir
 
     try:
         check_writable_dir(Path(directory), flag)

@@ -20,7 +20,7 @@ def claim_checkpoint_dir(args, directory: Path | None, resume: bool,
         return None
     from ..errors import InputError
     from ..linalg.checkpoint import MANIFEST, checkpoint_bytes, owned_dir, read_manifest
-    from ..results import check_free_space, check_writable_dir
+    from ..places import check_free_space, check_writable_dir
     from ..storage import MARKER
 
     own = owned_dir(directory, "--checkpoint-dir")

@@ -295,7 +295,7 @@ def _solve(args, user) -> dict:
              "randomization": rinfo}
     with timer.phase("solve"):
         if args.features == "randconv":
-            from ..results import provenance
+            from ..provenance import provenance
 
             prov = provenance()   # before the solve: the code that runs
             record = {**randconv.solve(args, rds, label_sets, yt, ds.num_classes, {}), **extra, "provenance": prov}

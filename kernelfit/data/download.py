@@ -137,7 +137,7 @@ def fetch_files(files, base_url: str, target: Path, *, force: bool = False, time
             log.warning("%s exists but its checksum does not match; downloading it again", dest)
         url = base + rf.filename
         if rf.size is not None:
-            from kernelfit.results import check_free_space
+            from kernelfit.places import check_free_space
 
             check_free_space(target, rf.size, "--data-dir", f"downloading {rf.filename}")
         log.info("downloading %s -> %s", url, dest)

@@ -95,7 +95,7 @@ def randconv_gram(ds, cfg, *, panels: bool, cache_dir=None, use_cache: bool = Tr
         meta = {"features": cfg.to_dict(), "dataset": label}
         g = cache.load(key)
         if g is None or not g.complete:   # hours of features must not end in a full disk: refuse before
-            from ..results import check_free_space
+            from ..places import check_free_space
 
             n, m = len(ds.x_train), len(ds.x_test)
             train = n * (n + 1) // 2 if panels else n * n

@@ -42,7 +42,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ChecksumError, InputError
-from ..results import atomic_file, check_free_space
+from ..places import check_free_space
+from ..results import atomic_file
 from ..storage import OwnedDir, StorageError, file_digest, save_npy
 from .panels import SymmetricPanels
 

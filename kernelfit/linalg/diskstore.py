@@ -36,7 +36,8 @@ import numpy as np
 import scipy.linalg
 
 from ..errors import DataError, InputError, MemoryPlanError, NotPositiveDefiniteError, StorageError
-from ..results import atomic_file, check_free_space, check_writable_dir, format_bytes
+from ..places import check_free_space, check_writable_dir
+from ..results import atomic_file, format_bytes
 from ..storage import _hasher, create_npy_memmap, file_digest, save_npy
 from .backend import get_backend
 from .checkpoint import FORMAT, MANIFEST, owned_dir, read_manifest
@@ -127,7 +128,7 @@ def plan_disk(n: int, dtype, budget_bytes: int, scratch_dir=None, block: int | N
     """The disk strategy's numbers for n points with ``budget_bytes`` of RAM (MemoryPlanError when
     the budget cannot hold a slab); ``fits`` compares disk_bytes with what is free under
     ``scratch_dir`` (None when no directory is given)."""
-    from ..results import free_bytes
+    from ..places import free_bytes
 
     dtype = np.dtype(dtype)
     block = disk_block(n, dtype, budget_bytes) if block is None else choose_block(n, block)
