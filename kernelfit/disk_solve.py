@@ -22,7 +22,7 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import DataError, InputError, NotPositiveDefiniteError
+from .errors import DataError, InputError, MemoryPlanError, NotPositiveDefiniteError
 from .gram import KernelOperator
 from .kernels import kernel_tile
 from .linalg.diskstore import DiskPanels, TileFn, disk_bytes, disk_cho_solve, pread_into
@@ -53,13 +53,14 @@ def solve_on_disk(X, Y, *, kernel: str, bandwidth: float, scratch_dir, memory_bu
     ``with_residual``: (alpha, R = Y - (K + jitter I) alpha in float64, stats)."""
     X64 = np.asarray(X, dtype=np.float64)
     X64 = X64 - X64.mean(axis=0)                     # the kernels are translation-invariant (as solve.py)
-    Xf = np.ascontiguousarray(X64, dtype=dtype)
     source = {"kind": "data", "sha256": hashlib.sha256(np.ascontiguousarray(X).view(np.uint8).data).hexdigest(),
               "shape": list(np.shape(X)), "kernel": kernel, "bandwidth": float(bandwidth), "jitter": float(jitter)}
     high = KernelOperator(np.asarray(X, dtype=np.float64), kernel, bandwidth, np.float64)   # uncentered: finds a grid
     if high.grid is None:   # off a grid the float64 expansion loses digits to |x|^2 far from the origin
         high = KernelOperator(X64, kernel, bandwidth, np.float64, grid=None)
-    return _run(scratch_dir, Xf.shape[0], source, _data_tile(Xf, kernel, float(bandwidth), dtype),
+    # a stage's tiles in its own dtype (a float64 fallback stage must not inherit float32 rounding)
+    tile_for = lambda dt: _data_tile(np.ascontiguousarray(X64, dtype=dt), kernel, float(bandwidth), dt)  # noqa: E731
+    return _run(scratch_dir, X64.shape[0], source, tile_for,
                 high.symmetric_matmul, Y, dtype=dtype, jitter=jitter, resume=resume, max_refine=max_refine,
                 refine_tol=refine_tol, keep_store=keep_store, block=block, memory_budget=memory_budget, flag=flag,
                 residual_from="kernel tiles recomputed from the data in float64", fallback_float64=fallback_float64,
@@ -89,13 +90,13 @@ def solve_gram_file_on_disk(path, Y, *, scratch_dir, memory_budget: int, dtype=n
             out[r0:r1] -= diag[:, None] * V[r0:r1]
         return out
 
-    return _run(scratch_dir, n, source, tile, apply_high, Y, dtype=dtype, jitter=jitter, resume=resume,
+    return _run(scratch_dir, n, source, lambda dt: tile, apply_high, Y, dtype=dtype, jitter=jitter, resume=resume,
                 max_refine=max_refine, refine_tol=refine_tol, keep_store=keep_store, block=block,
                 memory_budget=memory_budget, flag=flag, residual_from=f"the Gram file {Path(path)} in float64",
                 fallback_float64=fallback_float64, with_residual=with_residual)
 
 
-def _run(scratch_dir, n, source, tile, apply_high, Y, *, dtype, jitter, resume, max_refine, refine_tol, keep_store,
+def _run(scratch_dir, n, source, tile_for, apply_high, Y, *, dtype, jitter, resume, max_refine, refine_tol, keep_store,
          block, memory_budget, flag, residual_from, fallback_float64=False, with_residual=False):
     Y = np.asarray(Y, dtype=np.float64)
     squeeze = Y.ndim == 1
@@ -104,7 +105,8 @@ def _run(scratch_dir, n, source, tile, apply_high, Y, *, dtype, jitter, resume, 
     kw = dict(jitter=jitter, resume=resume, max_refine=max_refine, refine_tol=refine_tol, block=block,
               memory_budget=memory_budget, flag=flag)
     try:
-        store, alpha, R, report, resumed = _attempt(scratch_dir, n, source, tile, apply_high, Y2, dtype, timings, **kw)
+        store, alpha, R, report, resumed = _attempt(scratch_dir, n, source, tile_for(dtype), apply_high, Y2, dtype,
+                                                          timings, **kw)
     except NotPositiveDefiniteError as e:
         if not (fallback_float64 and np.dtype(dtype) != np.float64):
             raise
@@ -120,9 +122,11 @@ def _run(scratch_dir, n, source, tile, apply_high, Y, *, dtype, jitter, resume, 
         if store is not None:
             store.close()
         try:
-            store64, alpha, R, report, resumed = _attempt(scratch_dir, n, source, tile, apply_high, Y2, np.float64,
-                                                          timings, **{**kw, "resume": True, "max_refine": 2})
-        except InputError as e:   # no room for the float64 stage: keep the float32 answer, say so
+            # its own panel width: 8-byte numbers in the same RAM budget need narrower panels
+            store64, alpha, R, report, resumed = _attempt(
+                scratch_dir, n, source, tile_for(np.float64), apply_high, Y2, np.float64, timings,
+                **{**kw, "resume": True, "max_refine": 2, "block": None})
+        except (InputError, MemoryPlanError) as e:   # no room for a float64 stage: keep the float32 answer, say so
             if store is None:
                 raise InputError(f"{reason}, and a float64 re-factorization on disk cannot run: {e}") from None
             skipped = f"{reason}; a float64 re-factorization on disk could not run: {e}"
