@@ -175,3 +175,35 @@ def test_bad_disk_flags_are_one_line_refusals(arrays, tmp_path, capsys, extra, m
     assert e.value.code == 2 and message in err
     if "GiB > 0" not in message:           # argparse's type errors keep their usage line
         assert err.count("\n") == 1 and "usage:" not in err
+
+
+# ------------------------------------------------------------------------------ issue 25 item 6
+def test_table_and_solve_features_take_the_same_default_bandwidth_per_feature_kind():
+    from kernelfit.catalog import DEFAULT_BANDWIDTH, FEATURE_KINDS
+    from kernelfit.cli import build_parser
+    from kernelfit.cli.table import options_from_args
+    from kernelfit.validate import bandwidth_rule
+
+    table = options_from_args(build_parser().parse_args(["table"]))
+    table_rule = {"gabor": table.bandwidth_mnist_gabor, "pixels": table.bandwidth_cifar_pixels,
+                  "randconv": table.bandwidth_cifar_randconv}
+    for kind in FEATURE_KINDS:
+        args = build_parser().parse_args(["solve", "--dataset", "mnist", "--features", kind])
+        assert args.bandwidth is None          # resolved in run() from the one table below
+        assert bandwidth_rule(table_rule[kind]) == bandwidth_rule(DEFAULT_BANDWIDTH[kind])
+        assert bandwidth_rule(DEFAULT_BANDWIDTH[kind]) == bandwidth_rule("0.5*median")
+    assert bandwidth_rule(table.bandwidth_mnist_pixels).value == 5.0   # the paper's sigma, kept on purpose
+    args = build_parser().parse_args(["solve", "--bandwidth", "0.25*median"])
+    assert bandwidth_rule(args.bandwidth) == bandwidth_rule("0.25*median")
+
+
+def test_solve_features_without_bandwidth_records_the_feature_rule(arrays, tmp_path):
+    base = ["solve", "--x-train", str(arrays / "X.npy"), "--y-train", str(arrays / "y.npy"), "--n-test", "0",
+            "--no-progress"]
+    assert main(base + ["--out", str(tmp_path / "d.json")]) == 0
+    assert main(base + ["--bandwidth", "0.5*median", "--out", str(tmp_path / "h.json")]) == 0
+    d, h = (json.loads((tmp_path / f).read_text())["stats"] for f in ("d.json", "h.json"))
+    assert d["bandwidth_rule"] == h["bandwidth_rule"] and d["bandwidth"] == h["bandwidth"]
+    X = np.load(arrays / "X.npy")
+    from scipy.spatial.distance import pdist
+    assert d["bandwidth"] == pytest.approx(0.5 * np.median(pdist(X)), rel=0.05)   # 0.5 x a sampled median

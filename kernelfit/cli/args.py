@@ -59,22 +59,16 @@ probability = number(float, min=0.0, max=1.0, what="a probability in [0, 1]")
 
 
 def bandwidth(text: str):
-    """sigma > 0 or 'median' (the kernels module's check decides what a usable sigma is)."""
-    if text.strip().lower() == "median":
-        return "median"
+    """sigma > 0, 'median' or 'F*median' (``validate.bandwidth_rule`` decides what is usable)."""
     from ..errors import InputError
-    from ..kernels import check_bandwidth  # numpy: only when a number is given
+    from ..validate import check_bandwidth_spec
 
     try:
-        float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a positive number (sigma, e.g. 5.0 for MNIST pixels / 255) or 'median', "
-            f"got {text!r}") from None
-    try:
-        return check_bandwidth(text)   # the one check: finite, > 0, 1 / (2 sigma^2) finite and nonzero
+        return check_bandwidth_spec(text.strip(), "--bandwidth")
     except InputError as e:
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0 or 'median', got {text!r}: {e}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected a positive number (sigma, e.g. 5.0 for MNIST pixels / 255), 'median' or 'F*median' (e.g. "
+            f"0.5*median), got {text!r}: {e}") from None
 
 
 def subset_seed(text: str):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..catalog import FEATURE_KINDS, KERNELS, LABEL_VARIANTS, MAX_REFINE, MODES, VARIANTS
+from ..catalog import DEFAULT_BANDWIDTH, FEATURE_KINDS, KERNELS, LABEL_VARIANTS, MAX_REFINE, MODES, VARIANTS
 from . import randconv, solve_gram
 from .args import (
     EXIT_OK,
@@ -46,9 +46,12 @@ def register(sub) -> None:
                    help="seed of the class-stratified random subset (default 0); 'first' takes the first n examples")
     s.add_argument("--kernel", choices=KERNELS, default="gaussian",
                    help="gaussian exp(-|x-z|^2/(2 s^2)) or laplacian exp(-|x-z|/s) (default gaussian)")
-    s.add_argument("--bandwidth", type=bandwidth, default="median", metavar="SIGMA|median",
-                   help="kernel bandwidth sigma on pixels / 255, or 'median' (median pairwise "
-                        "distance; default). Zhang et al.'s MNIST setting is 5.")
+    s.add_argument("--bandwidth", type=bandwidth, default=None, metavar="SIGMA|median|F*median",
+                   help="kernel bandwidth sigma (on pixels / 255 for images), 'median' (the median pairwise distance "
+                        "of a sample) or 'F*median'. Default: the feature map's measured rule, the same as 'kernelfit "
+                        "table' uses: " + ", ".join(f"{k} {v}" for k, v in DEFAULT_BANDWIDTH.items())
+                        + " (benchmarks/results/bandwidth_rule.jsonl; --features pixels is the default map). "
+                        "Zhang et al.'s MNIST setting is 5.")
     s.add_argument("--mode", choices=MODES, default=None,
                    help="mixed: float32 factor + float64 refinement (default); float32; float64 "
                         "(default with --gram: float64)")
@@ -236,6 +239,8 @@ def run(args) -> int:
     if args.gram is not None:
         solve_gram.check_source(args)
         return solve_gram.run(args)
+    if args.bandwidth is None:   # one default rule per feature map, shared with `kernelfit table`
+        args.bandwidth = DEFAULT_BANDWIDTH[args.features]
     args.mode = args.mode or "mixed"
     _check_options(args)
     user = check_data_source(args)
