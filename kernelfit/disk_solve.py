@@ -22,7 +22,7 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import DataError
+from .errors import DataError, InputError, MemoryPlanError, NotPositiveDefiniteError
 from .gram import KernelOperator
 from .kernels import kernel_tile
 from .linalg.diskstore import DiskPanels, TileFn, disk_bytes, disk_cho_solve, pread_into
@@ -43,28 +43,34 @@ def _data_tile(X: np.ndarray, kernel: str, bandwidth: float, dtype):
 
 def solve_on_disk(X, Y, *, kernel: str, bandwidth: float, scratch_dir, memory_budget: int, dtype=np.float32,
                   jitter: float = 0.0, resume: bool = False, max_refine: int = 10, refine_tol: float | None = None,
-                  keep_store: bool = False, block: int | None = None, flag: str = "--scratch-dir"):
+                  keep_store: bool = False, block: int | None = None, flag: str = "--scratch-dir",
+                  fallback_float64: bool = False, with_residual: bool = False):
     """Solve (K + jitter I) alpha = Y for the kernel matrix of X (validated by the caller) with K and
     its factor in ``scratch_dir``, at most ``memory_budget`` bytes of RAM for the factorization.
-    Returns (alpha float64, stats dict for the record: strategy 'disk', bytes read / written, I/O wait)."""
+    ``fallback_float64``: a float32 factor whose refinement cannot reach float64 level (or that breaks
+    down) is replaced by a float64 one, a second stage of the same store, when the disk has room.
+    Returns (alpha float64, stats dict for the record: strategy 'disk', bytes read / written, I/O wait);
+    ``with_residual``: (alpha, R = Y - (K + jitter I) alpha in float64, stats)."""
     X64 = np.asarray(X, dtype=np.float64)
     X64 = X64 - X64.mean(axis=0)                     # the kernels are translation-invariant (as solve.py)
-    Xf = np.ascontiguousarray(X64, dtype=dtype)
     source = {"kind": "data", "sha256": hashlib.sha256(np.ascontiguousarray(X).view(np.uint8).data).hexdigest(),
               "shape": list(np.shape(X)), "kernel": kernel, "bandwidth": float(bandwidth), "jitter": float(jitter)}
     high = KernelOperator(np.asarray(X, dtype=np.float64), kernel, bandwidth, np.float64)   # uncentered: finds a grid
     if high.grid is None:   # off a grid the float64 expansion loses digits to |x|^2 far from the origin
         high = KernelOperator(X64, kernel, bandwidth, np.float64, grid=None)
-    return _run(scratch_dir, Xf.shape[0], source, _data_tile(Xf, kernel, float(bandwidth), dtype),
+    # a stage's tiles in its own dtype (a float64 fallback stage must not inherit float32 rounding)
+    tile_for = lambda dt: _data_tile(np.ascontiguousarray(X64, dtype=dt), kernel, float(bandwidth), dt)  # noqa: E731
+    return _run(scratch_dir, X64.shape[0], source, tile_for,
                 high.symmetric_matmul, Y, dtype=dtype, jitter=jitter, resume=resume, max_refine=max_refine,
                 refine_tol=refine_tol, keep_store=keep_store, block=block, memory_budget=memory_budget, flag=flag,
-                residual_from="kernel tiles recomputed from the data in float64")
+                residual_from="kernel tiles recomputed from the data in float64", fallback_float64=fallback_float64,
+                with_residual=with_residual)
 
 
 def solve_gram_file_on_disk(path, Y, *, scratch_dir, memory_budget: int, dtype=np.float32, jitter: float = 0.0,
                             resume: bool = False, max_refine: int = 10, refine_tol: float | None = None,
                             keep_store: bool = False, block: int | None = None, flag: str = "--scratch-dir",
-                            rows: int = 1024):
+                            rows: int = 1024, fallback_float64: bool = False, with_residual: bool = False):
     """As ``solve_on_disk`` for a user's square .npy Gram file (its lower triangle is the matrix; the
     file is read tile by tile, never whole; its blake2b in the manifest refuses a resume on a changed
     file). Residuals stream the file's lower triangle in float64, ``rows`` rows at a time."""
@@ -84,47 +90,95 @@ def solve_gram_file_on_disk(path, Y, *, scratch_dir, memory_budget: int, dtype=n
             out[r0:r1] -= diag[:, None] * V[r0:r1]
         return out
 
-    return _run(scratch_dir, n, source, tile, apply_high, Y, dtype=dtype, jitter=jitter, resume=resume,
+    return _run(scratch_dir, n, source, lambda dt: tile, apply_high, Y, dtype=dtype, jitter=jitter, resume=resume,
                 max_refine=max_refine, refine_tol=refine_tol, keep_store=keep_store, block=block,
-                memory_budget=memory_budget, flag=flag, residual_from=f"the Gram file {Path(path)} in float64")
+                memory_budget=memory_budget, flag=flag, residual_from=f"the Gram file {Path(path)} in float64",
+                fallback_float64=fallback_float64, with_residual=with_residual)
 
 
-def _run(scratch_dir, n, source, tile, apply_high, Y, *, dtype, jitter, resume, max_refine, refine_tol, keep_store,
-         block, memory_budget, flag, residual_from):
+def _run(scratch_dir, n, source, tile_for, apply_high, Y, *, dtype, jitter, resume, max_refine, refine_tol, keep_store,
+         block, memory_budget, flag, residual_from, fallback_float64=False, with_residual=False):
     Y = np.asarray(Y, dtype=np.float64)
     squeeze = Y.ndim == 1
     Y2 = Y[:, None] if squeeze else Y
     timings = {}
-    t = time.perf_counter()
-    store = DiskPanels.open(scratch_dir, n, source=source, budget_bytes=memory_budget, block=block, dtype=dtype,
-                            resume=resume, flag=flag)
-    resumed = {"filled_panels": store.filled, "finished_panels": store.finished}
+    kw = dict(jitter=jitter, resume=resume, max_refine=max_refine, refine_tol=refine_tol, block=block,
+              memory_budget=memory_budget, flag=flag)
     try:
-        store.fill(tile, jitter=jitter)
-        timings["gram"] = time.perf_counter() - t
-        t = time.perf_counter()
-        if not store.complete:
-            store.factor(memory_budget, jitter=jitter)
-        timings["factor"] = time.perf_counter() - t
-        t = time.perf_counter()
-        alpha, R, report = solve_refined_on_disk(store, apply_high, Y2, jitter=jitter, max_refine=max_refine,
-                                                 tol=refine_tol)
-        timings["solve"] = time.perf_counter() - t
-    except BaseException:
-        store.close()              # the store stays: resume=True continues it
-        raise
+        store, alpha, R, report, resumed = _attempt(scratch_dir, n, source, tile_for(dtype), apply_high, Y2, dtype,
+                                                          timings, **kw)
+    except NotPositiveDefiniteError as e:
+        if not (fallback_float64 and np.dtype(dtype) != np.float64):
+            raise
+        store, reason = None, f"{np.dtype(dtype).name} factor broke down (leading minor of order {e.minor})"
+    else:
+        reason = None if (report.backward_stable or report.tol_reached or np.dtype(dtype) == np.float64) else (
+            f"{np.dtype(dtype).name} refinement stopped at backward error {report.backward_error:.2e} "
+            f"({report.stop_reason})")
+    fallback, skipped = None, None
+    if reason is not None and fallback_float64:
+        # a second stage (float64) of the same store; the float32 stage stays on disk until the end
+        first = None if store is None else report.to_dict()
+        if store is not None:
+            store.close()
+        try:
+            # its own panel width: 8-byte numbers in the same RAM budget need narrower panels
+            store64, alpha, R, report, resumed = _attempt(
+                scratch_dir, n, source, tile_for(np.float64), apply_high, Y2, np.float64, timings,
+                **{**kw, "resume": True, "max_refine": 2, "block": None})
+        except (InputError, MemoryPlanError) as e:   # no room for a float64 stage: keep the float32 answer, say so
+            if store is None:
+                raise InputError(f"{reason}, and a float64 re-factorization on disk cannot run: {e}") from None
+            skipped = f"{reason}; a float64 re-factorization on disk could not run: {e}"
+        else:
+            fallback = {"reason": reason + "; re-factored in float64 (a second stage of the same disk store)",
+                        "refinement_float32": first, "float32_stage": None if store is None else store.stats.to_dict()}
+            store = store64
+    elif reason is not None:
+        skipped = f"{reason}; no float64 re-factorization asked for"
     st = store.stats.to_dict()
     stats = {"strategy": "disk", "scratch_dir": os.fspath(scratch_dir), "memory_budget_bytes": int(memory_budget),
              "disk_bytes": disk_bytes(n, store.block, store.dtype, memory_budget), "block_size": store.block,
              "factor_dtype": store.dtype.name, "slabs": st["slabs"], "bytes_read": st["bytes_read"],
              "bytes_written": st["bytes_written"], "io_wait_s": st["io_wait_s"], "disk_timings_s": st["timings_s"],
              "timings_s": timings, "resumed": resumed if resume else None, "residual_source": residual_from,
-             "refinement": report.to_dict(), "store_kept": bool(keep_store)}
+             "refinement": {**report.to_dict(), "factor_dtype": store.dtype.name,
+                            "fallback": None if fallback is None else fallback["reason"],
+                            **({k: fallback[k] for k in ("refinement_float32", "float32_stage")} if fallback else {}),
+                            **({"fallback_skipped": skipped} if skipped else {})},
+             "store_kept": bool(keep_store)}
     if keep_store:
         store.close()
     else:
         store.remove()
-    return (alpha[:, 0] if squeeze else alpha), stats
+    alpha = alpha[:, 0] if squeeze else alpha
+    if with_residual:
+        return alpha, (R[:, 0] if squeeze else R), stats
+    return alpha, stats
+
+
+def _attempt(scratch_dir, n, source, tile, apply_high, Y2, dtype, timings, *, jitter, resume, max_refine, refine_tol,
+             block, memory_budget, flag):
+    """Open (or continue) the ``dtype`` stage of the store, fill, factor, solve with refinement."""
+    t = time.perf_counter()
+    store = DiskPanels.open(scratch_dir, n, source=source, budget_bytes=memory_budget, block=block, dtype=dtype,
+                            resume=resume, flag=flag)
+    resumed = {"filled_panels": store.filled, "finished_panels": store.finished}
+    try:
+        store.fill(tile, jitter=jitter)
+        timings["gram"] = timings.get("gram", 0.0) + time.perf_counter() - t
+        t = time.perf_counter()
+        if not store.complete:
+            store.factor(memory_budget, jitter=jitter)
+        timings["factor"] = timings.get("factor", 0.0) + time.perf_counter() - t
+        t = time.perf_counter()
+        alpha, R, report = solve_refined_on_disk(store, apply_high, Y2, jitter=jitter, max_refine=max_refine,
+                                                 tol=refine_tol)
+        timings["solve"] = timings.get("solve", 0.0) + time.perf_counter() - t
+    except BaseException:
+        store.close()              # the store stays: resume=True continues it
+        raise
+    return store, alpha, R, report, resumed
 
 
 def solve_refined_on_disk(store: DiskPanels, apply_high: Callable, Y, *, jitter: float = 0.0, max_refine: int = 10,

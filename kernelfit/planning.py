@@ -388,14 +388,70 @@ def require_fits(plan: MemoryPlan, cli: bool = False) -> None:
     if cli:
         mixed, fewer = "--mode mixed", "fewer points (--n-train"
         device, force = "--device cuda (streams out of core when needed)", "--force-memory"
+        disk = "--out-of-core disk --scratch-dir DIR"
     else:
         mixed, fewer = "mode='mixed'", "fewer points (a smaller n"
         device, force = "device='cuda' (streams out of core when needed)", "force_memory=True"
+        disk = "placement=FactorOptions(out_of_core='disk', scratch_dir=DIR)"
     options = []
     if plan.mode == "float64":
         options.append(f"{mixed} (float32 factor + float64 refinement: half the memory, float64 accuracy)")
     options.append(f"{fewer}; memory grows as n^2/2 x {item} bytes)")
+    options.append(f"the Gram and its factor on disk: {disk} (disk bytes: ``kernelfit plan`` with it)")
     options.append(f"a GPU: {device}, on a machine that has one")
     options.append(f"{force} to try anyway (may be killed by the OS)")
     raise MemoryPlanError(f"this solve would not fit in memory: {plan.summary()}. Options: " + "; ".join(options) + ".",
                           plan=plan)
+
+
+# --- disk out-of-core (linalg.diskstore) -----------------------------------------------------
+def disk_memory_budget(plan: MemoryPlan, available: int | None = None) -> int:
+    """Default host bytes for a disk factorization: what the in-RAM plan keeps besides the Gram (the
+    data in its working precisions, the n x k vectors, a kernel product's row tile, the interpreter)
+    and the store's own overhead (read-ahead thread, hashing buffers: ``diskstore.OVERHEAD_BYTES``)
+    stay in RAM next to the factor's slabs, so they are taken off the available memory first."""
+    from .linalg.diskstore import OVERHEAD_BYTES
+
+    avail = plan.available_bytes if available is None else int(available)
+    rest = plan.total_bytes - plan.gram_bytes
+    return max(int(SAFETY * avail) - rest - OVERHEAD_BYTES, 0)
+
+
+def disk_factor_dtype(mode: str) -> np.dtype:
+    """The disk store's factor dtype: mixed mode factors in float32 (refined with float64 residuals)."""
+    return np.dtype(FACTOR_DTYPE[mode])
+
+
+def choose_disk(plan: MemoryPlan, placement, factor_dtype=None, available: int | None = None):
+    """The ``DiskPlan`` of a disk solve when the placement asks for one, else None.
+
+    ``placement.out_of_core == "disk"`` asks for it (``scratch_dir`` required); ``"auto"`` takes it
+    when the in-RAM plan does not fit, a ``scratch_dir`` is given and the factor runs on the CPU.
+    Refused before any work: no scratch directory, a RAM budget too small for one slab, or less free
+    disk than the store needs (MemoryPlanError naming both sizes)."""
+    from .linalg.diskstore import plan_disk
+
+    oc, scratch = placement.out_of_core, placement.scratch_dir
+    if oc == "disk" and scratch is None:
+        raise InputError("out-of-core 'disk' keeps the Gram and its factor in a scratch directory, but none was given. "
+                         "Fix: --scratch-dir DIR (placement=FactorOptions(out_of_core='disk', scratch_dir=DIR)).")
+    cpu = placement.device is None or not str(placement.device).startswith("cuda")
+    if not (oc == "disk" or (oc == "auto" and not plan.fits and scratch is not None and cpu)):
+        return None
+    if not cpu:
+        raise InputError(f"out-of-core 'disk' factors on the CPU; device {placement.device!r} was asked for too. Drop "
+                         "--device, or use --out-of-core yes to stream the panels through the GPU from RAM.")
+    budget = placement.memory_budget
+    if budget is None:
+        budget = disk_memory_budget(plan, available)
+    elif int(budget) <= 0:
+        raise InputError(f"memory budget must be > 0 bytes; got {budget}. Fix: --memory-budget GIB, e.g. 4.")
+    dtype = disk_factor_dtype(plan.mode) if factor_dtype is None else np.dtype(factor_dtype)
+    dp = plan_disk(plan.n, dtype, int(budget), scratch)   # MemoryPlanError when the budget holds no slab
+    if not dp.fits:
+        raise MemoryPlanError(f"the disk store for n={plan.n} ({dtype.name} factor) needs {format_gib(dp.disk_bytes)} "
+                              f"on the scratch directory {scratch}, which has {format_gib(dp.free_disk_bytes)} free "
+                              f"(in RAM the solve would need {format_gib(plan.total_bytes)}, "
+                              f"{format_gib(plan.available_bytes)} available). Fix: a scratch directory on a larger "
+                              "disk, or fewer points.", plan=plan)
+    return dp

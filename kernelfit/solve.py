@@ -40,7 +40,16 @@ from .linalg.mixed import solve_refined
 from .linalg.options import FactorOptions
 from .linalg.panels import SymmetricPanels, cholesky_flops
 from .linalg.refine import check_refine_tol, float64_level_threshold
-from .planning import FACTOR_DTYPE, GRID_PRODUCTS, STORED, available_bytes, factor_dtype_name, plan_solve, require_fits
+from .planning import (
+    FACTOR_DTYPE,
+    GRID_PRODUCTS,
+    STORED,
+    available_bytes,
+    choose_disk,
+    factor_dtype_name,
+    plan_solve,
+    require_fits,
+)
 from .results import format_gib, peak_rss_bytes, warn_residual
 from .validate import bandwidth_rule, check_bandwidth_spec, check_choice, check_features, check_int, check_jitter, check_targets
 
@@ -125,6 +134,9 @@ def fit_interpolant(X, Y, options: SolveOptions = SolveOptions(), n_test: int = 
     high = KernelOperator(X64, options.kernel, bandwidth, np.float64)   # finds an integer grid, if any
     plan = plan_solve(n, d, Y.shape[1], options.mode, n_test=n_test, block=options.placement.block_size,
                       strategy=options.strategy, grid_products=on_cpu(options) and GridProducts.applies(high.grid))
+    disk = choose_disk(plan, options.placement)   # None: in RAM; refused before work when neither fits
+    if disk is not None:
+        return _fit_on_disk(X64, Y, bandwidth, high, plan, disk, options)
     if not options.force_memory:
         require_fits(plan)
     timings = {}
@@ -151,6 +163,44 @@ def fit_interpolant(X, Y, options: SolveOptions = SolveOptions(), n_test: int = 
     warn_residual(stats, options.mode, float64_level_threshold(int(stats["n"])), options.refine_tol)
     return Interpolant(X_fit=X64, alpha=alpha, Y=Y, kernel=options.kernel, bandwidth=bandwidth, mode=options.mode,
                        train_scores=train_scores, stats=stats, operator=high)
+
+
+def disk_stats(dstats: dict, disk) -> dict:
+    """The record's fields of a disk solve (``disk_solve``'s stats without the refinement and timings,
+    which have their own places), with the plan it ran by."""
+    keep = ("scratch_dir", "memory_budget_bytes", "disk_bytes", "slabs", "bytes_read", "bytes_written", "io_wait_s",
+            "resumed", "store_kept", "disk_timings_s")
+    return {**{k: dstats[k] for k in keep}, "disk_plan": disk.to_dict()}
+
+
+def _fit_on_disk(X64, Y, bandwidth, high: KernelOperator, plan, disk, options: SolveOptions) -> Interpolant:
+    """fit_interpolant with the Gram and its factor in ``placement.scratch_dir`` (``disk_solve``)."""
+    from .disk_solve import solve_on_disk
+
+    p, mixed = options.placement, options.mode == "mixed"
+    alpha, R, dstats = solve_on_disk(
+        X64, Y, kernel=options.kernel, bandwidth=bandwidth, scratch_dir=p.scratch_dir, memory_budget=disk.budget_bytes,
+        dtype=np.dtype(disk.dtype), jitter=float(options.jitter), resume=p.resume,
+        max_refine=int(options.max_refine) if mixed else 0, refine_tol=options.refine_tol if mixed else None,
+        block=disk.block, fallback_float64=mixed and options.fallback_float64, with_residual=True)
+    n, d = X64.shape
+    timings = dstats["timings_s"]
+    reason = ("out-of-core 'disk' asked for" if p.out_of_core == "disk" else
+              f"the in-RAM plan does not fit ({format_gib(plan.total_bytes)} needed, {format_gib(plan.available_bytes)} "
+              f"available) and the scratch directory has room")
+    stats = {
+        "n": n, "d": d, "k": Y.shape[1], "kernel": options.kernel, "bandwidth": bandwidth,
+        "bandwidth_rule": bandwidth_rule(options.bandwidth).describe(), "mode": options.mode,
+        "factor_dtype": dstats["factor_dtype"], "jitter": float(options.jitter), "block_size": dstats["block_size"],
+        "strategy": "disk", "strategy_reason": reason, "residual_source": dstats["residual_source"],
+        "distances": high.distances, "timings_s": timings,
+        "factor_gflops": cholesky_flops(n) / max(timings.get("factor", 0.0), 1e-12) / 1e9, **residual_stats(R, Y),
+        "refinement": dstats["refinement"], "factorization": {"backend": "disk", "algorithm": "left-looking slabs"},
+        **disk_stats(dstats, disk), "memory_plan": plan.to_dict(), "peak_rss_bytes": peak_rss_bytes(),
+    }
+    warn_residual(stats, options.mode, float64_level_threshold(n), options.refine_tol)
+    return Interpolant(X_fit=X64, alpha=alpha, Y=Y, kernel=options.kernel, bandwidth=bandwidth, mode=options.mode,
+                       train_scores=Y - R - float(options.jitter) * alpha, stats=stats, operator=high)
 
 
 def on_cpu(options: SolveOptions) -> bool:
@@ -412,12 +462,27 @@ def fit_precomputed(G, Y, options: SolveOptions = SolveOptions(mode="float64"), 
     n = check_square(G, what)
     Y = check_targets(Y, n)
     plan = plan_solve(n, 0, Y.shape[1], mode, n_test=n_test, block=options.placement.block_size)
-    if not options.force_memory:   # refused from the header alone, before any pass over the matrix
+    fdt = FACTOR_DTYPE[mode]
+    disk = choose_disk(plan, options.placement, factor_dtype=fdt)   # refused from the header alone
+    if disk is not None:
+        _check_disk_gram_source(source, what, client)
+    elif not options.force_memory:   # refused from the header alone, before any pass over the matrix
         require_fits(plan)
     checks = check_gram(G, what=what, jitter=jitter)
-    fdt = FACTOR_DTYPE[mode]
     timings = {}
-    if client is None:
+    disk_fields = {}
+    if disk is not None:
+        from .disk_solve import solve_gram_file_on_disk
+
+        p = options.placement
+        alpha, R, dstats = solve_gram_file_on_disk(
+            source, Y, scratch_dir=p.scratch_dir, memory_budget=disk.budget_bytes, dtype=fdt, jitter=jitter,
+            resume=p.resume, max_refine=MAX_REFINE if mode == "float64" else 0, block=disk.block, with_residual=True)
+        timings, refinement = dstats["timings_s"], dstats["refinement"]
+        factor_info = {"backend": "disk", "algorithm": "left-looking slabs"}
+        disk_fields = {"strategy": "disk", "residual_source": dstats["residual_source"], **disk_stats(dstats, disk)}
+        plan.block = dstats["block_size"]
+    elif client is None:
         alpha, R, refinement, factors = solve_refined(
             lambda dt: read_gram_panels(G, dt, plan.block), lambda P: factor_panels(P, options),
             lambda V: gram_matmul(G, V), Y, dtype=fdt, max_refine=0, jitter=jitter, timings=timings)
@@ -443,12 +508,26 @@ def fit_precomputed(G, Y, options: SolveOptions = SolveOptions(mode="float64"), 
         "mode": mode, "factor_dtype": np.dtype(fdt).name, "jitter": jitter, "block_size": plan.block,
         "timings_s": timings, "factor_gflops": cholesky_flops(n) / max(timings.get("factor", 0.0), 1e-12) / 1e9,
         **residual_stats(R, Y),
-        "refinement": refinement, "factorization": factor_info, "memory_plan": plan.to_dict(),
+        "refinement": refinement, "factorization": factor_info, **disk_fields, "memory_plan": plan.to_dict(),
         "gram": {**gram_source_info(source, G), "checks": checks}, "peak_rss_bytes": peak_rss_bytes(),
     }
     warn_residual(stats, mode, float64_level_threshold(int(stats["n"])))
     return PrecomputedInterpolant(X_fit=None, alpha=alpha, Y=Y, kernel="precomputed", bandwidth=float("nan"),
                                   mode=mode, train_scores=train_scores, stats=stats)
+
+
+def _check_disk_gram_source(source, what: str, client) -> None:
+    """The disk path reads a square .npy file tile by tile (``disk_solve.npy_gram_source``)."""
+    import os
+
+    if client is not None:
+        raise InputError("out-of-core 'disk' runs in this process; it does not combine with a dask cluster "
+                         "(--scheduler). Drop one of them.")
+    if not isinstance(source, (str, os.PathLike)) or not str(source).lower().endswith(".npy"):
+        shown = str(source) if isinstance(source, (str, os.PathLike)) else f"an in-memory {type(source).__name__}"
+        raise InputError(f"out-of-core 'disk' reads .npy Gram files; {what} is {shown}. Fix: convert it in row "
+                         f"blocks into a .npy file (numpy.lib.format.open_memmap('G.npy', mode='w+', dtype=..., "
+                         f"shape=(n, n)), then copy G[i:i+1024] block by block) and pass that file.")
 
 
 def fit_distributed(X, Y, options: SolveOptions = SolveOptions(), client=None) -> Interpolant:

@@ -77,7 +77,7 @@ def _report_failure(command: str, args, e: BaseException) -> int:
     """One line on stderr for a failure at run time, and its exit status."""
     prefix = f"kernelfit {command}: "
     if isinstance(e, KeyboardInterrupt):
-        where = getattr(args, "checkpoint_dir", None) if args is not None else None
+        where = (getattr(args, "checkpoint_dir", None) or getattr(args, "scratch_dir", None)) if args is not None else None
         hint = (f"; the panels finished so far are saved in {where}: rerun the same command with --resume to "
                 f"continue" if where is not None else "; nothing was written")
         eprint(f"{prefix}interrupted{hint}")

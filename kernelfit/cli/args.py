@@ -59,22 +59,16 @@ probability = number(float, min=0.0, max=1.0, what="a probability in [0, 1]")
 
 
 def bandwidth(text: str):
-    """sigma > 0 or 'median' (the kernels module's check decides what a usable sigma is)."""
-    if text.strip().lower() == "median":
-        return "median"
+    """sigma > 0, 'median' or 'F*median' (``validate.bandwidth_rule`` decides what is usable)."""
     from ..errors import InputError
-    from ..kernels import check_bandwidth  # numpy: only when a number is given
+    from ..validate import check_bandwidth_spec
 
     try:
-        float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a positive number (sigma, e.g. 5.0 for MNIST pixels / 255) or 'median', "
-            f"got {text!r}") from None
-    try:
-        return check_bandwidth(text)   # the one check: finite, > 0, 1 / (2 sigma^2) finite and nonzero
+        return check_bandwidth_spec(text.strip(), "--bandwidth")
     except InputError as e:
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0 or 'median', got {text!r}: {e}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected a positive number (sigma, e.g. 5.0 for MNIST pixels / 255), 'median' or 'F*median' (e.g. "
+            f"0.5*median), got {text!r}: {e}") from None
 
 
 def subset_seed(text: str):
@@ -108,11 +102,56 @@ def placement(args):
     """Where the factorization runs: the placement flags of ``solve`` as a linalg FactorOptions."""
     from ..linalg.options import FactorOptions
 
+    scratch, budget = getattr(args, "scratch_dir", None), getattr(args, "memory_budget", None)
+    out_of_core = {"auto": "auto", "yes": True, "no": False, "disk": "disk"}[args.out_of_core]
+    if out_of_core == "auto" and args.resume and scratch is not None and args.checkpoint_dir is None:
+        out_of_core = "disk"    # --resume with --scratch-dir continues the disk store that auto chose before
     return FactorOptions(block_size=args.block_size, progress=not args.no_progress, device=args.device,
-                         tf32=getattr(args, "tf32", False),
-                         out_of_core={"auto": "auto", "yes": True, "no": False}[args.out_of_core],
+                         tf32=getattr(args, "tf32", False), out_of_core=out_of_core,
                          checkpoint_dir=None if args.checkpoint_dir is None else str(args.checkpoint_dir),
-                         resume=args.resume)
+                         resume=args.resume, scratch_dir=None if scratch is None else str(scratch),
+                         memory_budget=None if budget is None else int(budget * 2**30))
+
+
+memory_gib = number(float, min=0.0, inclusive=(False, True), what="a size in GiB > 0 (e.g. 4 or 0.5)")
+
+
+def add_disk_args(g, out_of_core_choices=("auto", "yes", "no", "disk")) -> None:
+    """--out-of-core, --scratch-dir, --memory-budget: shared by ``solve`` and ``plan``."""
+    g.add_argument("--out-of-core", choices=out_of_core_choices, default="auto",
+                   help="yes: stream panels through the GPU (--device cuda) from RAM; disk: keep the Gram and its "
+                        "factor on disk in --scratch-dir (exact, resumable, RAM bounded by --memory-budget); no: in "
+                        "RAM / on the device only; auto (default): the GPU path from its measured free memory, and "
+                        "the disk when the in-RAM plan does not fit and --scratch-dir is given")
+    g.add_argument("--scratch-dir", type=Path, default=None, metavar="DIR",
+                   help="disk out-of-core: where the Gram panels and the factor live (an empty or new directory, "
+                        "or one an interrupted disk solve left: add --resume). Removed after a successful solve")
+    g.add_argument("--memory-budget", type=memory_gib, default=None, metavar="GIB",
+                   help="disk out-of-core: RAM for the factorization's slabs (default: available memory minus what "
+                        "the solve keeps besides the Gram: data, vectors, workspace)")
+
+
+def check_disk_args(args, solve: bool = True) -> None:
+    """The disk flags judged before any data is read (one-line refusals, exit 2)."""
+    disk = args.out_of_core == "disk"
+    if disk and args.scratch_dir is None:
+        refuse(args, "--out-of-core disk keeps the Gram and its factor in a directory: add --scratch-dir DIR "
+                     "(an empty or new directory on a disk with room; 'kernelfit plan' says how much)")
+    if args.memory_budget is not None and (args.scratch_dir is None or args.out_of_core not in ("auto", "disk")):
+        refuse(args, "--memory-budget is the RAM of a disk solve: it needs --scratch-dir DIR (with --out-of-core "
+                     "disk, or auto)")
+    if args.scratch_dir is not None:
+        check_dir_path(args, args.scratch_dir, "--scratch-dir")
+    if not solve or not disk:
+        return
+    for flag, bad in (("--device cuda", str(args.device or "cpu").startswith("cuda")),
+                      ("--scheduler", getattr(args, "scheduler", None) is not None),
+                      ("--checkpoint-dir", args.checkpoint_dir is not None),
+                      ("--features randconv", getattr(args, "features", None) == "randconv")):
+        if bad:
+            why = ("the disk store is its own checkpoint (--resume continues it)" if flag == "--checkpoint-dir"
+                   else "the disk solve factors in this process on the CPU")
+            refuse(args, f"--out-of-core disk does not combine with {flag}: {why}. Drop one of them")
 
 
 def eprint(*args) -> None:

@@ -56,6 +56,14 @@ def print_summary(record: dict) -> None:
     if isinstance(fact, dict) and fact.get("resumed_from_panel"):
         eprint(f"  resumed the factorization from panel {fact['resumed_from_panel']} (block "
                 f"{fact.get('block')}) of the checkpoint in {(fact.get('checkpoint') or {}).get('dir', '?')}")
+    if st.get("strategy") == "disk":
+        eprint(f"  strategy disk ({st.get('factor_dtype')} factor in {st.get('scratch_dir')}, {st.get('slabs')} slabs, "
+               f"RAM budget {st.get('memory_budget_bytes', 0) / 2**30:.2f} GiB): read "
+               f"{st.get('bytes_read', 0) / 2**30:.2f} GiB, wrote {st.get('bytes_written', 0) / 2**30:.2f} GiB, "
+               f"I/O wait {st.get('io_wait_s', 0.0):.2f}s"
+               + (f"; resumed after panel {st['resumed']['finished_panels']}" if st.get("resumed") else ""))
+    elif st.get("strategy"):
+        eprint(f"  strategy {st['strategy']} (in RAM)")
     t = st.get("timings_s", {})
     if t:
         eprint("  time: " + ", ".join(f"{k} {v:.2f}s" for k, v in t.items())

@@ -4,7 +4,19 @@ Allocates nothing; exit status 0 if it fits, 3 if not."""
 from __future__ import annotations
 
 from ..catalog import DATASET_NAMES, MODES
-from .args import EXIT_DOES_NOT_FIT, EXIT_OK, add_common, add_size_args, dataset, eprint, nonneg_float, positive_int, refuse
+from .args import (
+    EXIT_DOES_NOT_FIT,
+    EXIT_OK,
+    add_common,
+    add_disk_args,
+    add_size_args,
+    check_disk_args,
+    dataset,
+    eprint,
+    nonneg_float,
+    positive_int,
+    refuse,
+)
 from .output import print_json
 from .solve import pixel_grid_products
 from .sources import check_data_source, data_shape
@@ -44,6 +56,8 @@ def register(sub) -> None:
     g.add_argument("--measure", action="store_true", help="with --device: measure the GEMM rates (~2 s)")
     g.add_argument("--tf32", action="store_true",
                    help="plan a TF32 float32 factor (refined in float64; may fall back to float64, reported)")
+    k = p.add_argument_group("disk out-of-core (the Gram and its factor on disk, exact, resumable)")
+    add_disk_args(k, out_of_core_choices=("auto", "no", "disk"))
     add_common(p)
     p.set_defaults(run=run)
 
@@ -51,6 +65,7 @@ def register(sub) -> None:
 def run(args) -> int:
     from ..planning import plan_solve
 
+    check_disk_args(args, solve=False)
     user = check_data_source(args)
     shape = data_shape(args, user)
     n = args.n_train or shape["n_train"]
@@ -74,8 +89,40 @@ def run(args) -> int:
                f"{' with TF32 factor GEMMs' if ds['tf32'] else ''}, {ds['factor_dtype']} factor; {ds['reason']}")
     else:
         eprint(plan.summary())
+        fits = _plan_disk(args, plan, available, out)
     print_json(out)
     return EXIT_OK if fits else EXIT_DOES_NOT_FIT
+
+
+def _plan_disk(args, plan, available, out: dict) -> bool:
+    """The strategy a host solve takes (in RAM, or the disk store when --out-of-core disk asks for it or
+    auto finds RAM short and --scratch-dir given), its RAM and disk bytes into ``out``; whether it fits."""
+    from ..errors import MemoryPlanError
+    from ..linalg.options import FactorOptions
+    from ..planning import choose_disk
+    from ..results import format_bytes, format_gib
+
+    budget = None if args.memory_budget is None else int(args.memory_budget * 2**30)
+    placement = FactorOptions(out_of_core=args.out_of_core,
+                              scratch_dir=None if args.scratch_dir is None else str(args.scratch_dir),
+                              memory_budget=budget)
+    out.update(ram_bytes=plan.total_bytes, disk_bytes=0)
+    try:
+        disk = None if args.out_of_core == "no" else choose_disk(plan, placement, available=available)
+    except MemoryPlanError as e:
+        out.update(strategy_chosen=None, disk_refusal=str(e))
+        eprint(f"disk: does NOT fit: {e}")
+        return False
+    if disk is None:
+        out["strategy_chosen"] = plan.strategy if plan.fits else None
+        return plan.fits
+    out.update(strategy_chosen="disk", ram_bytes=disk.ram_bytes + plan.total_bytes - plan.gram_bytes,
+               disk_bytes=disk.disk_bytes, disk_plan=disk.to_dict())
+    eprint(f"strategy disk ({disk.dtype} factor, block {disk.block}, {disk.slabs} slabs): RAM "
+           f"{format_gib(out['ram_bytes'])} (budget {format_bytes(disk.budget_bytes)} + data, vectors, baseline), disk "
+           f"{format_gib(disk.disk_bytes)} of {format_gib(disk.free_disk_bytes)} free in {args.scratch_dir}; predicted "
+           f"factorization reads {format_gib(disk.factor_read_bytes)}, writes {format_gib(disk.factor_write_bytes)} -> fits")
+    return True
 
 
 def _plan_device_profile(args):

@@ -10,15 +10,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..catalog import FEATURE_KINDS, KERNELS, LABEL_VARIANTS, MAX_REFINE, MODES, VARIANTS
+from ..catalog import DEFAULT_BANDWIDTH, FEATURE_KINDS, KERNELS, LABEL_VARIANTS, MAX_REFINE, MODES, VARIANTS
 from . import randconv, solve_gram
 from .args import (
     EXIT_OK,
     add_common,
+    add_disk_args,
     add_feature_map_args,
     add_size_args,
     bandwidth,
     check_dir_path,
+    check_disk_args,
     check_out_path,
     device,
     nonneg_float,
@@ -44,9 +46,12 @@ def register(sub) -> None:
                    help="seed of the class-stratified random subset (default 0); 'first' takes the first n examples")
     s.add_argument("--kernel", choices=KERNELS, default="gaussian",
                    help="gaussian exp(-|x-z|^2/(2 s^2)) or laplacian exp(-|x-z|/s) (default gaussian)")
-    s.add_argument("--bandwidth", type=bandwidth, default="median", metavar="SIGMA|median",
-                   help="kernel bandwidth sigma on pixels / 255, or 'median' (median pairwise "
-                        "distance; default). Zhang et al.'s MNIST setting is 5.")
+    s.add_argument("--bandwidth", type=bandwidth, default=None, metavar="SIGMA|median|F*median",
+                   help="kernel bandwidth sigma (on pixels / 255 for images), 'median' (the median pairwise distance "
+                        "of a sample) or 'F*median'. Default: the feature map's measured rule, the same as 'kernelfit "
+                        "table' uses: " + ", ".join(f"{k} {v}" for k, v in DEFAULT_BANDWIDTH.items())
+                        + " (benchmarks/results/bandwidth_rule.jsonl; --features pixels is the default map). "
+                        "Zhang et al.'s MNIST setting is 5.")
     s.add_argument("--mode", choices=MODES, default=None,
                    help="mixed: float32 factor + float64 refinement (default); float32; float64 "
                         "(default with --gram: float64)")
@@ -91,15 +96,14 @@ def _add_placement_args(s) -> None:
     g = s.add_argument_group("where the factorization runs")
     g.add_argument("--device", type=device, default=None, metavar="DEV",
                    help="cpu (default) or a CUDA device (cuda, cuda:1) to factor on with torch")
-    g.add_argument("--out-of-core", choices=("auto", "yes", "no"), default="auto",
-                   help="GPU: stream panels through the device when the Gram does not fit (default auto: "
-                        "decided from measured free device memory)")
+    add_disk_args(g)
     g.add_argument("--tf32", action="store_true",
                    help="CUDA, mode mixed: run the float32 factor's GEMMs on TF32 tensor cores (faster on "
                         "Ampere/Hopper; float64 refinement repairs the error). Gram matrices never use TF32")
     g.add_argument("--checkpoint-dir", type=Path, default=None, metavar="DIR",
                    help="save finished factor panels here (a crash loses at most the panels since the last save)")
-    g.add_argument("--resume", action="store_true", help="continue the factorization saved in --checkpoint-dir")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the factorization saved in --checkpoint-dir, or the disk store in --scratch-dir")
     g.add_argument("--keep-checkpoint", action="store_true",
                    help="keep the checkpoint after a successful solve (default: removed once the result is written)")
 
@@ -151,8 +155,10 @@ def _check_options(args) -> None:
                      "test data come from --dataset, --data or --x-test")
     if args.variant == "corrupt" and args.corrupt_p is None:
         refuse(args, "--variant corrupt needs --corrupt-p P (the probability of replacing a label)")
-    if args.resume and args.checkpoint_dir is None:
-        refuse(args, "--resume needs --checkpoint-dir DIR (the directory the interrupted run saved its panels to)")
+    if args.resume and args.checkpoint_dir is None and args.scratch_dir is None:
+        refuse(args, "--resume needs --checkpoint-dir DIR (the directory the interrupted run saved its panels to), "
+                     "or --scratch-dir DIR for a disk solve")
+    check_disk_args(args)
     if args.corrupt_p is not None and args.variant != "corrupt":
         refuse(args, f"--corrupt-p applies only to --variant corrupt (got --variant {args.variant})")
     if args.corrupt_test and args.variant not in LABEL_VARIANTS:
@@ -200,7 +206,7 @@ def pixel_grid_products(args, user, d: int) -> bool:
 
 def _plan(args, user) -> tuple[int, object]:
     """Sizes checked against the data, then the memory plan (refused when it does not fit)."""
-    from ..planning import plan_solve, require_fits
+    from ..planning import choose_disk, plan_solve, require_fits
 
     shape = _feature_shape(args, user, data_shape(args, user))
     what = args.dataset if user is None else "your arrays"
@@ -214,7 +220,8 @@ def _plan(args, user) -> tuple[int, object]:
                       grid_products=pixel_grid_products(args, user, shape["d"]))
     if args.features == "randconv" and not args.force_memory:
         randconv.require_fits(args, n_train, n_test)
-    if not plan.fits and not args.force_memory:
+    disk = None if args.features == "randconv" else choose_disk(plan, placement(args))   # both sizes if refused
+    if disk is None and not plan.fits and not args.force_memory:
         require_fits(plan, cli=True)  # raises MemoryPlanError with the numbers and the flags
     return n_train, plan
 
@@ -232,6 +239,8 @@ def run(args) -> int:
     if args.gram is not None:
         solve_gram.check_source(args)
         return solve_gram.run(args)
+    if args.bandwidth is None:   # one default rule per feature map, shared with `kernelfit table`
+        args.bandwidth = DEFAULT_BANDWIDTH[args.features]
     args.mode = args.mode or "mixed"
     _check_options(args)
     user = check_data_source(args)

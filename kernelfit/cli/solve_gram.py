@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..catalog import TASKS
-from .args import EXIT_OK, check_out_path, eprint, placement, refuse
+from .args import EXIT_OK, check_disk_args, check_out_path, eprint, placement, refuse
 from .output import emit_record, print_summary
 
 
@@ -56,6 +56,13 @@ def check_source(args) -> None:
         refuse(args, f"--mode {args.mode} needs the kernel function: mixed precision refines with float64 kernel "
                      f"products rebuilt from the data, and a precomputed Gram has no data. Use --mode float64 "
                      f"(default) or float32 (half the memory)")
+    if args.resume and args.checkpoint_dir is None and args.scratch_dir is None:
+        refuse(args, "--resume needs --checkpoint-dir DIR (the directory the interrupted run saved its panels to), "
+                     "or --scratch-dir DIR for a disk solve")
+    check_disk_args(args)
+    if args.out_of_core == "disk" and not args.gram.lower().endswith(".npy"):
+        refuse(args, f"--out-of-core disk reads .npy Gram files tile by tile; --gram {args.gram} is not one. Fix: "
+                     "convert it in row blocks into a .npy file (numpy.lib.format.open_memmap) and pass that")
     check_out_path(args, args.out, args.overwrite)
 
 

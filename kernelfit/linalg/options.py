@@ -14,10 +14,13 @@ from dataclasses import dataclass
 class FactorOptions:
     backend: str = "auto"                    # "auto" | "numpy" | "torch" | "cupy" (see linalg/factor.py)
     device: str | None = None                # None = CPU; "cuda", "cuda:1", ... factors on that GPU
-    out_of_core: bool | str = "auto"         # GPU: stream panels through the device when the Gram does not fit
+    out_of_core: bool | str = "auto"         # True: stream panels through the GPU; "disk": the Gram and factor on
+                                             # disk under scratch_dir; "auto": decided by the memory plan
     device_memory_budget: int | None = None  # bytes the factorization may use on the device (None: measured)
     tf32: bool = False                       # CUDA float32 factor GEMMs on TF32 tensor cores
     block_size: int | None = None            # panel width; None picks one from n
     checkpoint_dir: str | None = None        # save finished factor panels here; resume=True continues
     resume: bool = False
+    scratch_dir: str | None = None           # disk out-of-core store (``linalg.diskstore``); "auto" may use it
+    memory_budget: int | None = None         # host bytes of the disk factorization (None: planning's default)
     progress: bool = False                   # progress lines on stderr
