@@ -1,5 +1,5 @@
 """Which default bandwidth rule per feature map? Test error of the exact interpolant for
-sigma = F x median pairwise distance, F in {0.25, 0.5, 1, 2}, on real data (issue 25 item 6).
+sigma = F x median pairwise distance, F in {0.25, 0.5, 1, 2}, on real data.
 
     KERNELFIT_DATA=/path/to/data python benchmarks/bandwidth_rule.py --threads 1 \
         > benchmarks/results/bandwidth_rule.jsonl

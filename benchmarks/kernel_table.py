@@ -121,8 +121,8 @@ def tune_randconv(argv) -> int:
     args = ap.parse_args(argv)
     from kernelfit.data import load_dataset
     from kernelfit.features.randconv import GramOptions, RandConvConfig, RandConvFeatures
+    from kernelfit.gram import linear_from_gram_inplace
     from kernelfit.provenance import machine_info
-    from kernelfit.solve import linear_from_gram_inplace
     from kernelfit.table import _median_distance_from_sqd
 
     ds = load_dataset("cifar10", data_dir=args.data_dir)

@@ -24,11 +24,17 @@ import numpy as np
 
 from .errors import DataError, InputError, MemoryPlanError, NotPositiveDefiniteError
 from .gram import KernelOperator
+from .interpolant import Interpolant
 from .kernels import kernel_tile
 from .linalg.diskstore import DiskPanels, TileFn, disk_bytes, disk_cho_solve, pread_into
+from .linalg.panels import cholesky_flops
+from .linalg.refine import float64_level_threshold
+from .results import format_gib, peak_rss_bytes, residual_stats, warn_residual
 from .storage import file_digest
+from .validate import bandwidth_rule
 
-__all__ = ["solve_on_disk", "solve_gram_file_on_disk", "solve_refined_on_disk", "npy_gram_source"]
+__all__ = ["solve_on_disk", "solve_gram_file_on_disk", "solve_refined_on_disk", "npy_gram_source", "fit_on_disk",
+           "disk_stats"]
 
 
 def _data_tile(X: np.ndarray, kernel: str, bandwidth: float, dtype):
@@ -226,3 +232,41 @@ def npy_gram_source(path) -> tuple[int, np.dtype, TileFn, dict]:
         return out
 
     return n, dt, tile, {"kind": "npy", "path": str(path.resolve()), "blake2b": file_digest(path)}
+
+
+def disk_stats(dstats: dict, disk) -> dict:
+    """The record's fields of a disk solve (``disk_solve``'s stats without the refinement and timings,
+    which have their own places), with the plan it ran by."""
+    keep = ("scratch_dir", "memory_budget_bytes", "disk_bytes", "slabs", "bytes_read", "bytes_written", "io_wait_s",
+            "resumed", "store_kept", "disk_timings_s")
+    return {**{k: dstats[k] for k in keep}, "disk_plan": disk.to_dict()}
+
+
+def fit_on_disk(X64, Y, bandwidth, high: KernelOperator, plan, disk, options) -> Interpolant:
+    """``solve.fit_interpolant`` when the plan says disk: the Gram and its factor in
+    ``options.placement.scratch_dir`` (``options`` is the caller's validated SolveOptions)."""
+
+    p, mixed = options.placement, options.mode == "mixed"
+    alpha, R, dstats = solve_on_disk(
+        X64, Y, kernel=options.kernel, bandwidth=bandwidth, scratch_dir=p.scratch_dir, memory_budget=disk.budget_bytes,
+        dtype=np.dtype(disk.dtype), jitter=float(options.jitter), resume=p.resume,
+        max_refine=int(options.max_refine) if mixed else 0, refine_tol=options.refine_tol if mixed else None,
+        block=disk.block, fallback_float64=mixed and options.fallback_float64, with_residual=True)
+    n, d = X64.shape
+    timings = dstats["timings_s"]
+    reason = ("out-of-core 'disk' asked for" if p.out_of_core == "disk" else
+              f"the in-RAM plan does not fit ({format_gib(plan.total_bytes)} needed, {format_gib(plan.available_bytes)} "
+              f"available) and the scratch directory has room")
+    stats = {
+        "n": n, "d": d, "k": Y.shape[1], "kernel": options.kernel, "bandwidth": bandwidth,
+        "bandwidth_rule": bandwidth_rule(options.bandwidth).describe(), "mode": options.mode,
+        "factor_dtype": dstats["factor_dtype"], "jitter": float(options.jitter), "block_size": dstats["block_size"],
+        "strategy": "disk", "strategy_reason": reason, "residual_source": dstats["residual_source"],
+        "distances": high.distances, "timings_s": timings,
+        "factor_gflops": cholesky_flops(n) / max(timings.get("factor", 0.0), 1e-12) / 1e9, **residual_stats(R, Y),
+        "refinement": dstats["refinement"], "factorization": {"backend": "disk", "algorithm": "left-looking slabs"},
+        **disk_stats(dstats, disk), "memory_plan": plan.to_dict(), "peak_rss_bytes": peak_rss_bytes(),
+    }
+    warn_residual(stats, options.mode, float64_level_threshold(n), options.refine_tol)
+    return Interpolant(X_fit=X64, alpha=alpha, Y=Y, kernel=options.kernel, bandwidth=bandwidth, mode=options.mode,
+                       train_scores=Y - R - float(options.jitter) * alpha, stats=stats, operator=high)

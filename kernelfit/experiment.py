@@ -15,7 +15,7 @@ from .catalog import TASKS
 from .errors import InputError
 from .interpolant import Interpolant
 from .kernels import check_distance_scale
-from .results import peak_rss_bytes
+from .results import peak_rss_bytes, residual_stats
 from .solve import (
     SolveOptions,
     check_distinct,
@@ -24,7 +24,6 @@ from .solve import (
     fit_interpolant,
     fit_precomputed,
     one_hot,
-    residual_stats,
 )
 from .validate import bandwidth_rule, check_features, check_finite_targets, check_targets
 

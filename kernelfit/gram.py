@@ -16,7 +16,7 @@ import numpy as np
 from .errors import InputError
 from .grid import IntegerGrid, exact_in_one_gemm, find_integer_grid, finish_from_dots, gaussian_factors, same_grid
 from .grid import kernel_tile_into as grid_kernel_tile_into
-from .kernels import KERNELS, check_kernel, kernel_tile, kernel_tile_into, row_norms_sq
+from .kernels import KERNELS, apply_kernel_inplace, check_kernel, kernel_tile, kernel_tile_into, median_sample, row_norms_sq
 from .linalg.panels import SymmetricPanels, choose_block
 from .parallel import blas_threads, parallel_tasks
 
@@ -370,3 +370,35 @@ def argmax_exact_scores(B, alpha, A, kernel: str, bandwidth: float, groups: int,
     if close.size:
         scores[close] = KernelOperator(B, kernel, bandwidth, np.float64, rows).matmul(A[close], alpha)
     return scores, int(close.size)
+
+
+# ---- the Gram of a feature map, already in panels (random-conv features: never materialized) ----
+
+def sampled_sqd_from_gram(G, diag: np.ndarray, max_points: int = 2000, seed: int = 0) -> np.ndarray:
+    """Squared feature distances g_ii + g_jj - 2 g_ij among the seeded sample of ``kernels.median_sample``
+    (the median heuristic's sample of the features themselves), without an n x n distance matrix.
+    ``G``: a dense Gram or its ``SymmetricPanels``."""
+    idx = median_sample(len(diag), max_points, seed)
+    d = diag[idx]
+    sub = G[np.ix_(idx, idx)] if isinstance(G, np.ndarray) else G.submatrix(idx)
+    return d[:, None] + d[None, :] - 2.0 * sub
+
+
+def kernel_from_gram_inplace(A, row_sq, col_sq, kernel: str, sigma: float) -> None:
+    """A (a block g_ij of the feature Gram) becomes k(|phi_i - phi_j|) in place."""
+    A *= -2.0
+    A += row_sq[:, None]
+    A += col_sq[None, :]
+    np.maximum(A, 0.0, out=A)
+    apply_kernel_inplace(A, kernel, sigma)
+
+
+def linear_from_gram_inplace(A, n_features: int):
+    """A (a Gram block of standardized features) becomes the linear kernel (phi.phi' + 1) / n_features.
+
+    The features are centred over the training set, so their Gram is singular (G 1 = 0); the constant
+    feature (an intercept) makes it invertible, and dividing by the feature count puts the diagonal
+    near 1, like the Gaussian kernel's, so the same ridge lambdas mean the same thing."""
+    A += 1.0
+    A /= float(n_features)
+    return A

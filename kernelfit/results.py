@@ -374,3 +374,11 @@ def regression_metrics(y_true, y_pred) -> dict[str, Any]:
         r2 = float(np.mean(r2_each))
     return {"rmse": float(np.sqrt(np.mean((yt - yp) ** 2))), "r2": r2,
             "rmse_per_output": [float(v) for v in rmse_each], "r2_per_output": r2_each}
+
+
+def residual_stats(R, Y) -> dict:
+    """The record's residual fields: max |Y - K alpha| and ||Y - K alpha|| / ||Y||."""
+    import numpy as np  # results.py itself stays numpy-free (imported by --help)
+
+    return {"residual_max_abs": float(np.max(np.abs(R))),
+            "residual_relative": float(np.linalg.norm(R) / (np.linalg.norm(Y) or 1.0))}

@@ -25,16 +25,23 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .catalog import DEFAULT_BANDWIDTH, FEATURE_KINDS, GRAM_MODES, KERNELS, MAX_REFINE, MODES
+from .disk_solve import disk_stats, fit_on_disk
 from .errors import InputError, MemoryPlanError
-from .gram import GridProducts, KernelOperator, build_gram_panels, gram_tiles
+from .gram import (
+    GridProducts,
+    KernelOperator,
+    build_gram_panels,
+    gram_tiles,
+    kernel_from_gram_inplace,
+    linear_from_gram_inplace,
+    sampled_sqd_from_gram,
+)
 from .interpolant import Interpolant, PrecomputedInterpolant
 from .kernels import (
-    apply_kernel_inplace,
     check_kernel_informative,
     check_kernel_on_data,
     median_bandwidth,
     median_of_pairs,
-    median_sample,
 )
 from .linalg.mixed import solve_refined
 from .linalg.options import FactorOptions
@@ -50,7 +57,7 @@ from .planning import (
     plan_solve,
     require_fits,
 )
-from .results import format_gib, peak_rss_bytes, warn_residual
+from .results import format_gib, peak_rss_bytes, residual_stats, warn_residual
 from .validate import bandwidth_rule, check_bandwidth_spec, check_choice, check_features, check_int, check_jitter, check_targets
 
 
@@ -104,12 +111,6 @@ def one_hot(y, num_classes) -> np.ndarray:
     return Y
 
 
-def residual_stats(R, Y) -> dict:
-    """The record's residual fields: max |Y - K alpha| and ||Y - K alpha|| / ||Y||."""
-    return {"residual_max_abs": float(np.max(np.abs(R))),
-            "residual_relative": float(np.linalg.norm(R) / (np.linalg.norm(Y) or 1.0))}
-
-
 def _dask_factor_info(client, n: int, block: int) -> dict:
     return {"backend": "dask.distributed", "scheduler": str(client.scheduler.address),
             "workers": len(client.scheduler_info()["workers"]), "n": n, "block": block}
@@ -136,7 +137,7 @@ def fit_interpolant(X, Y, options: SolveOptions = SolveOptions(), n_test: int = 
                       strategy=options.strategy, grid_products=on_cpu(options) and GridProducts.applies(high.grid))
     disk = choose_disk(plan, options.placement)   # None: in RAM; refused before work when neither fits
     if disk is not None:
-        return _fit_on_disk(X64, Y, bandwidth, high, plan, disk, options)
+        return fit_on_disk(X64, Y, bandwidth, high, plan, disk, options)
     if not options.force_memory:
         require_fits(plan)
     timings = {}
@@ -163,44 +164,6 @@ def fit_interpolant(X, Y, options: SolveOptions = SolveOptions(), n_test: int = 
     warn_residual(stats, options.mode, float64_level_threshold(int(stats["n"])), options.refine_tol)
     return Interpolant(X_fit=X64, alpha=alpha, Y=Y, kernel=options.kernel, bandwidth=bandwidth, mode=options.mode,
                        train_scores=train_scores, stats=stats, operator=high)
-
-
-def disk_stats(dstats: dict, disk) -> dict:
-    """The record's fields of a disk solve (``disk_solve``'s stats without the refinement and timings,
-    which have their own places), with the plan it ran by."""
-    keep = ("scratch_dir", "memory_budget_bytes", "disk_bytes", "slabs", "bytes_read", "bytes_written", "io_wait_s",
-            "resumed", "store_kept", "disk_timings_s")
-    return {**{k: dstats[k] for k in keep}, "disk_plan": disk.to_dict()}
-
-
-def _fit_on_disk(X64, Y, bandwidth, high: KernelOperator, plan, disk, options: SolveOptions) -> Interpolant:
-    """fit_interpolant with the Gram and its factor in ``placement.scratch_dir`` (``disk_solve``)."""
-    from .disk_solve import solve_on_disk
-
-    p, mixed = options.placement, options.mode == "mixed"
-    alpha, R, dstats = solve_on_disk(
-        X64, Y, kernel=options.kernel, bandwidth=bandwidth, scratch_dir=p.scratch_dir, memory_budget=disk.budget_bytes,
-        dtype=np.dtype(disk.dtype), jitter=float(options.jitter), resume=p.resume,
-        max_refine=int(options.max_refine) if mixed else 0, refine_tol=options.refine_tol if mixed else None,
-        block=disk.block, fallback_float64=mixed and options.fallback_float64, with_residual=True)
-    n, d = X64.shape
-    timings = dstats["timings_s"]
-    reason = ("out-of-core 'disk' asked for" if p.out_of_core == "disk" else
-              f"the in-RAM plan does not fit ({format_gib(plan.total_bytes)} needed, {format_gib(plan.available_bytes)} "
-              f"available) and the scratch directory has room")
-    stats = {
-        "n": n, "d": d, "k": Y.shape[1], "kernel": options.kernel, "bandwidth": bandwidth,
-        "bandwidth_rule": bandwidth_rule(options.bandwidth).describe(), "mode": options.mode,
-        "factor_dtype": dstats["factor_dtype"], "jitter": float(options.jitter), "block_size": dstats["block_size"],
-        "strategy": "disk", "strategy_reason": reason, "residual_source": dstats["residual_source"],
-        "distances": high.distances, "timings_s": timings,
-        "factor_gflops": cholesky_flops(n) / max(timings.get("factor", 0.0), 1e-12) / 1e9, **residual_stats(R, Y),
-        "refinement": dstats["refinement"], "factorization": {"backend": "disk", "algorithm": "left-looking slabs"},
-        **disk_stats(dstats, disk), "memory_plan": plan.to_dict(), "peak_rss_bytes": peak_rss_bytes(),
-    }
-    warn_residual(stats, options.mode, float64_level_threshold(n), options.refine_tol)
-    return Interpolant(X_fit=X64, alpha=alpha, Y=Y, kernel=options.kernel, bandwidth=bandwidth, mode=options.mode,
-                       train_scores=Y - R - float(options.jitter) * alpha, stats=stats, operator=high)
 
 
 def on_cpu(options: SolveOptions) -> bool:
@@ -301,36 +264,6 @@ def _factor_and_solve(X64, Y, strategy, bandwidth, block, high: KernelOperator, 
 # the Gram of a feature map, already in panels (random-conv features: never materialized)
 # --------------------------------------------------------------------------------------------
 
-def sampled_sqd_from_gram(G, diag: np.ndarray, max_points: int = 2000, seed: int = 0) -> np.ndarray:
-    """Squared feature distances g_ii + g_jj - 2 g_ij among the seeded sample of ``kernels.median_sample``
-    (the median heuristic's sample of the features themselves), without an n x n distance matrix.
-    ``G``: a dense Gram or its ``SymmetricPanels``."""
-    idx = median_sample(len(diag), max_points, seed)
-    d = diag[idx]
-    sub = G[np.ix_(idx, idx)] if isinstance(G, np.ndarray) else G.submatrix(idx)
-    return d[:, None] + d[None, :] - 2.0 * sub
-
-
-def _kernel_from_gram_inplace(A, row_sq, col_sq, kernel: str, sigma: float) -> None:
-    """A (a block g_ij of the feature Gram) becomes k(|phi_i - phi_j|) in place."""
-    A *= -2.0
-    A += row_sq[:, None]
-    A += col_sq[None, :]
-    np.maximum(A, 0.0, out=A)
-    apply_kernel_inplace(A, kernel, sigma)
-
-
-def linear_from_gram_inplace(A, n_features: int):
-    """A (a Gram block of standardized features) becomes the linear kernel (phi.phi' + 1) / n_features.
-
-    The features are centred over the training set, so their Gram is singular (G 1 = 0); the constant
-    feature (an intercept) makes it invertible, and dividing by the feature count puts the diagonal
-    near 1, like the Gaussian kernel's, so the same ridge lambdas mean the same thing."""
-    A += 1.0
-    A /= float(n_features)
-    return A
-
-
 def fit_feature_gram(gram, Y, options: SolveOptions = SolveOptions(), *, linear: bool = False,
                      seed: int = 0) -> tuple[PrecomputedInterpolant, np.ndarray | None]:
     """Solve (K + jitter I) alpha = Y where K is the kernel of a feature map whose Gram is given.
@@ -364,7 +297,7 @@ def fit_feature_gram(gram, Y, options: SolveOptions = SolveOptions(), *, linear:
         if linear:
             linear_from_gram_inplace(A, gram.n_features)
         else:
-            _kernel_from_gram_inplace(A, row_sq, col_sq, options.kernel, sigma)
+            kernel_from_gram_inplace(A, row_sq, col_sq, options.kernel, sigma)
 
     for s0, P in zip(P64.starts, P64.panels):
         finish(P, d[s0:], d[s0 : s0 + P.shape[1]])

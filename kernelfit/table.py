@@ -37,6 +37,7 @@ import numpy as np
 
 from .catalog import DEFAULT_BANDWIDTH, MAX_REFINE
 from .errors import InputError
+from .gram import linear_from_gram_inplace, sampled_sqd_from_gram
 from .kernels import (
     check_kernel_informative,
     check_kernel_on_data,
@@ -45,7 +46,6 @@ from .kernels import (
     median_sample,
     squared_distances,
 )
-from .solve import linear_from_gram_inplace, sampled_sqd_from_gram
 from .validate import bandwidth_rule
 
 __all__ = ["PAPER", "ROWS", "TableOptions", "run_table", "write_table", "markdown_table"]

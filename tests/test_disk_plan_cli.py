@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from kernelfit import results
+from kernelfit import places
 from kernelfit.cli import main
 from kernelfit.disk_solve import solve_on_disk
 from kernelfit.errors import InputError, MemoryPlanError
@@ -23,7 +23,7 @@ GIB = 2**30
 
 # ------------------------------------------------------------------------------ the plan's choice
 def _free(monkeypatch, nbytes):
-    monkeypatch.setattr(results, "free_bytes", lambda d: int(nbytes))
+    monkeypatch.setattr(places, "free_bytes", lambda d: int(nbytes))
 
 
 def test_plan_keeps_the_solve_in_ram_when_it_fits(tmp_path, monkeypatch):

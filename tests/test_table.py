@@ -195,9 +195,9 @@ def test_median_distance_from_gram_equals_the_distance_matrix_route():
     """The linear row reads the median off the Gram without building n x n distances: same sample, same value."""
     from scipy.spatial.distance import pdist
 
+    from kernelfit.gram import sampled_sqd_from_gram
     from kernelfit.kernels import median_of_pairs
     from kernelfit.linalg.panels import SymmetricPanels
-    from kernelfit.solve import sampled_sqd_from_gram
     from kernelfit.table import _median_distance_from_sqd
 
     def _median_distance_from_gram(G, diag, max_points, seed=0):
