@@ -1,4 +1,4 @@
-"""In-core vs on-disk Cholesky of the same MNIST Gram (issue 28).
+"""In-core vs on-disk Cholesky of the same MNIST Gram.
 
 Each part runs in its own subprocess (its peak RSS is its own): ``incore`` builds the Gram panels in
 RAM, factors them (``tiled.cholesky_inplace``) and solves; ``disk`` fills a store under

@@ -1,4 +1,4 @@
-"""MNIST exact Gaussian-kernel interpolation benchmark (issue 2).
+"""MNIST exact Gaussian-kernel interpolation benchmark.
 
 For each n: kernelfit solves K alpha = Y (sigma = 5, pixels / 255) for the true labels and for random
 labels with ONE Gram and ONE factorization, and reports time per phase, peak RSS, test error, RKHS

@@ -1,4 +1,4 @@
-"""Exact kernel solves with the Gram and its factor on disk (issue 28): what ``kernelfit solve
+"""Exact kernel solves with the Gram and its factor on disk: what ``kernelfit solve
 --out-of-core disk --scratch-dir DIR --memory-budget GIB [--resume]`` runs.
 
 Layer 4 (operators, beside gram.py): it builds kernel tiles from data (``kernels``) or reads them

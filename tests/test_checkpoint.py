@@ -176,7 +176,7 @@ def test_trailing_strategy_refused_for_panels_on_a_gpu(tmp_path, monkeypatch):
         factor(G, FactorOptions(device="cuda", checkpoint_dir=tmp_path), checkpoint_strategy="trailing")
 
 
-# ------------------------------------------------------------------ issue 24: ownership, checksums, stages
+# ------------------------------------------------------------------ ownership, checksums, stages
 def _crashed_checkpoint(tmp_path, n=60, block=8, seed=3):
     A = spd(n, seed=seed)
     G = SymmetricPanels.from_dense(A, block)

@@ -344,7 +344,7 @@ def test_resume_of_a_missing_checkpoint_and_reuse_without_resume_are_refused_in_
     assert (ck / "manifest.json").read_text() == "{}"   # nothing saved is touched
 
 
-# ------------------------------------------------------------------ issue 24: checkpoint directories we own
+# ------------------------------------------------------------------ checkpoint directories we own
 _CK_BASE = ["solve", "--n-train", "300", "--n-test", "20", "--bandwidth", "5", "--block-size", "64", "--no-progress"]
 _USER_FILES = {"Train_X.npy": b"user train", "L_labels_backup.npy": b"user labels", "T1_2.npy": b"user T",
                "manifest.json": b'{"owner": "someone else"}'}

@@ -115,7 +115,7 @@ def test_device_check_without_data_still_records_environment_and_tests(tmp_path)
     assert "not run: mnist.npz not found" in table and out.stdout.rstrip().endswith(table.rstrip())
 
 
-# -- the fixes of issue 26: records before cleanup, sticky errors, TF32 labelling -----------------
+# -- device-check fixes: records before cleanup, sticky errors, TF32 labelling -----------------
 
 def _sticky_cuda_error(device=None):
     raise RuntimeError("CUDA error: an illegal memory access was encountered (sticky: every later call fails)")

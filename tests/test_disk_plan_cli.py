@@ -1,4 +1,4 @@
-"""The disk out-of-core strategy wired into the plan, the solver and the CLI (issue 28): the plan's
+"""The disk out-of-core strategy wired into the plan, the solver and the CLI: the plan's
 choice against mocked RAM and disk, CLI solves on disk against in-RAM solves and scipy, the float64
 fallback of a float32 disk factor, and the one-line refusals of bad flags."""
 
@@ -177,7 +177,7 @@ def test_bad_disk_flags_are_one_line_refusals(arrays, tmp_path, capsys, extra, m
         assert err.count("\n") == 1 and "usage:" not in err
 
 
-# ------------------------------------------------------------------------------ issue 25 item 6
+# ------------------------------------------------------------------------------ one default bandwidth per feature map
 def test_table_and_solve_features_take_the_same_default_bandwidth_per_feature_kind():
     from kernelfit.catalog import DEFAULT_BANDWIDTH, FEATURE_KINDS
     from kernelfit.cli import build_parser
@@ -207,3 +207,12 @@ def test_solve_features_without_bandwidth_records_the_feature_rule(arrays, tmp_p
     X = np.load(arrays / "X.npy")
     from scipy.spatial.distance import pdist
     assert d["bandwidth"] == pytest.approx(0.5 * np.median(pdist(X)), rel=0.05)   # 0.5 x a sampled median
+
+
+def test_factor_with_disk_placement_says_where_the_disk_path_runs():
+    from kernelfit.linalg.factor import factor
+    from kernelfit.linalg.panels import SymmetricPanels
+
+    G = SymmetricPanels.from_dense(np.eye(8), 4)
+    with pytest.raises(InputError, match="fit_interpolant"):
+        factor(G, FactorOptions(out_of_core="disk"))

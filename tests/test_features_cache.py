@@ -120,7 +120,7 @@ def test_gram_cache_roundtrip_and_corruption(tmp_path, panels):
     assert not part.exists()
 
 
-# ------------------------------------------------------------------ issue 24: directories we own
+# ------------------------------------------------------------------ directories we own
 class _Killed(BaseException):
     """Stands for kill -9: nothing after it runs in the process."""
 

@@ -1,4 +1,4 @@
-"""Issue 24, item 6: inputs that used to end in a silently wrong answer (exit 0) now end in a clear
+"""Inputs that used to end in a silently wrong answer (exit 0) now end in a clear
 error before the solve, or in an answer whose record says what it is. References are independent of
 the solver: scipy distances, numpy float64 K @ alpha - y, closed forms."""
 

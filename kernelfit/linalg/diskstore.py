@@ -1,4 +1,4 @@
-"""A symmetric matrix and its Cholesky factor on disk: exact solves larger than memory (issue 28).
+"""A symmetric matrix and its Cholesky factor on disk: exact solves larger than memory.
 
 Layout: ``SymmetricPanels``' lower-triangle panels, one ``.npy`` file per panel, in a checkpoint
 directory (``checkpoint.owned_dir``: our marker, a PID lock; ``manifest.json`` in the checkpoint

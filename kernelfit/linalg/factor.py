@@ -137,8 +137,12 @@ def factor(G: SymmetricPanels, placement: FactorOptions = DEFAULT_PLACEMENT, *, 
     if not all(isinstance(P, np.ndarray) for P in G.panels):
         raise InputError(f"factor() expects panels as numpy arrays (host), or torch / cupy arrays (factored where "
                          f"they live); got {type(G.panels[0]).__name__}.")
+    if out_of_core == "disk":   # the disk store is filled from the data, not from panels already in RAM
+        raise InputError("out_of_core='disk' keeps the Gram on disk from the start, so it runs through "
+                         "kernelfit.solve.fit_interpolant / fit_precomputed (kernelfit.disk_solve); factor() works on "
+                         "panels in RAM or on a GPU. Fix: pass the options to fit_interpolant, or out_of_core='auto'.")
     if out_of_core not in ("auto", True, False):
-        raise InputError(f"out_of_core must be 'auto', True or False; got {out_of_core!r}.")
+        raise InputError(f"out_of_core must be 'auto', True, False or 'disk'; got {out_of_core!r}.")
     be_name, dev_name = _resolve_backend(G, backend, device)
     # Each BLAS/LAPACK call sees one panel: keep it under 2^31 elements, where 32-bit indexing in
     # LAPACK / cuSOLVER builds breaks (the GUIDE saw OpenBLAS crash on 60000^2 outputs).
