@@ -33,8 +33,8 @@ from .results import format_gib, peak_rss_bytes, residual_stats, warn_residual
 from .storage import file_digest
 from .validate import bandwidth_rule
 
-__all__ = ["solve_on_disk", "solve_gram_file_on_disk", "solve_refined_on_disk", "npy_gram_source", "fit_on_disk",
-           "disk_stats"]
+__all__ = ["solve_on_disk", "solve_gram_file_on_disk", "solve_refined_on_disk", "npy_gram_source", "gram_file_source",
+           "fit_on_disk", "disk_stats"]
 
 
 def _data_tile(X: np.ndarray, kernel: str, bandwidth: float, dtype):
@@ -80,7 +80,7 @@ def solve_gram_file_on_disk(path, Y, *, scratch_dir, memory_budget: int, dtype=n
     """As ``solve_on_disk`` for a user's square .npy Gram file (its lower triangle is the matrix; the
     file is read tile by tile, never whole; its blake2b in the manifest refuses a resume on a changed
     file). Residuals stream the file's lower triangle in float64, ``rows`` rows at a time."""
-    n, _, tile, source = npy_gram_source(path)
+    n, _, tile, source = gram_file_source(path)
     source = {**source, "jitter": float(jitter)}
 
     def apply_high(V):
@@ -232,6 +232,29 @@ def npy_gram_source(path) -> tuple[int, np.dtype, TileFn, dict]:
         return out
 
     return n, dt, tile, {"kind": "npy", "path": str(path.resolve()), "blake2b": file_digest(path)}
+
+
+def gram_file_source(spec) -> tuple[int, np.dtype, TileFn, dict]:
+    """(n, dtype, tile, source) for a user's square Gram file: a .npy file (``npy_gram_source``), or an
+    HDF5 dataset / zarr array (``F.h5:/G``, ``S.zarr:/G``) read through ``data.arrays.open_array`` one
+    tile slice at a time, never whole. ``source`` holds a digest of the file (every file of a zarr
+    store) for the manifest, so a resume refuses a changed Gram."""
+    from .data.arrays import open_array, parse_spec, sha256_file
+
+    s = parse_spec(spec)
+    if s.path.suffix.lower() == ".npy":
+        return npy_gram_source(s.path)
+    A = open_array(s, what="Gram file")
+    if len(A.shape) != 2 or A.shape[0] != A.shape[1] or np.dtype(A.dtype).kind != "f":
+        raise DataError(f"Gram file {s.text} holds a {A.dtype} array of shape {tuple(A.shape)}; expected a square "
+                        f"2-D float matrix (n x n).")
+    n, dt = int(A.shape[0]), np.dtype(A.dtype)
+
+    def tile(rows: slice, cols: slice) -> np.ndarray:
+        return np.ascontiguousarray(A[rows, cols], dtype=dt)
+
+    return n, dt, tile, {"kind": "array", "spec": s.text, "path": str(s.path.resolve()),
+                         "sha256": sha256_file(s.path)}
 
 
 def disk_stats(dstats: dict, disk) -> dict:

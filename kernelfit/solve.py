@@ -450,17 +450,21 @@ def fit_precomputed(G, Y, options: SolveOptions = SolveOptions(mode="float64"), 
 
 
 def _check_disk_gram_source(source, what: str, client) -> None:
-    """The disk path reads a square .npy file tile by tile (``disk_solve.npy_gram_source``)."""
+    """The disk path reads a Gram file tile by tile (``disk_solve.gram_file_source``)."""
     import os
 
     if client is not None:
         raise InputError("out-of-core 'disk' runs in this process; it does not combine with a dask cluster "
                          "(--scheduler). Drop one of them.")
-    if not isinstance(source, (str, os.PathLike)) or not str(source).lower().endswith(".npy"):
-        shown = str(source) if isinstance(source, (str, os.PathLike)) else f"an in-memory {type(source).__name__}"
-        raise InputError(f"out-of-core 'disk' reads .npy Gram files; {what} is {shown}. Fix: convert it in row "
-                         f"blocks into a .npy file (numpy.lib.format.open_memmap('G.npy', mode='w+', dtype=..., "
-                         f"shape=(n, n)), then copy G[i:i+1024] block by block) and pass that file.")
+    if not isinstance(source, (str, os.PathLike)):
+        raise InputError(f"out-of-core 'disk' reads Gram files (.npy, HDF5 F.h5:/G, zarr S.zarr:/G) tile by tile; "
+                         f"{what} is an in-memory {type(source).__name__}. Fix: save it with numpy.save and pass the "
+                         f"file, or solve in RAM.")
+    from .data.arrays import parse_spec
+
+    if parse_spec(source).path.suffix.lower() == ".npz":
+        raise InputError(f"out-of-core 'disk' reads .npy, HDF5 and zarr Gram files tile by tile; {what} is an .npz "
+                         f"member, which cannot be read without inflating it whole. Fix: save the Gram with numpy.save.")
 
 
 def fit_distributed(X, Y, options: SolveOptions = SolveOptions(), client=None) -> Interpolant:

@@ -146,6 +146,29 @@ def test_cli_gram_file_on_disk_equals_the_in_ram_solve(arrays, tmp_path, capsys)
     _same(_record(tmp_path / "disk.json"), _record(tmp_path / "ram.json"))
 
 
+@pytest.mark.parametrize("kind", ["hdf5", "zarr"])
+def test_hdf5_and_zarr_gram_files_on_disk_equal_the_in_ram_solve(kind, arrays, tmp_path, capsys):
+    G = np.load(arrays / "G.npy")
+    if kind == "hdf5":
+        h5py = pytest.importorskip("h5py")
+        with h5py.File(tmp_path / "G.h5", "w") as f:
+            f.create_dataset("G", data=G, chunks=(256, 256))
+        spec = f"{tmp_path / 'G.h5'}:/G"
+    else:
+        zarr = pytest.importorskip("zarr")
+        z = zarr.open(str(tmp_path / "G.zarr"), mode="w", shape=G.shape, chunks=(256, 256), dtype=G.dtype)
+        z[:] = G
+        spec = str(tmp_path / "G.zarr")
+    tail = ["--y-train", str(arrays / "y.npy"), "--gram-test", str(arrays / "Gt.npy"), "--y-test", str(arrays / "yt.npy"),
+            "--no-progress"]
+    assert main(["solve", "--gram", str(arrays / "G.npy"), *tail, "--out", str(tmp_path / "ram.json")]) == 0
+    assert main(["solve", "--gram", spec, *tail, "--out-of-core", "disk", "--scratch-dir", str(tmp_path / "s"),
+                 "--memory-budget", "0.004", "--out", str(tmp_path / "disk.json")]) == 0
+    st = json.loads((tmp_path / "disk.json").read_text())["stats"]
+    assert st["strategy"] == "disk" and st["slabs"] >= 4
+    _same(_record(tmp_path / "disk.json"), _record(tmp_path / "ram.json"))
+
+
 def test_cli_plan_reports_ram_disk_and_the_strategy(arrays, tmp_path, capsys, monkeypatch):
     base = ["plan", "--x-train", str(arrays / "X.npy"), "--y-train", str(arrays / "y.npy")]
     assert main(base + ["--out-of-core", "disk", "--scratch-dir", str(tmp_path / "s"), "--memory-budget", "0.002"]) == 0
@@ -216,3 +239,11 @@ def test_factor_with_disk_placement_says_where_the_disk_path_runs():
     G = SymmetricPanels.from_dense(np.eye(8), 4)
     with pytest.raises(InputError, match="fit_interpolant"):
         factor(G, FactorOptions(out_of_core="disk"))
+
+
+def test_npz_gram_on_disk_is_a_one_line_refusal(arrays, tmp_path, capsys):
+    np.savez(tmp_path / "G.npz", G=np.load(arrays / "G.npy"))
+    rc = main(["solve", "--gram", f"{tmp_path / 'G.npz'}:G", "--y-train", str(arrays / "y.npy"),
+               "--out-of-core", "disk", "--scratch-dir", str(tmp_path / "s")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "inflating it whole" in err and "usage:" not in err
