@@ -243,7 +243,8 @@ def test_factor_with_disk_placement_says_where_the_disk_path_runs():
 
 def test_npz_gram_on_disk_is_a_one_line_refusal(arrays, tmp_path, capsys):
     np.savez(tmp_path / "G.npz", G=np.load(arrays / "G.npy"))
-    rc = main(["solve", "--gram", f"{tmp_path / 'G.npz'}:G", "--y-train", str(arrays / "y.npy"),
-               "--out-of-core", "disk", "--scratch-dir", str(tmp_path / "s")])
+    with pytest.raises(SystemExit) as e:
+        main(["solve", "--gram", f"{tmp_path / 'G.npz'}:G", "--y-train", str(arrays / "y.npy"),
+              "--out-of-core", "disk", "--scratch-dir", str(tmp_path / "s")])
     err = capsys.readouterr().err
-    assert rc == 2 and "inflating it whole" in err and "usage:" not in err
+    assert e.value.code == 2 and "inflating it whole" in err and "usage:" not in err
