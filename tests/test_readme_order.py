@@ -73,6 +73,8 @@ def prepare(line: str, data_dir: Path) -> str | None:
     if not parts or any(p.startswith(("ruff", "python -m pytest")) for p in parts):
         return None
     cmd = " && ".join(parts).replace(" DIR", f" {shlex.quote(str(data_dir))}")
+    # scripts of the repository run from where it is (the commands run in an empty directory)
+    cmd = re.sub(r"(^|\s)benchmarks/", lambda m: f"{m.group(1)}{shlex.quote(str(README.parent))}/benchmarks/", cmd)
     for prefix, limits in _LIMITS:
         if re.match(prefix, cmd):
             cmd = f"{cmd} {limits}"
@@ -85,6 +87,7 @@ def test_readme_commands_are_found():
     assert any(c.startswith("deepfit measure --checkpoint") for c in cmds)
     assert prepare("kernelfit solve --out a.json   # note", Path("/d")) == "kernelfit solve --out a.json"
     assert prepare("pip install -q x && ruff check . && python -m pytest", Path("/d")) is None
+    assert prepare("python benchmarks/x.py --data-dir DIR", Path("/d")) == f"python {README.parent}/benchmarks/x.py --data-dir /d"
 
 
 @pytest.mark.slow
