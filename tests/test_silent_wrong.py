@@ -237,7 +237,6 @@ def test_cli_gram_targets_with_inf_are_a_one_line_error(tmp_path, capsys):
     (["--rows", "mnist-pixels", "--n-train-mnist", "90000"], "--n-train-mnist 90000 exceeds the 60000 training"),
     (["--rows", "cifar-pixels", "--n-train-cifar", "50001"], "--n-train-cifar 50001 exceeds the 50000 training"),
     (["--rows", "mnist-pixels", "--n-test", "10001"], "--n-test 10001 exceeds the 10000 test"),
-    (["--rows", "mnist-gabor", "--bandwidth-mnist-gabor", "1e-300*median"], "--bandwidth-mnist-gabor"),
 ])
 def test_table_refuses_sizes_past_the_data_before_any_row(monkeypatch, tmp_path, argv, match):
     from kernelfit import table
@@ -246,6 +245,17 @@ def test_table_refuses_sizes_past_the_data_before_any_row(monkeypatch, tmp_path,
     monkeypatch.setattr(table, "run_row", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran a row")))
     with pytest.raises(InputError, match=match):
         main(["--debug", "table", *argv, "--out-dir", str(tmp_path)])
+
+
+def test_table_refuses_an_unusable_bandwidth_factor_when_parsing(monkeypatch, tmp_path, capsys):
+    # the --bandwidth-* values are parsed by validate.bandwidth_rule as the command line is read
+    from kernelfit import table
+    from kernelfit.cli import main
+
+    monkeypatch.setattr(table, "run_row", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran a row")))
+    with pytest.raises(SystemExit) as e:
+        main(["table", "--rows", "mnist-gabor", "--bandwidth-mnist-gabor", "1e-300*median", "--out-dir", str(tmp_path)])
+    assert e.value.code == 2 and "--bandwidth-mnist-gabor" in capsys.readouterr().err
 
 
 def test_table_refuses_sizes_past_a_users_npz(monkeypatch, tmp_path):
