@@ -22,6 +22,7 @@ import tempfile
 import time
 
 import numpy as np
+from cpu_peers import gemm_peak, peak_rss_bytes  # benchmarks/ is on sys.path when a script runs
 
 
 def _features(n, data_dir):
@@ -33,27 +34,6 @@ def _features(n, data_dir):
     X -= X.mean(axis=0)          # as kernelfit.solve does: the kernels are translation-invariant
     Y = np.eye(ds.num_classes)[ds.y_train]
     return np.ascontiguousarray(X, dtype=np.float32), Y
-
-
-def _sgemm_peak(size=4096, repeats=3) -> float:
-    A = np.random.default_rng(0).standard_normal((size, size)).astype(np.float32)
-    C = A @ A
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        np.matmul(A, A, out=C)
-        best = min(best, time.perf_counter() - t)
-    return 2.0 * size**3 / best / 1e9
-
-
-def _hwm() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def part_incore(args) -> dict:
     from kernelfit.gram import build_gram_panels
     from kernelfit.linalg.tiled import cho_solve, cholesky_inplace
@@ -69,7 +49,7 @@ def part_incore(args) -> dict:
     np.save(args.alpha_out, alpha)
     return {"part": "incore", "n": args.n, "block": G.block, "gram_s": t1 - t0, "factor_s": t2 - t1,
             "solve_s": t3 - t2, "end_to_end_s": t3 - t0, "factor_gflops": args.n**3 / 3 / (t2 - t1) / 1e9,
-            "gram_bytes": G.nbytes, "peak_rss_bytes": _hwm(), "sgemm_peak_gflops": _sgemm_peak()}
+            "gram_bytes": G.nbytes, "peak_rss_bytes": peak_rss_bytes(), "sgemm_peak_gflops": gemm_peak(np.float32)}
 
 
 def part_disk(args) -> dict:
@@ -106,7 +86,7 @@ def part_disk(args) -> dict:
             "factor_gflops": n**3 / 3 / (t2 - t1) / 1e9, "io_wait_s": stats["io_wait_s"],
             "bytes_read": stats["bytes_read"], "bytes_written": stats["bytes_written"], "timings_s": stats["timings_s"],
             "alpha_rel_diff_vs_incore": float(np.linalg.norm(alpha - ref) / np.linalg.norm(ref)),
-            "peak_rss_bytes": _hwm(), "sgemm_peak_gflops": _sgemm_peak()}
+            "peak_rss_bytes": peak_rss_bytes(), "sgemm_peak_gflops": gemm_peak(np.float32)}
 
 
 def main(argv=None) -> int:

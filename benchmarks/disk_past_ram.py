@@ -22,25 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-
-def _hwm() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def _sgemm_peak(size=4096, repeats=3) -> float:
-    A = np.random.default_rng(0).standard_normal((size, size)).astype(np.float32)
-    C = A @ A
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        np.matmul(A, A, out=C)
-        best = min(best, time.perf_counter() - t)
-    return 2.0 * size**3 / best / 1e9
+from cpu_peers import gemm_peak, peak_rss_bytes  # benchmarks/ is on sys.path when a script runs
 
 
 def main(argv=None) -> int:
@@ -63,7 +45,7 @@ def main(argv=None) -> int:
 
     t_all = time.perf_counter()
     phases = {}
-    sgemm = _sgemm_peak()
+    sgemm = gemm_peak(np.float32)
     t = time.perf_counter()
     d = Path(args.data)
     X = check_features(np.load(d / "x_train.npy", mmap_mode="r"), "x_train")
@@ -105,7 +87,7 @@ def main(argv=None) -> int:
         "residual_max_independent": float(np.abs(R).max()),
         "factor_gflops": cholesky_flops(n) / stats["timings_s"]["factor"] / 1e9,
         "sgemm_peak_gflops": sgemm,
-        "peak_rss_bytes": _hwm(), "peak_rss_gib": _hwm() / 2**30,
+        "peak_rss_bytes": peak_rss_bytes(), "peak_rss_gib": peak_rss_bytes() / 2**30,
         "phases_s": phases, "wall_s": time.perf_counter() - t_all,
         "disk": stats, "machine": machine_info(), "provenance": provenance(),
     }
