@@ -22,6 +22,7 @@ from typing import Callable
 
 import numpy as np
 
+from .catalog import MAX_REFINE
 from .errors import DataError, InputError, MemoryPlanError, NotPositiveDefiniteError
 from .gram import KernelOperator
 from .interpolant import Interpolant
@@ -48,7 +49,7 @@ def _data_tile(X: np.ndarray, kernel: str, bandwidth: float, dtype):
 
 
 def solve_on_disk(X, Y, *, kernel: str, bandwidth: float, scratch_dir, memory_budget: int, dtype=np.float32,
-                  jitter: float = 0.0, resume: bool = False, max_refine: int = 10, refine_tol: float | None = None,
+                  jitter: float = 0.0, resume: bool = False, max_refine: int = MAX_REFINE, refine_tol: float | None = None,
                   keep_store: bool = False, block: int | None = None, flag: str = "--scratch-dir",
                   fallback_float64: bool = False, with_residual: bool = False):
     """Solve (K + jitter I) alpha = Y for the kernel matrix of X (validated by the caller) with K and
@@ -74,7 +75,7 @@ def solve_on_disk(X, Y, *, kernel: str, bandwidth: float, scratch_dir, memory_bu
 
 
 def solve_gram_file_on_disk(path, Y, *, scratch_dir, memory_budget: int, dtype=np.float32, jitter: float = 0.0,
-                            resume: bool = False, max_refine: int = 10, refine_tol: float | None = None,
+                            resume: bool = False, max_refine: int = MAX_REFINE, refine_tol: float | None = None,
                             keep_store: bool = False, block: int | None = None, flag: str = "--scratch-dir",
                             rows: int = 1024, fallback_float64: bool = False, with_residual: bool = False):
     """As ``solve_on_disk`` for a user's square .npy Gram file (its lower triangle is the matrix; the
@@ -187,7 +188,7 @@ def _attempt(scratch_dir, n, source, tile, apply_high, Y2, dtype, timings, *, ji
     return store, alpha, R, report, resumed
 
 
-def solve_refined_on_disk(store: DiskPanels, apply_high: Callable, Y, *, jitter: float = 0.0, max_refine: int = 10,
+def solve_refined_on_disk(store: DiskPanels, apply_high: Callable, Y, *, jitter: float = 0.0, max_refine: int = MAX_REFINE,
                           tol: float | None = None):
     """Solve (K + jitter I) X = Y through the factor on disk (K + jitter I, any dtype), refined with
     float64 residuals ``Y - K X - jitter X`` where ``apply_high(V)`` = K V in float64 is the caller's

@@ -14,10 +14,9 @@ def clean_env(monkeypatch, tmp_path):
 
 
 def _all_roots():
-    from kernelfit.data.paths import default_cache_dir as decoded_root
-    from kernelfit.features.cache import default_cache_dir as features_root
+    from kernelfit.features.cache import FeatureCache, GramCache
 
-    return {cache_root(), decoded_root(), features_root()}
+    return {cache_root(), FeatureCache().root, GramCache().root}
 
 
 def test_one_variable_for_every_cache(clean_env, tmp_path):

@@ -165,9 +165,9 @@ def _check_options(args) -> None:
         refuse(args, f"--corrupt-test applies only to label variants {LABEL_VARIANTS} (got --variant {args.variant})")
     check_out_path(args, args.out, args.overwrite)
     if args.features != "pixels" and not (args.features == "randconv" and args.no_gram_cache):
-        from ..features.cache import default_cache_dir
+        from ..catalog import cache_root
 
-        check_dir_path(args, args.cache_dir or default_cache_dir(), "--cache-dir")
+        check_dir_path(args, args.cache_dir or cache_root(), "--cache-dir")
 
 
 def _gabor_config(args):

@@ -15,7 +15,7 @@ Modules
 ``download``      fetching canonical files: sha256 / md5 verification, size cap, atomic rename
                   (``registry.download(name)`` names the files of a dataset)
 ``paths``         data directory: option > ``$KERNELFIT_DATA`` > ``$XDG_CACHE_HOME/kernelfit``
-                  (or ``~/.cache/kernelfit``); decoded cache ``$KERNELFIT_CACHE_DIR``
+                  (or ``~/.cache/kernelfit``); decoded cache under ``kernelfit.catalog.cache_root()`` (``$KERNELFIT_CACHE``)
 
 Images are kept in their natural layout and dtype ((N, H, W) or (N, H, W, C), any size and channel
 count); randomizations live in ``kernelfit.randomize``.
@@ -30,7 +30,7 @@ from .download import RemoteFile
 from .idx import read_idx
 from .image_folder import read_image_folder
 from .npz import read_keras_npz
-from .paths import _resolve_with_origin, default_cache_dir, resolve_data_dir
+from .paths import _resolve_with_origin, resolve_data_dir
 from .registry import (
     BASE_URLS,
     CIFAR10_CLASSES,
@@ -58,7 +58,7 @@ __all__ = [
     "FASHION_MNIST_CLASSES", "IDX_DATASETS", "IDX_FILES", "KMNIST_CLASSES", "MNIST_CLASSES",
     "MNIST_IDX_FILES", "MNIST_NPZ", "REGISTRY", "REMOTE_FILES", "Dataset", "DatasetInfo", "RemoteFile",
     "_image_folder_candidates", "_resolve_with_origin", "_search_dirs",
-    "default_cache_dir", "describe", "download", "load_arrays", "load_dataset", "normalize_name",
+    "describe", "download", "load_arrays", "load_dataset", "normalize_name",
     "open_array", "parse_spec", "peek_arrays", "peek_outputs", "read_cifar10_batches", "read_idx", "read_image_folder",
     "read_keras_npz", "resolve_data_dir", "sha256_file", "to_features",
 ]

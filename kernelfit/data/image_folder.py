@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kernelfit.catalog import cache_root
 from kernelfit.errors import DataError, InputError, KernelfitError, MemoryPlanError
 from kernelfit.progress import progress_bar
 from kernelfit.results import atomic_file
@@ -23,7 +24,6 @@ from kernelfit.results import atomic_file
 from .arrays import sha256_file as _sha256_file
 from .bounds import memory_limit, read_npz_member
 from .npz import _KERAS_KEYS
-from .paths import default_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +259,7 @@ def read_image_folder(path, classes=None, *, cache: bool = True):
     then file i+1, ...; files in natural name order), so any prefix is class-balanced.
 
     With ``cache=True`` the decoded arrays are stored as .npz under
-    ``default_cache_dir()/decoded/``, keyed by the archive's sha256 (for a directory: by the
+    ``kernelfit.catalog.cache_root()/decoded/``, keyed by the archive's sha256 (for a directory: by the
     names, sizes and mtimes of its files); an unreadable cache is rebuilt.
 
     Returns ``(x_train, y_train, x_test, y_test, classes)``.
@@ -274,7 +274,7 @@ def read_image_folder(path, classes=None, *, cache: bool = True):
     cache_file = key = None
     if cache:
         key = _image_folder_key(path, classes)
-        cache_file = default_cache_dir() / "decoded" / f"{path.name}-{key}.npz"
+        cache_file = cache_root() / "decoded" / f"{path.name}-{key}.npz"
         if cache_file.is_file():
             hit = _load_cache(cache_file, key)
             if hit is not None:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..catalog import cache_root
-
 
 def _user_cache_root() -> Path:
     xdg = os.environ.get("XDG_CACHE_HOME")
@@ -32,10 +30,3 @@ def resolve_data_dir(data_dir=None) -> Path:
     Nothing is created or checked here.
     """
     return _resolve_with_origin(data_dir)[0]
-
-
-def default_cache_dir() -> Path:
-    """Where decoded image folders are cached (in its ``decoded/``): the one cache root,
-    ``kernelfit.catalog.cache_root()`` (``$KERNELFIT_CACHE``, else the user cache dir)."""
-    return cache_root()
-

@@ -18,6 +18,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from kernelfit import catalog
 from kernelfit.errors import ChecksumError, DataError, InputError
 
 from .cifar import CIFAR10_ARCHIVE, CIFAR10_BATCH_DIR, read_cifar10_batches
@@ -146,6 +147,9 @@ REGISTRY: dict[str, DatasetInfo] = {
 }
 
 DATASETS = tuple(REGISTRY)
+if set(DATASETS) != set(catalog.DATASET_NAMES):   # the catalog's names and shapes are the one list
+    raise ImportError(f"kernelfit.catalog.DATASETS {sorted(catalog.DATASET_NAMES)} and the dataset registry "
+                      f"{sorted(DATASETS)} name different datasets")
 IDX_DATASETS = tuple(n for n, i in REGISTRY.items() if i.format == "idx")
 
 _FIX_HINT = (

@@ -39,7 +39,7 @@ from ..errors import InputError
 from ..results import atomic_file
 from ..storage import OwnedDir, StorageError, create_npy_memmap, file_digest
 
-__all__ = ["FeatureCache", "GramCache", "default_cache_dir", "hash_array", "config_hash", "cached_transform",
+__all__ = ["FeatureCache", "GramCache", "hash_array", "config_hash", "cached_transform",
            "StaleCacheWarning"]
 
 FORMAT_VERSION = 1
@@ -47,11 +47,6 @@ FORMAT_VERSION = 1
 
 class StaleCacheWarning(UserWarning):
     """A cache entry was stale or corrupt and has been rebuilt."""
-
-
-def default_cache_dir() -> Path:
-    """The cache root (``kernelfit.catalog.cache_root``: ``$KERNELFIT_CACHE`` or the user cache dir)."""
-    return cache_root()
 
 
 def hash_array(x: np.ndarray, chunk_rows: int = 4096) -> str:
@@ -84,7 +79,7 @@ class FeatureCache:
     """A directory of feature matrices keyed by (data hash, config)."""
 
     def __init__(self, root: str | os.PathLike | None = None):
-        self.root = Path(root).expanduser() if root is not None else default_cache_dir()
+        self.root = Path(root).expanduser() if root is not None else cache_root()
         self.dir = self.root / "features"
         # ours: <key>.npy / <key>.json; temporaries: .<key>.npy.XXXXXXXX.tmp (and <key>.tmp<pid>.npy of
         # kernelfit before markers, whose orphan filled the disk for the next run)
@@ -218,7 +213,7 @@ class GramCache:
     PARTS = ("train", "train_diag", "cross", "test_diag")
 
     def __init__(self, root: str | os.PathLike | None = None):
-        self.root = Path(root).expanduser() if root is not None else default_cache_dir()
+        self.root = Path(root).expanduser() if root is not None else cache_root()
         self.dir = self.root / "grams"
         parts = "|".join(self.PARTS)
         self.owned = OwnedDir(self.dir, "Gram cache", "--cache-dir",

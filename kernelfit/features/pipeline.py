@@ -22,11 +22,11 @@ import time
 
 import numpy as np
 
+from ..catalog import FEATURE_KINDS  # randconv gives a Gram (randconv_gram), not a matrix
 from ..errors import InputError
 
 __all__ = ["FEATURE_KINDS", "dataset_features", "randconv_gram"]
 
-FEATURE_KINDS = ("pixels", "gabor", "randconv")   # randconv: a Gram (randconv_gram), not a matrix
 
 
 def dataset_features(ds, kind: str = "pixels", *, gabor=None, cache_dir=None, dtype=np.float32,

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from ..errors import InputError, MemoryPlanError
+from ..results import format_bytes
 from .backend import free_device_bytes
 from .options import FactorOptions
 from .panels import SymmetricPanels, cholesky_flops
@@ -33,13 +34,6 @@ from .tiled import cholesky_inplace
 BACKEND_CHOICES = ("auto", "numpy", "torch", "cupy")
 DEFAULT_PLACEMENT = FactorOptions()   # host numpy, in-core when it fits, no checkpoint
 DEVICE_SAFETY = 0.90     # leave 10% of measured free device memory to the allocator / other tensors
-
-
-def _gib(b) -> str:
-    # small sizes in MiB so two different numbers never print alike
-    if b >= 2**30:
-        return f"{b / 2**30:.2f} GiB"
-    return f"{b / 2**20:.1f} MiB" if b >= 2**20 else f"{int(b)} bytes"
 
 
 @dataclass
@@ -175,17 +169,17 @@ def factor(G: SymmetricPanels, placement: FactorOptions = DEFAULT_PLACEMENT, *, 
         path = "out-of-core" if out_of_core else "in-core"
     if path == "in-core" and not plan.fits_in_core and out_of_core is False:
         raise MemoryPlanError(
-            f"out_of_core=False, but the Gram does not fit on {dev_name}: it needs {_gib(plan.in_core_bytes)} "
-            f"({G.n} x {G.n} lower panels in {G.dtype} + workspace) and {_gib(plan.usable_bytes)} is usable "
-            f"({_gib(plan.free_bytes)} free). Use out_of_core='auto' or True (streams through the device), "
+            f"out_of_core=False, but the Gram does not fit on {dev_name}: it needs {format_bytes(plan.in_core_bytes)} "
+            f"({G.n} x {G.n} lower panels in {G.dtype} + workspace) and {format_bytes(plan.usable_bytes)} is usable "
+            f"({format_bytes(plan.free_bytes)} free). Use out_of_core='auto' or True (streams through the device), "
             f"mode 'mixed'/'float32' (half the bytes), or fewer points.", plan=plan)
     if path == "out-of-core" and be_name == "cupy":
         raise InputError("the out-of-core path is implemented for backend='torch' (and numpy on the CPU), not "
                          "cupy; use backend='torch' with device='cuda', or out_of_core=False.")
     if path == "out-of-core" and plan.usable_bytes < plan.min_out_of_core_bytes:
         raise MemoryPlanError(
-            f"even the out-of-core path needs at least {_gib(plan.min_out_of_core_bytes)} of device memory for "
-            f"n={G.n}, block={G.block} ({G.dtype}); {_gib(plan.usable_bytes)} is usable. Use a smaller "
+            f"even the out-of-core path needs at least {format_bytes(plan.min_out_of_core_bytes)} of device memory for "
+            f"n={G.n}, block={G.block} ({G.dtype}); {format_bytes(plan.usable_bytes)} is usable. Use a smaller "
             f"block_size or free device memory.", plan=plan)
 
     info = FactorInfo(backend=be_name, device=dev_name, path=path, n=G.n, block=G.block, dtype=str(G.dtype),

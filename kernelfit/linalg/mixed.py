@@ -22,6 +22,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..catalog import MAX_REFINE
 from ..errors import MemoryPlanError, NotPositiveDefiniteError
 from .refine import check_refine_tol, low_precision_solver, refine, with_row_sums
 from .tiled import cho_solve
@@ -44,7 +45,7 @@ def _unit_diagonal(G):
 
 
 def solve_refined(build_gram: Callable, factor_gram: Callable, apply_high: Callable, Y, *, dtype,
-                  max_refine: int = 10, tol: float | None = None, jitter: float = 0.0,
+                  max_refine: int = MAX_REFINE, tol: float | None = None, jitter: float = 0.0,
                   scale_diagonal: bool = False, fallback: Callable[[], str | None] | None = None,
                   timings: dict | None = None, solver: Callable | None = None,
                   store_float64_gram: bool = False):
