@@ -7,7 +7,9 @@ files ``<stage>.T00000_<j>.npy``; a finished factor panel is ``<stage>.L_<j>.npy
 on disk *is* the checkpoint: a left-looking factorization never modifies unfinished input panels,
 and a slab's input files are removed only after its factor files and the manifest naming them are
 on disk. A kill at any moment resumes from the last finished slab; with the same RAM budget the
-slabs, hence every GEMM, are the same and the factor is bit-identical.
+slabs, hence every GEMM, are the same and the factor is bit-identical. When the budget holds two
+slabs (``plan_disk_slabs``), a writer thread commits slab s while slab s+1 runs; one commit is in
+flight at a time, so the manifests still advance slab by slab.
 
 Every panel file's blake2b is in the manifest: an input panel is checked as it is read for its slab
 (one whole read anyway), a factor panel when a resume opens it. Panels are read with plain
@@ -48,8 +50,9 @@ from .tiled import cholesky_inplace, single_blas_thread
 FLAG = "scratch_dir"
 FILL_CHUNK_BYTES = 64 << 20     # a Gram tile built while filling the store (bounded RAM, large writes)
 # Resident memory besides the budget (over the interpreter with numpy/scipy imported): hashing a Gram
-# file in 16 MiB chunks (32 MB peak), OpenBLAS's thread buffers, the read-ahead thread. Measured 32 MB
-# at n = 6,000 on 2 cores (tests/test_disk_outofcore.py checks VmHWM against budget + this).
+# file in 16 MiB chunks (32 MB peak), OpenBLAS's thread buffers, the reader and writer threads. Measured
+# 16 MB over an 18 MB budget at n = 6,000 on 2 cores, overlapped slabs (tests/test_disk_outofcore.py checks
+# VmHWM against budget + this).
 OVERHEAD_BYTES = 48 << 20
 _READ_MAX = 1 << 30             # one preadv call reads at most this much (Linux caps a call near 2 GiB)
 
