@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -73,14 +74,25 @@ def points():
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, points):
-    """The uninterrupted disk factor's panels (what a resumed run must reproduce bit for bit)."""
-    budget = gram_budget()
-    ref = new_store(tmp_path_factory.mktemp("ref") / "s", points, budget)
-    ref.factor(budget)
-    want = factor_panels(ref)
-    ref.close()
-    return want
+def references(tmp_path_factory, points):
+    """The uninterrupted disk factor's panels for budget gram_budget(parts=...) (what a resumed run
+    must reproduce bit for bit): parts=4 plans plain slabs at N=3000, parts=2 overlapped ones."""
+    cache = {}
+
+    def get(parts):
+        if parts not in cache:
+            budget = gram_budget(parts=parts)
+            ref = new_store(tmp_path_factory.mktemp("ref") / "s", points, budget)
+            ref.factor(budget)
+            cache[parts] = factor_panels(ref)
+            ref.close()
+        return cache[parts]
+    return get
+
+
+@pytest.fixture(scope="module")
+def reference(references):
+    return references(4)
 
 
 def test_factor_and_solve_match_scipy_with_at_least_four_slabs(tmp_path, points):
@@ -164,7 +176,7 @@ def commit(j0, panels):
     commits["wide"] = len(panels) >= 2
     orig_commit(j0, panels)
 def read(k, row0, out):        # kill -9 in the middle of the third slab's streamed updates
-    if where == "stream" and commits["n"] == 2 and k == 1:
+    if where == "stream" and commits["n"] >= 2 and k == 1:
         os.kill(os.getpid(), signal.SIGKILL)
     orig_read(k, row0, out)
 def save(p, a):                # kill -9 between two factor files of the third slab
@@ -177,9 +189,11 @@ print("NOT KILLED")
 """
 
 
+@pytest.mark.parametrize("parts", [4, 2])      # plain slabs; overlapped slabs (the kill lands in the writer thread)
 @pytest.mark.parametrize("where", ["stream", "commit"])
-def test_kill_9_mid_factorization_then_resume_is_bit_identical(tmp_path, reference, where):
-    budget, want = gram_budget(), reference
+def test_kill_9_mid_factorization_then_resume_is_bit_identical(tmp_path, references, where, parts):
+    budget, want = gram_budget(parts=parts), references(parts)
+    assert diskstore.plan_disk_slabs(N, BLOCK, 8, budget).overlap == (parts == 2)
     d = tmp_path / "killed"
     p = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(d), str(N), str(BLOCK), str(budget), str(JITTER), where],
                        capture_output=True, text=True, env=os.environ, timeout=300)
@@ -194,8 +208,9 @@ def test_kill_9_mid_factorization_then_resume_is_bit_identical(tmp_path, referen
     st.close()
 
 
-def test_full_disk_mid_run_keeps_finished_slabs_and_resume_finishes(tmp_path, points, reference, monkeypatch):
-    budget, want = gram_budget(), reference
+@pytest.mark.parametrize("parts", [4, 2])      # overlapped: the writer thread's error surfaces in factor()
+def test_full_disk_mid_run_keeps_finished_slabs_and_resume_finishes(tmp_path, points, references, monkeypatch, parts):
+    budget, want = gram_budget(parts=parts), references(parts)
     st = new_store(tmp_path / "s", points, budget)
     real, calls = diskstore.save_npy, {"n": 0}
 
@@ -218,7 +233,8 @@ def test_full_disk_mid_run_keeps_finished_slabs_and_resume_finishes(tmp_path, po
     st = DiskPanels.open(tmp_path / "s", N, source={"kind": "test-gaussian", "seed": 0}, budget_bytes=budget,
                          block=BLOCK, dtype=np.float64, resume=True)
     st.factor(budget)
-    assert all(np.array_equal(a, b) for a, b in zip(factor_panels(st), want))
+    got = factor_panels(st)
+    assert all(np.array_equal(a, b) for a, b in zip(got, want)) and len(got) == len(want)
     st.close()
 
 
@@ -357,8 +373,9 @@ def test_benchmark_dry_run_prints_both_rates_and_the_ratio(tmp_path, shared_data
     assert not (tmp_path / "s").exists()          # the benchmark removes its store
 
 
-def test_full_disk_at_the_manifest_keeps_the_previous_state(tmp_path, points, reference, monkeypatch):
-    budget = gram_budget()
+@pytest.mark.parametrize("parts", [4, 2])
+def test_full_disk_at_the_manifest_keeps_the_previous_state(tmp_path, points, references, monkeypatch, parts):
+    budget, reference = gram_budget(parts=parts), references(parts)
     st = new_store(tmp_path / "s", points, budget)
     real, calls = st._write_manifest, {"n": 0}
 
@@ -414,4 +431,76 @@ def test_plan_disk_predicts_the_traffic_of_a_run(tmp_path, points, monkeypatch):
 
     monkeypatch.setattr(results, "free_bytes", lambda d: 1 << 20)
     assert plan_disk(N, np.float64, budget, tmp_path, block=BLOCK).fits is False
+    st.close()
+
+
+# --- overlapped slabs: the writer thread commits slab s while slab s+1 runs -------------------------
+def test_overlapped_plan_keeps_two_slabs_and_their_stream_buffers_within_the_budget():
+    for parts in (2, 3):
+        budget = gram_budget(parts=parts)
+        plan = diskstore.plan_disk_slabs(N, BLOCK, 8, budget)
+        assert plan.overlap and plan.buffers == 2 and len(plan.slabs) >= 4
+        starts = list(range(0, N, BLOCK))
+        size = [sum((N - starts[j]) * min(BLOCK, N - starts[j]) * 8 for j in range(j0, j1)) for j0, j1 in plan.slabs]
+        assert [j for a, b in plan.slabs for j in range(a, b)] == list(range(len(starts)))     # every panel once
+        for s in range(len(plan.slabs) - 1):        # slab s committing + slab s+1 + its two stream buffers
+            j0 = plan.slabs[s + 1][0]
+            assert size[s] + size[s + 1] + 2 * (N - starts[j0]) * BLOCK * 8 <= budget
+        for j0, _ in plan.slabs:                    # a resume replans the same remaining slabs
+            assert diskstore.plan_disk_slabs(N, BLOCK, 8, budget, j0).slabs == [x for x in plan.slabs if x[0] >= j0]
+    # too small for two slabs: the plain plan with the whole budget, commits waited for
+    small = diskstore.plan_disk_slabs(N, BLOCK, 8, gram_budget(parts=4))
+    assert not small.overlap and small.slabs == plan_slabs(N, BLOCK, 8, gram_budget(parts=4)).slabs
+
+
+def test_overlapped_factor_commits_on_a_writer_thread_and_matches_scipy(tmp_path, points):
+    import threading
+
+    budget = gram_budget(parts=2)
+    st = new_store(tmp_path / "s", points, budget)
+    seen = {"commit_threads": set(), "during_commit": 0, "busy": False}
+    orig_commit, orig_input, orig_rows = st.commit_slab, st.read_input, st.read_factor_rows
+
+    def commit(j0, panels):
+        seen["commit_threads"].add(threading.get_ident())
+        seen["busy"] = True
+        try:
+            time.sleep(0.1)            # a slow disk: the next slab's reads and updates go on meanwhile
+            orig_commit(j0, panels)
+        finally:
+            seen["busy"] = False
+
+    def read_input(j, out):
+        seen["during_commit"] += seen["busy"]
+        orig_input(j, out)
+
+    def read_factor_rows(k, row0, out):
+        seen["during_commit"] += seen["busy"]
+        orig_rows(k, row0, out)
+
+    st.commit_slab, st.read_input, st.read_factor_rows = commit, read_input, read_factor_rows
+    stats = st.factor(budget)
+    assert threading.get_ident() not in seen["commit_threads"] and seen["during_commit"] > 0
+    assert stats.slabs >= 4 and stats.timings_s["write_wait"] >= 0 and stats.timings_s["write_slab"] > 0.1
+    assert stats.io_wait_s >= stats.timings_s["write_wait"] + stats.timings_s["read_wait"]
+    L = scipy.linalg.cholesky(dense_gram(points), lower=True)
+    assert np.abs(to_dense_lower(st) - L).max() <= 1e-10 * np.abs(L).max()
+    names = sorted(p.name for p in (tmp_path / "s").iterdir() if p.name.endswith(".npy"))
+    assert names == sorted(st.record["files"]) and all(".L_" in n for n in names) and st.complete
+    st.close()
+
+
+def test_overlapped_plan_disk_predicts_the_traffic_of_a_run(tmp_path, points):
+    budget = gram_budget(parts=2)
+    plan = diskstore.plan_disk(N, np.float64, budget, tmp_path, block=BLOCK)
+    st = new_store(tmp_path / "s", points, budget)
+    st.stats.bytes_read = st.stats.bytes_written = 0
+    st.factor(budget)
+    assert (plan.slabs, plan.factor_read_bytes, plan.factor_write_bytes) == (
+        st.stats.slabs, st.stats.bytes_read, st.stats.bytes_written)
+    # brute force: each slab streams rows s0.. of the panels before the previous slab (those are in RAM)
+    slabs = diskstore.plan_disk_slabs(N, BLOCK, 8, budget).slabs
+    starts = list(range(0, N, BLOCK))
+    streamed = sum((N - starts[j0]) * BLOCK for i, (j0, _) in enumerate(slabs) for _ in range(slabs[i - 1][0] if i else 0))
+    assert plan.factor_read_bytes == (streamed + sum((N - s) * min(BLOCK, N - s) for s in starts)) * 8
     st.close()

@@ -7,7 +7,9 @@ files ``<stage>.T00000_<j>.npy``; a finished factor panel is ``<stage>.L_<j>.npy
 on disk *is* the checkpoint: a left-looking factorization never modifies unfinished input panels,
 and a slab's input files are removed only after its factor files and the manifest naming them are
 on disk. A kill at any moment resumes from the last finished slab; with the same RAM budget the
-slabs, hence every GEMM, are the same and the factor is bit-identical.
+slabs, hence every GEMM, are the same and the factor is bit-identical. When the budget holds two
+slabs (``plan_disk_slabs``), a writer thread commits slab s while slab s+1 runs; one commit is in
+flight at a time, so the manifests still advance slab by slab.
 
 Every panel file's blake2b is in the manifest: an input panel is checked as it is read for its slab
 (one whole read anyway), a factor panel when a resume opens it. Panels are read with plain
@@ -48,8 +50,9 @@ from .tiled import cholesky_inplace, single_blas_thread
 FLAG = "scratch_dir"
 FILL_CHUNK_BYTES = 64 << 20     # a Gram tile built while filling the store (bounded RAM, large writes)
 # Resident memory besides the budget (over the interpreter with numpy/scipy imported): hashing a Gram
-# file in 16 MiB chunks (32 MB peak), OpenBLAS's thread buffers, the read-ahead thread. Measured 32 MB
-# at n = 6,000 on 2 cores (tests/test_disk_outofcore.py checks VmHWM against budget + this).
+# file in 16 MiB chunks (32 MB peak), OpenBLAS's thread buffers, the reader and writer threads. Measured
+# 16 MB over an 18 MB budget at n = 6,000 on 2 cores, overlapped slabs (tests/test_disk_outofcore.py checks
+# VmHWM against budget + this).
 OVERHEAD_BYTES = 48 << 20
 _READ_MAX = 1 << 30             # one preadv call reads at most this much (Linux caps a call near 2 GiB)
 
@@ -60,9 +63,11 @@ TileFn = Callable[[slice, slice], np.ndarray]
 class DiskStats:
     """What a disk factorization or solve did: bytes through the disk, seconds waiting on it.
 
-    ``io_wait_s``: seconds the compute thread sat idle on the disk: slab reads and writes (not
-    overlapped) plus waits for a streamed panel the reader thread had not finished (timings_s
-    'stream_wait'; read-ahead hides the rest), plus the solves' waits for factor panels."""
+    ``io_wait_s``: seconds the compute thread sat idle on the disk: waits for a slab's input panels
+    (timings_s 'read_wait'), for a streamed panel the reader thread had not finished ('stream_wait'),
+    for the writer thread's commit of the previous slab ('write_wait'), plus the solves' waits for
+    factor panels. 'read_slab' / 'write_slab' are the reader's / writer's own seconds (overlapped with
+    compute when ``plan_disk_slabs`` overlaps; otherwise waited for in full)."""
     strategy: str = "disk"
     budget_bytes: int = 0
     slabs: int = 0
@@ -100,7 +105,7 @@ def disk_bytes(n: int, block: int, dtype, budget_bytes: int) -> int:
     itemsize = np.dtype(dtype).itemsize
     gram = SymmetricPanels.nbytes_for(n, block, dtype)
     slab = max(sum((n - G) * min(block, n - G) * itemsize for G in SymmetricPanels.starts_for(n, block)[j0:j1])
-               for j0, j1 in plan_slabs(n, block, itemsize, int(budget_bytes)).slabs)
+               for j0, j1 in plan_disk_slabs(n, block, itemsize, int(budget_bytes)).slabs)
     return gram + slab + 4096 * len(SymmetricPanels.starts_for(n, block))
 
 
@@ -133,11 +138,13 @@ def plan_disk(n: int, dtype, budget_bytes: int, scratch_dir=None, block: int | N
     dtype = np.dtype(dtype)
     block = disk_block(n, dtype, budget_bytes) if block is None else choose_block(n, block)
     _check_budget(n, block, dtype.itemsize, budget_bytes)
-    plan = plan_slabs(n, block, dtype.itemsize, int(budget_bytes))
+    plan = plan_disk_slabs(n, block, dtype.itemsize, int(budget_bytes))
     starts = SymmetricPanels.starts_for(n, block)
     gram = SymmetricPanels.nbytes_for(n, block, dtype)
-    # every input panel once, and for each slab rows s0.. of every finished panel
-    streamed = sum(j0 * (n - starts[j0]) * block for j0, _ in plan.slabs) * dtype.itemsize
+    # every input panel once, and for each slab rows s0.. of every finished panel not in RAM (overlapped:
+    # the previous slab's panels are)
+    on_disk = [p0 if plan.overlap else j0 for (p0, _), (j0, _) in zip([(0, 0)] + plan.slabs, plan.slabs)]
+    streamed = sum(k * (n - starts[j0]) * block for k, (j0, _) in zip(on_disk, plan.slabs)) * dtype.itemsize
     free = free_bytes(scratch_dir) if scratch_dir is not None else None
     need = disk_bytes(n, block, dtype, budget_bytes)
     return DiskPlan(n=n, block=block, dtype=dtype.name, budget_bytes=int(budget_bytes),
@@ -437,64 +444,150 @@ def _check_budget(n: int, block: int, itemsize: int, budget_bytes) -> None:
                               f"block.")
 
 
+@dataclass
+class DiskSlabPlan:
+    """The slabs of a disk factorization and whether consecutive slabs overlap (see ``plan_disk_slabs``)."""
+    slabs: list          # [(j0, j1), ...] panel ranges
+    buffers: int         # streamed-panel buffers (2: the read of panel k+1 overlaps the GEMMs of k)
+    overlap: bool        # a writer thread commits slab s while slab s+1 runs
+
+
+def plan_disk_slabs(n: int, block: int, itemsize: int, budget: int, start_panel: int = 0) -> DiskSlabPlan:
+    """Slabs for ``left_looking``. Overlapped when the budget allows: slab s stays in RAM while a writer
+    thread commits it and slab s+1 reads its inputs and streams its updates (the panels of slab s from
+    RAM), so every two consecutive slabs plus slab s+1's two stream buffers must fit the budget. The
+    greedy rule takes panels while 2 x slab + buf <= budget, buf being the two buffers of the slab's
+    first streamed rows (panel max(j0, 1)); buffers shrink with the rows, so slab s + slab s+1 +
+    buf(s+1) <= budget. When even one-panel slabs do not fit that rule (small budgets), the plain
+    ``plan_slabs`` with the whole budget and synchronous commits. The choice depends only on
+    (n, block, itemsize, budget), never on ``start_panel``: a resume replans the same slabs."""
+    starts = SymmetricPanels.starts_for(n, block)
+    widths = [min(block, n - s) for s in starts]
+    panel = [(n - s) * w * itemsize for s, w in zip(starts, widths)]
+    buf = [2 * (n - starts[max(j, 1)]) * block * itemsize if len(starts) > 1 else 0 for j in range(len(starts))]
+    if any(2 * p + b > budget for p, b in zip(panel, buf)):
+        plan = plan_slabs(n, block, itemsize, int(budget), 0, start_panel)
+        return DiskSlabPlan(slabs=plan.slabs, buffers=plan.buffers, overlap=False)
+    slabs, j0 = [], start_panel
+    while j0 < len(starts):
+        used, j1 = 0, j0
+        while j1 < len(starts) and 2 * (used + panel[j1]) + buf[j0] <= budget:
+            used += panel[j1]
+            j1 += 1
+        slabs.append((j0, j1))
+        j0 = j1
+    return DiskSlabPlan(slabs=slabs, buffers=2, overlap=True)
+
+
 def left_looking(slow, budget_bytes: int, progress=None, jitter: float = 0.0) -> None:
     """Left-looking slab Cholesky over a slow memory ``slow`` (n, block, dtype, starts, widths,
     finished, stats; read_input(j, out), read_factor_rows(k, row0, out), commit_slab(j0, panels)).
 
-    Per slab (panels j0..j1-1 that fit the budget with two stream buffers): read its input panels;
-    for each finished panel k < j0 subtract L_k L_k^T from the slab, panel k+1 being read on a thread
-    while the GEMMs of k run; factor the slab in RAM (``tiled.cholesky_inplace``); commit it."""
+    Per slab (``plan_disk_slabs``): its input panels (read ahead on the reader thread while the previous
+    slab factors, when overlapped); for each finished panel k < j0 subtract L_k L_k^T from the slab,
+    panel k+1 being read on the reader thread while the GEMMs of k run (the previous slab's panels come
+    from RAM); factor the slab in RAM (``tiled.cholesky_inplace``); hand it to the writer thread.
+
+    Order on disk is kept: one commit in flight at a time (slab s's commit is waited for before slab
+    s+1's starts, so manifests stay in slab order and files of panels < the previous slab exist before
+    they are streamed); a writer error (a full disk) surfaces here as its StorageError, finished slabs
+    kept. Main-thread waits: timings 'read_wait' (inputs), 'stream_wait', 'write_wait' (commits), all
+    in ``io_wait_s``; 'read_slab' / 'write_slab' are the reader's / writer's own seconds."""
     n, block, dtype = slow.n, slow.block, slow.dtype
     _check_budget(n, block, dtype.itemsize, budget_bytes)
-    plan = plan_slabs(n, block, dtype.itemsize, int(budget_bytes), 0, slow.finished)
+    plan = plan_disk_slabs(n, block, dtype.itemsize, int(budget_bytes), slow.finished)
     st = slow.stats
     st.budget_bytes, st.slabs, st.first_panel = int(budget_bytes), len(plan.slabs), slow.finished
     timer = st.timings_s
-    for key in ("read_slab", "stream_update", "stream_wait", "factor_slab", "write_slab"):
+    for key in ("read_slab", "read_wait", "stream_update", "stream_wait", "factor_slab", "write_slab", "write_wait"):
         timer.setdefault(key, 0.0)
     syrk_update = get_backend("numpy").syrk_update
-    t_all = time.perf_counter()
-    with ThreadPoolExecutor(1) as pool:
-        for j0, j1 in plan.slabs:
-            s0 = slow.starts[j0]
-            t = time.perf_counter()
-            slab = [np.empty((n - slow.starts[j], slow.widths[j]), dtype=dtype) for j in range(j0, j1)]
-            for j, P in zip(range(j0, j1), slab):
-                slow.read_input(j, P)
-            timer["read_slab"] += time.perf_counter() - t
+
+    def read_slab(j0, j1):                  # reader thread
+        t = time.perf_counter()
+        slab = [np.empty((n - slow.starts[j], slow.widths[j]), dtype=dtype) for j in range(j0, j1)]
+        for j, P in zip(range(j0, j1), slab):
+            slow.read_input(j, P)
+        timer["read_slab"] += time.perf_counter() - t
+        return slab
+
+    def commit(j0, slab):                   # writer thread
+        t = time.perf_counter()
+        slow.commit_slab(j0, slab)
+        timer["write_slab"] += time.perf_counter() - t
+
+    def wait(fut, key):
+        t = time.perf_counter()
+        try:
+            return fut.result()
+        finally:
+            timer[key] += time.perf_counter() - t
             st.io_wait_s += time.perf_counter() - t
+
+    pending = None                          # (future, flops) of the commit in flight
+    prev, p0 = None, None                   # the previous slab's panels (in RAM while committed) and j0
+
+    def settle():                           # wait for the commit in flight; then its slab may go
+        nonlocal pending, prev
+        if pending is not None:
+            fut, flops = pending
+            pending = None
+            wait(fut, "write_wait")
+            if progress is not None:
+                progress.update(flops)
+        if not plan.overlap:
+            prev = None
+
+    t_all = time.perf_counter()
+    with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
+        ahead = reader.submit(read_slab, *plan.slabs[0])
+        for si, (j0, j1) in enumerate(plan.slabs):
+            s0 = slow.starts[j0]
+            slab = wait(ahead, "read_wait")
+            ahead = None
+            on_disk = p0 if prev is not None else j0      # panels 0..on_disk-1 are streamed from disk
             if j0 > 0:
                 t = time.perf_counter()
-                bufs = [np.empty((n - s0, block), dtype=dtype) for _ in range(plan.buffers)]
-                fut = pool.submit(slow.read_factor_rows, 0, s0, bufs[0])
+                bufs = [np.empty((n - s0, block), dtype=dtype) for _ in range(plan.buffers if on_disk else 0)]
+                fut = reader.submit(slow.read_factor_rows, 0, s0, bufs[0]) if on_disk else None
                 for k in range(j0):
-                    w0 = time.perf_counter()
-                    fut.result()
-                    st.io_wait_s += time.perf_counter() - w0
-                    timer["stream_wait"] += time.perf_counter() - w0
-                    Lk = bufs[k % plan.buffers]
-                    if k + 1 < j0 and plan.buffers == 2:    # read k+1 while the GEMMs of k run
-                        fut = pool.submit(slow.read_factor_rows, k + 1, s0, bufs[(k + 1) % 2])
+                    if k < on_disk:
+                        w0 = time.perf_counter()
+                        fut.result()
+                        st.io_wait_s += time.perf_counter() - w0
+                        timer["stream_wait"] += time.perf_counter() - w0
+                        Lk = bufs[k % plan.buffers]
+                        if k + 1 < on_disk and plan.buffers == 2:    # read k+1 while the GEMMs of k run
+                            fut = reader.submit(slow.read_factor_rows, k + 1, s0, bufs[(k + 1) % 2])
+                    else:
+                        Lk = prev[k - p0][s0 - slow.starts[k]:]
                     for i, Pi in zip(range(j0, j1), slab):
                         off = slow.starts[i] - s0
                         syrk_update(Pi, Lk[off:], Lk[off : off + Pi.shape[1]])
-                    if k + 1 < j0 and plan.buffers == 1:    # one buffer: read after the GEMMs
-                        fut = pool.submit(slow.read_factor_rows, k + 1, s0, bufs[0])
-                del bufs
+                    if k + 1 < on_disk and plan.buffers == 1:    # one buffer: read after the GEMMs
+                        fut = reader.submit(slow.read_factor_rows, k + 1, s0, bufs[0])
+                del bufs, Lk
                 timer["stream_update"] += time.perf_counter() - t
+            settle()                        # the previous slab is on disk; its RAM is free
+            prev = None
+            if plan.overlap and si + 1 < len(plan.slabs):     # two slabs in RAM: this one and the next's inputs
+                ahead = reader.submit(read_slab, *plan.slabs[si + 1])
             t = time.perf_counter()
             try:
                 cholesky_inplace(SymmetricPanels(n=n - s0, block=block, panels=slab), jitter=jitter)
             except NotPositiveDefiniteError as exc:
                 raise NotPositiveDefiniteError(minor=exc.minor + s0, n=n, dtype=str(dtype), jitter=jitter) from None
             timer["factor_slab"] += time.perf_counter() - t
-            t = time.perf_counter()
-            slow.commit_slab(j0, slab)
-            timer["write_slab"] += time.perf_counter() - t
-            st.io_wait_s += time.perf_counter() - t
+            pending = (writer.submit(commit, j0, slab),
+                       sum(panel_flops(n, slow.starts[j], slow.widths[j]) for j in range(j0, j1)))
+            if plan.overlap:
+                prev, p0 = slab, j0
+            else:
+                settle()
+                if si + 1 < len(plan.slabs):
+                    ahead = reader.submit(read_slab, *plan.slabs[si + 1])
             del slab
-            if progress is not None:
-                progress.update(sum(panel_flops(n, slow.starts[j], slow.widths[j]) for j in range(j0, j1)))
+        settle()
     timer["factor_total"] = timer.get("factor_total", 0.0) + time.perf_counter() - t_all
 
 
