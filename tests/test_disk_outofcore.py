@@ -17,7 +17,7 @@ import scipy.linalg
 
 from kernelfit.disk_solve import npy_gram_source, solve_refined_on_disk
 from kernelfit.errors import ChecksumError, InputError, MemoryPlanError, StorageError
-from kernelfit.linalg import diskstore
+from kernelfit.linalg import diskstore, slabs
 from kernelfit.linalg.diskstore import DiskPanels, disk_cho_solve
 from kernelfit.linalg.outofcore import plan_slabs
 from kernelfit.linalg.panels import SymmetricPanels
@@ -193,7 +193,7 @@ print("NOT KILLED")
 @pytest.mark.parametrize("where", ["stream", "commit"])
 def test_kill_9_mid_factorization_then_resume_is_bit_identical(tmp_path, references, where, parts):
     budget, want = gram_budget(parts=parts), references(parts)
-    assert diskstore.plan_disk_slabs(N, BLOCK, 8, budget).overlap == (parts == 2)
+    assert slabs.plan_disk_slabs(N, BLOCK, 8, budget).overlap == (parts == 2)
     d = tmp_path / "killed"
     p = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(d), str(N), str(BLOCK), str(budget), str(JITTER), where],
                        capture_output=True, text=True, env=os.environ, timeout=300)
@@ -438,7 +438,7 @@ def test_plan_disk_predicts_the_traffic_of_a_run(tmp_path, points, monkeypatch):
 def test_overlapped_plan_keeps_two_slabs_and_their_stream_buffers_within_the_budget():
     for parts in (2, 3):
         budget = gram_budget(parts=parts)
-        plan = diskstore.plan_disk_slabs(N, BLOCK, 8, budget)
+        plan = slabs.plan_disk_slabs(N, BLOCK, 8, budget)
         assert plan.overlap and plan.buffers == 2 and len(plan.slabs) >= 4
         starts = list(range(0, N, BLOCK))
         size = [sum((N - starts[j]) * min(BLOCK, N - starts[j]) * 8 for j in range(j0, j1)) for j0, j1 in plan.slabs]
@@ -447,9 +447,9 @@ def test_overlapped_plan_keeps_two_slabs_and_their_stream_buffers_within_the_bud
             j0 = plan.slabs[s + 1][0]
             assert size[s] + size[s + 1] + 2 * (N - starts[j0]) * BLOCK * 8 <= budget
         for j0, _ in plan.slabs:                    # a resume replans the same remaining slabs
-            assert diskstore.plan_disk_slabs(N, BLOCK, 8, budget, j0).slabs == [x for x in plan.slabs if x[0] >= j0]
+            assert slabs.plan_disk_slabs(N, BLOCK, 8, budget, j0).slabs == [x for x in plan.slabs if x[0] >= j0]
     # too small for two slabs: the plain plan with the whole budget, commits waited for
-    small = diskstore.plan_disk_slabs(N, BLOCK, 8, gram_budget(parts=4))
+    small = slabs.plan_disk_slabs(N, BLOCK, 8, gram_budget(parts=4))
     assert not small.overlap and small.slabs == plan_slabs(N, BLOCK, 8, gram_budget(parts=4)).slabs
 
 
@@ -499,8 +499,8 @@ def test_overlapped_plan_disk_predicts_the_traffic_of_a_run(tmp_path, points):
     assert (plan.slabs, plan.factor_read_bytes, plan.factor_write_bytes) == (
         st.stats.slabs, st.stats.bytes_read, st.stats.bytes_written)
     # brute force: each slab streams rows s0.. of the panels before the previous slab (those are in RAM)
-    slabs = diskstore.plan_disk_slabs(N, BLOCK, 8, budget).slabs
+    runs = slabs.plan_disk_slabs(N, BLOCK, 8, budget).slabs
     starts = list(range(0, N, BLOCK))
-    streamed = sum((N - starts[j0]) * BLOCK for i, (j0, _) in enumerate(slabs) for _ in range(slabs[i - 1][0] if i else 0))
+    streamed = sum((N - starts[j0]) * BLOCK for i, (j0, _) in enumerate(runs) for _ in range(runs[i - 1][0] if i else 0))
     assert plan.factor_read_bytes == (streamed + sum((N - s) * min(BLOCK, N - s) for s in starts)) * 8
     st.close()

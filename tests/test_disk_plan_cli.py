@@ -253,13 +253,13 @@ def test_npz_gram_on_disk_is_a_one_line_refusal(arrays, tmp_path, capsys):
 def test_cli_disk_solve_interrupted_then_resumed_equals_an_uninterrupted_one(arrays, tmp_path, capsys, monkeypatch):
     """Ctrl-C in the middle of the factorization keeps the store; `--resume` finishes it, and the answer is the
     uninterrupted run's to the last bit (the same slabs, the same GEMMs)."""
-    from kernelfit.linalg import diskstore
+    from kernelfit.linalg import slabs
 
     base = ["solve", "--x-train", str(arrays / "X.npy"), "--y-train", str(arrays / "y.npy"), "--x-test",
             str(arrays / "Xt.npy"), "--y-test", str(arrays / "yt.npy"), "--bandwidth", str(SIGMA), "--no-progress",
             "--out-of-core", "disk", "--memory-budget", "0.002"]
     assert main(base + ["--scratch-dir", str(tmp_path / "s1"), "--out", str(tmp_path / "whole.json")]) == 0
-    real, calls = diskstore.cholesky_inplace, []
+    real, calls = slabs.cholesky_inplace, []
 
     def interrupted(*a, **k):   # the third slab's factorization is cut short, as by Ctrl-C
         calls.append(1)
@@ -267,11 +267,11 @@ def test_cli_disk_solve_interrupted_then_resumed_equals_an_uninterrupted_one(arr
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(diskstore, "cholesky_inplace", interrupted)
+    monkeypatch.setattr(slabs, "cholesky_inplace", interrupted)
     assert main(base + ["--scratch-dir", str(tmp_path / "s2"), "--out", str(tmp_path / "resumed.json")]) == 130
     assert (tmp_path / "s2" / "manifest.json").is_file() and not (tmp_path / "resumed.json").exists()
     assert "--resume" in capsys.readouterr().err
-    monkeypatch.setattr(diskstore, "cholesky_inplace", real)
+    monkeypatch.setattr(slabs, "cholesky_inplace", real)
     assert main(base + ["--scratch-dir", str(tmp_path / "s2"), "--resume", "--out", str(tmp_path / "resumed.json")]) == 0
     whole, resumed = (json.loads((tmp_path / n).read_text()) for n in ("whole.json", "resumed.json"))
     assert resumed["stats"]["resumed"] is not None
