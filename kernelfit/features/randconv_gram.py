@@ -92,7 +92,7 @@ def accumulate_gram(features, train_images, test_images=None, options: GramOptio
 
     ``standardize``: each feature is centred and scaled by its mean / std over the *training*
     images (test images use the training statistics). ``panels=True`` accumulates the train Gram
-    into the lead solver's ``kernelfit.linalg.panels.SymmetricPanels`` (lower triangle only).
+    into the solver's ``kernelfit.linalg.panels.SymmetricPanels`` (lower triangle only).
     ``device``: torch device for features and Gram products (default CPU); on a GPU the Grams are
     accumulated in device memory and copied to the host once at the end. Results are numpy float64.
 
