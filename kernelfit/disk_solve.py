@@ -23,6 +23,7 @@ from typing import Callable
 import numpy as np
 
 from .catalog import MAX_REFINE
+from .data.arrays import open_array, parse_spec, sha256_file
 from .errors import DataError, InputError, MemoryPlanError, NotPositiveDefiniteError
 from .gram import KernelOperator
 from .interpolant import Interpolant
@@ -35,7 +36,7 @@ from .storage import file_digest
 from .validate import bandwidth_rule
 
 __all__ = ["solve_on_disk", "solve_gram_file_on_disk", "solve_refined_on_disk", "npy_gram_source", "gram_file_source",
-           "fit_on_disk", "disk_stats"]
+           "check_gram_file_source", "fit_on_disk", "disk_stats"]
 
 
 def _data_tile(X: np.ndarray, kernel: str, bandwidth: float, dtype):
@@ -235,13 +236,27 @@ def npy_gram_source(path) -> tuple[int, np.dtype, TileFn, dict]:
     return n, dt, tile, {"kind": "npy", "path": str(path.resolve()), "blake2b": file_digest(path)}
 
 
+def check_gram_file_source(source, what: str, client=None) -> None:
+    """What the disk path can read tile by tile (``gram_file_source``), judged from the spec alone: a
+    file, not an in-memory array or an .npz member, and no dask cluster (the CLI refuses with the same
+    words before any work)."""
+    if client is not None:
+        raise InputError("out-of-core 'disk' runs in this process; it does not combine with a dask cluster "
+                         "(--scheduler). Drop one of them.")
+    if not isinstance(source, (str, os.PathLike)):
+        raise InputError(f"out-of-core 'disk' reads Gram files (.npy, HDF5 F.h5:/G, zarr S.zarr:/G) tile by tile; "
+                         f"{what} is an in-memory {type(source).__name__}. Fix: save it with numpy.save and pass the "
+                         f"file, or solve in RAM.")
+    if parse_spec(source).path.suffix.lower() == ".npz":
+        raise InputError(f"out-of-core 'disk' reads .npy, HDF5 and zarr Gram files tile by tile; {what} is an .npz "
+                         f"member, which cannot be read without inflating it whole. Fix: save the Gram with numpy.save.")
+
+
 def gram_file_source(spec) -> tuple[int, np.dtype, TileFn, dict]:
     """(n, dtype, tile, source) for a user's square Gram file: a .npy file (``npy_gram_source``), or an
     HDF5 dataset / zarr array (``F.h5:/G``, ``S.zarr:/G``) read through ``data.arrays.open_array`` one
     tile slice at a time, never whole. ``source`` holds a digest of the file (every file of a zarr
     store) for the manifest, so a resume refuses a changed Gram."""
-    from .data.arrays import open_array, parse_spec, sha256_file
-
     s = parse_spec(spec)
     if s.path.suffix.lower() == ".npy":
         return npy_gram_source(s.path)

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .catalog import DEFAULT_BANDWIDTH, FEATURE_KINDS, GRAM_MODES, KERNELS, MAX_REFINE, MODES
-from .disk_solve import disk_stats, fit_on_disk
+from .disk_solve import check_gram_file_source, disk_stats, fit_on_disk
 from .errors import InputError, MemoryPlanError
 from .gram import (
     GridProducts,
@@ -398,7 +398,7 @@ def fit_precomputed(G, Y, options: SolveOptions = SolveOptions(mode="float64"), 
     fdt = FACTOR_DTYPE[mode]
     disk = choose_disk(plan, options.placement, factor_dtype=fdt)   # refused from the header alone
     if disk is not None:
-        _check_disk_gram_source(source, what, client)
+        check_gram_file_source(source, what, client)
     elif not options.force_memory:   # refused from the header alone, before any pass over the matrix
         require_fits(plan)
     checks = check_gram(G, what=what, jitter=jitter)
@@ -447,24 +447,6 @@ def fit_precomputed(G, Y, options: SolveOptions = SolveOptions(mode="float64"), 
     warn_residual(stats, mode, float64_level_threshold(int(stats["n"])))
     return PrecomputedInterpolant(X_fit=None, alpha=alpha, Y=Y, kernel="precomputed", bandwidth=float("nan"),
                                   mode=mode, train_scores=train_scores, stats=stats)
-
-
-def _check_disk_gram_source(source, what: str, client) -> None:
-    """The disk path reads a Gram file tile by tile (``disk_solve.gram_file_source``)."""
-    import os
-
-    if client is not None:
-        raise InputError("out-of-core 'disk' runs in this process; it does not combine with a dask cluster "
-                         "(--scheduler). Drop one of them.")
-    if not isinstance(source, (str, os.PathLike)):
-        raise InputError(f"out-of-core 'disk' reads Gram files (.npy, HDF5 F.h5:/G, zarr S.zarr:/G) tile by tile; "
-                         f"{what} is an in-memory {type(source).__name__}. Fix: save it with numpy.save and pass the "
-                         f"file, or solve in RAM.")
-    from .data.arrays import parse_spec
-
-    if parse_spec(source).path.suffix.lower() == ".npz":
-        raise InputError(f"out-of-core 'disk' reads .npy, HDF5 and zarr Gram files tile by tile; {what} is an .npz "
-                         f"member, which cannot be read without inflating it whole. Fix: save the Gram with numpy.save.")
 
 
 def fit_distributed(X, Y, options: SolveOptions = SolveOptions(), client=None) -> Interpolant:

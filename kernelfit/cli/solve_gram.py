@@ -60,9 +60,14 @@ def check_source(args) -> None:
         refuse(args, "--resume needs --checkpoint-dir DIR (the directory the interrupted run saved its panels to), "
                      "or --scratch-dir DIR for a disk solve")
     check_disk_args(args)
-    if args.out_of_core == "disk" and ".npz" in args.gram.lower():
-        refuse(args, f"--out-of-core disk reads .npy, HDF5 and zarr Gram files tile by tile; --gram {args.gram} is an "
-                     ".npz member, which cannot be read without inflating it whole. Fix: save the Gram with numpy.save")
+    if args.out_of_core == "disk":
+        from ..disk_solve import check_gram_file_source
+        from ..errors import InputError
+
+        try:
+            check_gram_file_source(args.gram, "--gram")
+        except InputError as e:
+            refuse(args, str(e))
     check_out_path(args, args.out, args.overwrite)
 
 
