@@ -435,7 +435,7 @@ def choose_disk(plan: MemoryPlan, placement, factor_dtype=None, available: int |
     if oc == "disk" and scratch is None:
         raise InputError("out-of-core 'disk' keeps the Gram and its factor in a scratch directory, but none was given. "
                          "Fix: --scratch-dir DIR (placement=FactorOptions(out_of_core='disk', scratch_dir=DIR)).")
-    cpu = placement.device is None or not str(placement.device).startswith("cuda")
+    cpu = not placement.on_cuda
     if not (oc == "disk" or (oc == "auto" and not plan.fits and scratch is not None and cpu)):
         return None
     if not cpu:

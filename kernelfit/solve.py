@@ -134,7 +134,7 @@ def fit_interpolant(X, Y, options: SolveOptions = SolveOptions(), n_test: int = 
     X64 = np.ascontiguousarray(X, dtype=np.float64)
     high = KernelOperator(X64, options.kernel, bandwidth, np.float64)   # finds an integer grid, if any
     plan = plan_solve(n, d, Y.shape[1], options.mode, n_test=n_test, block=options.placement.block_size,
-                      strategy=options.strategy, grid_products=on_cpu(options) and GridProducts.applies(high.grid))
+                      strategy=options.strategy, grid_products=not options.placement.on_cuda and GridProducts.applies(high.grid))
     disk = choose_disk(plan, options.placement)   # None: in RAM; refused before work when neither fits
     if disk is not None:
         return fit_on_disk(X64, Y, bandwidth, high, plan, disk, options)
@@ -166,18 +166,13 @@ def fit_interpolant(X, Y, options: SolveOptions = SolveOptions(), n_test: int = 
                        train_scores=train_scores, stats=stats, operator=high)
 
 
-def on_cpu(options: SolveOptions) -> bool:
-    device = options.placement.device
-    return device is None or not str(device).startswith("cuda")
-
-
 def _build_gram(X64, fdt, bandwidth, block, options: SolveOptions, grid=None) -> SymmetricPanels:
-    if grid is not None and np.dtype(fdt) == np.float64 and on_cpu(options):   # exact distances, sgemm rate
+    if grid is not None and np.dtype(fdt) == np.float64 and not options.placement.on_cuda:   # exact distances, sgemm rate
         return build_gram_panels(X64, options.kernel, bandwidth, block, fdt, options.placement.progress, grid=grid)
     # Both kernels depend on x - z only, so the Gram is built from centered points: the GEMM expansion
     # |x|^2 + |z|^2 - 2 x.z then cancels far less (float32 loses all digits for data far from 0).
     Xc = (X64 - X64.mean(axis=0)).astype(fdt)
-    if not on_cpu(options):
+    if options.placement.on_cuda:
         # tiles computed on the GPU (TF32 off) and written back to host panels one at a time
         from .gram_device import build_gram_panels_device
 

@@ -24,3 +24,8 @@ class FactorOptions:
     scratch_dir: str | None = None           # disk out-of-core store (``linalg.diskstore``); "auto" may use it
     memory_budget: int | None = None         # host bytes of the disk factorization (None: planning's default)
     progress: bool = False                   # progress lines on stderr
+
+    @property
+    def on_cuda(self) -> bool:
+        """The factorization is placed on a CUDA device (``device`` "cuda", "cuda:1", ...)."""
+        return self.device is not None and str(self.device).startswith("cuda")
