@@ -52,18 +52,20 @@ def _data_tile(X: np.ndarray, kernel: str, bandwidth: float, dtype):
 def solve_on_disk(X, Y, *, kernel: str, bandwidth: float, scratch_dir, memory_budget: int, dtype=np.float32,
                   jitter: float = 0.0, resume: bool = False, max_refine: int = MAX_REFINE, refine_tol: float | None = None,
                   keep_store: bool = False, block: int | None = None, flag: str = "--scratch-dir",
-                  fallback_float64: bool = False, with_residual: bool = False):
+                  fallback_float64: bool = False, with_residual: bool = False, high: KernelOperator | None = None):
     """Solve (K + jitter I) alpha = Y for the kernel matrix of X (validated by the caller) with K and
     its factor in ``scratch_dir``, at most ``memory_budget`` bytes of RAM for the factorization.
     ``fallback_float64``: a float32 factor whose refinement cannot reach float64 level (or that breaks
     down) is replaced by a float64 one, a second stage of the same store, when the disk has room.
     Returns (alpha float64, stats dict for the record: strategy 'disk', bytes read / written, I/O wait);
-    ``with_residual``: (alpha, R = Y - (K + jitter I) alpha in float64, stats)."""
+    ``with_residual``: (alpha, R = Y - (K + jitter I) alpha in float64, stats). ``high``: the caller's
+    float64 ``KernelOperator`` of X (as ``solve.fit_interpolant`` builds it), reused when it found a grid."""
     X64 = np.asarray(X, dtype=np.float64)
     X64 = X64 - X64.mean(axis=0)                     # the kernels are translation-invariant (as solve.py)
     source = {"kind": "data", "sha256": hashlib.sha256(np.ascontiguousarray(X).view(np.uint8).data).hexdigest(),
               "shape": list(np.shape(X)), "kernel": kernel, "bandwidth": float(bandwidth), "jitter": float(jitter)}
-    high = KernelOperator(np.asarray(X, dtype=np.float64), kernel, bandwidth, np.float64)   # uncentered: finds a grid
+    if high is None:   # uncentered: finds a grid
+        high = KernelOperator(np.asarray(X, dtype=np.float64), kernel, bandwidth, np.float64)
     if high.grid is None:   # off a grid the float64 expansion loses digits to |x|^2 far from the origin
         high = KernelOperator(X64, kernel, bandwidth, np.float64, grid=None)
     # a stage's tiles in its own dtype (a float64 fallback stage must not inherit float32 rounding)
@@ -284,13 +286,12 @@ def disk_stats(dstats: dict, disk) -> dict:
 def fit_on_disk(X64, Y, bandwidth, high: KernelOperator, plan, disk, options) -> Interpolant:
     """``solve.fit_interpolant`` when the plan says disk: the Gram and its factor in
     ``options.placement.scratch_dir`` (``options`` is the caller's validated SolveOptions)."""
-
     p, mixed = options.placement, options.mode == "mixed"
     alpha, R, dstats = solve_on_disk(
         X64, Y, kernel=options.kernel, bandwidth=bandwidth, scratch_dir=p.scratch_dir, memory_budget=disk.budget_bytes,
         dtype=np.dtype(disk.dtype), jitter=float(options.jitter), resume=p.resume,
         max_refine=int(options.max_refine) if mixed else 0, refine_tol=options.refine_tol if mixed else None,
-        block=disk.block, fallback_float64=mixed and options.fallback_float64, with_residual=True)
+        block=disk.block, fallback_float64=mixed and options.fallback_float64, with_residual=True, high=high)
     n, d = X64.shape
     timings = dstats["timings_s"]
     reason = ("out-of-core 'disk' asked for" if p.out_of_core == "disk" else
