@@ -255,6 +255,7 @@ def feature_gram_rows(g, bw, label_sets, y_test, k, seed, device=None, max_refin
     """Interpolant only, from a feature Gram accumulated in panel storage (large n, no dense n x n):
     ``solve.fit_feature_gram`` on every label set at once, as the table's per-label-set rows.
     Returns (rows, solver info, sigma or None, the sampled median distance)."""
+    from .experiment import classification_errors
     from .linalg.options import FactorOptions
     from .solve import SolveOptions, fit_feature_gram
 
@@ -267,8 +268,8 @@ def feature_gram_rows(g, bw, label_sets, y_test, k, seed, device=None, max_refin
     out = {}
     for i, (name, y) in enumerate(label_sets.items()):
         c = slice(i * k, (i + 1) * k)
-        out[name] = {"interp": {"test_error": float(np.mean(np.argmax(scores[:, c], 1) != y_test)),
-                                "train_error": float(np.mean(np.argmax(fit[:, c], 1) != y)),
+        out[name] = {"interp": {"test_error": classification_errors(scores[:, c], y_test),
+                                "train_error": classification_errors(fit[:, c], y),
                                 "norm": float(np.sqrt(max(np.sum(alpha[:, c] * fit[:, c]), 0.0))),
                                 "residual_relative": float(np.linalg.norm(R[:, c]) / np.linalg.norm(Y[:, c]))},
                      "ridge": None}
