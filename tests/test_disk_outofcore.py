@@ -19,7 +19,6 @@ from kernelfit.disk_solve import npy_gram_source, solve_refined_on_disk
 from kernelfit.errors import ChecksumError, InputError, MemoryPlanError, StorageError
 from kernelfit.linalg import diskstore, slabs
 from kernelfit.linalg.diskstore import DiskPanels, disk_cho_solve
-from kernelfit.linalg.outofcore import plan_slabs
 from kernelfit.linalg.panels import SymmetricPanels
 
 N, BLOCK, JITTER = 3000, 128, 1e-3
@@ -40,6 +39,12 @@ exec(HELPERS)
 
 def gram_budget(n=N, block=BLOCK, dtype=np.float64, parts=4):
     return SymmetricPanels.nbytes_for(n, block, dtype) // parts
+
+
+def budget_for(kind):
+    """'overlapped': a quarter of the Gram (two slabs and their pieces fit); 'plain': 1.6 first panels,
+    too small for two slabs in RAM, so the commits are waited for."""
+    return gram_budget(parts=4) if kind == "overlapped" else int(1.6 * N * BLOCK * 8)
 
 
 def dense_gram(X, jitter=JITTER):
@@ -75,24 +80,24 @@ def points():
 
 @pytest.fixture(scope="module")
 def references(tmp_path_factory, points):
-    """The uninterrupted disk factor's panels for budget gram_budget(parts=...) (what a resumed run
-    must reproduce bit for bit): parts=4 plans plain slabs at N=3000, parts=2 overlapped ones."""
+    """The uninterrupted disk factor's panels for budget_for(kind) (what a resumed run must reproduce
+    bit for bit): 'plain' slabs or 'overlapped' ones."""
     cache = {}
 
-    def get(parts):
-        if parts not in cache:
-            budget = gram_budget(parts=parts)
+    def get(kind):
+        if kind not in cache:
+            budget = budget_for(kind)
             ref = new_store(tmp_path_factory.mktemp("ref") / "s", points, budget)
             ref.factor(budget)
-            cache[parts] = factor_panels(ref)
+            cache[kind] = factor_panels(ref)
             ref.close()
-        return cache[parts]
+        return cache[kind]
     return get
 
 
 @pytest.fixture(scope="module")
 def reference(references):
-    return references(4)
+    return references("plain")
 
 
 def test_factor_and_solve_match_scipy_with_at_least_four_slabs(tmp_path, points):
@@ -170,30 +175,30 @@ st = DiskPanels.open(path, n, source={"kind": "test-gaussian", "seed": 0}, budge
                      dtype=np.float64)
 st.fill(gaussian_tile(X), jitter=jitter)
 commits = {"n": 0}
-orig_commit, orig_read, orig_save = st.commit_slab, st.read_factor_rows, diskstore.save_npy
+orig_commit, orig_read, orig_save = st.commit_slab, st.map_factor_rows, diskstore.save_npy
 def commit(j0, panels):
     commits["n"] += 1
     commits["wide"] = len(panels) >= 2
     orig_commit(j0, panels)
-def read(k, row0, out):        # kill -9 in the middle of the third slab's streamed updates
+def read(k, row0, row1):       # kill -9 in the middle of the third slab's streamed updates
     if where == "stream" and commits["n"] >= 2 and k == 1:
         os.kill(os.getpid(), signal.SIGKILL)
-    orig_read(k, row0, out)
+    return orig_read(k, row0, row1)
 def save(p, a):                # kill -9 between two factor files of the third slab
     if where == "commit" and commits["n"] >= 2 and commits["wide"] and p.name.endswith("L_%05d.npy" % (st.finished + 1)):
         os.kill(os.getpid(), signal.SIGKILL)
     return orig_save(p, a)
-st.commit_slab, st.read_factor_rows, diskstore.save_npy = commit, read, save
+st.commit_slab, st.map_factor_rows, diskstore.save_npy = commit, read, save
 st.factor(budget)
 print("NOT KILLED")
 """
 
 
-@pytest.mark.parametrize("parts", [4, 2])      # plain slabs; overlapped slabs (the kill lands in the writer thread)
+@pytest.mark.parametrize("kind", ["plain", "overlapped"])   # overlapped: the kill lands in the writer thread
 @pytest.mark.parametrize("where", ["stream", "commit"])
-def test_kill_9_mid_factorization_then_resume_is_bit_identical(tmp_path, references, where, parts):
-    budget, want = gram_budget(parts=parts), references(parts)
-    assert slabs.plan_disk_slabs(N, BLOCK, 8, budget).overlap == (parts == 2)
+def test_kill_9_mid_factorization_then_resume_is_bit_identical(tmp_path, references, where, kind):
+    budget, want = budget_for(kind), references(kind)
+    assert slabs.plan_disk_slabs(N, BLOCK, 8, budget).overlap == (kind == "overlapped")
     d = tmp_path / "killed"
     p = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(d), str(N), str(BLOCK), str(budget), str(JITTER), where],
                        capture_output=True, text=True, env=os.environ, timeout=300)
@@ -208,9 +213,9 @@ def test_kill_9_mid_factorization_then_resume_is_bit_identical(tmp_path, referen
     st.close()
 
 
-@pytest.mark.parametrize("parts", [4, 2])      # overlapped: the writer thread's error surfaces in factor()
-def test_full_disk_mid_run_keeps_finished_slabs_and_resume_finishes(tmp_path, points, references, monkeypatch, parts):
-    budget, want = gram_budget(parts=parts), references(parts)
+@pytest.mark.parametrize("kind", ["plain", "overlapped"])   # overlapped: the writer thread's error surfaces in factor()
+def test_full_disk_mid_run_keeps_finished_slabs_and_resume_finishes(tmp_path, points, references, monkeypatch, kind):
+    budget, want = budget_for(kind), references(kind)
     st = new_store(tmp_path / "s", points, budget)
     real, calls = diskstore.save_npy, {"n": 0}
 
@@ -349,14 +354,6 @@ def test_peak_rss_within_budget_plus_overhead(tmp_path):
     assert peak - base <= allowed, (peak - base, allowed)
 
 
-def test_plan_slabs_reused_budget_gives_same_slabs_on_resume():
-    # a resume re-plans from its first unfinished panel; with the same budget the greedy plan gives
-    # the same remaining slabs, so every GEMM (and the factor) is the same
-    plan = plan_slabs(N, BLOCK, 8, gram_budget())
-    for j0, _ in plan.slabs:
-        assert plan_slabs(N, BLOCK, 8, gram_budget(), 0, j0).slabs == [s for s in plan.slabs if s[0] >= j0]
-
-
 @pytest.mark.slow      # ~20 s: MNIST loaded by two subprocesses
 @pytest.mark.data
 def test_benchmark_dry_run_prints_both_rates_and_the_ratio(tmp_path, shared_data_dir):
@@ -373,9 +370,9 @@ def test_benchmark_dry_run_prints_both_rates_and_the_ratio(tmp_path, shared_data
     assert not (tmp_path / "s").exists()          # the benchmark removes its store
 
 
-@pytest.mark.parametrize("parts", [4, 2])
-def test_full_disk_at_the_manifest_keeps_the_previous_state(tmp_path, points, references, monkeypatch, parts):
-    budget, reference = gram_budget(parts=parts), references(parts)
+@pytest.mark.parametrize("kind", ["plain", "overlapped"])
+def test_full_disk_at_the_manifest_keeps_the_previous_state(tmp_path, points, references, monkeypatch, kind):
+    budget, reference = budget_for(kind), references(kind)
     st = new_store(tmp_path / "s", points, budget)
     real, calls = st._write_manifest, {"n": 0}
 
@@ -398,13 +395,14 @@ def test_full_disk_at_the_manifest_keeps_the_previous_state(tmp_path, points, re
     st.close()
 
 
-def test_single_stream_buffer_at_the_smallest_budget(tmp_path):
-    from kernelfit.linalg.outofcore import min_budget_bytes
-
+def test_smallest_budget_runs_with_one_block_pieces_and_matches_scipy(tmp_path):
     n = 1200
     X = gaussian_points(n)  # noqa: F821
-    budget = min_budget_bytes(n, BLOCK, 8, 0, buffers=1)
-    assert plan_slabs(n, BLOCK, 8, budget).buffers == 1
+    budget = slabs.min_disk_budget(n, BLOCK, 8)
+    plan = slabs.plan_disk_slabs(n, BLOCK, 8, budget)
+    assert not plan.overlap and plan.piece_rows == BLOCK
+    with pytest.raises(MemoryPlanError, match="too small"):
+        slabs.plan_disk_slabs(n, BLOCK, 8, budget - 1)
     st = new_store(tmp_path / "s", X, budget)
     st.factor(budget)
     L = scipy.linalg.cholesky(dense_gram(X), lower=True)
@@ -415,7 +413,7 @@ def test_single_stream_buffer_at_the_smallest_budget(tmp_path):
 def test_plan_disk_predicts_the_traffic_of_a_run(tmp_path, points, monkeypatch):
     from kernelfit.linalg.diskstore import plan_disk
 
-    budget = gram_budget()
+    budget = budget_for("plain")
     plan = plan_disk(N, np.float64, budget, tmp_path, block=BLOCK)
     st = new_store(tmp_path / "s", points, budget)
     st.stats.bytes_read = st.stats.bytes_written = 0      # count the factorization only
@@ -424,7 +422,7 @@ def test_plan_disk_predicts_the_traffic_of_a_run(tmp_path, points, monkeypatch):
         st.stats.slabs, st.stats.bytes_read, st.stats.bytes_written)
     # brute force: rows s0.. of every earlier panel for each slab, plus every input panel once
     starts = list(range(0, N, BLOCK))
-    brute = sum(sum((N - starts[j0]) * BLOCK for _ in range(j0)) for j0, _ in plan_slabs(N, BLOCK, 8, budget).slabs)
+    brute = sum(sum((N - starts[j0]) * BLOCK for _ in range(j0)) for j0, _ in slabs.plan_disk_slabs(N, BLOCK, 8, budget).slabs)
     assert plan.factor_read_bytes == (brute + sum((N - s) * min(BLOCK, N - s) for s in starts)) * 8
     assert plan.fits and plan.ram_bytes > budget
     import kernelfit.places as results
@@ -435,22 +433,31 @@ def test_plan_disk_predicts_the_traffic_of_a_run(tmp_path, points, monkeypatch):
 
 
 # --- overlapped slabs: the writer thread commits slab s while slab s+1 runs -------------------------
-def test_overlapped_plan_keeps_two_slabs_and_their_stream_buffers_within_the_budget():
-    for parts in (2, 3):
-        budget = gram_budget(parts=parts)
+def test_slab_plans_keep_what_is_in_ram_at_once_within_the_budget():
+    starts = list(range(0, N, BLOCK))
+    size = [(N - s) * min(BLOCK, N - s) * 8 for s in starts]
+    for kind, budget in [("overlapped", gram_budget(parts=2)), ("overlapped", gram_budget(parts=4)),
+                         ("plain", budget_for("plain"))]:
         plan = slabs.plan_disk_slabs(N, BLOCK, 8, budget)
-        assert plan.overlap and plan.buffers == 2 and len(plan.slabs) >= 4
-        starts = list(range(0, N, BLOCK))
-        size = [sum((N - starts[j]) * min(BLOCK, N - starts[j]) * 8 for j in range(j0, j1)) for j0, j1 in plan.slabs]
+        assert plan.overlap == (kind == "overlapped") and len(plan.slabs) >= 4, (kind, plan)
         assert [j for a, b in plan.slabs for j in range(a, b)] == list(range(len(starts)))     # every panel once
-        for s in range(len(plan.slabs) - 1):        # slab s committing + slab s+1 + its two stream buffers
-            j0 = plan.slabs[s + 1][0]
-            assert size[s] + size[s + 1] + 2 * (N - starts[j0]) * BLOCK * 8 <= budget
+        slab = [sum(size[a:b]) for a, b in plan.slabs]
+        # brute force: the top rows of a streamed panel plus two pieces, each piece_rows or the slab width
+        pieces = [0] + [(min(N, starts[b - 1] + BLOCK) - starts[a] + 2 * max(plan.piece_rows, min(N, starts[b - 1] + BLOCK)
+                                                                           - starts[a])) * BLOCK * 8
+                        for a, b in plan.slabs[1:]]
+        for s in range(len(plan.slabs)):
+            in_ram = slab[s] + pieces[s]
+            if plan.overlap and s:           # slab s-1 committing while slab s streams
+                in_ram += slab[s - 1]
+            if plan.overlap and s + 1 < len(plan.slabs):   # slab s+1's inputs read while slab s factors
+                assert slab[s] + slab[s + 1] <= budget
+            assert in_ram <= budget, (kind, s)
         for j0, _ in plan.slabs:                    # a resume replans the same remaining slabs
             assert slabs.plan_disk_slabs(N, BLOCK, 8, budget, j0).slabs == [x for x in plan.slabs if x[0] >= j0]
-    # too small for two slabs: the plain plan with the whole budget, commits waited for
-    small = slabs.plan_disk_slabs(N, BLOCK, 8, gram_budget(parts=4))
-    assert not small.overlap and small.slabs == plan_slabs(N, BLOCK, 8, gram_budget(parts=4)).slabs
+    # pieces keep the stream buffers small: with half the Gram, every slab holds several panels
+    # (two whole streamed panels, as before pieces, left room for one)
+    assert min(b - a for a, b in slabs.plan_disk_slabs(N, BLOCK, 8, gram_budget(parts=2)).slabs) >= 2
 
 
 def test_overlapped_factor_commits_on_a_writer_thread_and_matches_scipy(tmp_path, points):
@@ -459,7 +466,7 @@ def test_overlapped_factor_commits_on_a_writer_thread_and_matches_scipy(tmp_path
     budget = gram_budget(parts=2)
     st = new_store(tmp_path / "s", points, budget)
     seen = {"commit_threads": set(), "during_commit": 0, "busy": False}
-    orig_commit, orig_input, orig_rows = st.commit_slab, st.read_input, st.read_factor_rows
+    orig_commit, orig_input, orig_rows = st.commit_slab, st.read_input, st.map_factor_rows
 
     def commit(j0, panels):
         seen["commit_threads"].add(threading.get_ident())
@@ -474,11 +481,11 @@ def test_overlapped_factor_commits_on_a_writer_thread_and_matches_scipy(tmp_path
         seen["during_commit"] += seen["busy"]
         orig_input(j, out)
 
-    def read_factor_rows(k, row0, out):
+    def map_factor_rows(k, row0, row1):
         seen["during_commit"] += seen["busy"]
-        orig_rows(k, row0, out)
+        return orig_rows(k, row0, row1)
 
-    st.commit_slab, st.read_input, st.read_factor_rows = commit, read_input, read_factor_rows
+    st.commit_slab, st.read_input, st.map_factor_rows = commit, read_input, map_factor_rows
     stats = st.factor(budget)
     assert threading.get_ident() not in seen["commit_threads"] and seen["during_commit"] > 0
     assert stats.slabs >= 4 and stats.timings_s["write_wait"] >= 0 and stats.timings_s["write_slab"] > 0.1

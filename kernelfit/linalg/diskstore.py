@@ -11,15 +11,15 @@ slabs, hence every GEMM, are the same and the factor is bit-identical. When the 
 slabs (``plan_disk_slabs``), a writer thread commits slab s while slab s+1 runs; one commit is in
 flight at a time, so the manifests still advance slab by slab.
 
-Every panel file's blake2b is in the manifest: an input panel is checked as it is read for its slab
-(one whole read anyway), a factor panel when a resume opens it. Panels are read with plain
-``preadv`` into reusable buffers (page cache is not RSS; a long-lived memmap's touched pages are),
-so resident memory stays within the RAM budget plus a small overhead.
+Every panel file's blake2b is in the manifest: an input panel is hashed as it is written and checked
+when a later process (a resume) reads it for its slab, a factor panel when a resume opens the store.
+Input panels are read with plain ``preadv`` into the slab (page cache is not RSS); finished factor
+rows are mapped read-only for the time of one streamed piece (``map_factor_rows``: no copy, and no
+mapping outlives its piece, so resident memory stays within the RAM budget plus a small overhead).
 
 The slab algorithm (``slabs.left_looking``) talks to its slow memory through three calls (``read_input``,
-``read_factor_rows``, ``commit_slab``); ``DiskPanels`` is the disk implementation. The GPU path in
-``outofcore.py`` (host RAM as slow memory, a device as fast memory) shares its slab planning
-(``plan_slabs``) but still has its own loop.
+``map_factor_rows``, ``commit_slab``); ``DiskPanels`` is the disk implementation. The GPU path in
+``outofcore.py`` (host RAM as slow memory, a device as fast memory) has its own loop and planning.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import mmap
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -43,7 +44,7 @@ from ..results import atomic_file
 from ..storage import _hasher, create_npy_memmap, file_digest, save_npy
 from .checkpoint import FORMAT, MANIFEST, owned_dir, read_manifest
 from .panels import SymmetricPanels, choose_block
-from .slabs import _check_budget, left_looking, plan_disk_slabs
+from .slabs import _check_budget, left_looking, min_disk_budget, plan_disk_slabs
 from .tiled import single_blas_thread
 
 FLAG = "scratch_dir"
@@ -153,13 +154,19 @@ def plan_disk(n: int, dtype, budget_bytes: int, scratch_dir=None, block: int | N
 
 
 def disk_block(n: int, dtype, budget_bytes) -> int:
-    """Default panel width of a disk store: the in-core choice, narrowed (in steps of 128) until the
-    two streamed panels (n x block each) take at most a quarter of the RAM budget, so slabs stay
-    several panels wide (disk traffic ~ n^3 / (6 x slab width) numbers)."""
+    """Default panel width of a disk store: the in-core choice, narrowed (in steps of 128) to half the
+    columns a first slab can hold (budget / (2 n itemsize): two slabs in RAM), so a slab is at least two
+    panels wide and its width follows the budget rather than the panel grid (disk traffic ~ n^3 / (6 x
+    slab width) numbers); then narrowed until the smallest plan fits."""
     block = choose_block(n)
-    per_column = 8 * n * np.dtype(dtype).itemsize
-    fit = (int(budget_bytes or 0) // per_column) // 128 * 128
-    return max(128, min(block, fit)) if n > 128 else block
+    if n <= 128:
+        return block
+    itemsize = np.dtype(dtype).itemsize
+    half_slab = int(budget_bytes or 0) // (2 * n * itemsize) // 2
+    block = max(128, min(block, half_slab // 128 * 128))
+    while block > 128 and min_disk_budget(n, block, itemsize) > int(budget_bytes or 0):
+        block -= 128
+    return block
 
 
 class DiskPanels:
@@ -181,6 +188,7 @@ class DiskPanels:
         self.manifest = None
         self.stats = DiskStats()
         self.budget_bytes = 0
+        self.hashed_here = set()     # input panels this process wrote and hashed: not hashed again on read
 
     # --- opening -------------------------------------------------------------------------------
     @classmethod
@@ -327,13 +335,15 @@ class DiskPanels:
                 f.flush()
                 os.fsync(f.fileno())
             self.record["files"][name] = {"blake2b": h.hexdigest(), "bytes": offset + (self.n - s) * w * itemsize}
+            self.hashed_here.add(name)
             self.record["filled_panels"] = j + 1
             self._write_manifest()
         self.stats.timings_s["fill"] = self.stats.timings_s.get("fill", 0.0) + time.perf_counter() - t
 
     # --- the slow-memory interface of left_looking ---------------------------------------------
     def read_input(self, j: int, out: np.ndarray) -> None:
-        """Input panel j into ``out``, checked against its manifest checksum."""
+        """Input panel j into ``out``; checked against its manifest checksum unless this process wrote
+        it (and hashed it then): a resume checks every input it reads."""
         from ..errors import ChecksumError
 
         name = self._name("T", j)
@@ -341,30 +351,39 @@ class DiskPanels:
         if rec is None:
             raise StorageError(errno.ENOENT, f"{self.flag} {self.dir}: input panel {name} is not in {MANIFEST} "
                                              f"(the store was not filled); fill it first.")
+        check = name not in self.hashed_here
         fd = os.open(self.dir / name, os.O_RDONLY)
         try:
             offset = _npy_header(self.dir / name)
-            h = _hasher("blake2b")
-            h.update(os.pread(fd, offset, 0))
+            if check:
+                h = _hasher("blake2b")
+                h.update(os.pread(fd, offset, 0))
             pread_into(fd, memoryview(out).cast("B"), offset)
-            h.update(memoryview(out).cast("B"))
+            if check:
+                h.update(memoryview(out).cast("B"))
         finally:
             os.close(fd)
         self.stats.bytes_read += out.nbytes
-        if h.hexdigest() != rec["blake2b"]:
+        if check and h.hexdigest() != rec["blake2b"]:
             raise ChecksumError(f"{self.flag} {self.dir}: input panel {name} does not match the checksum in {MANIFEST} "
                                 f"(modified or truncated); it is never used. Fix: delete the directory and start afresh.")
 
-    def read_factor_rows(self, k: int, row0: int, out: np.ndarray) -> None:
-        """Rows row0.. (absolute) of finished factor panel k into ``out``."""
+    def map_factor_rows(self, k: int, row0: int, row1: int) -> np.ndarray:
+        """Rows row0..row1 (absolute) of finished factor panel k, mapped read-only (no copy; the pages
+        are read here, on the caller's thread). The mapping lives as long as the array."""
         path = self.dir / self._name("L", k)
+        w = self.widths[k]
+        start = _npy_header(path) + (row0 - self.starts[k]) * w * self.dtype.itemsize
+        nbytes = (row1 - row0) * w * self.dtype.itemsize
+        base = start // mmap.ALLOCATIONGRANULARITY * mmap.ALLOCATIONGRANULARITY
         fd = os.open(path, os.O_RDONLY)
         try:
-            offset = _npy_header(path) + (row0 - self.starts[k]) * self.widths[k] * self.dtype.itemsize
-            pread_into(fd, memoryview(out).cast("B"), offset)
+            mm = mmap.mmap(fd, start - base + nbytes, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
+                           prot=mmap.PROT_READ, offset=base)
         finally:
             os.close(fd)
-        self.stats.bytes_read += out.nbytes
+        self.stats.bytes_read += nbytes
+        return np.frombuffer(mm, dtype=self.dtype, count=(row1 - row0) * w, offset=start - base).reshape(row1 - row0, w)
 
     def commit_slab(self, j0: int, panels: list) -> None:
         """Write factor panels j0.. (atomic files), then the manifest naming them, then remove their
@@ -409,29 +428,25 @@ class DiskPanels:
         return self.stats
 
     def iter_factor(self, reverse: bool = False):
-        """(start, panel) of the factor in order (or reverse), each read ahead on a thread into one of
-        two reusable buffers: at most two panels in RAM."""
+        """(start, panel) of the factor in order (or reverse), each mapped ahead on a thread
+        (``map_factor_rows``): at most two panels mapped at a time."""
         if not self.complete:
             raise InputError(f"{self.flag} {self.dir}: the factor is not finished ({self.finished} of "
                              f"{len(self.starts)} panels); run the factorization (resume=True continues it).")
         order = list(range(len(self.starts)))[::-1 if reverse else 1]
-        bufs = [np.empty(self.n * self.widths[0], dtype=self.dtype) for _ in range(2)]
 
-        def read(i, slot):
-            j = order[i]
-            out = bufs[slot][: (self.n - self.starts[j]) * self.widths[j]].reshape(self.n - self.starts[j], self.widths[j])
-            self.read_factor_rows(j, self.starts[j], out)
-            return out
+        def read(j):
+            return self.map_factor_rows(j, self.starts[j], self.n)
 
         with ThreadPoolExecutor(1) as pool:
-            fut = pool.submit(read, 0, 0)
+            fut = pool.submit(read, order[0])
             for i, j in enumerate(order):
                 t = time.perf_counter()
                 P = fut.result()
                 self.stats.io_wait_s += time.perf_counter() - t
-                if i + 1 < len(order):
-                    fut = pool.submit(read, i + 1, (i + 1) % 2)
+                fut = pool.submit(read, order[i + 1]) if i + 1 < len(order) else None
                 yield self.starts[j], P
+                del P
 
 
 def disk_cho_solve(store: DiskPanels, B: np.ndarray) -> np.ndarray:

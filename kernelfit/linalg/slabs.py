@@ -1,10 +1,14 @@
 """The left-looking slab Cholesky over a slow memory, within a RAM budget.
 
-A slab is a run of panels that fits in RAM; for each slab, the finished factor panels before it are
-streamed through (the next one read on a thread while the GEMMs of the previous one run), the slab is
-factored in RAM, and committed. ``left_looking`` talks to its slow memory through three calls
-(``read_input(j, out)``, ``read_factor_rows(k, row0, out)``, ``commit_slab(j0, panels)``);
-``diskstore.DiskPanels`` is the disk implementation. When the budget holds two slabs
+A slab is a run of panels that fits in RAM; for each slab, every finished factor panel before it is
+streamed through in row pieces (the next piece mapped on a reader thread while the GEMMs of the
+current one run), the slab is factored in RAM, and committed. ``left_looking`` talks to its slow
+memory through three calls (``read_input(j, out)``, ``map_factor_rows(k, row0, row1)`` -> a read-only
+array of those rows, ``commit_slab(j0, panels)``); ``diskstore.DiskPanels`` is the disk implementation.
+
+Streaming in pieces keeps the stream buffers small (the top rows of the streamed panel plus two
+pieces), so the panels can be as wide as the in-core ones (efficient GEMMs) whatever the budget, and
+the slabs take almost all of it (less disk traffic). When the budget holds two slabs
 (``plan_disk_slabs``), the commit of slab s runs on a writer thread while slab s+1 proceeds.
 """
 
@@ -19,17 +23,40 @@ import numpy as np
 from ..errors import MemoryPlanError, NotPositiveDefiniteError
 from ..results import format_bytes
 from .backend import get_backend
-from .outofcore import min_budget_bytes, plan_slabs
 from .panels import SymmetricPanels, panel_flops
 from .tiled import cholesky_inplace
 
+PIECE_MAX_BYTES = 32 << 20      # one streamed piece: large enough for full-rate GEMMs, small beside a slab
+
+
+def piece_rows(block: int, itemsize: int, budget: int) -> int:
+    """Rows of a streamed piece: a 16th of the budget, at most PIECE_MAX_BYTES, at least one block."""
+    per_row = block * itemsize
+    return max(block, min(PIECE_MAX_BYTES // per_row, int(budget) // (16 * per_row)))
+
+
+def stream_bytes(width: int, block: int, rows: int, itemsize: int) -> int:
+    """RAM of the streamed pieces alive at once while a slab ``width`` columns wide is updated: the top
+    rows of the streamed panel (``width`` x block, the B of every GEMM), the piece being applied and
+    the one mapped ahead (each at most max(width, rows) x block)."""
+    return (width + 2 * max(width, rows)) * block * itemsize
+
+
+def min_disk_budget(n: int, block: int, itemsize: int) -> int:
+    """The smallest budget a disk factorization runs in: each one-panel slab with its stream pieces."""
+    starts = SymmetricPanels.starts_for(n, block)
+    rows = block                    # the smallest pieces
+    need = [(n - s) * min(block, n - s) * itemsize + (stream_bytes(min(block, n - s), block, rows, itemsize) if j else 0)
+            for j, s in enumerate(starts)]
+    return max(need)
+
 
 def _check_budget(n: int, block: int, itemsize: int, budget_bytes) -> None:
-    need = min_budget_bytes(n, block, itemsize, 0, buffers=1)
+    need = min_disk_budget(n, block, itemsize)
     if budget_bytes is None or int(budget_bytes) < need:
         raise MemoryPlanError(f"memory budget {format_bytes(int(budget_bytes or 0))} is too small for a disk "
-                              f"factorization with n={n}, block={block} ({itemsize}-byte numbers): one panel and one "
-                              f"streamed panel need {format_bytes(need)}. Fix: a larger --memory-budget or a smaller "
+                              f"factorization with n={n}, block={block} ({itemsize}-byte numbers): one panel and its "
+                              f"streamed rows need {format_bytes(need)}. Fix: a larger --memory-budget or a smaller "
                               f"block.")
 
 
@@ -37,45 +64,74 @@ def _check_budget(n: int, block: int, itemsize: int, budget_bytes) -> None:
 class DiskSlabPlan:
     """The slabs of a disk factorization and whether consecutive slabs overlap (see ``plan_disk_slabs``)."""
     slabs: list          # [(j0, j1), ...] panel ranges
-    buffers: int         # streamed-panel buffers (2: the read of panel k+1 overlaps the GEMMs of k)
     overlap: bool        # a writer thread commits slab s while slab s+1 runs
+    piece_rows: int      # rows of one streamed piece
 
 
 def plan_disk_slabs(n: int, block: int, itemsize: int, budget: int, start_panel: int = 0) -> DiskSlabPlan:
-    """Slabs for ``left_looking``. Overlapped when the budget allows: slab s stays in RAM while a writer
-    thread commits it and slab s+1 reads its inputs and streams its updates (the panels of slab s from
-    RAM), so every two consecutive slabs plus slab s+1's two stream buffers must fit the budget. The
-    greedy rule takes panels while 2 x slab + buf <= budget, buf being the two buffers of the slab's
-    first streamed rows (panel max(j0, 1)); buffers shrink with the rows, so slab s + slab s+1 +
-    buf(s+1) <= budget. When even one-panel slabs do not fit that rule (small budgets), the plain
-    ``plan_slabs`` with the whole budget and synchronous commits. The choice depends only on
-    (n, block, itemsize, budget), never on ``start_panel``: a resume replans the same slabs."""
+    """Slabs for ``left_looking``, greedy from panel 0. Overlapped when the budget allows: slab s stays
+    in RAM while a writer thread commits it and slab s+1 streams its updates (slab s's panels from RAM),
+    and slab s+1's inputs are read while slab s factors; so a slab takes panels while
+    size(previous) + size + its stream pieces <= budget and 2 x size + pieces <= budget. When even
+    one-panel slabs do not fit that rule (small budgets), slabs of size + pieces <= budget with the
+    commits waited for. The plan depends only on (n, block, itemsize, budget): a resume from a slab
+    boundary gets the remaining slabs of the same plan (from another panel, a plan starting there)."""
     starts = SymmetricPanels.starts_for(n, block)
     widths = [min(block, n - s) for s in starts]
-    panel = [(n - s) * w * itemsize for s, w in zip(starts, widths)]
-    buf = [2 * (n - starts[max(j, 1)]) * block * itemsize if len(starts) > 1 else 0 for j in range(len(starts))]
-    if any(2 * p + b > budget for p, b in zip(panel, buf)):
-        plan = plan_slabs(n, block, itemsize, int(budget), 0, start_panel)
-        return DiskSlabPlan(slabs=plan.slabs, buffers=plan.buffers, overlap=False)
-    slabs, j0 = [], start_panel
-    while j0 < len(starts):
-        used, j1 = 0, j0
-        while j1 < len(starts) and 2 * (used + panel[j1]) + buf[j0] <= budget:
-            used += panel[j1]
-            j1 += 1
-        slabs.append((j0, j1))
-        j0 = j1
-    return DiskSlabPlan(slabs=slabs, buffers=2, overlap=True)
+    size = [(n - s) * w * itemsize for s, w in zip(starts, widths)]
+
+    def greedy(first, overlap, rows):
+        def pieces(j0, j1):
+            return stream_bytes(starts[j1 - 1] + widths[j1 - 1] - starts[j0], block, rows, itemsize) if j0 else 0
+
+        slabs, j0, prev = [], first, 0
+        while j0 < len(starts):
+            used, j1 = size[j0], j0 + 1
+            if (max(prev + used, 2 * used) if overlap else used) + pieces(j0, j1) > budget:
+                return None
+            while j1 < len(starts):
+                more = used + size[j1]
+                if (max(prev + more, 2 * more) if overlap else more) + pieces(j0, j1 + 1) > budget:
+                    break
+                used, j1 = more, j1 + 1
+            slabs.append((j0, j1))
+            j0, prev = j1, used
+        return slabs
+
+    # large pieces when they fit, one-block pieces otherwise; overlapped slabs when they fit
+    for overlap in (True, False):
+        for rows in sorted({piece_rows(block, itemsize, budget), block}, reverse=True):
+            slabs = greedy(0, overlap, rows)
+            if slabs is not None and start_panel and start_panel not in [a for a, _ in slabs]:
+                slabs = greedy(start_panel, overlap, rows)
+            if slabs is None:
+                continue
+            return DiskSlabPlan(slabs=[s for s in slabs if s[0] >= start_panel], overlap=overlap, piece_rows=rows)
+    _check_budget(n, block, itemsize, budget)     # raises: not even one panel and its pieces fit
+    raise AssertionError("unreachable: a budget that passes the check has a plan")
+
+
+def _apply_piece(slab, starts, s0: int, r0: int, piece: np.ndarray, top: np.ndarray, syrk_update) -> None:
+    """Subtract rows r0.. of L_k L_k^T from the slab: ``piece`` is rows r0..r0+len of a finished panel
+    L_k, ``top`` its rows s0..s1 (the slab's columns). Panel i takes the piece's rows at or below s_i."""
+    r1 = r0 + piece.shape[0]
+    for i, Pi in enumerate(slab):
+        si, wi = starts[i], Pi.shape[1]
+        a = max(r0, si)
+        if r1 > a:
+            syrk_update(Pi[a - si : r1 - si], piece[a - r0 :], top[si - s0 : si - s0 + wi])
 
 
 def left_looking(slow, budget_bytes: int, progress=None, jitter: float = 0.0) -> None:
     """Left-looking slab Cholesky over a slow memory ``slow`` (n, block, dtype, starts, widths,
-    finished, stats; read_input(j, out), read_factor_rows(k, row0, out), commit_slab(j0, panels)).
+    finished, stats; read_input(j, out), map_factor_rows(k, row0, row1), commit_slab(j0, panels)).
 
-    Per slab (``plan_disk_slabs``): its input panels (read ahead on the reader thread while the previous
-    slab factors, when overlapped); for each finished panel k < j0 subtract L_k L_k^T from the slab,
-    panel k+1 being read on the reader thread while the GEMMs of k run (the previous slab's panels come
-    from RAM); factor the slab in RAM (``tiled.cholesky_inplace``); hand it to the writer thread.
+    Per slab [s0, s1) (``plan_disk_slabs``): its input panels (read ahead on the reader thread while the
+    previous slab factors, when overlapped); for each finished panel k < j0, subtract L_k L_k^T from
+    the slab, L_k streamed in pieces: its top rows s0..s1 first (the right-hand factor of every GEMM),
+    then rows s1..n in ``piece_rows`` chunks, the next piece mapped on the reader thread while the
+    GEMMs of the current one run (the previous slab's panels come from RAM, in one piece); factor the
+    slab in RAM (``tiled.cholesky_inplace``); hand it to the writer thread.
 
     Order on disk is kept: one commit in flight at a time (slab s's commit is waited for before slab
     s+1's starts, so manifests stay in slab order and files of panels < the previous slab exist before
@@ -113,6 +169,21 @@ def left_looking(slow, budget_bytes: int, progress=None, jitter: float = 0.0) ->
             timer[key] += time.perf_counter() - t
             st.io_wait_s += time.perf_counter() - t
 
+    def pieces(s0, s1):
+        """Row ranges a panel is applied in: its top rows s0..s1, then piece_rows at a time. The same
+        for panels from disk and from RAM, so a resumed run repeats every GEMM of an uninterrupted one."""
+        return [(s0, s1)] + [(r, min(r + plan.piece_rows, n)) for r in range(s1, n, plan.piece_rows)]
+
+    def stream(reader, on_disk, s0, s1):
+        """(r0, piece) of panels 0..on_disk-1 from the slow memory, in order, one piece mapped ahead."""
+        order = [(k, r0, r1) for k in range(on_disk) for r0, r1 in pieces(s0, s1)]
+        fut = reader.submit(slow.map_factor_rows, *order[0]) if order else None
+        for i, (_, r0, _) in enumerate(order):
+            piece = wait(fut, "stream_wait")
+            fut = reader.submit(slow.map_factor_rows, *order[i + 1]) if i + 1 < len(order) else None
+            yield r0, piece
+            del piece
+
     pending = None                          # (future, flops) of the commit in flight
     prev, p0 = None, None                   # the previous slab's panels (in RAM while committed) and j0
 
@@ -131,31 +202,24 @@ def left_looking(slow, budget_bytes: int, progress=None, jitter: float = 0.0) ->
     with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
         ahead = reader.submit(read_slab, *plan.slabs[0])
         for si, (j0, j1) in enumerate(plan.slabs):
-            s0 = slow.starts[j0]
+            s0, s1 = slow.starts[j0], slow.starts[j1 - 1] + slow.widths[j1 - 1]
+            rel = [slow.starts[j] - s0 for j in range(j0, j1)]
             slab = wait(ahead, "read_wait")
             ahead = None
             on_disk = p0 if prev is not None else j0      # panels 0..on_disk-1 are streamed from disk
             if j0 > 0:
                 t = time.perf_counter()
-                bufs = [np.empty((n - s0, block), dtype=dtype) for _ in range(plan.buffers if on_disk else 0)]
-                fut = reader.submit(slow.read_factor_rows, 0, s0, bufs[0]) if on_disk else None
-                for k in range(j0):
-                    if k < on_disk:
-                        w0 = time.perf_counter()
-                        fut.result()
-                        st.io_wait_s += time.perf_counter() - w0
-                        timer["stream_wait"] += time.perf_counter() - w0
-                        Lk = bufs[k % plan.buffers]
-                        if k + 1 < on_disk and plan.buffers == 2:    # read k+1 while the GEMMs of k run
-                            fut = reader.submit(slow.read_factor_rows, k + 1, s0, bufs[(k + 1) % 2])
-                    else:
-                        Lk = prev[k - p0][s0 - slow.starts[k]:]
-                    for i, Pi in zip(range(j0, j1), slab):
-                        off = slow.starts[i] - s0
-                        syrk_update(Pi, Lk[off:], Lk[off : off + Pi.shape[1]])
-                    if k + 1 < on_disk and plan.buffers == 1:    # one buffer: read after the GEMMs
-                        fut = reader.submit(slow.read_factor_rows, k + 1, s0, bufs[0])
-                del bufs, Lk
+                top = None
+                for r0, piece in stream(reader, on_disk, s0, s1):
+                    if r0 == s0:
+                        top = piece
+                    _apply_piece(slab, rel, 0, r0 - s0, piece, top, syrk_update)
+                    del piece
+                for k in range(on_disk, j0):              # the previous slab, from RAM
+                    Lk = prev[k - p0][s0 - slow.starts[k]:]
+                    for r0, r1 in pieces(s0, s1):
+                        _apply_piece(slab, rel, 0, r0 - s0, Lk[r0 - s0 : r1 - s0], Lk[: s1 - s0], syrk_update)
+                top = Lk = None
                 timer["stream_update"] += time.perf_counter() - t
             settle()                        # the previous slab is on disk; its RAM is free
             prev = None
