@@ -154,19 +154,18 @@ def plan_disk(n: int, dtype, budget_bytes: int, scratch_dir=None, block: int | N
 
 
 def disk_block(n: int, dtype, budget_bytes) -> int:
-    """Default panel width of a disk store: the in-core choice, narrowed (in steps of 128) to half the
-    columns a first slab can hold (budget / (2 n itemsize): two slabs in RAM), so a slab is at least two
-    panels wide and its width follows the budget rather than the panel grid (disk traffic ~ n^3 / (6 x
-    slab width) numbers); then narrowed until the smallest plan fits."""
+    """Default panel width of a disk store: the in-core choice (full-rate GEMMs and panel steps), narrowed
+    in steps of 128 only until two slabs fit the RAM budget side by side (``plan_disk_slabs`` overlapped),
+    or failing that until one does."""
     block = choose_block(n)
     if n <= 128:
         return block
-    itemsize = np.dtype(dtype).itemsize
-    half_slab = int(budget_bytes or 0) // (2 * n * itemsize) // 2
-    block = max(128, min(block, half_slab // 128 * 128))
-    while block > 128 and min_disk_budget(n, block, itemsize) > int(budget_bytes or 0):
-        block -= 128
-    return block
+    itemsize, budget = np.dtype(dtype).itemsize, int(budget_bytes or 0)
+    widths = range(block, 127, -128)
+    for b in widths:
+        if min_disk_budget(n, b, itemsize) <= budget and plan_disk_slabs(n, b, itemsize, budget).overlap:
+            return b
+    return next((b for b in widths if min_disk_budget(n, b, itemsize) <= budget), 128)
 
 
 class DiskPanels:
