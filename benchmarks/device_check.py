@@ -158,6 +158,39 @@ def target_line(records: list[dict]) -> str:
     return "targets (float64 resident, n = 60,000): " + "; ".join(checks)
 
 
+def _attempt_text(r: dict) -> str:
+    """The first factorization of the row: its dtype (+tf32), and where it broke down if it did."""
+    label = r.get("attempt_dtype", "-")
+    status = r.get("attempt_status")
+    return label if status in (None, "finished") else f"{label}: {status}"
+
+
+def _fallback_text(r: dict) -> str:
+    """Whether a float64 re-factorization ran, with that factor's own seconds and rate."""
+    if "fallback" not in r:
+        return "-"
+    if not r["fallback"]:
+        return "no"
+    fb = r.get("fallback_factor")
+    if not fb:
+        return "yes (its factor was not recorded)"
+    return f"yes: {fb['dtype']} factor {_fmt(fb.get('compute_s'), '.2f')} s, {_fmt(fb.get('tflops'), '.3g')} TFLOP/s"
+
+
+def _final_factor_text(r: dict) -> str:
+    """The factor the solution came from; its seconds when it is not the attempt (those are in 'attempt s')."""
+    fb = r.get("fallback_factor") if r.get("fallback") else None
+    if fb:
+        return f"{fb['dtype']}, {_fmt(fb.get('compute_s'), '.2f')} s"
+    return r.get("factor_dtype", "-")
+
+
+def _level_text(level, threshold) -> str:
+    if level is None:
+        return "-"
+    return str(level) if threshold is None else f"{level} ({threshold:.1e})"
+
+
 def summary_table(records: list[dict], pytest_line: str, pytest_run: dict, bench_run: dict, gpu: str,
                   marker: str = "gpu", note: str = "") -> str:
     head = [f"# Device check on {gpu}", "",
@@ -166,9 +199,9 @@ def summary_table(records: list[dict], pytest_line: str, pytest_run: dict, bench
             f"benchmark: rc {bench_run['rc']}, {bench_run['seconds']} s{', TIMED OUT' if bench_run['timed_out'] else ''}"
             + (f"; {note}" if note else ""),
             target_line(records), "",
-            "| config | n | path | slabs | status | factor (attempt) | fallback | final factor | gram s | factor s "
-            "| TFLOP/s | torch.linalg.cholesky TFLOP/s | ours / torch | end-to-end s | residual (rel) | float64 level "
-            "| test error |",
+            "| config | n | path | slabs | status | factor (attempt) | attempt s | attempt TFLOP/s "
+            "| torch.linalg.cholesky TFLOP/s | ours / torch | fallback | final factor | gram s | end-to-end s "
+            "| residual (rel) | float64 level (rel <= threshold) | test error |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     rows = []
     for r in records:
@@ -180,15 +213,12 @@ def summary_table(records: list[dict], pytest_line: str, pytest_run: dict, bench
         if "residual_relative" in r and "refinement" in r:
             level = r["refinement"].get("float64_level")
         status = r.get("status", "?") if r.get("status") == "ok" else f"error: {r.get('error', '')[:60]}"
-        fb = r.get("fallback")
-        fb_s = (r.get("fallback_factor") or {}).get("compute_s")
-        fb_text = "-" if "fallback" not in r else ("no" if not fb else f"yes, float64 factor {_fmt(fb_s, '.2f')} s")
         rows.append(f"| {r.get('mode')} | {r.get('n')} | {r.get('path')} | {_fmt(r.get('slabs'), 'd')} | {status} "
-                    f"| {r.get('attempt_dtype', '-')} | {fb_text} | {r.get('factor_dtype', '-')} "
-                    f"| {_fmt(ph.get('gram'), '.2f')} | {_fmt(ph.get('factor_compute'), '.2f')} "
-                    f"| {_fmt(r.get('tflops'), '.3g')} | {_fmt(ref_tf, '.3g')} | {_fmt(ratio, '.2f')} "
-                    f"| {_fmt(end_to_end_seconds(r), '.2f')} | {_fmt(r.get('residual_relative'), '.1e')} "
-                    f"| {'-' if level is None else level} | {_fmt(r.get('test_error'), '.4f')} |")
+                    f"| {_attempt_text(r)} | {_fmt(ph.get('factor_compute'), '.2f')} | {_fmt(r.get('tflops'), '.3g')} "
+                    f"| {_fmt(ref_tf, '.3g')} | {_fmt(ratio, '.2f')} | {_fallback_text(r)} | {_final_factor_text(r)} "
+                    f"| {_fmt(ph.get('gram'), '.2f')} | {_fmt(end_to_end_seconds(r), '.2f')} "
+                    f"| {_fmt(r.get('residual_relative'), '.1e')} | {_level_text(level, r.get('float64_level_threshold'))} "
+                    f"| {_fmt(r.get('test_error'), '.4f')} |")
     if not rows:
         rows.append("| (no benchmark records) |" + " |" * 16)
     return "\n".join(head + rows) + "\n"
