@@ -158,37 +158,38 @@ def target_line(records: list[dict]) -> str:
     return "targets (float64 resident, n = 60,000): " + "; ".join(checks)
 
 
-def _attempt_text(r: dict) -> str:
-    """The first factorization of the row: its dtype (+tf32), and where it broke down if it did."""
-    label = r.get("attempt_dtype", "-")
+def _factor_cells(r: dict, ratio) -> list[str]:
+    """The cells factor (attempt), attempt s, attempt TFLOP/s, ours / torch, fallback, final factor: the
+    first factorization (where it broke down if it did), then the float64 re-factorization with its
+    own seconds and rate. A record without ``fallback_factor`` after a fallback predates the recording
+    of attempts that break down: its factor fields are the float64 re-factorization's, so they are
+    shown as that, and the attempt as not recorded."""
+    ph = r.get("phases_s", {})
+    attempt_s, attempt_tf = ph.get("factor_compute"), r.get("tflops")
     status = r.get("attempt_status")
-    return label if status in (None, "finished") else f"{label}: {status}"
-
-
-def _fallback_text(r: dict) -> str:
-    """Whether a float64 re-factorization ran, with that factor's own seconds and rate."""
-    if "fallback" not in r:
-        return "-"
-    if not r["fallback"]:
-        return "no"
-    fb = r.get("fallback_factor")
-    if not fb:
-        return "yes (its factor was not recorded)"
-    return f"yes: {fb['dtype']} factor {_fmt(fb.get('compute_s'), '.2f')} s, {_fmt(fb.get('tflops'), '.3g')} TFLOP/s"
-
-
-def _final_factor_text(r: dict) -> str:
-    """The factor the solution came from; its seconds when it is not the attempt (those are in 'attempt s')."""
+    attempt = r.get("attempt_dtype", "-") + ("" if status in (None, "finished") else f": {status}")
     fb = r.get("fallback_factor") if r.get("fallback") else None
-    if fb:
-        return f"{fb['dtype']}, {_fmt(fb.get('compute_s'), '.2f')} s"
-    return r.get("factor_dtype", "-")
+    if r.get("fallback") and fb is None and r.get("status") == "ok":
+        fb = {"dtype": r.get("factor_dtype"), "compute_s": attempt_s, "tflops": attempt_tf}
+        attempt, attempt_s, attempt_tf, ratio = f"not recorded: {r['fallback'].split(';')[0]}", None, None, None
+    if "fallback" not in r:
+        fallback = "-"
+    elif fb is None:
+        fallback = "no"
+    else:
+        fallback = f"yes: {fb['dtype']} factor {_fmt(fb.get('compute_s'), '.2f')} s, {_fmt(fb.get('tflops'), '.3g')} TFLOP/s"
+    final = f"{fb['dtype']}, {_fmt(fb.get('compute_s'), '.2f')} s" if fb else r.get("factor_dtype", "-")
+    return [attempt, _fmt(attempt_s, ".2f"), _fmt(attempt_tf, ".3g"), _fmt(ratio, ".2f"), fallback, final]
 
 
-def _level_text(level, threshold) -> str:
-    if level is None:
+def _level_text(refinement: dict | None, threshold) -> str:
+    """float64_level with the threshold it was judged against, and whether the solve is backward stable
+    (then float64 itself could not do better: the relative residual is as small as K allows)."""
+    if not refinement or refinement.get("float64_level") is None:
         return "-"
-    return str(level) if threshold is None else f"{level} ({threshold:.1e})"
+    notes = ([] if threshold is None else [f"{threshold:.1e}"]) + (["backward stable"] if refinement.get("backward_stable")
+                                                                  else [])
+    return f"{refinement['float64_level']}" + (f" ({', '.join(notes)})" if notes else "")
 
 
 def summary_table(records: list[dict], pytest_line: str, pytest_run: dict, bench_run: dict, gpu: str,
@@ -209,15 +210,13 @@ def summary_table(records: list[dict], pytest_line: str, pytest_run: dict, bench
         ref_tf = ref.get("tflops") if isinstance(ref, dict) else None
         ratio = ref.get("ours_over_reference_speed") if isinstance(ref, dict) else None
         ph = r.get("phases_s", {})
-        level = None
-        if "residual_relative" in r and "refinement" in r:
-            level = r["refinement"].get("float64_level")
+        refinement = r.get("refinement") if "residual_relative" in r else None
         status = r.get("status", "?") if r.get("status") == "ok" else f"error: {r.get('error', '')[:60]}"
+        attempt, attempt_s, attempt_tf, ratio, fallback, final = _factor_cells(r, ratio)
         rows.append(f"| {r.get('mode')} | {r.get('n')} | {r.get('path')} | {_fmt(r.get('slabs'), 'd')} | {status} "
-                    f"| {_attempt_text(r)} | {_fmt(ph.get('factor_compute'), '.2f')} | {_fmt(r.get('tflops'), '.3g')} "
-                    f"| {_fmt(ref_tf, '.3g')} | {_fmt(ratio, '.2f')} | {_fallback_text(r)} | {_final_factor_text(r)} "
+                    f"| {attempt} | {attempt_s} | {attempt_tf} | {_fmt(ref_tf, '.3g')} | {ratio} | {fallback} | {final} "
                     f"| {_fmt(ph.get('gram'), '.2f')} | {_fmt(end_to_end_seconds(r), '.2f')} "
-                    f"| {_fmt(r.get('residual_relative'), '.1e')} | {_level_text(level, r.get('float64_level_threshold'))} "
+                    f"| {_fmt(r.get('residual_relative'), '.1e')} | {_level_text(refinement, r.get('float64_level_threshold'))} "
                     f"| {_fmt(r.get('test_error'), '.4f')} |")
     if not rows:
         rows.append("| (no benchmark records) |" + " |" * 16)

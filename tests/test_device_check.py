@@ -217,9 +217,6 @@ def _emulated_tf32_breakdown(monkeypatch, minor, seconds):
 @pytest.mark.data
 def test_a_tf32_attempt_that_breaks_down_is_the_rows_attempt_and_the_float64_factor_its_fallback(shared_data_dir,
                                                                                                  monkeypatch):
-    import re
-
-    import device_check
     import gpu_cholesky
 
     from kernelfit.linalg.panels import cholesky_flops
@@ -245,17 +242,35 @@ def test_a_tf32_attempt_that_breaks_down_is_the_rows_attempt_and_the_float64_fac
     assert rec["phases_s"]["factor_total"] >= seconds + fb["compute_s"]      # both factorizations cost time
     assert rec["residual_relative"] < 1e-12
     # the summary row says so, with every number under its own label
-    table = device_check.summary_table([rec], "1 passed", {"rc": 0, "seconds": 1, "timed_out": False},
-                                       {"rc": 0, "seconds": 1, "timed_out": False}, "cpu")
-    row = table.strip().splitlines()[-1]
-    cells = [c.strip() for c in row.strip("|").split("|")]
-    header = [c.strip() for c in table.strip().splitlines()[-3].strip("|").split("|")]
-    cell = dict(zip(header, cells))
+    cell = _summary_cells(rec)
     assert cell["factor (attempt)"] == f"float32+tf32: broke down at minor 97 after {seconds:.2f} s"
     assert cell["attempt s"] == f"{seconds:.2f}" and cell["attempt TFLOP/s"] == "-"
     assert cell["fallback"] == f"yes: float64 factor {fb['compute_s']:.2f} s, {fb['tflops']:.3g} TFLOP/s"
     assert cell["final factor"] == f"float64, {fb['compute_s']:.2f} s"
-    assert re.fullmatch(r"True \(\d\.\de-\d\d\)", cell["float64 level (rel <= threshold)"])
+    assert cell["float64 level (rel <= threshold)"] == f"True ({rec['float64_level_threshold']:.1e}, backward stable)"
+
+
+def _summary_cells(rec):
+    import device_check
+
+    run = {"rc": 0, "seconds": 1, "timed_out": False}
+    lines = device_check.summary_table([rec], "1 passed", run, run, "cpu").strip().splitlines()
+    header, row = ([c.strip() for c in ln.strip("|").split("|")] for ln in (lines[-3], lines[-1]))
+    return dict(zip(header, row))
+
+
+def test_summary_of_a_record_that_lost_its_broken_down_attempt_labels_its_factor_as_the_fallback():
+    # the shape of a mixed-tf32 record written before attempts that broke down were kept: the factor
+    # fields (1.59 s, 45.4 TFLOP/s, float64) are the float64 re-factorization's, and no fallback_factor
+    rec = {"mode": "mixed-tf32", "n": 60000, "path": "in-core", "slabs": 1, "status": "ok", "attempt_dtype": "float64",
+           "factor_dtype": "float64", "tflops": 45.37, "phases_s": {"gram": 0.39, "factor_total": 1.59,
+                                                                  "factor_compute": 1.587, "refine": 0.56},
+           "fallback": "float32 factor broke down (leading minor of order 12553); re-factored in float64",
+           "reference": {"torch.linalg.cholesky": {"tflops": 44.18, "ours_over_reference_speed": 1.03}}}
+    cell = _summary_cells(rec)
+    assert cell["factor (attempt)"] == "not recorded: float32 factor broke down (leading minor of order 12553)"
+    assert (cell["attempt s"], cell["attempt TFLOP/s"], cell["ours / torch"]) == ("-", "-", "-")
+    assert cell["fallback"] == "yes: float64 factor 1.59 s, 45.4 TFLOP/s" and cell["final factor"] == "float64, 1.59 s"
 
 
 # -- device check 2 (deepfit): the packed CIFAR-10 copy and the dry run ---------------------------
