@@ -158,6 +158,40 @@ def target_line(records: list[dict]) -> str:
     return "targets (float64 resident, n = 60,000): " + "; ".join(checks)
 
 
+def _factor_cells(r: dict, ratio) -> list[str]:
+    """The cells factor (attempt), attempt s, attempt TFLOP/s, ours / torch, fallback, final factor: the
+    first factorization (where it broke down if it did), then the float64 re-factorization with its
+    own seconds and rate. A record without ``fallback_factor`` after a fallback predates the recording
+    of attempts that break down: its factor fields are the float64 re-factorization's, so they are
+    shown as that, and the attempt as not recorded."""
+    ph = r.get("phases_s", {})
+    attempt_s, attempt_tf = ph.get("factor_compute"), r.get("tflops")
+    status = r.get("attempt_status")
+    attempt = r.get("attempt_dtype", "-") + ("" if status in (None, "finished") else f": {status}")
+    fb = r.get("fallback_factor") if r.get("fallback") else None
+    if r.get("fallback") and fb is None and r.get("status") == "ok":
+        fb = {"dtype": r.get("factor_dtype"), "compute_s": attempt_s, "tflops": attempt_tf}
+        attempt, attempt_s, attempt_tf, ratio = f"not recorded: {r['fallback'].split(';')[0]}", None, None, None
+    if "fallback" not in r:
+        fallback = "-"
+    elif fb is None:
+        fallback = "no"
+    else:
+        fallback = f"yes: {fb['dtype']} factor {_fmt(fb.get('compute_s'), '.2f')} s, {_fmt(fb.get('tflops'), '.3g')} TFLOP/s"
+    final = f"{fb['dtype']}, {_fmt(fb.get('compute_s'), '.2f')} s" if fb else r.get("factor_dtype", "-")
+    return [attempt, _fmt(attempt_s, ".2f"), _fmt(attempt_tf, ".3g"), _fmt(ratio, ".2f"), fallback, final]
+
+
+def _level_text(refinement: dict | None, threshold) -> str:
+    """float64_level with the threshold it was judged against, and whether the solve is backward stable
+    (then float64 itself could not do better: the relative residual is as small as K allows)."""
+    if not refinement or refinement.get("float64_level") is None:
+        return "-"
+    notes = ([] if threshold is None else [f"{threshold:.1e}"]) + (["backward stable"] if refinement.get("backward_stable")
+                                                                  else [])
+    return f"{refinement['float64_level']}" + (f" ({', '.join(notes)})" if notes else "")
+
+
 def summary_table(records: list[dict], pytest_line: str, pytest_run: dict, bench_run: dict, gpu: str,
                   marker: str = "gpu", note: str = "") -> str:
     head = [f"# Device check on {gpu}", "",
@@ -166,9 +200,9 @@ def summary_table(records: list[dict], pytest_line: str, pytest_run: dict, bench
             f"benchmark: rc {bench_run['rc']}, {bench_run['seconds']} s{', TIMED OUT' if bench_run['timed_out'] else ''}"
             + (f"; {note}" if note else ""),
             target_line(records), "",
-            "| config | n | path | slabs | status | factor (attempt) | fallback | final factor | gram s | factor s "
-            "| TFLOP/s | torch.linalg.cholesky TFLOP/s | ours / torch | end-to-end s | residual (rel) | float64 level "
-            "| test error |",
+            "| config | n | path | slabs | status | factor (attempt) | attempt s | attempt TFLOP/s "
+            "| torch.linalg.cholesky TFLOP/s | ours / torch | fallback | final factor | gram s | end-to-end s "
+            "| residual (rel) | float64 level (rel <= threshold) | test error |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     rows = []
     for r in records:
@@ -176,19 +210,14 @@ def summary_table(records: list[dict], pytest_line: str, pytest_run: dict, bench
         ref_tf = ref.get("tflops") if isinstance(ref, dict) else None
         ratio = ref.get("ours_over_reference_speed") if isinstance(ref, dict) else None
         ph = r.get("phases_s", {})
-        level = None
-        if "residual_relative" in r and "refinement" in r:
-            level = r["refinement"].get("float64_level")
+        refinement = r.get("refinement") if "residual_relative" in r else None
         status = r.get("status", "?") if r.get("status") == "ok" else f"error: {r.get('error', '')[:60]}"
-        fb = r.get("fallback")
-        fb_s = (r.get("fallback_factor") or {}).get("compute_s")
-        fb_text = "-" if "fallback" not in r else ("no" if not fb else f"yes, float64 factor {_fmt(fb_s, '.2f')} s")
+        attempt, attempt_s, attempt_tf, ratio, fallback, final = _factor_cells(r, ratio)
         rows.append(f"| {r.get('mode')} | {r.get('n')} | {r.get('path')} | {_fmt(r.get('slabs'), 'd')} | {status} "
-                    f"| {r.get('attempt_dtype', '-')} | {fb_text} | {r.get('factor_dtype', '-')} "
-                    f"| {_fmt(ph.get('gram'), '.2f')} | {_fmt(ph.get('factor_compute'), '.2f')} "
-                    f"| {_fmt(r.get('tflops'), '.3g')} | {_fmt(ref_tf, '.3g')} | {_fmt(ratio, '.2f')} "
-                    f"| {_fmt(end_to_end_seconds(r), '.2f')} | {_fmt(r.get('residual_relative'), '.1e')} "
-                    f"| {'-' if level is None else level} | {_fmt(r.get('test_error'), '.4f')} |")
+                    f"| {attempt} | {attempt_s} | {attempt_tf} | {_fmt(ref_tf, '.3g')} | {ratio} | {fallback} | {final} "
+                    f"| {_fmt(ph.get('gram'), '.2f')} | {_fmt(end_to_end_seconds(r), '.2f')} "
+                    f"| {_fmt(r.get('residual_relative'), '.1e')} | {_level_text(refinement, r.get('float64_level_threshold'))} "
+                    f"| {_fmt(r.get('test_error'), '.4f')} |")
     if not rows:
         rows.append("| (no benchmark records) |" + " |" * 16)
     return "\n".join(head + rows) + "\n"

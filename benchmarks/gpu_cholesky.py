@@ -13,8 +13,10 @@ The reference (``torch.linalg.cholesky``; cupy's too when installed and n^2 < 2^
 cuSOLVER's 32-bit API that cupy calls) runs once per (n, dtype) after warm-up calls that create the
 handles and compile the kernels, so first-call costs are not timed; later configurations of the
 same (n, dtype) carry its numbers. A mixed-TF32 row reports the TF32 attempt's own factor (time,
-TFLOP/s); when refinement could not reach float64 level and the float64 re-factorization ran, that
-factor is reported separately (``fallback_factor``), and ``fallback`` / ``factor_dtype`` say so.
+TFLOP/s), or, when it broke down, where and after how long (``attempt_status``; no TFLOP/s then,
+``tflops_note`` says why); when the float64 re-factorization ran (after a breakdown, or refinement
+that could not reach float64 level), that factor is reported separately with its own time and rate
+(``fallback_factor``), and ``fallback`` / ``factor_dtype`` say so.
 
 GPU (the prepared run is benchmarks/device_check.py, which calls this script; see docs/gpu.md):
     python benchmarks/gpu_cholesky.py --device cuda --n 60000 --modes float64 mixed-tf32 --ooc-n 100000 --isolate
@@ -59,7 +61,7 @@ from kernelfit.gram_device import (  # noqa: E402
 from kernelfit.linalg import backend_torch as bt  # noqa: E402
 from kernelfit.linalg.backend import free_device_bytes  # noqa: E402
 from kernelfit.linalg.factor import factor  # noqa: E402
-from kernelfit.linalg.mixed import solve_refined  # noqa: E402
+from kernelfit.linalg.mixed import broke_down, solve_refined  # noqa: E402
 from kernelfit.linalg.options import FactorOptions  # noqa: E402
 from kernelfit.linalg.outofcore import TorchDevice, budget_for_slabs  # noqa: E402
 from kernelfit.linalg.panels import cholesky_flops, choose_block  # noqa: E402
@@ -332,14 +334,18 @@ def run_config(mode, n, ooc, args, device, base):
         rec["pipeline"] = "host panels"
         timings = {}
         # the float64 fallback re-factors in core; out of core it would not fit, so it is not offered
+        # what a float32 factor that breaks down cannot report itself (linalg.factor's TF32 rule for host panels)
+        attempt_info = {"backend": args.backend, "device": fkw["device"] or "cpu", "path": rec["path"],
+                        "tf32": bool(tf32 and device.type == "cuda" and args.backend != "numpy")}
         alpha, _, report, factors = solve_refined(build, lambda G: factor(G, FactorOptions(**fkw)).to_dict(), apply_high, Y,
                                                   dtype=np.float32, max_refine=10, scale_diagonal=True,
-                                                  fallback=None if ooc else (lambda: None), timings=timings)
+                                                  fallback=None if ooc else (lambda: None), timings=timings,
+                                                  attempt_info=attempt_info)
         rec["refinement"] = report
         rec["fallback"] = report["fallback"]
         rec["factor_dtype"] = report["factor_dtype"]
         rec["phases_s"]["gram"] = sum(t_gram)
-        rec["phases_s"]["factor_total"] = sum(f["timings_s"]["factor"] for f in factors)
+        rec["phases_s"]["factor_total"] = timings["factor"]       # every attempt, one that broke down included
         rec["phases_s"]["refine"] = timings["solve"]
         Lh_first = None
     else:
@@ -353,22 +359,9 @@ def run_config(mode, n, ooc, args, device, base):
         rec["phases_s"]["solve_host"] = time.perf_counter() - t
         rec["factor_dtype"] = np.dtype(fdt).name
         Lh_first = G if Lref is not None else None
-    # The row's factor is the first attempt (the TF32 one for mixed-tf32), with its own time and rate;
-    # a float64 re-factorization after it is reported apart, never under the attempt's label.
-    attempt = factors[0]
-    rec.update(describe_factor(attempt, n, ooc))
-    rec["phases_s"]["factor_compute"] = rec.pop("compute_s")
-    rec["attempt_dtype"] = attempt["dtype"] + ("+tf32" if attempt["tf32"] else "")
-    rec.setdefault("fallback", None)
-    if len(factors) > 1:
-        fb = describe_factor(factors[-1], n, ooc)
-        rec["fallback_factor"] = {"dtype": factors[-1]["dtype"], "compute_s": fb["compute_s"], "tflops": fb["tflops"],
-                                  "timings_s": factors[-1]["timings_s"]}
-    peak_name = "tf32" if attempt["tf32"] else attempt["dtype"]
-    measured = base["gemm_tflops"].get(peak_name)
-    rec["fraction_of_measured_gemm_peak"] = rec["tflops"] / measured if measured else None
-    nom = nominal_peak(base["machine"].get("gpu"), peak_name)
-    rec["fraction_of_nominal_peak"] = rec["tflops"] / nom if nom else None
+    # The row's factor is the first attempt (the TF32 one for mixed-tf32), with its own time and rate, also
+    # when it broke down; a float64 re-factorization after it is reported apart, never under its label.
+    describe_attempt(rec, factors, n, ooc, base)
     attach_reference_ratios(rec)
     if Lh_first is not None:
         rec["reference"]["max_abs_diff_L_vs_torch"] = float(np.max(np.abs(Lh_first.to_dense(False) - Lref)))
@@ -399,6 +392,46 @@ REFERENCES = {}   # (n, dtype) -> (reference record, dense host L or None): each
 
 def reference_key(n, fdt):
     return f"{n}:{np.dtype(fdt).name}"
+
+
+def describe_attempt(rec, factors, n, ooc, base):
+    """The record's factor fields: the first attempt's (``factor``, ``attempt_dtype``, ``attempt_status``,
+    ``phases_s.factor_compute``, ``tflops``, ``fraction_of_*_peak``) and, after a float64
+    re-factorization, that factor's own (``fallback_factor``). An attempt that broke down has no rate:
+    ``tflops`` and the fractions are null and ``tflops_note`` says why."""
+    attempt = factors[0]
+    label = attempt["dtype"] + ("+tf32" if attempt.get("tf32") else "")
+    rec["attempt_dtype"] = label
+    if broke_down(attempt):
+        seconds = attempt["timings_s"]["factor"]
+        rec["attempt_status"] = f"broke down at minor {attempt['minor']} after {seconds:.2f} s"
+        rec["factor"] = attempt
+        rec["phases_s"]["factor_compute"] = seconds     # the attempt's seconds until the breakdown
+        rec["slabs"] = 1 if not ooc else None
+        rec["tflops"] = None
+        rec["tflops_note"] = (f"not computed: the {label} attempt {rec['attempt_status']}, so no factor to rate "
+                              f"(fraction_of_*_peak null as well); the float64 re-factorization's rate is in "
+                              f"fallback_factor")
+    else:
+        rec["attempt_status"] = "finished"
+        rec.update(describe_factor(attempt, n, ooc))
+        rec["phases_s"]["factor_compute"] = rec.pop("compute_s")
+    rec.setdefault("fallback", None)
+    if len(factors) > 1:
+        fb = describe_factor(factors[-1], n, ooc)
+        rec["fallback_factor"] = {"dtype": factors[-1]["dtype"], "compute_s": fb["compute_s"], "tflops": fb["tflops"],
+                                  "timings_s": factors[-1]["timings_s"],
+                                  **peak_fractions(fb["tflops"], factors[-1]["dtype"], base)}
+    rec.update(peak_fractions(rec["tflops"], "tf32" if attempt.get("tf32") else attempt["dtype"], base))
+
+
+def peak_fractions(tflops, peak_name, base):
+    """TFLOP/s over the GEMM rate measured in this run and over the datasheet's (None where unknown or
+    where there is no rate)."""
+    measured = base["gemm_tflops"].get(peak_name)
+    nom = nominal_peak(base["machine"].get("gpu"), peak_name)
+    return {"fraction_of_measured_gemm_peak": tflops / measured if measured and tflops is not None else None,
+            "fraction_of_nominal_peak": tflops / nom if nom and tflops is not None else None}
 
 
 def describe_factor(info, n, ooc):

@@ -127,7 +127,7 @@ class ResidentSolution:
     alpha: np.ndarray                 # float64 solution of (K + jitter I) alpha = Y
     residual: np.ndarray              # Y - (K + jitter I) alpha, float64 from the data
     report: dict                      # solve_refined's report (factor dtype, refinement, fallback)
-    factors: list                     # FactorInfo dicts, one per factorization
+    factors: list                     # one dict per factorization attempted (solve_refined's list)
     timings_s: dict                   # wall-clock per phase (solve_refined's "gram"/"factor"/"solve")
     device_timings_s: dict            # seconds per phase, the device synchronized at the end of each
     memory: dict = field(default_factory=dict)
@@ -239,11 +239,15 @@ def solve_resident(X, Y, options: ResidentOptions, placement: FactorOptions) -> 
         return f"a float64 resident Gram needs {need64 / 2**30:.2f} GiB and {usable / 2**30:.2f} GiB is usable on {dev}"
 
     timings = {}
+    # what a factor that breaks down cannot report itself: where it ran, and whether on TF32 (the rule
+    # of linalg.factor for device-resident panels: float32 torch tensors on CUDA)
+    attempt_info = {"backend": "torch", "device": str(dev), "path": "in-core",
+                    "tf32": bool(tf32 and dev.type == "cuda" and np.dtype(dtype) == np.float32)}
     t = time.perf_counter()
     alpha, R, report, factors = solve_refined(
         build, factor_gram, apply_high, Y, dtype=dtype, max_refine=max_refine, tol=tol, jitter=jitter,
         scale_diagonal=False, fallback=fallback if fallback_float64 and np.dtype(dtype) != np.float64 else None,
-        timings=timings, solver=solver)
+        timings=timings, solver=solver, attempt_info=attempt_info)
     timings["total"] = time.perf_counter() - t
     memory = {"need_bytes": need, "usable_bytes": usable}
     if dev.type == "cuda":

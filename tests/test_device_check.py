@@ -190,6 +190,89 @@ def test_tf32_row_reports_the_tf32_attempt_not_the_float64_fallback(shared_data_
 
 
 
+def _emulated_tf32_breakdown(monkeypatch, minor, seconds):
+    """factor() whose float32 TF32 factor spends ``seconds`` and then breaks down at ``minor``, and a
+    resident solve that knows the attempt ran on TF32, as on a GPU; float64 factors are untouched."""
+    import time
+
+    import kernelfit.gram_device as gd
+    import kernelfit.linalg.factor as kf
+    from kernelfit.errors import NotPositiveDefiniteError
+
+    real_factor, real_solve = kf.factor, gd.solve_refined
+
+    def fake_factor(G, placement=kf.DEFAULT_PLACEMENT, **kw):
+        if placement.tf32 and str(G.dtype).endswith("float32"):
+            time.sleep(seconds)
+            raise NotPositiveDefiniteError(minor=minor, n=G.n, dtype="float32")
+        return real_factor(G, placement, **kw)
+
+    def on_tf32(*args, attempt_info=None, **kw):
+        return real_solve(*args, attempt_info={**(attempt_info or {}), "tf32": True}, **kw)
+
+    monkeypatch.setattr(kf, "factor", fake_factor)
+    monkeypatch.setattr(gd, "solve_refined", on_tf32)
+
+
+@pytest.mark.data
+def test_a_tf32_attempt_that_breaks_down_is_the_rows_attempt_and_the_float64_factor_its_fallback(shared_data_dir,
+                                                                                                 monkeypatch):
+    import gpu_cholesky
+
+    from kernelfit.linalg.panels import cholesky_flops
+
+    _emulated_tf32_breakdown(monkeypatch, minor=97, seconds=0.3)
+    n = 300
+    args = gpu_cholesky.build_parser().parse_args(["--device", "cpu", "--n", str(n), "--n-test", "50", "--block", "64",
+                                                   "--no-reference", "--data", str(shared_data_dir)])
+    device, base = gpu_cholesky.setup(args)
+    rec = gpu_cholesky.run_config("mixed-tf32", n, False, args, device, base)
+    # the attempt: TF32, broke down, its own seconds, no rate
+    assert rec["attempt_dtype"] == "float32+tf32" and rec["factor"]["status"] == "broke down"
+    assert rec["factor"]["minor"] == 97 and rec["factor"]["tf32"] is True
+    seconds = rec["phases_s"]["factor_compute"]
+    assert seconds >= 0.3 and rec["attempt_status"] == f"broke down at minor 97 after {seconds:.2f} s"
+    assert rec["tflops"] is None and "broke down" in rec["tflops_note"]
+    assert rec["fraction_of_measured_gemm_peak"] is None and rec["fraction_of_nominal_peak"] is None
+    # the float64 re-factorization: reported apart, with its own time and rate
+    fb = rec["fallback_factor"]
+    assert fb["dtype"] == "float64" and fb["compute_s"] < 0.3
+    assert fb["tflops"] == pytest.approx(cholesky_flops(n) / fb["compute_s"] / 1e12)
+    assert rec["factor_dtype"] == "float64" and "leading minor of order 97" in rec["fallback"]
+    assert rec["phases_s"]["factor_total"] >= seconds + fb["compute_s"]      # both factorizations cost time
+    assert rec["residual_relative"] < 1e-12
+    # the summary row says so, with every number under its own label
+    cell = _summary_cells(rec)
+    assert cell["factor (attempt)"] == f"float32+tf32: broke down at minor 97 after {seconds:.2f} s"
+    assert cell["attempt s"] == f"{seconds:.2f}" and cell["attempt TFLOP/s"] == "-"
+    assert cell["fallback"] == f"yes: float64 factor {fb['compute_s']:.2f} s, {fb['tflops']:.3g} TFLOP/s"
+    assert cell["final factor"] == f"float64, {fb['compute_s']:.2f} s"
+    assert cell["float64 level (rel <= threshold)"] == f"True ({rec['float64_level_threshold']:.1e}, backward stable)"
+
+
+def _summary_cells(rec):
+    import device_check
+
+    run = {"rc": 0, "seconds": 1, "timed_out": False}
+    lines = device_check.summary_table([rec], "1 passed", run, run, "cpu").strip().splitlines()
+    header, row = ([c.strip() for c in ln.strip("|").split("|")] for ln in (lines[-3], lines[-1]))
+    return dict(zip(header, row))
+
+
+def test_summary_of_a_record_that_lost_its_broken_down_attempt_labels_its_factor_as_the_fallback():
+    # the shape of a mixed-tf32 record written before attempts that broke down were kept: the factor
+    # fields (1.59 s, 45.4 TFLOP/s, float64) are the float64 re-factorization's, and no fallback_factor
+    rec = {"mode": "mixed-tf32", "n": 60000, "path": "in-core", "slabs": 1, "status": "ok", "attempt_dtype": "float64",
+           "factor_dtype": "float64", "tflops": 45.37, "phases_s": {"gram": 0.39, "factor_total": 1.59,
+                                                                  "factor_compute": 1.587, "refine": 0.56},
+           "fallback": "float32 factor broke down (leading minor of order 12553); re-factored in float64",
+           "reference": {"torch.linalg.cholesky": {"tflops": 44.18, "ours_over_reference_speed": 1.03}}}
+    cell = _summary_cells(rec)
+    assert cell["factor (attempt)"] == "not recorded: float32 factor broke down (leading minor of order 12553)"
+    assert (cell["attempt s"], cell["attempt TFLOP/s"], cell["ours / torch"]) == ("-", "-", "-")
+    assert cell["fallback"] == "yes: float64 factor 1.59 s, 45.4 TFLOP/s" and cell["final factor"] == "float64, 1.59 s"
+
+
 # -- device check 2 (deepfit): the packed CIFAR-10 copy and the dry run ---------------------------
 
 def _tiny_image_folder_archive(path, per_class=(3, 2)):

@@ -59,6 +59,27 @@ def test_resident_falls_back_to_float64_when_float32_cannot_refine():
     assert np.abs(K @ sol.alpha - Y).max() <= 10 * np.abs(K @ ref - Y).max() + 1e-12
 
 
+def test_resident_float32_breakdown_is_recorded_ahead_of_the_float64_factor():
+    # X[1] == X[0] and a ridge (1e-8) below float32's half-ulp at 1: the float32 Gram's first 2 x 2 block is
+    # all ones, so its Cholesky breaks down at the leading minor of order 2; in float64 the ridge keeps K
+    # positive definite (cond ~1e10) and the float64 re-factorization solves it
+    rng = np.random.default_rng(2)
+    X = rng.random((120, 5))
+    X[1] = X[0]
+    Y = rng.standard_normal((120, 2))
+    sol = solve_resident(X, Y, ResidentOptions(kernel="gaussian", bandwidth=3.0, dtype=np.float32, jitter=1e-8),
+                         FactorOptions(device="cpu", device_memory_budget=10**9, tf32=True))
+    first, final = sol.factors
+    assert (first["status"], first["minor"], first["dtype"], first["device"]) == ("broke down", 2, "float32", "cpu")
+    assert first["tf32"] is False                      # TF32 applies on CUDA only: the CPU attempt was plain float32
+    assert final["dtype"] == "float64" and "status" not in final
+    assert "leading minor of order 2" in sol.report["fallback"] and sol.report["factor_dtype"] == "float64"
+    assert sol.timings_s["factor"] >= first["timings_s"]["factor"] + final["timings_s"]["factor"]
+    K = np.exp(-cdist(X, X, "sqeuclidean") / (2 * 3.0**2)) + 1e-8 * np.eye(len(X))
+    ref = scipy.linalg.solve(K, Y, assume_a="pos")
+    assert np.abs(K @ sol.alpha - Y).max() <= 10 * np.abs(K @ ref - Y).max() + 1e-12
+
+
 def test_resident_refuses_before_work_when_it_does_not_fit():
     X, Y, _ = _problem(n=300)
     need = resident_bytes(300, 6, 3, 48, np.float32)

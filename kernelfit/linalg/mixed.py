@@ -13,6 +13,11 @@ says so; it never falls back silently.
 Reports are plain dicts: the final ``RefinementReport`` fields plus ``factor_dtype``, ``fallback``
 (None or why the float64 factor was used), ``refinement_float32`` (the abandoned attempt's report),
 ``fallback_skipped`` (why a needed fallback did not run) and ``scale_diagonal``.
+
+The factor list has one entry per factorization attempted, in order: ``factor_gram``'s dict for a
+finished factor, and for one that broke down an entry saying so (``broke_down``): its dtype, the
+failing leading minor, the seconds until the breakdown and the caller's ``attempt_info`` (e.g. the
+TF32 flag, which only the caller knows). The last entry is always the factor the solution came from.
 """
 
 from __future__ import annotations
@@ -27,7 +32,9 @@ from ..errors import MemoryPlanError, NotPositiveDefiniteError
 from .refine import check_refine_tol, low_precision_solver, refine, with_row_sums
 from .tiled import cho_solve
 
-__all__ = ["solve_refined"]
+__all__ = ["solve_refined", "broke_down", "BROKE_DOWN"]
+
+BROKE_DOWN = "broke down"   # the status of a factor entry whose factorization raised NotPositiveDefiniteError
 
 
 def _unit_diagonal(G):
@@ -44,11 +51,16 @@ def _unit_diagonal(G):
     return d
 
 
+def broke_down(info: dict) -> bool:
+    """Whether a factor entry of ``solve_refined`` is an attempt that broke down (no factor)."""
+    return info.get("status") == BROKE_DOWN
+
+
 def solve_refined(build_gram: Callable, factor_gram: Callable, apply_high: Callable, Y, *, dtype,
                   max_refine: int = MAX_REFINE, tol: float | None = None, jitter: float = 0.0,
                   scale_diagonal: bool = False, fallback: Callable[[], str | None] | None = None,
                   timings: dict | None = None, solver: Callable | None = None,
-                  store_float64_gram: bool = False):
+                  store_float64_gram: bool = False, attempt_info: dict | None = None):
     """Solve (K + jitter I) X = Y.
 
     build_gram(dtype) -> ``SymmetricPanels`` of K (host numpy panels, no jitter: it is added here).
@@ -63,7 +75,9 @@ def solve_refined(build_gram: Callable, factor_gram: Callable, apply_high: Calla
     fallback: None never re-factors (a float32 breakdown propagates); otherwise a check run when
         the low-precision attempt fails, returning None when a float64 re-factorization may run, or
         why not: a sentence, or a ``MemoryPlanError`` (not raised) whose plan is kept if this must raise.
-    timings: accumulates "gram", "factor", "solve" seconds.
+    timings: accumulates "gram", "factor", "solve" seconds ("factor" includes an attempt that broke down).
+    attempt_info: fields merged into the entry of the ``dtype`` factorization if it breaks down (what the
+        caller knows of it that ``factor_gram`` could not return, e.g. ``{"tf32": True, "device": "cuda:0"}``).
     solver(L, d) -> (R -> K^{-1} R in float64) for factors that are not host panels (device-resident
         ones, see ``kernelfit.gram_device``); default ``low_precision_solver(cho_solve, L, d)``.
     Returns (X, R = Y - (K + jitter I) X, report dict, list of factor info dicts).
@@ -95,7 +109,17 @@ def solve_refined(build_gram: Callable, factor_gram: Callable, apply_high: Calla
         d = _unit_diagonal(G) if scale_diagonal else None
         timings["gram"] = timings.get("gram", 0.0) + time.perf_counter() - t
         t = time.perf_counter()
-        factors.append(factor_gram(G))
+        try:
+            factors.append(factor_gram(G))
+        except NotPositiveDefiniteError as exc:
+            # the attempt is recorded before the exception goes on: a reader must never take the
+            # float64 re-factorization for it (or miss the seconds it cost)
+            seconds = time.perf_counter() - t
+            timings["factor"] = timings.get("factor", 0.0) + seconds
+            known = attempt_info if np.dtype(dt) == np.dtype(dtype) else None   # it describes the first attempt
+            factors.append({**(known or {}), "status": BROKE_DOWN, "dtype": np.dtype(dt).name, "n": G.n,
+                            "minor": exc.minor, "timings_s": {"factor": seconds}})
+            raise
         timings["factor"] = timings.get("factor", 0.0) + time.perf_counter() - t
         t = time.perf_counter()
         solve_low = solver(G, d) if solver is not None else low_precision_solver(cho_solve, G, d)
