@@ -51,7 +51,11 @@ class RefinementReport:
 
 
 def float64_level_threshold(n: int) -> float:
-    """Relative residual (and backward error) of a float64 solve of a well-conditioned K (a few sqrt(n) ulps)."""
+    """Relative residual (and backward error) of a float64 solve when ||K|| ||X|| is about ||Y|| (a few
+    sqrt(n) ulps). Interpolation grows ||K|| ||X|| / ||Y|| with n: the float64 direct solve of MNIST at
+    n = 60,000 on an H200 was backward stable (3.8e-18) with a relative residual of 5.9e-13, about
+    11 sqrt(n) ulps, above this line. So a residual above it is not by itself a failed solve: the
+    report's ``backward_stable`` says whether float64 could do better."""
     return max(1e-13, 8.0 * np.sqrt(n) * EPS64)
 
 
