@@ -10,6 +10,10 @@ Streaming in pieces keeps the stream buffers small (the top rows of the streamed
 pieces), so the panels can be as wide as the in-core ones (efficient GEMMs) whatever the budget, and
 the slabs take almost all of it (less disk traffic). When the budget holds two slabs
 (``plan_disk_slabs``), the commit of slab s runs on a writer thread while slab s+1 proceeds.
+
+Where a slab lives and its GEMMs run is a ``compute``: ``HostCompute`` (numpy in RAM, the default) or
+``TorchCompute`` (a torch device, disk -> host -> device: uploads on the reader thread, downloads on
+the writer thread, the slabs planned within the device budget as well).
 """
 
 from __future__ import annotations
