@@ -36,7 +36,7 @@ from .storage import file_digest
 from .validate import bandwidth_rule
 
 __all__ = ["solve_on_disk", "solve_gram_file_on_disk", "solve_refined_on_disk", "npy_gram_source", "gram_file_source",
-           "check_gram_file_source", "fit_on_disk", "disk_stats"]
+           "check_gram_file_source", "fit_on_disk", "disk_stats", "disk_factorization"]
 
 
 def _data_tile(X: np.ndarray, kernel: str, bandwidth: float, dtype):
@@ -52,14 +52,18 @@ def _data_tile(X: np.ndarray, kernel: str, bandwidth: float, dtype):
 def solve_on_disk(X, Y, *, kernel: str, bandwidth: float, scratch_dir, memory_budget: int, dtype=np.float32,
                   jitter: float = 0.0, resume: bool = False, max_refine: int = MAX_REFINE, refine_tol: float | None = None,
                   keep_store: bool = False, block: int | None = None, flag: str = "--scratch-dir",
-                  fallback_float64: bool = False, with_residual: bool = False, high: KernelOperator | None = None):
+                  fallback_float64: bool = False, with_residual: bool = False, high: KernelOperator | None = None,
+                  device=None, device_memory_budget: int | None = None):
     """Solve (K + jitter I) alpha = Y for the kernel matrix of X (validated by the caller) with K and
     its factor in ``scratch_dir``, at most ``memory_budget`` bytes of RAM for the factorization.
     ``fallback_float64``: a float32 factor whose refinement cannot reach float64 level (or that breaks
     down) is replaced by a float64 one, a second stage of the same store, when the disk has room.
     Returns (alpha float64, stats dict for the record: strategy 'disk', bytes read / written, I/O wait);
     ``with_residual``: (alpha, R = Y - (K + jitter I) alpha in float64, stats). ``high``: the caller's
-    float64 ``KernelOperator`` of X (as ``solve.fit_interpolant`` builds it), reused when it found a grid."""
+    float64 ``KernelOperator`` of X (as ``solve.fit_interpolant`` builds it), reused when it found a grid.
+    ``device`` / ``device_memory_budget``: where the slabs are factored (``DiskPanels.factor``: None is
+    host RAM, else a torch device, disk -> host -> device); the solves and refinement stream the factor
+    on the host (O(n^2) per pass, bound by the disk)."""
     X64 = np.asarray(X, dtype=np.float64)
     X64 = X64 - X64.mean(axis=0)                     # the kernels are translation-invariant (as solve.py)
     source = {"kind": "data", "sha256": hashlib.sha256(np.ascontiguousarray(X).view(np.uint8).data).hexdigest(),
@@ -74,13 +78,14 @@ def solve_on_disk(X, Y, *, kernel: str, bandwidth: float, scratch_dir, memory_bu
                 high.symmetric_matmul, Y, dtype=dtype, jitter=jitter, resume=resume, max_refine=max_refine,
                 refine_tol=refine_tol, keep_store=keep_store, block=block, memory_budget=memory_budget, flag=flag,
                 residual_from="kernel tiles recomputed from the data in float64", fallback_float64=fallback_float64,
-                with_residual=with_residual)
+                with_residual=with_residual, device=device, device_memory_budget=device_memory_budget)
 
 
 def solve_gram_file_on_disk(path, Y, *, scratch_dir, memory_budget: int, dtype=np.float32, jitter: float = 0.0,
                             resume: bool = False, max_refine: int = MAX_REFINE, refine_tol: float | None = None,
                             keep_store: bool = False, block: int | None = None, flag: str = "--scratch-dir",
-                            rows: int = 1024, fallback_float64: bool = False, with_residual: bool = False):
+                            rows: int = 1024, fallback_float64: bool = False, with_residual: bool = False,
+                            device=None, device_memory_budget: int | None = None):
     """As ``solve_on_disk`` for a user's square .npy Gram file (its lower triangle is the matrix; the
     file is read tile by tile, never whole; its blake2b in the manifest refuses a resume on a changed
     file). Residuals stream the file's lower triangle in float64, ``rows`` rows at a time."""
@@ -103,17 +108,19 @@ def solve_gram_file_on_disk(path, Y, *, scratch_dir, memory_budget: int, dtype=n
     return _run(scratch_dir, n, source, lambda dt: tile, apply_high, Y, dtype=dtype, jitter=jitter, resume=resume,
                 max_refine=max_refine, refine_tol=refine_tol, keep_store=keep_store, block=block,
                 memory_budget=memory_budget, flag=flag, residual_from=f"the Gram file {Path(path)} in float64",
-                fallback_float64=fallback_float64, with_residual=with_residual)
+                fallback_float64=fallback_float64, with_residual=with_residual, device=device,
+                device_memory_budget=device_memory_budget)
 
 
 def _run(scratch_dir, n, source, tile_for, apply_high, Y, *, dtype, jitter, resume, max_refine, refine_tol, keep_store,
-         block, memory_budget, flag, residual_from, fallback_float64=False, with_residual=False):
+         block, memory_budget, flag, residual_from, fallback_float64=False, with_residual=False, device=None,
+         device_memory_budget=None):
     Y = np.asarray(Y, dtype=np.float64)
     squeeze = Y.ndim == 1
     Y2 = Y[:, None] if squeeze else Y
     timings = {}
     kw = dict(jitter=jitter, resume=resume, max_refine=max_refine, refine_tol=refine_tol, block=block,
-              memory_budget=memory_budget, flag=flag)
+              memory_budget=memory_budget, flag=flag, device=device, device_memory_budget=device_memory_budget)
     try:
         store, alpha, R, report, resumed = _attempt(scratch_dir, n, source, tile_for(dtype), apply_high, Y2, dtype,
                                                           timings, **kw)
@@ -151,6 +158,7 @@ def _run(scratch_dir, n, source, tile_for, apply_high, Y, *, dtype, jitter, resu
              "disk_bytes": disk_bytes(n, store.block, store.dtype, memory_budget), "block_size": store.block,
              "factor_dtype": store.dtype.name, "slabs": st["slabs"], "bytes_read": st["bytes_read"],
              "bytes_written": st["bytes_written"], "io_wait_s": st["io_wait_s"], "disk_timings_s": st["timings_s"],
+             "factor_device": factor_device(store),
              "timings_s": timings, "resumed": resumed if resume else None, "residual_source": residual_from,
              "refinement": {**report.to_dict(), "factor_dtype": store.dtype.name,
                             "fallback": None if fallback is None else fallback["reason"],
@@ -168,7 +176,7 @@ def _run(scratch_dir, n, source, tile_for, apply_high, Y, *, dtype, jitter, resu
 
 
 def _attempt(scratch_dir, n, source, tile, apply_high, Y2, dtype, timings, *, jitter, resume, max_refine, refine_tol,
-             block, memory_budget, flag):
+             block, memory_budget, flag, device=None, device_memory_budget=None):
     """Open (or continue) the ``dtype`` stage of the store, fill, factor, solve with refinement."""
     t = time.perf_counter()
     store = DiskPanels.open(scratch_dir, n, source=source, budget_bytes=memory_budget, block=block, dtype=dtype,
@@ -179,7 +187,7 @@ def _attempt(scratch_dir, n, source, tile, apply_high, Y2, dtype, timings, *, ji
         timings["gram"] = timings.get("gram", 0.0) + time.perf_counter() - t
         t = time.perf_counter()
         if not store.complete:
-            store.factor(memory_budget, jitter=jitter)
+            store.factor(memory_budget, jitter=jitter, device=device, device_memory_budget=device_memory_budget)
         timings["factor"] = timings.get("factor", 0.0) + time.perf_counter() - t
         t = time.perf_counter()
         alpha, R, report = solve_refined_on_disk(store, apply_high, Y2, jitter=jitter, max_refine=max_refine,
@@ -189,6 +197,13 @@ def _attempt(scratch_dir, n, source, tile, apply_high, Y2, dtype, timings, *, ji
         store.close()              # the store stays: resume=True continues it
         raise
     return store, alpha, R, report, resumed
+
+
+def factor_device(store: DiskPanels) -> dict:
+    """Which device factored the store's stage, and its bytes up / down (``slabs.left_looking``'s
+    record); a stage already complete when the run opened it was factored by an earlier run."""
+    return dict(getattr(store.stats, "device", None) or {"device": None, "note": "factored by an earlier run (resumed "
+                                                                                  "a complete store)"})
 
 
 def solve_refined_on_disk(store: DiskPanels, apply_high: Callable, Y, *, jitter: float = 0.0, max_refine: int = MAX_REFINE,
@@ -283,6 +298,13 @@ def disk_stats(dstats: dict, disk) -> dict:
     return {**{k: dstats[k] for k in keep}, "disk_plan": disk.to_dict()}
 
 
+def disk_factorization(dstats: dict) -> dict:
+    """The record's ``factorization`` of a disk solve: the disk's left-looking slabs, on the device that ran them."""
+    fd = dstats["factor_device"]
+    return {"backend": "disk", "algorithm": "left-looking slabs", "device": fd["device"],
+            **{k: v for k, v in fd.items() if k != "device"}}
+
+
 def fit_on_disk(X64, Y, bandwidth, high: KernelOperator, plan, disk, options) -> Interpolant:
     """``solve.fit_interpolant`` when the plan says disk: the Gram and its factor in
     ``options.placement.scratch_dir`` (``options`` is the caller's validated SolveOptions)."""
@@ -291,7 +313,8 @@ def fit_on_disk(X64, Y, bandwidth, high: KernelOperator, plan, disk, options) ->
         X64, Y, kernel=options.kernel, bandwidth=bandwidth, scratch_dir=p.scratch_dir, memory_budget=disk.budget_bytes,
         dtype=np.dtype(disk.dtype), jitter=float(options.jitter), resume=p.resume,
         max_refine=int(options.max_refine) if mixed else 0, refine_tol=options.refine_tol if mixed else None,
-        block=disk.block, fallback_float64=mixed and options.fallback_float64, with_residual=True, high=high)
+        block=disk.block, fallback_float64=mixed and options.fallback_float64, with_residual=True, high=high,
+        device=p.device, device_memory_budget=p.device_memory_budget)
     n, d = X64.shape
     timings = dstats["timings_s"]
     reason = ("out-of-core 'disk' asked for" if p.out_of_core == "disk" else
@@ -304,7 +327,7 @@ def fit_on_disk(X64, Y, bandwidth, high: KernelOperator, plan, disk, options) ->
         "strategy": "disk", "strategy_reason": reason, "residual_source": dstats["residual_source"],
         "distances": high.distances, "timings_s": timings,
         "factor_gflops": cholesky_flops(n) / max(timings.get("factor", 0.0), 1e-12) / 1e9, **residual_stats(R, Y),
-        "refinement": dstats["refinement"], "factorization": {"backend": "disk", "algorithm": "left-looking slabs"},
+        "refinement": dstats["refinement"], "factorization": disk_factorization(dstats),
         **disk_stats(dstats, disk), "memory_plan": plan.to_dict(), "peak_rss_bytes": peak_rss_bytes(),
     }
     warn_residual(stats, options.mode, float64_level_threshold(n), options.refine_tol)

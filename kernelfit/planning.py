@@ -425,8 +425,10 @@ def disk_factor_dtype(mode: str) -> np.dtype:
 def choose_disk(plan: MemoryPlan, placement, factor_dtype=None, available: int | None = None):
     """The ``DiskPlan`` of a disk solve when the placement asks for one, else None.
 
-    ``placement.out_of_core == "disk"`` asks for it (``scratch_dir`` required); ``"auto"`` takes it
-    when the in-RAM plan does not fit, a ``scratch_dir`` is given and the factor runs on the CPU.
+    ``placement.out_of_core == "disk"`` asks for it (``scratch_dir`` required), on the host or, with a
+    ``device``, the slabs factored on that device (``DiskPanels.factor``); ``"auto"`` takes it when the
+    in-RAM plan does not fit, a ``scratch_dir`` is given and the factor runs on the CPU (on a GPU the
+    device plans decide: a resident Gram needs no host copy, so the host plan alone cannot ask for the disk).
     Refused before any work: no scratch directory, a RAM budget too small for one slab, or less free
     disk than the store needs (MemoryPlanError naming both sizes)."""
     from .linalg.diskstore import plan_disk
@@ -438,9 +440,6 @@ def choose_disk(plan: MemoryPlan, placement, factor_dtype=None, available: int |
     cpu = not placement.on_cuda
     if not (oc == "disk" or (oc == "auto" and not plan.fits and scratch is not None and cpu)):
         return None
-    if not cpu:
-        raise InputError(f"out-of-core 'disk' factors on the CPU; device {placement.device!r} was asked for too. Drop "
-                         "--device, or use --out-of-core yes to stream the panels through the GPU from RAM.")
     budget = placement.memory_budget
     if budget is None:
         budget = disk_memory_budget(plan, available)

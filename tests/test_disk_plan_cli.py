@@ -187,7 +187,7 @@ def test_cli_plan_reports_ram_disk_and_the_strategy(arrays, tmp_path, capsys, mo
     (["--out-of-core", "disk", "--scratch-dir", "FILE"], "is a file"),
     (["--out-of-core", "disk"], "--out-of-core disk keeps the Gram and its factor in a directory: add --scratch-dir"),
     (["--memory-budget", "1"], "--memory-budget is the RAM of a disk solve"),
-    (["--out-of-core", "disk", "--scratch-dir", "S", "--device", "cuda"], "does not combine with --device cuda"),
+    (["--out-of-core", "disk", "--scratch-dir", "S", "--checkpoint-dir", "S"], "does not combine with --checkpoint-dir"),
 ])
 def test_bad_disk_flags_are_one_line_refusals(arrays, tmp_path, capsys, extra, message):
     (tmp_path / "FILE").write_text("x")

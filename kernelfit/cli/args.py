@@ -120,7 +120,8 @@ def add_disk_args(g, out_of_core_choices=("auto", "yes", "no", "disk")) -> None:
     """--out-of-core, --scratch-dir, --memory-budget: shared by ``solve`` and ``plan``."""
     g.add_argument("--out-of-core", choices=out_of_core_choices, default="auto",
                    help="yes: stream panels through the GPU (--device cuda) from RAM; disk: keep the Gram and its "
-                        "factor on disk in --scratch-dir (exact, resumable, RAM bounded by --memory-budget); no: in "
+                        "factor on disk in --scratch-dir (exact, resumable, RAM bounded by --memory-budget); with "
+                        "--device, the slabs factor on the device (disk -> RAM -> device); no: in "
                         "RAM / on the device only; auto (default): the GPU path from its measured free memory, and "
                         "the disk when the in-RAM plan does not fit and --scratch-dir is given")
     g.add_argument("--scratch-dir", type=Path, default=None, metavar="DIR",
@@ -144,13 +145,12 @@ def check_disk_args(args, solve: bool = True) -> None:
         check_dir_path(args, args.scratch_dir, "--scratch-dir")
     if not solve or not disk:
         return
-    for flag, bad in (("--device cuda", str(args.device or "cpu").startswith("cuda")),
-                      ("--scheduler", getattr(args, "scheduler", None) is not None),
+    for flag, bad in (("--scheduler", getattr(args, "scheduler", None) is not None),
                       ("--checkpoint-dir", args.checkpoint_dir is not None),
                       ("--features randconv", getattr(args, "features", None) == "randconv")):
         if bad:
             why = ("the disk store is its own checkpoint (--resume continues it)" if flag == "--checkpoint-dir"
-                   else "the disk solve factors in this process on the CPU")
+                   else "the disk solve factors in this process")
             refuse(args, f"--out-of-core disk does not combine with {flag}: {why}. Drop one of them")
 
 

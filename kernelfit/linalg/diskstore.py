@@ -418,12 +418,19 @@ class DiskPanels:
             (self.dir / self._name("T", j)).unlink(missing_ok=True)
 
     # --- factorization and solves --------------------------------------------------------------
-    def factor(self, budget_bytes: int, progress=None, jitter: float = 0.0) -> DiskStats:
-        """Overwrite the input with its Cholesky factor in ``budget_bytes`` of RAM (slabs + read-ahead)."""
+    def factor(self, budget_bytes: int, progress=None, jitter: float = 0.0, device=None,
+               device_memory_budget: int | None = None) -> DiskStats:
+        """Overwrite the input with its Cholesky factor in ``budget_bytes`` of RAM (slabs + read-ahead).
+        ``device`` (a torch device: 'cuda', 'cuda:1', or 'cpu' as a separate device): the slabs are
+        factored there, disk -> host -> device, within ``device_memory_budget`` (None: 90% of its free
+        memory) as well; None factors in host RAM. ``stats.device`` says which ran it."""
         if self.filled < len(self.starts):
             raise InputError(f"{self.flag} {self.dir}: only {self.filled} of {len(self.starts)} input panels are "
                              f"filled; fill the store before factoring it.")
-        left_looking(self, budget_bytes, progress=progress, jitter=jitter)
+        from .slabs import make_compute
+
+        left_looking(self, budget_bytes, progress=progress, jitter=jitter,
+                     compute=make_compute(device, device_memory_budget))
         return self.stats
 
     def iter_factor(self, reverse: bool = False):

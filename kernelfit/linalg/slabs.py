@@ -10,6 +10,10 @@ Streaming in pieces keeps the stream buffers small (the top rows of the streamed
 pieces), so the panels can be as wide as the in-core ones (efficient GEMMs) whatever the budget, and
 the slabs take almost all of it (less disk traffic). When the budget holds two slabs
 (``plan_disk_slabs``), the commit of slab s runs on a writer thread while slab s+1 proceeds.
+
+Where a slab lives and its GEMMs run is a ``compute``: ``HostCompute`` (numpy in RAM, the default) or
+``TorchCompute`` (a torch device, disk -> host -> device: uploads on the reader thread, downloads on
+the writer thread, the slabs planned within the device budget as well).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import MemoryPlanError, NotPositiveDefiniteError
+from ..errors import InputError, MemoryPlanError, NotPositiveDefiniteError
 from ..results import format_bytes
 from .backend import get_backend
 from .panels import SymmetricPanels, panel_flops
@@ -111,6 +115,190 @@ def plan_disk_slabs(n: int, block: int, itemsize: int, budget: int, start_panel:
     raise AssertionError("unreachable: a budget that passes the check has a plan")
 
 
+# --- the fast memory: where a slab lives and its GEMMs and factorization run ----------------------
+
+class HostCompute:
+    """The default fast memory: host RAM. The slab is the numpy panels ``read_slab`` filled and a
+    streamed piece is the mapped rows themselves: no copies (the CPU path as it always ran)."""
+    backend = "numpy"
+    device = "cpu"
+    syrk_update = staticmethod(get_backend("numpy").syrk_update)
+
+    def budget(self, host_budget: int, n: int, block: int, itemsize: int) -> int:
+        return int(host_budget)
+
+    def upload_slab(self, slab: list) -> list:
+        return slab
+
+    def upload_piece(self, piece):
+        return piece
+
+    def factored(self, slab: list):
+        return None
+
+    def download_slab(self, slab: list, token) -> list:
+        return slab
+
+    def synchronize(self) -> None:
+        pass
+
+    def record(self) -> dict:
+        return {"device": self.device, "compute": self.backend}
+
+
+class TorchCompute:
+    """A torch device as the fast memory between the host buffers and the GEMMs: CUDA, or torch 'cpu'
+    as a *separate* device (its own copies, as ``linalg.factor`` with a device_memory_budget does; CI
+    tests the device path so).
+
+    Uploads run on the reader thread (a slab right after it is read, its host arrays then dropped; a
+    streamed piece right after it is mapped, the mapping then dropped), downloads on the writer thread
+    before the commit. On CUDA both go through two pinned staging buffers of STAGE_BYTES on their own
+    streams: a read-only mapping is copied into pinned memory by numpy (``torch.from_numpy`` of a
+    read-only array warns, and a pageable copy would stage it a second time), then DMA'd. Tensors
+    made on a copy stream are marked used by the compute stream (``record_stream``), so the caching
+    allocator never hands their memory out while queued GEMMs still read it."""
+    backend = "torch"
+    STAGE_BYTES = 8 << 20
+
+    def __init__(self, device, device_memory_budget: int | None = None):
+        from .backend_torch import TorchBackend, require_torch, resolve_device
+
+        torch = self.torch = require_torch()
+        dev = resolve_device(device)
+        if dev.type not in ("cpu", "cuda"):
+            raise InputError(f"a disk factorization runs on the host or on a CPU / CUDA torch device; got {str(device)!r}.")
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        self.dev, self.device, self.is_cuda = dev, str(dev), dev.type == "cuda"
+        self.given_budget = None if device_memory_budget is None else int(device_memory_budget)
+        self.budget_bytes = None
+        self.syrk_update = TorchBackend.syrk_update
+        self.bytes_uploaded = self.bytes_downloaded = 0
+        self.timings_s = {"upload": 0.0, "download": 0.0}
+        self._stage, self._stage_used = None, [None, None]
+        if self.is_cuda:
+            self.compute_stream = torch.cuda.current_stream(dev)
+            self.up_stream = torch.cuda.Stream(dev)       # the reader thread's uploads
+            self.down_stream = torch.cuda.Stream(dev)     # the writer thread's downloads
+
+    def budget(self, host_budget: int, n: int, block: int, itemsize: int) -> int:
+        """min(host budget, device budget less the torch factor's workspace); the device budget is
+        ``device_memory_budget`` or DEVICE_SAFETY of the device's free memory. Refuses a device that
+        cannot hold one panel and its streamed pieces."""
+        from .backend import free_device_bytes
+        from .backend_torch import TRSM_CHUNK_ELEMENTS
+        from .factor import DEVICE_SAFETY
+
+        given = self.given_budget
+        self.budget_bytes = given if given is not None else int(DEVICE_SAFETY * free_device_bytes(self.device))
+        workspace = (block * block + min(n * block, max(TRSM_CHUNK_ELEMENTS, block))) * itemsize   # potrf tile, trsm chunk
+        need = min_disk_budget(n, block, itemsize)
+        if self.budget_bytes - workspace < need:
+            raise MemoryPlanError(f"device {self.device} allows {format_bytes(self.budget_bytes)} ("
+                                  f"{'device_memory_budget' if given is not None else f'{DEVICE_SAFETY:.0%} of its free memory'}"
+                                  f"); a disk factorization with n={n}, block={block} ({itemsize}-byte numbers) needs "
+                                  f"{format_bytes(need + workspace)} there (one panel, its streamed rows, the factor's "
+                                  f"workspace). Fix: free device memory, a larger device_memory_budget, or a smaller block.")
+        return min(int(host_budget), self.budget_bytes - workspace)
+
+    def _staging(self, dtype):
+        if self._stage is None or self._stage[0].dtype != dtype:
+            t = self.torch
+            from .backend_torch import torch_dtype
+
+            count = self.STAGE_BYTES // np.dtype(dtype).itemsize
+            try:
+                bufs = [t.empty(count, dtype=torch_dtype(dtype), pin_memory=True) for _ in range(2)]
+            except RuntimeError:      # pinning refused: pageable buffers (synchronous copies, slower)
+                bufs = [t.empty(count, dtype=torch_dtype(dtype)) for _ in range(2)]
+            self._stage = [b.numpy() for b in bufs]
+            self._stage_t = bufs
+            self._stage_used = [None, None]
+        return self._stage
+
+    def _upload(self, host: np.ndarray):
+        from .backend_torch import torch_dtype
+
+        torch = self.torch
+        t0 = time.perf_counter()
+        if not self.is_cuda:
+            dst = torch.empty(host.shape, dtype=torch_dtype(host.dtype))
+            np.copyto(dst.numpy(), host)          # one copy; host may be a read-only mapping
+        else:
+            stage = self._staging(host.dtype)
+            w = host.shape[1] if host.ndim == 2 and host.shape[1] else 1
+            rows = max(1, stage[0].size // w)
+            with torch.cuda.stream(self.up_stream):
+                dst = torch.empty(host.shape, dtype=torch_dtype(host.dtype), device=self.dev)
+                for i, r in enumerate(range(0, host.shape[0], rows)):
+                    b, k = i % 2, min(rows, host.shape[0] - r)
+                    if self._stage_used[b] is not None:
+                        self._stage_used[b].synchronize()      # its previous DMA is done
+                    np.copyto(stage[b][: k * w].reshape(k, w), host[r : r + k])
+                    dst[r : r + k].copy_(self._stage_t[b][: k * w].view(k, w), non_blocking=True)
+                    ev = torch.cuda.Event()
+                    ev.record(self.up_stream)
+                    self._stage_used[b] = ev
+                self.up_stream.synchronize()      # on the device before the compute thread sees it
+            dst.record_stream(self.compute_stream)
+            dst.record_stream(self.down_stream)
+        self.bytes_uploaded += host.nbytes
+        self.timings_s["upload"] += time.perf_counter() - t0
+        return dst
+
+    def upload_slab(self, slab: list) -> list:
+        out = []
+        while slab:                               # each host panel goes once it is on the device
+            out.append(self._upload(slab.pop(0)))
+        return out
+
+    def upload_piece(self, piece):
+        return self._upload(piece)
+
+    def factored(self, slab: list):
+        """Main thread, after the slab's factorization is queued: what the download waits for."""
+        if not self.is_cuda:
+            return None
+        ev = self.torch.cuda.Event()
+        ev.record(self.compute_stream)
+        return ev
+
+    def download_slab(self, slab: list, token) -> list:
+        from .backend_torch import numpy_dtype
+
+        torch = self.torch
+        t0 = time.perf_counter()
+        out = []
+        for P in slab:
+            host = np.empty(tuple(P.shape), dtype=numpy_dtype(P.dtype))
+            if self.is_cuda:
+                with torch.cuda.stream(self.down_stream):
+                    self.down_stream.wait_event(token)
+                    torch.from_numpy(host).copy_(P)        # into pageable memory: returns when done
+            else:
+                np.copyto(host, P.numpy())
+            self.bytes_downloaded += host.nbytes
+            out.append(host)
+        self.timings_s["download"] += time.perf_counter() - t0
+        return out
+
+    def synchronize(self) -> None:
+        if self.is_cuda:
+            self.compute_stream.synchronize()
+
+    def record(self) -> dict:
+        return {"device": self.device, "compute": self.backend, "device_budget_bytes": self.budget_bytes,
+                "bytes_uploaded": self.bytes_uploaded, "bytes_downloaded": self.bytes_downloaded}
+
+
+def make_compute(device=None, device_memory_budget: int | None = None):
+    """The fast memory of ``left_looking``: the host (numpy) for device None, else that torch device."""
+    if device is None:
+        return HostCompute()
+    return TorchCompute(device, device_memory_budget)
+
+
 def _apply_piece(slab, starts, s0: int, r0: int, piece: np.ndarray, top: np.ndarray, syrk_update) -> None:
     """Subtract rows r0.. of L_k L_k^T from the slab: ``piece`` is rows r0..r0+len of a finished panel
     L_k, ``top`` its rows s0..s1 (the slab's columns). Panel i takes the piece's rows at or below s_i."""
@@ -122,7 +310,7 @@ def _apply_piece(slab, starts, s0: int, r0: int, piece: np.ndarray, top: np.ndar
             syrk_update(Pi[a - si : r1 - si], piece[a - r0 :], top[si - s0 : si - s0 + wi])
 
 
-def left_looking(slow, budget_bytes: int, progress=None, jitter: float = 0.0) -> None:
+def left_looking(slow, budget_bytes: int, progress=None, jitter: float = 0.0, compute=None) -> dict:
     """Left-looking slab Cholesky over a slow memory ``slow`` (n, block, dtype, starts, widths,
     finished, stats; read_input(j, out), map_factor_rows(k, row0, row1), commit_slab(j0, panels)).
 
@@ -137,16 +325,24 @@ def left_looking(slow, budget_bytes: int, progress=None, jitter: float = 0.0) ->
     s+1's starts, so manifests stay in slab order and files of panels < the previous slab exist before
     they are streamed); a writer error (a full disk) surfaces here as its StorageError, finished slabs
     kept. Main-thread waits: timings 'read_wait' (inputs), 'stream_wait', 'write_wait' (commits), all
-    in ``io_wait_s``; 'read_slab' / 'write_slab' are the reader's / writer's own seconds."""
+    in ``io_wait_s``; 'read_slab' / 'write_slab' are the reader's / writer's own seconds.
+
+    ``compute`` (``make_compute``): where slabs live and their GEMMs and factorization run; default the
+    host (numpy). A device compute (``TorchCompute``) gets each slab and streamed piece uploaded on the
+    reader thread and downloads the factored slab on the writer thread; the slabs are planned in
+    min(RAM budget, device budget); the same pieces and GEMMs run either way. Returns (and sets as
+    ``slow.stats.device``) the compute's record: device, device budget, bytes up / down."""
     n, block, dtype = slow.n, slow.block, slow.dtype
+    compute = HostCompute() if compute is None else compute
     _check_budget(n, block, dtype.itemsize, budget_bytes)
-    plan = plan_disk_slabs(n, block, dtype.itemsize, int(budget_bytes), slow.finished)
+    plan_budget = compute.budget(int(budget_bytes), n, block, dtype.itemsize)
+    plan = plan_disk_slabs(n, block, dtype.itemsize, plan_budget, slow.finished)
     st = slow.stats
     st.budget_bytes, st.slabs, st.first_panel = int(budget_bytes), len(plan.slabs), slow.finished
     timer = st.timings_s
     for key in ("read_slab", "read_wait", "stream_update", "stream_wait", "factor_slab", "write_slab", "write_wait"):
         timer.setdefault(key, 0.0)
-    syrk_update = get_backend("numpy").syrk_update
+    syrk_update = compute.syrk_update
 
     def read_slab(j0, j1):                  # reader thread
         t = time.perf_counter()
@@ -154,11 +350,15 @@ def left_looking(slow, budget_bytes: int, progress=None, jitter: float = 0.0) ->
         for j, P in zip(range(j0, j1), slab):
             slow.read_input(j, P)
         timer["read_slab"] += time.perf_counter() - t
-        return slab
+        return compute.upload_slab(slab)
 
-    def commit(j0, slab):                   # writer thread
+    def map_piece(k, row0, row1):           # reader thread: on the device, the mapping goes once copied
+        return compute.upload_piece(slow.map_factor_rows(k, row0, row1))
+
+    def commit(j0, slab, token):            # writer thread
+        host = compute.download_slab(slab, token)
         t = time.perf_counter()
-        slow.commit_slab(j0, slab)
+        slow.commit_slab(j0, host)
         timer["write_slab"] += time.perf_counter() - t
 
     def wait(fut, key):
@@ -177,10 +377,10 @@ def left_looking(slow, budget_bytes: int, progress=None, jitter: float = 0.0) ->
     def stream(reader, on_disk, s0, s1):
         """(r0, piece) of panels 0..on_disk-1 from the slow memory, in order, one piece mapped ahead."""
         order = [(k, r0, r1) for k in range(on_disk) for r0, r1 in pieces(s0, s1)]
-        fut = reader.submit(slow.map_factor_rows, *order[0]) if order else None
+        fut = reader.submit(map_piece, *order[0]) if order else None
         for i, (_, r0, _) in enumerate(order):
             piece = wait(fut, "stream_wait")
-            fut = reader.submit(slow.map_factor_rows, *order[i + 1]) if i + 1 < len(order) else None
+            fut = reader.submit(map_piece, *order[i + 1]) if i + 1 < len(order) else None
             yield r0, piece
             del piece
 
@@ -220,6 +420,7 @@ def left_looking(slow, budget_bytes: int, progress=None, jitter: float = 0.0) ->
                     for r0, r1 in pieces(s0, s1):
                         _apply_piece(slab, rel, 0, r0 - s0, Lk[r0 - s0 : r1 - s0], Lk[: s1 - s0], syrk_update)
                 top = Lk = None
+                compute.synchronize()       # a device's queued GEMMs count here, not in factor_slab
                 timer["stream_update"] += time.perf_counter() - t
             settle()                        # the previous slab is on disk; its RAM is free
             prev = None
@@ -227,11 +428,14 @@ def left_looking(slow, budget_bytes: int, progress=None, jitter: float = 0.0) ->
                 ahead = reader.submit(read_slab, *plan.slabs[si + 1])
             t = time.perf_counter()
             try:
-                cholesky_inplace(SymmetricPanels(n=n - s0, block=block, panels=slab), jitter=jitter)
+                cholesky_inplace(SymmetricPanels(n=n - s0, block=block, panels=slab), backend=compute.backend,
+                                 jitter=jitter)
+                token = compute.factored(slab)
+                compute.synchronize()
             except NotPositiveDefiniteError as exc:
                 raise NotPositiveDefiniteError(minor=exc.minor + s0, n=n, dtype=str(dtype), jitter=jitter) from None
             timer["factor_slab"] += time.perf_counter() - t
-            pending = (writer.submit(commit, j0, slab),
+            pending = (writer.submit(commit, j0, slab, token),
                        sum(panel_flops(n, slow.starts[j], slow.widths[j]) for j in range(j0, j1)))
             if plan.overlap:
                 prev, p0 = slab, j0
@@ -242,3 +446,8 @@ def left_looking(slow, budget_bytes: int, progress=None, jitter: float = 0.0) ->
             del slab
         settle()
     timer["factor_total"] = timer.get("factor_total", 0.0) + time.perf_counter() - t_all
+    record = compute.record()
+    for key, seconds in getattr(compute, "timings_s", {}).items():
+        timer[key] = timer.get(key, 0.0) + seconds
+    st.device = record
+    return record
