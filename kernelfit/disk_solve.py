@@ -202,8 +202,7 @@ def _attempt(scratch_dir, n, source, tile, apply_high, Y2, dtype, timings, *, ji
 def factor_device(store: DiskPanels) -> dict:
     """Which device factored the store's stage, and its bytes up / down (``slabs.left_looking``'s
     record); a stage already complete when the run opened it was factored by an earlier run."""
-    return dict(getattr(store.stats, "device", None) or {"device": None, "note": "factored by an earlier run (resumed "
-                                                                                  "a complete store)"})
+    return dict(store.stats.device or {"device": None, "note": "factored by an earlier run (resumed a complete store)"})
 
 
 def solve_refined_on_disk(store: DiskPanels, apply_high: Callable, Y, *, jitter: float = 0.0, max_refine: int = MAX_REFINE,

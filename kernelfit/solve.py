@@ -400,14 +400,15 @@ def fit_precomputed(G, Y, options: SolveOptions = SolveOptions(mode="float64"), 
     timings = {}
     disk_fields = {}
     if disk is not None:
-        from .disk_solve import solve_gram_file_on_disk
+        from .disk_solve import disk_factorization, solve_gram_file_on_disk
 
         p = options.placement
         alpha, R, dstats = solve_gram_file_on_disk(
             source, Y, scratch_dir=p.scratch_dir, memory_budget=disk.budget_bytes, dtype=fdt, jitter=jitter,
-            resume=p.resume, max_refine=MAX_REFINE if mode == "float64" else 0, block=disk.block, with_residual=True)
+            resume=p.resume, max_refine=MAX_REFINE if mode == "float64" else 0, block=disk.block, with_residual=True,
+            device=p.device, device_memory_budget=p.device_memory_budget)
         timings, refinement = dstats["timings_s"], dstats["refinement"]
-        factor_info = {"backend": "disk", "algorithm": "left-looking slabs"}
+        factor_info = disk_factorization(dstats)
         disk_fields = {"strategy": "disk", "residual_source": dstats["residual_source"], **disk_stats(dstats, disk)}
         plan.block = dstats["block_size"]
     elif client is None:

@@ -143,7 +143,14 @@ def test_cli_gram_file_on_disk_equals_the_in_ram_solve(arrays, tmp_path, capsys)
                         "--out", str(tmp_path / "disk.json")]) == 0
     st = json.loads((tmp_path / "disk.json").read_text())["stats"]
     assert st["strategy"] == "disk" and st["slabs"] >= 4 and st["factor_dtype"] == "float64"
+    assert st["factorization"]["device"] == "cpu" and st["factorization"]["compute"] == "numpy"
     _same(_record(tmp_path / "disk.json"), _record(tmp_path / "ram.json"))
+    # --device: the Gram file's slabs factor on that torch device (here the CPU as a separate device)
+    assert main(base + ["--out-of-core", "disk", "--scratch-dir", str(tmp_path / "s2"), "--memory-budget", "0.004",
+                        "--device", "cpu", "--out", str(tmp_path / "dev.json")]) == 0
+    st = json.loads((tmp_path / "dev.json").read_text())["stats"]
+    assert st["factorization"]["compute"] == "torch" and st["factorization"]["bytes_uploaded"] > 0
+    _same(_record(tmp_path / "dev.json"), _record(tmp_path / "ram.json"))
 
 
 @pytest.mark.parametrize("kind", ["hdf5", "zarr"])

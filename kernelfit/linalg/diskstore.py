@@ -44,7 +44,7 @@ from ..results import atomic_file
 from ..storage import _hasher, create_npy_memmap, file_digest, save_npy
 from .checkpoint import FORMAT, MANIFEST, owned_dir, read_manifest
 from .panels import SymmetricPanels, choose_block
-from .slabs import _check_budget, left_looking, min_disk_budget, plan_disk_slabs
+from .slabs import _check_budget, left_looking, make_compute, min_disk_budget, plan_disk_slabs
 from .tiled import single_blas_thread
 
 FLAG = "scratch_dir"
@@ -76,6 +76,7 @@ class DiskStats:
     bytes_written: int = 0
     io_wait_s: float = 0.0
     timings_s: dict = field(default_factory=dict)
+    device: dict = field(default_factory=dict)     # which compute factored (``slabs.left_looking``'s record)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -427,8 +428,6 @@ class DiskPanels:
         if self.filled < len(self.starts):
             raise InputError(f"{self.flag} {self.dir}: only {self.filled} of {len(self.starts)} input panels are "
                              f"filled; fill the store before factoring it.")
-        from .slabs import make_compute
-
         left_looking(self, budget_bytes, progress=progress, jitter=jitter,
                      compute=make_compute(device, device_memory_budget))
         return self.stats
