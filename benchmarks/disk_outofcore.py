@@ -5,7 +5,10 @@ RAM, factors them (``tiled.cholesky_inplace``) and solves; ``disk`` fills a stor
 --scratch-dir tile by tile, factors it left-looking with a RAM budget of --budget-fraction of the
 Gram, and solves streaming the factor. Both measure float32 sgemm peak in the same process. Prints
 JSON lines (one per part, then a summary with the factorization-rate ratio disk / in-core, the
-end-to-end ratio, I/O wait and bytes through the disk), also appended to --out.
+end-to-end ratio, I/O wait and bytes through the disk), also appended to --out. ``--repeats R`` runs
+the two parts R times interleaved (in-core, disk, in-core, disk, ...: the VMs are shared, so a slow
+spell hits both) and the summary compares the best factorization of each part, with every pair's
+ratio beside it.
 
     python benchmarks/disk_outofcore.py --n 30000 --scratch-dir /mnt/scratch/kf     # the run
     python benchmarks/disk_outofcore.py --n 4000 --scratch-dir /tmp/kf-disk          # a dry run
@@ -97,6 +100,7 @@ def main(argv=None) -> int:
     p.add_argument("--scratch-dir", required=True, help="an empty or new directory on the disk to measure")
     p.add_argument("--data-dir", default=os.environ.get("KERNELFIT_DATA"))
     p.add_argument("--out", help="append the JSON lines to this file")
+    p.add_argument("--repeats", type=int, default=1, help="interleaved in-core / disk pairs (default 1)")
     p.add_argument("--part", choices=["incore", "disk"], help=argparse.SUPPRESS)
     p.add_argument("--alpha-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -113,25 +117,30 @@ def main(argv=None) -> int:
     alpha = os.path.join(tmp, "alpha.npy")
     recs = []
     try:
-        for part in ("incore", "disk"):
-            cmd = [sys.executable, os.path.abspath(__file__), "--part", part, "--alpha-out", alpha, "--n", str(args.n),
-                   "--sigma", str(args.sigma), "--budget-fraction", str(args.budget_fraction),
-                   "--scratch-dir", args.scratch_dir] + (["--data-dir", args.data_dir] if args.data_dir else [])
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            if out.returncode != 0:
-                sys.stderr.write(out.stderr)
-                return out.returncode
-            recs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        for _ in range(max(1, args.repeats)):
+            for part in ("incore", "disk"):
+                cmd = [sys.executable, os.path.abspath(__file__), "--part", part, "--alpha-out", alpha, "--n",
+                       str(args.n), "--sigma", str(args.sigma), "--budget-fraction", str(args.budget_fraction),
+                       "--scratch-dir", args.scratch_dir] + (["--data-dir", args.data_dir] if args.data_dir else [])
+                out = subprocess.run(cmd, capture_output=True, text=True)
+                if out.returncode != 0:
+                    sys.stderr.write(out.stderr)
+                    return out.returncode
+                recs.append(json.loads(out.stdout.strip().splitlines()[-1]))
     finally:
         if os.path.exists(alpha):
             os.unlink(alpha)
         os.rmdir(tmp)
-    inc, dsk = recs
+    incs = [r for r in recs if r["part"] == "incore"]
+    dsks = [r for r in recs if r["part"] == "disk"]
+    inc = max(incs, key=lambda r: r["factor_gflops"])
+    dsk = max(dsks, key=lambda r: r["factor_gflops"])
     recs.append({"part": "summary", "n": args.n, "sigma": args.sigma, "budget_fraction": args.budget_fraction,
-                 "factor_rate_ratio": dsk["factor_gflops"] / inc["factor_gflops"],
-                 "end_to_end_ratio": inc["end_to_end_s"] / dsk["end_to_end_s"],
+                 "repeats": len(incs), "factor_rate_ratio": dsk["factor_gflops"] / inc["factor_gflops"],
+                 "factor_rate_ratio_per_pair": [d["factor_gflops"] / i["factor_gflops"] for i, d in zip(incs, dsks)],
+                 "end_to_end_ratio": min(r["end_to_end_s"] for r in incs) / min(r["end_to_end_s"] for r in dsks),
                  "io_wait_s": dsk["io_wait_s"], "bytes_read": dsk["bytes_read"], "bytes_written": dsk["bytes_written"],
-                 "sgemm_peak_gflops": max(inc["sgemm_peak_gflops"], dsk["sgemm_peak_gflops"]),
+                 "sgemm_peak_gflops": max(r["sgemm_peak_gflops"] for r in recs),
                  "provenance": provenance(sys.argv)})
     for r in recs:
         print(json.dumps(r))
