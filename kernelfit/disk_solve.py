@@ -32,7 +32,7 @@ from .linalg.diskstore import DiskPanels, TileFn, disk_bytes, disk_cho_solve, pr
 from .linalg.panels import cholesky_flops
 from .linalg.refine import float64_level_threshold
 from .results import format_gib, peak_rss_bytes, residual_stats, warn_residual
-from .storage import file_digest
+from .storage import FILE_DIGEST, file_digest
 from .validate import bandwidth_rule
 
 __all__ = ["solve_on_disk", "solve_gram_file_on_disk", "solve_refined_on_disk", "npy_gram_source", "gram_file_source",
@@ -87,7 +87,7 @@ def solve_gram_file_on_disk(path, Y, *, scratch_dir, memory_budget: int, dtype=n
                             rows: int = 1024, fallback_float64: bool = False, with_residual: bool = False,
                             device=None, device_memory_budget: int | None = None):
     """As ``solve_on_disk`` for a user's square .npy Gram file (its lower triangle is the matrix; the
-    file is read tile by tile, never whole; its blake2b in the manifest refuses a resume on a changed
+    file is read tile by tile, never whole; its checksum in the manifest refuses a resume on a changed
     file). Residuals stream the file's lower triangle in float64, ``rows`` rows at a time."""
     n, _, tile, source = gram_file_source(path)
     source = {**source, "jitter": float(jitter)}
@@ -223,7 +223,7 @@ def npy_gram_source(path) -> tuple[int, np.dtype, TileFn, dict]:
     ``pread`` per tile row (a row's column range is contiguous in a C-order file). Not a memmap: the
     pages a memmap touches (with the kernel's fault-around, 64 KiB per row) count as resident memory,
     140 MB over a 17 MB budget at n = 6,000. Only the lower triangle is read. ``source`` holds the
-    file's blake2b for the manifest (a resume refuses a changed file)."""
+    file's checksum (``storage.FILE_DIGEST``) for the manifest (a resume refuses a changed file)."""
     path = Path(path)
     try:
         A = np.load(path, mmap_mode="r", allow_pickle=False)
@@ -249,7 +249,7 @@ def npy_gram_source(path) -> tuple[int, np.dtype, TileFn, dict]:
             os.close(fd)
         return out
 
-    return n, dt, tile, {"kind": "npy", "path": str(path.resolve()), "blake2b": file_digest(path)}
+    return n, dt, tile, {"kind": "npy", "path": str(path.resolve()), FILE_DIGEST: file_digest(path)}
 
 
 def check_gram_file_source(source, what: str, client=None) -> None:

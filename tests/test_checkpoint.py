@@ -197,7 +197,7 @@ def test_a_panel_that_does_not_match_its_checksum_is_refused_never_mixed(tmp_pat
         factor(SymmetricPanels.from_dense(A, 8), FactorOptions(checkpoint_dir=tmp_path, resume=True))
     (tmp_path / "float64.L_00002.npy").unlink()
     m = json.loads((tmp_path / "manifest.json").read_text())
-    m["stages"]["float64"]["files"]["float64.L_00001.npy"]["blake2b"] = \
+    m["stages"]["float64"]["files"]["float64.L_00001.npy"]["xxh3_128"] = \
         __import__("kernelfit.storage", fromlist=["x"]).file_digest(tmp_path / "float64.L_00001.npy")
     (tmp_path / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(ChecksumError, match="L_00002.npy is missing"):
@@ -357,3 +357,51 @@ def test_float64_fallback_checkpoints_its_own_stage_and_resumes(tmp_path, monkey
                                                    placement=FactorOptions(**{**place, "checkpoint_dir": str(tmp_path / "ck2")})))
     assert fresh.stats["factor_dtype"] == "float64"
     np.testing.assert_allclose(fresh.alpha, ref, rtol=1e-6, atol=1e-6 * np.abs(ref).max())
+
+
+def _rewrite_records(directory, digest):
+    """Replace every file record of the manifest with {name of digest: digest(file bytes), bytes}."""
+    m = json.loads((directory / "manifest.json").read_text())
+    for st in m["stages"].values():
+        for name in st["files"]:
+            data = (directory / name).read_bytes()
+            st["files"][name] = {**digest(data), "bytes": len(data)}
+    (directory / "manifest.json").write_text(json.dumps(m))
+
+
+def test_manifest_records_xxh3_128_of_each_file_bytes(tmp_path):
+    import xxhash
+
+    _crashed_checkpoint(tmp_path)
+    files = json.loads((tmp_path / "manifest.json").read_text())["stages"]["float64"]["files"]
+    assert files
+    for name, rec in files.items():
+        data = (tmp_path / name).read_bytes()
+        assert rec == {"xxh3_128": xxhash.xxh3_128(data).hexdigest(), "bytes": len(data)}
+
+
+def test_a_checkpoint_with_blake2b_records_still_resumes_and_is_still_checked(tmp_path):
+    import hashlib
+
+    from kernelfit.errors import ChecksumError
+
+    A = _crashed_checkpoint(tmp_path)
+    _rewrite_records(tmp_path, lambda b: {"blake2b": hashlib.blake2b(b, digest_size=32).hexdigest()})
+    G = SymmetricPanels.from_dense(A, 8)
+    factor(G, FactorOptions(checkpoint_dir=tmp_path, resume=True))
+    L = scipy.linalg.cholesky(A, lower=True)
+    assert np.abs(np.tril(G.to_dense(False)) - L).max() <= 1e-12 * np.abs(L).max()
+
+    A = _crashed_checkpoint(tmp_path / "b")
+    _rewrite_records(tmp_path / "b", lambda b: {"blake2b": hashlib.blake2b(b + b"x", digest_size=32).hexdigest()})
+    with pytest.raises(ChecksumError, match="does not match the checksum"):
+        factor(SymmetricPanels.from_dense(A, 8), FactorOptions(checkpoint_dir=tmp_path / "b", resume=True))
+
+
+def test_a_file_record_without_a_known_checksum_is_refused(tmp_path):
+    from kernelfit.errors import StorageError
+
+    A = _crashed_checkpoint(tmp_path)
+    _rewrite_records(tmp_path, lambda b: {"md5": "0" * 32})
+    with pytest.raises(StorageError, match="bad file entry"):
+        factor(SymmetricPanels.from_dense(A, 8), FactorOptions(checkpoint_dir=tmp_path, resume=True))

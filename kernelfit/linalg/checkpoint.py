@@ -4,7 +4,7 @@ A checkpoint directory is one kernelfit owns (``kernelfit.storage``: our marker 
 the PID of the run using it). It holds ``manifest.json``: a run id and one *stage* per factorization
 (default name: the factor dtype, so mixed precision's float32 attempt and its float64 fallback each
 have their own), each with n, block, dtype, a sha256 of the *input* panels and of the caller's config,
-the last finished panel, the strategy, and the blake2b of every panel file it lists
+the last finished panel, the strategy, and the checksum (``storage.FILE_DIGEST``) of every panel file it lists
 (``<stage>.L_<panel>.npy``, written once each; ``<stage>.T<generation>_<panel>.npy`` for the
 'trailing' strategy). Every file is written to a temporary name, fsynced and moved into place with
 ``os.replace``; the manifest is replaced last, so a crash at any moment leaves the previous consistent
@@ -44,7 +44,7 @@ import numpy as np
 from ..errors import ChecksumError, InputError
 from ..places import check_free_space
 from ..results import atomic_file
-from ..storage import OwnedDir, StorageError, file_digest, save_npy
+from ..storage import OwnedDir, StorageError, matches_record, recorded_digest, save_npy
 from .panels import SymmetricPanels
 
 FORMAT = "kernelfit.cholesky-checkpoint/2"
@@ -97,7 +97,7 @@ def read_manifest(directory, flag: str = "checkpoint_dir") -> dict | None:
                 raise ValueError(f"stage {name!r} lacks or mistypes {', '.join(bad)}")
             for fname, rec in st["files"].items():
                 if not re.fullmatch(FILE_NAMES, fname) or not isinstance(rec, dict) \
-                        or not isinstance(rec.get("blake2b"), str):
+                        or recorded_digest(rec) is None:
                     raise ValueError(f"stage {name!r} lists a bad file entry {fname!r}")
     except (OSError, UnicodeDecodeError, ValueError) as e:   # JSONDecodeError is a ValueError
         raise StorageError(errno.EINVAL, f"{flag} {Path(directory)}: {MANIFEST} is not a readable kernelfit "
@@ -130,7 +130,7 @@ class Checkpointer:
 
     One checkpoint directory holds several *stages* (default: the factor dtype), each with its own
     panels, input hash and progress in the one manifest: mixed precision's float32 attempt and its
-    float64 re-factorization both checkpoint and both resume. Every file's blake2b is in the manifest
+    float64 re-factorization both checkpoint and both resume. Every file's checksum is in the manifest
     and is checked on resume. The directory is ours (``kernelfit.storage``): marked, locked while in use.
 
     Call ``begin(G)`` on the *input* (computes its hash) or ``resume(G)``, use ``hook`` as
@@ -270,9 +270,9 @@ class Checkpointer:
         self.saves += 1
 
     def _write(self, name: str, P) -> dict:
-        digest, nbytes = save_npy(self.dir / name, _host(P))
+        rec = save_npy(self.dir / name, _host(P))
         self.bytes_written += P.nbytes
-        return {"blake2b": digest, "bytes": nbytes}
+        return rec
 
     # --- resume --------------------------------------------------------------------------------
     def resume(self, G: SymmetricPanels, backend: str = "numpy", apply_updates: bool = True) -> int:
@@ -325,7 +325,7 @@ class Checkpointer:
             why = "is not listed in" if rec is None else "is missing, though listed in"
             raise ChecksumError(f"checkpoint {self.dir}: panel file {name} {why} {MANIFEST}; the checkpoint is "
                                 f"incomplete and is not used. Fix: delete the directory and start afresh.")
-        if file_digest(path) != rec["blake2b"]:
+        if not matches_record(path, rec):
             raise ChecksumError(f"checkpoint {self.dir}: panel file {name} does not match the checksum in "
                                 f"{MANIFEST} (modified, truncated, or written by another run); its panels are never "
                                 f"mixed into this factorization. Fix: delete the directory and start afresh.")

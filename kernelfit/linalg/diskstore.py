@@ -11,7 +11,7 @@ slabs, hence every GEMM, are the same and the factor is bit-identical. When the 
 slabs (``plan_disk_slabs``), a writer thread commits slab s while slab s+1 runs; one commit is in
 flight at a time, so the manifests still advance slab by slab.
 
-Every panel file's blake2b is in the manifest: an input panel is hashed as it is written and checked
+Every panel file's checksum (``storage.FILE_DIGEST``) is in the manifest: an input panel is hashed as it is written and checked
 when a later process (a resume) reads it for its slab, a factor panel when a resume opens the store.
 Input panels are read with plain ``preadv`` into the slab (page cache is not RSS); finished factor
 rows are mapped read-only for the time of one streamed piece (``map_factor_rows``: no copy, and no
@@ -41,7 +41,7 @@ import scipy.linalg
 from ..errors import DataError, InputError, StorageError
 from ..places import check_free_space, check_writable_dir
 from ..results import atomic_file
-from ..storage import _hasher, create_npy_memmap, file_digest, save_npy
+from ..storage import FILE_DIGEST, _hasher, create_npy_memmap, matches_record, recorded_digest, save_npy
 from .checkpoint import FORMAT, MANIFEST, owned_dir, read_manifest
 from .panels import SymmetricPanels, choose_block
 from .slabs import _check_budget, left_looking, make_compute, min_disk_budget, plan_disk_slabs
@@ -292,7 +292,7 @@ class DiskPanels:
             if ".L_" not in name:
                 continue            # input panels are checked as their slab reads them
             path = self.dir / name
-            if not path.is_file() or file_digest(path) != rec["blake2b"]:
+            if not path.is_file() or not matches_record(path, rec):
                 raise ChecksumError(f"{self.flag} {self.dir}: factor panel {name} is missing or does not match the "
                                     f"checksum in {MANIFEST}; the store is not used. Fix: delete the directory and "
                                     f"start afresh.")
@@ -312,7 +312,7 @@ class DiskPanels:
             mm = create_npy_memmap(self.dir / name, self.dtype, (self.n - s, w), self.flag, f"input panel {j}")
             offset = mm.offset
             del mm                       # reserved on disk; written with plain writes below
-            h = _hasher("blake2b")
+            h = _hasher(FILE_DIGEST)
             rows = max(1, chunk_bytes // (w * itemsize))
             with open(self.dir / name, "r+b") as f:
                 h.update(f.read(offset))
@@ -334,7 +334,7 @@ class DiskPanels:
                     self.stats.bytes_written += T.nbytes
                 f.flush()
                 os.fsync(f.fileno())
-            self.record["files"][name] = {"blake2b": h.hexdigest(), "bytes": offset + (self.n - s) * w * itemsize}
+            self.record["files"][name] = {FILE_DIGEST: h.hexdigest(), "bytes": offset + (self.n - s) * w * itemsize}
             self.hashed_here.add(name)
             self.record["filled_panels"] = j + 1
             self._write_manifest()
@@ -352,11 +352,12 @@ class DiskPanels:
             raise StorageError(errno.ENOENT, f"{self.flag} {self.dir}: input panel {name} is not in {MANIFEST} "
                                              f"(the store was not filled); fill it first.")
         check = name not in self.hashed_here
+        algorithm, digest = recorded_digest(rec)
         fd = os.open(self.dir / name, os.O_RDONLY)
         try:
             offset = _npy_header(self.dir / name)
             if check:
-                h = _hasher("blake2b")
+                h = _hasher(algorithm)
                 h.update(os.pread(fd, offset, 0))
             pread_into(fd, memoryview(out).cast("B"), offset)
             if check:
@@ -364,7 +365,7 @@ class DiskPanels:
         finally:
             os.close(fd)
         self.stats.bytes_read += out.nbytes
-        if check and h.hexdigest() != rec["blake2b"]:
+        if check and h.hexdigest() != digest:
             raise ChecksumError(f"{self.flag} {self.dir}: input panel {name} does not match the checksum in {MANIFEST} "
                                 f"(modified or truncated); it is never used. Fix: delete the directory and start afresh.")
 
@@ -394,9 +395,9 @@ class DiskPanels:
         try:
             for j, P in enumerate(panels, start=j0):
                 name = self._name("L", j)
-                digest, nbytes = save_npy(self.dir / name, P)
+                rec = save_npy(self.dir / name, P)
                 written.append(name)
-                files[name] = {"blake2b": digest, "bytes": nbytes}
+                files[name] = rec
                 self.stats.bytes_written += P.nbytes
             last = j0 + len(panels) - 1
             for j in range(j0, last + 1):
