@@ -189,6 +189,7 @@ class DiskPanels:
         self.stats = DiskStats()
         self.budget_bytes = 0
         self.hashed_here = set()     # input panels this process wrote and hashed: not hashed again on read
+        self._data_offset = {}       # factor file name -> where its numbers start (a factor file never changes)
 
     # --- opening -------------------------------------------------------------------------------
     @classmethod
@@ -374,7 +375,9 @@ class DiskPanels:
         are read here, on the caller's thread). The mapping lives as long as the array."""
         path = self.dir / self._name("L", k)
         w = self.widths[k]
-        start = _npy_header(path) + (row0 - self.starts[k]) * w * self.dtype.itemsize
+        if path.name not in self._data_offset:      # read once, not once per streamed piece
+            self._data_offset[path.name] = _npy_header(path)
+        start = self._data_offset[path.name] + (row0 - self.starts[k]) * w * self.dtype.itemsize
         nbytes = (row1 - row0) * w * self.dtype.itemsize
         base = start // mmap.ALLOCATIONGRANULARITY * mmap.ALLOCATIONGRANULARITY
         fd = os.open(path, os.O_RDONLY)
