@@ -51,3 +51,28 @@ def blas_thread_counts():
     from threadpoolctl import threadpool_info
 
     return lambda: [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+
+
+@pytest.fixture
+def full_disk_at(monkeypatch):
+    """``full_disk_at(n)``: the n-th panel file the disk store writes (``diskstore.save_npy``) fails with
+    ENOSPC; returns a function that gives the disk its space back."""
+    import errno
+
+    from kernelfit.linalg import diskstore
+
+    real = diskstore.save_npy
+
+    def arm(n: int):
+        calls = {"n": 0}
+
+        def full_disk(path, arr):
+            calls["n"] += 1
+            if calls["n"] == n:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(path, arr)
+
+        monkeypatch.setattr(diskstore, "save_npy", full_disk)
+        return lambda: monkeypatch.setattr(diskstore, "save_npy", real)
+
+    return arm

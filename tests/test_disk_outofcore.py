@@ -214,23 +214,15 @@ def test_kill_9_mid_factorization_then_resume_is_bit_identical(tmp_path, referen
 
 
 @pytest.mark.parametrize("kind", ["plain", "overlapped"])   # overlapped: the writer thread's error surfaces in factor()
-def test_full_disk_mid_run_keeps_finished_slabs_and_resume_finishes(tmp_path, points, references, monkeypatch, kind):
+def test_full_disk_mid_run_keeps_finished_slabs_and_resume_finishes(tmp_path, points, references, full_disk_at, kind):
     budget, want = budget_for(kind), references(kind)
     st = new_store(tmp_path / "s", points, budget)
-    real, calls = diskstore.save_npy, {"n": 0}
-
-    def full_disk(path, arr):
-        calls["n"] += 1
-        if calls["n"] == 8:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(path, arr)
-
-    monkeypatch.setattr(diskstore, "save_npy", full_disk)
+    free_space = full_disk_at(8)
     with pytest.raises(StorageError, match=r"No space left.*panels 0\.\.\d+ of the factor .*kept.*resume=True \(--resume\)"):
         st.factor(budget)
     kept = st.finished
     st.close()
-    monkeypatch.setattr(diskstore, "save_npy", real)
+    free_space()
     listed = json.loads((tmp_path / "s" / "manifest.json").read_text())["stages"]["float64"]
     assert listed["last_finished_panel"] == kept - 1 and kept > 0
     on_disk = {p.name for p in (tmp_path / "s").iterdir() if p.name.endswith(".npy")}

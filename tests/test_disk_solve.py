@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import errno
-
 import numpy as np
 import pytest
 import scipy.linalg
 
 from kernelfit.disk_solve import solve_gram_file_on_disk, solve_on_disk
 from kernelfit.errors import StorageError
-from kernelfit.linalg import diskstore
 from kernelfit.linalg.panels import SymmetricPanels
 
 N, SIGMA, JITTER = 2500, 2.0, 1e-2    # cond(K + jitter I) ~ 1e5: float32 refinement converges in a few steps
@@ -56,22 +53,14 @@ def test_gram_file_on_disk_matches_scipy(tmp_path, problem):
     assert "K.npy" in stats["residual_source"]
 
 
-def test_full_disk_then_resume_finishes_the_same_solve(tmp_path, problem, monkeypatch):
+def test_full_disk_then_resume_finishes_the_same_solve(tmp_path, problem, full_disk_at):
     X, Y, K, ref = problem
-    real, calls = diskstore.save_npy, {"n": 0}
-
-    def full_disk(path, arr):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(path, arr)
-
-    monkeypatch.setattr(diskstore, "save_npy", full_disk)
+    free_space = full_disk_at(6)
     kw = dict(kernel="gaussian", bandwidth=SIGMA, scratch_dir=tmp_path / "s", memory_budget=budget(), jitter=JITTER)
     with pytest.raises(StorageError, match="resume=True"):
         solve_on_disk(X, Y, **kw)
     assert (tmp_path / "s" / "manifest.json").is_file()
-    monkeypatch.setattr(diskstore, "save_npy", real)
+    free_space()
     alpha, stats = solve_on_disk(X, Y, resume=True, **kw)
     assert stats["resumed"]["finished_panels"] > 0
     assert np.linalg.norm(alpha - ref) <= 1e-8 * np.linalg.norm(ref)
