@@ -235,10 +235,23 @@ class HashingWriter:
         return self.h.hexdigest()
 
 
-def save_npy(path, arr: np.ndarray) -> dict:
+def save_npy(path, arr: np.ndarray, direct: bool = False) -> dict:
     """Atomically write ``arr`` as .npy; returns the manifest's record of the file:
-    ``{FILE_DIGEST: hex digest of the file bytes, "bytes": size}``."""
+    ``{FILE_DIGEST: hex digest of the file bytes, "bytes": size}``. ``direct``: with O_DIRECT and the
+    header padded to ``directio.ALIGN`` (``directio.write_npy``) when ``arr`` sits at an aligned address
+    and the file system takes it; otherwise (and always without ``direct``) numpy's buffered writer."""
+    from .directio import DirectIOUnsupported, is_aligned, set_direct, write_npy
+
     with atomic_file(path, "wb") as f:
+        if direct and is_aligned(arr):
+            h = _hasher(FILE_DIGEST)
+            try:
+                size = write_npy(f.fileno(), arr, h)
+                return {FILE_DIGEST: h.hexdigest(), "bytes": size}
+            except DirectIOUnsupported:          # refused here: start the file again, buffered
+                set_direct(f.fileno(), False)
+                os.ftruncate(f.fileno(), 0)
+                f.seek(0)
         w = HashingWriter(f)
         np.save(w, np.ascontiguousarray(arr), allow_pickle=False)
     return {FILE_DIGEST: w.hexdigest(), "bytes": w.nbytes}

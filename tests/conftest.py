@@ -66,11 +66,11 @@ def full_disk_at(monkeypatch):
     def arm(n: int):
         calls = {"n": 0}
 
-        def full_disk(path, arr):
+        def full_disk(path, arr, **kw):
             calls["n"] += 1
             if calls["n"] == n:
                 raise OSError(errno.ENOSPC, "No space left on device")
-            return real(path, arr)
+            return real(path, arr, **kw)
 
         monkeypatch.setattr(diskstore, "save_npy", full_disk)
         return lambda: monkeypatch.setattr(diskstore, "save_npy", real)

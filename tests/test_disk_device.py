@@ -40,10 +40,10 @@ def gram_tile(X):
 
 
 def budget_for(kind):
-    """As tests/test_disk_outofcore.py: 'overlapped' a quarter of the Gram (two slabs fit), 'plain' 1.6
-    first panels (the commits waited for)."""
+    """As tests/test_disk_outofcore.py: 'wide' a quarter of the Gram (slabs of several panels), 'narrow' 1.6
+    first panels (one-panel slabs first)."""
     gram = SymmetricPanels.nbytes_for(N, BLOCK, np.float64)
-    return gram // 4 if kind == "overlapped" else int(1.6 * N * BLOCK * 8)
+    return gram // 4 if kind == "wide" else int(1.6 * N * BLOCK * 8)
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,7 @@ def assert_matches_scipy(st, L):
     assert np.abs(dense_lower(st) - L).max() <= 1e-10 * np.abs(L).max()
 
 
-@pytest.mark.parametrize("kind", ["plain", "overlapped"])
+@pytest.mark.parametrize("kind", ["narrow", "wide"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_device_factor_matches_scipy_and_records_the_device(tmp_path, points, scipy_factor, device, kind):
     budget = budget_for(kind)
@@ -99,7 +99,7 @@ def test_device_factor_matches_scipy_and_records_the_device(tmp_path, points, sc
 
 
 def test_host_factor_records_the_host(tmp_path, points):
-    budget = budget_for("overlapped")
+    budget = budget_for("wide")
     st = new_store(tmp_path / "s", points, budget)
     assert st.factor(budget).device == {"device": "cpu", "compute": "numpy"}
     st.close()
@@ -107,7 +107,7 @@ def test_host_factor_records_the_host(tmp_path, points):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_a_device_budget_below_the_host_budget_plans_more_slabs(tmp_path, points, scipy_factor, device):
-    budget = budget_for("overlapped")
+    budget = budget_for("wide")
     host = new_store(tmp_path / "h", points, budget)
     host_slabs = host.factor(budget, device=device).slabs        # device budget: its free memory, far above
     host.close()
@@ -124,18 +124,18 @@ def test_a_device_budget_below_the_host_budget_plans_more_slabs(tmp_path, points
     st.close()
 
 
-@pytest.mark.parametrize("kind", ["plain", "overlapped"])
+@pytest.mark.parametrize("kind", ["narrow", "wide"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_interrupted_device_factor_resumes_on_the_device(tmp_path, points, scipy_factor, device, kind):
     budget = budget_for(kind)
     st = new_store(tmp_path / "s", points, budget)
     real, commits = st.commit_slab, {"n": 0}
 
-    def commit(j0, panels):            # the third slab's commit fails: two slabs stay on disk
+    def commit(j0, j1):                # the third slab's commit fails: two slabs stay on disk
         commits["n"] += 1
         if commits["n"] == 3:
             raise RuntimeError("interrupted")
-        real(j0, panels)
+        real(j0, j1)
 
     st.commit_slab = commit
     with pytest.raises(RuntimeError, match="interrupted"):

@@ -42,9 +42,9 @@ def gram_budget(n=N, block=BLOCK, dtype=np.float64, parts=4):
 
 
 def budget_for(kind):
-    """'overlapped': a quarter of the Gram (two slabs and their pieces fit); 'plain': 1.6 first panels,
-    too small for two slabs in RAM, so the commits are waited for."""
-    return gram_budget(parts=4) if kind == "overlapped" else int(1.6 * N * BLOCK * 8)
+    """'wide': a quarter of the Gram (slabs of several panels, each the next one's memory as its panels
+    are written); 'narrow': 1.6 first panels (one-panel slabs first, one-block stream pieces)."""
+    return gram_budget(parts=4) if kind == "wide" else int(1.6 * N * BLOCK * 8)
 
 
 def dense_gram(X, jitter=JITTER):
@@ -81,7 +81,7 @@ def points():
 @pytest.fixture(scope="module")
 def references(tmp_path_factory, points):
     """The uninterrupted disk factor's panels for budget_for(kind) (what a resumed run must reproduce
-    bit for bit): 'plain' slabs or 'overlapped' ones."""
+    bit for bit): 'narrow' slabs or 'wide' ones."""
     cache = {}
 
     def get(kind):
@@ -97,7 +97,7 @@ def references(tmp_path_factory, points):
 
 @pytest.fixture(scope="module")
 def reference(references):
-    return references("plain")
+    return references("narrow")
 
 
 def test_factor_and_solve_match_scipy_with_at_least_four_slabs(tmp_path, points):
@@ -175,30 +175,31 @@ st = DiskPanels.open(path, n, source={"kind": "test-gaussian", "seed": 0}, budge
                      dtype=np.float64)
 st.fill(gaussian_tile(X), jitter=jitter)
 commits = {"n": 0}
-orig_commit, orig_read, orig_save = st.commit_slab, st.map_factor_rows, diskstore.save_npy
-def commit(j0, panels):
+orig_commit, orig_read, orig_save = st.commit_slab, st.factor_rows, diskstore.save_npy
+def commit(j0, j1):
     commits["n"] += 1
-    commits["wide"] = len(panels) >= 2
-    orig_commit(j0, panels)
+    commits["wide"] = j1 - j0 >= 2
+    orig_commit(j0, j1)
 def read(k, row0, row1):       # kill -9 in the middle of the third slab's streamed updates
     if where == "stream" and commits["n"] >= 2 and k == 1:
         os.kill(os.getpid(), signal.SIGKILL)
     return orig_read(k, row0, row1)
-def save(p, a):                # kill -9 between two factor files of the third slab
+def save(p, a, **kw):           # kill -9 between two factor files of the third slab
     if where == "commit" and commits["n"] >= 2 and commits["wide"] and p.name.endswith("L_%05d.npy" % (st.finished + 1)):
         os.kill(os.getpid(), signal.SIGKILL)
-    return orig_save(p, a)
-st.commit_slab, st.map_factor_rows, diskstore.save_npy = commit, read, save
+    return orig_save(p, a, **kw)
+st.commit_slab, st.factor_rows, diskstore.save_npy = commit, read, save
 st.factor(budget)
 print("NOT KILLED")
 """
 
 
-@pytest.mark.parametrize("kind", ["plain", "overlapped"])   # overlapped: the kill lands in the writer thread
+@pytest.mark.parametrize("kind", ["narrow", "wide"])   # 'commit': the kill lands in the writer thread
 @pytest.mark.parametrize("where", ["stream", "commit"])
 def test_kill_9_mid_factorization_then_resume_is_bit_identical(tmp_path, references, where, kind):
     budget, want = budget_for(kind), references(kind)
-    assert slabs.plan_disk_slabs(N, BLOCK, 8, budget).overlap == (kind == "overlapped")
+    plan = slabs.plan_disk_slabs(N, BLOCK, 8, budget)
+    assert (plan.slabs[0][1] - plan.slabs[0][0] == 1) == (kind == "narrow")
     d = tmp_path / "killed"
     p = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(d), str(N), str(BLOCK), str(budget), str(JITTER), where],
                        capture_output=True, text=True, env=os.environ, timeout=300)
@@ -213,7 +214,7 @@ def test_kill_9_mid_factorization_then_resume_is_bit_identical(tmp_path, referen
     st.close()
 
 
-@pytest.mark.parametrize("kind", ["plain", "overlapped"])   # overlapped: the writer thread's error surfaces in factor()
+@pytest.mark.parametrize("kind", ["narrow", "wide"])   # the writer thread's error surfaces in factor()
 def test_full_disk_mid_run_keeps_finished_slabs_and_resume_finishes(tmp_path, points, references, full_disk_at, kind):
     budget, want = budget_for(kind), references(kind)
     st = new_store(tmp_path / "s", points, budget)
@@ -362,7 +363,7 @@ def test_benchmark_dry_run_prints_both_rates_and_the_ratio(tmp_path, shared_data
     assert not (tmp_path / "s").exists()          # the benchmark removes its store
 
 
-@pytest.mark.parametrize("kind", ["plain", "overlapped"])
+@pytest.mark.parametrize("kind", ["narrow", "wide"])
 def test_full_disk_at_the_manifest_keeps_the_previous_state(tmp_path, points, references, monkeypatch, kind):
     budget, reference = budget_for(kind), references(kind)
     st = new_store(tmp_path / "s", points, budget)
@@ -392,7 +393,7 @@ def test_smallest_budget_runs_with_one_block_pieces_and_matches_scipy(tmp_path):
     X = gaussian_points(n)  # noqa: F821
     budget = slabs.min_disk_budget(n, BLOCK, 8)
     plan = slabs.plan_disk_slabs(n, BLOCK, 8, budget)
-    assert not plan.overlap and plan.piece_rows == BLOCK
+    assert plan.piece_rows == BLOCK
     with pytest.raises(MemoryPlanError, match="too small"):
         slabs.plan_disk_slabs(n, BLOCK, 8, budget - 1)
     st = new_store(tmp_path / "s", X, budget)
@@ -405,7 +406,7 @@ def test_smallest_budget_runs_with_one_block_pieces_and_matches_scipy(tmp_path):
 def test_plan_disk_predicts_the_traffic_of_a_run(tmp_path, points, monkeypatch):
     from kernelfit.linalg.diskstore import plan_disk
 
-    budget = budget_for("plain")
+    budget = budget_for("narrow")
     plan = plan_disk(N, np.float64, budget, tmp_path, block=BLOCK)
     st = new_store(tmp_path / "s", points, budget)
     st.stats.bytes_read = st.stats.bytes_written = 0      # count the factorization only
@@ -424,63 +425,64 @@ def test_plan_disk_predicts_the_traffic_of_a_run(tmp_path, points, monkeypatch):
     st.close()
 
 
-# --- overlapped slabs: the writer thread commits slab s while slab s+1 runs -------------------------
+# --- the slab pipeline: panels written as they finish, the next slab read into their memory ---------
 def test_slab_plans_keep_what_is_in_ram_at_once_within_the_budget():
     starts = list(range(0, N, BLOCK))
-    size = [(N - s) * min(BLOCK, N - s) * 8 for s in starts]
-    for kind, budget in [("overlapped", gram_budget(parts=2)), ("overlapped", gram_budget(parts=4)),
-                         ("plain", budget_for("plain"))]:
+    padded = [-(-(N - s) * min(BLOCK, N - s) * 8 // 4096) * 4096 for s in starts]
+    for kind, budget in [("wide", gram_budget(parts=2)), ("wide", gram_budget(parts=4)),
+                         ("narrow", budget_for("narrow"))]:
         plan = slabs.plan_disk_slabs(N, BLOCK, 8, budget)
-        assert plan.overlap == (kind == "overlapped") and len(plan.slabs) >= 4, (kind, plan)
+        assert len(plan.slabs) >= (3 if budget == gram_budget(parts=2) else 4), (kind, plan)
         assert [j for a, b in plan.slabs for j in range(a, b)] == list(range(len(starts)))     # every panel once
-        slab = [sum(size[a:b]) for a, b in plan.slabs]
-        # brute force: the top rows of a streamed panel plus two pieces, each piece_rows or the slab width
-        pieces = [0] + [(min(N, starts[b - 1] + BLOCK) - starts[a] + 2 * max(plan.piece_rows, min(N, starts[b - 1] + BLOCK)
-                                                                           - starts[a])) * BLOCK * 8
-                        for a, b in plan.slabs[1:]]
-        for s in range(len(plan.slabs)):
-            in_ram = slab[s] + pieces[s]
-            if plan.overlap and s:           # slab s-1 committing while slab s streams
-                in_ram += slab[s - 1]
-            if plan.overlap and s + 1 < len(plan.slabs):   # slab s+1's inputs read while slab s factors
-                assert slab[s] + slab[s + 1] <= budget
-            assert in_ram <= budget, (kind, s)
+        # brute force: the slab (panels padded to 4 KiB), the top rows of a streamed panel and two
+        # pieces, each piece_rows or the slab width, each read as whole 4 KiB blocks
+        for a, b in plan.slabs:
+            width = min(N, starts[b - 1] + BLOCK) - starts[a]
+            pieces = (width + 2 * max(plan.piece_rows, width)) * BLOCK * 8 + 6 * 4096 if a else 0
+            assert sum(padded[a:b]) + pieces <= budget, (kind, a, b)
+            if b < len(starts):              # greedy: one more panel would not fit
+                width = min(N, starts[b] + BLOCK) - starts[a]
+                more = (width + 2 * max(plan.piece_rows, width)) * BLOCK * 8 + 6 * 4096 if a else 0
+                assert sum(padded[a : b + 1]) + more > budget
         for j0, _ in plan.slabs:                    # a resume replans the same remaining slabs
             assert slabs.plan_disk_slabs(N, BLOCK, 8, budget, j0).slabs == [x for x in plan.slabs if x[0] >= j0]
     # pieces keep the stream buffers small: with half the Gram, every slab holds several panels
-    # (two whole streamed panels, as before pieces, left room for one)
     assert min(b - a for a, b in slabs.plan_disk_slabs(N, BLOCK, 8, gram_budget(parts=2)).slabs) >= 2
 
 
-def test_overlapped_factor_commits_on_a_writer_thread_and_matches_scipy(tmp_path, points):
+def test_panels_are_written_as_they_finish_while_the_next_slab_is_read_and_match_scipy(tmp_path, points):
     import threading
 
-    budget = gram_budget(parts=2)
+    budget = gram_budget(parts=4)
     st = new_store(tmp_path / "s", points, budget)
-    seen = {"commit_threads": set(), "during_commit": 0, "busy": False}
-    orig_commit, orig_input, orig_rows = st.commit_slab, st.read_input, st.map_factor_rows
+    seen = {"write_threads": set(), "reads_during_writes": 0, "busy": False, "order": []}
+    orig_write, orig_commit, orig_input = st.write_factor_panel, st.commit_slab, st.read_input
 
-    def commit(j0, panels):
-        seen["commit_threads"].add(threading.get_ident())
+    def write_factor_panel(j, P):
+        seen["write_threads"].add(threading.get_ident())
         seen["busy"] = True
         try:
-            time.sleep(0.1)            # a slow disk: the next slab's reads and updates go on meanwhile
-            orig_commit(j0, panels)
+            time.sleep(0.02)           # a slow disk: the factorization and the next slab's reads go on
+            orig_write(j, P)
         finally:
             seen["busy"] = False
+        seen["order"].append(("L", j))
+
+    def commit_slab(j0, j1):
+        seen["order"].append(("commit", j0, j1))
+        orig_commit(j0, j1)
 
     def read_input(j, out):
-        seen["during_commit"] += seen["busy"]
+        seen["reads_during_writes"] += seen["busy"]
         orig_input(j, out)
 
-    def map_factor_rows(k, row0, row1):
-        seen["during_commit"] += seen["busy"]
-        return orig_rows(k, row0, row1)
-
-    st.commit_slab, st.read_input, st.map_factor_rows = commit, read_input, map_factor_rows
+    st.write_factor_panel, st.commit_slab, st.read_input = write_factor_panel, commit_slab, read_input
     stats = st.factor(budget)
-    assert threading.get_ident() not in seen["commit_threads"] and seen["during_commit"] > 0
-    assert stats.slabs >= 4 and stats.timings_s["write_wait"] >= 0 and stats.timings_s["write_slab"] > 0.1
+    assert threading.get_ident() not in seen["write_threads"] and seen["reads_during_writes"] > 0
+    # every panel written once, in order, each slab's manifest after its panels' files
+    runs = slabs.plan_disk_slabs(N, BLOCK, 8, budget).slabs
+    assert seen["order"] == [x for a, b in runs for x in [("L", j) for j in range(a, b)] + [("commit", a, b)]]
+    assert stats.slabs >= 4 and stats.timings_s["write_slab"] > 0.02 * len(st.starts)
     assert stats.io_wait_s >= stats.timings_s["write_wait"] + stats.timings_s["read_wait"]
     L = scipy.linalg.cholesky(dense_gram(points), lower=True)
     assert np.abs(to_dense_lower(st) - L).max() <= 1e-10 * np.abs(L).max()
@@ -489,17 +491,101 @@ def test_overlapped_factor_commits_on_a_writer_thread_and_matches_scipy(tmp_path
     st.close()
 
 
-def test_overlapped_plan_disk_predicts_the_traffic_of_a_run(tmp_path, points):
-    budget = gram_budget(parts=2)
+def test_not_positive_definite_mid_slab_leaves_the_store_as_its_manifest_says(tmp_path, points):
+    from kernelfit.errors import NotPositiveDefiniteError
+
+    budget = gram_budget(parts=4)
+    n = N
+    st = DiskPanels.open(tmp_path / "s", n, source={"kind": "test-indefinite"}, budget_bytes=budget, block=BLOCK,
+                         dtype=np.float64)
+    bad = slabs.plan_disk_slabs(n, BLOCK, 8, budget).slabs[1][0] * BLOCK + BLOCK + 5   # in the second slab's 2nd panel
+    tile = gaussian_tile(points)  # noqa: F821
+
+    def indefinite(rows, cols):
+        T = tile(rows, cols)
+        if rows.start <= bad < rows.stop and cols.start <= bad < cols.stop:
+            T[bad - rows.start, bad - cols.start] = -1.0
+        return T
+
+    st.fill(indefinite, jitter=JITTER)
+    with pytest.raises(NotPositiveDefiniteError) as info:
+        st.factor(budget)
+    assert info.value.minor == bad + 1
+    listed = set(json.loads((tmp_path / "s" / "manifest.json").read_text())["stages"]["float64"]["files"])
+    on_disk = {p.name for p in (tmp_path / "s").iterdir() if p.name.endswith(".npy")}
+    assert on_disk == listed                   # the failed slab's finished panels were not left behind
+    assert st.finished == slabs.plan_disk_slabs(n, BLOCK, 8, budget).slabs[1][0]
+    st.remove()
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("kind", ["narrow", "wide"])
+def test_plan_disk_predicts_the_traffic_of_each_kind_of_run(tmp_path, points, kind):
+    budget = budget_for(kind)
     plan = diskstore.plan_disk(N, np.float64, budget, tmp_path, block=BLOCK)
     st = new_store(tmp_path / "s", points, budget)
     st.stats.bytes_read = st.stats.bytes_written = 0
     st.factor(budget)
     assert (plan.slabs, plan.factor_read_bytes, plan.factor_write_bytes) == (
         st.stats.slabs, st.stats.bytes_read, st.stats.bytes_written)
-    # brute force: each slab streams rows s0.. of the panels before the previous slab (those are in RAM)
+    # brute force: each slab streams rows s0.. of every panel before it
     runs = slabs.plan_disk_slabs(N, BLOCK, 8, budget).slabs
     starts = list(range(0, N, BLOCK))
-    streamed = sum((N - starts[j0]) * BLOCK for i, (j0, _) in enumerate(runs) for _ in range(runs[i - 1][0] if i else 0))
+    streamed = sum((N - starts[j0]) * BLOCK for j0, _ in runs for _ in range(j0))
     assert plan.factor_read_bytes == (streamed + sum((N - s) * min(BLOCK, N - s) for s in starts)) * 8
+    st.close()
+
+
+# --- direct I/O: the same factor through the page cache or around it ----------------------------
+def test_direct_and_buffered_io_give_the_same_bits_and_say_which_ran(tmp_path, points, references):
+    budget, want = budget_for("wide"), references("wide")
+    got = {}
+    for direct in (True, False):
+        st = new_store(tmp_path / f"s{direct}", points, budget, direct_io=direct)
+        stats = st.factor(budget)
+        got[direct] = factor_panels(st)
+        assert stats.io.startswith("direct" if direct else "buffered")
+        st.close()
+    assert all(np.array_equal(a, b) for a, b in zip(got[True], got[False])) and len(got[True]) == len(want)
+    assert all(np.array_equal(a, b) for a, b in zip(got[True], want))
+
+
+def test_a_file_system_refusing_o_direct_falls_back_to_buffered_io(tmp_path, points, references, monkeypatch):
+    from kernelfit import directio
+
+    def refuse(path):
+        raise directio.DirectIOUnsupported(errno.EINVAL, "O_DIRECT refused (test)")
+
+    monkeypatch.setattr(diskstore, "open_direct", refuse)
+    monkeypatch.setattr(directio, "open_direct", refuse)
+    budget = budget_for("wide")
+    st = new_store(tmp_path / "s", points, budget)
+    assert not st.direct_io and "O_DIRECT refused" in st.stats.io
+    st.factor(budget)
+    assert all(np.array_equal(a, b) for a, b in zip(factor_panels(st), references("wide")))
+    st.close()
+
+
+def test_a_buffered_store_resumes_with_direct_io_bit_for_bit(tmp_path, points, references):
+    """A store written through the page cache (numpy's 64-byte headers: the numbers not on an ALIGN
+    boundary), interrupted, then resumed with direct I/O: its old files are read buffered, new ones direct."""
+    budget, want = budget_for("wide"), references("wide")
+    st = new_store(tmp_path / "s", points, budget, direct_io=False)
+    real, commits = st.commit_slab, {"n": 0}
+
+    def commit(j0, j1):
+        commits["n"] += 1
+        if commits["n"] == 3:
+            raise RuntimeError("interrupted")
+        real(j0, j1)
+
+    st.commit_slab = commit
+    with pytest.raises(RuntimeError, match="interrupted"):
+        st.factor(budget)
+    st.close()
+    st = DiskPanels.open(tmp_path / "s", N, source={"kind": "test-gaussian", "seed": 0}, budget_bytes=budget,
+                         block=BLOCK, dtype=np.float64, resume=True)
+    assert st.direct_io and 0 < st.finished < len(st.starts)
+    st.factor(budget)
+    assert all(np.array_equal(a, b) for a, b in zip(factor_panels(st), want))
     st.close()

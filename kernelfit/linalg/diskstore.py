@@ -7,19 +7,28 @@ files ``<stage>.T00000_<j>.npy``; a finished factor panel is ``<stage>.L_<j>.npy
 on disk *is* the checkpoint: a left-looking factorization never modifies unfinished input panels,
 and a slab's input files are removed only after its factor files and the manifest naming them are
 on disk. A kill at any moment resumes from the last finished slab; with the same RAM budget the
-slabs, hence every GEMM, are the same and the factor is bit-identical. When the budget holds two
-slabs (``plan_disk_slabs``), a writer thread commits slab s while slab s+1 runs; one commit is in
-flight at a time, so the manifests still advance slab by slab.
+slabs, hence every GEMM, are the same and the factor is bit-identical. A writer thread writes each
+factor panel as it is finished and then the slab's manifest; one slab is committed at a time, so the
+manifests advance slab by slab.
 
-Every panel file's checksum (``storage.FILE_DIGEST``) is in the manifest: an input panel is hashed as it is written and checked
-when a later process (a resume) reads it for its slab, a factor panel when a resume opens the store.
-Input panels are read with plain ``preadv`` into the slab (page cache is not RSS); finished factor
-rows are mapped read-only for the time of one streamed piece (``map_factor_rows``: no copy, and no
-mapping outlives its piece, so resident memory stays within the RAM budget plus a small overhead).
+Every panel file's checksum (``storage.FILE_DIGEST``) is in the manifest: an input panel is hashed as
+it is written and checked when a later process (a resume) reads it for its slab, a factor panel when
+a resume opens the store.
 
-The slab algorithm (``slabs.left_looking``) talks to its slow memory through three calls (``read_input``,
-``map_factor_rows``, ``commit_slab``); ``DiskPanels`` is the disk implementation. The GPU path in
-``outofcore.py`` (host RAM as slow memory, a device as fast memory) has its own loop and planning.
+I/O: panel files have their header padded to 4 KiB, so their numbers can be written and read with
+O_DIRECT (``kernelfit.directio``): factor panels go to disk from the slab's own buffer, and streamed
+factor rows come back into a few reused buffers, with no page-cache copies or fresh pages taking CPU
+from the GEMMs (the factor is re-read once per slab: at the sizes this is for, far more than RAM
+could cache). Input panels are read from the page cache where they still are (the fill just wrote
+them), the rest directly. Where the file system refuses O_DIRECT (``stats.io`` says so), or for files
+of an older store, the same reads and writes go through the page cache: input panels with plain
+``preadv``, factor rows mapped read-only for the time of one piece. Either way resident memory stays
+within the RAM budget plus a small overhead.
+
+The slab algorithm (``slabs.left_looking``) talks to its slow memory through ``read_input``,
+``factor_rows`` / ``release_rows``, ``write_factor_panel``, ``commit_slab`` and ``discard_unlisted``;
+``DiskPanels`` is the disk implementation. The GPU path in ``outofcore.py`` (host RAM as slow memory,
+a device as fast memory) has its own loop and planning.
 """
 
 from __future__ import annotations
@@ -38,10 +47,22 @@ from typing import Callable
 import numpy as np
 import scipy.linalg
 
+from ..directio import (
+    ALIGN,
+    BufferPool,
+    DirectIOUnsupported,
+    aligned_empty,
+    is_aligned,
+    npy_header,
+    open_direct,
+    read_cached_then_direct,
+    read_range,
+    span,
+)
 from ..errors import DataError, InputError, StorageError
 from ..places import check_free_space, check_writable_dir
 from ..results import atomic_file
-from ..storage import FILE_DIGEST, _hasher, create_npy_memmap, matches_record, recorded_digest, save_npy
+from ..storage import FILE_DIGEST, _hasher, matches_record, preallocate, recorded_digest, save_npy
 from .checkpoint import FORMAT, MANIFEST, owned_dir, read_manifest
 from .panels import SymmetricPanels, choose_block
 from .slabs import _check_budget, left_looking, make_compute, min_disk_budget, plan_disk_slabs
@@ -51,7 +72,7 @@ FLAG = "scratch_dir"
 FILL_CHUNK_BYTES = 64 << 20     # a Gram tile built while filling the store (bounded RAM, large writes)
 # Resident memory besides the budget (over the interpreter with numpy/scipy imported): hashing a Gram
 # file in 16 MiB chunks (32 MB peak), OpenBLAS's thread buffers, the reader and writer threads. Measured
-# 16 MB over an 18 MB budget at n = 6,000 on 2 cores, overlapped slabs (tests/test_disk_outofcore.py checks
+# 16 MB over an 18 MB budget at n = 6,000 on 2 cores (tests/test_disk_outofcore.py checks
 # VmHWM against budget + this).
 OVERHEAD_BYTES = 48 << 20
 _READ_MAX = 1 << 30             # one preadv call reads at most this much (Linux caps a call near 2 GiB)
@@ -65,9 +86,9 @@ class DiskStats:
 
     ``io_wait_s``: seconds the compute thread sat idle on the disk: waits for a slab's input panels
     (timings_s 'read_wait'), for a streamed panel the reader thread had not finished ('stream_wait'),
-    for the writer thread's commit of the previous slab ('write_wait'), plus the solves' waits for
-    factor panels. 'read_slab' / 'write_slab' are the reader's / writer's own seconds (overlapped with
-    compute when ``plan_disk_slabs`` overlaps; otherwise waited for in full)."""
+    for the previous slab's panel files and manifest ('write_wait'), plus the solves' waits for factor
+    panels. 'read_slab' / 'write_slab' are the reader's / writer's own seconds (beside the GEMMs),
+    'reader_cpu' / 'writer_cpu' the CPU they took. ``io``: "direct" or "buffered" and why."""
     strategy: str = "disk"
     budget_bytes: int = 0
     slabs: int = 0
@@ -77,6 +98,7 @@ class DiskStats:
     io_wait_s: float = 0.0
     timings_s: dict = field(default_factory=dict)
     device: dict = field(default_factory=dict)     # which compute factored (``slabs.left_looking``'s record)
+    io: str = ""         # "direct" (O_DIRECT, ``kernelfit.directio``) or "buffered" and why
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -107,7 +129,7 @@ def disk_bytes(n: int, block: int, dtype, budget_bytes: int) -> int:
     gram = SymmetricPanels.nbytes_for(n, block, dtype)
     slab = max(sum((n - G) * min(block, n - G) * itemsize for G in SymmetricPanels.starts_for(n, block)[j0:j1])
                for j0, j1 in plan_disk_slabs(n, block, itemsize, int(budget_bytes)).slabs)
-    return gram + slab + 4096 * len(SymmetricPanels.starts_for(n, block))
+    return gram + slab + 2 * ALIGN * len(SymmetricPanels.starts_for(n, block))    # + the files' headers
 
 
 @dataclass
@@ -142,10 +164,8 @@ def plan_disk(n: int, dtype, budget_bytes: int, scratch_dir=None, block: int | N
     plan = plan_disk_slabs(n, block, dtype.itemsize, int(budget_bytes))
     starts = SymmetricPanels.starts_for(n, block)
     gram = SymmetricPanels.nbytes_for(n, block, dtype)
-    # every input panel once, and for each slab rows s0.. of every finished panel not in RAM (overlapped:
-    # the previous slab's panels are)
-    on_disk = [p0 if plan.overlap else j0 for (p0, _), (j0, _) in zip([(0, 0)] + plan.slabs, plan.slabs)]
-    streamed = sum(k * (n - starts[j0]) * block for k, (j0, _) in zip(on_disk, plan.slabs)) * dtype.itemsize
+    # every input panel once, and for each slab rows s0.. of every finished panel
+    streamed = sum(j0 * (n - starts[j0]) * block for j0, _ in plan.slabs) * dtype.itemsize
     free = free_bytes(scratch_dir) if scratch_dir is not None else None
     need = disk_bytes(n, block, dtype, budget_bytes)
     return DiskPlan(n=n, block=block, dtype=dtype.name, budget_bytes=int(budget_bytes),
@@ -156,17 +176,12 @@ def plan_disk(n: int, dtype, budget_bytes: int, scratch_dir=None, block: int | N
 
 def disk_block(n: int, dtype, budget_bytes) -> int:
     """Default panel width of a disk store: the in-core choice (full-rate GEMMs and panel steps), narrowed
-    in steps of 128 only until two slabs fit the RAM budget side by side (``plan_disk_slabs`` overlapped),
-    or failing that until one does."""
+    in steps of 128 only until a one-panel slab and its stream pieces fit the RAM budget."""
     block = choose_block(n)
     if n <= 128:
         return block
     itemsize, budget = np.dtype(dtype).itemsize, int(budget_bytes or 0)
-    widths = range(block, 127, -128)
-    for b in widths:
-        if min_disk_budget(n, b, itemsize) <= budget and plan_disk_slabs(n, b, itemsize, budget).overlap:
-            return b
-    return next((b for b in widths if min_disk_budget(n, b, itemsize) <= budget), 128)
+    return next((b for b in range(block, 127, -128) if min_disk_budget(n, b, itemsize) <= budget), 128)
 
 
 class DiskPanels:
@@ -176,7 +191,7 @@ class DiskPanels:
     non-empty one, another run's lock naming its PID, a stage of another input, too little disk);
     ``fill(tile)`` writes the input; ``factor(budget)`` overwrites it with its Cholesky factor."""
 
-    def __init__(self, directory, n: int, block: int, dtype, source: dict, flag: str = FLAG):
+    def __init__(self, directory, n: int, block: int, dtype, source: dict, flag: str = FLAG, direct_io: bool = True):
         self.dir = Path(directory)
         self.n, self.block, self.dtype = int(n), int(block), np.dtype(dtype)
         self.flag = flag
@@ -190,18 +205,25 @@ class DiskPanels:
         self.budget_bytes = 0
         self.hashed_here = set()     # input panels this process wrote and hashed: not hashed again on read
         self._data_offset = {}       # factor file name -> where its numbers start (a factor file never changes)
+        self.direct_io = bool(direct_io)
+        self.stats.io = "direct" if self.direct_io else "buffered (direct_io=False)"
+        self._pieces = BufferPool()  # the buffers of streamed factor rows (direct I/O), reused
+        self._lent = {}              # id(base array of a piece handed out) -> its pool buffer
+        self._unlisted = {}          # factor files written for the slab in progress -> their records
 
     # --- opening -------------------------------------------------------------------------------
     @classmethod
     def open(cls, directory, n: int, *, source: dict, budget_bytes: int, block: int | None = None,
-             dtype=np.float32, resume: bool = False, flag: str = FLAG) -> "DiskPanels":
+             dtype=np.float32, resume: bool = False, flag: str = FLAG, direct_io: bool = True) -> "DiskPanels":
         """Claim ``directory`` for this matrix. ``source``: what the input is (JSON; a user's Gram file
-        with its hash), so a resume of another input is refused. Nothing heavy runs before the checks."""
+        with its hash), so a resume of another input is refused. Nothing heavy runs before the checks.
+        ``direct_io``: panel files written and read with O_DIRECT where the file system takes it
+        (``kernelfit.directio``; ``stats.io`` says which ran), else through the page cache."""
         n = int(n)
         if n < 1:
             raise InputError(f"a disk store needs n >= 1 points; got {n}.")
         self = cls(directory, n, disk_block(n, dtype, budget_bytes) if block is None else choose_block(n, block),
-                   dtype, source, flag)
+                   dtype, source, flag, direct_io)
         self.budget_bytes = int(budget_bytes) if budget_bytes else 0
         _check_budget(n, self.block, self.dtype.itemsize, budget_bytes)
         check_writable_dir(self.dir, flag)
@@ -240,6 +262,8 @@ class DiskPanels:
                 self._write_manifest()
             else:
                 self._verify_factor_files()
+            if self.direct_io:
+                self._probe_direct_io()
         except BaseException:
             if fresh and not (self.dir / MANIFEST).exists():
                 self.owned.remove([])      # refused before any write: leave no marker behind
@@ -286,6 +310,21 @@ class DiskPanels:
         with atomic_file(self.dir / MANIFEST, "w") as f:
             json.dump(self.manifest, f, indent=1, sort_keys=True)
 
+    def _probe_direct_io(self) -> None:
+        """Whether this file system takes O_DIRECT: one aligned read of our manifest."""
+        try:
+            fd = open_direct(self.dir / MANIFEST)
+            try:
+                read_range(fd, 0, 1, aligned_empty(ALIGN))
+            finally:
+                os.close(fd)
+        except DirectIOUnsupported as e:
+            self._no_direct_io(e)
+
+    def _no_direct_io(self, why: Exception) -> None:
+        self.direct_io = False
+        self.stats.io = f"buffered (O_DIRECT refused here: {why})"
+
     def _verify_factor_files(self) -> None:
         from ..errors import ChecksumError
 
@@ -310,13 +349,17 @@ class DiskPanels:
         for j in range(self.filled, len(self.starts)):
             s, w = self.starts[j], self.widths[j]
             name = self._name("T", j)
-            mm = create_npy_memmap(self.dir / name, self.dtype, (self.n - s, w), self.flag, f"input panel {j}")
-            offset = mm.offset
-            del mm                       # reserved on disk; written with plain writes below
+            header = npy_header(self.dtype, (self.n - s, w), ALIGN if self.direct_io else 64)
+            offset = len(header)
+            with open(self.dir / name, "wb") as f:     # header, then the data blocks reserved (a full disk fails here)
+                f.write(header)
+                f.flush()
+                preallocate(f.fileno(), offset, (self.n - s) * w * itemsize, self.dir, self.flag, f"input panel {j}")
             h = _hasher(FILE_DIGEST)
+            h.update(header)
             rows = max(1, chunk_bytes // (w * itemsize))
             with open(self.dir / name, "r+b") as f:
-                h.update(f.read(offset))
+                f.seek(offset)
                 for r0 in range(s, self.n, rows):
                     r1 = min(r0 + rows, self.n)
                     T = np.ascontiguousarray(tile(slice(r0, r1), slice(s, s + w)), dtype=self.dtype)
@@ -354,31 +397,63 @@ class DiskPanels:
                                              f"(the store was not filled); fill it first.")
         check = name not in self.hashed_here
         algorithm, digest = recorded_digest(rec)
-        fd = os.open(self.dir / name, os.O_RDONLY)
-        try:
-            offset = _npy_header(self.dir / name)
-            if check:
-                h = _hasher(algorithm)
-                h.update(os.pread(fd, offset, 0))
-            pread_into(fd, memoryview(out).cast("B"), offset)
-            if check:
-                h.update(memoryview(out).cast("B"))
-        finally:
-            os.close(fd)
+        path = self.dir / name
+        offset = _npy_header(path)
+        if check:
+            h = _hasher(algorithm)
+            with open(path, "rb") as f:
+                h.update(f.read(offset))
+        if not self._read_direct(path, out, offset):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                pread_into(fd, memoryview(out).cast("B"), offset)
+            finally:
+                os.close(fd)
+        if check:
+            h.update(memoryview(out).cast("B"))
         self.stats.bytes_read += out.nbytes
         if check and h.hexdigest() != digest:
             raise ChecksumError(f"{self.flag} {self.dir}: input panel {name} does not match the checksum in {MANIFEST} "
                                 f"(modified or truncated); it is never used. Fix: delete the directory and start afresh.")
 
-    def map_factor_rows(self, k: int, row0: int, row1: int) -> np.ndarray:
-        """Rows row0..row1 (absolute) of finished factor panel k, mapped read-only (no copy; the pages
-        are read here, on the caller's thread). The mapping lives as long as the array."""
+    def _read_direct(self, path, out: np.ndarray, offset: int) -> bool:
+        """``out`` from ``offset`` of ``path`` with O_DIRECT when both are aligned; False when not done."""
+        if not (self.direct_io and offset % ALIGN == 0 and is_aligned(out)):
+            return False
+        try:
+            read_cached_then_direct(path, out, offset)
+        except DirectIOUnsupported as e:
+            self._no_direct_io(e)
+            return False
+        return True
+
+    def factor_rows(self, k: int, row0: int, row1: int) -> np.ndarray:
+        """Rows row0..row1 (absolute) of finished factor panel k, read-only, read on the caller's thread:
+        with direct I/O into a pooled buffer (give it back with ``release_rows`` when done), else mapped
+        (no copy; the mapping lives as long as the array)."""
         path = self.dir / self._name("L", k)
         w = self.widths[k]
         if path.name not in self._data_offset:      # read once, not once per streamed piece
             self._data_offset[path.name] = _npy_header(path)
         start = self._data_offset[path.name] + (row0 - self.starts[k]) * w * self.dtype.itemsize
         nbytes = (row1 - row0) * w * self.dtype.itemsize
+        if self.direct_io and self._data_offset[path.name] % ALIGN == 0:
+            buf = self._pieces.take(span(start, nbytes))
+            try:
+                fd = open_direct(path)
+                try:
+                    rows = read_range(fd, start, nbytes, buf)
+                finally:
+                    os.close(fd)
+            except DirectIOUnsupported as e:
+                self._pieces.give(buf)
+                self._no_direct_io(e)
+            else:
+                self.stats.bytes_read += nbytes
+                out = rows.view(self.dtype).reshape(row1 - row0, w)
+                self._lent[id(out.base)] = buf
+                out.flags.writeable = False
+                return out
         base = start // mmap.ALLOCATIONGRANULARITY * mmap.ALLOCATIONGRANULARITY
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -389,38 +464,56 @@ class DiskPanels:
         self.stats.bytes_read += nbytes
         return np.frombuffer(mm, dtype=self.dtype, count=(row1 - row0) * w, offset=start - base).reshape(row1 - row0, w)
 
-    def commit_slab(self, j0: int, panels: list) -> None:
-        """Write factor panels j0.. (atomic files), then the manifest naming them, then remove their
-        input files. A failed write (a full disk) keeps every finished slab and says how to resume."""
-        prev = self.record
-        files = dict(prev["files"])
-        written = []
+    def release_rows(self, rows: np.ndarray) -> None:
+        """``rows`` from ``factor_rows`` are no longer read: their buffer serves a later piece."""
+        self._pieces.give(self._lent.pop(id(rows.base), None))
+
+    def write_factor_panel(self, j: int, P: np.ndarray) -> None:
+        """Write finished factor panel j (an atomic file, not yet in the manifest: ``commit_slab`` lists
+        a slab's panels once all are written). A failed write (a full disk) removes this slab's unlisted
+        files, keeps every finished slab and says how to resume."""
+        name = self._name("L", j)
         try:
-            for j, P in enumerate(panels, start=j0):
-                name = self._name("L", j)
-                rec = save_npy(self.dir / name, P)
-                written.append(name)
-                files[name] = rec
-                self.stats.bytes_written += P.nbytes
-            last = j0 + len(panels) - 1
-            for j in range(j0, last + 1):
-                files.pop(self._name("T", j), None)
-            record = {**self.record, "files": files, "last_finished_panel": last, "complete": last == len(self.starts) - 1}
+            self._unlisted[name] = save_npy(self.dir / name, P, direct=self.direct_io)
+        except OSError as e:
+            self._failed(f"could not write factor panel {j}", e)
+        self.stats.bytes_written += P.nbytes
+
+    def commit_slab(self, j0: int, j1: int) -> None:
+        """The manifest naming factor panels j0..j1-1 (written by ``write_factor_panel``), then their
+        input files removed: from here a resume starts at panel j1."""
+        prev = self.record
+        names = [self._name("L", j) for j in range(j0, j1)]
+        try:
+            files = {k: v for k, v in prev["files"].items() if k not in {self._name("T", j) for j in range(j0, j1)}}
+            files.update({name: self._unlisted[name] for name in names})
+            record = {**prev, "files": files, "last_finished_panel": j1 - 1, "complete": j1 == len(self.starts)}
             self.manifest["stages"][self.stage] = record
             self._write_manifest()
         except OSError as e:
             self.manifest["stages"][self.stage] = prev      # as the manifest on disk still says
-            for name in written:       # ours and not listed: the store stays as its manifest says
-                (self.dir / name).unlink(missing_ok=True)
-            done = self.finished
-            kept = (f"panels 0..{done - 1} of the factor (finished slabs) are kept" if done else "no factor panel was "
-                    "finished yet; the input panels are kept")
-            raise StorageError(e.errno or errno.EIO, f"could not write factor panel {j} to {self.flag} {self.dir} "
-                                                     f"({e.strerror or e}); {kept} in {MANIFEST}. Fix: free space on "
-                                                     f"that disk and rerun with resume=True (--resume) and the same "
-                                                     f"memory budget to continue from panel {done}.") from None
-        for j in range(j0, j0 + len(panels)):
+            self._failed(f"could not write {MANIFEST} after factor panels {j0}..{j1 - 1}", e)
+        for name in names:
+            self._unlisted.pop(name)
+        for j in range(j0, j1):
             (self.dir / self._name("T", j)).unlink(missing_ok=True)
+
+    def discard_unlisted(self) -> None:
+        """Remove the factor files written for a slab that was not committed (ours, not in the manifest):
+        the store stays as its manifest says."""
+        for name in list(self._unlisted):
+            (self.dir / name).unlink(missing_ok=True)
+            self._unlisted.pop(name)
+
+    def _failed(self, what: str, e: OSError):
+        self.discard_unlisted()
+        done = self.finished
+        kept = (f"panels 0..{done - 1} of the factor (finished slabs) are kept" if done else "no factor panel was "
+                "finished yet; the input panels are kept")
+        raise StorageError(e.errno or errno.EIO, f"{what} to {self.flag} {self.dir} ({e.strerror or e}); {kept} in "
+                                                 f"{MANIFEST}. Fix: free space on that disk and rerun with resume=True "
+                                                 f"(--resume) and the same memory budget to continue from panel "
+                                                 f"{done}.") from None
 
     # --- factorization and solves --------------------------------------------------------------
     def factor(self, budget_bytes: int, progress=None, jitter: float = 0.0, device=None,
@@ -438,14 +531,14 @@ class DiskPanels:
 
     def iter_factor(self, reverse: bool = False):
         """(start, panel) of the factor in order (or reverse), each mapped ahead on a thread
-        (``map_factor_rows``): at most two panels mapped at a time."""
+        (``factor_rows``): at most two panels mapped at a time."""
         if not self.complete:
             raise InputError(f"{self.flag} {self.dir}: the factor is not finished ({self.finished} of "
                              f"{len(self.starts)} panels); run the factorization (resume=True continues it).")
         order = list(range(len(self.starts)))[::-1 if reverse else 1]
 
         def read(j):
-            return self.map_factor_rows(j, self.starts[j], self.n)
+            return self.factor_rows(j, self.starts[j], self.n)
 
         with ThreadPoolExecutor(1) as pool:
             fut = pool.submit(read, order[0])
@@ -455,6 +548,7 @@ class DiskPanels:
                 self.stats.io_wait_s += time.perf_counter() - t
                 fut = pool.submit(read, order[i + 1]) if i + 1 < len(order) else None
                 yield self.starts[j], P
+                self.release_rows(P)
                 del P
 
 

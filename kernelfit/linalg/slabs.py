@@ -1,15 +1,16 @@
 """The left-looking slab Cholesky over a slow memory, within a RAM budget.
 
 A slab is a run of panels that fits in RAM; for each slab, every finished factor panel before it is
-streamed through in row pieces (the next piece mapped on a reader thread while the GEMMs of the
-current one run), the slab is factored in RAM, and committed. ``left_looking`` talks to its slow
-memory through three calls (``read_input(j, out)``, ``map_factor_rows(k, row0, row1)`` -> a read-only
-array of those rows, ``commit_slab(j0, panels)``); ``diskstore.DiskPanels`` is the disk implementation.
+streamed through in row pieces (the next piece read on a reader thread while the GEMMs of the
+current one run), the slab is factored in RAM, each of its panels handed to a writer thread as soon
+as it is final, and the next slab's input panels are read into the memory of the panels already
+written, while the factorization goes on. ``left_looking`` talks to its slow memory through a few
+calls (see its docstring); ``diskstore.DiskPanels`` is the disk implementation.
 
 Streaming in pieces keeps the stream buffers small (the top rows of the streamed panel plus two
 pieces), so the panels can be as wide as the in-core ones (efficient GEMMs) whatever the budget, and
-the slabs take almost all of it (less disk traffic). When the budget holds two slabs
-(``plan_disk_slabs``), the commit of slab s runs on a writer thread while slab s+1 proceeds.
+one slab takes almost all of it (wide slabs: the finished panels are streamed once per slab, and the
+in-slab GEMMs are the in-core ones).
 
 Where a slab lives and its GEMMs run is a ``compute``: ``HostCompute`` (numpy in RAM, the default) or
 ``TorchCompute`` (a torch device, disk -> host -> device: uploads on the reader thread, downloads on
@@ -18,12 +19,15 @@ the writer thread, the slabs planned within the device budget as well).
 
 from __future__ import annotations
 
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import accumulate
 
 import numpy as np
 
+from ..directio import ALIGN, BufferPool, aligned_empty
 from ..errors import InputError, MemoryPlanError, NotPositiveDefiniteError
 from ..results import format_bytes
 from .backend import get_backend
@@ -42,16 +46,17 @@ def piece_rows(block: int, itemsize: int, budget: int) -> int:
 def stream_bytes(width: int, block: int, rows: int, itemsize: int) -> int:
     """RAM of the streamed pieces alive at once while a slab ``width`` columns wide is updated: the top
     rows of the streamed panel (``width`` x block, the B of every GEMM), the piece being applied and
-    the one mapped ahead (each at most max(width, rows) x block)."""
-    return (width + 2 * max(width, rows)) * block * itemsize
+    the one read ahead (each at most max(width, rows) x block), each read as whole ALIGN blocks."""
+    return (width + 2 * max(width, rows)) * block * itemsize + 3 * 2 * ALIGN
 
 
 def min_disk_budget(n: int, block: int, itemsize: int) -> int:
     """The smallest budget a disk factorization runs in: each one-panel slab with its stream pieces."""
     starts = SymmetricPanels.starts_for(n, block)
     rows = block                    # the smallest pieces
-    need = [(n - s) * min(block, n - s) * itemsize + (stream_bytes(min(block, n - s), block, rows, itemsize) if j else 0)
-            for j, s in enumerate(starts)]
+    widths = [min(block, n - s) for s in starts]
+    need = [slab_bytes(n, starts, widths, itemsize, j, j + 1) + (stream_bytes(widths[j], block, rows, itemsize) if j else 0)
+            for j in range(len(starts))]
     return max(need)
 
 
@@ -66,51 +71,49 @@ def _check_budget(n: int, block: int, itemsize: int, budget_bytes) -> None:
 
 @dataclass
 class DiskSlabPlan:
-    """The slabs of a disk factorization and whether consecutive slabs overlap (see ``plan_disk_slabs``)."""
+    """The slabs of a disk factorization (see ``plan_disk_slabs``)."""
     slabs: list          # [(j0, j1), ...] panel ranges
-    overlap: bool        # a writer thread commits slab s while slab s+1 runs
     piece_rows: int      # rows of one streamed piece
 
 
+def slab_bytes(n: int, starts: list, widths: list, itemsize: int, j0: int, j1: int) -> int:
+    """RAM of panels j0..j1-1 in one slab buffer (each panel padded to ALIGN bytes, for O_DIRECT)."""
+    return sum(-(-(n - starts[j]) * widths[j] * itemsize // ALIGN) * ALIGN for j in range(j0, j1))
+
+
 def plan_disk_slabs(n: int, block: int, itemsize: int, budget: int, start_panel: int = 0) -> DiskSlabPlan:
-    """Slabs for ``left_looking``, greedy from panel 0. Overlapped when the budget allows: slab s stays
-    in RAM while a writer thread commits it and slab s+1 streams its updates (slab s's panels from RAM),
-    and slab s+1's inputs are read while slab s factors; so a slab takes panels while
-    size(previous) + size + its stream pieces <= budget and 2 x size + pieces <= budget. When even
-    one-panel slabs do not fit that rule (small budgets), slabs of size + pieces <= budget with the
-    commits waited for. The plan depends only on (n, block, itemsize, budget): a resume from a slab
-    boundary gets the remaining slabs of the same plan (from another panel, a plan starting there)."""
+    """Slabs for ``left_looking``, greedy from panel 0: a slab takes panels while they and its streamed
+    pieces fit the budget (one slab in RAM at a time; the next slab's panels are read into the memory
+    of this one's as its factor panels are written). Wide slabs: the finished panels are streamed once
+    per slab, so the fewer slabs, the less disk traffic, and the in-slab GEMMs are the in-core ones.
+    The plan depends only on (n, block, itemsize, budget): a resume from a slab boundary gets the
+    remaining slabs of the same plan (from another panel, a plan starting there)."""
     starts = SymmetricPanels.starts_for(n, block)
     widths = [min(block, n - s) for s in starts]
-    size = [(n - s) * w * itemsize for s, w in zip(starts, widths)]
 
-    def greedy(first, overlap, rows):
-        def pieces(j0, j1):
-            return stream_bytes(starts[j1 - 1] + widths[j1 - 1] - starts[j0], block, rows, itemsize) if j0 else 0
+    def greedy(first, rows):
+        def need(j0, j1):
+            pieces = stream_bytes(starts[j1 - 1] + widths[j1 - 1] - starts[j0], block, rows, itemsize) if j0 else 0
+            return slab_bytes(n, starts, widths, itemsize, j0, j1) + pieces
 
-        slabs, j0, prev = [], first, 0
+        slabs, j0 = [], first
         while j0 < len(starts):
-            used, j1 = size[j0], j0 + 1
-            if (max(prev + used, 2 * used) if overlap else used) + pieces(j0, j1) > budget:
+            if need(j0, j0 + 1) > budget:
                 return None
-            while j1 < len(starts):
-                more = used + size[j1]
-                if (max(prev + more, 2 * more) if overlap else more) + pieces(j0, j1 + 1) > budget:
-                    break
-                used, j1 = more, j1 + 1
+            j1 = j0 + 1
+            while j1 < len(starts) and need(j0, j1 + 1) <= budget:
+                j1 += 1
             slabs.append((j0, j1))
-            j0, prev = j1, used
+            j0 = j1
         return slabs
 
-    # large pieces when they fit, one-block pieces otherwise; overlapped slabs when they fit
-    for overlap in (True, False):
-        for rows in sorted({piece_rows(block, itemsize, budget), block}, reverse=True):
-            slabs = greedy(0, overlap, rows)
-            if slabs is not None and start_panel and start_panel not in [a for a, _ in slabs]:
-                slabs = greedy(start_panel, overlap, rows)
-            if slabs is None:
-                continue
-            return DiskSlabPlan(slabs=[s for s in slabs if s[0] >= start_panel], overlap=overlap, piece_rows=rows)
+    # large pieces when they fit, one-block pieces otherwise
+    for rows in sorted({piece_rows(block, itemsize, budget), block}, reverse=True):
+        slabs = greedy(0, rows)
+        if slabs is not None and start_panel and start_panel not in [a for a, _ in slabs]:
+            slabs = greedy(start_panel, rows)
+        if slabs is not None:
+            return DiskSlabPlan(slabs=[s for s in slabs if s[0] >= start_panel], piece_rows=rows)
     _check_budget(n, block, itemsize, budget)     # raises: not even one panel and its pieces fit
     raise AssertionError("unreachable: a budget that passes the check has a plan")
 
@@ -271,7 +274,8 @@ class TorchCompute:
         t0 = time.perf_counter()
         out = []
         for P in slab:
-            host = np.empty(tuple(P.shape), dtype=numpy_dtype(P.dtype))
+            dt = np.dtype(numpy_dtype(P.dtype))       # aligned, so the commit can write it with O_DIRECT
+            host = aligned_empty(P.numel() * dt.itemsize)[: P.numel() * dt.itemsize].view(dt).reshape(tuple(P.shape))
             if self.is_cuda:
                 with torch.cuda.stream(self.down_stream):
                     self.down_stream.wait_event(token)
@@ -310,55 +314,134 @@ def _apply_piece(slab, starts, s0: int, r0: int, piece: np.ndarray, top: np.ndar
             syrk_update(Pi[a - si : r1 - si], piece[a - r0 :], top[si - s0 : si - s0 + wi])
 
 
+class _Aborted(Exception):
+    """The factorization stopped (an error elsewhere): a panel write or a read waiting on one gives up."""
+
+
+def _settle(fut: Future, exc: BaseException | None = None) -> None:
+    """Resolve a hand-made future once (the writer and an abort may both try)."""
+    try:
+        if exc is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(exc)
+    except InvalidStateError:
+        pass
+
+
 def left_looking(slow, budget_bytes: int, progress=None, jitter: float = 0.0, compute=None) -> dict:
-    """Left-looking slab Cholesky over a slow memory ``slow`` (n, block, dtype, starts, widths,
-    finished, stats; read_input(j, out), map_factor_rows(k, row0, row1), commit_slab(j0, panels)).
+    """Left-looking slab Cholesky over a slow memory ``slow`` (n, block, dtype, starts, widths, finished,
+    stats; ``read_input(j, out)``, ``factor_rows(k, row0, row1)`` [+ ``release_rows(rows)``],
+    ``write_factor_panel(j, P)``, ``commit_slab(j0, j1)`` [+ ``discard_unlisted()``]).
 
-    Per slab [s0, s1) (``plan_disk_slabs``): its input panels (read ahead on the reader thread while the
-    previous slab factors, when overlapped); for each finished panel k < j0, subtract L_k L_k^T from
-    the slab, L_k streamed in pieces: its top rows s0..s1 first (the right-hand factor of every GEMM),
-    then rows s1..n in ``piece_rows`` chunks, the next piece mapped on the reader thread while the
-    GEMMs of the current one run (the previous slab's panels come from RAM, in one piece); factor the
-    slab in RAM (``tiled.cholesky_inplace``); hand it to the writer thread.
+    Per slab [s0, s1) (``plan_disk_slabs``: one slab in RAM at a time, as wide as the budget allows):
+    for each finished panel k < j0, subtract L_k L_k^T from the slab, L_k streamed in pieces: its top
+    rows s0..s1 first (the right-hand factor of every GEMM), then rows s1..n in ``piece_rows`` chunks,
+    the next piece read on the reader thread while the GEMMs of the current one run; factor the slab in
+    RAM (``tiled.cholesky_inplace``), each panel handed to the writer thread the moment it is final
+    (a right-looking step never reads a finished panel again), while the reader thread reads the next
+    slab's input panels into the memory of those already written; then the manifest lists the slab
+    (``commit_slab``, on the writer thread after its panel writes). So disk reads and writes run beside
+    the GEMMs, and the budget holds one slab and the stream pieces.
 
-    Order on disk is kept: one commit in flight at a time (slab s's commit is waited for before slab
-    s+1's starts, so manifests stay in slab order and files of panels < the previous slab exist before
-    they are streamed); a writer error (a full disk) surfaces here as its StorageError, finished slabs
-    kept. Main-thread waits: timings 'read_wait' (inputs), 'stream_wait', 'write_wait' (commits), all
-    in ``io_wait_s``; 'read_slab' / 'write_slab' are the reader's / writer's own seconds.
+    Order on disk is kept: a slab's stream starts after the previous slab's commit (its files exist, the
+    manifests advance slab by slab). A writer error (a full disk) surfaces here as its StorageError, the
+    finished slabs kept and the unlisted files of the slab in progress removed. Main-thread waits:
+    timings 'read_wait' (inputs), 'stream_wait', 'write_wait' (commits), all in ``io_wait_s``;
+    'read_slab' / 'write_slab' are the reader's / writer's own seconds, 'reader_cpu' / 'writer_cpu'
+    the CPU those threads took from the GEMMs.
 
     ``compute`` (``make_compute``): where slabs live and their GEMMs and factorization run; default the
     host (numpy). A device compute (``TorchCompute``) gets each slab and streamed piece uploaded on the
-    reader thread and downloads the factored slab on the writer thread; the slabs are planned in
-    min(RAM budget, device budget); the same pieces and GEMMs run either way. Returns (and sets as
-    ``slow.stats.device``) the compute's record: device, device budget, bytes up / down."""
+    reader thread and each factor panel downloaded on the writer thread; the slabs are planned in
+    min(RAM budget, device budget), and the next slab goes up once every panel of the previous one is
+    down. Returns (and sets as ``slow.stats.device``) the compute's record: device, device budget,
+    bytes up / down."""
     n, block, dtype = slow.n, slow.block, slow.dtype
+    itemsize = dtype.itemsize
     compute = HostCompute() if compute is None else compute
-    _check_budget(n, block, dtype.itemsize, budget_bytes)
-    plan_budget = compute.budget(int(budget_bytes), n, block, dtype.itemsize)
-    plan = plan_disk_slabs(n, block, dtype.itemsize, plan_budget, slow.finished)
+    _check_budget(n, block, itemsize, budget_bytes)
+    plan_budget = compute.budget(int(budget_bytes), n, block, itemsize)
+    plan = plan_disk_slabs(n, block, itemsize, plan_budget, slow.finished)
     st = slow.stats
     st.budget_bytes, st.slabs, st.first_panel = int(budget_bytes), len(plan.slabs), slow.finished
     timer = st.timings_s
-    for key in ("read_slab", "read_wait", "stream_update", "stream_wait", "factor_slab", "write_slab", "write_wait"):
+    for key in ("read_slab", "read_wait", "stream_update", "stream_wait", "factor_slab", "write_slab", "write_wait",
+                "reader_cpu", "writer_cpu"):
         timer.setdefault(key, 0.0)
     syrk_update = compute.syrk_update
+    buffers = BufferPool()
+    abort = threading.Event()
 
-    def read_slab(j0, j1):                  # reader thread
-        t = time.perf_counter()
-        slab = [np.empty((n - slow.starts[j], slow.widths[j]), dtype=dtype) for j in range(j0, j1)]
-        for j, P in zip(range(j0, j1), slab):
+    def release(rows):                      # host rows of the slow memory no longer read
+        if isinstance(rows, np.ndarray) and hasattr(slow, "release_rows"):
+            slow.release_rows(rows)
+
+    def layout(j0, j1):
+        """Shapes of a slab's panels and the end of each in its buffer (each padded to ALIGN bytes)."""
+        shapes = [(n - slow.starts[j], slow.widths[j]) for j in range(j0, j1)]
+        return shapes, list(accumulate(-(-r * w * itemsize // ALIGN) * ALIGN for r, w in shapes))
+
+    def read_slab(j0, j1, prev):            # reader thread
+        """The slab's input panels: (slab, its host buffer or None, panel ends in it). ``prev``: (buffer,
+        ends, written futures) of the slab being factored. On the host this slab reuses that buffer,
+        panel i read once every earlier panel sharing its bytes is written; on a device (or when it
+        does not fit) once all are."""
+        t, c = time.perf_counter(), time.thread_time()
+        shapes, ends = layout(j0, j1)
+        pbuf, pends, written = prev if prev is not None else (None, [], [])
+        reuse = pbuf is not None and pbuf.size >= ends[-1]
+        if not reuse:
+            for f in written:
+                f.result()
+            buffers.give(pbuf)
+        buf = pbuf if reuse else buffers.take(ends[-1])
+        host, start, k = [], 0, 0
+        for j, (r, w), end in zip(range(j0, j1), shapes, ends):
+            while reuse and k < len(pends) and (pends[k - 1] if k else 0) < end:
+                written[k].result()         # bytes that panel k of the previous slab held: free once it is on disk
+                k += 1
+            P = buf[start : start + r * w * itemsize].view(dtype).reshape(r, w)
             slow.read_input(j, P)
+            host.append(P)
+            start = end
         timer["read_slab"] += time.perf_counter() - t
-        return compute.upload_slab(slab)
+        slab = compute.upload_slab(host)
+        if slab is not host:                # on a device now: the host copy is free again
+            buffers.give(buf)
+            buf = None
+        timer["reader_cpu"] += time.thread_time() - c
+        return slab, buf, ends
 
-    def map_piece(k, row0, row1):           # reader thread: on the device, the mapping goes once copied
-        return compute.upload_piece(slow.map_factor_rows(k, row0, row1))
+    def map_piece(k, row0, row1):           # reader thread: on the device, the host rows go once copied
+        c = time.thread_time()
+        rows = slow.factor_rows(k, row0, row1)
+        piece = compute.upload_piece(rows)
+        if piece is not rows:
+            release(rows)
+        timer["reader_cpu"] += time.thread_time() - c
+        return piece
 
-    def commit(j0, slab, token):            # writer thread
-        host = compute.download_slab(slab, token)
+    def write_panel(j, P, token, done):     # writer thread
+        try:
+            if abort.is_set():
+                raise _Aborted()
+            c = time.thread_time()
+            host = compute.download_slab([P], token)[0]
+            t = time.perf_counter()
+            slow.write_factor_panel(j, host)
+            timer["write_slab"] += time.perf_counter() - t
+            timer["writer_cpu"] += time.thread_time() - c
+            _settle(done)
+        except BaseException as e:
+            _settle(done, e)
+            raise
+
+    def commit(j0, j1, written):            # writer thread, after the slab's panel writes
+        for f in written:
+            f.result()                      # a failed write: its error, and no manifest
         t = time.perf_counter()
-        slow.commit_slab(j0, host)
+        slow.commit_slab(j0, j1)
         timer["write_slab"] += time.perf_counter() - t
 
     def wait(fut, key):
@@ -370,81 +453,92 @@ def left_looking(slow, budget_bytes: int, progress=None, jitter: float = 0.0, co
             st.io_wait_s += time.perf_counter() - t
 
     def pieces(s0, s1):
-        """Row ranges a panel is applied in: its top rows s0..s1, then piece_rows at a time. The same
-        for panels from disk and from RAM, so a resumed run repeats every GEMM of an uninterrupted one."""
+        """Row ranges a panel is applied in: its top rows s0..s1, then piece_rows at a time. The same in
+        every run with this plan, so a resumed run repeats every GEMM of an uninterrupted one."""
         return [(s0, s1)] + [(r, min(r + plan.piece_rows, n)) for r in range(s1, n, plan.piece_rows)]
 
-    def stream(reader, on_disk, s0, s1):
-        """(r0, piece) of panels 0..on_disk-1 from the slow memory, in order, one piece mapped ahead."""
-        order = [(k, r0, r1) for k in range(on_disk) for r0, r1 in pieces(s0, s1)]
+    def stream(reader, j0, s0, s1):
+        """(r0, piece) of panels 0..j0-1 from the slow memory, in order, one piece read ahead. A panel's
+        top piece is read by all its GEMMs, so it is released when the next panel's arrives."""
+        order = [(k, r0, r1) for k in range(j0) for r0, r1 in pieces(s0, s1)]
         fut = reader.submit(map_piece, *order[0]) if order else None
+        top = None
         for i, (_, r0, _) in enumerate(order):
             piece = wait(fut, "stream_wait")
+            if r0 == s0:
+                release(top)
+                top = piece
             fut = reader.submit(map_piece, *order[i + 1]) if i + 1 < len(order) else None
             yield r0, piece
+            if piece is not top:
+                release(piece)
             del piece
+        release(top)
 
-    pending = None                          # (future, flops) of the commit in flight
-    prev, p0 = None, None                   # the previous slab's panels (in RAM while committed) and j0
-
-    def settle():                           # wait for the commit in flight; then its slab may go
-        nonlocal pending, prev
-        if pending is not None:
-            fut, flops = pending
-            pending = None
-            wait(fut, "write_wait")
-            if progress is not None:
-                progress.update(flops)
-        if not plan.overlap:
-            prev = None
-
+    written: list = []
+    committed = None                        # (future, flops) of the last slab's commit
     t_all = time.perf_counter()
-    with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
-        ahead = reader.submit(read_slab, *plan.slabs[0])
-        for si, (j0, j1) in enumerate(plan.slabs):
-            s0, s1 = slow.starts[j0], slow.starts[j1 - 1] + slow.widths[j1 - 1]
-            rel = [slow.starts[j] - s0 for j in range(j0, j1)]
-            slab = wait(ahead, "read_wait")
-            ahead = None
-            on_disk = p0 if prev is not None else j0      # panels 0..on_disk-1 are streamed from disk
-            if j0 > 0:
-                t = time.perf_counter()
-                top = None
-                for r0, piece in stream(reader, on_disk, s0, s1):
-                    if r0 == s0:
-                        top = piece
-                    _apply_piece(slab, rel, 0, r0 - s0, piece, top, syrk_update)
-                    del piece
-                for k in range(on_disk, j0):              # the previous slab, from RAM
-                    Lk = prev[k - p0][s0 - slow.starts[k]:]
-                    for r0, r1 in pieces(s0, s1):
-                        _apply_piece(slab, rel, 0, r0 - s0, Lk[r0 - s0 : r1 - s0], Lk[: s1 - s0], syrk_update)
-                top = Lk = None
-                compute.synchronize()       # a device's queued GEMMs count here, not in factor_slab
-                timer["stream_update"] += time.perf_counter() - t
-            settle()                        # the previous slab is on disk; its RAM is free
-            prev = None
-            if plan.overlap and si + 1 < len(plan.slabs):     # two slabs in RAM: this one and the next's inputs
-                ahead = reader.submit(read_slab, *plan.slabs[si + 1])
-            t = time.perf_counter()
+    try:
+        with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
             try:
-                cholesky_inplace(SymmetricPanels(n=n - s0, block=block, panels=slab), backend=compute.backend,
-                                 jitter=jitter)
-                token = compute.factored(slab)
-                compute.synchronize()
-            except NotPositiveDefiniteError as exc:
-                raise NotPositiveDefiniteError(minor=exc.minor + s0, n=n, dtype=str(dtype), jitter=jitter) from None
-            timer["factor_slab"] += time.perf_counter() - t
-            pending = (writer.submit(commit, j0, slab, token),
-                       sum(panel_flops(n, slow.starts[j], slow.widths[j]) for j in range(j0, j1)))
-            if plan.overlap:
-                prev, p0 = slab, j0
-            else:
-                settle()
-                if si + 1 < len(plan.slabs):
-                    ahead = reader.submit(read_slab, *plan.slabs[si + 1])
-            del slab
-        settle()
+                ahead = reader.submit(read_slab, *plan.slabs[0], None)
+                for si, (j0, j1) in enumerate(plan.slabs):
+                    s0, s1 = slow.starts[j0], slow.starts[j1 - 1] + slow.widths[j1 - 1]
+                    rel = [slow.starts[j] - s0 for j in range(j0, j1)]
+                    slab, buf, ends = wait(ahead, "read_wait")
+                    for f in written:           # the previous slab's files, streamed below, are on disk
+                        wait(f, "write_wait")
+                    if j0 > 0:
+                        t = time.perf_counter()
+                        top = None
+                        for r0, piece in stream(reader, j0, s0, s1):
+                            if r0 == s0:
+                                top = piece
+                            _apply_piece(slab, rel, 0, r0 - s0, piece, top, syrk_update)
+                            del piece
+                        top = None
+                        compute.synchronize()   # a device's queued GEMMs count here, not in factor_slab
+                        timer["stream_update"] += time.perf_counter() - t
+                    written = [Future() for _ in range(j0, j1)]
+                    if si + 1 < len(plan.slabs):
+                        ahead = reader.submit(read_slab, *plan.slabs[si + 1], (buf, ends, written))
+
+                    def finished(i, slab=slab, j0=j0, written=written):    # panel i is final
+                        writer.submit(write_panel, j0 + i, slab[i], compute.factored([slab[i]]), written[i])
+
+                    if committed is not None:   # the previous slab's manifest (written during the stream)
+                        wait(committed[0], "write_wait")
+                        if progress is not None:
+                            progress.update(committed[1])
+                    t = time.perf_counter()
+                    try:
+                        cholesky_inplace(SymmetricPanels(n=n - s0, block=block, panels=slab), backend=compute.backend,
+                                         jitter=jitter, on_panel_done=finished)
+                        compute.synchronize()
+                    except NotPositiveDefiniteError as exc:
+                        raise NotPositiveDefiniteError(minor=exc.minor + s0, n=n, dtype=str(dtype),
+                                                       jitter=jitter) from None
+                    timer["factor_slab"] += time.perf_counter() - t
+                    committed = (writer.submit(commit, j0, j1, written),
+                                 sum(panel_flops(n, slow.starts[j], slow.widths[j]) for j in range(j0, j1)))
+                    del slab, buf, finished     # a device frees each panel once it is written
+                wait(committed[0], "write_wait")
+                if progress is not None:
+                    progress.update(committed[1])
+            except BaseException:
+                abort.set()                 # queued writes give up; a read waiting on one is released
+                for f in written:
+                    _settle(f, _Aborted())
+                if committed is not None:   # a failed commit (a full disk) comes first: it removed the
+                    try:                    # files a stream then missed
+                        committed[0].result()
+                    except _Aborted:        # stopped by this error, not the cause of it
+                        pass
+                raise
+    except BaseException:
+        if hasattr(slow, "discard_unlisted"):
+            slow.discard_unlisted()
+        raise
     timer["factor_total"] = timer.get("factor_total", 0.0) + time.perf_counter() - t_all
     record = compute.record()
     for key, seconds in getattr(compute, "timings_s", {}).items():
