@@ -157,7 +157,8 @@ def _run(scratch_dir, n, source, tile_for, apply_high, Y, *, dtype, jitter, resu
     stats = {"strategy": "disk", "scratch_dir": os.fspath(scratch_dir), "memory_budget_bytes": int(memory_budget),
              "disk_bytes": disk_bytes(n, store.block, store.dtype, memory_budget), "block_size": store.block,
              "factor_dtype": store.dtype.name, "slabs": st["slabs"], "bytes_read": st["bytes_read"],
-             "bytes_written": st["bytes_written"], "io_wait_s": st["io_wait_s"], "disk_timings_s": st["timings_s"],
+             "bytes_written": st["bytes_written"], "io_wait_s": st["io_wait_s"], "io": st["io"],
+             "disk_timings_s": st["timings_s"],
              "factor_device": factor_device(store),
              "timings_s": timings, "resumed": resumed if resume else None, "residual_source": residual_from,
              "refinement": {**report.to_dict(), "factor_dtype": store.dtype.name,
@@ -293,7 +294,7 @@ def disk_stats(dstats: dict, disk) -> dict:
     """The record's fields of a disk solve (``disk_solve``'s stats without the refinement and timings,
     which have their own places), with the plan it ran by."""
     keep = ("scratch_dir", "memory_budget_bytes", "disk_bytes", "slabs", "bytes_read", "bytes_written", "io_wait_s",
-            "resumed", "store_kept", "disk_timings_s")
+            "io", "resumed", "store_kept", "disk_timings_s")
     return {**{k: dstats[k] for k in keep}, "disk_plan": disk.to_dict()}
 
 
