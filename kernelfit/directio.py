@@ -129,22 +129,6 @@ def _pwrite(fd, view, offset):
     return os.pwrite(fd, view, offset)
 
 
-def read_into(fd: int, out: np.ndarray, offset: int) -> None:
-    """Fill ``out`` (C-contiguous, ALIGN-aligned address) from ``offset`` (a multiple of ALIGN) of an
-    O_DIRECT file: the aligned bulk straight into ``out``, the tail through a bounce buffer."""
-    from .errors import DataError
-
-    b = _bytes(out)
-    bulk = b.size // ALIGN * ALIGN
-    got = _io(_pread, fd, b[:bulk], offset) if bulk else 0
-    if got == bulk and bulk < b.size:
-        bounce = aligned_empty(ALIGN)
-        got += min(_io(_pread, fd, bounce, offset + bulk), b.size - bulk)
-        b[bulk:] = bounce[: b.size - bulk]
-    if got < b.size:
-        raise DataError(f"unexpected end of file reading {b.size} bytes at offset {offset}.")
-
-
 def read_cached_then_direct(path, out: np.ndarray, offset: int) -> None:
     """Fill ``out`` (C-contiguous, ALIGN-aligned) from ``offset`` (a multiple of ALIGN) of ``path``: what
     the page cache holds is copied from it (``RWF_NOWAIT`` reads, which never wait for the disk), the
@@ -174,22 +158,19 @@ def read_cached_then_direct(path, out: np.ndarray, offset: int) -> None:
                 continue
             if dfd is None:
                 dfd = open_direct(path)
-            # not cached at offset + done: one chunk with O_DIRECT (from the page below, if a cached
-            # read stopped inside one), then try the cache again
-            at = (offset + done) // ALIGN * ALIGN
-            size = min(_CHUNK, -(-(offset + b.size - at) // ALIGN) * ALIGN)
-            if at - offset >= 0 and (b.size - (at - offset)) >= size:
-                got = _io(_pread, dfd, b[at - offset : at - offset + size], at)
-            else:                              # the tail: through a bounce buffer
-                bounce = aligned_empty(size)
-                got = _io(_pread, dfd, bounce, at)
-                keep = min(got, offset + b.size - at) - (offset + done - at)
-                if keep > 0:
-                    b[done : done + keep] = bounce[offset + done - at : offset + done - at + keep]
-                got = (offset + done - at) + max(keep, 0)
-            if got <= offset + done - at:
-                raise DataError(f"unexpected end of file reading {b.size} bytes at offset {offset} of {path}.")
-            done = at - offset + got
+            # not cached at offset + done: one chunk with O_DIRECT, then try the cache again. Whole
+            # aligned blocks go straight into ``out``; a partial one (the tail, or a cached read that
+            # stopped inside a block) through ``read_range``'s aligned buffer
+            at, left = offset + done, b.size - done
+            whole = min(_CHUNK, left) // ALIGN * ALIGN if at % ALIGN == 0 else 0
+            if whole:
+                got = _io(_pread, dfd, b[done : done + whole], at)
+                if got <= 0:
+                    raise DataError(f"unexpected end of file reading {b.size} bytes at offset {offset} of {path}.")
+            else:
+                got = min(left, ALIGN - at % ALIGN)
+                b[done : done + got] = read_range(dfd, at, got, aligned_empty(span(at, got)))
+            done += got
     finally:
         os.close(fd)
         if dfd is not None:

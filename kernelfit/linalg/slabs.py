@@ -78,7 +78,12 @@ class DiskSlabPlan:
 
 def slab_bytes(n: int, starts: list, widths: list, itemsize: int, j0: int, j1: int) -> int:
     """RAM of panels j0..j1-1 in one slab buffer (each panel padded to ALIGN bytes, for O_DIRECT)."""
-    return sum(-(-(n - starts[j]) * widths[j] * itemsize // ALIGN) * ALIGN for j in range(j0, j1))
+    return sum(padded_bytes(n - starts[j], widths[j], itemsize) for j in range(j0, j1))
+
+
+def padded_bytes(rows: int, width: int, itemsize: int) -> int:
+    """Bytes a rows x width panel takes in a slab buffer: rounded up to ALIGN, so each panel starts aligned."""
+    return -(-rows * width * itemsize // ALIGN) * ALIGN
 
 
 def plan_disk_slabs(n: int, block: int, itemsize: int, budget: int, start_panel: int = 0) -> DiskSlabPlan:
@@ -380,7 +385,7 @@ def left_looking(slow, budget_bytes: int, progress=None, jitter: float = 0.0, co
     def layout(j0, j1):
         """Shapes of a slab's panels and the end of each in its buffer (each padded to ALIGN bytes)."""
         shapes = [(n - slow.starts[j], slow.widths[j]) for j in range(j0, j1)]
-        return shapes, list(accumulate(-(-r * w * itemsize // ALIGN) * ALIGN for r, w in shapes))
+        return shapes, list(accumulate(padded_bytes(r, w, itemsize) for r, w in shapes))
 
     def read_slab(j0, j1, prev):            # reader thread
         """The slab's input panels: (slab, its host buffer or None, panel ends in it). ``prev``: (buffer,
