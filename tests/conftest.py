@@ -54,6 +54,24 @@ def blas_thread_counts():
 
 
 @pytest.fixture
+def interrupt_at_commit():
+    """``interrupt_at_commit(store, k)``: the disk store's k-th slab commit raises
+    RuntimeError("interrupted"), so k - 1 slabs stay finished on disk."""
+    def arm(store, k: int):
+        real, commits = store.commit_slab, {"n": 0}
+
+        def commit(j0, j1):
+            commits["n"] += 1
+            if commits["n"] == k:
+                raise RuntimeError("interrupted")
+            real(j0, j1)
+
+        store.commit_slab = commit
+
+    return arm
+
+
+@pytest.fixture
 def full_disk_at(monkeypatch):
     """``full_disk_at(n)``: the n-th panel file the disk store writes (``diskstore.save_npy``) fails with
     ENOSPC; returns a function that gives the disk its space back."""

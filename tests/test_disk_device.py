@@ -126,18 +126,11 @@ def test_a_device_budget_below_the_host_budget_plans_more_slabs(tmp_path, points
 
 @pytest.mark.parametrize("kind", ["narrow", "wide"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_interrupted_device_factor_resumes_on_the_device(tmp_path, points, scipy_factor, device, kind):
+def test_interrupted_device_factor_resumes_on_the_device(tmp_path, points, scipy_factor, device, kind,
+                                                         interrupt_at_commit):
     budget = budget_for(kind)
     st = new_store(tmp_path / "s", points, budget)
-    real, commits = st.commit_slab, {"n": 0}
-
-    def commit(j0, j1):                # the third slab's commit fails: two slabs stay on disk
-        commits["n"] += 1
-        if commits["n"] == 3:
-            raise RuntimeError("interrupted")
-        real(j0, j1)
-
-    st.commit_slab = commit
+    interrupt_at_commit(st, 3)        # the third slab's commit fails: two slabs stay on disk
     with pytest.raises(RuntimeError, match="interrupted"):
         st.factor(budget, device=device)
     st.close()

@@ -566,20 +566,12 @@ def test_a_file_system_refusing_o_direct_falls_back_to_buffered_io(tmp_path, poi
     st.close()
 
 
-def test_a_buffered_store_resumes_with_direct_io_bit_for_bit(tmp_path, points, references):
+def test_a_buffered_store_resumes_with_direct_io_bit_for_bit(tmp_path, points, references, interrupt_at_commit):
     """A store written through the page cache (numpy's 64-byte headers: the numbers not on an ALIGN
     boundary), interrupted, then resumed with direct I/O: its old files are read buffered, new ones direct."""
     budget, want = budget_for("wide"), references("wide")
     st = new_store(tmp_path / "s", points, budget, direct_io=False)
-    real, commits = st.commit_slab, {"n": 0}
-
-    def commit(j0, j1):
-        commits["n"] += 1
-        if commits["n"] == 3:
-            raise RuntimeError("interrupted")
-        real(j0, j1)
-
-    st.commit_slab = commit
+    interrupt_at_commit(st, 3)        # the third slab's commit fails: two slabs stay on disk
     with pytest.raises(RuntimeError, match="interrupted"):
         st.factor(budget)
     st.close()
