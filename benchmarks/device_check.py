@@ -88,6 +88,11 @@ def run_logged(cmd, log: Path, env, timeout: float) -> dict:
     return {"rc": rc, "seconds": round(time.perf_counter() - t, 1), "timed_out": timed_out}
 
 
+def gpu_label(info: dict, device: str) -> str:
+    """The GPUs ``environment`` found, by name, or what ran instead."""
+    return ", ".join(g["name"] for g in info.get("gpus", [])) or f"{device} (no CUDA GPU)"
+
+
 def environment(device: str) -> dict:
     info = {"python": platform.python_version(), "platform": platform.platform(), "data_dir": None,
             "requested_device": device, "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -244,7 +249,7 @@ def main(argv=None) -> int:
 
     info = environment(args.device)
     (out / "environment.json").write_text(json.dumps(info, indent=2) + "\n")
-    gpu = ", ".join(g["name"] for g in info.get("gpus", [])) or f"{args.device} (no CUDA GPU)"
+    gpu = gpu_label(info, args.device)
     print(f"[device_check] {gpu}", flush=True)
 
     marker = "gpu" if args.device.startswith("cuda") else "not gpu"   # the dry run takes the cpu cases

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from device_check import child_env, environment, fresh_out_dir, run_logged  # noqa: E402
+from device_check import child_env, environment, fresh_out_dir, gpu_label, run_logged  # noqa: E402
 
 DEFAULT_DATA = ROOT / "runs" / "data" / "cifar10-jpeg.npz"
 MODELS = ("mlp-1x512", "alexnet-small", "inception-small")
@@ -180,7 +180,7 @@ def main(argv=None) -> int:
     out = fresh_out_dir(args.out, FILES)
     t0 = time.perf_counter()
     info = environment(args.device)
-    gpu = ", ".join(g["name"] for g in info.get("gpus", [])) or f"{args.device} (no CUDA GPU)"
+    gpu = gpu_label(info, args.device)
     records, note = [], ""
     run = {"rc": None, "seconds": 0.0, "timed_out": False}
     try:

@@ -41,7 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from device_check import child_env, environment, fresh_out_dir, pytest_counts, run_logged  # noqa: E402
+from device_check import child_env, environment, fresh_out_dir, gpu_label, pytest_counts, run_logged  # noqa: E402
 from gpu_cholesky import find_data_dir  # noqa: E402
 
 FILES = ("environment.json", "pytest_disk_gpu.log", "disk_gpu.jsonl", "disk_gpu.log", "summary.md")
@@ -201,7 +201,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     info = environment(args.device)
     (out / "environment.json").write_text(json.dumps({**info, "device": args.device}, indent=2) + "\n")
-    gpu = ", ".join(g["name"] for g in info.get("gpus", [])) or f"{args.device} (no CUDA GPU)"
+    gpu = gpu_label(info, args.device)
     print(f"[device_check_disk] {gpu}", flush=True)
 
     pytest_run = run_logged([sys.executable, "-m", "pytest", "-m", "gpu", "tests/test_disk_device.py", "-rfEs",
